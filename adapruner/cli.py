@@ -1,0 +1,169 @@
+"""Command line: `adapruner prune …` and `adapruner eval …` call the same functions a library user calls."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from adapruner.errors import AdaPrunerError
+
+RATIO_HELP = (
+    "fraction of each pruned layer's attention units and MLP channels to remove (LLM-Pruner's meaning: "
+    "0.25 on LLaMA-7B layers 4..29 removes about 20%% of all parameters)"
+)
+TARGET_HELP = "fraction of the whole model's parameters to remove; the ratio is solved for (instead of --ratio)"
+LAYERS_HELP = "layers to prune as START:STOP or 'all' (default: keep the first 4/32 and last 2/32 of the layers whole)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adapruner.importance import AGGREGATIONS, METRICS
+
+    parser = argparse.ArgumentParser(prog="adapruner", description="Sample-aware structured pruning of LLaMA-family models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prune = commands.add_parser("prune", help="prune a model and save it (HF-loadable)")
+    prune.add_argument("--model", required=True, help="HF model directory, hub id, or 'smollm2' (embedded, offline)")
+    budget = prune.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, help=RATIO_HELP + " [default 0.25]")
+    budget.add_argument("--target-params", type=float, help=TARGET_HELP)
+    prune.add_argument("--metric", default="taylor1", choices=METRICS, help="importance metric (DESIGN.md §2)")
+    prune.add_argument("--agg", default="sum", choices=AGGREGATIONS, help="aggregation over a group's members")
+    prune.add_argument("--calib", default="wiki:16", help="calibration samples as POOL:N[,POOL:N] (pools: wiki, news, plays, or a .txt/.jsonl path)")
+    prune.add_argument("--seq-len", type=int, default=128, help="tokens per calibration and evaluation window")
+    prune.add_argument("--layers", default=None, help=LAYERS_HELP)
+    prune.add_argument("--attn-granularity", default="kv", choices=("kv", "query"), help="remove whole kv groups, or query heads inside every kv group")
+    prune.add_argument("--no-attention", action="store_true", help="prune the MLP only")
+    prune.add_argument("--no-mlp", action="store_true", help="prune attention only")
+    prune.add_argument("--uniform", action="store_true", help="prune every layer alike and save a stock config (no remote code)")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--out", required=True, help="new directory for the pruned model and report.json")
+    _add_eval_args(prune)
+    prune.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+
+    evaluate = commands.add_parser("eval", help="measure a model's perplexity")
+    evaluate.add_argument("--model", required=True, help="a pruned model directory, an HF model, or 'smollm2'")
+    evaluate.add_argument("--ppl", default="wiki", help="text for perplexity: wiki (held-out articles), news, plays, or a path")
+    evaluate.add_argument("--report", default=None, help="report.json to update (default: beside a local model)")
+    _add_eval_args(evaluate)
+    evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation window")
+    return parser
+
+
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-eval-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"prune": run_prune, "eval": run_eval}[args.command](args)
+    except AdaPrunerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from adapruner.evaluate import perplexity
+    from adapruner.io import check_out_dir, save_pruned
+    from adapruner.models import load_model
+    from adapruner.prune import count_params
+    from adapruner.pruner import PruneOptions, prune_model
+    from adapruner.report import format_table
+
+    check_out_dir(args.out)
+    if args.uniform and args.layers not in (None, "all"):
+        raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
+    if args.no_attention and args.no_mlp:
+        raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
+    options = PruneOptions(
+        ratio=args.ratio if args.ratio is not None or args.target_params is not None else 0.25,
+        target_params=args.target_params,
+        metric=args.metric,
+        aggregation=args.agg,
+        calib=args.calib,
+        seq_len=args.seq_len,
+        layers="all" if args.uniform else args.layers,
+        granularity=args.attn_granularity,
+        prune_attention=not args.no_attention,
+        prune_mlp=not args.no_mlp,
+        seed=args.seed,
+    )
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    windows = None if args.no_eval else _eval_windows(tokenizer, "wiki", args.seq_len, args.max_eval_windows)
+    params_before = count_params(model)
+    ppl_before = None if windows is None else perplexity(model, windows, args.batch_size, desc="ppl dense")
+    prune_started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        result = prune_model(model, tokenizer, options)
+    prune_seconds = time.perf_counter() - prune_started
+    params_after = count_params(model)
+    ppl_after = None if windows is None else perplexity(model, windows, args.batch_size, desc="ppl pruned")
+    report = {
+        "model": args.model,
+        "options": vars(options),
+        "params_before": params_before,
+        "params_after": params_after,
+        "params_removed_fraction": 1 - params_after / params_before,
+        "ppl_wiki_before": ppl_before,
+        "ppl_wiki_after": ppl_after,
+        "eval_windows": None if windows is None else int(windows.shape[0]),
+        "seq_len": args.seq_len,
+        "prune_seconds": prune_seconds,
+        "total_seconds": time.perf_counter() - started,
+        **result.summary(),
+    }
+    save_pruned(model, tokenizer, args.out, uniform=args.uniform, extra_json={"report.json": report})
+    rows = [
+        ["params", params_before, params_after],
+        ["ppl wiki", _maybe(ppl_before), _maybe(ppl_after)],
+        ["time (s)", "", round(report["total_seconds"], 1)],
+    ]
+    print(format_table(["", "dense", f"pruned ({args.metric}, r={result.ratio:.3f})"], rows))
+    print(f"saved to {args.out} (report.json beside the model)")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from adapruner.evaluate import perplexity
+    from adapruner.models import load_model
+    from adapruner.prune import count_params
+    from adapruner.report import format_table, write_json_atomic
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    windows = _eval_windows(tokenizer, args.ppl, args.seq_len, args.max_eval_windows)
+    ppl = perplexity(model, windows, args.batch_size)
+    seconds = time.perf_counter() - started
+    print(format_table(["model", "params", f"ppl {args.ppl}", "windows", "time (s)"], [[args.model, count_params(model), ppl, int(windows.shape[0]), round(seconds, 1)]]))
+    report_path = Path(args.report) if args.report else (Path(args.model) / "report.json" if Path(args.model).is_dir() else None)
+    if report_path is not None:
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        report.setdefault("eval", {})[f"ppl_{Path(args.ppl).name}_seq{args.seq_len}"] = {"ppl": ppl, "windows": int(windows.shape[0]), "seconds": seconds}
+        write_json_atomic(report_path, report)
+        print(f"wrote {report_path}")
+    return 0
+
+
+def _eval_windows(tokenizer, pool: str, seq_len: int, max_windows: int | None):
+    from adapruner.calibration import pool_windows
+
+    if max_windows is not None and max_windows < 1:
+        raise AdaPrunerError(f"--max-eval-windows {max_windows} must be at least 1")
+    windows = pool_windows(tokenizer, pool, seq_len, "eval")
+    if windows.shape[0] == 0:
+        raise AdaPrunerError(f"pool {pool!r} has no window of {seq_len} tokens: shorten --seq-len")
+    return windows[:max_windows] if max_windows else windows
+
+
+def _maybe(value: float | None) -> object:
+    return "-" if value is None else value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Save pruned models in a format transformers loads: safetensors weights, tokenizer, config, modeling file.
+
+Layers of different sizes → `config.json` holds per-layer head and channel counts and `auto_map` points to
+`modeling_pruned.py` (copied beside the weights), loadable with `trust_remote_code=True`. Layers of one size
+(`uniform=True`) → a stock config that loads without remote code. Everything is written to a temporary
+directory next to `out_dir`, then renamed: a failed save leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from adapruner.errors import AdaPrunerError
+from adapruner.structure import decoder_layers, layer_info
+
+REMOTE_CODE = Path(__file__).with_name("remote_code") / "modeling_pruned.py"
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Refuse an existing non-empty directory (nothing is ever overwritten)."""
+    path = Path(out_dir)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise AdaPrunerError(f"output {path} already exists and is not empty: pass a new --out or remove it")
+    return path
+
+
+def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
+    """Per-layer query heads, kv heads and MLP channels of the model as it is now."""
+    infos = [layer_info(model, i) for i in range(len(decoder_layers(model)))]
+    return {
+        "num_attention_heads_per_layer": [i.n_heads for i in infos],
+        "num_key_value_heads_per_layer": [i.n_kv_heads for i in infos],
+        "intermediate_size_per_layer": [i.intermediate for i in infos],
+    }
+
+
+def save_pruned(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    uniform: bool = False,
+    extra_json: Mapping[str, dict] | None = None,
+) -> Path:
+    """Write the model to `out_dir` (which must not hold anything), with `extra_json` files (name → dict) beside it."""
+    target = check_out_dir(out_dir)
+    sizes = layer_sizes(model)
+    if uniform and any(len(set(values)) > 1 for values in sizes.values()):
+        raise AdaPrunerError("--uniform needs equal sizes in every layer: prune all layers (--layers all) with one ratio")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the saved model is an ordinary directory
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update(_uniform_config(sizes, model) if uniform else _remote_code_config(config, sizes, model))
+        if not uniform:
+            shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, payload in (extra_json or {}).items():
+            (staging / name).write_text(json.dumps(payload, indent=2) + "\n")
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _head_dim(model: nn.Module) -> int:
+    return layer_info(model, 0).head_dim
+
+
+def _uniform_config(sizes: dict[str, list[int]], model: nn.Module) -> dict:
+    hidden, heads = model.config.hidden_size, sizes["num_attention_heads_per_layer"][0]
+    if hidden % heads:
+        raise AdaPrunerError(
+            f"--uniform: transformers' config wants hidden_size {hidden} divisible by the {heads} heads left: drop --uniform (remote-code save) or pick another ratio"
+        )
+    return {
+        "num_attention_heads": sizes["num_attention_heads_per_layer"][0],
+        "num_key_value_heads": sizes["num_key_value_heads_per_layer"][0],
+        "intermediate_size": sizes["intermediate_size_per_layer"][0],
+        "head_dim": _head_dim(model),
+    }
+
+
+def _remote_code_config(config: dict, sizes: dict[str, list[int]], model: nn.Module) -> dict:
+    """Config keys that point at `modeling_pruned.py`, the modeling file shipped beside the weights."""
+    base_type = config.get("base_model_type") or config["model_type"]
+    family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[base_type]
+    return {
+        **sizes,
+        "model_type": f"pruned_{base_type}",
+        "base_model_type": base_type,
+        "architectures": [f"Pruned{family}ForCausalLM"],
+        "head_dim": _head_dim(model),
+        "auto_map": {
+            "AutoConfig": f"modeling_pruned.Pruned{family}Config",
+            "AutoModelForCausalLM": f"modeling_pruned.Pruned{family}ForCausalLM",
+        },
+    }

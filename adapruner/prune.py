@@ -1,0 +1,204 @@
+"""Choose the units to keep from importance scores, and remove the others physically.
+
+Ratio semantics (LLM-Pruner's): `ratio` r removes round(r · n) units of each pruned group — kv groups (or query
+heads inside every kv group) of attention, channels of the MLP — in every layer of the pruned range.
+`solve_ratio` finds the r that removes a fraction p of the whole model's parameters (`--target-params`).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from adapruner.errors import AdaPrunerError
+from adapruner.importance import Importance
+from adapruner.structure import AttnGranularity, LayerInfo, attention_group, layer_info, mlp_group
+
+
+@dataclass
+class PrunePlan:
+    """Kept units per layer: attention as (kept query heads, kept kv heads), MLP as kept channels (sorted)."""
+
+    attention: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    mlp: dict[int, list[int]] = field(default_factory=dict)
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 < ratio < 1.0:
+        raise AdaPrunerError(f"ratio {ratio} is outside (0, 1): pass the fraction of each group to remove, e.g. --ratio 0.25")
+
+
+def removal_count(n_units: int, ratio: float) -> int:
+    """Units removed from a group of `n_units`: round(ratio · n_units)."""
+    return int(round(ratio * n_units))
+
+
+def _attention_removals(info: LayerInfo, ratio: float, granularity: AttnGranularity) -> int:
+    """Units removed per layer: kv groups (`kv`) or query heads per kv group (`query`)."""
+    n = info.n_kv_heads if granularity == "kv" else info.heads_per_kv
+    return removal_count(n, ratio)
+
+
+def top_units(scores: torch.Tensor, n_keep: int) -> list[int]:
+    """Indices of the `n_keep` highest scores, ascending; ties go to the lower index."""
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:n_keep])
+
+
+def plan_pruning(
+    model: nn.Module,
+    importance: Importance,
+    ratio: float,
+    layers: range,
+    granularity: AttnGranularity = "kv",
+    prune_attention: bool = True,
+    prune_mlp: bool = True,
+) -> PrunePlan:
+    """Score every group of `layers` and keep the best units; raise if a group would be emptied."""
+    check_ratio(ratio)
+    plan = PrunePlan()
+    for index in layers:
+        info = layer_info(model, index)
+        if prune_attention:
+            plan.attention[index] = _plan_attention(info, importance, ratio, granularity)
+        if prune_mlp:
+            n_remove = removal_count(info.intermediate, ratio)
+            if n_remove >= info.intermediate:
+                raise AdaPrunerError(f"ratio {ratio} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio")
+            plan.mlp[index] = top_units(importance(mlp_group(info)), info.intermediate - n_remove)
+    return plan
+
+
+def _plan_attention(info: LayerInfo, importance: Importance, ratio: float, granularity: AttnGranularity) -> tuple[list[int], list[int]]:
+    r, n_remove = info.heads_per_kv, _attention_removals(info, ratio, granularity)
+    all_kv, all_q = list(range(info.n_kv_heads)), list(range(info.n_heads))
+    unit_total = info.n_kv_heads if granularity == "kv" else r
+    if n_remove >= unit_total:
+        what = "key/value groups" if granularity == "kv" else "query heads of a kv group"
+        raise AdaPrunerError(f"ratio {ratio} would remove all {unit_total} {what} of layer {info.index}: use a smaller --ratio")
+    if n_remove == 0:
+        warnings.warn(
+            f"ratio {ratio} removes no attention unit ({unit_total} per layer at granularity {granularity!r}): attention stays whole; "
+            "raise --ratio, use --attn-granularity query, or --target-params to move the budget to the MLP",
+            stacklevel=3,
+        )
+        return all_q, all_kv
+    scores = importance(attention_group(info, granularity))
+    if granularity == "kv":
+        keep_kv = top_units(scores, info.n_kv_heads - n_remove)
+        return [h * r + j for h in keep_kv for j in range(r)], keep_kv
+    keep_q = [h * r + j for h in all_kv for j in top_units(scores[h * r : (h + 1) * r], r - n_remove)]
+    return keep_q, all_kv
+
+
+def gather_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear holding rows `rows` (and bias entries) and columns `cols` of `linear` (None keeps all)."""
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = bias.index_select(0, rows) if bias is not None else None
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Row (or column) indices of the given heads: h·head_dim … (h+1)·head_dim - 1 for each h."""
+    return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan) -> None:
+    """Remove every unit the plan does not keep, in place; keeps `num_key_value_groups` consistent."""
+    for index, (keep_q, keep_kv) in plan.attention.items():
+        info = layer_info(model, index)
+        if len(keep_q) == info.n_heads and len(keep_kv) == info.n_kv_heads:
+            continue
+        attn, hd = info.attn, info.head_dim
+        q_rows, kv_rows = head_channels(keep_q, hd), head_channels(keep_kv, hd)
+        attn.q_proj = gather_linear(attn.q_proj, rows=q_rows)
+        attn.k_proj = gather_linear(attn.k_proj, rows=kv_rows)
+        attn.v_proj = gather_linear(attn.v_proj, rows=kv_rows)
+        attn.o_proj = gather_linear(attn.o_proj, cols=q_rows)
+        attn.num_key_value_groups = len(keep_q) // len(keep_kv)
+    for index, keep in plan.mlp.items():
+        mlp = layer_info(model, index).mlp
+        channels = torch.tensor(keep, dtype=torch.long)
+        mlp.gate_proj = gather_linear(mlp.gate_proj, rows=channels)
+        mlp.up_proj = gather_linear(mlp.up_proj, rows=channels)
+        mlp.down_proj = gather_linear(mlp.down_proj, cols=channels)
+        mlp.intermediate_size = len(keep)
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the model, tied weights counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def removed_params(model: nn.Module, ratio: float, layers: range, granularity: AttnGranularity, prune_attention: bool = True, prune_mlp: bool = True) -> int:
+    """Parameters that pruning at `ratio` removes (from shapes alone; selection does not change the count)."""
+    total = 0
+    for index in layers:
+        info = layer_info(model, index)
+        attn, mlp = info.attn, info.mlp
+        hidden = attn.q_proj.in_features
+        if prune_attention:
+            n = _attention_removals(info, ratio, granularity)
+            q_heads, kv_heads = (n * info.heads_per_kv, n) if granularity == "kv" else (n * info.n_kv_heads, 0)
+            q_per_head = info.head_dim * (2 * hidden + (attn.q_proj.bias is not None))
+            kv_per_head = info.head_dim * 2 * (hidden + (attn.k_proj.bias is not None))
+            total += q_heads * q_per_head + kv_heads * kv_per_head
+        if prune_mlp:
+            per_channel = 3 * hidden + (mlp.gate_proj.bias is not None) + (mlp.up_proj.bias is not None)
+            total += removal_count(info.intermediate, ratio) * per_channel
+    return total
+
+
+def max_ratio(model: nn.Module, layers: range, granularity: AttnGranularity) -> float:
+    """The largest ratio (to 1e-6) that empties no group."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if _empties_a_group(model, mid, layers, granularity):
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def _empties_a_group(model: nn.Module, ratio: float, layers: range, granularity: AttnGranularity) -> bool:
+    for index in layers:
+        info = layer_info(model, index)
+        units = info.n_kv_heads if granularity == "kv" else info.heads_per_kv
+        if _attention_removals(info, ratio, granularity) >= units or removal_count(info.intermediate, ratio) >= info.intermediate:
+            return True
+    return False
+
+
+def solve_ratio(model: nn.Module, target: float, layers: range, granularity: AttnGranularity = "kv", prune_attention: bool = True, prune_mlp: bool = True) -> float:
+    """Smallest ratio whose pruning removes at least `target` of all parameters (bisection on the step function)."""
+    if not 0.0 < target < 1.0:
+        raise AdaPrunerError(f"--target-params {target} is outside (0, 1): pass the fraction of all parameters to remove, e.g. 0.2")
+    total = count_params(model)
+    goal = target * total
+    hi = max_ratio(model, layers, granularity)
+    reachable = removed_params(model, hi, layers, granularity, prune_attention, prune_mlp)
+    if reachable < goal:
+        raise AdaPrunerError(
+            f"--target-params {target} is out of reach: layers {layers.start}:{layers.stop} hold at most {reachable / total:.3f} of the parameters; widen --layers or lower the target"
+        )
+    lo = 0.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if removed_params(model, mid, layers, granularity, prune_attention, prune_mlp) >= goal:
+            hi = mid
+        else:
+            lo = mid
+    return hi

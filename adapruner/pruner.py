@@ -1,0 +1,66 @@
+"""One call from a dense model to a pruned one: calibration → statistics → importance → plan → removal."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from adapruner.calibration import calibration_samples
+from adapruner.importance import Importance, check_aggregation, needs
+from adapruner.prune import PrunePlan, apply_plan, check_ratio, plan_pruning, solve_ratio
+from adapruner.statistics import collect_stats
+from adapruner.structure import AttnGranularity, decoder_layers, parse_layer_range, prunable_linears
+
+
+@dataclass
+class PruneOptions:
+    """What to prune and how. Exactly one of `ratio` and `target_params` is set."""
+
+    ratio: float | None = 0.25
+    target_params: float | None = None
+    metric: str = "taylor1"
+    aggregation: str = "sum"
+    calib: str = "wiki:16"
+    seq_len: int = 128
+    layers: str | None = None
+    granularity: AttnGranularity = "kv"
+    prune_attention: bool = True
+    prune_mlp: bool = True
+    seed: int = 0
+
+
+@dataclass
+class PruneResult:
+    """The applied plan, the ratio it used and the calibration windows' addresses."""
+
+    ratio: float
+    layers: list[int]
+    plan: PrunePlan
+    calib_addresses: list[tuple[str, int]] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"ratio": self.ratio, "layers": self.layers, "plan": asdict(self.plan), "calib_addresses": self.calib_addresses}
+
+
+def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: PruneOptions, progress: bool = True) -> PruneResult:
+    """Prune `model` in place as `options` say and return what was done."""
+    layers = parse_layer_range(options.layers, len(decoder_layers(model)))
+    check_aggregation(options.aggregation)
+    required = needs(options.metric)
+    if options.target_params is not None:
+        ratio = solve_ratio(model, options.target_params, layers, options.granularity, options.prune_attention, options.prune_mlp)
+    else:
+        check_ratio(options.ratio)
+        ratio = options.ratio
+    linears = prunable_linears(model, layers)
+    addresses: list[tuple[str, int]] = []
+    stats = {}
+    if required:
+        samples = calibration_samples(tokenizer, options.calib, options.seq_len, options.seed)
+        addresses = list(samples.addresses)
+        stats = collect_stats(model, linears, samples.input_ids, required, progress)
+    importance = Importance(options.metric, options.aggregation, stats, seed=options.seed)
+    plan = plan_pruning(model, importance, ratio, layers, options.granularity, options.prune_attention, options.prune_mlp)
+    apply_plan(model, plan)
+    return PruneResult(ratio, list(layers), plan, addresses)

@@ -1,0 +1,81 @@
+"""Per-channel importance of one linear weight, for every metric of DESIGN.md §2.
+
+For W (out × in), gradient G, empirical-Fisher diagonal F and input-feature norms a (a_i = ‖x_i‖₂), the score of
+channel j of dimension `dim` (0: row j, 1: column j) sums the per-element score over the other dimension:
+
+    l1       Σ |W|              l2      Σ W²
+    taylor1  Σ |W ⊙ G|          vector  |Σ W ⊙ G|
+    taylor2  Σ ½ W² ⊙ F         mix     Σ |W ⊙ G − ½ W² ⊙ F|
+    act      Σ |W| ⊙ a          (a broadcast along the input dimension)
+
+All arithmetic is in fp32, whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+METRICS_NEEDING: dict[str, frozenset[str]] = {
+    "l1": frozenset(),
+    "l2": frozenset(),
+    "taylor1": frozenset({"grad"}),
+    "vector": frozenset({"grad"}),
+    "taylor2": frozenset({"fisher"}),
+    "mix": frozenset({"grad", "fisher"}),
+    "act": frozenset({"act_norm"}),
+}
+
+
+def channel_importance_torch(
+    metric: str,
+    weight: torch.Tensor,
+    dim: int,
+    grad: torch.Tensor | None = None,
+    fisher: torch.Tensor | None = None,
+    act_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch reference: 1-D fp32 scores over dimension `dim` of `weight` (the oracle of the kernel)."""
+    _check_inputs(metric, weight, dim, grad, fisher, act_norm)
+    w = weight.float()
+    reduce_dim = 1 - dim
+    if metric == "l1":
+        element = w.abs()
+    elif metric == "l2":
+        element = w.square()
+    elif metric == "taylor1":
+        element = (w * grad.float()).abs()
+    elif metric == "vector":
+        return (w * grad.float()).sum(reduce_dim).abs()
+    elif metric == "taylor2":
+        element = 0.5 * w.square() * fisher.float()
+    elif metric == "mix":
+        element = (w * grad.float() - 0.5 * w.square() * fisher.float()).abs()
+    else:  # act
+        element = w.abs() * act_norm.float().unsqueeze(0)
+    return element.sum(reduce_dim)
+
+
+def channel_importance(
+    metric: str,
+    weight: torch.Tensor,
+    dim: int,
+    grad: torch.Tensor | None = None,
+    fisher: torch.Tensor | None = None,
+    act_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Public entry point: same contract as `channel_importance_torch`."""
+    return channel_importance_torch(metric, weight, dim, grad, fisher, act_norm)
+
+
+def _check_inputs(metric, weight, dim, grad, fisher, act_norm) -> None:
+    if metric not in METRICS_NEEDING:
+        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS_NEEDING)}")
+    if weight.dim() != 2 or dim not in (0, 1):
+        raise ValueError("weight must be 2-D (out × in) and dim 0 (rows) or 1 (columns)")
+    given = {"grad": grad, "fisher": fisher, "act_norm": act_norm}
+    for name in METRICS_NEEDING[metric]:
+        tensor = given[name]
+        if tensor is None:
+            raise ValueError(f"metric {metric!r} needs {name}: collect calibration statistics first")
+        expected = (weight.shape[1],) if name == "act_norm" else tuple(weight.shape)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")

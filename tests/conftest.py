@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random LLaMA-family models for unit tests, the real SmolLM2-135M once per session."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+
+def tiny_llama(n_heads: int = 4, n_kv: int = 4, layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
+    """A random LLaMA with head_dim 8, hidden 48, intermediate 24, vocab 97 (odd sizes on purpose)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=24, num_hidden_layers=layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=8, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    """A random Qwen2 (q/k/v biases), GQA 6 query / 2 kv heads."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=97, hidden_size=48, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # random biases so that a wrong bias slice shows in the logits
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_()
+    return model
+
+
+@pytest.fixture
+def mha_model() -> LlamaForCausalLM:
+    return tiny_llama(4, 4)
+
+
+@pytest.fixture
+def gqa_model() -> LlamaForCausalLM:
+    return tiny_llama(6, 2)
+
+
+@pytest.fixture
+def qwen2_model() -> Qwen2ForCausalLM:
+    return tiny_qwen2()
+
+
+@pytest.fixture
+def token_batch() -> torch.Tensor:
+    return torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded():
+    from adapruner.models import load_model
+
+    return load_model("smollm2")
+
+
+@pytest.fixture
+def smollm2(smollm2_loaded):
+    """A fresh copy of SmolLM2-135M (tests may prune it) and its tokenizer."""
+    model, tokenizer = smollm2_loaded
+    return copy.deepcopy(model), tokenizer

@@ -1,0 +1,88 @@
+"""Physical pruning equals masking the removed units in the dense model; ratio semantics and errors."""
+import copy
+
+import pytest
+import torch
+
+from adapruner.errors import AdaPrunerError
+from adapruner.importance import Importance
+from adapruner.prune import apply_plan, count_params, plan_pruning, removal_count, removed_params, solve_ratio, top_units
+from adapruner.structure import layer_info
+
+
+def masked_logits(model, plan, tokens):
+    """Logits of the dense model with every removed head's o_proj columns and MLP channel's down_proj column zeroed."""
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for index, (keep_q, _keep_kv) in plan.attention.items():
+            info = layer_info(masked, index)
+            for q in set(range(info.n_heads)) - set(keep_q):
+                info.attn.o_proj.weight[:, q * info.head_dim : (q + 1) * info.head_dim] = 0
+        for index, keep in plan.mlp.items():
+            info = layer_info(masked, index)
+            for channel in set(range(info.intermediate)) - set(keep):
+                info.mlp.down_proj.weight[:, channel] = 0
+        return masked(input_ids=tokens).logits
+
+
+@pytest.mark.parametrize("fixture", ["mha_model", "gqa_model", "qwen2_model"])
+@pytest.mark.parametrize("granularity", ["kv", "query"])
+def test_pruned_model_equals_masked_dense_model(fixture, granularity, request, token_batch):
+    model = request.getfixturevalue(fixture)
+    ratio = 0.5 if granularity == "kv" else 0.34
+    plan = plan_pruning(model, Importance("l2"), ratio, range(0, 2), granularity)
+    expected = masked_logits(model, plan, token_batch)
+    before, predicted = count_params(model), removed_params(model, ratio, range(0, 2), granularity)
+    apply_plan(model, plan)
+    with torch.no_grad():
+        got = model(input_ids=token_batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert before - count_params(model) == predicted
+
+
+def test_gqa_kv_pruning_keeps_a_valid_layout(gqa_model):
+    plan = plan_pruning(gqa_model, Importance("l1"), 0.5, range(1, 2), "kv")
+    apply_plan(gqa_model, plan)
+    info = layer_info(gqa_model, 1)
+    assert (info.n_heads, info.n_kv_heads, info.attn.num_key_value_groups) == (3, 1, 3)
+    assert info.intermediate == 12
+    keep_q, keep_kv = plan.attention[1]
+    assert keep_q == [keep_kv[0] * 3 + j for j in range(3)]
+
+
+def test_query_granularity_removes_equally_in_every_kv_group(gqa_model):
+    plan = plan_pruning(gqa_model, Importance("l1"), 0.34, range(0, 1), "query")
+    keep_q, keep_kv = plan.attention[0]
+    assert keep_kv == [0, 1]
+    assert [q // 3 for q in keep_q] == [0, 0, 1, 1]
+
+
+def test_lowest_scores_are_removed():
+    assert top_units(torch.tensor([0.3, 0.1, 0.9, 0.2]), 2) == [0, 2]
+    assert top_units(torch.tensor([1.0, 1.0, 1.0]), 2) == [0, 1]
+    assert removal_count(3, 0.25) == 1 and removal_count(1536, 0.25) == 384
+
+
+def test_ratio_errors(gqa_model):
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(AdaPrunerError, match=r"outside \(0, 1\)"):
+            plan_pruning(gqa_model, Importance("l1"), bad, range(0, 1))
+    with pytest.raises(AdaPrunerError, match="would remove all 2 key/value groups"):
+        plan_pruning(gqa_model, Importance("l1"), 0.9, range(0, 1), "kv")
+
+
+def test_too_small_ratio_warns_and_keeps_attention(gqa_model):
+    with pytest.warns(UserWarning, match="removes no attention unit"):
+        plan = plan_pruning(gqa_model, Importance("l1"), 0.1, range(0, 1), "kv")
+    assert plan.attention[0] == ([0, 1, 2, 3, 4, 5], [0, 1])
+    assert len(plan.mlp[0]) == 24 - 2
+
+
+def test_target_params_solves_the_ratio(mha_model):
+    total = count_params(mha_model)
+    ratio = solve_ratio(mha_model, 0.1, range(0, 3))
+    removed = removed_params(mha_model, ratio, range(0, 3), "kv")
+    assert removed >= 0.1 * total
+    assert removed_params(mha_model, ratio - 1e-6, range(0, 3), "kv") < 0.1 * total  # smallest such ratio
+    with pytest.raises(AdaPrunerError, match="out of reach"):
+        solve_ratio(mha_model, 0.9, range(0, 1))
