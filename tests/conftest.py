@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import copy
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU only in the interpreter; set before triton.jit runs
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 

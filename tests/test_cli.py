@@ -1,0 +1,93 @@
+"""The CLI: bad input → one line on stderr, exit 2, nothing written; end to end on the real SmolLM2-135M."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from adapruner.calibration import pool_windows
+from adapruner.cli import main
+from adapruner.evaluate import perplexity
+from adapruner.io import save_pruned
+from adapruner.pruner import PruneOptions, prune_model
+from adapruner.structure import layer_info
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--model", "smollm2", "--ratio", "1.5"], "outside (0, 1)"),
+        (["--model", "smollm2", "--ratio", "0.95"], "would remove all 3 key/value groups"),
+        (["--model", "smollm2", "--calib", "wiki:100000"], "ask for at most"),
+        (["--model", "smollm2", "--calib", "atlantis:4"], "unknown pool 'atlantis'"),
+        (["--model", "smollm2", "--target-params", "0.99"], "out of reach"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, capsys, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "prune", *argv, "--metric", "l2" if "--calib" not in argv else "taylor1", "--no-eval", "--out", str(out))
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_architecture_and_existing_out(capsys, tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = run_cli(capsys, "prune", "--model", str(gpt2), "--out", str(tmp_path / "o"))
+    assert code == 2 and "unsupported architecture 'gpt2'" in err
+    code, _, err = run_cli(capsys, "prune", "--model", "smollm2", "--out", str(gpt2))
+    assert code == 2 and "already exists" in err
+
+
+def test_smollm2_prune_save_reload(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    options = PruneOptions(ratio=0.25, metric="taylor1", calib="wiki:4", seq_len=64)
+    result = prune_model(model, tokenizer, options, progress=False)
+    assert result.layers == list(range(4, 28)) and len(result.calib_addresses) == 4
+    info = layer_info(model, 10)
+    assert (info.n_heads, info.n_kv_heads, info.intermediate) == (6, 2, 1152)
+    assert layer_info(model, 0).n_heads == 9  # first layers stay whole
+    out = save_pruned(model, tokenizer, tmp_path / "smol")
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    tokens = pool_windows(tokenizer, "wiki", 64, "eval")[:2]
+    with torch.no_grad():
+        gap = (model(input_ids=tokens).logits - loaded(input_ids=tokens).logits).abs().max().item()
+    assert gap < 1e-4
+
+
+def test_smollm2_uniform_cli_saves_a_stock_model(capsys, tmp_path, smollm2_loaded):
+    out = tmp_path / "uniform"
+    code, stdout, _ = run_cli(capsys, "prune", "--model", "smollm2", "--ratio", "0.25", "--metric", "l2", "--uniform", "--max-eval-windows", "2", "--out", str(out))
+    assert code == 0 and "ppl wiki" in stdout
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded) is LlamaForCausalLM
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads, loaded.config.intermediate_size) == (6, 2, 1152)
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_after"] == sum(p.numel() for p in loaded.parameters())
+    code, stdout, _ = run_cli(capsys, "eval", "--model", str(out), "--max-eval-windows", "2")
+    assert code == 0
+    evaluated = json.loads((out / "report.json").read_text())["eval"]["ppl_wiki_seq128"]["ppl"]
+    assert evaluated == pytest.approx(report["ppl_wiki_after"], rel=1e-4)
+
+
+def test_smollm2_taylor1_beats_random(smollm2_loaded):
+    import copy
+
+    dense, tokenizer = smollm2_loaded
+    windows = pool_windows(tokenizer, "wiki", 128, "eval")[:16]
+    ppl = {}
+    for metric in ("taylor1", "random"):
+        model = copy.deepcopy(dense)
+        prune_model(model, tokenizer, PruneOptions(ratio=0.25, metric=metric, calib="wiki:8"), progress=False)
+        ppl[metric] = perplexity(model, windows, progress=False)
+    assert ppl["taylor1"] < ppl["random"]

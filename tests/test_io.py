@@ -1,0 +1,77 @@
+"""Save/load round trips: remote-code save of layers of different sizes, stock save of uniform layers."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models
+
+from adapruner.errors import AdaPrunerError
+from adapruner.importance import Importance
+from adapruner.io import save_pruned
+from adapruner.prune import apply_plan, plan_pruning
+from adapruner.structure import layer_info
+
+
+@pytest.fixture
+def tokenizer():
+    vocab = {f"t{i}": i for i in range(97)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0")
+
+
+def prune(model, layers, granularity="kv", ratio=0.5):
+    apply_plan(model, plan_pruning(model, Importance("l1"), ratio, layers, granularity))
+    return model
+
+
+def max_logit_gap(a, b, tokens) -> float:
+    with torch.no_grad():
+        return (a(input_ids=tokens).logits - b(input_ids=tokens).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("fixture", ["mha_model", "gqa_model", "qwen2_model"])
+def test_remote_code_round_trip(fixture, request, tmp_path, tokenizer, token_batch):
+    model = prune(request.getfixturevalue(fixture), range(1, 2))
+    out = save_pruned(model, tokenizer, tmp_path / "pruned", extra_json={"report.json": {"ok": 1}})
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_pruned.")
+    assert config["num_attention_heads_per_layer"][1] < config["num_attention_heads_per_layer"][0]
+    assert (out / "model.safetensors").is_file() and json.loads((out / "report.json").read_text()) == {"ok": 1}
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert max_logit_gap(model, loaded, token_batch) < 1e-4
+    assert layer_info(loaded, 1).n_heads == layer_info(model, 1).n_heads
+
+
+def test_uniform_save_loads_without_remote_code(mha_model, tmp_path, tokenizer, token_batch):
+    model = prune(mha_model, range(0, 3))
+    out = save_pruned(model, tokenizer, tmp_path / "uniform", uniform=True)
+    assert not (out / "modeling_pruned.py").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and config["num_attention_heads"] == 2 and config["intermediate_size"] == 12
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert max_logit_gap(model, loaded, token_batch) < 1e-4
+
+
+def test_uniform_refuses_layers_of_different_sizes(mha_model, tmp_path, tokenizer):
+    with pytest.raises(AdaPrunerError, match="--uniform needs equal sizes"):
+        save_pruned(prune(mha_model, range(1, 2)), tokenizer, tmp_path / "u", uniform=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_never_overwritten(mha_model, tmp_path, tokenizer):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(AdaPrunerError, match="already exists"):
+        save_pruned(mha_model, tokenizer, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_failed_save_leaves_nothing(mha_model, tmp_path, tokenizer):
+    class Unserialisable:
+        pass
+
+    with pytest.raises(TypeError):
+        save_pruned(mha_model, tokenizer, tmp_path / "x", extra_json={"report.json": {"bad": Unserialisable()}})
+    assert list(tmp_path.iterdir()) == []
