@@ -1,0 +1,151 @@
+"""Importance from cached activations X (tokens × in) and output gradients dY (tokens × out) of a linear W.
+
+For a subset of token rows T, the gradient is G = dY[T]ᵀ X[T] (out × in). Per channel:
+    taylor1  rows: Σ_i |W_ji G_ji|                cols: Σ_j |W_ji G_ji|
+    mix      rows: Σ_i |W_ji G_ji − ½ W_ji² F_ji|  cols: likewise over j   (F: a Fisher diagonal, out × in)
+The Triton kernel is a matmul whose epilogue reduces |W ⊙ G| into the row and column vectors: G never reaches
+global memory.
+
+Per-sample Fisher statistic, computed once when a cache is built (samples are consecutive blocks of
+`seq_len` token rows, G_s = dY_sᵀ X_s):
+    rows: f_sj = Σ_i W_ji² (G_s)_ji²     cols: f_si = Σ_j W_ji² (G_s)_ji²
+so that any subset S has taylor2 score ½ Σ_{s∈S} f_s / |S| (the empirical Fisher F = mean_s G_s²).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from adapruner.kernels.dispatch import Backend, use_triton
+
+CACHED_METRICS = ("taylor1", "mix")
+
+
+def _check(weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> None:
+    if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError("x (tokens × in) and dy (tokens × out) must be 2-D with the same number of token rows")
+    if tuple(weight.shape) != (dy.shape[1], x.shape[1]):
+        raise ValueError(f"weight {tuple(weight.shape)} does not match dy/x widths ({dy.shape[1]}, {x.shape[1]})")
+
+
+def _check_rows(rows: torch.Tensor, n_tokens: int) -> None:
+    if rows.numel() == 0:
+        raise ValueError("the subset is empty: choose at least one sample")
+    if rows.dtype not in (torch.int32, torch.int64) or rows.dim() != 1:
+        raise ValueError("rows must be a 1-D integer tensor of token-row indices")
+    if int(rows.min()) < 0 or int(rows.max()) >= n_tokens:
+        raise ValueError(f"token-row indices must lie in [0, {n_tokens})")
+
+
+def cached_grad_importance_torch(
+    metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, fisher: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: materialise G = dY[rows]ᵀ X[rows] in fp32, return (row scores, column scores)."""
+    _check_metric(metric, fisher)
+    _check(weight, x, dy)
+    _check_rows(rows, x.shape[0])
+    grad = dy[rows].float().t() @ x[rows].float()
+    w = weight.float()
+    element = (w * grad).abs() if metric == "taylor1" else (w * grad - 0.5 * w.square() * fisher.float()).abs()
+    return element.sum(1), element.sum(0)
+
+
+def cached_grad_importance(
+    metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor,
+    fisher: torch.Tensor | None = None, backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row scores, column scores) of `metric` for the token rows `rows`; Triton on CUDA tensors."""
+    if use_triton(weight, backend):
+        return cached_grad_importance_triton(metric, weight, x, dy, rows, fisher)
+    return cached_grad_importance_torch(metric, weight, x, dy, rows, fisher)
+
+
+def cached_grad_importance_triton(
+    metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor,
+    fisher: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64, block_t: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused path: tiles of G accumulate in registers over the chosen token rows, then reduce into the outputs."""
+    from adapruner.kernels._cached_gradient_kernels import cached_grad_importance_kernel
+
+    _check_metric(metric, fisher)
+    _check(weight, x, dy)
+    _check_rows(rows, x.shape[0])
+    out_features, in_features = weight.shape
+    row_scores = torch.zeros(out_features, dtype=torch.float32, device=weight.device)
+    col_scores = torch.zeros(in_features, dtype=torch.float32, device=weight.device)
+    f = fisher if fisher is not None else weight
+    grid = (-(-out_features // block_m), -(-in_features // block_n))
+    cached_grad_importance_kernel[grid](
+        weight, x, dy, rows, f, row_scores, col_scores,
+        out_features, in_features, rows.numel(),
+        weight.stride(0), weight.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), f.stride(0), f.stride(1),
+        MIX=metric == "mix", UPCAST=_interpreter_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
+    )
+    return row_scores, col_scores
+
+
+def sample_fisher_stats_torch(weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: per sample s, G_s = dY_sᵀ X_s; returns (n × out row stats, n × in column stats) of W² G_s²."""
+    _check(weight, x, dy)
+    n = _n_samples(x.shape[0], seq_len)
+    w2 = weight.float().square()
+    rows, cols = [], []
+    for s in range(n):
+        block = slice(s * seq_len, (s + 1) * seq_len)
+        element = w2 * (dy[block].float().t() @ x[block].float()).square()
+        rows.append(element.sum(1))
+        cols.append(element.sum(0))
+    return torch.stack(rows), torch.stack(cols)
+
+
+def sample_fisher_stats(weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample Fisher statistics (rows, cols); Triton on CUDA tensors."""
+    if use_triton(weight, backend):
+        return sample_fisher_stats_triton(weight, x, dy, seq_len)
+    return sample_fisher_stats_torch(weight, x, dy, seq_len)
+
+
+def sample_fisher_stats_triton(
+    weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int, block_m: int = 64, block_n: int = 64, block_t: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused path: one program per (sample, row tile, column tile); per-sample G_s tiles stay in registers."""
+    from adapruner.kernels._cached_gradient_kernels import sample_fisher_kernel
+
+    _check(weight, x, dy)
+    n = _n_samples(x.shape[0], seq_len)
+    out_features, in_features = weight.shape
+    rows = torch.zeros(n, out_features, dtype=torch.float32, device=weight.device)
+    cols = torch.zeros(n, in_features, dtype=torch.float32, device=weight.device)
+    grid = (n, -(-out_features // block_m), -(-in_features // block_n))
+    sample_fisher_kernel[grid](
+        weight, x, dy, rows, cols, out_features, in_features, seq_len,
+        weight.stride(0), weight.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        UPCAST=_interpreter_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
+    )
+    return rows, cols
+
+
+def subset_taylor2(stats: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """taylor2 channel scores of a sample subset from per-sample Fisher stats: ½ Σ_{s∈S} f_s / |S|."""
+    if samples.numel() == 0:
+        raise ValueError("the subset is empty: choose at least one sample")
+    return 0.5 * stats[samples].sum(0) / samples.numel()
+
+
+def _interpreter_upcast(x: torch.Tensor) -> bool:
+    """bf16 tiles go to fp32 before the dot under TRITON_INTERPRET (its numpy dot mis-reads bf16); on GPUs never."""
+    return x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _n_samples(n_tokens: int, seq_len: int) -> int:
+    if seq_len < 1 or n_tokens % seq_len:
+        raise ValueError(f"{n_tokens} token rows are not whole samples of seq_len {seq_len}")
+    return n_tokens // seq_len
+
+
+def _check_metric(metric: str, fisher: torch.Tensor | None) -> None:
+    if metric not in CACHED_METRICS:
+        raise ValueError(f"cached-gradient importance computes {', '.join(CACHED_METRICS)}, not {metric!r}")
+    if metric == "mix" and fisher is None:
+        raise ValueError("metric 'mix' needs fisher (out × in)")
