@@ -14,6 +14,8 @@ from torch import nn
 
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
+from adapruner.kernels.gather import gather
+from adapruner.kernels.dispatch import Backend
 from adapruner.structure import AttnGranularity, LayerInfo, attention_group, layer_info, mlp_group
 
 
@@ -93,48 +95,66 @@ def _plan_attention(info: LayerInfo, importance: Importance, ratio: float, granu
     return keep_q, all_kv
 
 
-def gather_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A new Linear holding rows `rows` (and bias entries) and columns `cols` of `linear` (None keeps all)."""
-    weight = linear.weight.detach()
-    bias = linear.bias.detach() if linear.bias is not None else None
-    if rows is not None:
-        weight = weight.index_select(0, rows)
-        bias = bias.index_select(0, rows) if bias is not None else None
-    if cols is not None:
-        weight = weight.index_select(1, cols)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new
-
-
 def head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
     """Row (or column) indices of the given heads: h·head_dim … (h+1)·head_dim - 1 for each h."""
     return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def apply_plan(model: nn.Module, plan: PrunePlan) -> None:
-    """Remove every unit the plan does not keep, in place; keeps `num_key_value_groups` consistent."""
-    for index, (keep_q, keep_kv) in plan.attention.items():
-        info = layer_info(model, index)
-        if len(keep_q) == info.n_heads and len(keep_kv) == info.n_kv_heads:
+Cut = tuple[nn.Module, str, "torch.Tensor | None", "torch.Tensor | None"]
+
+
+def _layer_cuts(model: nn.Module, index: int, plan: PrunePlan) -> list[Cut]:
+    """(owner, linear name, kept rows, kept columns) for every linear of layer `index` that the plan shrinks."""
+    info = layer_info(model, index)
+    cuts: list[Cut] = []
+    if index in plan.attention:
+        keep_q, keep_kv = plan.attention[index]
+        if len(keep_q) < info.n_heads or len(keep_kv) < info.n_kv_heads:
+            q_rows, kv_rows = head_channels(keep_q, info.head_dim), head_channels(keep_kv, info.head_dim)
+            a = info.attn
+            cuts += [(a, "q_proj", q_rows, None), (a, "k_proj", kv_rows, None), (a, "v_proj", kv_rows, None), (a, "o_proj", None, q_rows)]
+    if index in plan.mlp and len(plan.mlp[index]) < info.intermediate:
+        channels = torch.tensor(plan.mlp[index], dtype=torch.long)
+        m = info.mlp
+        cuts += [(m, "gate_proj", channels, None), (m, "up_proj", channels, None), (m, "down_proj", None, channels)]
+    return cuts
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> None:
+    """Remove every unit the plan does not keep, in place: one fused gather per layer (weights and biases).
+
+    Keeps `num_key_value_groups` (GQA ratio) and `intermediate_size` of the modules consistent.
+    """
+    for index in sorted(set(plan.attention) | set(plan.mlp)):
+        cuts = _layer_cuts(model, index, plan)
+        if not cuts:
             continue
-        attn, hd = info.attn, info.head_dim
-        q_rows, kv_rows = head_channels(keep_q, hd), head_channels(keep_kv, hd)
-        attn.q_proj = gather_linear(attn.q_proj, rows=q_rows)
-        attn.k_proj = gather_linear(attn.k_proj, rows=kv_rows)
-        attn.v_proj = gather_linear(attn.v_proj, rows=kv_rows)
-        attn.o_proj = gather_linear(attn.o_proj, cols=q_rows)
-        attn.num_key_value_groups = len(keep_q) // len(keep_kv)
-    for index, keep in plan.mlp.items():
-        mlp = layer_info(model, index).mlp
-        channels = torch.tensor(keep, dtype=torch.long)
-        mlp.gate_proj = gather_linear(mlp.gate_proj, rows=channels)
-        mlp.up_proj = gather_linear(mlp.up_proj, rows=channels)
-        mlp.down_proj = gather_linear(mlp.down_proj, cols=channels)
-        mlp.intermediate_size = len(keep)
+        specs = []
+        for owner, name, rows, cols in cuts:
+            linear = getattr(owner, name)
+            device = linear.weight.device
+            rows, cols = (None if t is None else t.to(device) for t in (rows, cols))
+            specs.append((linear.weight.detach(), rows, cols))
+            if linear.bias is not None:
+                specs.append((linear.bias.detach(), rows, None))
+        gathered = iter(gather(specs, backend))
+        for owner, name, _rows, _cols in cuts:
+            old = getattr(owner, name)
+            weight = next(gathered)
+            bias = next(gathered) if old.bias is not None else None
+            setattr(owner, name, _linear_from(weight, bias))
+        info = layer_info(model, index)
+        info.attn.num_key_value_groups = info.heads_per_kv
+        info.mlp.intermediate_size = info.intermediate
+
+
+def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear that owns `weight` (out × in) and `bias` without copying them again."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=True)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=True)
+    return linear
 
 
 def count_params(model: nn.Module) -> int:

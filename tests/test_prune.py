@@ -25,15 +25,16 @@ def masked_logits(model, plan, tokens):
         return masked(input_ids=tokens).logits
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("fixture", ["mha_model", "gqa_model", "qwen2_model"])
 @pytest.mark.parametrize("granularity", ["kv", "query"])
-def test_pruned_model_equals_masked_dense_model(fixture, granularity, request, token_batch):
+def test_pruned_model_equals_masked_dense_model(fixture, granularity, backend, request, token_batch):
     model = request.getfixturevalue(fixture)
     ratio = 0.5 if granularity == "kv" else 0.34
     plan = plan_pruning(model, Importance("l2"), ratio, range(0, 2), granularity)
     expected = masked_logits(model, plan, token_batch)
     before, predicted = count_params(model), removed_params(model, ratio, range(0, 2), granularity)
-    apply_plan(model, plan)
+    apply_plan(model, plan, backend)
     with torch.no_grad():
         got = model(input_ids=token_batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
