@@ -79,20 +79,22 @@ class Importance:
         check_aggregation(aggregation)
         self.metric, self.aggregation, self.stats, self.seed = metric, aggregation, stats or {}, seed
 
-    def member_scores(self, member: Member) -> torch.Tensor:
-        """Unit scores of one member, shape (units,)."""
+    def channel_scores(self, member: Member) -> torch.Tensor:
+        """Scores of every channel along the member's pruned dimension (subclasses change where data comes from)."""
         weight = member.linear.weight.detach()
         if self.metric == "random":
             digest = hashlib.sha256(f"{self.seed}:{member.name}".encode()).digest()
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            channels = torch.rand(weight.shape[member.dim], generator=generator)
-        else:
-            stats = self.stats.get(member.name, LinearStats())
-            missing = [n for n in needs(self.metric) if getattr(stats, n) is None]
-            if missing:
-                raise AdaPrunerError(f"metric {self.metric!r} needs {missing[0]} of {member.name}: pass calibration data (--calib)")
-            channels = channel_importance(self.metric, weight, member.dim, stats.grad, stats.fisher, stats.act_norm)
-        return unit_scores(channels, member.block)
+            return torch.rand(weight.shape[member.dim], generator=generator)
+        stats = self.stats.get(member.name, LinearStats())
+        missing = [n for n in needs(self.metric) if getattr(stats, n) is None]
+        if missing:
+            raise AdaPrunerError(f"metric {self.metric!r} needs {missing[0]} of {member.name}: pass calibration data (--calib)")
+        return channel_importance(self.metric, weight, member.dim, stats.grad, stats.fisher, stats.act_norm)
+
+    def member_scores(self, member: Member) -> torch.Tensor:
+        """Unit scores of one member, shape (units,)."""
+        return unit_scores(self.channel_scores(member).float(), member.block)
 
     def __call__(self, group: Group) -> torch.Tensor:
         return aggregate(torch.stack([self.member_scores(m) for m in group.members]), self.aggregation)

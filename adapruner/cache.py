@@ -1,0 +1,233 @@
+"""Activation cache: one forward+backward of the dense model over a candidate pool, then any subset's importance.
+
+Per prunable linear W (out × in) of the pruned layers and per sample s (token rows of s: t ∈ s):
+    x        X (tokens × in), stored once per distinct input (q/k/v share one, gate/up share one)
+    dy       dY = ∂(Σ_s L_s)/∂Y (tokens × out); because samples are independent, rows of s hold ∂L_s/∂Y_s
+    vec      rows: Σ_{t∈s} dY_tj (X_t·W_j)      cols: Σ_{t∈s} X_ti (dY_t·W)_i   (signed; Σ_s gives Σ W⊙G)
+    fisher   rows: Σ_i W² (G_s)²                cols: Σ_j W² (G_s)²             (G_s = dY_sᵀ X_s)
+    act      Σ_{t∈s} X_ti²
+The per-sample statistics are computed in fp32 before x and dy are stored (bf16 by default). A subset S then
+scores as: vector |Σ_S vec|, taylor2 ½ Σ_S fisher / |S|, act Σ |W|·sqrt(Σ_S act), taylor1/mix through the fused
+cached-gradient kernel on the token rows of S (mix also needs F_S = mean_S G_s², computed per sample).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from adapruner.calibration import pool_windows
+from adapruner.errors import AdaPrunerError
+from adapruner.importance import Importance
+from adapruner.kernels import channel_importance
+from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fisher_stats
+from adapruner.statistics import sample_loss
+from adapruner.structure import Member, decoder_layers, prunable_linears
+
+ACTIVATION_METRICS = frozenset({"taylor1", "mix"})
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def input_owner(name: str) -> str:
+    """The linear whose stored input `name` reads: k/v read q's, up reads gate's."""
+    prefix, _, leaf = name.rpartition(".")
+    return f"{prefix}.{SHARED_INPUT.get(leaf, leaf)}"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What a cache depends on; its digest names the file on disk."""
+
+    model: str
+    pools: tuple[str, ...]
+    pool_size: int
+    seq_len: int
+    layers: tuple[int, int]
+    seed: int
+    activations: bool
+    dtype: str
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+class ActivationCache:
+    """Tensors by name (safetensors-friendly) plus the (pool, index) address of every cached sample."""
+
+    def __init__(self, key: CacheKey, tensors: dict[str, torch.Tensor], addresses: list[tuple[str, int]]):
+        self.key, self.tensors, self.addresses = key, tensors, addresses
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.addresses)
+
+    def samples_of_pool(self, pool: str) -> list[int]:
+        return [i for i, (p, _) in enumerate(self.addresses) if p == pool]
+
+    def token_rows(self, samples: torch.Tensor) -> torch.Tensor:
+        """Token-row indices of the given samples in the stored x / dy tensors."""
+        L = self.key.seq_len
+        return (samples[:, None] * L + torch.arange(L)).reshape(-1)
+
+    def channel_scores(self, metric: str, name: str, weight: torch.Tensor, dim: int, samples: torch.Tensor) -> torch.Tensor:
+        """Channel scores of linear `name` along `dim` for the sample subset `samples` (indices into the pool)."""
+        if samples.numel() == 0:
+            raise AdaPrunerError("the sample subset is empty: choose at least one sample")
+        side = "rows" if dim == 0 else "cols"
+        if metric == "vector":
+            return self.tensors[f"vec_{side}/{name}"][samples].sum(0).abs()
+        if metric == "taylor2":
+            return 0.5 * self.tensors[f"fisher_{side}/{name}"][samples].sum(0) / samples.numel()
+        if metric == "act":
+            act_norm = self.tensors[f"act/{input_owner(name)}"][samples].sum(0).sqrt()
+            return channel_importance("act", weight, dim, act_norm=act_norm)
+        if metric in ACTIVATION_METRICS:
+            if not self.key.activations:
+                raise AdaPrunerError(f"metric {metric!r} needs cached activations: rebuild the cache with taylor1/mix in --metrics")
+            x, dy = self.tensors[f"x/{input_owner(name)}"], self.tensors[f"dy/{name}"]
+            rows = self.token_rows(samples).to(x.device)
+            fisher = self.subset_fisher(x, dy, samples, weight.device) if metric == "mix" else None
+            return cached_grad_importance(metric, weight, x, dy, rows, fisher)[dim]
+        raise AdaPrunerError(f"metric {metric!r} does not read the cache")
+
+    def subset_fisher(self, x: torch.Tensor, dy: torch.Tensor, samples: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """F_S = mean_{s∈S} (dY_sᵀ X_s)² (out × in, fp32)."""
+        L = self.key.seq_len
+        total = None
+        for s in samples.tolist():
+            grad = dy[s * L : (s + 1) * L].to(device, torch.float32).t() @ x[s * L : (s + 1) * L].to(device, torch.float32)
+            total = grad.square_() if total is None else total.add_(grad.square_())
+        return total.div_(samples.numel())
+
+    def save(self, path: Path) -> None:
+        """safetensors file written through a temporary name, then renamed."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"key": json.dumps(self.key.__dict__, default=list), "addresses": json.dumps(self.addresses)}
+        tmp = Path(tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)[1])
+        try:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=metadata)
+            shutil.move(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> "ActivationCache":
+        """Memory-mapped: pages are read on first touch and shared between worker processes."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        raw = json.loads(metadata["key"])
+        key = CacheKey(**{**raw, "pools": tuple(raw["pools"]), "layers": tuple(raw["layers"])})
+        return cls(key, load_file(str(path)), [tuple(a) for a in json.loads(metadata["addresses"])])
+
+
+class CachedImportance(Importance):
+    """`Importance` whose data metrics read an `ActivationCache` for a sample subset instead of live gradients."""
+
+    def __init__(self, cache: ActivationCache, metric: str, aggregation: str, samples: torch.Tensor, seed: int = 0):
+        super().__init__(metric, aggregation, seed=seed)
+        self.cache, self.samples = cache, samples
+
+    def channel_scores(self, member: Member) -> torch.Tensor:
+        if self.metric in ("random", "l1", "l2"):
+            return super().channel_scores(member)
+        return self.cache.channel_scores(self.metric, member.name, member.linear.weight.detach(), member.dim, self.samples)
+
+
+def candidate_pool(tokenizer, pools: list[str], pool_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+    """`pool_size` calibration windows of each pool (seeded draw), with their (pool, index) addresses."""
+    rows, addresses = [], []
+    for pool in pools:
+        windows = pool_windows(tokenizer, pool, seq_len, "calib")
+        if pool_size > windows.shape[0]:
+            raise AdaPrunerError(f"pool {pool!r} holds {windows.shape[0]} windows of {seq_len} tokens: lower --pool-size to at most {windows.shape[0]}")
+        chosen = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:pool_size]
+        rows.append(windows[chosen])
+        addresses += [(pool, int(i)) for i in chosen]
+    return torch.cat(rows), addresses
+
+
+def build_cache(
+    model: nn.Module,
+    key: CacheKey,
+    input_ids: torch.Tensor,
+    addresses: list[tuple[str, int]],
+    batch_size: int = 4,
+    progress: bool = True,
+) -> ActivationCache:
+    """One forward+backward per batch of the pool with hooks on every prunable linear of `key.layers`."""
+    layers = range(*key.layers)
+    linears = prunable_linears(model, layers)
+    store_dtype = getattr(torch, key.dtype)
+    chunks: dict[str, list[torch.Tensor]] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    L = key.seq_len
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        chunks.setdefault(name, []).append(tensor)
+
+    def forward_hook(name, linear):
+        def hook(_module, args, output):
+            if input_owner(name) == name:
+                x = args[0].detach().float().reshape(-1, linear.in_features)
+                inputs[name] = x
+                keep(f"act/{name}", x.square().view(-1, L, x.shape[1]).sum(1))
+                if key.activations:
+                    keep(f"x/{name}", x.to(store_dtype))
+            output.register_hook(lambda grad: backward(name, linear, grad))
+        return hook
+
+    def backward(name, linear, grad):
+        dy = grad.detach().float().reshape(-1, linear.out_features)
+        x = inputs[input_owner(name)]
+        w = linear.weight.detach().float()
+        keep(f"vec_rows/{name}", (dy * (x @ w.t())).view(-1, L, dy.shape[1]).sum(1))
+        keep(f"vec_cols/{name}", (x * (dy @ w)).view(-1, L, x.shape[1]).sum(1))
+        fisher_rows, fisher_cols = sample_fisher_stats(w, x, dy, L)
+        keep(f"fisher_rows/{name}", fisher_rows)
+        keep(f"fisher_cols/{name}", fisher_cols)
+        if key.activations:
+            keep(f"dy/{name}", dy.to(store_dtype))
+
+    embed = model.get_input_embeddings()
+    handles = [lin.register_forward_hook(forward_hook(name, lin)) for name, lin in linears.items()]
+    handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="cache", unit="batch", disable=not progress):
+            sample_loss(model, input_ids[start : start + batch_size]).sum().backward()
+            inputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    tensors = {name: torch.cat(parts) for name, parts in chunks.items()}
+    return ActivationCache(key, tensors, addresses)
+
+
+def cache_key(model_name: str, model: nn.Module, pools: list[str], pool_size: int, seq_len: int, layers: range, seed: int, activations: bool, dtype: str = "bfloat16") -> CacheKey:
+    if layers.step != 1 or not 0 <= layers.start < layers.stop <= len(decoder_layers(model)):
+        raise AdaPrunerError("cached layer range must be contiguous and inside the model")
+    return CacheKey(model_name, tuple(pools), pool_size, seq_len, (layers.start, layers.stop), seed, activations, dtype)
+
+
+def load_or_build(model_name: str, model: nn.Module, tokenizer, key: CacheKey, cache_dir: Path, batch_size: int = 4, progress: bool = True) -> ActivationCache:
+    """Reuse `cache_dir/<digest>.safetensors` when present; else build it, save it and load it memory-mapped."""
+    path = cache_dir / f"{key.digest()}.safetensors"
+    if not path.is_file():
+        input_ids, addresses = candidate_pool(tokenizer, list(key.pools), key.pool_size, key.seq_len, key.seed)
+        build_cache(model, key, input_ids, addresses, batch_size, progress).save(path)
+    return ActivationCache.load(path)
