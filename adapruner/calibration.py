@@ -64,3 +64,14 @@ def calibration_samples(tokenizer: PreTrainedTokenizerBase, spec: str, seq_len: 
         rows.append(windows[chosen])
         addresses.extend((pool, int(k)) for k in chosen)
     return Samples(torch.cat(rows), tuple(addresses))
+
+
+def windows_at(tokenizer: PreTrainedTokenizerBase, addresses: list[tuple[str, int]], seq_len: int) -> Samples:
+    """The calibration windows at the given (pool, index) addresses, in that order."""
+    rows = []
+    for pool, index in addresses:
+        windows = pool_windows(tokenizer, pool, seq_len, "calib")
+        if not 0 <= index < windows.shape[0]:
+            raise AdaPrunerError(f"pool {pool!r} has no window {index} at seq_len {seq_len}: the addresses come from another seq_len or corpus version")
+        rows.append(windows[index])
+    return Samples(torch.stack(rows), tuple((pool, int(index)) for pool, index in addresses))

@@ -20,6 +20,7 @@ LAYERS_HELP = "layers to prune as START:STOP or 'all' (default: keep the first 4
 
 def build_parser() -> argparse.ArgumentParser:
     from adapruner.importance import AGGREGATIONS, METRICS
+    from adapruner.search import DEFAULT_METRICS
 
     parser = argparse.ArgumentParser(prog="adapruner", description="Sample-aware structured pruning of LLaMA-family models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +44,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(prune)
     prune.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
 
+    prune.add_argument("--from-study", default=None, help="apply the best trial of an `adapruner search` output directory")
+
+    search = commands.add_parser("search", help="AdaPruner: Bayesian search over calibration samples and metrics")
+    search.add_argument("--model", default="smollm2", help="HF model directory, hub id, or 'smollm2'")
+    search.add_argument("--ratio", type=float, default=0.25, help=RATIO_HELP)
+    search.add_argument("--pools", default="wiki,news,plays", help="candidate text pools, comma-separated (built-in names or paths)")
+    search.add_argument("--pool-size", type=int, default=32, help="cached candidate windows per pool")
+    search.add_argument("--seq-len", type=int, default=128)
+    search.add_argument("--layers", default=None, help=LAYERS_HELP)
+    search.add_argument("--attn-granularity", default="kv", choices=("kv", "query"))
+    search.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="metrics the search may choose")
+    search.add_argument("--aggregations", default=",".join(AGGREGATIONS), help="aggregations the search may choose")
+    search.add_argument("--sample-counts", default="4,8,16,32", help="calibration sample counts the search may choose")
+    search.add_argument("--blocks-per-pool", type=int, default=4, help="inclusion switches per pool (the subset encoding)")
+    search.add_argument("--depth-slope", type=float, default=0.0, help="also search a per-layer ratio slope in [-S, S] (0: uniform ratio)")
+    search.add_argument("--trials", type=int, default=40)
+    search.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--val-windows", type=int, default=16, help="validation windows per trial (wiki validation articles)")
+    search.add_argument("--batch-size", type=int, default=8)
+    search.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
+    search.add_argument("--early-stop", action="store_true", help="prune bad trials early from per-batch validation loss (median rule)")
+    search.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out); journal:PATH for a journal file")
+    search.add_argument("--study", default="adapruner", help="study name; an existing one resumes")
+    search.add_argument("--cache-dir", default=None, help="where activation caches live (default ~/.cache/adapruner/activations)")
+    search.add_argument("--out", required=True, help="directory for the study, best.json and plots (reuse it to resume)")
+
     evaluate = commands.add_parser("eval", help="measure a model's perplexity")
     evaluate.add_argument("--model", required=True, help="a pruned model directory, an HF model, or 'smollm2'")
     evaluate.add_argument("--ppl", default="wiki", help="text for perplexity: wiki (held-out articles), news, plays, or a path")
@@ -60,7 +88,7 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": run_prune, "eval": run_eval}[args.command](args)
+        return {"prune": run_prune, "eval": run_eval, "search": run_search_command}[args.command](args)
     except AdaPrunerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -83,6 +111,8 @@ def run_prune(args: argparse.Namespace) -> int:
         raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
     if args.no_attention and args.no_mlp:
         raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
+    if args.from_study:
+        apply_best_trial(args)
     options = PruneOptions(
         ratio=args.ratio if args.ratio is not None or args.target_params is not None else 0.25,
         target_params=args.target_params,
@@ -95,6 +125,8 @@ def run_prune(args: argparse.Namespace) -> int:
         prune_attention=not args.no_attention,
         prune_mlp=not args.no_mlp,
         seed=args.seed,
+        calib_addresses=getattr(args, "calib_addresses", None),
+        depth_slope=getattr(args, "depth_slope", 0.0),
     )
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
@@ -131,6 +163,50 @@ def run_prune(args: argparse.Namespace) -> int:
     print(format_table(["", "dense", f"pruned ({args.metric}, r={result.ratio:.3f})"], rows))
     print(f"saved to {args.out} (report.json beside the model)")
     return 0
+
+
+def apply_best_trial(args: argparse.Namespace) -> None:
+    """Take model, ratio, layers, metric, aggregation, slope and the exact calibration windows from best.json."""
+    best_path = Path(args.from_study) / "best.json"
+    if not best_path.is_file():
+        raise AdaPrunerError(f"{best_path} not found: pass the --out directory of a finished `adapruner search`")
+    best = json.loads(best_path.read_text())
+    if args.model != best["model"]:
+        raise AdaPrunerError(f"the study searched model {best['model']!r}, not {args.model!r}: pass --model {best['model']}")
+    args.ratio, args.target_params, args.layers = best["ratio"], None, best["layers"]
+    args.metric, args.agg, args.seq_len = best["metric"], best["aggregation"], best["seq_len"]
+    args.attn_granularity, args.no_attention, args.no_mlp = best["granularity"], not best["prune_attention"], not best["prune_mlp"]
+    args.calib_addresses = [tuple(a) for a in best["addresses"]]
+    args.depth_slope = best["slope"]
+
+
+def run_search_command(args: argparse.Namespace) -> int:
+    from adapruner.search import metric_choices
+    from adapruner.search_job import SearchOptions, run_search
+
+    options = SearchOptions(
+        model=args.model, ratio=args.ratio, pools=[p.strip() for p in args.pools.split(",") if p.strip()],
+        pool_size=args.pool_size, seq_len=args.seq_len, layers=args.layers, granularity=args.attn_granularity,
+        metrics=metric_choices(args.metrics), aggregations=tuple(a.strip() for a in args.aggregations.split(",")),
+        sample_counts=_int_list(args.sample_counts, "--sample-counts"), blocks_per_pool=args.blocks_per_pool,
+        depth_slope=args.depth_slope, trials=args.trials, sampler=args.sampler, seed=args.seed, val_windows=args.val_windows,
+        batch_size=args.batch_size, workers=args.workers, early_stop=args.early_stop, storage=args.storage,
+        study=args.study, cache_dir=args.cache_dir,
+    )
+    best = run_search(options, Path(args.out))
+    print(f"best trial {best['trial']}: {best['metric']}/{best['aggregation']}, {len(best['samples'])} samples, val ppl {best['val_ppl']:.3f}")
+    print(f"wrote {args.out}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study {args.out} --out DIR")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise AdaPrunerError(f"{flag} {text!r}: write comma-separated integers, e.g. 4,8,16") from None
+    if not values or min(values) < 1:
+        raise AdaPrunerError(f"{flag} {text!r}: counts must be at least 1")
+    return values
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ heads inside every kv group) of attention, channels of the MLP — in every laye
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -52,25 +53,39 @@ def top_units(scores: torch.Tensor, n_keep: int) -> list[int]:
 def plan_pruning(
     model: nn.Module,
     importance: Importance,
-    ratio: float,
+    ratio: float | Mapping[int, float],
     layers: range,
     granularity: AttnGranularity = "kv",
     prune_attention: bool = True,
     prune_mlp: bool = True,
 ) -> PrunePlan:
-    """Score every group of `layers` and keep the best units; raise if a group would be emptied."""
-    check_ratio(ratio)
+    """Score every group of `layers` and keep the best units; raise if a group would be emptied.
+
+    `ratio` is one ratio for every layer or a ratio per layer index (a depth profile).
+    """
+    per_layer = {index: ratio for index in layers} if isinstance(ratio, (int, float)) else dict(ratio)
     plan = PrunePlan()
     for index in layers:
+        layer_ratio = per_layer[index]
+        check_ratio(layer_ratio)
         info = layer_info(model, index)
         if prune_attention:
-            plan.attention[index] = _plan_attention(info, importance, ratio, granularity)
+            plan.attention[index] = _plan_attention(info, importance, layer_ratio, granularity)
         if prune_mlp:
-            n_remove = removal_count(info.intermediate, ratio)
+            n_remove = removal_count(info.intermediate, layer_ratio)
             if n_remove >= info.intermediate:
-                raise AdaPrunerError(f"ratio {ratio} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio")
+                raise AdaPrunerError(f"ratio {layer_ratio} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio")
             plan.mlp[index] = top_units(importance(mlp_group(info)), info.intermediate - n_remove)
     return plan
+
+
+def depth_profile(ratio: float, layers: range, slope: float) -> dict[int, float]:
+    """Per-layer ratios r_l = r · (1 + slope · (2·p_l − 1)), p_l = position of l in `layers` from 0 to 1.
+
+    slope 0 is uniform; slope > 0 prunes deep layers more than shallow ones; the mean ratio stays r.
+    """
+    n = len(layers)
+    return {index: ratio * (1 + slope * (2 * k / (n - 1) - 1 if n > 1 else 0.0)) for k, index in enumerate(layers)}
 
 
 def _plan_attention(info: LayerInfo, importance: Importance, ratio: float, granularity: AttnGranularity) -> tuple[list[int], list[int]]:

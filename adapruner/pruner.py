@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapruner.calibration import calibration_samples
+from adapruner.calibration import calibration_samples, windows_at
 from adapruner.importance import Importance, check_aggregation, needs
-from adapruner.prune import PrunePlan, apply_plan, check_ratio, plan_pruning, solve_ratio
+from adapruner.prune import PrunePlan, apply_plan, check_ratio, depth_profile, plan_pruning, solve_ratio
 from adapruner.statistics import collect_stats
 from adapruner.structure import AttnGranularity, decoder_layers, parse_layer_range, prunable_linears
 
@@ -28,6 +28,8 @@ class PruneOptions:
     prune_attention: bool = True
     prune_mlp: bool = True
     seed: int = 0
+    calib_addresses: list[tuple[str, int]] | None = None  # exact (pool, index) windows, e.g. from a search
+    depth_slope: float = 0.0  # per-layer ratios r·(1 + slope·(2p − 1)), see prune.depth_profile
 
 
 @dataclass
@@ -57,10 +59,14 @@ def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: P
     addresses: list[tuple[str, int]] = []
     stats = {}
     if required:
-        samples = calibration_samples(tokenizer, options.calib, options.seq_len, options.seed)
+        if options.calib_addresses:
+            samples = windows_at(tokenizer, options.calib_addresses, options.seq_len)
+        else:
+            samples = calibration_samples(tokenizer, options.calib, options.seq_len, options.seed)
         addresses = list(samples.addresses)
         stats = collect_stats(model, linears, samples.input_ids, required, progress)
     importance = Importance(options.metric, options.aggregation, stats, seed=options.seed)
-    plan = plan_pruning(model, importance, ratio, layers, options.granularity, options.prune_attention, options.prune_mlp)
+    per_layer = depth_profile(ratio, layers, options.depth_slope) if options.depth_slope else ratio
+    plan = plan_pruning(model, importance, per_layer, layers, options.granularity, options.prune_attention, options.prune_mlp)
     apply_plan(model, plan)
     return PruneResult(ratio, list(layers), plan, addresses)

@@ -39,6 +39,20 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     return model
 
 
+def word_level_tokenizer():
+    """A 97-token word-level tokenizer ("t0" … "t96") so that tiny models save and load like real ones."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(97)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0")
+
+
+@pytest.fixture
+def tokenizer():
+    return word_level_tokenizer()
+
+
 @pytest.fixture
 def mha_model() -> LlamaForCausalLM:
     return tiny_llama(4, 4)

@@ -3,20 +3,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, models
+from transformers import AutoModelForCausalLM
 
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.io import save_pruned
 from adapruner.prune import apply_plan, plan_pruning
 from adapruner.structure import layer_info
-
-
-@pytest.fixture
-def tokenizer():
-    vocab = {f"t{i}": i for i in range(97)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0")
 
 
 def prune(model, layers, granularity="kv", ratio=0.5):

@@ -1,0 +1,176 @@
+"""AdaPruner's search: Optuna TPE over calibration subsets and importance metrics, scored on cached tensors.
+
+A trial chooses (1) which samples — the candidate pool of each text pool is cut into `blocks_per_pool` blocks,
+each included or not, and the first `n_samples` of the included blocks are taken round-robin — (2) the metric,
+(3) the aggregation and, optionally, (4) a depth slope of the per-layer ratio (same mean ratio). Its value is the
+validation perplexity of the model pruned that way (validation articles are disjoint from evaluation ones).
+
+Why blocks: TPE models each parameter's good and bad densities; 12 binary block switches plus a count give it
+a space it can learn from in tens of trials (which pools and which regions of text help), whereas one switch
+per sample (hundreds) would stay random for any realistic budget.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapruner.cache import ActivationCache, CachedImportance
+from adapruner.errors import AdaPrunerError
+from adapruner.importance import AGGREGATIONS, METRICS, check_aggregation, check_metric
+from adapruner.prune import apply_plan, depth_profile, plan_pruning
+from adapruner.structure import AttnGranularity
+
+DEFAULT_METRICS = ("l1", "l2", "taylor1", "vector", "taylor2", "mix", "act")
+DEFAULT_SAMPLE_COUNTS = (4, 8, 16, 32)
+
+
+@dataclass
+class SearchSpace:
+    """What a trial may choose."""
+
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    aggregations: tuple[str, ...] = AGGREGATIONS
+    sample_counts: tuple[int, ...] = DEFAULT_SAMPLE_COUNTS
+    blocks_per_pool: int = 4
+    depth_slope: float = 0.0  # > 0: search a slope in [-depth_slope, depth_slope]
+
+    def __post_init__(self):
+        for metric in self.metrics:
+            check_metric(metric)
+        for aggregation in self.aggregations:
+            check_aggregation(aggregation)
+
+
+@dataclass
+class TrialConfig:
+    """One point of the space: the sample subset (indices into the cache's pool), metric, aggregation, slope."""
+
+    samples: list[int]
+    metric: str
+    aggregation: str
+    slope: float = 0.0
+    blocks: list[str] = field(default_factory=list)
+
+
+def pool_blocks(cache: ActivationCache, blocks_per_pool: int) -> dict[str, list[int]]:
+    """Block name → sample indices: each pool's cached samples cut into `blocks_per_pool` contiguous blocks."""
+    blocks = {}
+    for pool in dict.fromkeys(p for p, _ in cache.addresses):
+        members = cache.samples_of_pool(pool)
+        size = math.ceil(len(members) / blocks_per_pool)
+        for b in range(blocks_per_pool):
+            if members[b * size : (b + 1) * size]:
+                blocks[f"{_short(pool)}{b}"] = members[b * size : (b + 1) * size]
+    return blocks
+
+
+def _short(pool: str) -> str:
+    return "".join(ch for ch in pool.rsplit("/", 1)[-1] if ch.isalnum())[:12] + "_"
+
+
+def round_robin(blocks: list[list[int]], n: int) -> list[int]:
+    """The first n samples taking one from each block in turn (sorted on return)."""
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < n and any(depth < len(b) for b in blocks):
+        chosen += [b[depth] for b in blocks if depth < len(b)][: n - len(chosen)]
+        depth += 1
+    return sorted(chosen)
+
+
+def suggest(trial, space: SearchSpace, blocks: dict[str, list[int]]) -> TrialConfig:
+    """Draw a `TrialConfig` from an Optuna trial (parameters: block_*, n_samples, metric, aggregation, slope)."""
+    included = [name for name in blocks if trial.suggest_categorical(f"block_{name}", [True, False])]
+    n = trial.suggest_categorical("n_samples", list(space.sample_counts))
+    metric = trial.suggest_categorical("metric", list(space.metrics))
+    aggregation = trial.suggest_categorical("aggregation", list(space.aggregations))
+    slope = trial.suggest_float("slope", -space.depth_slope, space.depth_slope) if space.depth_slope > 0 else 0.0
+    chosen_blocks = included or list(blocks)  # no block switched on: use them all
+    return TrialConfig(round_robin([blocks[b] for b in chosen_blocks], n), metric, aggregation, slope, chosen_blocks)
+
+
+@dataclass
+class PruneSetting:
+    """The fixed part of a search: what is pruned, where, and on which validation windows."""
+
+    ratio: float
+    layers: range
+    granularity: AttnGranularity = "kv"
+    prune_attention: bool = True
+    prune_mlp: bool = True
+
+
+def prune_copy(model: nn.Module, cache: ActivationCache, setting: PruneSetting, config: TrialConfig, seed: int = 0) -> nn.Module:
+    """A pruned copy of `model` for one trial configuration; the dense model is left untouched."""
+    importance = CachedImportance(cache, config.metric, config.aggregation, torch.tensor(config.samples), seed)
+    ratio = depth_profile(setting.ratio, setting.layers, config.slope) if config.slope else setting.ratio
+    plan = plan_pruning(model, importance, ratio, setting.layers, setting.granularity, setting.prune_attention, setting.prune_mlp)
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, plan)
+    return pruned
+
+
+@torch.no_grad()
+def validation_ppl(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, report=None) -> float:
+    """exp(mean token NLL) over `windows`; `report(step, running_ppl)` after each batch (raises to stop early)."""
+    total, count = 0.0, 0
+    for step, start in enumerate(range(0, windows.shape[0], batch_size)):
+        batch = windows[start : start + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+        if report is not None:
+            report(step, math.exp(total / count))
+    return math.exp(total / count)
+
+
+class Objective:
+    """Optuna objective: suggest → prune a copy from the cache → validation perplexity (lower is better)."""
+
+    def __init__(self, model: nn.Module, cache: ActivationCache, setting: PruneSetting, space: SearchSpace, val_windows: torch.Tensor, batch_size: int = 8, early_stop: bool = False):
+        self.model, self.cache, self.setting, self.space = model, cache, setting, space
+        self.val_windows, self.batch_size, self.early_stop = val_windows, batch_size, early_stop
+        self.blocks = pool_blocks(cache, space.blocks_per_pool)
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        config = suggest(trial, self.space, self.blocks)
+        trial.set_user_attr("samples", config.samples)
+        trial.set_user_attr("addresses", [list(self.cache.addresses[i]) for i in config.samples])
+
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
+            if self.early_stop and trial.should_prune():
+                raise optuna.TrialPruned()
+
+        pruned = prune_copy(self.model, self.cache, self.setting, config)
+        return validation_ppl(pruned, self.val_windows, self.batch_size, report)
+
+
+def config_of(trial, cache: ActivationCache, space: SearchSpace) -> TrialConfig:
+    """Rebuild a finished trial's configuration from its parameters."""
+    import optuna
+
+    fixed = optuna.trial.FixedTrial(trial.params)
+    return suggest(fixed, space, pool_blocks(cache, space.blocks_per_pool))
+
+
+def describe(config: TrialConfig, cache: ActivationCache) -> dict:
+    """JSON-ready description with the (pool, index) address of every sample."""
+    payload = asdict(config)
+    payload["addresses"] = [list(cache.addresses[i]) for i in config.samples]
+    return payload
+
+
+def metric_choices(text: str) -> tuple[str, ...]:
+    chosen = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown or not chosen:
+        raise AdaPrunerError(f"unknown metric {unknown[0] if unknown else text!r}: choose from {', '.join(DEFAULT_METRICS)}")
+    return chosen

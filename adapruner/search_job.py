@@ -1,0 +1,154 @@
+"""`adapruner search`: cache → Optuna study (one or more worker processes) → best.json, table and plots."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build
+from adapruner.calibration import pool_windows
+from adapruner.errors import AdaPrunerError
+from adapruner.importance import AGGREGATIONS
+from adapruner.models import cache_root, load_model
+from adapruner.report import format_table, write_json_atomic
+from adapruner.search import DEFAULT_METRICS, DEFAULT_SAMPLE_COUNTS, SearchSpace, config_of, describe
+from adapruner.structure import decoder_layers, parse_layer_range
+from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, run_worker
+
+STUDY_FILE = "study.db"
+
+
+@dataclass
+class SearchOptions:
+    model: str = "smollm2"
+    ratio: float = 0.25
+    pools: list[str] = field(default_factory=lambda: ["wiki", "news", "plays"])
+    pool_size: int = 32
+    seq_len: int = 128
+    layers: str | None = None
+    granularity: str = "kv"
+    prune_attention: bool = True
+    prune_mlp: bool = True
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    aggregations: tuple[str, ...] = AGGREGATIONS
+    sample_counts: tuple[int, ...] = DEFAULT_SAMPLE_COUNTS
+    blocks_per_pool: int = 4
+    depth_slope: float = 0.0
+    trials: int = 40
+    sampler: str = "tpe"
+    seed: int = 0
+    val_windows: int = 16
+    batch_size: int = 8
+    workers: int = 1
+    early_stop: bool = False
+    storage: str | None = None
+    study: str = "adapruner"
+    cache_dir: str | None = None
+    cache_dtype: str = "bfloat16"
+
+
+def check_search_out(out: Path) -> None:
+    """A new directory, or one that holds an earlier search (resume); nothing else is written into."""
+    if out.exists() and any(out.iterdir()) and not (out / "search.json").is_file():
+        raise AdaPrunerError(f"output {out} exists and holds no earlier search: pass a new --out (or the same --out to resume)")
+
+
+def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict:
+    """Build or reuse the cache, run the study to `options.trials` finished trials, write the outputs."""
+    check_search_out(out)
+    if not 0 < options.ratio < 1:
+        raise AdaPrunerError(f"ratio {options.ratio} is outside (0, 1): pass the fraction of each group to remove, e.g. --ratio 0.25")
+    if options.workers < 1 or options.trials < 1:
+        raise AdaPrunerError("--workers and --trials must be at least 1")
+    space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope)
+    storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
+    out.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(storage_url)
+    model, tokenizer = load_model(options.model)
+    layers = parse_layer_range(options.layers, len(decoder_layers(model)))
+    key = cache_key(options.model, model, options.pools, options.pool_size, options.seq_len, layers, options.seed,
+                    activations=bool(ACTIVATION_METRICS & set(options.metrics)), dtype=options.cache_dtype)
+    setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "batch_size", "sampler")}
+    setup = json.loads(json.dumps(setup))  # tuples → lists, as the storage returns them
+    study = open_study(storage, options.study, setup)
+    cache_dir = Path(options.cache_dir) if options.cache_dir else cache_root() / "activations"
+    cache = load_or_build(options.model, model, tokenizer, key, cache_dir, progress=progress)
+    val_path = out / "val.safetensors"
+    if not val_path.is_file():
+        windows = pool_windows(tokenizer, "wiki", options.seq_len, "val")[: options.val_windows]
+        save_file({"windows": windows.contiguous()}, str(val_path))
+    write_json_atomic(out / "search.json", {"options": asdict(options), "storage": storage_url, "cache": str(cache_dir / f"{key.digest()}.safetensors")})
+    base = WorkerSpec(
+        model=options.model, cache_path=str(cache_dir / f"{key.digest()}.safetensors"), val_path=str(val_path),
+        storage=storage_url, study=options.study, setup=setup, ratio=options.ratio, layers=(layers.start, layers.stop),
+        granularity=options.granularity, prune_attention=options.prune_attention, prune_mlp=options.prune_mlp,
+        space=asdict(space), n_trials=options.trials, sampler=options.sampler, seed=options.seed,
+        batch_size=options.batch_size, early_stop=options.early_stop,
+        threads=max(1, torch.get_num_threads() // options.workers),
+    )
+    remaining = max(0, options.trials - finished(study))
+    shares = [remaining // options.workers + (k < remaining % options.workers) for k in range(options.workers)]
+    context = multiprocessing.get_context("spawn")
+    helpers = [context.Process(target=run_worker, args=(WorkerSpec(**{**asdict(base), "worker_index": k, "share": shares[k]}),)) for k in range(1, options.workers)]
+    for process in helpers:
+        process.start()
+    bar = tqdm(total=options.trials, initial=options.trials - remaining, desc=f"search ({options.sampler})", unit="trial", disable=not progress)
+
+    def show(study, _trial):
+        bar.n = finished(study)
+        best = _best_or_none(study)
+        bar.set_postfix(best_val_ppl=f"{best.value:.2f}" if best else "-")
+        bar.refresh()
+
+    study = run_worker(WorkerSpec(**{**asdict(base), "share": shares[0]}), callbacks=[show], model=model, cache=cache)
+    for process in helpers:
+        process.join()
+    bar.close()
+    return write_outputs(study, cache, space, out, options)
+
+
+def _best_or_none(study):
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOptions) -> dict:
+    """best.json (configuration with sample addresses), a table of the best trials, history/importance PNGs."""
+    best = _best_or_none(study)
+    if best is None:
+        raise AdaPrunerError(f"study {options.study!r} has no finished trial: see the failed trials' errors in {out}")
+    config = config_of(best, cache, space)
+    layers = cache.key.layers
+    summary = {
+        "model": options.model, "ratio": options.ratio, "layers": f"{layers[0]}:{layers[1]}", "granularity": options.granularity,
+        "prune_attention": options.prune_attention, "prune_mlp": options.prune_mlp, "seq_len": options.seq_len,
+        "val_ppl": best.value, "trial": best.number, "sampler": options.sampler, "seed": options.seed, **describe(config, cache),
+    }
+    write_json_atomic(out / "best.json", summary)
+    trials = sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: (t.value is None, t.value or 0.0))
+    rows = [[t.number, t.params.get("metric"), t.params.get("aggregation"), t.params.get("n_samples"), t.value if t.value is not None else "-"] for t in trials[:10]]
+    table = format_table(["trial", "metric", "agg", "samples", "val ppl"], rows)
+    (out / "trials.txt").write_text(table + "\n")
+    print(table)
+    _plots(study, out)
+    return summary
+
+
+def _plots(study, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna.visualization.matplotlib as vis
+
+    vis.plot_optimization_history(study).figure.savefig(out / "history.png", dpi=110, bbox_inches="tight")
+    try:
+        vis.plot_param_importances(study).figure.savefig(out / "importances.png", dpi=110, bbox_inches="tight")
+    except (ValueError, RuntimeError) as exc:  # too few or too uniform trials
+        print(f"note: no parameter-importance plot ({exc})")

@@ -1,0 +1,124 @@
+"""Optuna storage, study set-up and search workers: resumable, several processes (or machines) per study.
+
+Storage is any Optuna URL (`sqlite:///…`, `postgresql://…`, `mysql://…`) or `journal:PATH` for a journal file.
+RDB storages run a heartbeat: a worker killed mid-trial leaves a stale RUNNING trial, which the next worker
+marks FAIL and `RetryHeartbeatStaleTrialCallback` enqueues again with the same parameters, so nothing is lost.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from safetensors.torch import load_file
+
+from adapruner.cache import ActivationCache
+from adapruner.errors import AdaPrunerError
+from adapruner.search import Objective, PruneSetting, SearchSpace
+
+HEARTBEAT_SECONDS = 5
+GRACE_SECONDS = 20
+MAX_RETRY = 3
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_seconds: int = GRACE_SECONDS):
+    """An Optuna storage for `url`; a one-line error when it cannot be opened."""
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        with warnings.catch_warnings():  # heartbeats are marked experimental; we rely on them knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=grace_seconds,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            )
+    except Exception as exc:  # optuna/sqlalchemy raise many types for a bad URL
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdaPrunerError(f"cannot open storage {url!r} ({reason}): pass a URL like sqlite:///path/study.db or journal:path/study.log") from None
+
+
+def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+    """Create or resume study `name`; refuse one created with a different set-up (model, ratio, pools, …)."""
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler, load_if_exists=True)
+    existing = study.user_attrs.get("setup")
+    if existing is None:
+        study.set_user_attr("setup", setup)
+    elif existing != setup:
+        key = next(k for k in sorted(set(existing) | set(setup)) if existing.get(k) != setup.get(k))
+        raise AdaPrunerError(
+            f"study {name!r} was created with {key}={existing.get(key)!r}, not {setup.get(key)!r}: pass the same options or a new --study"
+        )
+    return study
+
+
+def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=10)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise AdaPrunerError(f"unknown sampler {kind!r}: use tpe or random")
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker process needs; plain data so that it crosses a process boundary."""
+
+    model: str
+    cache_path: str
+    val_path: str
+    storage: str
+    study: str
+    setup: dict
+    ratio: float
+    layers: tuple[int, int]
+    granularity: str
+    prune_attention: bool
+    prune_mlp: bool
+    space: dict
+    n_trials: int
+    sampler: str
+    seed: int
+    batch_size: int = 8
+    early_stop: bool = False
+    threads: int = 0
+    heartbeat_seconds: int = HEARTBEAT_SECONDS
+    grace_seconds: int = GRACE_SECONDS
+    worker_index: int = 0
+    share: int | None = None  # trials this worker runs at most (None: until the study holds n_trials)
+
+
+def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cache: ActivationCache | None = None) -> optuna.Study:
+    """Run up to `share` trials, stopping early once the study holds `n_trials` finished ones (every worker's).
+
+    A caller that holds the model and cache already passes them; a spawned worker loads them (the cache
+    memory-mapped, so workers on one machine share its pages).
+    """
+    from adapruner.models import load_model
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    model = model if model is not None else load_model(spec.model)[0]
+    cache = cache if cache is not None else ActivationCache.load(Path(spec.cache_path))
+    val_windows = load_file(spec.val_path)["windows"]
+    setting = PruneSetting(spec.ratio, range(*spec.layers), spec.granularity, spec.prune_attention, spec.prune_mlp)
+    objective = Objective(model, cache, setting, SearchSpace(**spec.space), val_windows, spec.batch_size, spec.early_stop)
+    storage = open_storage(spec.storage, spec.heartbeat_seconds, spec.grace_seconds)
+    study = open_study(storage, spec.study, spec.setup, make_sampler(spec.sampler, spec.seed + spec.worker_index))
+    limit = optuna.study.MaxTrialsCallback(spec.n_trials, states=COUNTED)
+    remaining = spec.n_trials - finished(study)
+    if remaining > 0:
+        n = remaining if spec.share is None else min(spec.share, remaining)
+        study.optimize(objective, n_trials=n, callbacks=[limit, *(callbacks or [])], catch=(AdaPrunerError,))
+    return study
+
+
+def finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COUNTED))

@@ -1,0 +1,138 @@
+"""The search: subset encoding, trial objective, resumable multi-worker studies, and their errors."""
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import asdict
+
+import optuna
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adapruner.cache import build_cache, cache_key
+from adapruner.errors import AdaPrunerError
+from adapruner.search import Objective, PruneSetting, SearchSpace, TrialConfig, config_of, pool_blocks, prune_copy, round_robin, validation_ppl
+from adapruner.study import WorkerSpec, open_storage, open_study, run_worker
+
+from conftest import tiny_llama
+
+SEQ = 11
+LAYERS = range(0, 3)
+SPACE = SearchSpace(metrics=("l2", "taylor1", "taylor2", "vector"), sample_counts=(1, 2, 4), blocks_per_pool=2)
+
+
+def tiny_cache(model, n=8):
+    ids = torch.randint(0, 97, (n, SEQ), generator=torch.Generator().manual_seed(5))
+    addresses = [("a" if i < n // 2 else "b", i) for i in range(n)]
+    key = cache_key("tiny", model, ["a", "b"], n // 2, SEQ, LAYERS, 0, activations=True, dtype="float32")
+    return build_cache(model, key, ids, addresses, progress=False)
+
+
+def test_blocks_and_round_robin(gqa_model):
+    cache = tiny_cache(gqa_model)
+    blocks = pool_blocks(cache, 2)
+    assert blocks == {"a_0": [0, 1], "a_1": [2, 3], "b_0": [4, 5], "b_1": [6, 7]}
+    assert round_robin([[0, 1], [6, 7]], 3) == [0, 1, 6]
+    assert round_robin([[0], [6, 7]], 5) == [0, 6, 7]
+
+
+def test_objective_value_is_the_validation_ppl_of_the_trial_config(gqa_model):
+    cache = tiny_cache(gqa_model)
+    val = torch.randint(0, 97, (4, SEQ), generator=torch.Generator().manual_seed(9))
+    setting = PruneSetting(0.5, LAYERS)
+    objective = Objective(gqa_model, cache, setting, SPACE, val, batch_size=2)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, multivariate=True))
+    study.optimize(objective, n_trials=6)
+    for trial in study.trials:
+        config = config_of(trial, cache, SPACE)
+        assert config.samples == trial.user_attrs["samples"] and 1 <= len(config.samples) <= 4
+        assert trial.value == pytest.approx(validation_ppl(prune_copy(gqa_model, cache, setting, config), val), rel=1e-6)
+    dense = validation_ppl(gqa_model, val)
+    assert all(t.value != pytest.approx(dense) for t in study.trials)  # the dense model itself is untouched
+    assert validation_ppl(gqa_model, val) == dense
+
+
+def test_depth_slope_changes_per_layer_sizes(gqa_model):
+    cache = tiny_cache(gqa_model)
+    config = TrialConfig([0, 1], "l2", "sum", slope=0.9)
+    pruned = prune_copy(gqa_model, cache, PruneSetting(0.5, LAYERS, prune_attention=False), config)
+    sizes = [layer.mlp.gate_proj.out_features for layer in pruned.model.layers]
+    assert sizes[0] > sizes[1] > sizes[2]  # r·0.1, r, r·1.9 of 24 channels: 23, 12, 1 kept
+
+
+def test_storage_and_setup_errors(tmp_path):
+    with pytest.raises(AdaPrunerError, match="cannot open storage"):
+        open_storage("nosuchdb://x/y")
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    open_study(storage, "s", {"model": "smollm2", "ratio": 0.25})
+    with pytest.raises(AdaPrunerError, match="created with ratio=0.25, not 0.3"):
+        open_study(storage, "s", {"model": "smollm2", "ratio": 0.3})
+
+
+def worker_files(tmp_path, model, tokenizer, n_val):
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    cache = tiny_cache(model)
+    cache.save(tmp_path / "cache.safetensors")
+    save_file({"windows": torch.randint(0, 97, (n_val, SEQ), generator=torch.Generator().manual_seed(2))}, str(tmp_path / "val.safetensors"))
+    return WorkerSpec(
+        model=str(model_dir), cache_path=str(tmp_path / "cache.safetensors"), val_path=str(tmp_path / "val.safetensors"),
+        storage=f"sqlite:///{tmp_path}/study.db", study="s", setup={"model": "tiny"}, ratio=0.5, layers=(0, 3),
+        granularity="kv", prune_attention=True, prune_mlp=True, space=asdict(SPACE), n_trials=8, sampler="tpe", seed=0,
+        batch_size=4, threads=1, heartbeat_seconds=1, grace_seconds=2,
+    )
+
+
+def states(spec):
+    study = optuna.load_study(study_name=spec.study, storage=spec.storage)
+    return study, [t.state for t in study.get_trials(deepcopy=False)]
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path, gqa_model, tokenizer):
+    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=8)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=run_worker, args=(WorkerSpec(**{**asdict(spec), "worker_index": k, "share": 4}),)) for k in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=240)
+        assert w.exitcode == 0
+    study, trial_states = states(spec)
+    assert trial_states == [optuna.trial.TrialState.COMPLETE] * 8
+    assert sorted(t.number for t in study.trials) == list(range(8))
+    assert len({t.datetime_start for t in study.trials}) == 8
+
+
+def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_model, tokenizer):
+    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=3000)  # ~1 s per trial, long enough to kill mid-trial
+    spec.n_trials = 4
+    worker = multiprocessing.get_context("spawn").Process(target=run_worker, args=(spec,))
+    worker.start()
+    deadline = time.time() + 240
+    killed_number = None
+    while time.time() < deadline and killed_number is None:
+        time.sleep(0.2)
+        if not (tmp_path / "study.db").exists():
+            continue
+        try:
+            study, trial_states = states(spec)
+        except (KeyError, optuna.exceptions.StorageInternalError):
+            continue
+        running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+        if optuna.trial.TrialState.COMPLETE in trial_states and running:
+            time.sleep(0.3)
+            os.kill(worker.pid, signal.SIGKILL)
+            killed_number = running[0].number
+    worker.join()
+    assert killed_number is not None, "the worker never ran a second trial"
+    time.sleep(spec.grace_seconds + 1.5)  # let its heartbeat go stale
+    run_worker(spec)
+    study, _ = states(spec)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    assert len(complete) == 4
+    assert [t.number for t in failed] == [killed_number]
+    retried = [t for t in complete if t.system_attrs.get("failed_trial") == killed_number]
+    assert len(retried) == 1 and retried[0].params == failed[0].params
