@@ -29,6 +29,7 @@ def write_json_atomic(path: str | Path, payload: dict) -> None:
     """Write JSON through a temporary file in the same directory, then rename over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is an ordinary file
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2)

@@ -142,13 +142,18 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
 
 
 def _plots(study, out: Path) -> None:
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
+    import optuna
     import optuna.visualization.matplotlib as vis
 
-    vis.plot_optimization_history(study).figure.savefig(out / "history.png", dpi=110, bbox_inches="tight")
-    try:
-        vis.plot_param_importances(study).figure.savefig(out / "importances.png", dpi=110, bbox_inches="tight")
-    except (ValueError, RuntimeError) as exc:  # too few or too uniform trials
-        print(f"note: no parameter-importance plot ({exc})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        vis.plot_optimization_history(study).figure.savefig(out / "history.png", dpi=110, bbox_inches="tight")
+        try:
+            vis.plot_param_importances(study).figure.savefig(out / "importances.png", dpi=110, bbox_inches="tight")
+        except (ValueError, RuntimeError) as exc:  # too few or too uniform trials
+            print(f"note: no parameter-importance plot ({exc})")
