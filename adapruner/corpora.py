@@ -86,10 +86,15 @@ def pool_documents(pool: str, split: Split = "calib") -> list[str]:
     return _user_documents(pool)
 
 
-def _user_documents(spec: str) -> list[str]:
-    path = Path(spec).expanduser()
-    if not path.exists():
+def check_pool(spec: str) -> None:
+    """Raise the one-line error for a pool that is neither built in nor an existing path (reads nothing)."""
+    if spec not in BUILTIN_POOLS and not Path(spec).expanduser().exists():
         raise AdaPrunerError(f"unknown pool {spec!r}: use {', '.join(BUILTIN_POOLS)}, or a path to a .txt/.jsonl file or a saved HF dataset")
+
+
+def _user_documents(spec: str) -> list[str]:
+    check_pool(spec)
+    path = Path(spec).expanduser()
     if path.is_dir():
         return _dataset_documents(path)
     if path.suffix == ".jsonl":

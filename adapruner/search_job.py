@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build
 from adapruner.calibration import pool_windows
+from adapruner.corpora import check_pool
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import AGGREGATIONS
 from adapruner.models import cache_root, load_model
@@ -54,7 +55,8 @@ class SearchOptions:
 
 def check_search_out(out: Path) -> None:
     """A new directory, or one that holds an earlier search (resume); nothing else is written into."""
-    if out.exists() and any(out.iterdir()) and not (out / "search.json").is_file():
+    earlier = (out / "search.json").is_file() or (out / STUDY_FILE).is_file()
+    if out.exists() and any(out.iterdir()) and not earlier:
         raise AdaPrunerError(f"output {out} exists and holds no earlier search: pass a new --out (or the same --out to resume)")
 
 
@@ -65,17 +67,20 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
         raise AdaPrunerError(f"ratio {options.ratio} is outside (0, 1): pass the fraction of each group to remove, e.g. --ratio 0.25")
     if options.workers < 1 or options.trials < 1:
         raise AdaPrunerError("--workers and --trials must be at least 1")
+    for pool in options.pools:
+        check_pool(pool)
     space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope)
+    setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "batch_size", "sampler")}
+    setup = json.loads(json.dumps(setup))  # tuples → lists, as the storage returns them
+    if options.storage is None:
+        out.mkdir(parents=True, exist_ok=True)
     storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
+    study = open_study(open_storage(storage_url), options.study, setup)
     out.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(storage_url)
     model, tokenizer = load_model(options.model)
     layers = parse_layer_range(options.layers, len(decoder_layers(model)))
     key = cache_key(options.model, model, options.pools, options.pool_size, options.seq_len, layers, options.seed,
                     activations=bool(ACTIVATION_METRICS & set(options.metrics)), dtype=options.cache_dtype)
-    setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "batch_size", "sampler")}
-    setup = json.loads(json.dumps(setup))  # tuples → lists, as the storage returns them
-    study = open_study(storage, options.study, setup)
     cache_dir = Path(options.cache_dir) if options.cache_dir else cache_root() / "activations"
     cache = load_or_build(options.model, model, tokenizer, key, cache_dir, progress=progress)
     val_path = out / "val.safetensors"

@@ -91,3 +91,49 @@ def test_smollm2_taylor1_beats_random(smollm2_loaded):
         prune_model(model, tokenizer, PruneOptions(ratio=0.25, metric=metric, calib="wiki:8"), progress=False)
         ppl[metric] = perplexity(model, windows, progress=False)
     assert ppl["taylor1"] < ppl["random"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--pools", "wiki,atlantis"], "unknown pool 'atlantis'"),
+        (["--storage", "nosuchdb:///x"], "cannot open storage"),
+        (["--ratio", "1.2"], "outside (0, 1)"),
+        (["--metrics", "l2,magic"], "unknown metric 'magic'"),
+    ],
+)
+def test_search_bad_input(argv, message, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "search", *argv, "--out", str(tmp_path / "s"))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_smollm2_search_resume_mismatch_and_apply(capsys, tmp_path, smollm2_loaded):
+    out, cache_dir = tmp_path / "search", tmp_path / "cache"
+    common = ["--model", "smollm2", "--pools", "wiki,news", "--pool-size", "2", "--metrics", "l2,vector,taylor2",
+              "--sample-counts", "1,2", "--blocks-per-pool", "2", "--val-windows", "1", "--cache-dir", str(cache_dir), "--out", str(out)]
+    code, stdout, _ = run_cli(capsys, "search", *common, "--trials", "2")
+    assert code == 0 and "best trial" in stdout
+    assert {"best.json", "history.png", "study.db", "trials.txt", "search.json"} <= {p.name for p in out.iterdir()}
+    import optuna
+
+    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 2
+    best = json.loads((out / "best.json").read_text())
+    assert best["val_ppl"] == min(t.value for t in study.trials)
+    assert all(pool in ("wiki", "news") for pool, _ in best["addresses"])
+
+    code, _, _ = run_cli(capsys, "search", *common, "--trials", "3")  # resume: one more trial, cache reused
+    assert code == 0 and len(optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}").trials) == 3
+    assert len(list(cache_dir.iterdir())) == 1
+
+    code, _, err = run_cli(capsys, "search", *common, "--trials", "3", "--ratio", "0.3")
+    assert code == 2 and "created with ratio=0.25, not 0.3" in err
+
+    pruned = tmp_path / "pruned"
+    best = json.loads((out / "best.json").read_text())
+    code, _, _ = run_cli(capsys, "prune", "--model", "smollm2", "--from-study", str(out), "--no-eval", "--out", str(pruned))
+    assert code == 0
+    report = json.loads((pruned / "report.json").read_text())
+    assert report["options"]["metric"] == best["metric"] and report["options"]["aggregation"] == best["aggregation"]
+    assert [list(a) for a in report["calib_addresses"]] == (best["addresses"] if best["metric"] != "l2" else [])
