@@ -112,6 +112,7 @@ class ActivationCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"key": json.dumps(self.key.__dict__, default=list), "addresses": json.dumps(self.addresses)}
         tmp = Path(tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)[1])
+        tmp.chmod(0o644)
         try:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=metadata)
             shutil.move(tmp, path)
@@ -120,15 +121,19 @@ class ActivationCache:
             raise
 
     @classmethod
-    def load(cls, path: Path) -> "ActivationCache":
-        """Memory-mapped: pages are read on first touch and shared between worker processes."""
+    def load(cls, path: Path, max_memory_bytes: int = 0) -> "ActivationCache":
+        """Read into memory when the file is at most `max_memory_bytes`; otherwise memory-mapped (pages are read on
+        first touch and shared between worker processes on one machine)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
         raw = json.loads(metadata["key"])
         key = CacheKey(**{**raw, "pools": tuple(raw["pools"]), "layers": tuple(raw["layers"])})
-        return cls(key, load_file(str(path)), [tuple(a) for a in json.loads(metadata["addresses"])])
+        tensors = load_file(str(path))
+        if path.stat().st_size <= max_memory_bytes:
+            tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+        return cls(key, tensors, [tuple(a) for a in json.loads(metadata["addresses"])])
 
 
 class CachedImportance(Importance):
@@ -224,10 +229,12 @@ def cache_key(model_name: str, model: nn.Module, pools: list[str], pool_size: in
     return CacheKey(model_name, tuple(pools), pool_size, seq_len, (layers.start, layers.stop), seed, activations, dtype)
 
 
-def load_or_build(model_name: str, model: nn.Module, tokenizer, key: CacheKey, cache_dir: Path, batch_size: int = 4, progress: bool = True) -> ActivationCache:
-    """Reuse `cache_dir/<digest>.safetensors` when present; else build it, save it and load it memory-mapped."""
+def load_or_build(
+    model: nn.Module, tokenizer, key: CacheKey, cache_dir: Path, max_memory_bytes: int = 0, batch_size: int = 4, progress: bool = True
+) -> ActivationCache:
+    """Reuse `cache_dir/<digest>.safetensors` when present; else build it and save it. Then load it (see `load`)."""
     path = cache_dir / f"{key.digest()}.safetensors"
     if not path.is_file():
         input_ids, addresses = candidate_pool(tokenizer, list(key.pools), key.pool_size, key.seq_len, key.seed)
         build_cache(model, key, input_ids, addresses, batch_size, progress).save(path)
-    return ActivationCache.load(path)
+    return ActivationCache.load(path, max_memory_bytes)

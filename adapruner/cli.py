@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out); journal:PATH for a journal file")
     search.add_argument("--study", default="adapruner", help="study name; an existing one resumes")
     search.add_argument("--cache-dir", default=None, help="where activation caches live (default ~/.cache/adapruner/activations)")
+    search.add_argument("--cache-mem", type=float, default=8.0, help="GiB: a cache up to this size is read into memory, a larger one is memory-mapped")
     search.add_argument("--out", required=True, help="directory for the study, best.json and plots (reuse it to resume)")
 
     evaluate = commands.add_parser("eval", help="measure a model's perplexity")
@@ -191,7 +192,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         sample_counts=_int_list(args.sample_counts, "--sample-counts"), blocks_per_pool=args.blocks_per_pool,
         depth_slope=args.depth_slope, trials=args.trials, sampler=args.sampler, seed=args.seed, val_windows=args.val_windows,
         batch_size=args.batch_size, workers=args.workers, early_stop=args.early_stop, storage=args.storage,
-        study=args.study, cache_dir=args.cache_dir,
+        study=args.study, cache_dir=args.cache_dir, cache_mem_gb=args.cache_mem,
     )
     best = run_search(options, Path(args.out))
     print(f"best trial {best['trial']}: {best['metric']}/{best['aggregation']}, {len(best['samples'])} samples, val ppl {best['val_ppl']:.3f}")

@@ -51,6 +51,7 @@ class SearchOptions:
     study: str = "adapruner"
     cache_dir: str | None = None
     cache_dtype: str = "bfloat16"
+    cache_mem_gb: float = 8.0
 
 
 def check_search_out(out: Path) -> None:
@@ -70,7 +71,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
     for pool in options.pools:
         check_pool(pool)
     space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope)
-    setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "batch_size", "sampler")}
+    setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "cache_mem_gb", "batch_size", "sampler")}
     setup = json.loads(json.dumps(setup))  # tuples → lists, as the storage returns them
     if options.storage is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
     key = cache_key(options.model, model, options.pools, options.pool_size, options.seq_len, layers, options.seed,
                     activations=bool(ACTIVATION_METRICS & set(options.metrics)), dtype=options.cache_dtype)
     cache_dir = Path(options.cache_dir) if options.cache_dir else cache_root() / "activations"
-    cache = load_or_build(options.model, model, tokenizer, key, cache_dir, progress=progress)
+    cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * 2**30), progress=progress)
     val_path = out / "val.safetensors"
     if not val_path.is_file():
         windows = pool_windows(tokenizer, "wiki", options.seq_len, "val")[: options.val_windows]

@@ -106,7 +106,7 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
         torch.set_num_threads(spec.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     model = model if model is not None else load_model(spec.model)[0]
-    cache = cache if cache is not None else ActivationCache.load(Path(spec.cache_path))
+    cache = cache if cache is not None else ActivationCache.load(Path(spec.cache_path))  # memory-mapped, shared
     val_windows = load_file(spec.val_path)["windows"]
     setting = PruneSetting(spec.ratio, range(*spec.layers), spec.granularity, spec.prune_attention, spec.prune_mlp)
     objective = Objective(model, cache, setting, SearchSpace(**spec.space), val_windows, spec.batch_size, spec.early_stop)

@@ -66,7 +66,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     layers = default_layer_range(len(decoder_layers(model)))
     key = cache_key(args.model, model, args.pools.split(","), args.pool_size, args.seq_len, layers, 0, activations=True)
-    cache, t_build = timed(lambda: load_or_build(args.model, model, tokenizer, key, cache_root() / "activations"))
+    cache, t_build = timed(lambda: load_or_build(model, tokenizer, key, cache_root() / "activations", 2**34))
     val = pool_windows(tokenizer, "wiki", args.seq_len, "val")[: args.val_windows]
     samples = torch.linspace(0, cache.n_samples - 1, args.samples).round().long()
     windows = torch.stack([pool_windows(tokenizer, pool, args.seq_len, "calib")[index] for pool, index in (cache.addresses[i] for i in samples)])
