@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from adapruner.errors import AdaPrunerError
+from adapruner.report import format_table
 
 RATIO_HELP = (
     "fraction of each pruned layer's attention units and MLP channels to remove (LLM-Pruner's meaning: "
@@ -72,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--cache-mem", type=float, default=8.0, help="GiB: a cache up to this size is read into memory, a larger one is memory-mapped")
     search.add_argument("--out", required=True, help="directory for the study, best.json and plots (reuse it to resume)")
 
+    tune = commands.add_parser("finetune", help="recover a pruned model with LoRA (peft), then merge or keep the adapter")
+    tune.add_argument("--model", required=True, help="a pruned model directory (or any HF model, or 'smollm2')")
+    tune.add_argument("--data", default="wiki", help="wiki (training articles), news, plays, a .txt/.jsonl text file, or Alpaca .json/.jsonl")
+    tune.add_argument("--out", required=True, help="new directory for the merged model (or the adapter with --keep-adapter)")
+    tune.add_argument("--steps", type=int, default=100, help="optimizer steps (step budget)")
+    tune.add_argument("--minutes", type=float, default=None, help="stop after this much training time (time budget)")
+    tune.add_argument("--batch-size", type=int, default=4)
+    tune.add_argument("--lr", type=float, default=1e-4)
+    tune.add_argument("--lora-r", type=int, default=8)
+    tune.add_argument("--lora-alpha", type=int, default=16)
+    tune.add_argument("--lora-dropout", type=float, default=0.05)
+    tune.add_argument("--cutoff", type=int, default=256, help="tokens per training example")
+    tune.add_argument("--eval-every", type=int, default=25, help="steps between validation perplexities")
+    tune.add_argument("--val-windows", type=int, default=16, help="wiki validation windows (128 tokens) per evaluation")
+    tune.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    tune.add_argument("--train-on-prompt", action="store_true", help="Alpaca data: also take the loss on the prompt")
+    tune.add_argument("--keep-adapter", action="store_true", help="save the adapter in peft's format instead of merging it")
+    tune.add_argument("--seed", type=int, default=0)
+
     evaluate = commands.add_parser("eval", help="measure a model's perplexity")
     evaluate.add_argument("--model", required=True, help="a pruned model directory, an HF model, or 'smollm2'")
     evaluate.add_argument("--ppl", default="wiki", help="text for perplexity: wiki (held-out articles), news, plays, or a path")
@@ -89,7 +109,7 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": run_prune, "eval": run_eval, "search": run_search_command}[args.command](args)
+        return {"prune": run_prune, "eval": run_eval, "search": run_search_command, "finetune": run_finetune}[args.command](args)
     except AdaPrunerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -102,7 +122,6 @@ def run_prune(args: argparse.Namespace) -> int:
     from adapruner.models import load_model
     from adapruner.prune import check_ratio, count_params
     from adapruner.pruner import PruneOptions, prune_model
-    from adapruner.report import format_table
 
     check_out_dir(args.out)
     parse_calib_spec(args.calib)
@@ -210,11 +229,42 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
+def run_finetune(args: argparse.Namespace) -> int:
+    from adapruner.calibration import pool_windows
+    from adapruner.evaluate import perplexity
+    from adapruner.finetune import LoraOptions, finetune, mean_loss, merged
+    from adapruner.io import check_out_dir, save_adapter, save_pruned
+    from adapruner.models import load_model
+
+    check_out_dir(args.out)
+    options = LoraOptions(
+        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, lr=args.lr, cutoff=args.cutoff, batch_size=args.batch_size,
+        max_steps=args.steps, max_minutes=args.minutes, eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, dtype=args.dtype, seed=args.seed,
+    )
+    model, tokenizer = load_model(args.model)
+    val = pool_windows(tokenizer, "wiki", 128, "val")[: args.val_windows]
+    before = perplexity(model, val, desc="val ppl before")
+    result = finetune(model, tokenizer, args.data, options, val)
+    report = {
+        "model": args.model, "data": args.data, "options": vars(options) | {"targets": list(options.targets)},
+        "val_ppl_before": before, "val_ppl_history": result.val_ppl, "train_loss": result.losses,
+        "stopped": result.stopped, "seconds": result.seconds, "merged": not args.keep_adapter,
+    }
+    if args.keep_adapter:
+        save_adapter(result.model, tokenizer, args.out, {"report.json": report})
+    else:
+        save_pruned(merged(result), tokenizer, args.out, extra_json={"report.json": report})
+    after = result.val_ppl[-1][1] if result.val_ppl else float("nan")
+    print(format_table(["", "before", "after"], [["val ppl (wiki)", before, after], ["train loss (last 10)", "", mean_loss(result.losses)]]))
+    print(f"{result.stopped}; saved to {args.out}")
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from adapruner.evaluate import perplexity
     from adapruner.models import load_model
     from adapruner.prune import count_params
-    from adapruner.report import format_table, write_json_atomic
+    from adapruner.report import write_json_atomic
 
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)

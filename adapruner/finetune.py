@@ -67,7 +67,7 @@ def finetune(
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=options.lr)
     result = FinetuneResult(peft_model)
     order = random.Random(options.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)  # masked out anyway
     queue: list[int] = []
     started = time.perf_counter()
     bar = tqdm(total=options.max_steps, desc="lora", unit="step", disable=not progress)

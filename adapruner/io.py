@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -40,6 +41,29 @@ def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
     }
 
 
+@contextmanager
+def staged_dir(out_dir: str | Path):
+    """Yield a temporary directory beside `out_dir` (which must not hold anything); rename it to `out_dir` on
+    success, remove it on any error."""
+    target = check_out_dir(out_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        yield staging
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_json_files(directory: Path, extra_json: Mapping[str, dict] | None) -> None:
+    for name, payload in (extra_json or {}).items():
+        (directory / name).write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def save_pruned(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -48,14 +72,10 @@ def save_pruned(
     extra_json: Mapping[str, dict] | None = None,
 ) -> Path:
     """Write the model to `out_dir` (which must not hold anything), with `extra_json` files (name → dict) beside it."""
-    target = check_out_dir(out_dir)
     sizes = layer_sizes(model)
     if uniform and any(len(set(values)) > 1 for values in sizes.values()):
         raise AdaPrunerError("--uniform needs equal sizes in every layer: prune all layers (--layers all) with one ratio")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the saved model is an ordinary directory
-    try:
+    with staged_dir(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
@@ -64,15 +84,17 @@ def save_pruned(
         if not uniform:
             shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name, payload in (extra_json or {}).items():
-            (staging / name).write_text(json.dumps(payload, indent=2) + "\n")
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+        _write_json_files(staging, extra_json)
+    return Path(out_dir)
+
+
+def save_adapter(peft_model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, extra_json: Mapping[str, dict] | None = None) -> Path:
+    """Write a LoRA adapter in peft's own format (`PeftModel.from_pretrained(base, out_dir)` loads it)."""
+    with staged_dir(out_dir) as staging:
+        peft_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _write_json_files(staging, extra_json)
+    return Path(out_dir)
 
 
 def _head_dim(model: nn.Module) -> int:

@@ -41,11 +41,12 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
 
 def word_level_tokenizer():
     """A 97-token word-level tokenizer ("t0" … "t96") so that tiny models save and load like real ones."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(97)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0")
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0")
 
 
 @pytest.fixture
