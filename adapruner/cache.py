@@ -8,7 +8,7 @@ Per prunable linear W (out × in) of the pruned layers and per sample s (token r
     act      Σ_{t∈s} X_ti²
 The per-sample statistics are computed in fp32 before x and dy are stored (bf16 by default). A subset S then
 scores as: vector |Σ_S vec|, taylor2 ½ Σ_S fisher / |S|, act Σ |W|·sqrt(Σ_S act), taylor1/mix through the fused
-cached-gradient kernel on the token rows of S (mix also needs F_S = mean_S G_s², computed per sample).
+cached-gradient kernel on the token rows of S (for mix it also forms F_S = mean_S G_s² per sample, in registers).
 """
 from __future__ import annotations
 
@@ -94,18 +94,8 @@ class ActivationCache:
                 raise AdaPrunerError(f"metric {metric!r} needs cached activations: rebuild the cache with taylor1/mix in --metrics")
             x, dy = self.tensors[f"x/{input_owner(name)}"], self.tensors[f"dy/{name}"]
             rows = self.token_rows(samples).to(x.device)
-            fisher = self.subset_fisher(x, dy, samples, weight.device) if metric == "mix" else None
-            return cached_grad_importance(metric, weight, x, dy, rows, fisher)[dim]
+            return cached_grad_importance(metric, weight, x, dy, rows, self.key.seq_len)[dim]
         raise AdaPrunerError(f"metric {metric!r} does not read the cache")
-
-    def subset_fisher(self, x: torch.Tensor, dy: torch.Tensor, samples: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """F_S = mean_{s∈S} (dY_sᵀ X_s)² (out × in, fp32)."""
-        L = self.key.seq_len
-        total = None
-        for s in samples.tolist():
-            grad = dy[s * L : (s + 1) * L].to(device, torch.float32).t() @ x[s * L : (s + 1) * L].to(device, torch.float32)
-            total = grad.square_() if total is None else total.add_(grad.square_())
-        return total.div_(samples.numel())
 
     def save(self, path: Path) -> None:
         """safetensors file written through a temporary name, then renamed."""

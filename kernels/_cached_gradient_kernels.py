@@ -25,19 +25,25 @@ def _grad_tile(x_ptr, dy_ptr, rows_ptr, t_start, t_stop, m, n, M, N, s_xt, s_xc,
 
 @triton.jit
 def cached_grad_importance_kernel(
-    w_ptr, x_ptr, dy_ptr, rows_ptr, f_ptr, row_out, col_out, M, N, T,
-    s_wm, s_wn, s_xt, s_xc, s_dt, s_dc, s_fm, s_fn,
+    w_ptr, x_ptr, dy_ptr, rows_ptr, row_out, col_out, M, N, T, L,
+    s_wm, s_wn, s_xt, s_xc, s_dt, s_dc,
     MIX: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Tile (m, n): G = dY[rows]ᵀ X[rows]; e = |W G| (or |W G − ½ W² F|); row_out[m] += Σ_n e, col_out[n] += Σ_m e."""
+    """Tile (m, n) over the T chosen token rows, in segments of L rows (one sample each for MIX):
+    G = Σ_seg G_seg; F = mean_seg G_seg² (MIX); e = |W G| or |W G − ½ W² F|; row_out[m] += Σ_n e, col_out[n] += Σ_m e."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    grad = _grad_tile(x_ptr, dy_ptr, rows_ptr, 0, T, m, n, M, N, s_xt, s_xc, s_dt, s_dc, True, UPCAST, BLOCK_M, BLOCK_N, BLOCK_T)
+    grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    fisher = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, T, L):
+        part = _grad_tile(x_ptr, dy_ptr, rows_ptr, start, start + L, m, n, M, N, s_xt, s_xc, s_dt, s_dc, True, UPCAST, BLOCK_M, BLOCK_N, BLOCK_T)
+        grad += part
+        if MIX:
+            fisher += part * part
     mask = (m < M)[:, None] & (n < N)[None, :]
     w = tl.load(w_ptr + m[:, None] * s_wm + n[None, :] * s_wn, mask=mask, other=0.0).to(tl.float32)
     if MIX:
-        f = tl.load(f_ptr + m[:, None] * s_fm + n[None, :] * s_fn, mask=mask, other=0.0).to(tl.float32)
-        e = tl.abs(w * grad - 0.5 * w * w * f)
+        e = tl.abs(w * grad - 0.5 * w * w * fisher / (T // L))
     else:
         e = tl.abs(w * grad)
     tl.atomic_add(row_out + m, tl.sum(e, axis=1), mask=m < M)

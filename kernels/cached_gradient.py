@@ -1,10 +1,12 @@
 """Importance from cached activations X (tokens × in) and output gradients dY (tokens × out) of a linear W.
 
-For a subset of token rows T, the gradient is G = dY[T]ᵀ X[T] (out × in). Per channel:
+For a subset S of samples, given as token rows (each sample `seq_len` consecutive rows), G_s = dY_sᵀ X_s and
+G = Σ_{s∈S} G_s (out × in). Per channel:
     taylor1  rows: Σ_i |W_ji G_ji|                cols: Σ_j |W_ji G_ji|
-    mix      rows: Σ_i |W_ji G_ji − ½ W_ji² F_ji|  cols: likewise over j   (F: a Fisher diagonal, out × in)
-The Triton kernel is a matmul whose epilogue reduces |W ⊙ G| into the row and column vectors: G never reaches
-global memory.
+    mix      rows: Σ_i |W_ji G_ji − ½ W_ji² F_ji|  cols: likewise over j,  F = (1/|S|) Σ_{s∈S} G_s²
+The Triton kernel is a matmul whose epilogue reduces into the row and column vectors: neither G nor F ever
+reaches global memory. For `mix` each sample's tile G_s is completed in registers, then added to G and,
+squared, to F: the same FLOPs as taylor1.
 
 Per-sample Fisher statistic, computed once when a cache is built (samples are consecutive blocks of
 `seq_len` token rows, G_s = dY_sᵀ X_s):
@@ -39,48 +41,52 @@ def _check_rows(rows: torch.Tensor, n_tokens: int) -> None:
 
 
 def cached_grad_importance_torch(
-    metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, fisher: torch.Tensor | None = None
+    metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, seq_len: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: materialise G = dY[rows]ᵀ X[rows] in fp32, return (row scores, column scores)."""
-    _check_metric(metric, fisher)
+    """Reference: materialise G (and for mix the per-sample G_s) in fp32; return (row scores, column scores)."""
+    _check_metric(metric, rows, seq_len)
     _check(weight, x, dy)
     _check_rows(rows, x.shape[0])
-    grad = dy[rows].float().t() @ x[rows].float()
     w = weight.float()
-    element = (w * grad).abs() if metric == "taylor1" else (w * grad - 0.5 * w.square() * fisher.float()).abs()
+    if metric == "taylor1":
+        element = (w * (dy[rows].float().t() @ x[rows].float())).abs()
+    else:
+        n = rows.numel() // seq_len
+        per_sample = torch.bmm(dy[rows].float().view(n, seq_len, -1).transpose(1, 2), x[rows].float().view(n, seq_len, -1))
+        element = (w * per_sample.sum(0) - 0.5 * w.square() * per_sample.square().mean(0)).abs()
     return element.sum(1), element.sum(0)
 
 
 def cached_grad_importance(
     metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor,
-    fisher: torch.Tensor | None = None, backend: Backend = "auto",
+    seq_len: int | None = None, backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row scores, column scores) of `metric` for the token rows `rows`; Triton on CUDA tensors."""
+    """(row scores, column scores) of `metric` for the token rows `rows` (`mix` needs `seq_len`); Triton on CUDA."""
     if use_triton(weight, backend):
-        return cached_grad_importance_triton(metric, weight, x, dy, rows, fisher)
-    return cached_grad_importance_torch(metric, weight, x, dy, rows, fisher)
+        return cached_grad_importance_triton(metric, weight, x, dy, rows, seq_len)
+    return cached_grad_importance_torch(metric, weight, x, dy, rows, seq_len)
 
 
 def cached_grad_importance_triton(
     metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor,
-    fisher: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64, block_t: int = 32,
+    seq_len: int | None = None, block_m: int = 64, block_n: int = 64, block_t: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused path: tiles of G accumulate in registers over the chosen token rows, then reduce into the outputs."""
+    """Fused path: tiles of G (and F) accumulate in registers over the chosen token rows, then reduce into the outputs."""
     from adapruner.kernels._cached_gradient_kernels import cached_grad_importance_kernel
 
-    _check_metric(metric, fisher)
+    _check_metric(metric, rows, seq_len)
     _check(weight, x, dy)
     _check_rows(rows, x.shape[0])
     out_features, in_features = weight.shape
     row_scores = torch.zeros(out_features, dtype=torch.float32, device=weight.device)
     col_scores = torch.zeros(in_features, dtype=torch.float32, device=weight.device)
-    f = fisher if fisher is not None else weight
+    mix = metric == "mix"
     grid = (-(-out_features // block_m), -(-in_features // block_n))
     cached_grad_importance_kernel[grid](
-        weight, x, dy, rows, f, row_scores, col_scores,
-        out_features, in_features, rows.numel(),
-        weight.stride(0), weight.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), f.stride(0), f.stride(1),
-        MIX=metric == "mix", UPCAST=_interpreter_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
+        weight, x, dy, rows, row_scores, col_scores,
+        out_features, in_features, rows.numel(), seq_len if mix else rows.numel(),
+        weight.stride(0), weight.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        MIX=mix, UPCAST=_interpreter_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
     )
     return row_scores, col_scores
 
@@ -144,8 +150,8 @@ def _n_samples(n_tokens: int, seq_len: int) -> int:
     return n_tokens // seq_len
 
 
-def _check_metric(metric: str, fisher: torch.Tensor | None) -> None:
+def _check_metric(metric: str, rows: torch.Tensor, seq_len: int | None) -> None:
     if metric not in CACHED_METRICS:
         raise ValueError(f"cached-gradient importance computes {', '.join(CACHED_METRICS)}, not {metric!r}")
-    if metric == "mix" and fisher is None:
-        raise ValueError("metric 'mix' needs fisher (out × in)")
+    if metric == "mix" and (seq_len is None or seq_len < 1 or rows.numel() % seq_len):
+        raise ValueError("metric 'mix' needs seq_len, with rows holding whole samples of seq_len token rows each")

@@ -26,8 +26,7 @@ def cache(dtype, n_samples=5, seed=0):
     w = torch.randn(OUT, IN, generator=gen).to(dtype)
     x = torch.randn(n_samples * SEQ, IN, generator=gen).to(dtype)
     dy = torch.randn(n_samples * SEQ, OUT, generator=gen).to(dtype)
-    f = torch.rand(OUT, IN, generator=gen)
-    return w, x, dy, f
+    return w, x, dy
 
 
 def token_rows(samples):
@@ -38,17 +37,17 @@ def token_rows(samples):
 @pytest.mark.parametrize("metric", ["taylor1", "mix"])
 @pytest.mark.parametrize("samples", [[2], [0, 3, 4], [4, 1]])
 def test_fused_importance_matches_reference(metric, dtype, samples):
-    w, x, dy, f = cache(dtype)
+    w, x, dy = cache(dtype)
     rows = token_rows(samples)
-    expected = cached_grad_importance_torch(metric, w, x, dy, rows, f)
-    got = cached_grad_importance_triton(metric, w, x, dy, rows, f, block_m=32, block_n=32, block_t=16)
+    expected = cached_grad_importance_torch(metric, w, x, dy, rows, SEQ)
+    got = cached_grad_importance_triton(metric, w, x, dy, rows, SEQ, block_m=32, block_n=32, block_t=16)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=RTOL[dtype], atol=RTOL[dtype] * e.abs().max().item())
 
 
 def test_fused_importance_equals_autograd_gradient():
     """G = dYᵀX is the weight gradient of a linear: check the reference against autograd once."""
-    w, x, dy, _ = cache(torch.float32)
+    w, x, dy = cache(torch.float32)
     weight = w.clone().requires_grad_()
     (x @ weight.t()).backward(dy)
     rows = torch.arange(x.shape[0])
@@ -57,8 +56,19 @@ def test_fused_importance_equals_autograd_gradient():
     torch.testing.assert_close(col_scores, (w * weight.grad).abs().sum(0), rtol=1e-5, atol=1e-4)
 
 
+def test_mix_uses_the_subset_fisher():
+    """mix = Σ |W G − ½ W² F| with G = Σ_S G_s and F = mean_S G_s² from per-sample gradients (brute force)."""
+    w, x, dy = cache(torch.float32)
+    subset = [0, 2, 3]
+    per_sample = torch.stack([dy[s * SEQ : (s + 1) * SEQ].t() @ x[s * SEQ : (s + 1) * SEQ] for s in subset])
+    element = (w * per_sample.sum(0) - 0.5 * w.square() * per_sample.square().mean(0)).abs()
+    got = cached_grad_importance_torch("mix", w, x, dy, token_rows(subset), SEQ)
+    torch.testing.assert_close(got[0], element.sum(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], element.sum(0), rtol=1e-5, atol=1e-4)
+
+
 def test_strided_cache_views():
-    w, x, dy, _ = cache(torch.float32)
+    w, x, dy = cache(torch.float32)
     x_view = torch.cat([x, x], 1)[:, ::2]  # column stride 2
     rows = token_rows([1, 2])
     expected = cached_grad_importance_torch("taylor1", w, x_view, dy, rows)
@@ -68,7 +78,7 @@ def test_strided_cache_views():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_sample_fisher_stats_match_reference(dtype):
-    w, x, dy, _ = cache(dtype)
+    w, x, dy = cache(dtype)
     expected = sample_fisher_stats_torch(w, x, dy, SEQ)
     got = sample_fisher_stats_triton(w, x, dy, SEQ, block_m=32, block_n=32, block_t=16)
     for g, e in zip(got, expected):
@@ -78,7 +88,7 @@ def test_sample_fisher_stats_match_reference(dtype):
 
 def test_subset_taylor2_equals_fisher_definition():
     """½ Σ_{s∈S} f_s / |S| = Σ_i ½ W² F with F = mean_{s∈S} G_s² (per-sample gradients, brute force)."""
-    w, x, dy, _ = cache(torch.float32)
+    w, x, dy = cache(torch.float32)
     row_stats, col_stats = sample_fisher_stats_torch(w, x, dy, SEQ)
     subset = torch.tensor([0, 2, 3])
     per_sample = torch.stack([dy[s * SEQ : (s + 1) * SEQ].t() @ x[s * SEQ : (s + 1) * SEQ] for s in subset.tolist()])
@@ -88,13 +98,15 @@ def test_subset_taylor2_equals_fisher_definition():
 
 
 def test_contract_errors():
-    w, x, dy, _ = cache(torch.float32)
+    w, x, dy = cache(torch.float32)
     with pytest.raises(ValueError, match="subset is empty"):
         cached_grad_importance("taylor1", w, x, dy, torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match="subset is empty"):
         subset_taylor2(torch.zeros(3, 4), torch.tensor([], dtype=torch.long))
-    with pytest.raises(ValueError, match="needs fisher"):
+    with pytest.raises(ValueError, match="needs seq_len"):
         cached_grad_importance_triton("mix", w, x, dy, token_rows([0]))
+    with pytest.raises(ValueError, match="whole samples"):
+        cached_grad_importance("mix", w, x, dy, token_rows([0])[:-1], SEQ)
     with pytest.raises(ValueError, match=r"must lie in \[0, 45\)"):
         cached_grad_importance("taylor1", w, x, dy, torch.tensor([45]))
     with pytest.raises(ValueError, match="not whole samples"):
