@@ -19,9 +19,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 demo: setup
 	rm -rf $(DEMO_OUT)
-	$(VENV)/bin/adapruner prune --model smollm2 --ratio 0.25 --metric taylor1 --agg sum \
-		--calib wiki:16 --seq-len 128 --max-eval-windows 64 --out $(DEMO_OUT)
-	$(VENV)/bin/adapruner eval --model $(DEMO_OUT) --ppl wiki --seq-len 128 --max-eval-windows 64
+	HF_DATASETS_OFFLINE=1 $(VENV)/bin/adapruner run --model smollm2 --ratio 0.25 --pools wiki,news,plays --pool-size 4 \
+		--trials 8 --val-windows 4 --max-eval-windows 32 --full-seq-len 512 \
+		--tasks adapruner_cloze,adapruner_lastword --task-limit 40 --finetune-steps 10 --out $(DEMO_OUT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -21,7 +21,7 @@ LAYERS_HELP = "layers to prune as START:STOP or 'all' (default: keep the first 4
 
 def build_parser() -> argparse.ArgumentParser:
     from adapruner.importance import AGGREGATIONS, METRICS
-    from adapruner.search import DEFAULT_METRICS
+    from adapruner.zeroshot import OFFLINE_TASKS
 
     parser = argparse.ArgumentParser(prog="adapruner", description="Sample-aware structured pruning of LLaMA-family models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,30 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--from-study", default=None, help="apply the best trial of an `adapruner search` output directory")
 
     search = commands.add_parser("search", help="AdaPruner: Bayesian search over calibration samples and metrics")
-    search.add_argument("--model", default="smollm2", help="HF model directory, hub id, or 'smollm2'")
-    search.add_argument("--ratio", type=float, default=0.25, help=RATIO_HELP)
-    search.add_argument("--pools", default="wiki,news,plays", help="candidate text pools, comma-separated (built-in names or paths)")
-    search.add_argument("--pool-size", type=int, default=32, help="cached candidate windows per pool")
-    search.add_argument("--seq-len", type=int, default=128)
-    search.add_argument("--layers", default=None, help=LAYERS_HELP)
-    search.add_argument("--attn-granularity", default="kv", choices=("kv", "query"))
-    search.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="metrics the search may choose")
-    search.add_argument("--aggregations", default=",".join(AGGREGATIONS), help="aggregations the search may choose")
-    search.add_argument("--sample-counts", default="4,8,16,32", help="calibration sample counts the search may choose")
-    search.add_argument("--blocks-per-pool", type=int, default=4, help="inclusion switches per pool (the subset encoding)")
-    search.add_argument("--depth-slope", type=float, default=0.0, help="also search a per-layer ratio slope in [-S, S] (0: uniform ratio)")
-    search.add_argument("--trials", type=int, default=40)
-    search.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
-    search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--val-windows", type=int, default=16, help="validation windows per trial (wiki validation articles)")
-    search.add_argument("--batch-size", type=int, default=8)
-    search.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
-    search.add_argument("--early-stop", action="store_true", help="prune bad trials early from per-batch validation loss (median rule)")
-    search.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out); journal:PATH for a journal file")
-    search.add_argument("--study", default="adapruner", help="study name; an existing one resumes")
-    search.add_argument("--cache-dir", default=None, help="where activation caches live (default ~/.cache/adapruner/activations)")
-    search.add_argument("--cache-mem", type=float, default=8.0, help="GiB: a cache up to this size is read into memory, a larger one is memory-mapped")
+    _add_search_args(search)
     search.add_argument("--out", required=True, help="directory for the study, best.json and plots (reuse it to resume)")
+
+    run = commands.add_parser("run", help="search → prune → (LoRA) → evaluate dense and pruned → report.md")
+    _add_search_args(run)
+    run.add_argument("--finetune-steps", type=int, default=0, help="LoRA recovery steps after pruning (0: none)")
+    run.add_argument("--finetune-data", default="wiki", help="LoRA training data (see `adapruner finetune --data`)")
+    run.add_argument("--tasks", default=",".join(OFFLINE_TASKS), help="zero-shot tasks (comma-separated; empty for none)")
+    run.add_argument("--task-limit", type=int, default=None, help="items per task (default: all)")
+    run.add_argument("--max-eval-windows", type=int, default=None, help="perplexity windows per length (default: all)")
+    run.add_argument("--full-seq-len", type=int, default=1024, help="the long perplexity window (capped at the model's context)")
+    run.add_argument("--out", required=True, help="new directory for every stage's output and the report")
 
     tune = commands.add_parser("finetune", help="recover a pruned model with LoRA (peft), then merge or keep the adapter")
     tune.add_argument("--model", required=True, help="a pruned model directory (or any HF model, or 'smollm2')")
@@ -104,6 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_search_args(parser: argparse.ArgumentParser) -> None:
+    from adapruner.importance import AGGREGATIONS
+    from adapruner.search import DEFAULT_METRICS
+
+    parser.add_argument("--model", default="smollm2", help="HF model directory, hub id, or 'smollm2'")
+    parser.add_argument("--ratio", type=float, default=0.25, help=RATIO_HELP)
+    parser.add_argument("--pools", default="wiki,news,plays", help="candidate text pools, comma-separated (built-in names or paths)")
+    parser.add_argument("--pool-size", type=int, default=32, help="cached candidate windows per pool")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--layers", default=None, help=LAYERS_HELP)
+    parser.add_argument("--attn-granularity", default="kv", choices=("kv", "query"))
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="metrics the search may choose")
+    parser.add_argument("--aggregations", default=",".join(AGGREGATIONS), help="aggregations the search may choose")
+    parser.add_argument("--sample-counts", default="4,8,16,32", help="calibration sample counts the search may choose")
+    parser.add_argument("--blocks-per-pool", type=int, default=4, help="inclusion switches per pool (the subset encoding)")
+    parser.add_argument("--depth-slope", type=float, default=0.0, help="also search a per-layer ratio slope in [-S, S] (0: uniform ratio)")
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-windows", type=int, default=16, help="validation windows per trial (wiki validation articles)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
+    parser.add_argument("--early-stop", action="store_true", help="prune bad trials early from per-batch validation loss (median rule)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out); journal:PATH for a journal file")
+    parser.add_argument("--study", default="adapruner", help="study name; an existing one resumes")
+    parser.add_argument("--cache-dir", default=None, help="where activation caches live (default ~/.cache/adapruner/activations)")
+    parser.add_argument("--cache-mem", type=float, default=8.0, help="GiB: a cache up to this size is read into memory, a larger one is memory-mapped")
+
+
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-eval-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -112,7 +129,8 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": run_prune, "eval": run_eval, "search": run_search_command, "finetune": run_finetune}[args.command](args)
+        commands = {"prune": run_prune, "eval": run_eval, "search": run_search_command, "finetune": run_finetune, "run": run_pipeline_command}
+        return commands[args.command](args)
     except AdaPrunerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -203,11 +221,11 @@ def apply_best_trial(args: argparse.Namespace) -> None:
     args.depth_slope = best["slope"]
 
 
-def run_search_command(args: argparse.Namespace) -> int:
+def search_options(args: argparse.Namespace):
     from adapruner.search import metric_choices
-    from adapruner.search_job import SearchOptions, run_search
+    from adapruner.search_job import SearchOptions
 
-    options = SearchOptions(
+    return SearchOptions(
         model=args.model, ratio=args.ratio, pools=[p.strip() for p in args.pools.split(",") if p.strip()],
         pool_size=args.pool_size, seq_len=args.seq_len, layers=args.layers, granularity=args.attn_granularity,
         metrics=metric_choices(args.metrics), aggregations=tuple(a.strip() for a in args.aggregations.split(",")),
@@ -216,7 +234,12 @@ def run_search_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, early_stop=args.early_stop, storage=args.storage,
         study=args.study, cache_dir=args.cache_dir, cache_mem_gb=args.cache_mem,
     )
-    best = run_search(options, Path(args.out))
+
+
+def run_search_command(args: argparse.Namespace) -> int:
+    from adapruner.search_job import run_search
+
+    best = run_search(search_options(args), Path(args.out))
     print(f"best trial {best['trial']}: {best['metric']}/{best['aggregation']}, {len(best['samples'])} samples, val ppl {best['val_ppl']:.3f}")
     print(f"wrote {args.out}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study {args.out} --out DIR")
     return 0
@@ -230,6 +253,20 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise AdaPrunerError(f"{flag} {text!r}: counts must be at least 1")
     return values
+
+
+def run_pipeline_command(args: argparse.Namespace) -> int:
+    from adapruner.pipeline import RunOptions, run_pipeline
+
+    options = RunOptions(
+        search=search_options(args), finetune_steps=args.finetune_steps, finetune_data=args.finetune_data,
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), task_limit=args.task_limit,
+        max_eval_windows=args.max_eval_windows, full_seq_len=args.full_seq_len, batch_size=args.batch_size,
+    )
+    run_pipeline(options, Path(args.out))
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {args.out}/report.md, report.json, layers.png, search_history.png")
+    return 0
 
 
 def run_finetune(args: argparse.Namespace) -> int:

@@ -93,20 +93,26 @@ def build_offline_tasks(directory: Path, n_items: int = ITEMS_PER_TASK, seed: in
     return directory
 
 
-def evaluate_tasks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: list[str], task_dir: Path, batch_size: int = 8, limit: int | None = None) -> dict[str, dict[str, float]]:
-    """{task: {"acc": …, "acc_norm": …}} from lm-eval's `simple_evaluate` over our HF model object."""
+def task_manager(tasks: list[str], task_dir: Path):
+    """An lm-eval TaskManager that knows our offline tasks (and the standard ones when asked for); unknown → error."""
     try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise AdaPrunerError("zero-shot tasks need lm-evaluation-harness: run `pip install 'adapruner[eval]'`") from None
     build_offline_tasks(task_dir)
-    standard = [t for t in tasks if t not in OFFLINE_TASKS]
-    manager = TaskManager(include_path=str(task_dir), include_defaults=bool(standard))
+    manager = TaskManager(include_path=str(task_dir), include_defaults=any(t not in OFFLINE_TASKS for t in tasks))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise AdaPrunerError(f"unknown task {unknown[0]!r}: use {', '.join(OFFLINE_TASKS)} or an lm-eval task name (boolq, piqa, …)")
+    return manager
+
+
+def evaluate_tasks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: list[str], task_dir: Path, batch_size: int = 8, limit: int | None = None) -> dict[str, dict[str, float]]:
+    """{task: {"acc": …, "acc_norm": …}} from lm-eval's `simple_evaluate` over our HF model object."""
+    manager = task_manager(tasks, task_dir)
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     try:
         results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)

@@ -1,0 +1,18 @@
+"""Model cost measures for reports: parameters and multiply-accumulates of one forward pass."""
+from __future__ import annotations
+
+from torch import nn
+
+from adapruner.structure import decoder_layers, layer_info
+
+
+def macs(model: nn.Module, seq_len: int = 128) -> int:
+    """MACs of one forward pass over `seq_len` tokens (the convention of LLM-Pruner's tables, via thop):
+    seq_len × Σ (weights of every nn.Linear, lm_head included) + Σ_layers 2 · heads · head_dim · seq_len²
+    (QKᵀ and attention·V over the full square). Embedding look-ups, norms and activations count zero."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    attention = 0
+    for index in range(len(decoder_layers(model))):
+        info = layer_info(model, index)
+        attention += 2 * info.n_heads * info.head_dim * seq_len * seq_len
+    return seq_len * linear + attention

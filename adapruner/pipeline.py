@@ -1,0 +1,167 @@
+"""`adapruner run`: search → prune → (LoRA) → evaluate dense and pruned → report.md, report.json, plots."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapruner.calibration import pool_windows
+from adapruner.evaluate import perplexity
+from adapruner.finetune import LoraOptions, finetune, merged
+from adapruner.io import check_out_dir, layer_sizes, save_pruned
+from adapruner.measure import macs
+from adapruner.models import cache_root, load_model
+from adapruner.prune import count_params
+from adapruner.pruner import PruneOptions, prune_model
+from adapruner.report import write_json_atomic
+from adapruner.search_job import SearchOptions, run_search
+from adapruner.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
+
+
+@dataclass
+class RunOptions:
+    """The one-command pipeline; `search` holds the search's own options (model, ratio, trials, …)."""
+
+    search: SearchOptions
+    finetune_steps: int = 0
+    finetune_data: str = "wiki"
+    tasks: tuple[str, ...] = OFFLINE_TASKS
+    task_limit: int | None = None
+    max_eval_windows: int | None = None
+    full_seq_len: int = 1024
+    batch_size: int = 8
+
+
+@dataclass
+class Row:
+    """One model's measurements (a column group of the papers' tables)."""
+
+    name: str
+    params: int
+    macs: int
+    ppl: dict[str, float] = field(default_factory=dict)
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def average(self) -> float | None:
+        accs = [scores["acc"] for scores in self.tasks.values()]
+        return sum(accs) / len(accs) if accs else None
+
+
+def measure(name: str, model: nn.Module, tokenizer, options: RunOptions, windows: dict[str, torch.Tensor]) -> Row:
+    row = Row(name, count_params(model), macs(model, 128))
+    for label, chosen in windows.items():
+        row.ppl[label] = perplexity(model, chosen, options.batch_size, desc=f"{name} {label}")
+    if options.tasks:
+        row.tasks = evaluate_tasks(model, tokenizer, list(options.tasks), cache_root() / "tasks", options.batch_size, options.task_limit)
+    return row
+
+
+def run_pipeline(options: RunOptions, out: Path) -> dict:
+    """Every stage's output goes under `out` (which must be new); the reports come last."""
+    check_out_dir(out)
+    if options.tasks:
+        task_manager(list(options.tasks), cache_root() / "tasks")  # unknown names fail now, not after the search
+    out.mkdir(parents=True)
+    stage_seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    best = run_search(options.search, out / "search")
+    stage_seconds["search"] = time.perf_counter() - started
+
+    dense, tokenizer = load_model(options.search.model)
+    windows = {"ppl@128": pool_windows(tokenizer, "wiki", 128, "eval")[: options.max_eval_windows]}
+    full = min(options.full_seq_len, getattr(dense.config, "max_position_embeddings", options.full_seq_len))
+    windows[f"ppl@{full}"] = pool_windows(tokenizer, "wiki", full, "eval")[: options.max_eval_windows]
+
+    started = time.perf_counter()
+    pruned = copy.deepcopy(dense)
+    prune_options = PruneOptions(
+        ratio=best["ratio"], metric=best["metric"], aggregation=best["aggregation"], seq_len=best["seq_len"], layers=best["layers"],
+        granularity=best["granularity"], prune_attention=best["prune_attention"], prune_mlp=best["prune_mlp"],
+        calib_addresses=[tuple(a) for a in best["addresses"]], depth_slope=best["slope"],
+    )
+    prune_model(pruned, tokenizer, prune_options, progress=False)
+    stage_seconds["prune"] = time.perf_counter() - started
+    save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": best})
+
+    started = time.perf_counter()
+    rows = [measure("dense", dense, tokenizer, options, windows), measure("pruned", pruned, tokenizer, options, windows)]
+    stage_seconds["evaluate"] = time.perf_counter() - started
+    history = None
+    if options.finetune_steps:
+        started = time.perf_counter()
+        val = pool_windows(tokenizer, "wiki", 128, "val")[: options.search.val_windows]
+        result = finetune(pruned, tokenizer, options.finetune_data, LoraOptions(max_steps=options.finetune_steps, eval_every=max(1, options.finetune_steps // 4)), val)
+        recovered = merged(result)
+        stage_seconds["finetune"] = time.perf_counter() - started
+        save_pruned(recovered, tokenizer, out / "pruned-lora", extra_json={"best.json": best})
+        started = time.perf_counter()
+        rows.append(measure("pruned + LoRA", recovered, tokenizer, options, windows))
+        stage_seconds["evaluate"] += time.perf_counter() - started
+        history = {"val_ppl": result.val_ppl, "stopped": result.stopped}
+
+    report = {
+        "options": json.loads(json.dumps(asdict(options))), "best": best, "stage_seconds": stage_seconds,
+        "eval_windows": {label: int(w.shape[0]) for label, w in windows.items()},
+        "rows": [asdict(r) | {"average_acc": r.average} for r in rows], "finetune": history,
+        "layers": {"dense": layer_sizes(dense), "pruned": layer_sizes(pruned)},
+    }
+    shutil.copy(out / "search" / "history.png", out / "search_history.png")
+    plot_layers(report["layers"], out / "layers.png")
+    write_json_atomic(out / "report.json", report)
+    markdown = report_markdown(report, rows)
+    (out / "report.md").write_text(markdown)
+    return report
+
+
+def report_markdown(report: dict, rows: list[Row]) -> str:
+    """The papers' table: params, MACs, perplexities, zero-shot accuracies, average, % of dense, stage times."""
+    tasks = list(rows[0].tasks)
+    ppl_labels = list(rows[0].ppl)
+    header = ["model", "params", "MACs (128 tok)", *ppl_labels, *tasks, "average acc", "% of dense"]
+    lines = ["# adapruner report", ""]
+    best = report["best"]
+    lines.append(f"Best configuration: `{best['metric']}` / `{best['aggregation']}`, {len(best['samples'])} samples "
+                 f"(blocks {', '.join(best['blocks'])}), slope {best['slope']:.3f}, ratio {best['ratio']} over layers {best['layers']}; "
+                 f"validation ppl {best['val_ppl']:.3f} (trial {best['trial']}).")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    dense_avg = rows[0].average
+    for row in rows:
+        cells = [row.name, f"{row.params / 1e6:.2f}M", f"{row.macs / 1e9:.2f}G", *(f"{row.ppl[p]:.2f}" for p in ppl_labels),
+                 *(f"{row.tasks[t]['acc'] * 100:.1f}" for t in tasks),
+                 "-" if row.average is None else f"{row.average * 100:.1f}",
+                 "-" if row.average is None or not dense_avg else f"{100 * row.average / dense_avg:.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    windows = ", ".join(f"{label}: {n} windows" for label, n in report["eval_windows"].items())
+    lines += ["", f"Perplexity on the held-out wiki evaluation articles ({windows}); accuracies (acc, %) from lm-evaluation-harness.", "",
+              "| stage | seconds |", "|---|---:|", *(f"| {stage} | {seconds:.1f} |" for stage, seconds in report["stage_seconds"].items()),
+              "", "![search history](search_history.png)", "", "![kept heads and channels per layer](layers.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_layers(layers: dict, path: Path) -> None:
+    """Kept query heads, kv heads and MLP channels per layer, dense against pruned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    index = range(len(layers["dense"]["intermediate_size_per_layer"]))
+    for label, style in (("dense", "--"), ("pruned", "-")):
+        axes[0].plot(index, layers[label]["num_attention_heads_per_layer"], style, label=f"query heads ({label})")
+        axes[0].plot(index, layers[label]["num_key_value_heads_per_layer"], style, label=f"kv heads ({label})")
+        axes[1].plot(index, layers[label]["intermediate_size_per_layer"], style, label=f"MLP channels ({label})")
+    for ax, title in zip(axes, ("attention heads kept", "MLP channels kept")):
+        ax.set_xlabel("layer")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,36 @@
+"""`adapruner run` end to end on SmolLM2-135M (small settings), and the MACs count."""
+import json
+
+import pytest
+
+from adapruner.cli import main
+from adapruner.measure import macs
+
+
+def test_macs_by_hand(mha_model):
+    # 3 layers × (4 projections 48×48 + 3 MLP 48×24) + lm_head 97×48 weights, times 10 tokens;
+    # attention: 3 layers × 2 · 4 heads · 8 · 10²
+    linear = 3 * (4 * 48 * 48 + 3 * 48 * 24) + 97 * 48
+    assert macs(mha_model, 10) == 10 * linear + 3 * 2 * 4 * 8 * 100
+
+
+def test_run_writes_a_filled_report(tmp_path, capsys, monkeypatch, smollm2_loaded):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "run"
+    code = main(["run", "--model", "smollm2", "--pools", "wiki", "--pool-size", "2", "--trials", "2", "--val-windows", "1",
+                 "--metrics", "l2,taylor2", "--sample-counts", "1,2", "--blocks-per-pool", "1", "--max-eval-windows", "2",
+                 "--full-seq-len", "256", "--tasks", "adapruner_lastword", "--task-limit", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    dense, pruned = report["rows"]
+    assert dense["name"] == "dense" and pruned["params"] < dense["params"] and pruned["macs"] < dense["macs"]
+    assert set(dense["ppl"]) == {"ppl@128", "ppl@256"} and pruned["ppl"]["ppl@128"] > dense["ppl"]["ppl@128"]
+    assert 0.0 <= pruned["tasks"]["adapruner_lastword"]["acc"] <= 1.0
+    assert set(report["stage_seconds"]) == {"search", "prune", "evaluate"}
+    markdown = (out / "report.md").read_text()
+    assert "| pruned | 111.51M |" in markdown and "% of dense" in markdown
+    assert {"layers.png", "search_history.png", "pruned", "search"} <= {p.name for p in out.iterdir()}
+    with pytest.raises(SystemExit):
+        main(["run", "--tasks"])  # argparse: missing value
+    assert main(["run", "--tasks", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err and not (tmp_path / "x").exists()
