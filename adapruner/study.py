@@ -46,6 +46,7 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_sec
 
 def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     """Create or resume study `name`; refuse one created with a different set-up (model, ratio, pools, …)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours (tqdm); optuna's INFO lines repeat it
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler, load_if_exists=True)
     existing = study.user_attrs.get("setup")
     if existing is None:
@@ -104,7 +105,6 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     model = model if model is not None else load_model(spec.model)[0]
     cache = cache if cache is not None else ActivationCache.load(Path(spec.cache_path))  # memory-mapped, shared
     val_windows = load_file(spec.val_path)["windows"]
