@@ -98,7 +98,7 @@ def _plan_attention(info: LayerInfo, importance: Importance, ratio: float, granu
     if n_remove == 0:
         warnings.warn(
             f"ratio {ratio} removes no attention unit ({unit_total} per layer at granularity {granularity!r}): attention stays whole; "
-            "raise --ratio, use --attn-granularity query, or --target-params to move the budget to the MLP",
+            f"raise --ratio{', use --attn-granularity query,' if granularity == 'kv' else ''} or use --target-params to move the budget to the MLP",
             stacklevel=3,
         )
         return all_q, all_kv

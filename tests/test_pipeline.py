@@ -8,9 +8,9 @@ from adapruner.measure import macs
 
 
 def test_macs_by_hand(mha_model):
-    # 3 layers × (4 projections 48×48 + 3 MLP 48×24) + lm_head 97×48 weights, times 10 tokens;
+    # 3 layers × (q, k, v 48→4·8 and o 32→48, MLP 3 × 48×24) + lm_head 97×48 weights, times 10 tokens;
     # attention: 3 layers × 2 · 4 heads · 8 · 10²
-    linear = 3 * (4 * 48 * 48 + 3 * 48 * 24) + 97 * 48
+    linear = 3 * (4 * 48 * 32 + 3 * 48 * 24) + 97 * 48
     assert macs(mha_model, 10) == 10 * linear + 3 * 2 * 4 * 8 * 100
 
 
