@@ -6,7 +6,7 @@ each included or not, and the first `n_samples` of the included blocks are taken
 validation perplexity of the model pruned that way (validation articles are disjoint from evaluation ones).
 
 Why blocks: TPE models each parameter's good and bad densities; 12 binary block switches plus a count give it
-a space it can learn from in tens of trials (which pools and which regions of text help), whereas one switch
+a space it can learn from in tens of trials (which pools and which groups of windows help), whereas one switch
 per sample (hundreds) would stay random for any realistic budget.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapruner.cache import ActivationCache, CachedImportance
 from adapruner.errors import AdaPrunerError
+from adapruner.evaluate import perplexity
 from adapruner.importance import AGGREGATIONS, METRICS, check_aggregation, check_metric
 from adapruner.prune import apply_plan, depth_profile, plan_pruning
 from adapruner.structure import AttnGranularity
@@ -115,20 +115,6 @@ def prune_copy(model: nn.Module, cache: ActivationCache, setting: PruneSetting, 
     return pruned
 
 
-@torch.no_grad()
-def validation_ppl(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, report=None) -> float:
-    """exp(mean token NLL) over `windows`; `report(step, running_ppl)` after each batch (raises to stop early)."""
-    total, count = 0.0, 0
-    for step, start in enumerate(range(0, windows.shape[0], batch_size)):
-        batch = windows[start : start + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
-        if report is not None:
-            report(step, math.exp(total / count))
-    return math.exp(total / count)
-
-
 class Objective:
     """Optuna objective: suggest → prune a copy from the cache → validation perplexity (lower is better)."""
 
@@ -150,7 +136,7 @@ class Objective:
                 raise optuna.TrialPruned()
 
         pruned = prune_copy(self.model, self.cache, self.setting, config)
-        return validation_ppl(pruned, self.val_windows, self.batch_size, report)
+        return perplexity(pruned, self.val_windows, self.batch_size, progress=False, report=report)
 
 
 def config_of(trial, cache: ActivationCache, space: SearchSpace) -> TrialConfig:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
+from adapruner.evaluate import perplexity
 from adapruner.cache import CachedImportance, cache_key, load_or_build
 from adapruner.calibration import pool_windows
 from adapruner.importance import Importance, needs
 from adapruner.models import cache_root, load_model
 from adapruner.prune import apply_plan, plan_pruning
 from adapruner.report import format_table
-from adapruner.search import validation_ppl
 from adapruner.statistics import collect_stats
 from adapruner.structure import decoder_layers, default_layer_range, prunable_linears
 
@@ -40,7 +40,7 @@ def trial(model, importance, ratio, layers, val, batch_size):
     """(plan, seconds for importance+plan, seconds for prune copy, seconds for validation, ppl)."""
     plan, t_importance = timed(lambda: plan_pruning(model, importance, ratio, layers))
     pruned, t_prune = timed(lambda: _pruned_copy(model, plan))
-    ppl, t_val = timed(lambda: validation_ppl(pruned, val, batch_size))
+    ppl, t_val = timed(lambda: perplexity(pruned, val, batch_size, progress=False))
     return plan, t_importance, t_prune, t_val, ppl
 
 

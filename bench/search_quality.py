@@ -26,7 +26,6 @@ from adapruner.models import load_model
 from adapruner.prune import count_params
 from adapruner.pruner import PruneOptions, prune_model
 from adapruner.report import format_table
-from adapruner.search import validation_ppl
 from adapruner.search_job import SearchOptions, run_search
 
 
@@ -36,7 +35,7 @@ def llm_pruner_trials(dense, tokenizer, ratio, trials, val, seq_len=64, n_sample
     for seed in range(trials):
         model = copy.deepcopy(dense)
         prune_model(model, tokenizer, PruneOptions(ratio=ratio, metric="taylor1", aggregation="sum", calib=f"wiki:{n_samples}", seq_len=seq_len, seed=seed), progress=False)
-        results.append((seed, validation_ppl(model, val)))
+        results.append((seed, perplexity(model, val, progress=False)))
         print(f"llm-pruner draw {seed}: val ppl {results[-1][1]:.3f}")
     return results
 
@@ -60,7 +59,7 @@ def main() -> None:
     evaluation = pool_windows(tokenizer, "wiki", args.seq_len, "eval")[: args.max_eval_windows]
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    rows = [{"method": "dense", "val_ppl": validation_ppl(dense, val), "eval_ppl": perplexity(dense, evaluation, desc="dense"), "params": count_params(dense), "config": None, "seconds": 0.0}]
+    rows = [{"method": "dense", "val_ppl": perplexity(dense, val, progress=False), "eval_ppl": perplexity(dense, evaluation, desc="dense"), "params": count_params(dense), "config": None, "seconds": 0.0}]
 
     for sampler in ("tpe", "random"):
         started = time.perf_counter()

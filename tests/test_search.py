@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from adapruner.evaluate import perplexity
 from adapruner.cache import build_cache, cache_key
 from adapruner.errors import AdaPrunerError
-from adapruner.search import Objective, PruneSetting, SearchSpace, TrialConfig, config_of, pool_blocks, prune_copy, round_robin, validation_ppl
+from adapruner.search import Objective, PruneSetting, SearchSpace, TrialConfig, config_of, pool_blocks, prune_copy, round_robin
 from adapruner.study import WorkerSpec, open_storage, open_study, run_worker
 
 from conftest import tiny_llama
@@ -47,10 +48,10 @@ def test_objective_value_is_the_validation_ppl_of_the_trial_config(gqa_model):
     for trial in study.trials:
         config = config_of(trial, cache, SPACE)
         assert config.samples == trial.user_attrs["samples"] and 1 <= len(config.samples) <= 4
-        assert trial.value == pytest.approx(validation_ppl(prune_copy(gqa_model, cache, setting, config), val), rel=1e-6)
-    dense = validation_ppl(gqa_model, val)
+        assert trial.value == pytest.approx(perplexity(prune_copy(gqa_model, cache, setting, config), val, progress=False), rel=1e-6)
+    dense = perplexity(gqa_model, val, progress=False)
     assert all(t.value != pytest.approx(dense) for t in study.trials)  # the dense model itself is untouched
-    assert validation_ppl(gqa_model, val) == dense
+    assert perplexity(gqa_model, val, progress=False) == dense
 
 
 def test_depth_slope_changes_per_layer_sizes(gqa_model):
