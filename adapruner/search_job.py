@@ -139,7 +139,7 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
     }
     write_json_atomic(out / "best.json", summary)
     trials = sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: (t.value is None, t.value or 0.0))
-    rows = [[t.number, t.params.get("metric"), t.params.get("aggregation"), t.params.get("n_samples"), t.value if t.value is not None else "-"] for t in trials[:10]]
+    rows = [[t.number, t.params.get("metric"), t.params.get("aggregation"), len(t.user_attrs.get("samples", [])), t.value if t.value is not None else "-"] for t in trials[:10]]
     table = format_table(["trial", "metric", "agg", "samples", "val ppl"], rows)
     (out / "trials.txt").write_text(table + "\n")
     print(table)
