@@ -6,6 +6,7 @@ marks FAIL and `RetryHeartbeatStaleTrialCallback` enqueues again with the same p
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,27 +22,47 @@ from adapruner.search import Objective, PruneSetting, SearchSpace
 HEARTBEAT_SECONDS = 5
 GRACE_SECONDS = 20
 MAX_RETRY = 3
+OPEN_ATTEMPTS = 5
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_seconds: int = GRACE_SECONDS):
-    """An Optuna storage for `url`; a one-line error when it cannot be opened."""
-    try:
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend
+    """An Optuna storage for `url`; a one-line error when it cannot be opened.
 
-            return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-        with warnings.catch_warnings():  # heartbeats are marked experimental; we rely on them knowingly
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_seconds,
-                grace_period=grace_seconds,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-            )
-    except Exception as exc:  # optuna/sqlalchemy raise many types for a bad URL
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdaPrunerError(f"cannot open storage {url!r} ({reason}): pass a URL like sqlite:///path/study.db or journal:path/study.log") from None
+    Workers that open one new database at the same moment race to create its schema; the loser retries.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            return _storage(url, heartbeat_seconds, grace_seconds)
+        except DBAPIError as exc:
+            if attempt + 1 < OPEN_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            _refuse(url, exc)
+        except Exception as exc:  # optuna/sqlalchemy raise many types for a bad URL
+            _refuse(url, exc)
+
+
+def _storage(url: str, heartbeat_seconds: int, grace_seconds: int):
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    with warnings.catch_warnings():  # heartbeats are marked experimental; we rely on them knowingly
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=grace_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+        )
+
+
+def _refuse(url: str, exc: Exception):
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise AdaPrunerError(f"cannot open storage {url!r} ({reason}): pass a URL like sqlite:///path/study.db or journal:path/study.log") from None
 
 
 def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:

@@ -137,3 +137,20 @@ def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_mode
     assert [t.number for t in failed] == [killed_number]
     retried = [t for t in complete if t.system_attrs.get("failed_trial") == killed_number]
     assert len(retried) == 1 and retried[0].params == failed[0].params
+
+
+def _open_new_study(url):
+    open_study(open_storage(url), "s", {"model": "tiny"})
+
+
+def test_workers_opening_one_new_database_at_once_all_succeed(tmp_path):
+    """Schema creation races (sqlite IntegrityError on alembic_version) are retried, not reported."""
+    context = multiprocessing.get_context("spawn")
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path}/race{round_}.db"
+        workers = [context.Process(target=_open_new_study, args=(url,)) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=120)
+        assert [w.exitcode for w in workers] == [0, 0, 0, 0]
