@@ -87,7 +87,8 @@ def worker_files(tmp_path, model, tokenizer, n_val):
 
 
 def states(spec):
-    study = optuna.load_study(study_name=spec.study, storage=spec.storage)
+    """The study as another process sees it (through `open_storage`, which survives the schema-creation race)."""
+    study = optuna.load_study(study_name=spec.study, storage=open_storage(spec.storage))
     return study, [t.state for t in study.get_trials(deepcopy=False)]
 
 
@@ -119,7 +120,7 @@ def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_mode
             continue
         try:
             study, trial_states = states(spec)
-        except (KeyError, optuna.exceptions.StorageInternalError):
+        except (KeyError, AdaPrunerError, optuna.exceptions.StorageInternalError):  # study not created yet
             continue
         running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
         if optuna.trial.TrialState.COMPLETE in trial_states and running:
