@@ -16,7 +16,6 @@ from adapruner.errors import AdaPrunerError
 from adapruner.search import Objective, PruneSetting, SearchSpace, TrialConfig, config_of, pool_blocks, prune_copy, round_robin
 from adapruner.study import WorkerSpec, open_storage, open_study, run_worker
 
-from conftest import tiny_llama
 
 SEQ = 11
 LAYERS = range(0, 3)
