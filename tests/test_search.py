@@ -70,6 +70,18 @@ def test_storage_and_setup_errors(tmp_path):
         open_study(storage, "s", {"model": "smollm2", "ratio": 0.3})
 
 
+def test_journal_storage_runs_and_resumes(tmp_path, gqa_model, tokenizer):
+    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=4)
+    spec.storage, spec.n_trials = f"journal:{tmp_path}/study.log", 2
+    run_worker(spec)
+    spec.n_trials = 3
+    run_worker(spec)  # resumes: one more trial
+    study = optuna.load_study(study_name=spec.study, storage=open_storage(spec.storage))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    with pytest.raises(AdaPrunerError, match="created with model='tiny'"):
+        open_study(open_storage(spec.storage), spec.study, {"model": "other"})
+
+
 def worker_files(tmp_path, model, tokenizer, n_val):
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
