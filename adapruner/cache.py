@@ -24,12 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from adapruner.calibration import pool_windows
+from adapruner.calibration import seeded_draw
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.kernels import channel_importance
 from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fisher_stats
-from adapruner.statistics import sample_loss
+from adapruner.statistics import only_these_require_grad, sample_loss
 from adapruner.structure import Member, decoder_layers, prunable_linears
 
 ACTIVATION_METRICS = frozenset({"taylor1", "mix"})
@@ -140,14 +140,11 @@ class CachedImportance(Importance):
 
 
 def candidate_pool(tokenizer, pools: list[str], pool_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, list[tuple[str, int]]]:
-    """`pool_size` calibration windows of each pool (seeded draw), with their (pool, index) addresses."""
+    """`pool_size` calibration windows of each pool (seeded draw, in draw order), with their (pool, index) addresses."""
     rows, addresses = [], []
     for pool in pools:
-        windows = pool_windows(tokenizer, pool, seq_len, "calib")
-        if pool_size > windows.shape[0]:
-            raise AdaPrunerError(f"pool {pool!r} holds {windows.shape[0]} windows of {seq_len} tokens: lower --pool-size to at most {windows.shape[0]}")
-        chosen = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:pool_size]
-        rows.append(windows[chosen])
+        chosen, windows = seeded_draw(tokenizer, pool, pool_size, seq_len, seed, "lower --pool-size to at most {n}")
+        rows.append(windows)
         addresses += [(pool, int(i)) for i in chosen]
     return torch.cat(rows), addresses
 
@@ -197,18 +194,14 @@ def build_cache(
     embed = model.get_input_embeddings()
     handles = [lin.register_forward_hook(forward_hook(name, lin)) for name, lin in linears.items()]
     handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
-    flags = {p: p.requires_grad for p in model.parameters()}
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="cache", unit="batch", disable=not progress):
-            sample_loss(model, input_ids[start : start + batch_size]).sum().backward()
-            inputs.clear()
+        with only_these_require_grad(model, ()):  # gradients flow from the embeddings; no weight gradient is formed
+            for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="cache", unit="batch", disable=not progress):
+                sample_loss(model, input_ids[start : start + batch_size]).sum().backward()
+                inputs.clear()
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     tensors = {name: torch.cat(parts) for name, parts in chunks.items()}
     return ActivationCache(key, tensors, addresses)
 

@@ -50,18 +50,25 @@ def parse_calib_spec(spec: str) -> list[tuple[str, int]]:
     return parts
 
 
+def seeded_draw(tokenizer: PreTrainedTokenizerBase, pool: str, count: int, seq_len: int, seed: int, fix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(window indices, windows) of `count` calibration windows of `pool`, drawn without replacement for `seed`,
+    in draw order. Too few windows raise an error ending in `fix` (its `{n}` becomes the number available)."""
+    windows = pool_windows(tokenizer, pool, seq_len, "calib")
+    n = windows.shape[0]
+    if count > n:
+        raise AdaPrunerError(f"pool {pool!r} holds {n} windows of {seq_len} tokens, {count} asked: {fix.format(n=n)}")
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
+    return chosen, windows[chosen]
+
+
 def calibration_samples(tokenizer: PreTrainedTokenizerBase, spec: str, seq_len: int, seed: int = 0) -> Samples:
-    """Draw the windows named by `spec` (without replacement within a pool), reproducibly for `seed`."""
+    """Draw the windows named by `spec` (without replacement within a pool), reproducibly for `seed`; sorted per pool."""
     rows, addresses = [], []
     for pool, count in parse_calib_spec(spec):
-        windows = pool_windows(tokenizer, pool, seq_len, "calib")
-        if count > windows.shape[0]:
-            raise AdaPrunerError(
-                f"pool {pool!r} holds {windows.shape[0]} windows of {seq_len} tokens, {count} asked: ask for at most {windows.shape[0]} or shorten --seq-len"
-            )
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(windows.shape[0], generator=generator)[:count].sort().values
-        rows.append(windows[chosen])
+        chosen, drawn = seeded_draw(tokenizer, pool, count, seq_len, seed, "ask for at most {n} or shorten --seq-len")
+        order = chosen.argsort()
+        chosen = chosen[order]
+        rows.append(drawn[order])
         addresses.extend((pool, int(k)) for k in chosen)
     return Samples(torch.cat(rows), tuple(addresses))
 

@@ -153,25 +153,25 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.no_attention and args.no_mlp:
         raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
     if args.from_study:
-        apply_best_trial(args)
-    options = PruneOptions(
-        ratio=args.ratio if args.ratio is not None or args.target_params is not None else 0.25,
-        target_params=args.target_params,
-        metric=args.metric,
-        aggregation=args.agg,
-        calib=args.calib,
-        seq_len=args.seq_len,
-        layers="all" if args.uniform else args.layers,
-        granularity=args.attn_granularity,
-        prune_attention=not args.no_attention,
-        prune_mlp=not args.no_mlp,
-        seed=args.seed,
-        calib_addresses=getattr(args, "calib_addresses", None),
-        depth_slope=getattr(args, "depth_slope", 0.0),
-    )
+        options = PruneOptions.from_best(read_best_trial(args.from_study, args.model))
+        options.layers = "all" if args.uniform else options.layers
+    else:
+        options = PruneOptions(
+            ratio=args.ratio if args.ratio is not None or args.target_params is not None else 0.25,
+            target_params=args.target_params,
+            metric=args.metric,
+            aggregation=args.agg,
+            calib=args.calib,
+            seq_len=args.seq_len,
+            layers="all" if args.uniform else args.layers,
+            granularity=args.attn_granularity,
+            prune_attention=not args.no_attention,
+            prune_mlp=not args.no_mlp,
+            seed=args.seed,
+        )
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    windows = None if args.no_eval else _eval_windows(tokenizer, "wiki", args.seq_len, args.max_eval_windows)
+    windows = None if args.no_eval else _eval_windows(tokenizer, "wiki", options.seq_len, args.max_eval_windows)
     params_before = count_params(model)
     ppl_before = None if windows is None else perplexity(model, windows, args.batch_size, desc="ppl dense")
     prune_started = time.perf_counter()
@@ -190,7 +190,7 @@ def run_prune(args: argparse.Namespace) -> int:
         "ppl_wiki_before": ppl_before,
         "ppl_wiki_after": ppl_after,
         "eval_windows": None if windows is None else int(windows.shape[0]),
-        "seq_len": args.seq_len,
+        "seq_len": options.seq_len,
         "prune_seconds": prune_seconds,
         "total_seconds": time.perf_counter() - started,
         **result.summary(),
@@ -201,24 +201,20 @@ def run_prune(args: argparse.Namespace) -> int:
         ["ppl wiki", _maybe(ppl_before), _maybe(ppl_after)],
         ["time (s)", "", round(report["total_seconds"], 1)],
     ]
-    print(format_table(["", "dense", f"pruned ({args.metric}, r={result.ratio:.3f})"], rows))
+    print(format_table(["", "dense", f"pruned ({options.metric}, r={result.ratio:.3f})"], rows))
     print(f"saved to {args.out} (report.json beside the model)")
     return 0
 
 
-def apply_best_trial(args: argparse.Namespace) -> None:
-    """Take model, ratio, layers, metric, aggregation, slope and the exact calibration windows from best.json."""
-    best_path = Path(args.from_study) / "best.json"
+def read_best_trial(study_dir: str, model: str) -> dict:
+    """best.json of an `adapruner search` output directory, checked against the model about to be pruned."""
+    best_path = Path(study_dir) / "best.json"
     if not best_path.is_file():
         raise AdaPrunerError(f"{best_path} not found: pass the --out directory of a finished `adapruner search`")
     best = json.loads(best_path.read_text())
-    if args.model != best["model"]:
-        raise AdaPrunerError(f"the study searched model {best['model']!r}, not {args.model!r}: pass --model {best['model']}")
-    args.ratio, args.target_params, args.layers = best["ratio"], None, best["layers"]
-    args.metric, args.agg, args.seq_len = best["metric"], best["aggregation"], best["seq_len"]
-    args.attn_granularity, args.no_attention, args.no_mlp = best["granularity"], not best["prune_attention"], not best["prune_mlp"]
-    args.calib_addresses = [tuple(a) for a in best["addresses"]]
-    args.depth_slope = best["slope"]
+    if model != best["model"]:
+        raise AdaPrunerError(f"the study searched model {best['model']!r}, not {model!r}: pass --model {best['model']}")
+    return best
 
 
 def search_options(args: argparse.Namespace):

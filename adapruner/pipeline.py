@@ -54,20 +54,20 @@ class Row:
         return sum(accs) / len(accs) if accs else None
 
 
-def measure(name: str, model: nn.Module, tokenizer, options: RunOptions, windows: dict[str, torch.Tensor]) -> Row:
+def measure(name: str, model: nn.Module, tokenizer, options: RunOptions, windows: dict[str, torch.Tensor], manager) -> Row:
     row = Row(name, count_params(model), macs(model, 128))
     for label, chosen in windows.items():
         row.ppl[label] = perplexity(model, chosen, options.batch_size, desc=f"{name} {label}")
     if options.tasks:
-        row.tasks = evaluate_tasks(model, tokenizer, list(options.tasks), cache_root() / "tasks", options.batch_size, options.task_limit)
+        row.tasks = evaluate_tasks(model, tokenizer, list(options.tasks), cache_root() / "tasks", options.batch_size, options.task_limit, manager)
     return row
 
 
 def run_pipeline(options: RunOptions, out: Path) -> dict:
     """Every stage's output goes under `out` (which must be new); the reports come last."""
     check_out_dir(out)
-    if options.tasks:
-        task_manager(list(options.tasks), cache_root() / "tasks")  # unknown names fail now, not after the search
+    # built once, before the search, so that unknown task names fail now
+    manager = task_manager(list(options.tasks), cache_root() / "tasks") if options.tasks else None
     out.mkdir(parents=True)
     stage_seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -81,17 +81,12 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
 
     started = time.perf_counter()
     pruned = copy.deepcopy(dense)
-    prune_options = PruneOptions(
-        ratio=best["ratio"], metric=best["metric"], aggregation=best["aggregation"], seq_len=best["seq_len"], layers=best["layers"],
-        granularity=best["granularity"], prune_attention=best["prune_attention"], prune_mlp=best["prune_mlp"],
-        calib_addresses=[tuple(a) for a in best["addresses"]], depth_slope=best["slope"],
-    )
-    prune_model(pruned, tokenizer, prune_options, progress=False)
+    prune_model(pruned, tokenizer, PruneOptions.from_best(best), progress=False)
     stage_seconds["prune"] = time.perf_counter() - started
     save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": best})
 
     started = time.perf_counter()
-    rows = [measure("dense", dense, tokenizer, options, windows), measure("pruned", pruned, tokenizer, options, windows)]
+    rows = [measure(name, model, tokenizer, options, windows, manager) for name, model in (("dense", dense), ("pruned", pruned))]
     stage_seconds["evaluate"] = time.perf_counter() - started
     history = None
     if options.finetune_steps:
@@ -102,7 +97,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
         stage_seconds["finetune"] = time.perf_counter() - started
         save_pruned(recovered, tokenizer, out / "pruned-lora", extra_json={"best.json": best})
         started = time.perf_counter()
-        rows.append(measure("pruned + LoRA", recovered, tokenizer, options, windows))
+        rows.append(measure("pruned + LoRA", recovered, tokenizer, options, windows, manager))
         stage_seconds["evaluate"] += time.perf_counter() - started
         history = {"val_ppl": result.val_ppl, "stopped": result.stopped}
 

@@ -31,6 +31,16 @@ class PruneOptions:
     calib_addresses: list[tuple[str, int]] | None = None  # exact (pool, index) windows, e.g. from a search
     depth_slope: float = 0.0  # per-layer ratios r·(1 + slope·(2p − 1)), see prune.depth_profile
 
+    @classmethod
+    def from_best(cls, best: dict) -> "PruneOptions":
+        """The options that reproduce a search's best trial (`best.json` of `adapruner search`)."""
+        return cls(
+            ratio=best["ratio"], metric=best["metric"], aggregation=best["aggregation"], seq_len=best["seq_len"],
+            layers=best["layers"], granularity=best["granularity"], prune_attention=best["prune_attention"],
+            prune_mlp=best["prune_mlp"], calib_addresses=[tuple(a) for a in best["addresses"]],
+            depth_slope=best["slope"],
+        )
+
 
 @dataclass
 class PruneResult:

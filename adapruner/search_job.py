@@ -16,6 +16,7 @@ from adapruner.corpora import check_pool
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import AGGREGATIONS
 from adapruner.models import cache_root, load_model
+from adapruner.prune import check_ratio
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import DEFAULT_METRICS, DEFAULT_SAMPLE_COUNTS, SearchSpace, config_of, describe
 from adapruner.structure import decoder_layers, parse_layer_range
@@ -64,8 +65,7 @@ def check_search_out(out: Path) -> None:
 def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict:
     """Build or reuse the cache, run the study to `options.trials` finished trials, write the outputs."""
     check_search_out(out)
-    if not 0 < options.ratio < 1:
-        raise AdaPrunerError(f"ratio {options.ratio} is outside (0, 1): pass the fraction of each group to remove, e.g. --ratio 0.25")
+    check_ratio(options.ratio)
     if options.workers < 1 or options.trials < 1:
         raise AdaPrunerError("--workers and --trials must be at least 1")
     for pool in options.pools:

@@ -39,7 +39,7 @@ def collect_stats(
         return stats
     need_grad = bool(need & {"grad", "fisher"})
     act_sq = {name: torch.zeros(lin.in_features) for name, lin in linears.items()} if "act_norm" in need else {}
-    with _only_these_require_grad(model, linears.values() if need_grad else ()), _input_square_sums(linears, act_sq):
+    with only_these_require_grad(model, linears.values() if need_grad else ()), _input_square_sums(linears, act_sq):
         for row in tqdm(input_ids, desc="calibration", unit="sample", disable=not progress):
             if not need_grad:
                 with torch.no_grad():
@@ -67,7 +67,7 @@ def collect_stats(
 
 
 @contextmanager
-def _only_these_require_grad(model: nn.Module, linears):
+def only_these_require_grad(model: nn.Module, linears):
     """Turn off gradients of every parameter but the given linears' weights; restore on exit."""
     before = {p: p.requires_grad for p in model.parameters()}
     targets = {id(lin.weight) for lin in linears}

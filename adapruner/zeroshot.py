@@ -107,9 +107,13 @@ def task_manager(tasks: list[str], task_dir: Path):
     return manager
 
 
-def evaluate_tasks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: list[str], task_dir: Path, batch_size: int = 8, limit: int | None = None) -> dict[str, dict[str, float]]:
-    """{task: {"acc": …, "acc_norm": …}} from lm-eval's `simple_evaluate` over our HF model object."""
-    manager = task_manager(tasks, task_dir)
+def evaluate_tasks(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: list[str], task_dir: Path, batch_size: int = 8, limit: int | None = None, manager=None
+) -> dict[str, dict[str, float]]:
+    """{task: {"acc": …, "acc_norm": …}} from lm-eval's `simple_evaluate` over our HF model object.
+
+    A caller evaluating several models passes one `task_manager(tasks, task_dir)` so the tasks are built once."""
+    manager = manager or task_manager(tasks, task_dir)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 

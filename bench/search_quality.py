@@ -68,8 +68,7 @@ def main() -> None:
         best = run_search(options, work / sampler)
         seconds = time.perf_counter() - started
         model = copy.deepcopy(dense)
-        prune_model(model, tokenizer, PruneOptions(ratio=args.ratio, metric=best["metric"], aggregation=best["aggregation"], seq_len=args.seq_len,
-                                                   calib_addresses=[tuple(a) for a in best["addresses"]], depth_slope=best["slope"]), progress=False)
+        prune_model(model, tokenizer, PruneOptions.from_best(best), progress=False)
         rows.append({"method": f"adapruner-{sampler}", "val_ppl": best["val_ppl"], "eval_ppl": perplexity(model, evaluation, desc=sampler),
                      "params": count_params(model), "seconds": seconds,
                      "config": {k: best[k] for k in ("metric", "aggregation", "slope", "blocks", "addresses", "trial")}})
