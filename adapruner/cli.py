@@ -112,6 +112,8 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-windows", type=int, default=16, help="validation windows per trial (wiki validation articles)")
+    parser.add_argument("--val-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="dtype of the trials' validation forward (auto: bf16 where the hardware multiplies it natively, else fp32)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
     parser.add_argument("--early-stop", action="store_true", help="prune bad trials early from per-batch validation loss (median rule)")
@@ -226,7 +228,7 @@ def search_options(args: argparse.Namespace):
         pool_size=args.pool_size, seq_len=args.seq_len, layers=args.layers, granularity=args.attn_granularity,
         metrics=metric_choices(args.metrics), aggregations=tuple(a.strip() for a in args.aggregations.split(",")),
         sample_counts=_int_list(args.sample_counts, "--sample-counts"), blocks_per_pool=args.blocks_per_pool,
-        depth_slope=args.depth_slope, trials=args.trials, sampler=args.sampler, seed=args.seed, val_windows=args.val_windows,
+        depth_slope=args.depth_slope, trials=args.trials, sampler=args.sampler, seed=args.seed, val_windows=args.val_windows, val_dtype=args.val_dtype,
         batch_size=args.batch_size, workers=args.workers, early_stop=args.early_stop, storage=args.storage,
         study=args.study, cache_dir=args.cache_dir, cache_mem_gb=args.cache_mem,
     )

@@ -10,6 +10,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+CE_ROWS = 128  # token rows per cross-entropy chunk: a chunk's fp32 logits stay in the CPU's caches (5x faster)
+
+
+def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Σ −log softmax(logits)[target] in fp32 over (batch × tokens × vocab) logits, `CE_ROWS` tokens at a time
+    (each chunk a contiguous slice of one window: no full-size copy)."""
+    return sum(
+        F.cross_entropy(window[row : row + CE_ROWS].float(), target[row : row + CE_ROWS], reduction="sum").item()
+        for window, target in zip(logits, targets)
+        for row in range(0, target.shape[0], CE_ROWS)
+    )
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -18,10 +31,13 @@ def perplexity(
     progress: bool = True,
     desc: str = "perplexity",
     report: Callable[[int, float], None] | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> float:
     """exp(Σ token NLL / Σ tokens) over the rows of `windows` (n × seq_len), each row scored on its own.
 
     `report(batch index, running perplexity)` is called after every batch (it may raise to stop early).
+    `inputs_embeds` (n × seq_len × hidden), when given, is what the model reads instead of embedding `windows`,
+    which then only supply the targets.
     """
     if windows.shape[0] == 0:
         raise ValueError("no evaluation window: the text is shorter than one --seq-len window")
@@ -29,9 +45,12 @@ def perplexity(
     starts = range(0, windows.shape[0], batch_size)
     for step, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
         batch = windows[start : start + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1].float()
+        if inputs_embeds is None:
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        else:
+            logits = model(inputs_embeds=inputs_embeds[start : start + batch_size], use_cache=False).logits[:, :-1]
         targets = batch[:, 1:]
-        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        total_nll += nll_sum(logits, targets)
         total_tokens += targets.numel()
         if report is not None:
             report(step, math.exp(total_nll / total_tokens))

@@ -11,7 +11,6 @@ per sample (hundreds) would stay random for any realistic budget.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -20,10 +19,10 @@ from torch import nn
 
 from adapruner.cache import ActivationCache, CachedImportance
 from adapruner.errors import AdaPrunerError
-from adapruner.evaluate import perplexity
 from adapruner.importance import AGGREGATIONS, METRICS, check_aggregation, check_metric
-from adapruner.prune import apply_plan, depth_profile, plan_pruning
+from adapruner.prune import PrunePlan, depth_profile, plan_pruning
 from adapruner.structure import AttnGranularity
+from adapruner.validation import ValidationScorer
 
 DEFAULT_METRICS = ("l1", "l2", "taylor1", "vector", "taylor2", "mix", "act")
 DEFAULT_SAMPLE_COUNTS = (4, 8, 16, 32)
@@ -105,22 +104,19 @@ class PruneSetting:
     prune_mlp: bool = True
 
 
-def prune_copy(model: nn.Module, cache: ActivationCache, setting: PruneSetting, config: TrialConfig, seed: int = 0) -> nn.Module:
-    """A pruned copy of `model` for one trial configuration; the dense model is left untouched."""
+def trial_plan(model: nn.Module, cache: ActivationCache, setting: PruneSetting, config: TrialConfig, seed: int = 0) -> PrunePlan:
+    """What one trial configuration keeps of `model`, scored from the cache (the model is only read)."""
     importance = CachedImportance(cache, config.metric, config.aggregation, torch.tensor(config.samples), seed)
     ratio = depth_profile(setting.ratio, setting.layers, config.slope) if config.slope else setting.ratio
-    plan = plan_pruning(model, importance, ratio, setting.layers, setting.granularity, setting.prune_attention, setting.prune_mlp)
-    pruned = copy.deepcopy(model)
-    apply_plan(pruned, plan)
-    return pruned
+    return plan_pruning(model, importance, ratio, setting.layers, setting.granularity, setting.prune_attention, setting.prune_mlp)
 
 
 class Objective:
-    """Optuna objective: suggest → prune a copy from the cache → validation perplexity (lower is better)."""
+    """Optuna objective: suggest → plan from the cache → validation perplexity of the pruned model (lower is better)."""
 
-    def __init__(self, model: nn.Module, cache: ActivationCache, setting: PruneSetting, space: SearchSpace, val_windows: torch.Tensor, batch_size: int = 8, early_stop: bool = False):
+    def __init__(self, model: nn.Module, cache: ActivationCache, setting: PruneSetting, space: SearchSpace, scorer: ValidationScorer, early_stop: bool = False):
         self.model, self.cache, self.setting, self.space = model, cache, setting, space
-        self.val_windows, self.batch_size, self.early_stop = val_windows, batch_size, early_stop
+        self.scorer, self.early_stop = scorer, early_stop
         self.blocks = pool_blocks(cache, space.blocks_per_pool)
 
     def __call__(self, trial) -> float:
@@ -135,8 +131,7 @@ class Objective:
             if self.early_stop and trial.should_prune():
                 raise optuna.TrialPruned()
 
-        pruned = prune_copy(self.model, self.cache, self.setting, config)
-        return perplexity(pruned, self.val_windows, self.batch_size, progress=False, report=report)
+        return self.scorer.score(trial_plan(self.model, self.cache, self.setting, config), report)
 
 
 def config_of(trial, cache: ActivationCache, space: SearchSpace) -> TrialConfig:

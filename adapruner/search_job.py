@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from adapruner.prune import check_ratio
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import DEFAULT_METRICS, DEFAULT_SAMPLE_COUNTS, SearchSpace, config_of, describe
 from adapruner.structure import decoder_layers, parse_layer_range
+from adapruner.validation import resolve_val_dtype
 from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, run_worker
 
 STUDY_FILE = "study.db"
@@ -45,6 +46,7 @@ class SearchOptions:
     sampler: str = "tpe"
     seed: int = 0
     val_windows: int = 16
+    val_dtype: str = "auto"
     batch_size: int = 8
     workers: int = 1
     early_stop: bool = False
@@ -70,6 +72,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
         raise AdaPrunerError("--workers and --trials must be at least 1")
     for pool in options.pools:
         check_pool(pool)
+    options = replace(options, val_dtype=resolve_val_dtype(options.val_dtype, torch.device("cpu")))  # models run on the CPU
     space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope)
     setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "cache_mem_gb", "batch_size", "sampler")}
     setup = json.loads(json.dumps(setup))  # tuples → lists, as the storage returns them
@@ -94,7 +97,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
         storage=storage_url, study=options.study, setup=setup, ratio=options.ratio, layers=(layers.start, layers.stop),
         granularity=options.granularity, prune_attention=options.prune_attention, prune_mlp=options.prune_mlp,
         space=asdict(space), n_trials=options.trials, sampler=options.sampler, seed=options.seed,
-        batch_size=options.batch_size, early_stop=options.early_stop,
+        val_dtype=options.val_dtype, batch_size=options.batch_size, early_stop=options.early_stop,
         threads=max(1, torch.get_num_threads() // options.workers),
     )
     remaining = max(0, options.trials - finished(study))

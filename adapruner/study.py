@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from adapruner.cache import ActivationCache
 from adapruner.errors import AdaPrunerError
 from adapruner.search import Objective, PruneSetting, SearchSpace
+from adapruner.validation import ValidationScorer
 
 HEARTBEAT_SECONDS = 5
 GRACE_SECONDS = 20
@@ -107,6 +108,7 @@ class WorkerSpec:
     n_trials: int
     sampler: str
     seed: int
+    val_dtype: str = "float32"
     batch_size: int = 8
     early_stop: bool = False
     threads: int = 0
@@ -130,7 +132,8 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
     cache = cache if cache is not None else ActivationCache.load(Path(spec.cache_path))  # memory-mapped, shared
     val_windows = load_file(spec.val_path)["windows"]
     setting = PruneSetting(spec.ratio, range(*spec.layers), spec.granularity, spec.prune_attention, spec.prune_mlp)
-    objective = Objective(model, cache, setting, SearchSpace(**spec.space), val_windows, spec.batch_size, spec.early_stop)
+    scorer = ValidationScorer(model, val_windows, setting.layers.start, spec.val_dtype, spec.batch_size)
+    objective = Objective(model, cache, setting, SearchSpace(**spec.space), scorer, spec.early_stop)
     storage = open_storage(spec.storage, spec.heartbeat_seconds, spec.grace_seconds)
     study = open_study(storage, spec.study, spec.setup, make_sampler(spec.sampler, spec.seed + spec.worker_index))
     limit = optuna.study.MaxTrialsCallback(spec.n_trials, states=COUNTED)

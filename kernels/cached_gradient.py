@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from adapruner.kernels.dispatch import Backend, use_triton
+from adapruner.kernels.dispatch import Backend, native_bf16, use_triton
 
 CACHED_METRICS = ("taylor1", "mix")
 
@@ -57,13 +57,44 @@ def cached_grad_importance_torch(
     return element.sum(1), element.sum(0)
 
 
+def cached_grad_importance_bf16_cpu(
+    metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, seq_len: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU path for a bf16 cache: the matmuls run in bf16 (fp32 accumulation; G and G_s come out rounded to bf16,
+    relative error ≤ 2⁻⁹ per element, the same order as storing X and dY in bf16), the epilogue in fp32.
+    On CPUs with AMX or AVX512-BF16 this is ~4× the fp32 matmul rate."""
+    _check_metric(metric, rows, seq_len)
+    _check(weight, x, dy)
+    _check_rows(rows, x.shape[0])
+    if x.dtype != torch.bfloat16 or dy.dtype != torch.bfloat16:
+        raise ValueError("the bf16 CPU path takes bf16 x and dy")
+    w = weight.float()
+    if metric == "taylor1":
+        element = (w * (dy[rows].t() @ x[rows]).float()).abs_()
+    else:  # one sample at a time: G_s stays cache-sized instead of an n × out × in intermediate
+        n = rows.numel() // seq_len
+        dy_s, x_s = dy[rows].view(n, seq_len, -1), x[rows].view(n, seq_len, -1)
+        grad, fisher = torch.zeros_like(w), torch.zeros_like(w)
+        for s in range(n):
+            g = (dy_s[s].t() @ x_s[s]).float()
+            grad.add_(g)
+            fisher.addcmul_(g, g)
+        element = (w * grad).sub_(0.5 / n * w.square() * fisher).abs_()
+    return element.sum(1), element.sum(0)
+
+
 def cached_grad_importance(
     metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor,
     seq_len: int | None = None, backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row scores, column scores) of `metric` for the token rows `rows` (`mix` needs `seq_len`); Triton on CUDA."""
+    """(row scores, column scores) of `metric` for the token rows `rows` (`mix` needs `seq_len`).
+
+    `auto`: Triton on CUDA; a bf16 cache on a CPU with native bf16 matmuls takes the bf16 CPU path; else the reference.
+    """
     if use_triton(weight, backend):
         return cached_grad_importance_triton(metric, weight, x, dy, rows, seq_len)
+    if backend == "auto" and x.dtype == dy.dtype == torch.bfloat16 and not x.is_cuda and native_bf16(x.device):
+        return cached_grad_importance_bf16_cpu(metric, weight, x, dy, rows, seq_len)
     return cached_grad_importance_torch(metric, weight, x, dy, rows, seq_len)
 
 

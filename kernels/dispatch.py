@@ -20,3 +20,13 @@ def use_triton(tensor: torch.Tensor, backend: Backend) -> bool:
     if backend == "auto":
         return tensor.is_cuda and triton_installed()
     return backend == "triton"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively (faster than fp32) on `device`: CUDA with bf16, CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # torch's CPU feature probes are private; without them, assume no
+        probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+        return any(probe is not None and probe() for probe in probes)
+    return False

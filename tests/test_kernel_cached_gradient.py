@@ -9,6 +9,7 @@ import torch
 
 from adapruner.kernels.cached_gradient import (
     cached_grad_importance,
+    cached_grad_importance_bf16_cpu,
     cached_grad_importance_torch,
     cached_grad_importance_triton,
     sample_fisher_stats_torch,
@@ -43,6 +44,24 @@ def test_fused_importance_matches_reference(metric, dtype, samples):
     got = cached_grad_importance_triton(metric, w, x, dy, rows, SEQ, block_m=32, block_n=32, block_t=16)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=RTOL[dtype], atol=RTOL[dtype] * e.abs().max().item())
+
+
+@pytest.mark.parametrize("metric", ["taylor1", "mix"])
+@pytest.mark.parametrize("samples", [[2], [0, 3, 4]])
+def test_bf16_cpu_path_matches_reference(metric, samples):
+    """bf16 matmuls round G (and each G_s) once, by ≤ 2⁻⁹ relative, so a score moves by at most
+    2⁻⁸ Σ (|W|·Σ_s|G_s| + W²·mean_s G_s²) over its elements (2⁻⁸: the rounding and its square in F, with margin)."""
+    w, x, dy = cache(torch.bfloat16)
+    rows = token_rows(samples)
+    expected = cached_grad_importance_torch(metric, w, x, dy, rows, SEQ)
+    got = cached_grad_importance_bf16_cpu(metric, w, x, dy, rows, SEQ)
+    per_sample = torch.stack([dy[token_rows([s])].float().t() @ x[token_rows([s])].float() for s in samples])
+    wf = w.float()
+    magnitude = wf.abs() * per_sample.abs().sum(0) + wf.square() * per_sample.square().mean(0)
+    for dim, (g, e) in enumerate(zip(got, expected)):
+        assert ((g - e).abs() <= 2 ** -8 * magnitude.sum(1 - dim)).all()
+    with pytest.raises(ValueError, match="takes bf16"):
+        cached_grad_importance_bf16_cpu(metric, w, x.float(), dy.float(), rows, SEQ)
 
 
 def test_fused_importance_equals_autograd_gradient():

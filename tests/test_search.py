@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 from adapruner.evaluate import perplexity
 from adapruner.cache import build_cache, cache_key
 from adapruner.errors import AdaPrunerError
-from adapruner.search import Objective, PruneSetting, SearchSpace, TrialConfig, config_of, pool_blocks, prune_copy, round_robin
+from adapruner.prune import apply_plan
+from adapruner.search import Objective, PruneSetting, SearchSpace, TrialConfig, config_of, pool_blocks, round_robin, trial_plan
 from adapruner.study import WorkerSpec, open_storage, open_study, run_worker
+from adapruner.validation import ValidationScorer, shared_copy
 
 
 SEQ = 11
@@ -29,6 +31,12 @@ def tiny_cache(model, n=8):
     return build_cache(model, key, ids, addresses, progress=False)
 
 
+def pruned_copy(model, cache, setting, config):
+    pruned = shared_copy(model)
+    apply_plan(pruned, trial_plan(model, cache, setting, config))
+    return pruned
+
+
 def test_blocks_and_round_robin(gqa_model):
     cache = tiny_cache(gqa_model)
     blocks = pool_blocks(cache, 2)
@@ -41,13 +49,13 @@ def test_objective_value_is_the_validation_ppl_of_the_trial_config(gqa_model):
     cache = tiny_cache(gqa_model)
     val = torch.randint(0, 97, (4, SEQ), generator=torch.Generator().manual_seed(9))
     setting = PruneSetting(0.5, LAYERS)
-    objective = Objective(gqa_model, cache, setting, SPACE, val, batch_size=2)
+    objective = Objective(gqa_model, cache, setting, SPACE, ValidationScorer(gqa_model, val, LAYERS.start, batch_size=2))
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, multivariate=True))
     study.optimize(objective, n_trials=6)
     for trial in study.trials:
         config = config_of(trial, cache, SPACE)
         assert config.samples == trial.user_attrs["samples"] and 1 <= len(config.samples) <= 4
-        assert trial.value == pytest.approx(perplexity(prune_copy(gqa_model, cache, setting, config), val, progress=False), rel=1e-6)
+        assert trial.value == pytest.approx(perplexity(pruned_copy(gqa_model, cache, setting, config), val, progress=False), rel=1e-6)
     dense = perplexity(gqa_model, val, progress=False)
     assert all(t.value != pytest.approx(dense) for t in study.trials)  # the dense model itself is untouched
     assert perplexity(gqa_model, val, progress=False) == dense
@@ -56,7 +64,7 @@ def test_objective_value_is_the_validation_ppl_of_the_trial_config(gqa_model):
 def test_depth_slope_changes_per_layer_sizes(gqa_model):
     cache = tiny_cache(gqa_model)
     config = TrialConfig([0, 1], "l2", "sum", slope=0.9)
-    pruned = prune_copy(gqa_model, cache, PruneSetting(0.5, LAYERS, prune_attention=False), config)
+    pruned = pruned_copy(gqa_model, cache, PruneSetting(0.5, LAYERS, prune_attention=False), config)
     sizes = [layer.mlp.gate_proj.out_features for layer in pruned.model.layers]
     assert sizes[0] > sizes[1] > sizes[2]  # r·0.1, r, r·1.9 of 24 channels: 23, 12, 1 kept
 

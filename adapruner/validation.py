@@ -1,0 +1,122 @@
+"""A search trial's score: validation perplexity of the pruned model, without redoing what every trial shares.
+
+- Prefix: decoder layers before `start` (the first prunable one) are the dense model's in every trial, so the hidden
+  states entering layer `start`, H = layers[:start](embed(ids)), are computed once; a trial runs layers[start:],
+  the final norm and the head on H (passed as `inputs_embeds`). Same numbers as a full forward of the pruned model.
+- Copy: a trial's model is new module objects only along the path to the linears it cuts (model → layers → layer →
+  attention / MLP); every other module and tensor is the base model's, so a trial pays for the gather alone.
+- Dtype: trials run in `dtype` — `auto` is bf16 where the hardware multiplies bf16 natively (CUDA with bf16, CPUs
+  with AVX512-BF16/AMX), else fp32. Importance always reads the fp32 weights; only the validation forward changes.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from adapruner.errors import AdaPrunerError
+from adapruner.evaluate import perplexity
+from adapruner.kernels.dispatch import native_bf16
+from adapruner.prune import PrunePlan, apply_plan
+from adapruner.structure import decoder_layers
+
+VAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_val_dtype(name: str, device: torch.device) -> str:
+    """`auto` → `bfloat16` where `native_bf16(device)`, else `float32`; other names are checked and returned."""
+    if name == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    if name not in VAL_DTYPES:
+        raise AdaPrunerError(f"unknown --val-dtype {name!r}: choose auto, {', '.join(VAL_DTYPES)}")
+    return name
+
+
+def shared_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A new module tree over the same parameter and buffer tensors (parameters of another dtype are cast once).
+
+    `apply_plan` replaces linears rather than writing into them, so pruning the copy leaves `model` untouched.
+    """
+    memo: dict[int, object] = {id(buffer): buffer for buffer in model.buffers()}
+    for param in model.parameters():
+        same = dtype is None or param.dtype == dtype or not param.is_floating_point()
+        memo[id(param)] = param if same else nn.Parameter(param.detach().to(dtype), requires_grad=False)
+    return copy.deepcopy(model, memo)
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A new module object over the same children, parameters and buffers (its own tables, so setattr stays local)."""
+    clone = copy.copy(module)
+    clone._modules, clone._parameters, clone._buffers = dict(module._modules), dict(module._parameters), dict(module._buffers)
+    return clone
+
+
+def pruned_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """`model` pruned by `plan` as a new model object; `model` is left as it was and shares all it can with the copy."""
+    copied = _shallow(model)
+    copied.model = _shallow(model.model)
+    layers = nn.ModuleList(decoder_layers(model))
+    for index in set(plan.attention) | set(plan.mlp):
+        layers[index] = _shallow(layers[index])
+        layers[index].self_attn, layers[index].mlp = _shallow(layers[index].self_attn), _shallow(layers[index].mlp)
+    copied.model.layers = layers
+    apply_plan(copied, plan)
+    return copied
+
+
+def drop_leading_layers(model: nn.Module, start: int) -> None:
+    """Remove decoder layers [0, start) in place; the model then expects the hidden states entering layer `start`."""
+    layers = decoder_layers(model)
+    base = model.model
+    base.layers = nn.ModuleList(list(layers)[start:])
+    base.config = copy.copy(base.config)
+    base.config.num_hidden_layers = len(base.layers)
+    if getattr(base.config, "layer_types", None) is not None:
+        base.config.layer_types = list(base.config.layer_types)[start:]
+
+
+class _Captured(Exception):
+    """Raised by the prefix hook once it holds the hidden states: layers from `start` on need not run."""
+
+
+class ValidationScorer:
+    """Validation perplexity of pruned variants of one base model on fixed windows (prefix computed once)."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, start: int, dtype: str = "float32", batch_size: int = 8):
+        self.base = shared_copy(model, VAL_DTYPES[dtype]).eval()
+        self.windows, self.start, self.batch_size = windows, start, batch_size
+        self.prefix = self._hidden_entering_start()
+
+    @torch.no_grad()
+    def _hidden_entering_start(self) -> torch.Tensor:
+        """(n × seq_len × hidden) inputs of decoder layer `start`, batch by batch as the trials will read them."""
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _Captured
+
+        handle = decoder_layers(self.base)[self.start].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for begin in range(0, self.windows.shape[0], self.batch_size):
+                try:
+                    self.base(input_ids=self.windows[begin : begin + self.batch_size], use_cache=False)
+                except _Captured:
+                    pass
+        finally:
+            handle.remove()
+        return torch.cat(captured)
+
+    def pruned(self, plan: PrunePlan) -> nn.Module:
+        """The whole pruned model in the validation dtype, sharing every tensor the plan does not cut."""
+        return pruned_copy(self.base, plan)
+
+    def score(self, plan: PrunePlan, report: Callable[[int, float], None] | None = None) -> float:
+        """Validation perplexity of the base model pruned by `plan` (only layers `start`… run)."""
+        if any(index < self.start for index in (*plan.attention, *plan.mlp)):
+            raise AdaPrunerError(f"the plan prunes a layer before {self.start}, whose output the scorer has cached")
+        model = self.pruned(plan)
+        drop_leading_layers(model, self.start)
+        return perplexity(model, self.windows, self.batch_size, progress=False, report=report, inputs_embeds=self.prefix)
