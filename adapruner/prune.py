@@ -46,8 +46,8 @@ def _attention_removals(info: LayerInfo, ratio: float, granularity: AttnGranular
 
 def top_units(scores: torch.Tensor, n_keep: int) -> list[int]:
     """Indices of the `n_keep` highest scores, ascending; ties go to the lower index."""
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
-    return sorted(order[:n_keep])
+    order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices  # stable: equal scores keep index order
+    return sorted(order[:n_keep].tolist())
 
 
 def plan_pruning(

@@ -4,7 +4,8 @@ For samples s with per-sample loss L_s (mean next-token cross-entropy over the w
     grad    G = Σ_s ∂L_s/∂W                (the gradient of the loss summed over samples)
     fisher  F = (1/n) Σ_s (∂L_s/∂W)²       (empirical Fisher diagonal, from per-sample gradients)
     act     a_i = sqrt(Σ_tokens x_i²)       (input-feature norm over all calibration tokens)
-Per-sample gradients come from one backward per sample, so F is exact.
+F needs per-sample gradients: one backward per sample. G and a need only sums over samples, so without F the
+samples go through in batches of `batch_size` (the summed loss's gradient is G exactly).
 """
 from __future__ import annotations
 
@@ -32,28 +33,30 @@ def collect_stats(
     input_ids: torch.Tensor,
     need: frozenset[str],
     progress: bool = True,
+    batch_size: int = 8,
 ) -> dict[str, LinearStats]:
     """`LinearStats` for every linear in `linears`, holding only what `need` names (grad, fisher, act_norm)."""
     stats = {name: LinearStats() for name in linears}
     if not need:
         return stats
     need_grad = bool(need & {"grad", "fisher"})
+    step = 1 if "fisher" in need else batch_size
     act_sq = {name: torch.zeros(lin.in_features) for name, lin in linears.items()} if "act_norm" in need else {}
     with only_these_require_grad(model, linears.values() if need_grad else ()), _input_square_sums(linears, act_sq):
-        for row in tqdm(input_ids, desc="calibration", unit="sample", disable=not progress):
+        for start in tqdm(range(0, input_ids.shape[0], step), desc="calibration", unit="batch", disable=not progress):
+            batch = input_ids[start : start + step]
             if not need_grad:
                 with torch.no_grad():
-                    model(input_ids=row[None])
+                    model(input_ids=batch)
                 continue
-            loss = sample_loss(model, row[None]).sum()
-            loss.backward()
+            sample_loss(model, batch).sum().backward()
             for name, linear in linears.items():
-                per_sample = linear.weight.grad.float()
+                grad = linear.weight.grad.float()  # one sample's gradient when F is needed, else a batch's sum
                 linear.weight.grad = None
                 entry = stats[name]
-                entry.grad = per_sample.clone() if entry.grad is None else entry.grad.add_(per_sample)
+                entry.grad = grad.clone() if entry.grad is None else entry.grad.add_(grad)
                 if "fisher" in need:
-                    square = per_sample.square()
+                    square = grad.square()
                     entry.fisher = square if entry.fisher is None else entry.fisher.add_(square)
     n = input_ids.shape[0]
     for name, entry in stats.items():

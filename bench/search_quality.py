@@ -1,6 +1,6 @@
 """AdaPruner search vs baselines at one trial budget: `python -m bench.search_quality`.
 
-Three ways to spend the same number of trials, each scored on the wiki *validation* windows:
+Three ways to spend the same number of trials, each scored on the wiki *validation* windows (in `--val-dtype`):
   tpe      Optuna TPE over the full space (samples, metric, aggregation) on the activation cache;
   random   random search over the same space and cache;
   llm-pruner  LLM-Pruner's fixed choice (taylor1, sum, 10 random wiki windows of 64 tokens), one draw per trial
@@ -27,15 +27,21 @@ from adapruner.prune import count_params
 from adapruner.pruner import PruneOptions, prune_model
 from adapruner.report import format_table
 from adapruner.search_job import SearchOptions, run_search
+from adapruner.validation import VAL_DTYPES, resolve_val_dtype, shared_copy
 
 
-def llm_pruner_trials(dense, tokenizer, ratio, trials, val, seq_len=64, n_samples=10):
+def search_val_ppl(model, val, dtype: str) -> float:
+    """Validation perplexity as the search scores it: the model's forward in `dtype`."""
+    return perplexity(shared_copy(model, VAL_DTYPES[dtype]), val, progress=False)
+
+
+def llm_pruner_trials(dense, tokenizer, ratio, trials, val, dtype, seq_len=64, n_samples=10):
     """(seed, val ppl) per draw of LLM-Pruner's fixed choice; each draw prunes a fresh copy."""
     results = []
     for seed in range(trials):
         model = copy.deepcopy(dense)
         prune_model(model, tokenizer, PruneOptions(ratio=ratio, metric="taylor1", aggregation="sum", calib=f"wiki:{n_samples}", seq_len=seq_len, seed=seed), progress=False)
-        results.append((seed, perplexity(model, val, progress=False)))
+        results.append((seed, search_val_ppl(model, val, dtype)))
         print(f"llm-pruner draw {seed}: val ppl {results[-1][1]:.3f}")
     return results
 
@@ -50,21 +56,23 @@ def main() -> None:
     parser.add_argument("--val-windows", type=int, default=16)
     parser.add_argument("--max-eval-windows", type=int, default=None, help="default: the whole evaluation split")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-dtype", default="auto", help="validation forward dtype of every method (auto: as adapruner search)")
     parser.add_argument("--work", default="runs/bench-search", help="scratch directory for the studies (replaced)")
     parser.add_argument("--out", default="bench/results/search_quality.json")
     args = parser.parse_args()
 
     dense, tokenizer = load_model(args.model)
+    args.val_dtype = resolve_val_dtype(args.val_dtype, torch.device("cpu"))
     val = pool_windows(tokenizer, "wiki", args.seq_len, "val")[: args.val_windows]
     evaluation = pool_windows(tokenizer, "wiki", args.seq_len, "eval")[: args.max_eval_windows]
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    rows = [{"method": "dense", "val_ppl": perplexity(dense, val, progress=False), "eval_ppl": perplexity(dense, evaluation, desc="dense"), "params": count_params(dense), "config": None, "seconds": 0.0}]
+    rows = [{"method": "dense", "val_ppl": search_val_ppl(dense, val, args.val_dtype), "eval_ppl": perplexity(dense, evaluation, desc="dense"), "params": count_params(dense), "config": None, "seconds": 0.0}]
 
     for sampler in ("tpe", "random"):
         started = time.perf_counter()
         options = SearchOptions(model=args.model, ratio=args.ratio, pool_size=args.pool_size, seq_len=args.seq_len, trials=args.trials,
-                                sampler=sampler, seed=args.seed, val_windows=args.val_windows)
+                                sampler=sampler, seed=args.seed, val_windows=args.val_windows, val_dtype=args.val_dtype)
         best = run_search(options, work / sampler)
         seconds = time.perf_counter() - started
         model = copy.deepcopy(dense)
@@ -74,7 +82,7 @@ def main() -> None:
                      "config": {k: best[k] for k in ("metric", "aggregation", "slope", "blocks", "addresses", "trial")}})
 
     started = time.perf_counter()
-    draws = llm_pruner_trials(dense, tokenizer, args.ratio, args.trials, val)
+    draws = llm_pruner_trials(dense, tokenizer, args.ratio, args.trials, val, args.val_dtype)
     seconds = time.perf_counter() - started
     for label, (seed, val_ppl) in (("llm-pruner (seed 0)", draws[0]), ("llm-pruner (best of budget)", min(draws, key=lambda d: d[1]))):
         model = copy.deepcopy(dense)

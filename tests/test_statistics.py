@@ -48,3 +48,13 @@ def test_sample_loss_equals_hf_loss(mha_model, token_batch):
         ours = sample_loss(mha_model, token_batch)
         theirs = torch.stack([mha_model(input_ids=r[None], labels=r[None]).loss for r in token_batch])
     torch.testing.assert_close(ours, theirs)
+
+
+def test_batched_gradient_equals_the_sum_of_per_sample_gradients(gqa_model, token_batch):
+    """Without F the samples run in batches (here 2 + 1): the summed loss's gradient is still Σ_s g_s."""
+    linears = prunable_linears(gqa_model, range(0, 2))
+    stats = collect_stats(gqa_model, linears, token_batch, frozenset({"grad"}), progress=False, batch_size=2)
+    names = list(linears)
+    per_sample = per_sample_grads(gqa_model, token_batch, [linears[n].weight for n in names])
+    for k, name in enumerate(names):
+        torch.testing.assert_close(stats[name].grad, torch.stack([sample[k] for sample in per_sample]).sum(0), rtol=1e-4, atol=1e-6)
