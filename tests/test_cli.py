@@ -11,6 +11,7 @@ from adapruner.evaluate import perplexity
 from adapruner.io import save_pruned
 from adapruner.pruner import PruneOptions, prune_model
 from adapruner.structure import layer_info
+from adapruner.validation import resolve_val_dtype
 
 
 def run_cli(capsys, *argv):
@@ -129,6 +130,10 @@ def test_smollm2_search_resume_mismatch_and_apply(capsys, tmp_path, smollm2_load
 
     code, _, err = run_cli(capsys, "search", *common, "--trials", "3", "--ratio", "0.3")
     assert code == 2 and "created with ratio=0.25, not 0.3" in err
+    resolved = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}").user_attrs["setup"]["val_dtype"]
+    assert resolved == resolve_val_dtype("auto", torch.device("cpu"))  # the study records what `auto` meant here
+    code, _, err = run_cli(capsys, "search", *common, "--trials", "3", "--val-dtype", "float16")
+    assert code == 2 and f"created with val_dtype={resolved!r}, not 'float16'" in err
 
     pruned = tmp_path / "pruned"
     best = json.loads((out / "best.json").read_text())
