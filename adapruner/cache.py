@@ -29,7 +29,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.kernels import channel_importance
 from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fisher_stats
-from adapruner.statistics import only_these_require_grad, sample_loss
+from adapruner.statistics import linear_io, sample_loss
 from adapruner.structure import Member, decoder_layers, prunable_linears
 
 ACTIVATION_METRICS = frozenset({"taylor1", "mix"})
@@ -168,21 +168,16 @@ def build_cache(
     def keep(name: str, tensor: torch.Tensor) -> None:
         chunks.setdefault(name, []).append(tensor)
 
-    def forward_hook(name, linear):
-        def hook(_module, args, output):
-            if input_owner(name) == name:
-                x = args[0].detach().float().reshape(-1, linear.in_features)
-                inputs[name] = x
-                keep(f"act/{name}", x.square().view(-1, L, x.shape[1]).sum(1))
-                if key.activations:
-                    keep(f"x/{name}", x.to(store_dtype))
-            output.register_hook(lambda grad: backward(name, linear, grad))
-        return hook
+    def on_input(name: str, x: torch.Tensor) -> None:
+        if input_owner(name) == name:
+            inputs[name] = x
+            keep(f"act/{name}", x.square().view(-1, L, x.shape[1]).sum(1))
+            if key.activations:
+                keep(f"x/{name}", x.to(store_dtype))
 
-    def backward(name, linear, grad):
-        dy = grad.detach().float().reshape(-1, linear.out_features)
+    def on_grad(name: str, dy: torch.Tensor) -> None:
         x = inputs[input_owner(name)]
-        w = linear.weight.detach().float()
+        w = linears[name].weight.detach().float()
         keep(f"vec_rows/{name}", (dy * (x @ w.t())).view(-1, L, dy.shape[1]).sum(1))
         keep(f"vec_cols/{name}", (x * (dy @ w)).view(-1, L, x.shape[1]).sum(1))
         fisher_rows, fisher_cols = sample_fisher_stats(w, x, dy, L)
@@ -191,17 +186,10 @@ def build_cache(
         if key.activations:
             keep(f"dy/{name}", dy.to(store_dtype))
 
-    embed = model.get_input_embeddings()
-    handles = [lin.register_forward_hook(forward_hook(name, lin)) for name, lin in linears.items()]
-    handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
-    try:
-        with only_these_require_grad(model, ()):  # gradients flow from the embeddings; no weight gradient is formed
-            for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="cache", unit="batch", disable=not progress):
-                sample_loss(model, input_ids[start : start + batch_size]).sum().backward()
-                inputs.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
+    with linear_io(model, linears, on_input, on_grad):
+        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="cache", unit="batch", disable=not progress):
+            sample_loss(model, input_ids[start : start + batch_size]).sum().backward()
+            inputs.clear()
     tensors = {name: torch.cat(parts) for name, parts in chunks.items()}
     return ActivationCache(key, tensors, addresses)
 

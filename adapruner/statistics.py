@@ -4,11 +4,13 @@ For samples s with per-sample loss L_s (mean next-token cross-entropy over the w
     grad    G = Σ_s ∂L_s/∂W                (the gradient of the loss summed over samples)
     fisher  F = (1/n) Σ_s (∂L_s/∂W)²       (empirical Fisher diagonal, from per-sample gradients)
     act     a_i = sqrt(Σ_tokens x_i²)       (input-feature norm over all calibration tokens)
-F needs per-sample gradients: one backward per sample. G and a need only sums over samples, so without F the
-samples go through in batches of `batch_size` (the summed loss's gradient is G exactly).
+Samples go through in batches of `batch_size`. G alone is the summed loss's weight gradient. F needs per-sample
+gradients: hooks take each linear's input X and output gradient dY of the batch, and since the samples of a batch
+are independent, sample s's gradient is G_s = dY_sᵀ X_s over its own token rows (no weight gradient is formed).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -39,25 +41,39 @@ def collect_stats(
     stats = {name: LinearStats() for name in linears}
     if not need:
         return stats
-    need_grad = bool(need & {"grad", "fisher"})
-    step = 1 if "fisher" in need else batch_size
     act_sq = {name: torch.zeros(lin.in_features) for name, lin in linears.items()} if "act_norm" in need else {}
-    with only_these_require_grad(model, linears.values() if need_grad else ()), _input_square_sums(linears, act_sq):
-        for start in tqdm(range(0, input_ids.shape[0], step), desc="calibration", unit="batch", disable=not progress):
-            batch = input_ids[start : start + step]
-            if not need_grad:
+    inputs: dict[str, torch.Tensor] = {}
+    seq_len = input_ids.shape[1]
+
+    def per_sample_sums(name: str, dy: torch.Tensor) -> None:
+        entry, x = stats[name], inputs.pop(name)
+        grad = entry.grad if entry.grad is not None else torch.zeros(dy.shape[1], x.shape[1])
+        fisher = entry.fisher if entry.fisher is not None else torch.zeros_like(grad)
+        for rows in zip(dy.split(seq_len), x.split(seq_len)):
+            g = rows[0].t() @ rows[1]
+            grad.add_(g)
+            fisher.addcmul_(g, g)
+        entry.grad, entry.fisher = grad, fisher
+
+    if "fisher" in need:
+        passes = linear_io(model, linears, inputs.__setitem__, per_sample_sums)
+    else:
+        passes = only_these_require_grad(model, linears.values() if "grad" in need else ())
+    with passes, _input_square_sums(linears, act_sq):
+        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="calibration", unit="batch", disable=not progress):
+            batch = input_ids[start : start + batch_size]
+            if not need & {"grad", "fisher"}:
                 with torch.no_grad():
                     model(input_ids=batch)
                 continue
             sample_loss(model, batch).sum().backward()
+            if "fisher" in need:
+                continue
             for name, linear in linears.items():
-                grad = linear.weight.grad.float()  # one sample's gradient when F is needed, else a batch's sum
+                grad = linear.weight.grad.float()
                 linear.weight.grad = None
                 entry = stats[name]
                 entry.grad = grad.clone() if entry.grad is None else entry.grad.add_(grad)
-                if "fisher" in need:
-                    square = grad.square()
-                    entry.fisher = square if entry.fisher is None else entry.fisher.add_(square)
     n = input_ids.shape[0]
     for name, entry in stats.items():
         if entry.fisher is not None:
@@ -67,6 +83,28 @@ def collect_stats(
         if name in act_sq:
             entry.act_norm = act_sq[name].sqrt()
     return stats
+
+
+@contextmanager
+def linear_io(model: nn.Module, linears: dict[str, nn.Linear], on_input: Callable[[str, torch.Tensor], None], on_grad: Callable[[str, torch.Tensor], None]):
+    """While active, a forward calls `on_input(name, X)` for each listed linear (X: tokens × in, fp32, detached) and
+    the backward of its loss `on_grad(name, dY)` (dY: tokens × out, fp32). Every parameter is frozen meanwhile:
+    gradients flow from the embeddings' output, and no weight gradient is formed."""
+
+    def forward_hook(name: str):
+        def hook(module, args, output):
+            on_input(name, args[0].detach().float().reshape(-1, module.in_features))
+            output.register_hook(lambda grad: on_grad(name, grad.detach().float().reshape(-1, module.out_features)))
+        return hook
+
+    handles = [linear.register_forward_hook(forward_hook(name)) for name, linear in linears.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+    try:
+        with only_these_require_grad(model, ()):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
