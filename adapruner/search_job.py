@@ -20,8 +20,8 @@ from adapruner.prune import check_ratio
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import DEFAULT_METRICS, DEFAULT_SAMPLE_COUNTS, SearchSpace, config_of, describe
 from adapruner.structure import decoder_layers, parse_layer_range
-from adapruner.validation import resolve_val_dtype
 from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, run_worker
+from adapruner.validation import resolve_val_dtype
 
 STUDY_FILE = "study.db"
 

@@ -49,8 +49,8 @@ def collect_stats(
         entry, x = stats[name], inputs.pop(name)
         grad = entry.grad if entry.grad is not None else torch.zeros(dy.shape[1], x.shape[1])
         fisher = entry.fisher if entry.fisher is not None else torch.zeros_like(grad)
-        for rows in zip(dy.split(seq_len), x.split(seq_len)):
-            g = rows[0].t() @ rows[1]
+        for dy_s, x_s in zip(dy.split(seq_len), x.split(seq_len)):
+            g = dy_s.t() @ x_s
             grad.add_(g)
             fisher.addcmul_(g, g)
         entry.grad, entry.fisher = grad, fisher
