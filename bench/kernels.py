@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from adapruner.kernels.cached_gradient import cached_grad_importance_torch, cached_grad_importance_triton
+from adapruner.kernels.cached_gradient import cached_grad_importance_bf16_cpu, cached_grad_importance_torch, cached_grad_importance_triton
+from adapruner.kernels.dispatch import native_bf16
 from adapruner.kernels.channel_importance import channel_importance_torch, channel_importance_triton
 from adapruner.kernels.gather import gather_torch, gather_triton
 from adapruner.report import format_table
@@ -78,7 +79,10 @@ def bench_cached_grad(device, dtype, shape, tokens, use_compile, repeat):
     flops = 2 * tokens * out_f * in_f
     matmul_s = median_seconds(lambda: dy.t() @ x, device, repeat)
     out = []
-    for name, fn in providers(device, lambda: cached_grad_importance_torch("taylor1", w, x, dy, rows), lambda: cached_grad_importance_triton("taylor1", w, x, dy, rows), use_compile):
+    choices = providers(device, lambda: cached_grad_importance_torch("taylor1", w, x, dy, rows), lambda: cached_grad_importance_triton("taylor1", w, x, dy, rows), use_compile)
+    if device.type == "cpu" and dtype == torch.bfloat16 and native_bf16(device):
+        choices.append(("torch bf16 CPU path", lambda: cached_grad_importance_bf16_cpu("taylor1", w, x, dy, rows)))
+    for name, fn in choices:
         peak = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

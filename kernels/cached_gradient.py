@@ -71,7 +71,7 @@ def cached_grad_importance_bf16_cpu(
     w = weight.float()
     x_rows, dy_rows = x.index_select(0, rows), dy.index_select(0, rows)  # row copies: ~4x faster than x[rows]
     if metric == "taylor1":
-        element = (w * (dy_rows.t() @ x_rows).float()).abs_()
+        element = (dy_rows.t() @ x_rows).float().mul_(w).abs_()  # in place: one fp32 out × in buffer
     else:  # one sample at a time: G_s stays cache-sized instead of an n × out × in intermediate
         n = rows.numel() // seq_len
         dy_s, x_s = dy_rows.view(n, seq_len, -1), x_rows.view(n, seq_len, -1)
