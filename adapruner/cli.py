@@ -120,6 +120,8 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out); journal:PATH for a journal file")
     parser.add_argument("--study", default="adapruner", help="study name; an existing one resumes")
     parser.add_argument("--cache-dir", default=None, help="where activation caches live (default ~/.cache/adapruner/activations)")
+    parser.add_argument("--cache-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="dtype of the cached X and dY (float32: exact taylor1/mix, twice the size)")
     parser.add_argument("--cache-mem", type=float, default=8.0, help="GiB: a cache up to this size is read into memory, a larger one is memory-mapped")
 
 
@@ -230,7 +232,7 @@ def search_options(args: argparse.Namespace):
         sample_counts=_int_list(args.sample_counts, "--sample-counts"), blocks_per_pool=args.blocks_per_pool,
         depth_slope=args.depth_slope, trials=args.trials, sampler=args.sampler, seed=args.seed, val_windows=args.val_windows, val_dtype=args.val_dtype,
         batch_size=args.batch_size, workers=args.workers, early_stop=args.early_stop, storage=args.storage,
-        study=args.study, cache_dir=args.cache_dir, cache_mem_gb=args.cache_mem,
+        study=args.study, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, cache_mem_gb=args.cache_mem,
     )
 
 

@@ -112,7 +112,8 @@ def test_search_bad_input(argv, message, capsys, tmp_path):
 def test_smollm2_search_resume_mismatch_and_apply(capsys, tmp_path, smollm2_loaded):
     out, cache_dir = tmp_path / "search", tmp_path / "cache"
     common = ["--model", "smollm2", "--pools", "wiki,news", "--pool-size", "2", "--metrics", "l2,vector,taylor2",
-              "--sample-counts", "1,2", "--blocks-per-pool", "2", "--val-windows", "1", "--cache-dir", str(cache_dir), "--out", str(out)]
+              "--sample-counts", "1,2", "--blocks-per-pool", "2", "--val-windows", "1", "--cache-dtype", "float32",
+              "--cache-dir", str(cache_dir), "--out", str(out)]
     code, stdout, _ = run_cli(capsys, "search", *common, "--trials", "2")
     assert code == 0 and "best trial" in stdout
     assert {"best.json", "history.png", "study.db", "trials.txt", "search.json"} <= {p.name for p in out.iterdir()}
@@ -132,6 +133,7 @@ def test_smollm2_search_resume_mismatch_and_apply(capsys, tmp_path, smollm2_load
     assert code == 2 and "created with ratio=0.25, not 0.3" in err
     resolved = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}").user_attrs["setup"]["val_dtype"]
     assert resolved == resolve_val_dtype("auto", torch.device("cpu"))  # the study records what `auto` meant here
+    assert optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}").user_attrs["setup"]["cache_dtype"] == "float32"
     code, _, err = run_cli(capsys, "search", *common, "--trials", "3", "--val-dtype", "float16")
     assert code == 2 and f"created with val_dtype={resolved!r}, not 'float16'" in err
 
