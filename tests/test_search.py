@@ -2,6 +2,7 @@
 import multiprocessing
 import os
 import signal
+import statistics
 import time
 from dataclasses import asdict
 
@@ -59,6 +60,29 @@ def test_objective_value_is_the_validation_ppl_of_the_trial_config(gqa_model):
     dense = perplexity(gqa_model, val, progress=False)
     assert all(t.value != pytest.approx(dense) for t in study.trials)  # the dense model itself is untouched
     assert perplexity(gqa_model, val, progress=False) == dense
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_early_stop_prunes_trials_worse_than_the_median_at_a_batch(gqa_model, early_stop):
+    """Each validation batch reports the running perplexity; with early_stop the median rule stops a trial whose
+    running value is worse than the median of earlier trials at that batch, before its last batch."""
+    cache = tiny_cache(gqa_model)
+    val = torch.randint(0, 97, (4, SEQ), generator=torch.Generator().manual_seed(9))
+    scorer = ValidationScorer(gqa_model, val, LAYERS.start, batch_size=1)
+    objective = Objective(gqa_model, cache, PruneSetting(0.5, LAYERS), SPACE, scorer, early_stop=early_stop)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3), pruner=pruner)
+    study.optimize(objective, n_trials=12)
+    stopped = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    if not early_stop:
+        assert not stopped and all(len(t.intermediate_values) == 4 for t in study.trials)
+        return
+    assert stopped
+    for trial in stopped:
+        step = max(trial.intermediate_values)
+        assert step < 3  # stopped before the last batch
+        done = [t.intermediate_values[step] for t in study.trials[: trial.number] if t.state == optuna.trial.TrialState.COMPLETE]
+        assert min(trial.intermediate_values.values()) > statistics.median(done)  # optuna's median rule, minimising
 
 
 def test_depth_slope_changes_per_layer_sizes(gqa_model):
