@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_search_args(parser: argparse.ArgumentParser) -> None:
     from adapruner.importance import AGGREGATIONS
     from adapruner.search import DEFAULT_METRICS
+    from adapruner.validation import VAL_DTYPES
 
     parser.add_argument("--model", default="smollm2", help="HF model directory, hub id, or 'smollm2'")
     parser.add_argument("--ratio", type=float, default=0.25, help=RATIO_HELP)
@@ -112,7 +113,7 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-windows", type=int, default=16, help="validation windows per trial (wiki validation articles)")
-    parser.add_argument("--val-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    parser.add_argument("--val-dtype", default="auto", choices=("auto", *VAL_DTYPES),
                         help="dtype of the trials' validation forward (auto: bf16 where the hardware multiplies it natively, else fp32)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")

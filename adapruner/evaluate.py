@@ -45,10 +45,8 @@ def perplexity(
     starts = range(0, windows.shape[0], batch_size)
     for step, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
         batch = windows[start : start + batch_size]
-        if inputs_embeds is None:
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-        else:
-            logits = model(inputs_embeds=inputs_embeds[start : start + batch_size], use_cache=False).logits[:, :-1]
+        inputs = {"input_ids": batch} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[start : start + batch_size]}
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
         targets = batch[:, 1:]
         total_nll += nll_sum(logits, targets)
         total_tokens += targets.numel()

@@ -44,9 +44,7 @@ def cached_grad_importance_torch(
     metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, seq_len: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: materialise G (and for mix the per-sample G_s) in fp32; return (row scores, column scores)."""
-    _check_metric(metric, rows, seq_len)
-    _check(weight, x, dy)
-    _check_rows(rows, x.shape[0])
+    _check_importance_call(metric, weight, x, dy, rows, seq_len)
     w = weight.float()
     if metric == "taylor1":
         element = (w * (dy[rows].float().t() @ x[rows].float())).abs()
@@ -63,9 +61,7 @@ def cached_grad_importance_bf16_cpu(
     """CPU path for a bf16 cache: the matmuls run in bf16 (fp32 accumulation; G and G_s come out rounded to bf16,
     relative error ≤ 2⁻⁹ per element, the same order as storing X and dY in bf16), the epilogue in fp32.
     On CPUs with AMX or AVX512-BF16 this is ~4× the fp32 matmul rate."""
-    _check_metric(metric, rows, seq_len)
-    _check(weight, x, dy)
-    _check_rows(rows, x.shape[0])
+    _check_importance_call(metric, weight, x, dy, rows, seq_len)
     if x.dtype != torch.bfloat16 or dy.dtype != torch.bfloat16:
         raise ValueError("the bf16 CPU path takes bf16 x and dy")
     w = weight.float()
@@ -106,9 +102,7 @@ def cached_grad_importance_triton(
     """Fused path: tiles of G (and F) accumulate in registers over the chosen token rows, then reduce into the outputs."""
     from adapruner.kernels._cached_gradient_kernels import cached_grad_importance_kernel
 
-    _check_metric(metric, rows, seq_len)
-    _check(weight, x, dy)
-    _check_rows(rows, x.shape[0])
+    _check_importance_call(metric, weight, x, dy, rows, seq_len)
     out_features, in_features = weight.shape
     row_scores = torch.zeros(out_features, dtype=torch.float32, device=weight.device)
     col_scores = torch.zeros(in_features, dtype=torch.float32, device=weight.device)
@@ -180,6 +174,13 @@ def _n_samples(n_tokens: int, seq_len: int) -> int:
     if seq_len < 1 or n_tokens % seq_len:
         raise ValueError(f"{n_tokens} token rows are not whole samples of seq_len {seq_len}")
     return n_tokens // seq_len
+
+
+def _check_importance_call(metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, seq_len: int | None) -> None:
+    """The contract every cached-gradient importance path checks before it computes."""
+    _check_metric(metric, rows, seq_len)
+    _check(weight, x, dy)
+    _check_rows(rows, x.shape[0])
 
 
 def _check_metric(metric: str, rows: torch.Tensor, seq_len: int | None) -> None:
