@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapruner.calibration import seeded_draw
+from adapruner.devices import dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.kernels import channel_importance
@@ -54,6 +55,7 @@ class CacheKey:
     seed: int
     activations: bool
     dtype: str
+    model_dtype: str = "float32"  # the weights' dtype when the cache was built (a bf16 model gives other X, dY)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -83,19 +85,35 @@ class ActivationCache:
             raise AdaPrunerError("the sample subset is empty: choose at least one sample")
         side = "rows" if dim == 0 else "cols"
         if metric == "vector":
-            return self.tensors[f"vec_{side}/{name}"][samples].sum(0).abs()
+            return self._sample_sum(f"vec_{side}/{name}", samples, weight.device).abs()
         if metric == "taylor2":
-            return 0.5 * self.tensors[f"fisher_{side}/{name}"][samples].sum(0) / samples.numel()
+            return 0.5 * self._sample_sum(f"fisher_{side}/{name}", samples, weight.device) / samples.numel()
         if metric == "act":
-            act_norm = self.tensors[f"act/{input_owner(name)}"][samples].sum(0).sqrt()
+            act_norm = self._sample_sum(f"act/{input_owner(name)}", samples, weight.device).sqrt()
             return channel_importance("act", weight, dim, act_norm=act_norm)
         if metric in ACTIVATION_METRICS:
             if not self.key.activations:
                 raise AdaPrunerError(f"metric {metric!r} needs cached activations: rebuild the cache with taylor1/mix in --metrics")
             x, dy = self.tensors[f"x/{input_owner(name)}"], self.tensors[f"dy/{name}"]
             rows = self.token_rows(samples).to(x.device)
+            if x.device != weight.device:  # a host-resident cache (over --cache-mem): stage the subset's rows on the device
+                x, dy = x.index_select(0, rows).to(weight.device), dy.index_select(0, rows).to(weight.device)
+                rows = torch.arange(rows.numel(), device=weight.device)
             return cached_grad_importance(metric, weight, x, dy, rows, self.key.seq_len)[dim]
         raise AdaPrunerError(f"metric {metric!r} does not read the cache")
+
+    def _sample_sum(self, name: str, samples: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Σ over the subset's rows of a per-sample statistic, on `device`."""
+        stats = self.tensors[name]
+        return stats.index_select(0, samples.to(stats.device)).sum(0).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def save(self, path: Path) -> None:
         """safetensors file written through a temporary name, then renamed."""
@@ -104,25 +122,29 @@ class ActivationCache:
         tmp = Path(tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)[1])
         tmp.chmod(0o644)
         try:
-            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=metadata)
+            save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, str(tmp), metadata=metadata)  # staged on the host to write
             shutil.move(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
     @classmethod
-    def load(cls, path: Path, max_memory_bytes: int = 0) -> "ActivationCache":
-        """Read into memory when the file is at most `max_memory_bytes`; otherwise memory-mapped (pages are read on
-        first touch and shared between worker processes on one machine)."""
+    def load(cls, path: Path, max_memory_bytes: int = 0, device: torch.device | str = "cpu") -> "ActivationCache":
+        """Read onto `device` when the file is at most `max_memory_bytes`; otherwise memory-mapped in host memory
+        (pages are read on first touch and shared between worker processes on one machine; a trial on a GPU then
+        copies only its subset's rows over)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
         raw = json.loads(metadata["key"])
         key = CacheKey(**{**raw, "pools": tuple(raw["pools"]), "layers": tuple(raw["layers"])})
-        tensors = load_file(str(path))
-        if path.stat().st_size <= max_memory_bytes:
-            tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+        if path.stat().st_size <= max_memory_bytes and torch.device(device).type != "cpu":
+            tensors = load_file(str(path), device=str(device))
+        else:
+            tensors = load_file(str(path))
+            if path.stat().st_size <= max_memory_bytes:
+                tensors = {name: tensor.clone() for name, tensor in tensors.items()}
         return cls(key, tensors, [tuple(a) for a in json.loads(metadata["addresses"])])
 
 
@@ -197,15 +219,17 @@ def build_cache(
 def cache_key(model_name: str, model: nn.Module, pools: list[str], pool_size: int, seq_len: int, layers: range, seed: int, activations: bool, dtype: str = "bfloat16") -> CacheKey:
     if layers.step != 1 or not 0 <= layers.start < layers.stop <= len(decoder_layers(model)):
         raise AdaPrunerError("cached layer range must be contiguous and inside the model")
-    return CacheKey(model_name, tuple(pools), pool_size, seq_len, (layers.start, layers.stop), seed, activations, dtype)
+    model_dtype = dtype_name(next(model.parameters()).dtype)
+    return CacheKey(model_name, tuple(pools), pool_size, seq_len, (layers.start, layers.stop), seed, activations, dtype, model_dtype)
 
 
 def load_or_build(
     model: nn.Module, tokenizer, key: CacheKey, cache_dir: Path, max_memory_bytes: int = 0, batch_size: int = 4, progress: bool = True
 ) -> ActivationCache:
-    """Reuse `cache_dir/<digest>.safetensors` when present; else build it and save it. Then load it (see `load`)."""
+    """Reuse `cache_dir/<digest>.safetensors` when present; else build it and save it. Then load it onto the model's
+    device (see `load`)."""
     path = cache_dir / f"{key.digest()}.safetensors"
     if not path.is_file():
         input_ids, addresses = candidate_pool(tokenizer, list(key.pools), key.pool_size, key.seq_len, key.seed)
         build_cache(model, key, input_ids, addresses, batch_size, progress).save(path)
-    return ActivationCache.load(path, max_memory_bytes)
+    return ActivationCache.load(path, max_memory_bytes, next(model.parameters()).device)

@@ -8,6 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
+from adapruner.devices import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, Placement, device_arg, device_errors, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.report import format_table
 
@@ -46,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
 
     prune.add_argument("--from-study", default=None, help="apply the best trial of an `adapruner search` output directory")
+    _add_placement_args(prune)
 
     search = commands.add_parser("search", help="AdaPruner: Bayesian search over calibration samples and metrics")
     _add_search_args(search)
     search.add_argument("--out", required=True, help="directory for the study, best.json and plots (reuse it to resume)")
+    _add_placement_args(search)
 
     run = commands.add_parser("run", help="search → prune → (LoRA) → evaluate dense and pruned → report.md")
     _add_search_args(run)
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-eval-windows", type=int, default=None, help="perplexity windows per length (default: all)")
     run.add_argument("--full-seq-len", type=int, default=1024, help="the long perplexity window (capped at the model's context)")
     run.add_argument("--out", required=True, help="new directory for every stage's output and the report")
+    _add_placement_args(run)
 
     tune = commands.add_parser("finetune", help="recover a pruned model with LoRA (peft), then merge or keep the adapter")
     tune.add_argument("--model", required=True, help="a pruned model directory (or any HF model, or 'smollm2')")
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--cutoff", type=int, default=256, help="tokens per training example")
     tune.add_argument("--eval-every", type=int, default=25, help="steps between validation perplexities")
     tune.add_argument("--val-windows", type=int, default=16, help="wiki validation windows (128 tokens) per evaluation")
-    tune.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    _add_placement_args(tune)
     tune.add_argument("--train-on-prompt", action="store_true", help="Alpaca data: also take the loss on the prompt")
     tune.add_argument("--keep-adapter", action="store_true", help="save the adapter in peft's format instead of merging it")
     tune.add_argument("--seed", type=int, default=0)
@@ -89,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-ppl", action="store_true", help="skip perplexity (tasks only)")
     _add_eval_args(evaluate)
     evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation window")
+    _add_placement_args(evaluate)
     return parser
+
+
+def _add_placement_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
 def _add_search_args(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"prune": run_prune, "eval": run_eval, "search": run_search_command, "finetune": run_finetune, "run": run_pipeline_command}
-        return commands[args.command](args)
+        with device_errors():
+            return commands[args.command](args)
     except AdaPrunerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -147,9 +158,11 @@ def run_prune(args: argparse.Namespace) -> int:
     from adapruner.io import check_out_dir, save_pruned
     from adapruner.models import load_model
     from adapruner.prune import check_ratio, count_params
+    from adapruner.kernels.dispatch import kernel_backend
     from adapruner.pruner import PruneOptions, prune_model
 
     check_out_dir(args.out)
+    placement = Placement.of(args.device, args.dtype)
     parse_calib_spec(args.calib)
     if args.ratio is not None:
         check_ratio(args.ratio)
@@ -175,7 +188,7 @@ def run_prune(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, placement.dtype, placement.device)
     windows = None if args.no_eval else _eval_windows(tokenizer, "wiki", options.seq_len, args.max_eval_windows)
     params_before = count_params(model)
     ppl_before = None if windows is None else perplexity(model, windows, args.batch_size, desc="ppl dense")
@@ -198,6 +211,8 @@ def run_prune(args: argparse.Namespace) -> int:
         "seq_len": options.seq_len,
         "prune_seconds": prune_seconds,
         "total_seconds": time.perf_counter() - started,
+        "placement": placement.describe(),
+        "backends": {"importance": kernel_backend(placement.device), "gather": kernel_backend(placement.device)},
         **result.summary(),
     }
     save_pruned(model, tokenizer, args.out, uniform=args.uniform, extra_json={"report.json": report})
@@ -234,6 +249,7 @@ def search_options(args: argparse.Namespace):
         depth_slope=args.depth_slope, trials=args.trials, sampler=args.sampler, seed=args.seed, val_windows=args.val_windows, val_dtype=args.val_dtype,
         batch_size=args.batch_size, workers=args.workers, early_stop=args.early_stop, storage=args.storage,
         study=args.study, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, cache_mem_gb=args.cache_mem,
+        device=args.device, dtype=args.dtype,
     )
 
 
@@ -278,11 +294,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     from adapruner.models import load_model
 
     check_out_dir(args.out)
+    placement = Placement.of(args.device, args.dtype)
     options = LoraOptions(
         r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, lr=args.lr, cutoff=args.cutoff, batch_size=args.batch_size,
-        max_steps=args.steps, max_minutes=args.minutes, eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, dtype=args.dtype, seed=args.seed,
+        max_steps=args.steps, max_minutes=args.minutes, eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, dtype=dtype_name(placement.dtype), seed=args.seed,
     )
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, placement.dtype, placement.device)
     val = pool_windows(tokenizer, "wiki", 128, "val")[: args.val_windows]
     before = perplexity(model, val, desc="val ppl before")
     result = finetune(model, tokenizer, args.data, options, val)
@@ -311,7 +328,8 @@ def run_eval(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     if args.no_ppl and not tasks:
         raise AdaPrunerError("--no-ppl without --tasks measures nothing: drop --no-ppl or name --tasks")
-    model, tokenizer = load_model(args.model)
+    placement = Placement.of(args.device, args.dtype)
+    model, tokenizer = load_model(args.model, placement.dtype, placement.device)
     results: dict[str, dict] = {}
     if not args.no_ppl:
         windows = _eval_windows(tokenizer, args.ppl, args.seq_len, args.max_eval_windows)

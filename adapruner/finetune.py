@@ -11,12 +11,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from adapruner.devices import DTYPES, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.finetune_data import collate, load_train_examples
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -33,7 +33,7 @@ class LoraOptions:
     max_minutes: float | None = None
     eval_every: int = 25
     train_on_prompt: bool = False
-    dtype: str = "fp32"
+    dtype: str = "float32"  # the weights' dtype while training (a name of `adapruner.devices.DTYPES`)
     seed: int = 0
     targets: tuple[str, ...] = LORA_TARGETS
 
@@ -56,7 +56,7 @@ def finetune(
     from peft import LoraConfig, get_peft_model
 
     if options.dtype not in DTYPES:
-        raise AdaPrunerError(f"unknown --dtype {options.dtype!r}: use fp32 or bf16")
+        raise AdaPrunerError(f"unknown --dtype {options.dtype!r}: use {', '.join(DTYPES)}")
     if options.max_steps < 1 or options.batch_size < 1:
         raise AdaPrunerError("--steps and --batch-size must be at least 1")
     examples = load_train_examples(tokenizer, data, options.cutoff, options.train_on_prompt)
@@ -77,11 +77,11 @@ def finetune(
             order.shuffle(fresh)
             queue += fresh
         batch, queue = queue[: options.batch_size], queue[options.batch_size :]
-        input_ids, mask, labels = collate(examples, batch, pad_id)
+        input_ids, mask, labels = (t.to(model_device(peft_model)) for t in collate(examples, batch, pad_id))
         peft_model.train()
         loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         if not torch.isfinite(loss):
-            raise AdaPrunerError(f"training loss became {loss.item()} at step {step}: lower --lr or train with --dtype fp32")
+            raise AdaPrunerError(f"training loss became {loss.item()} at step {step}: lower --lr or train with --dtype float32")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

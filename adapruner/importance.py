@@ -85,7 +85,7 @@ class Importance:
         if self.metric == "random":
             digest = hashlib.sha256(f"{self.seed}:{member.name}".encode()).digest()
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            return torch.rand(weight.shape[member.dim], generator=generator)
+            return torch.rand(weight.shape[member.dim], generator=generator).to(weight.device)
         stats = self.stats.get(member.name, LinearStats())
         missing = [n for n in needs(self.metric) if getattr(stats, n) is None]
         if missing:

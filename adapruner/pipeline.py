@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from adapruner.calibration import pool_windows
+from adapruner.devices import Placement, dtype_name
 from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions, finetune, merged
 from adapruner.io import check_out_dir, layer_sizes, save_pruned
@@ -66,6 +67,7 @@ def measure(name: str, model: nn.Module, tokenizer, options: RunOptions, windows
 def run_pipeline(options: RunOptions, out: Path) -> dict:
     """Every stage's output goes under `out` (which must be new); the reports come last."""
     check_out_dir(out)
+    placement = Placement.of(options.search.device, options.search.dtype)
     # built once, before the search, so that unknown task names fail now
     manager = task_manager(list(options.tasks), cache_root() / "tasks") if options.tasks else None
     out.mkdir(parents=True)
@@ -74,7 +76,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     best = run_search(options.search, out / "search")
     stage_seconds["search"] = time.perf_counter() - started
 
-    dense, tokenizer = load_model(options.search.model)
+    dense, tokenizer = load_model(options.search.model, placement.dtype, placement.device)
     windows = {"ppl@128": pool_windows(tokenizer, "wiki", 128, "eval")[: options.max_eval_windows]}
     full = min(options.full_seq_len, getattr(dense.config, "max_position_embeddings", options.full_seq_len))
     windows[f"ppl@{full}"] = pool_windows(tokenizer, "wiki", full, "eval")[: options.max_eval_windows]
@@ -92,7 +94,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     if options.finetune_steps:
         started = time.perf_counter()
         val = pool_windows(tokenizer, "wiki", 128, "val")[: options.search.val_windows]
-        result = finetune(pruned, tokenizer, options.finetune_data, LoraOptions(max_steps=options.finetune_steps, eval_every=max(1, options.finetune_steps // 4)), val)
+        result = finetune(pruned, tokenizer, options.finetune_data, LoraOptions(max_steps=options.finetune_steps, eval_every=max(1, options.finetune_steps // 4), dtype=dtype_name(placement.dtype)), val)
         recovered = merged(result)
         stage_seconds["finetune"] = time.perf_counter() - started
         save_pruned(recovered, tokenizer, out / "pruned-lora", extra_json={"best.json": best})

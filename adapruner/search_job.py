@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build
 from adapruner.calibration import pool_windows
 from adapruner.corpora import check_pool
+from adapruner.devices import Placement, dtype_name
 from adapruner.errors import AdaPrunerError
+from adapruner.kernels.dispatch import kernel_backend, scoring_backend
 from adapruner.importance import AGGREGATIONS
 from adapruner.models import cache_root, load_model
 from adapruner.prune import check_ratio
@@ -55,6 +57,8 @@ class SearchOptions:
     cache_dir: str | None = None
     cache_dtype: str = "bfloat16"
     cache_mem_gb: float = 8.0
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 def check_search_out(out: Path) -> None:
@@ -72,21 +76,26 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
         raise AdaPrunerError("--workers and --trials must be at least 1")
     for pool in options.pools:
         check_pool(pool)
-    options = replace(options, val_dtype=resolve_val_dtype(options.val_dtype, torch.device("cpu")))  # models run on the CPU
+    placement = Placement.of(options.device, options.dtype)
+    options = replace(options, device=str(placement.device), dtype=dtype_name(placement.dtype), val_dtype=resolve_val_dtype(options.val_dtype, placement.device))
     space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope)
-    setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "cache_mem_gb", "batch_size", "sampler")}
+    # the device is where a study runs, not what it searches: a study may resume on another device (same dtypes)
+    setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "cache_mem_gb", "batch_size", "sampler", "device")}
     setup = json.loads(json.dumps(setup))  # tuples → lists, as the storage returns them
     if options.storage is None:
         out.mkdir(parents=True, exist_ok=True)
     storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
     study = open_study(open_storage(storage_url), options.study, setup)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(options.model)
+    model, tokenizer = load_model(options.model, placement.dtype, placement.device)
     layers = parse_layer_range(options.layers, len(decoder_layers(model)))
     key = cache_key(options.model, model, options.pools, options.pool_size, options.seq_len, layers, options.seed,
                     activations=bool(ACTIVATION_METRICS & set(options.metrics)), dtype=options.cache_dtype)
     cache_dir = Path(options.cache_dir) if options.cache_dir else cache_root() / "activations"
     cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * 2**30), progress=progress)
+    if progress:
+        where = f"on {cache.device}" if cache.device.type != "cpu" or cache.nbytes <= options.cache_mem_gb * 2**30 else "memory-mapped in host memory (over --cache-mem)"
+        print(f"model {options.model} in {options.dtype} on {options.device}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
     val_path = out / "val.safetensors"
     if not val_path.is_file():
         windows = pool_windows(tokenizer, "wiki", options.seq_len, "val")[: options.val_windows]
@@ -97,7 +106,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
         storage=storage_url, study=options.study, setup=setup, ratio=options.ratio, layers=(layers.start, layers.stop),
         granularity=options.granularity, prune_attention=options.prune_attention, prune_mlp=options.prune_mlp,
         space=asdict(space), n_trials=options.trials, sampler=options.sampler, seed=options.seed,
-        val_dtype=options.val_dtype, batch_size=options.batch_size, early_stop=options.early_stop,
+        val_dtype=options.val_dtype, batch_size=options.batch_size, early_stop=options.early_stop, device=options.device, dtype=options.dtype,
         threads=max(1, torch.get_num_threads() // options.workers),
     )
     remaining = max(0, options.trials - finished(study))
@@ -121,6 +130,11 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
     return write_outputs(study, cache, space, out, options)
 
 
+def backends(device: torch.device, cache_dtype: str) -> dict[str, str]:
+    """Which implementation scored the trials (cached-gradient importance) and which gathers the kept units."""
+    return {"importance": scoring_backend(device, cache_dtype), "gather": kernel_backend(device)}
+
+
 def _best_or_none(study):
     try:
         return study.best_trial
@@ -139,6 +153,7 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
         "model": options.model, "ratio": options.ratio, "layers": f"{layers[0]}:{layers[1]}", "granularity": options.granularity,
         "prune_attention": options.prune_attention, "prune_mlp": options.prune_mlp, "seq_len": options.seq_len,
         "val_ppl": best.value, "trial": best.number, "sampler": options.sampler, "seed": options.seed, **describe(config, cache),
+        "placement": {"device": options.device, "dtype": options.dtype, "val_dtype": options.val_dtype}, "backends": backends(torch.device(options.device), cache.key.dtype),
     }
     write_json_atomic(out / "best.json", summary)
     trials = sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: (t.value is None, t.value or 0.0))

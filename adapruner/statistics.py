@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from adapruner.devices import model_device
 from adapruner.importance import LinearStats
 
 
 def sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean next-token cross-entropy, shape (batch,)."""
+    """Per-sample mean next-token cross-entropy, shape (batch,); `input_ids` move to the model's device."""
+    input_ids = input_ids.to(model_device(model))
     logits = model(input_ids=input_ids).logits[:, :-1].float()
     targets = input_ids[:, 1:]
     token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
@@ -41,13 +43,13 @@ def collect_stats(
     stats = {name: LinearStats() for name in linears}
     if not need:
         return stats
-    act_sq = {name: torch.zeros(lin.in_features) for name, lin in linears.items()} if "act_norm" in need else {}
+    act_sq = {name: torch.zeros(lin.in_features, device=lin.weight.device) for name, lin in linears.items()} if "act_norm" in need else {}
     inputs: dict[str, torch.Tensor] = {}
     seq_len = input_ids.shape[1]
 
     def per_sample_sums(name: str, dy: torch.Tensor) -> None:
         entry, x = stats[name], inputs.pop(name)
-        grad = entry.grad if entry.grad is not None else torch.zeros(dy.shape[1], x.shape[1])
+        grad = entry.grad if entry.grad is not None else torch.zeros(dy.shape[1], x.shape[1], device=dy.device)
         fisher = entry.fisher if entry.fisher is not None else torch.zeros_like(grad)
         for dy_s, x_s in zip(dy.split(seq_len), x.split(seq_len)):
             g = dy_s.t() @ x_s
@@ -64,7 +66,7 @@ def collect_stats(
             batch = input_ids[start : start + batch_size]
             if not need & {"grad", "fisher"}:
                 with torch.no_grad():
-                    model(input_ids=batch)
+                    model(input_ids=batch.to(model_device(model)))
                 continue
             sample_loss(model, batch).sum().backward()
             if "fisher" in need:

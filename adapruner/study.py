@@ -109,6 +109,8 @@ class WorkerSpec:
     sampler: str
     seed: int
     val_dtype: str = "float32"
+    device: str = "cpu"
+    dtype: str = "float32"
     batch_size: int = 8
     early_stop: bool = False
     threads: int = 0
@@ -124,11 +126,12 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
     A caller that holds the model and cache already passes them; a spawned worker loads them (the cache
     memory-mapped, so workers on one machine share its pages).
     """
+    from adapruner.devices import DTYPES
     from adapruner.models import load_model
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    model = model if model is not None else load_model(spec.model)[0]
+    model = model if model is not None else load_model(spec.model, DTYPES[spec.dtype], spec.device)[0]
     cache = cache if cache is not None else ActivationCache.load(Path(spec.cache_path))  # memory-mapped, shared
     val_windows = load_file(spec.val_path)["windows"]
     setting = PruneSetting(spec.ratio, range(*spec.layers), spec.granularity, spec.prune_attention, spec.prune_mlp)

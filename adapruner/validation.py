@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.kernels.dispatch import native_bf16
@@ -86,7 +87,7 @@ class ValidationScorer:
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, start: int, dtype: str = "float32", batch_size: int = 8):
         self.base = shared_copy(model, VAL_DTYPES[dtype]).eval()
-        self.windows, self.start, self.batch_size = windows, start, batch_size
+        self.windows, self.start, self.batch_size = windows.to(model_device(model)), start, batch_size
         self.prefix = self._hidden_entering_start()
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""What the cache saves per trial: `python -m bench.search_cost`.
+"""What the cache saves per trial: `python -m bench.search_cost [--device cuda] [--shape llama-7b]`.
 
 Trials: every (metric, sample count) pair of the search space's choices (the mix a random sampler, or TPE's
 start-up trials, draws), samples taken round-robin over all blocks. Each trial runs twice:
@@ -7,8 +7,10 @@ start-up trials, draws), samples taken round-robin over all blocks. Each trial r
              search without the cache runs), importance from those statistics, then the same validation score.
 Both paths share everything else the engine does per trial (plan, pruned copy, validation forward from the
 prefix hidden states, in `--val-dtype`), so the ratio is the cache's own saving. Prints mean seconds per stage,
-ratios per metric, per sample count and overall, and whether both paths kept the same units.
-Writes bench/results/search_cost.json.
+ratios per metric, per sample count and overall, whether both paths kept the same units, the cache pass's time
+and the projected time of a 100-trial search (cache pass + 100 mean cached trials).
+`--shape`: `smollm2` (the embedded model, real text) or a LLaMA shape with random weights (`bench/shapes.py`).
+Writes bench/results/search_cost[-SHAPE-DEVICE].json.
 """
 from __future__ import annotations
 
@@ -20,23 +22,29 @@ from pathlib import Path
 
 import torch
 
-from adapruner.cache import cache_key, load_or_build
-from adapruner.calibration import pool_windows
+from adapruner.cache import build_cache, cache_key
+from adapruner.devices import DEVICE_HELP, DTYPE_CHOICES, Placement, device_arg, dtype_name
 from adapruner.importance import Importance, needs
-from adapruner.models import cache_root, load_model
+from adapruner.kernels.dispatch import kernel_backend, scoring_backend
 from adapruner.prune import plan_pruning
 from adapruner.report import format_table
 from adapruner.search import DEFAULT_METRICS, DEFAULT_SAMPLE_COUNTS, PruneSetting, TrialConfig, pool_blocks, round_robin, trial_plan
 from adapruner.statistics import collect_stats
 from adapruner.structure import decoder_layers, default_layer_range, prunable_linears
 from adapruner.validation import ValidationScorer, resolve_val_dtype
+from bench.shapes import SHAPES, bench_windows, load_shape
+from bench.timing import device_name, sync
 
 STAGES = ("statistics", "importance", "validation")
+PROJECTED_TRIALS = 100
 
 
-def timed(fn):
+def timed(fn, device: torch.device):
+    """(result, wall seconds) with the device synchronised before and after."""
+    sync(device)
     start = time.perf_counter()
     result = fn()
+    sync(device)
     return result, time.perf_counter() - start
 
 
@@ -46,27 +54,33 @@ def ratio(fresh: float, cached: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--shape", default="smollm2", choices=SHAPES, help="smollm2 (embedded, real text) or a random-weight LLaMA shape")
+    parser.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="model weight dtype (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--pools", default="wiki,news,plays")
-    parser.add_argument("--pool-size", type=int, default=16)
+    parser.add_argument("--pool-size", type=int, default=16, help="cached windows per pool (random shapes: one pool)")
     parser.add_argument("--counts", default=",".join(map(str, DEFAULT_SAMPLE_COUNTS)), help="sample counts (the search's choices)")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--val-windows", type=int, default=16, help="as `adapruner search` (default 16)")
     parser.add_argument("--val-dtype", default="auto")
-    parser.add_argument("--out", default="bench/results/search_cost.json")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward+backward of the cache pass")
+    parser.add_argument("--out", default=None, help="JSON file (default bench/results/search_cost.json for smollm2 on CPU, else search_cost-SHAPE-DEVICE.json)")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     metrics = args.metrics.split(",")
+    placement = Placement.of(args.device, args.dtype)
+    device = placement.device
 
-    model, tokenizer = load_model(args.model)
+    (model, tokenizer), t_load = timed(lambda: load_shape(args.shape, device, placement.dtype), device)
     layers = default_layer_range(len(decoder_layers(model)))
-    key = cache_key(args.model, model, args.pools.split(","), args.pool_size, args.seq_len, layers, 0, activations=True)
-    cache, t_build = timed(lambda: load_or_build(model, tokenizer, key, cache_root() / "activations", 2**34))
-    val_dtype = resolve_val_dtype(args.val_dtype, torch.device("cpu"))
-    val = pool_windows(tokenizer, "wiki", args.seq_len, "val")[: args.val_windows]
-    scorer, t_prefix = timed(lambda: ValidationScorer(model, val, layers.start, val_dtype))
+    pools = args.pools.split(",") if args.shape == "smollm2" else ["random"]
+    pool_ids, addresses, val = bench_windows(args.shape, tokenizer, pools, args.pool_size, args.seq_len, args.val_windows)
+    key = cache_key(args.shape, model, pools, args.pool_size, args.seq_len, layers, 0, activations=True)
+    cache, t_build = timed(lambda: build_cache(model, key, pool_ids, addresses, args.batch_size), device)
+    val_dtype = resolve_val_dtype(args.val_dtype, device)
+    scorer, t_prefix = timed(lambda: ValidationScorer(model, val, layers.start, val_dtype), device)
     setting = PruneSetting(args.ratio, layers)
     blocks = list(pool_blocks(cache, 4).values())
     linears = prunable_linears(model, layers)
@@ -75,12 +89,13 @@ def main() -> None:
     for metric in metrics:
         for count in counts:
             config = TrialConfig(round_robin(blocks, count), metric, "sum")
-            windows = torch.stack([pool_windows(tokenizer, pool, args.seq_len, "calib")[index] for pool, index in (cache.addresses[i] for i in config.samples)])
-            cached_plan, t_cached_importance = timed(lambda: trial_plan(model, cache, setting, config))
-            cached_ppl, t_cached_val = timed(lambda: scorer.score(cached_plan))
-            stats, t_stats = timed(lambda: collect_stats(model, linears, windows, needs(metric), progress=False))
-            fresh_plan, t_fresh_importance = timed(lambda: plan_pruning(model, Importance(metric, "sum", stats), args.ratio, layers))
-            fresh_ppl, t_fresh_val = timed(lambda: scorer.score(fresh_plan))
+            windows = pool_ids[config.samples]  # the pool's windows, in the cache's sample order
+            cached_plan, t_cached_importance = timed(lambda: trial_plan(model, cache, setting, config), device)
+            cached_ppl, t_cached_val = timed(lambda: scorer.score(cached_plan), device)
+            stats, t_stats = timed(lambda: collect_stats(model, linears, windows, needs(metric), progress=False), device)
+            fresh_plan, t_fresh_importance = timed(lambda: plan_pruning(model, Importance(metric, "sum", stats), args.ratio, layers), device)
+            del stats  # recompute statistics of a large model are twice its size in fp32
+            fresh_ppl, t_fresh_val = timed(lambda: scorer.score(fresh_plan), device)
             records.append({
                 "metric": metric, "samples": count,
                 "cached": dict(zip(STAGES, (0.0, t_cached_importance, t_cached_val))),
@@ -107,18 +122,28 @@ def main() -> None:
         rows = [r for r in records if r["samples"] == count]
         by_count.append([count, mean(rows, "cached"), mean(rows, "recompute"), ratio(mean(rows, "recompute"), mean(rows, "cached"))])
     overall = mean(records, "recompute") / mean(records, "cached")
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"machine: {machine}; cache of {cache.n_samples} samples × {args.seq_len} tokens ready in {t_build:.1f} s; "
+    machine = device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    n_params = sum(p.numel() for p in model.parameters())
+    projected = t_build + PROJECTED_TRIALS * mean(records, "cached")
+    print(f"machine: {machine}; shape {args.shape} ({n_params / 1e9:.2f}B parameters, {dtype_name(placement.dtype)}) built in {t_load:.1f} s; "
+          f"importance by {scoring_backend(device, key.dtype)}, gather by {kernel_backend(device)}")
+    print(f"cache pass: {cache.n_samples} samples × {args.seq_len} tokens ({cache.nbytes / 2**30:.2f} GiB) in {t_build:.1f} s; "
           f"validation: {args.val_windows} windows in {val_dtype}, prefix (layers 0-{layers.start - 1}) computed once in {t_prefix:.2f} s")
     print(f"trials: metrics {', '.join(metrics)} × sample counts {', '.join(map(str, counts))}; times are means in seconds")
     print(format_table(["metric", "importance cached", "importance recompute", "importance ratio", "trial cached", "trial recompute", "trial ratio", "same units"], by_metric))
     print(format_table(["samples", "trial cached", "trial recompute", "trial ratio"], by_count))
     print(f"mean trial: cached {mean(records, 'cached'):.2f} s (validation {mean(records, 'cached', 'validation'):.2f} s), "
           f"recompute {mean(records, 'recompute'):.2f} s; cached trial vs recompute: {overall:.1f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine, "cache_build_s": t_build, "prefix_s": t_prefix, "val_dtype": val_dtype, "overall_ratio": overall, "args": vars(args), "trials": records}
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"projected {PROJECTED_TRIALS}-trial search: cache pass {t_build:.1f} s + {PROJECTED_TRIALS} × {mean(records, 'cached'):.2f} s = {projected:.0f} s "
+          f"({projected / 60:.1f} min; without the cache: {PROJECTED_TRIALS * mean(records, 'recompute') / 60:.1f} min)")
+    default_out = "bench/results/search_cost.json" if (args.shape, device.type) == ("smollm2", "cpu") else f"bench/results/search_cost-{args.shape}-{device.type}.json"
+    out = Path(args.out or default_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine, "shape": args.shape, "params": n_params, "placement": placement.describe(), "cache_build_s": t_build,
+               "cache_GiB": cache.nbytes / 2**30, "prefix_s": t_prefix, "val_dtype": val_dtype, "overall_ratio": overall,
+               "projected_100_trial_search_s": projected, "args": vars(args), "trials": records}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

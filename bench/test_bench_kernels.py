@@ -48,5 +48,7 @@ def test_cached_grad_importance(benchmark, provider):
     dy = torch.randn(256, SHAPE[0], device=DEVICE, dtype=torch.bfloat16)
     rows = torch.arange(256, device=DEVICE)
     fn = cached_grad_importance_torch if provider == "torch" else cached_grad_importance_triton
-    row_scores, _ = _run(benchmark, lambda: fn("taylor1", w, x, dy, rows))
-    assert row_scores.shape == (SHAPE[0],)
+    row_scores, col_scores = _run(benchmark, lambda: fn("taylor1", w, x, dy, rows))
+    expected = (w.float() * (dy.float().t() @ x.float())).abs()  # |W ⊙ G| with G = dYᵀX materialised
+    torch.testing.assert_close(row_scores, expected.sum(1), rtol=2e-2, atol=2e-2 * expected.sum(1).abs().max().item())
+    torch.testing.assert_close(col_scores, expected.sum(0), rtol=2e-2, atol=2e-2 * expected.sum(0).abs().max().item())

@@ -22,6 +22,18 @@ def use_triton(tensor: torch.Tensor, backend: Backend) -> bool:
     return backend == "triton"
 
 
+def kernel_backend(device: torch.device) -> str:
+    """Which implementation `auto` dispatch runs for tensors on `device`: `triton` or `torch` (for reports)."""
+    return "triton" if device.type == "cuda" and triton_installed() else "torch"
+
+
+def scoring_backend(device: torch.device, cache_dtype: str) -> str:
+    """The cached-gradient importance path `auto` takes on `device` for a cache stored in `cache_dtype`."""
+    if kernel_backend(device) == "triton":
+        return "triton"
+    return "torch-bf16-cpu" if cache_dtype == "bfloat16" and native_bf16(device) else "torch"
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively (faster than fp32) on `device`: CUDA with bf16, CPUs with AVX512-BF16 or AMX."""
     if device.type == "cuda":

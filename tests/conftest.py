@@ -9,6 +9,8 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run on CPU only in the interpreter; set before triton.jit runs
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+TEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -47,6 +49,12 @@ def word_level_tokenizer():
     backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device tests run kernels and models on: CUDA when present, else the CPU (Triton under its interpreter)."""
+    return TEST_DEVICE
 
 
 @pytest.fixture

@@ -22,24 +22,24 @@ SEQ = 9  # tokens per sample, odd on purpose
 OUT, IN = 40, 23  # neither a multiple of the 32-wide test blocks
 
 
-def cache(dtype, n_samples=5, seed=0):
+def cache(dtype, n_samples=5, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(OUT, IN, generator=gen).to(dtype)
-    x = torch.randn(n_samples * SEQ, IN, generator=gen).to(dtype)
-    dy = torch.randn(n_samples * SEQ, OUT, generator=gen).to(dtype)
+    w = torch.randn(OUT, IN, generator=gen).to(device, dtype)
+    x = torch.randn(n_samples * SEQ, IN, generator=gen).to(device, dtype)
+    dy = torch.randn(n_samples * SEQ, OUT, generator=gen).to(device, dtype)
     return w, x, dy
 
 
-def token_rows(samples):
-    return (torch.tensor(samples)[:, None] * SEQ + torch.arange(SEQ)).reshape(-1)
+def token_rows(samples, device="cpu"):
+    return (torch.tensor(samples)[:, None] * SEQ + torch.arange(SEQ)).reshape(-1).to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("metric", ["taylor1", "mix"])
 @pytest.mark.parametrize("samples", [[2], [0, 3, 4], [4, 1]])
-def test_fused_importance_matches_reference(metric, dtype, samples):
-    w, x, dy = cache(dtype)
-    rows = token_rows(samples)
+def test_fused_importance_matches_reference(metric, dtype, samples, device):
+    w, x, dy = cache(dtype, device=device)
+    rows = token_rows(samples, device)
     expected = cached_grad_importance_torch(metric, w, x, dy, rows, SEQ)
     got = cached_grad_importance_triton(metric, w, x, dy, rows, SEQ, block_m=32, block_n=32, block_t=16)
     for g, e in zip(got, expected):
@@ -86,18 +86,18 @@ def test_mix_uses_the_subset_fisher():
     torch.testing.assert_close(got[1], element.sum(0), rtol=1e-5, atol=1e-4)
 
 
-def test_strided_cache_views():
-    w, x, dy = cache(torch.float32)
+def test_strided_cache_views(device):
+    w, x, dy = cache(torch.float32, device=device)
     x_view = torch.cat([x, x], 1)[:, ::2]  # column stride 2
-    rows = token_rows([1, 2])
+    rows = token_rows([1, 2], device)
     expected = cached_grad_importance_torch("taylor1", w, x_view, dy, rows)
     got = cached_grad_importance_triton("taylor1", w.t().contiguous().t(), x_view, dy, rows, block_m=32, block_n=32, block_t=16)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_sample_fisher_stats_match_reference(dtype):
-    w, x, dy = cache(dtype)
+def test_sample_fisher_stats_match_reference(dtype, device):
+    w, x, dy = cache(dtype, device=device)
     expected = sample_fisher_stats_torch(w, x, dy, SEQ)
     got = sample_fisher_stats_triton(w, x, dy, SEQ, block_m=32, block_n=32, block_t=16)
     for g, e in zip(got, expected):

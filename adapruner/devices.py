@@ -1,0 +1,97 @@
+"""Where models run and in which weight dtype: `--device` and `--dtype`, resolved in this one place.
+
+    --device auto   CUDA (device 0) when torch sees one, else the CPU;  cpu | cuda | cuda:N name one
+    --dtype  auto   bfloat16 weights on CUDA (float16 where the card has no bf16), float32 on the CPU
+Importance and statistics accumulate in fp32 whatever the weight dtype (the kernels and hooks upcast).
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from adapruner.errors import AdaPrunerError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+DEVICE_HELP = "where the model runs: auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
+DTYPE_HELP = "model weight dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_arg(text: str) -> str:
+    """argparse `type` for --device: the spelling is checked at parse time, availability when resolved."""
+    import argparse
+
+    if not _DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → cuda when available, else cpu; a CUDA device that is not there is a one-line error."""
+    if not _DEVICE_PATTERN.fullmatch(name):
+        raise AdaPrunerError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdaPrunerError(f"--device {name}: torch sees no CUDA device here: pass --device cpu (or auto)")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise AdaPrunerError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible: pass cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` → bfloat16 on CUDA (float16 without bf16 support), float32 elsewhere; other names as written."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise AdaPrunerError(f"unknown --dtype {name!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A resolved (device, weight dtype) pair; `Placement.of("auto", "auto")` is what every command starts from."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, device: str = "auto", dtype: str = "auto") -> "Placement":
+        resolved = resolve_device(device)
+        return cls(resolved, resolve_dtype(dtype, resolved))
+
+    def describe(self) -> dict[str, str]:
+        return {"device": str(self.device), "dtype": dtype_name(self.dtype)}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (every tensor a model step creates goes there)."""
+    return next(model.parameters()).device
+
+
+@contextmanager
+def device_errors():
+    """Turn running out of memory into a one-line error that names the fixes; other errors pass through."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "out of memory"
+        raise AdaPrunerError(f"out of device memory ({first}): lower --batch-size, lower --cache-mem, or pass --device cpu") from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if "can't allocate memory" in text or "DefaultCPUAllocator" in text:
+            raise AdaPrunerError("out of host memory: lower --batch-size or --cache-mem, or use a smaller --pool-size") from None
+        raise
