@@ -19,7 +19,7 @@ def main() -> None:
     data = json.loads(Path(args.json_file).read_text())
     rows = data["rows"]
     cases = list(dict.fromkeys(f"{r['kernel']}\n{'x'.join(map(str, r['shape']))}" for r in rows))
-    names = list(dict.fromkeys(r["provider"] for r in rows))
+    names = [name for name in dict.fromkeys(r["provider"] for r in rows) if "[" not in name]  # sweep rows stay in the JSON
     fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases)), 4.5))
     width = 0.8 / len(names)
     for k, provider in enumerate(names):

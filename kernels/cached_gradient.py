@@ -97,12 +97,14 @@ def cached_grad_importance(
 
 def cached_grad_importance_triton(
     metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor,
-    seq_len: int | None = None, block_m: int = 64, block_n: int = 64, block_t: int = 32,
+    seq_len: int | None = None, block_m: int | None = None, block_n: int | None = None, block_t: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused path: tiles of G (and F) accumulate in registers over the chosen token rows, then reduce into the outputs."""
     from adapruner.kernels._cached_gradient_kernels import cached_grad_importance_kernel
 
     _check_importance_call(metric, weight, x, dy, rows, seq_len)
+    (block_m, block_n, block_t), launch = _tiles(x, (block_m, block_n, block_t), num_warps, num_stages)
     out_features, in_features = weight.shape
     row_scores = torch.zeros(out_features, dtype=torch.float32, device=weight.device)
     col_scores = torch.zeros(in_features, dtype=torch.float32, device=weight.device)
@@ -112,7 +114,7 @@ def cached_grad_importance_triton(
         weight, x, dy, rows, row_scores, col_scores,
         out_features, in_features, rows.numel(), seq_len if mix else rows.numel(),
         weight.stride(0), weight.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        MIX=mix, UPCAST=_interpreter_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
+        MIX=mix, UPCAST=_interpreter_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t, **launch,
     )
     return row_scores, col_scores
 
@@ -139,12 +141,15 @@ def sample_fisher_stats(weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
 
 
 def sample_fisher_stats_triton(
-    weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int, block_m: int = 64, block_n: int = 64, block_t: int = 32
+    weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int,
+    block_m: int | None = None, block_n: int | None = None, block_t: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused path: one program per (sample, row tile, column tile); per-sample G_s tiles stay in registers."""
     from adapruner.kernels._cached_gradient_kernels import sample_fisher_kernel
 
     _check(weight, x, dy)
+    (block_m, block_n, block_t), launch = _tiles(x, (block_m, block_n, block_t), num_warps, num_stages)
     n = _n_samples(x.shape[0], seq_len)
     out_features, in_features = weight.shape
     rows = torch.zeros(n, out_features, dtype=torch.float32, device=weight.device)
@@ -153,9 +158,20 @@ def sample_fisher_stats_triton(
     sample_fisher_kernel[grid](
         weight, x, dy, rows, cols, out_features, in_features, seq_len,
         weight.stride(0), weight.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        UPCAST=_interpreter_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
+        UPCAST=_interpreter_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t, **launch,
     )
     return rows, cols
+
+
+def _tiles(x: torch.Tensor, blocks: tuple[int | None, int | None, int | None], num_warps: int | None, num_stages: int | None) -> tuple[tuple[int, ...], dict]:
+    """(BLOCK_M, BLOCK_N, BLOCK_T) and launch options, the given ones kept: on a GPU, 128×128 tiles over 64 token rows
+    with 8 warps and 3 pipeline stages for 2-byte inputs (tensor-core dots), 64×64×32 for fp32 (exact fp32 dots)."""
+    if x.is_cuda and x.element_size() == 2:
+        default_blocks, warps, stages = (128, 128, 64), 8, 3
+    else:
+        default_blocks, warps, stages = (64, 64, 32), 4, 2
+    chosen = tuple(given or default for given, default in zip(blocks, default_blocks))
+    return chosen, {"num_warps": num_warps or warps, "num_stages": num_stages or stages}
 
 
 def subset_taylor2(stats: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:

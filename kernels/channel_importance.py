@@ -82,35 +82,48 @@ def channel_importance_triton(
     grad: torch.Tensor | None = None,
     fisher: torch.Tensor | None = None,
     act_norm: torch.Tensor | None = None,
-    block_c: int = 16,
-    block_k: int = 256,
+    block_c: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
-    """Triton path: one program per `block_c` channels, looping over the reduced dimension in `block_k` tiles.
+    """Triton path: a program per (`block_c` channels, chunk of the reduced dimension), looping over its chunk in
+    `block_k` tiles; the chunks' partial sums meet by atomic add (split-K keeps every SM busy when channels are few).
 
-    Strided (non-contiguous) inputs are read in place: channel c, reduced index k sits at c·s_c + k·s_k.
+    Strided (non-contiguous) inputs are read in place: channel c, reduced index k sits at c·s_c + k·s_k. Unset
+    blocks follow the layout: a long contiguous tile along whichever dimension is contiguous in memory.
     """
     from adapruner.kernels._channel_importance_kernel import channel_importance_kernel
 
     _check_inputs(metric, weight, dim, grad, fisher, act_norm)
     channels, reduced = weight.shape[dim], weight.shape[1 - dim]
-    out = torch.empty(channels, dtype=torch.float32, device=weight.device)
+    default_c, default_k = (4, 1024) if weight.stride(1 - dim) == 1 else (128, 32)  # coalesce along the contiguous dim
+    block_c, block_k = block_c or default_c, block_k or default_k
+    c_blocks = triton_cdiv(channels, block_c)
+    split_k = split_k or max(1, min(triton_cdiv(reduced, 4 * block_k), triton_cdiv(4 * _multiprocessors(weight.device), c_blocks)))
+    k_chunk = triton_cdiv(triton_cdiv(reduced, split_k), block_k) * block_k
+    out = torch.zeros(channels, dtype=torch.float32, device=weight.device)
     # absent inputs get the weight as a stand-in pointer; the METRIC constexpr never reads them
     g = grad if grad is not None else weight
     f = fisher if fisher is not None else weight
     a = act_norm if act_norm is not None else weight
-    grid = (triton_cdiv(channels, block_c),)
+    grid = (c_blocks, triton_cdiv(reduced, k_chunk))
     channel_importance_kernel[grid](
-        weight, g, f, a, out, channels, reduced,
+        weight, g, f, a, out, channels, reduced, k_chunk,
         weight.stride(dim), weight.stride(1 - dim), g.stride(dim), g.stride(1 - dim), f.stride(dim), f.stride(1 - dim),
         a.stride(0) if act_norm is not None else 0,
-        METRIC=METRIC_CODES[metric], ACT_ON_REDUCED=dim == 0, BLOCK_C=block_c, BLOCK_K=block_k,
+        METRIC=METRIC_CODES[metric], ACT_ON_REDUCED=dim == 0, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
     )
-    return out
+    return out.abs_() if metric == "vector" else out
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
+
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs programs one by one)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 def _check_inputs(metric, weight, dim, grad, fisher, act_norm) -> None:
     if metric not in METRICS_NEEDING:

@@ -43,12 +43,13 @@ def gather(specs: Sequence[GatherSpec], backend: Backend = "auto") -> list[torch
     return gather_torch(specs)
 
 
-def gather_triton(specs: Sequence[GatherSpec], block_r: int = 32, block_c: int = 64) -> list[torch.Tensor]:
-    """Fused path: grid (row tiles, column tiles, tensors); each program copies one tile of one tensor."""
+def gather_triton(specs: Sequence[GatherSpec], block_r: int = 16, block_c: int = 256, num_warps: int = 4) -> list[torch.Tensor]:
+    """Fused path: grid (row tiles, column tiles, tensors); each program copies one tile of one tensor.
+    Tensors whose columns stay whole are read along contiguous columns (vector loads)."""
     from adapruner.kernels._gather_kernel import gather_kernel
 
     _check(specs)
-    sources, outputs, row_ids, col_ids, n_rows, n_cols, s_rows, s_cols = [], [], [], [], [], [], [], []
+    sources, outputs, row_ids, col_ids, whole_cols, n_rows, n_cols, s_rows, s_cols = [], [], [], [], [], [], [], [], []
     for src, rows, cols in specs:
         matrix = src if src.dim() == 2 else src[:, None]
         device = src.device
@@ -60,14 +61,15 @@ def gather_triton(specs: Sequence[GatherSpec], block_r: int = 32, block_c: int =
         outputs.append(out)
         row_ids.append(r.to(torch.int64))
         col_ids.append(c.to(torch.int64))
+        whole_cols.append(int(cols is None))
         n_rows.append(r.numel())
         n_cols.append(c.numel())
         s_rows.append(matrix.stride(0))
         s_cols.append(matrix.stride(1))
     grid = (-(-max(n_rows) // block_r), -(-max(n_cols) // block_c), len(specs))
     gather_kernel[grid](
-        tuple(sources), tuple(o.view(BITS_AS[o.element_size()]) for o in outputs), tuple(row_ids), tuple(col_ids),
+        tuple(sources), tuple(o.view(BITS_AS[o.element_size()]) for o in outputs), tuple(row_ids), tuple(col_ids), tuple(whole_cols),
         tuple(n_rows), tuple(n_cols), tuple(s_rows), tuple(s_cols),
-        N_TENSORS=len(specs), BLOCK_R=block_r, BLOCK_C=block_c,
+        N_TENSORS=len(specs), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
     )
     return [out if src.dim() == 2 else out[:, 0] for out, (src, _, _) in zip(outputs, specs)]

@@ -31,6 +31,18 @@ def test_kernel_matches_reference(metric, dim, dtype, device):
     torch.testing.assert_close(got, expected, rtol=RTOL[dtype], atol=1e-5 * w.shape[1 - dim])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("metric", ["vector", "taylor1", "act"])
+def test_split_reduction_matches_reference(metric, dim, dtype, device):
+    """Chunks of the reduced dimension summed by atomic add (the last chunk partial; vector's |·| after the total)."""
+    w, g, f, a = inputs((37, 300), dtype, device, seed=2)
+    expected = channel_importance_torch(metric, w, dim, g, f, a)
+    for split in (2, 3):
+        got = channel_importance_triton(metric, w, dim, g, f, a, block_c=16, block_k=64, split_k=split)
+        torch.testing.assert_close(got, expected, rtol=RTOL[dtype], atol=1e-5 * w.shape[1 - dim])
+
+
 @pytest.mark.parametrize("metric", ["taylor1", "mix", "act"])
 def test_kernel_reads_strided_inputs(metric, device):
     w, g, f, a = inputs((64, 45), torch.float32, device, seed=1)

@@ -11,7 +11,8 @@ def layer_like(dtype, device):
     bias = torch.randn(48, generator=gen).to(device, dtype)
     keep_q, keep_kv = (torch.tensor(ids, device=device) for ids in ([0, 1, 2, 3, 8, 9, 10, 11, 40, 47], [3, 4, 5, 15]))
     strided = (o.t(), torch.tensor([47, 0, 20], device=device), torch.tensor([36, 0, 5], device=device))
-    return [(q, keep_q, None), (k, keep_kv, None), (o, None, keep_q), (bias, keep_q, None), strided]
+    strided_whole_columns = (o.t(), keep_kv, None)  # columns read in place with a column stride of 37
+    return [(q, keep_q, None), (k, keep_kv, None), (o, None, keep_q), (bias, keep_q, None), strided, strided_whole_columns]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

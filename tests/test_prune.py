@@ -28,8 +28,8 @@ def masked_logits(model, plan, tokens):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("fixture", ["mha_model", "gqa_model", "qwen2_model"])
 @pytest.mark.parametrize("granularity", ["kv", "query"])
-def test_pruned_model_equals_masked_dense_model(fixture, granularity, backend, request, token_batch):
-    model = request.getfixturevalue(fixture)
+def test_pruned_model_equals_masked_dense_model(fixture, granularity, backend, request, token_batch, device):
+    model, token_batch = request.getfixturevalue(fixture).to(device), token_batch.to(device)
     ratio = 0.5 if granularity == "kv" else 0.34
     plan = plan_pruning(model, Importance("l2"), ratio, range(0, 2), granularity)
     expected = masked_logits(model, plan, token_batch)
