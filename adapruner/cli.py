@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     from adapruner.calibration import parse_calib_spec
+    from adapruner.corpora import check_pool
     from adapruner.evaluate import perplexity
     from adapruner.io import check_out_dir, save_pruned
     from adapruner.models import load_model
@@ -163,7 +164,8 @@ def run_prune(args: argparse.Namespace) -> int:
 
     check_out_dir(args.out)
     placement = Placement.of(args.device, args.dtype)
-    parse_calib_spec(args.calib)
+    for pool, _count in parse_calib_spec(args.calib):
+        check_pool(pool)
     if args.ratio is not None:
         check_ratio(args.ratio)
     if args.uniform and args.layers not in (None, "all"):

@@ -85,8 +85,8 @@ def main() -> None:
     blocks = list(pool_blocks(cache, 4).values())
     linears = prunable_linears(model, layers)
 
-    warm = TrialConfig(round_robin(blocks, counts[0]), metrics[0], "sum")  # one untimed trial: first-call costs (kernel compiles, allocator) off the table
-    scorer.score(trial_plan(model, cache, setting, warm))
+    for metric in metrics:  # one untimed trial per metric: first-call costs (kernel compiles, allocator growth) off the table
+        scorer.score(trial_plan(model, cache, setting, TrialConfig(round_robin(blocks, counts[0]), metric, "sum")))
     records = []
     for metric in metrics:
         for count in counts:

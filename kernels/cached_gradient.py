@@ -164,10 +164,12 @@ def sample_fisher_stats_triton(
 
 
 def _tiles(x: torch.Tensor, blocks: tuple[int | None, int | None, int | None], num_warps: int | None, num_stages: int | None) -> tuple[tuple[int, ...], dict]:
-    """(BLOCK_M, BLOCK_N, BLOCK_T) and launch options, the given ones kept: on a GPU, 128×128 tiles over 64 token rows
-    with 8 warps and 3 pipeline stages for 2-byte inputs (tensor-core dots), 64×64×32 for fp32 (exact fp32 dots)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_T) and launch options, the given ones kept: on a GPU with 2-byte inputs (tensor-core
+    dots) 128×256 tiles over 64 token rows (Hopper and later: the best of `bench.kernels --sweep` on an H200, 147 KB of
+    shared memory in 3 stages) or 128×128 (older cards), 8 warps; 64×64×32 for fp32 (exact fp32 dots)."""
     if x.is_cuda and x.element_size() == 2:
-        default_blocks, warps, stages = (128, 128, 64), 8, 3
+        wide = torch.cuda.get_device_capability(x.device)[0] >= 9
+        default_blocks, warps, stages = (128, 256 if wide else 128, 64), 8, 3
     else:
         default_blocks, warps, stages = (64, 64, 32), 4, 2
     chosen = tuple(given or default for given, default in zip(blocks, default_blocks))

@@ -85,20 +85,26 @@ def channel_importance_triton(
     block_c: int | None = None,
     block_k: int | None = None,
     split_k: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Triton path: a program per (`block_c` channels, chunk of the reduced dimension), looping over its chunk in
     `block_k` tiles; the chunks' partial sums meet by atomic add (split-K keeps every SM busy when channels are few).
 
     Strided (non-contiguous) inputs are read in place: channel c, reduced index k sits at c·s_c + k·s_k. Unset
-    blocks follow the layout: a long contiguous tile along whichever dimension is contiguous in memory.
+    launch options follow the layout (chosen from `bench.kernels --sweep` on an H200): reducing along contiguous
+    memory, tiles of 4096 elements with the reduced run as long as possible and 8 warps; reducing across it, 64 × 64
+    tiles with 4 warps.
     """
     from adapruner.kernels._channel_importance_kernel import channel_importance_kernel
 
     _check_inputs(metric, weight, dim, grad, fisher, act_norm)
     channels, reduced = weight.shape[dim], weight.shape[1 - dim]
-    default_c, default_k = (4, 1024) if weight.stride(1 - dim) == 1 else (128, 32)  # coalesce along the contiguous dim
-    block_c, block_k = block_c or default_c, block_k or default_k
+    if weight.stride(1 - dim) == 1:
+        run = min(4096, triton_next_power_of_2(reduced))
+        default_c, default_k, default_warps = 4096 // run, run, 8
+    else:
+        default_c, default_k, default_warps = 64, 64, 4
+    block_c, block_k, num_warps = block_c or default_c, block_k or default_k, num_warps or default_warps
     c_blocks = triton_cdiv(channels, block_c)
     split_k = split_k or max(1, min(triton_cdiv(reduced, 4 * block_k), triton_cdiv(4 * _multiprocessors(weight.device), c_blocks)))
     k_chunk = triton_cdiv(triton_cdiv(reduced, split_k), block_k) * block_k
@@ -119,6 +125,10 @@ def channel_importance_triton(
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _multiprocessors(device: torch.device) -> int:

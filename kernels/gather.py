@@ -17,12 +17,18 @@ BITS_AS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _check(specs: Sequence[GatherSpec]) -> None:
+    """Shapes, and every index inside its dimension (one host read for all the index tensors' bounds)."""
+    bounded: list[tuple[torch.Tensor, int]] = []
     for src, rows, cols in specs:
         if src.dim() not in (1, 2) or (src.dim() == 1 and cols is not None):
             raise ValueError("gather takes 2-D tensors, or 1-D tensors (biases) with rows only")
-        for index, size in ((rows, src.shape[0]), (cols, src.shape[-1])):
-            if index is not None and index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
-                raise ValueError(f"gather index out of range [0, {size})")
+        bounded += [(index, size) for index, size in ((rows, src.shape[0]), (cols, src.shape[-1])) if index is not None and index.numel()]
+    if not bounded:
+        return
+    extremes = torch.stack([torch.stack([index.min(), index.max()]).cpu() for index, _ in bounded]).tolist()
+    for (low, high), (_, size) in zip(extremes, bounded):
+        if low < 0 or high >= size:
+            raise ValueError(f"gather index out of range [0, {size})")
 
 
 def gather_torch(specs: Sequence[GatherSpec]) -> list[torch.Tensor]:
@@ -54,8 +60,9 @@ def gather_triton(specs: Sequence[GatherSpec], block_r: int = 16, block_c: int =
         matrix = src if src.dim() == 2 else src[:, None]
         device = src.device
         r = rows if rows is not None else torch.arange(matrix.shape[0], device=device)
-        c = cols if cols is not None else torch.arange(matrix.shape[1], device=device)
-        out = torch.empty((r.numel(), c.numel()), dtype=src.dtype, device=device)
+        c = cols if cols is not None else r  # whole columns: the kernel never reads this stand-in
+        n_c = cols.numel() if cols is not None else matrix.shape[1]
+        out = torch.empty((r.numel(), n_c), dtype=src.dtype, device=device)
         words = BITS_AS[src.element_size()]
         sources.append(matrix.view(words))
         outputs.append(out)
@@ -63,7 +70,7 @@ def gather_triton(specs: Sequence[GatherSpec], block_r: int = 16, block_c: int =
         col_ids.append(c.to(torch.int64))
         whole_cols.append(int(cols is None))
         n_rows.append(r.numel())
-        n_cols.append(c.numel())
+        n_cols.append(n_c)
         s_rows.append(matrix.stride(0))
         s_cols.append(matrix.stride(1))
     grid = (-(-max(n_rows) // block_r), -(-max(n_cols) // block_c), len(specs))

@@ -82,6 +82,13 @@ def token_batch() -> torch.Tensor:
     return torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that loads the embedded model carries the `smollm2` marker (`-m "not smollm2"` runs without it)."""
+    for item in items:
+        if {"smollm2", "smollm2_loaded"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.smollm2)
+
+
 @pytest.fixture(scope="session")
 def smollm2_loaded():
     from adapruner.models import load_model

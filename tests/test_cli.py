@@ -25,10 +25,10 @@ def run_cli(capsys, *argv):
     [
         (["--model", "/no/such/model"], "does not exist"),
         (["--model", "smollm2", "--ratio", "1.5"], "outside (0, 1)"),
-        (["--model", "smollm2", "--ratio", "0.95"], "would remove all 3 key/value groups"),
-        (["--model", "smollm2", "--calib", "wiki:100000"], "ask for at most"),
+        pytest.param(["--model", "smollm2", "--ratio", "0.95"], "would remove all 3 key/value groups", marks=pytest.mark.smollm2),
+        pytest.param(["--model", "smollm2", "--calib", "wiki:100000"], "ask for at most", marks=pytest.mark.smollm2),
         (["--model", "smollm2", "--calib", "atlantis:4"], "unknown pool 'atlantis'"),
-        (["--model", "smollm2", "--target-params", "0.99"], "out of reach"),
+        pytest.param(["--model", "smollm2", "--target-params", "0.99"], "out of reach", marks=pytest.mark.smollm2),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, capsys, tmp_path):
