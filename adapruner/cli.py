@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(prune)
     prune.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
 
-    prune.add_argument("--from-study", default=None, help="apply the best trial of an `adapruner search` output directory")
+    prune.add_argument("--from-study", default=None, help="apply the plan of the best trial of an `adapruner search` output directory (as scored)")
+    prune.add_argument("--recompute", action="store_true", help="with --from-study: re-derive the plan from fp32 statistics on the trial's windows and report the units that differ")
     _add_placement_args(prune)
 
     search = commands.add_parser("search", help="AdaPruner: Bayesian search over calibration samples and metrics")
@@ -120,6 +121,7 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks-per-pool", type=int, default=4, help="inclusion switches per pool (the subset encoding)")
     parser.add_argument("--depth-slope", type=float, default=0.0, help="also search a per-layer ratio slope in [-S, S] (0: uniform ratio)")
     parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--startup-trials", type=int, default=None, help="TPE's random start-up trials (default: a quarter of --trials, at least 1)")
     parser.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-windows", type=int, default=16, help="validation windows per trial (wiki validation articles)")
@@ -160,7 +162,8 @@ def run_prune(args: argparse.Namespace) -> int:
     from adapruner.models import load_model
     from adapruner.prune import check_ratio, count_params
     from adapruner.kernels.dispatch import kernel_backend
-    from adapruner.pruner import PruneOptions, prune_model
+    from adapruner.prune import PrunePlan
+    from adapruner.pruner import PruneOptions, apply_study_plan, prune_model
 
     check_out_dir(args.out)
     placement = Placement.of(args.device, args.dtype)
@@ -172,8 +175,13 @@ def run_prune(args: argparse.Namespace) -> int:
         raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
     if args.no_attention and args.no_mlp:
         raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
-    if args.from_study:
-        options = PruneOptions.from_best(read_best_trial(args.from_study, args.model))
+    if args.recompute and not args.from_study:
+        raise AdaPrunerError("--recompute re-derives a search's plan: add --from-study DIR")
+    if args.uniform and args.from_study and not args.recompute:
+        raise AdaPrunerError("--uniform prunes every layer alike, which the study's plan does not: add --recompute or drop --uniform")
+    best = read_best_trial(args.from_study, args.model) if args.from_study else None
+    if best is not None:
+        options = PruneOptions.from_best(best)
         options.layers = "all" if args.uniform else options.layers
     else:
         options = PruneOptions(
@@ -197,8 +205,14 @@ def run_prune(args: argparse.Namespace) -> int:
     prune_started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("once")
-        result = prune_model(model, tokenizer, options)
+        result = apply_study_plan(model, best) if best is not None and not args.recompute else prune_model(model, tokenizer, options)
     prune_seconds = time.perf_counter() - prune_started
+    provenance = {}
+    if best is not None:
+        provenance = {"plan_source": "recomputed" if args.recompute else "study", "study": str(args.from_study), "study_val_ppl": best["val_ppl"]}
+        if args.recompute:
+            provenance["units_differing_from_study"] = result.plan.units_differing(PrunePlan.from_dict(best["plan"]))
+            print(f"recomputed plan vs the study's: {provenance['units_differing_from_study']} units differ")
     params_after = count_params(model)
     ppl_after = None if windows is None else perplexity(model, windows, args.batch_size, desc="ppl pruned")
     report = {
@@ -215,6 +229,7 @@ def run_prune(args: argparse.Namespace) -> int:
         "total_seconds": time.perf_counter() - started,
         "placement": placement.describe(),
         "backends": {"importance": kernel_backend(placement.device), "gather": kernel_backend(placement.device)},
+        **provenance,
         **result.summary(),
     }
     save_pruned(model, tokenizer, args.out, uniform=args.uniform, extra_json={"report.json": report})
@@ -233,7 +248,11 @@ def read_best_trial(study_dir: str, model: str) -> dict:
     best_path = Path(study_dir) / "best.json"
     if not best_path.is_file():
         raise AdaPrunerError(f"{best_path} not found: pass the --out directory of a finished `adapruner search`")
+    from adapruner.search_job import BEST_FORMAT
+
     best = json.loads(best_path.read_text())
+    if best.get("format") != BEST_FORMAT:
+        raise AdaPrunerError(f"{best_path} was written by another adapruner version (format {best.get('format')!r}, this one reads {BEST_FORMAT!r}): rerun the search")
     if model != best["model"]:
         raise AdaPrunerError(f"the study searched model {best['model']!r}, not {model!r}: pass --model {best['model']}")
     return best
@@ -248,7 +267,7 @@ def search_options(args: argparse.Namespace):
         pool_size=args.pool_size, seq_len=args.seq_len, layers=args.layers, granularity=args.attn_granularity,
         metrics=metric_choices(args.metrics), aggregations=tuple(a.strip() for a in args.aggregations.split(",")),
         sample_counts=_int_list(args.sample_counts, "--sample-counts"), blocks_per_pool=args.blocks_per_pool,
-        depth_slope=args.depth_slope, trials=args.trials, sampler=args.sampler, seed=args.seed, val_windows=args.val_windows, val_dtype=args.val_dtype,
+        depth_slope=args.depth_slope, trials=args.trials, startup_trials=args.startup_trials, sampler=args.sampler, seed=args.seed, val_windows=args.val_windows, val_dtype=args.val_dtype,
         batch_size=args.batch_size, workers=args.workers, early_stop=args.early_stop, storage=args.storage,
         study=args.study, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, cache_mem_gb=args.cache_mem,
         device=args.device, dtype=args.dtype,

@@ -19,7 +19,7 @@ from adapruner.io import check_out_dir, layer_sizes, save_pruned
 from adapruner.measure import macs
 from adapruner.models import cache_root, load_model
 from adapruner.prune import count_params
-from adapruner.pruner import PruneOptions, prune_model
+from adapruner.pruner import apply_study_plan
 from adapruner.report import write_json_atomic
 from adapruner.search_job import SearchOptions, run_search
 from adapruner.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
@@ -83,7 +83,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
 
     started = time.perf_counter()
     pruned = copy.deepcopy(dense)
-    prune_model(pruned, tokenizer, PruneOptions.from_best(best), progress=False)
+    apply_study_plan(pruned, best)  # the plan the best trial scored
     stage_seconds["prune"] = time.perf_counter() - started
     save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": best})
 

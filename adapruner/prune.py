@@ -27,6 +27,44 @@ class PrunePlan:
     attention: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
     mlp: dict[int, list[int]] = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        """JSON-ready: {"attention": {"4": [[kept q], [kept kv]]}, "mlp": {"4": [kept channels]}}."""
+        return {"attention": {str(i): [list(q), list(kv)] for i, (q, kv) in self.attention.items()},
+                "mlp": {str(i): list(kept) for i, kept in self.mlp.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "PrunePlan":
+        return cls({int(i): (list(q), list(kv)) for i, (q, kv) in data["attention"].items()}, {int(i): list(kept) for i, kept in data["mlp"].items()})
+
+    def encode(self) -> dict:
+        """Compact form for the study (one per trial): every kept list as the hex of its bit mask Σ 2^unit."""
+        return {"attention": {str(i): [_mask(q), _mask(kv)] for i, (q, kv) in self.attention.items()},
+                "mlp": {str(i): _mask(kept) for i, kept in self.mlp.items()}}
+
+    @classmethod
+    def decode(cls, data: Mapping) -> "PrunePlan":
+        return cls({int(i): (_units(q), _units(kv)) for i, (q, kv) in data["attention"].items()}, {int(i): _units(kept) for i, kept in data["mlp"].items()})
+
+    def units_differing(self, other: "PrunePlan") -> dict[str, int]:
+        """Units this plan keeps and `other` removes, by kind (both plans keep as many of each)."""
+        layers = sorted(set(self.attention) | set(self.mlp) | set(other.attention) | set(other.mlp))
+        counts = {"query_heads": 0, "kv_heads": 0, "mlp_channels": 0}
+        for i in layers:
+            mine, theirs = self.attention.get(i, ([], [])), other.attention.get(i, ([], []))
+            counts["query_heads"] += len(set(mine[0]) - set(theirs[0]))
+            counts["kv_heads"] += len(set(mine[1]) - set(theirs[1]))
+            counts["mlp_channels"] += len(set(self.mlp.get(i, [])) - set(other.mlp.get(i, [])))
+        return counts
+
+
+def _mask(units: list[int]) -> str:
+    return hex(sum(1 << u for u in units))
+
+
+def _units(mask: str) -> list[int]:
+    bits = int(mask, 16)
+    return [u for u in range(bits.bit_length()) if bits >> u & 1]
+
 
 def check_ratio(ratio: float) -> None:
     if not 0.0 < ratio < 1.0:

@@ -52,7 +52,15 @@ class PruneResult:
     calib_addresses: list[tuple[str, int]] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"ratio": self.ratio, "layers": self.layers, "plan": asdict(self.plan), "calib_addresses": self.calib_addresses}
+        return {"ratio": self.ratio, "layers": self.layers, "plan": self.plan.to_dict(), "calib_addresses": self.calib_addresses}
+
+
+def apply_study_plan(model: nn.Module, best: dict) -> PruneResult:
+    """Prune `model` in place by the plan a search scored (`best.json` of `adapruner search`): no statistics."""
+    plan = PrunePlan.from_dict(best["plan"])
+    apply_plan(model, plan)
+    layers = parse_layer_range(best["layers"], len(decoder_layers(model)))
+    return PruneResult(best["ratio"], list(layers), plan, [tuple(a) for a in best["addresses"]])
 
 
 def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: PruneOptions, progress: bool = True) -> PruneResult:

@@ -114,24 +114,33 @@ def trial_plan(model: nn.Module, cache: ActivationCache, setting: PruneSetting, 
 class Objective:
     """Optuna objective: suggest → plan from the cache → validation perplexity of the pruned model (lower is better)."""
 
-    def __init__(self, model: nn.Module, cache: ActivationCache, setting: PruneSetting, space: SearchSpace, scorer: ValidationScorer, early_stop: bool = False):
+    def __init__(self, model: nn.Module, cache: ActivationCache, setting: PruneSetting, space: SearchSpace, scorer: ValidationScorer,
+                 early_stop: bool = False, startup_trials: int = 0):
         self.model, self.cache, self.setting, self.space = model, cache, setting, space
-        self.scorer, self.early_stop = scorer, early_stop
+        self.scorer, self.early_stop, self.startup_trials = scorer, early_stop, startup_trials
         self.blocks = pool_blocks(cache, space.blocks_per_pool)
 
     def __call__(self, trial) -> float:
         import optuna
 
+        finished_before = len(trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
+        sampler = trial.study.sampler
+        if isinstance(sampler, optuna.samplers.TPESampler):
+            trial.set_user_attr("sampled_by", "start-up (random)" if finished_before < self.startup_trials else "tpe")
+        else:
+            trial.set_user_attr("sampled_by", type(sampler).__name__.removesuffix("Sampler").lower())
         config = suggest(trial, self.space, self.blocks)
         trial.set_user_attr("samples", config.samples)
         trial.set_user_attr("addresses", [list(self.cache.addresses[i]) for i in config.samples])
+        plan = trial_plan(self.model, self.cache, self.setting, config)
+        trial.set_user_attr("plan", plan.encode())  # what this trial scored is what `prune --from-study` delivers
 
         def report(step: int, value: float) -> None:
             trial.report(value, step)
             if self.early_stop and trial.should_prune():
                 raise optuna.TrialPruned()
 
-        return self.scorer.score(trial_plan(self.model, self.cache, self.setting, config), report)
+        return self.scorer.score(plan, report)
 
 
 def config_of(trial, cache: ActivationCache, space: SearchSpace) -> TrialConfig:

@@ -18,7 +18,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
 from adapruner.importance import AGGREGATIONS
 from adapruner.models import cache_root, load_model
-from adapruner.prune import check_ratio
+from adapruner.prune import PrunePlan, check_ratio
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import DEFAULT_METRICS, DEFAULT_SAMPLE_COUNTS, SearchSpace, config_of, describe
 from adapruner.structure import decoder_layers, parse_layer_range
@@ -45,6 +45,7 @@ class SearchOptions:
     blocks_per_pool: int = 4
     depth_slope: float = 0.0
     trials: int = 40
+    startup_trials: int | None = None  # TPE's random start-up trials; None: a quarter of `trials` (at least 1)
     sampler: str = "tpe"
     seed: int = 0
     val_windows: int = 16
@@ -61,6 +62,14 @@ class SearchOptions:
     dtype: str = "auto"
 
 
+BEST_FORMAT = "adapruner.best/2"  # best.json carries the scored plan
+
+
+def startup_trials(options: SearchOptions) -> int:
+    """TPE's random start-up trials: as given, else a quarter of the budget (at least one)."""
+    return options.startup_trials if options.startup_trials is not None else max(1, options.trials // 4)
+
+
 def check_search_out(out: Path) -> None:
     """A new directory, or one that holds an earlier search (resume); nothing else is written into."""
     earlier = (out / "search.json").is_file() or (out / STUDY_FILE).is_file()
@@ -74,13 +83,15 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
     check_ratio(options.ratio)
     if options.workers < 1 or options.trials < 1:
         raise AdaPrunerError("--workers and --trials must be at least 1")
+    if options.startup_trials is not None and not 0 <= options.startup_trials <= options.trials:
+        raise AdaPrunerError(f"--startup-trials {options.startup_trials} must lie in [0, --trials {options.trials}]")
     for pool in options.pools:
         check_pool(pool)
     placement = Placement.of(options.device, options.dtype)
     options = replace(options, device=str(placement.device), dtype=dtype_name(placement.dtype), val_dtype=resolve_val_dtype(options.val_dtype, placement.device))
     space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope)
     # the device is where a study runs, not what it searches: a study may resume on another device (same dtypes)
-    setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "cache_mem_gb", "batch_size", "sampler", "device")}
+    setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "cache_mem_gb", "batch_size", "sampler", "device", "startup_trials")}
     setup = json.loads(json.dumps(setup))  # tuples → lists, as the storage returns them
     if options.storage is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +116,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
         model=options.model, cache_path=str(cache_dir / f"{key.digest()}.safetensors"), val_path=str(val_path),
         storage=storage_url, study=options.study, setup=setup, ratio=options.ratio, layers=(layers.start, layers.stop),
         granularity=options.granularity, prune_attention=options.prune_attention, prune_mlp=options.prune_mlp,
-        space=asdict(space), n_trials=options.trials, sampler=options.sampler, seed=options.seed,
+        space=asdict(space), n_trials=options.trials, sampler=options.sampler, seed=options.seed, startup_trials=startup_trials(options),
         val_dtype=options.val_dtype, batch_size=options.batch_size, early_stop=options.early_stop, device=options.device, dtype=options.dtype,
         threads=max(1, torch.get_num_threads() // options.workers),
     )
@@ -148,17 +159,23 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
     if best is None:
         raise AdaPrunerError(f"study {options.study!r} has no finished trial: see the failed trials' errors in {out}")
     config = config_of(best, cache, space)
+    if "plan" not in best.user_attrs:
+        raise AdaPrunerError(f"study {options.study!r} was made by an older adapruner: its trials hold no plan; run the search with a new --out")
     layers = cache.key.layers
     summary = {
-        "model": options.model, "ratio": options.ratio, "layers": f"{layers[0]}:{layers[1]}", "granularity": options.granularity,
+        "format": BEST_FORMAT, "model": options.model, "ratio": options.ratio, "layers": f"{layers[0]}:{layers[1]}", "granularity": options.granularity,
         "prune_attention": options.prune_attention, "prune_mlp": options.prune_mlp, "seq_len": options.seq_len,
         "val_ppl": best.value, "trial": best.number, "sampler": options.sampler, "seed": options.seed, **describe(config, cache),
         "placement": {"device": options.device, "dtype": options.dtype, "val_dtype": options.val_dtype}, "backends": backends(torch.device(options.device), cache.key.dtype),
+        "val_windows": options.val_windows, "batch_size": options.batch_size, "plan": PrunePlan.decode(best.user_attrs["plan"]).to_dict(),
     }
     write_json_atomic(out / "best.json", summary)
     trials = sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: (t.value is None, t.value or 0.0))
-    rows = [[t.number, t.params.get("metric"), t.params.get("aggregation"), len(t.user_attrs.get("samples", [])), t.value if t.value is not None else "-"] for t in trials[:10]]
-    table = format_table(["trial", "metric", "agg", "samples", "val ppl"], rows)
+    rows = [[t.number, t.user_attrs.get("sampled_by", "-"), t.params.get("metric"), t.params.get("aggregation"), len(t.user_attrs.get("samples", [])),
+             t.value if t.value is not None else "-"] for t in trials[:10]]
+    table = format_table(["trial", "sampled by", "metric", "agg", "samples", "val ppl"], rows)
+    phases = [t.user_attrs.get("sampled_by") for t in trials]
+    table += f"\n{len(trials)} finished trials: " + ", ".join(f"{phases.count(p)} {p}" for p in dict.fromkeys(phases))
     (out / "trials.txt").write_text(table + "\n")
     print(table)
     _plots(study, out)

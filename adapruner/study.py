@@ -81,9 +81,10 @@ def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSam
     return study
 
 
-def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(kind: str, seed: int, startup_trials: int = 10) -> optuna.samplers.BaseSampler:
+    """TPE (multivariate, `startup_trials` random trials first) or random sampling."""
     if kind == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=10)
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=startup_trials)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise AdaPrunerError(f"unknown sampler {kind!r}: use tpe or random")
@@ -108,6 +109,7 @@ class WorkerSpec:
     n_trials: int
     sampler: str
     seed: int
+    startup_trials: int = 10
     val_dtype: str = "float32"
     device: str = "cpu"
     dtype: str = "float32"
@@ -136,9 +138,9 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
     val_windows = load_file(spec.val_path)["windows"]
     setting = PruneSetting(spec.ratio, range(*spec.layers), spec.granularity, spec.prune_attention, spec.prune_mlp)
     scorer = ValidationScorer(model, val_windows, setting.layers.start, spec.val_dtype, spec.batch_size)
-    objective = Objective(model, cache, setting, SearchSpace(**spec.space), scorer, spec.early_stop)
+    objective = Objective(model, cache, setting, SearchSpace(**spec.space), scorer, spec.early_stop, spec.startup_trials)
     storage = open_storage(spec.storage, spec.heartbeat_seconds, spec.grace_seconds)
-    study = open_study(storage, spec.study, spec.setup, make_sampler(spec.sampler, spec.seed + spec.worker_index))
+    study = open_study(storage, spec.study, spec.setup, make_sampler(spec.sampler, spec.seed + spec.worker_index, spec.startup_trials))
     limit = optuna.study.MaxTrialsCallback(spec.n_trials, states=COUNTED)
     remaining = spec.n_trials - finished(study)
     if remaining > 0:

@@ -24,7 +24,7 @@ from adapruner.calibration import pool_windows
 from adapruner.evaluate import perplexity
 from adapruner.models import load_model
 from adapruner.prune import count_params
-from adapruner.pruner import PruneOptions, prune_model
+from adapruner.pruner import PruneOptions, apply_study_plan, prune_model
 from adapruner.report import format_table
 from adapruner.search_job import SearchOptions, run_search
 from adapruner.validation import VAL_DTYPES, resolve_val_dtype, shared_copy
@@ -76,7 +76,7 @@ def main() -> None:
         best = run_search(options, work / sampler)
         seconds = time.perf_counter() - started
         model = copy.deepcopy(dense)
-        prune_model(model, tokenizer, PruneOptions.from_best(best), progress=False)
+        apply_study_plan(model, best)  # the plan the search scored
         rows.append({"method": f"adapruner-{sampler}", "val_ppl": best["val_ppl"], "eval_ppl": perplexity(model, evaluation, desc=sampler),
                      "params": count_params(model), "seconds": seconds,
                      "config": {k: best[k] for k in ("metric", "aggregation", "slope", "blocks", "addresses", "trial")}})

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from adapruner.calibration import pool_windows
@@ -11,7 +12,8 @@ from adapruner.evaluate import perplexity
 from adapruner.io import save_pruned
 from adapruner.pruner import PruneOptions, prune_model
 from adapruner.structure import layer_info
-from adapruner.validation import resolve_val_dtype
+from adapruner.prune import PrunePlan
+from adapruner.validation import VAL_DTYPES, resolve_val_dtype
 
 
 def run_cli(capsys, *argv):
@@ -143,4 +145,31 @@ def test_smollm2_search_resume_mismatch_and_apply(capsys, tmp_path, smollm2_load
     assert code == 0
     report = json.loads((pruned / "report.json").read_text())
     assert report["options"]["metric"] == best["metric"] and report["options"]["aggregation"] == best["aggregation"]
-    assert [list(a) for a in report["calib_addresses"]] == (best["addresses"] if best["metric"] != "l2" else [])
+    assert [list(a) for a in report["calib_addresses"]] == best["addresses"]
+    assert report["plan"] == best["plan"] and report["plan_source"] == "study"
+
+
+def test_smollm2_delivered_model_is_the_scored_one(capsys, tmp_path, smollm2_loaded):
+    """A taylor1 search with the default bf16 cache → `prune --from-study`: the saved model scores, the way the trial
+    was scored, the best trial's val_ppl, and keeps exactly its plan; --recompute reports how far fp32 statistics move it."""
+    out = tmp_path / "search"
+    code, _, _ = run_cli(capsys, "search", "--model", "smollm2", "--pools", "wiki", "--pool-size", "4", "--metrics", "taylor1",
+                         "--aggregations", "sum", "--sample-counts", "2,4", "--blocks-per-pool", "2", "--trials", "2", "--val-windows", "2",
+                         "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    assert code == 0
+    best = json.loads((out / "best.json").read_text())
+    assert best["metric"] == "taylor1" and json.loads((out / "search.json").read_text())["options"]["cache_dtype"] == "bfloat16"
+    assert "1 start-up (random), 1 tpe" in (out / "trials.txt").read_text()  # --trials 2: one start-up trial, then TPE
+    code, _, _ = run_cli(capsys, "prune", "--model", "smollm2", "--from-study", str(out), "--no-eval", "--out", str(tmp_path / "p"))
+    assert code == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["plan"] == best["plan"] and report["plan_source"] == "study"
+    delivered = AutoModelForCausalLM.from_pretrained(tmp_path / "p", trust_remote_code=True, dtype=VAL_DTYPES[best["placement"]["val_dtype"]]).eval()
+    val = load_file(str(out / "val.safetensors"))["windows"]
+    assert perplexity(delivered, val, best["batch_size"], progress=False) == pytest.approx(best["val_ppl"], rel=1e-4)
+
+    code, stdout, _ = run_cli(capsys, "prune", "--model", "smollm2", "--from-study", str(out), "--recompute", "--no-eval", "--out", str(tmp_path / "p2"))
+    assert code == 0 and "units differ" in stdout
+    recomputed = json.loads((tmp_path / "p2" / "report.json").read_text())
+    assert recomputed["plan_source"] == "recomputed"
+    assert recomputed["units_differing_from_study"] == PrunePlan.from_dict(recomputed["plan"]).units_differing(PrunePlan.from_dict(best["plan"]))
