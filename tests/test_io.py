@@ -22,13 +22,21 @@ def max_logit_gap(a, b, tokens) -> float:
         return (a(input_ids=tokens).logits - b(input_ids=tokens).logits).abs().max().item()
 
 
-@pytest.mark.parametrize("fixture", ["mha_model", "gqa_model", "qwen2_model"])
-def test_remote_code_round_trip(fixture, request, tmp_path, tokenizer, token_batch):
+@pytest.mark.parametrize(
+    ("fixture", "heads", "kv_heads"),
+    [  # ratio 0.5 in layer 1: half of the kv groups go, with their query heads
+        ("mha_model", [4, 2, 4], [4, 2, 4]),
+        ("gqa_model", [6, 3, 6], [2, 1, 2]),
+        ("qwen2_model", [6, 3], [2, 1]),
+    ],
+)
+def test_remote_code_round_trip(fixture, heads, kv_heads, request, tmp_path, tokenizer, token_batch):
     model = prune(request.getfixturevalue(fixture), range(1, 2))
     out = save_pruned(model, tokenizer, tmp_path / "pruned", extra_json={"report.json": {"ok": 1}})
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_pruned.")
-    assert config["num_attention_heads_per_layer"][1] < config["num_attention_heads_per_layer"][0]
+    assert config["num_attention_heads_per_layer"] == heads and config["num_key_value_heads_per_layer"] == kv_heads
+    assert config["intermediate_size_per_layer"][1] == 12 and set(config["intermediate_size_per_layer"]) == {24, 12}
     assert (out / "model.safetensors").is_file() and json.loads((out / "report.json").read_text()) == {"ok": 1}
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert max_logit_gap(model, loaded, token_batch) < 1e-4

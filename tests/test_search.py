@@ -90,7 +90,7 @@ def test_depth_slope_changes_per_layer_sizes(gqa_model):
     config = TrialConfig([0, 1], "l2", "sum", slope=0.9)
     pruned = pruned_copy(gqa_model, cache, PruneSetting(0.5, LAYERS, prune_attention=False), config)
     sizes = [layer.mlp.gate_proj.out_features for layer in pruned.model.layers]
-    assert sizes[0] > sizes[1] > sizes[2]  # r·0.1, r, r·1.9 of 24 channels: 23, 12, 1 kept
+    assert sizes == [23, 12, 1]  # ratios 0.5·0.1, 0.5, 0.5·1.9 of 24 channels remove round(1.2), 12, round(22.8)
 
 
 def test_storage_and_setup_errors(tmp_path):
