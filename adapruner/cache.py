@@ -31,10 +31,9 @@ from adapruner.importance import Importance
 from adapruner.kernels import channel_importance
 from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fisher_stats
 from adapruner.statistics import linear_io, sample_loss
-from adapruner.structure import Member, decoder_layers, prunable_linears
+from adapruner.structure import SHARED_INPUT, Member, decoder_layers, prunable_linears
 
 ACTIVATION_METRICS = frozenset({"taylor1", "mix"})
-SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 
 
 def input_owner(name: str) -> str:

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lora-dropout", type=float, default=0.05)
     tune.add_argument("--cutoff", type=int, default=256, help="tokens per training example")
     tune.add_argument("--eval-every", type=int, default=25, help="steps between validation perplexities")
-    tune.add_argument("--val-windows", type=int, default=16, help="wiki validation windows (128 tokens) per evaluation")
+    tune.add_argument("--val-windows", type=int, default=16, help="wiki validation windows per evaluation")
+    tune.add_argument("--seq-len", type=int, default=128, help="tokens per validation window")
     _add_placement_args(tune)
     tune.add_argument("--train-on-prompt", action="store_true", help="Alpaca data: also take the loss on the prompt")
     tune.add_argument("--keep-adapter", action="store_true", help="save the adapter in peft's format instead of merging it")
@@ -321,7 +322,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         max_steps=args.steps, max_minutes=args.minutes, eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, dtype=dtype_name(placement.dtype), seed=args.seed,
     )
     model, tokenizer = load_model(args.model, placement.dtype, placement.device)
-    val = pool_windows(tokenizer, "wiki", 128, "val")[: args.val_windows]
+    val = pool_windows(tokenizer, "wiki", args.seq_len, "val")[: args.val_windows]
     before = perplexity(model, val, desc="val ppl before")
     result = finetune(model, tokenizer, args.data, options, val)
     report = {

@@ -15,8 +15,9 @@ from adapruner.devices import DTYPES, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.finetune_data import collate, load_train_examples
+from adapruner.structure import PROJECTIONS
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = PROJECTIONS  # every projection of attention and MLP
 
 
 @dataclass

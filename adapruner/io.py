@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from adapruner.errors import AdaPrunerError
-from adapruner.structure import decoder_layers, layer_info
+from adapruner.structure import FAMILIES, decoder_layers, layer_info
 
 REMOTE_CODE = Path(__file__).with_name("remote_code") / "modeling_pruned.py"
 
@@ -118,7 +118,7 @@ def _uniform_config(sizes: dict[str, list[int]], model: nn.Module) -> dict:
 def _remote_code_config(config: dict, sizes: dict[str, list[int]], model: nn.Module) -> dict:
     """Config keys that point at `modeling_pruned.py`, the modeling file shipped beside the weights."""
     base_type = config.get("base_model_type") or config["model_type"]
-    family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[base_type]
+    family = FAMILIES[base_type]
     return {
         **sizes,
         "model_type": f"pruned_{base_type}",

@@ -56,7 +56,7 @@ class Row:
 
 
 def measure(name: str, model: nn.Module, tokenizer, options: RunOptions, windows: dict[str, torch.Tensor], manager) -> Row:
-    row = Row(name, count_params(model), macs(model, 128))
+    row = Row(name, count_params(model), macs(model, options.search.seq_len))
     for label, chosen in windows.items():
         row.ppl[label] = perplexity(model, chosen, options.batch_size, desc=f"{name} {label}")
     if options.tasks:
@@ -77,7 +77,8 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     stage_seconds["search"] = time.perf_counter() - started
 
     dense, tokenizer = load_model(options.search.model, placement.dtype, placement.device)
-    windows = {"ppl@128": pool_windows(tokenizer, "wiki", 128, "eval")[: options.max_eval_windows]}
+    short = options.search.seq_len  # the search's window length, then the long one
+    windows = {f"ppl@{short}": pool_windows(tokenizer, "wiki", short, "eval")[: options.max_eval_windows]}
     full = min(options.full_seq_len, getattr(dense.config, "max_position_embeddings", options.full_seq_len))
     windows[f"ppl@{full}"] = pool_windows(tokenizer, "wiki", full, "eval")[: options.max_eval_windows]
 
@@ -93,7 +94,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     history = None
     if options.finetune_steps:
         started = time.perf_counter()
-        val = pool_windows(tokenizer, "wiki", 128, "val")[: options.search.val_windows]
+        val = pool_windows(tokenizer, "wiki", short, "val")[: options.search.val_windows]
         result = finetune(pruned, tokenizer, options.finetune_data, LoraOptions(max_steps=options.finetune_steps, eval_every=max(1, options.finetune_steps // 4), dtype=dtype_name(placement.dtype)), val)
         recovered = merged(result)
         stage_seconds["finetune"] = time.perf_counter() - started
@@ -121,7 +122,7 @@ def report_markdown(report: dict, rows: list[Row]) -> str:
     """The papers' table: params, MACs, perplexities, zero-shot accuracies, average, % of dense, stage times."""
     tasks = list(rows[0].tasks)
     ppl_labels = list(rows[0].ppl)
-    header = ["model", "params", "MACs (128 tok)", *ppl_labels, *tasks, "average acc", "% of dense"]
+    header = ["model", "params", f"MACs ({report['options']['search']['seq_len']} tok)", *ppl_labels, *tasks, "average acc", "% of dense"]
     lines = ["# adapruner report", ""]
     best = report["best"]
     lines.append(f"Best configuration: `{best['metric']}` / `{best['aggregation']}`, {len(best['samples'])} samples "

@@ -17,7 +17,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.kernels.gather import gather
 from adapruner.kernels.dispatch import Backend
-from adapruner.structure import AttnGranularity, LayerInfo, attention_group, layer_info, mlp_group
+from adapruner.structure import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, AttnGranularity, LayerInfo, attention_group, layer_info, mlp_group
 
 
 @dataclass
@@ -164,12 +164,12 @@ def _layer_cuts(model: nn.Module, index: int, plan: PrunePlan) -> list[Cut]:
         keep_q, keep_kv = plan.attention[index]
         if len(keep_q) < info.n_heads or len(keep_kv) < info.n_kv_heads:
             q_rows, kv_rows = head_channels(keep_q, info.head_dim), head_channels(keep_kv, info.head_dim)
-            a = info.attn
-            cuts += [(a, "q_proj", q_rows, None), (a, "k_proj", kv_rows, None), (a, "v_proj", kv_rows, None), (a, "o_proj", None, q_rows)]
+            a, (q, k, v, o) = info.attn, ATTENTION_PROJECTIONS
+            cuts += [(a, q, q_rows, None), (a, k, kv_rows, None), (a, v, kv_rows, None), (a, o, None, q_rows)]
     if index in plan.mlp and len(plan.mlp[index]) < info.intermediate:
         channels = torch.tensor(plan.mlp[index], dtype=torch.long)
-        m = info.mlp
-        cuts += [(m, "gate_proj", channels, None), (m, "up_proj", channels, None), (m, "down_proj", None, channels)]
+        m, (gate, up, down) = info.mlp, MLP_PROJECTIONS
+        cuts += [(m, gate, channels, None), (m, up, channels, None), (m, down, None, channels)]
     return cuts
 
 

@@ -14,7 +14,12 @@ from torch import nn
 
 from adapruner.errors import AdaPrunerError
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type → HF class-name prefix
+SUPPORTED_TYPES = tuple(FAMILIES)
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # linears that read another one's input
 AttnGranularity = Literal["kv", "query"]
 
 
@@ -78,7 +83,7 @@ def layer_info(model: nn.Module, index: int) -> LayerInfo:
     """Shapes of layer `index` from its modules: heads = q rows / head_dim, kv heads = k rows / head_dim."""
     layer = decoder_layers(model)[index]
     attn, mlp = layer.self_attn, layer.mlp
-    for owner, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj"))):
+    for owner, names in ((attn, ATTENTION_PROJECTIONS), (mlp, MLP_PROJECTIONS)):
         missing = [n for n in names if not isinstance(getattr(owner, n, None), nn.Linear)]
         if missing:
             raise AdaPrunerError(f"layer {index} lacks {', '.join(missing)}: adapruner prunes LLaMA-family decoders")
