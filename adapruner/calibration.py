@@ -23,10 +23,13 @@ class Samples:
     addresses: tuple[tuple[str, int], ...]
 
 
+DEFAULT_SEQ_LEN = 128  # tokens per calibration, validation and evaluation window unless told otherwise
+
+
 def pool_windows(tokenizer: PreTrainedTokenizerBase, pool: str, seq_len: int, split: Split = "calib") -> torch.Tensor:
     """Every full window of `seq_len` tokens of a pool's split, shape (n_windows × seq_len), int64."""
     if seq_len < 2:
-        raise AdaPrunerError(f"--seq-len {seq_len} is too short: use at least 2 tokens (128 is the usual choice)")
+        raise AdaPrunerError(f"--seq-len {seq_len} is too short: use at least 2 tokens ({DEFAULT_SEQ_LEN} is the usual choice)")
     tokens = _pool_tokens(tokenizer, pool, split)
     n_windows = tokens.numel() // seq_len
     return tokens[: n_windows * seq_len].view(n_windows, seq_len)

@@ -13,6 +13,7 @@ from torch import nn
 
 from adapruner.calibration import pool_windows
 from adapruner.devices import Placement, dtype_name
+from adapruner.eval_job import EvalOptions
 from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions, finetune, merged
 from adapruner.io import check_out_dir, layer_sizes, save_pruned
@@ -33,10 +34,10 @@ class RunOptions:
     finetune_steps: int = 0
     finetune_data: str = "wiki"
     tasks: tuple[str, ...] = OFFLINE_TASKS
-    task_limit: int | None = None
-    max_eval_windows: int | None = None
+    task_limit: int | None = EvalOptions.task_limit
+    max_eval_windows: int | None = EvalOptions.max_windows
     full_seq_len: int = 1024
-    batch_size: int = 8
+    batch_size: int = EvalOptions.batch_size
 
 
 @dataclass
@@ -86,7 +87,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     pruned = copy.deepcopy(dense)
     apply_study_plan(pruned, best)  # the plan the best trial scored
     stage_seconds["prune"] = time.perf_counter() - started
-    save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": best})
+    save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": asdict(best)})
 
     started = time.perf_counter()
     rows = [measure(name, model, tokenizer, options, windows, manager) for name, model in (("dense", dense), ("pruned", pruned))]
@@ -98,14 +99,14 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
         result = finetune(pruned, tokenizer, options.finetune_data, LoraOptions(max_steps=options.finetune_steps, eval_every=max(1, options.finetune_steps // 4), dtype=dtype_name(placement.dtype)), val)
         recovered = merged(result)
         stage_seconds["finetune"] = time.perf_counter() - started
-        save_pruned(recovered, tokenizer, out / "pruned-lora", extra_json={"best.json": best})
+        save_pruned(recovered, tokenizer, out / "pruned-lora", extra_json={"best.json": asdict(best)})
         started = time.perf_counter()
         rows.append(measure("pruned + LoRA", recovered, tokenizer, options, windows, manager))
         stage_seconds["evaluate"] += time.perf_counter() - started
         history = {"val_ppl": result.val_ppl, "stopped": result.stopped}
 
     report = {
-        "options": json.loads(json.dumps(asdict(options))), "best": best, "stage_seconds": stage_seconds,
+        "options": json.loads(json.dumps(asdict(options))), "best": asdict(best), "stage_seconds": stage_seconds,
         "eval_windows": {label: int(w.shape[0]) for label, w in windows.items()},
         "rows": [asdict(r) | {"average_acc": r.average} for r in rows], "finetune": history,
         "layers": {"dense": layer_sizes(dense), "pruned": layer_sizes(pruned)},

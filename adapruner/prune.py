@@ -66,6 +66,9 @@ def _units(mask: str) -> list[int]:
     return [u for u in range(bits.bit_length()) if bits >> u & 1]
 
 
+DEFAULT_RATIO = 0.25  # LLM-Pruner's usual ratio: ~20% of LLaMA-7B's parameters over layers 4..29
+
+
 def check_ratio(ratio: float) -> None:
     if not 0.0 < ratio < 1.0:
         raise AdaPrunerError(f"ratio {ratio} is outside (0, 1): pass the fraction of each group to remove, e.g. --ratio 0.25")

@@ -1,14 +1,15 @@
 """One call from a dense model to a pruned one: calibration → statistics → importance → plan → removal."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapruner.calibration import calibration_samples, windows_at
+from adapruner.best_trial import BestTrial
+from adapruner.calibration import DEFAULT_SEQ_LEN, calibration_samples, windows_at
 from adapruner.importance import Importance, check_aggregation, needs
-from adapruner.prune import PrunePlan, apply_plan, check_ratio, depth_profile, plan_pruning, solve_ratio
+from adapruner.prune import DEFAULT_RATIO, PrunePlan, apply_plan, check_ratio, depth_profile, plan_pruning, solve_ratio
 from adapruner.statistics import collect_stats
 from adapruner.structure import AttnGranularity, decoder_layers, parse_layer_range, prunable_linears
 
@@ -17,12 +18,12 @@ from adapruner.structure import AttnGranularity, decoder_layers, parse_layer_ran
 class PruneOptions:
     """What to prune and how. Exactly one of `ratio` and `target_params` is set."""
 
-    ratio: float | None = 0.25
+    ratio: float | None = DEFAULT_RATIO
     target_params: float | None = None
     metric: str = "taylor1"
     aggregation: str = "sum"
     calib: str = "wiki:16"
-    seq_len: int = 128
+    seq_len: int = DEFAULT_SEQ_LEN
     layers: str | None = None
     granularity: AttnGranularity = "kv"
     prune_attention: bool = True
@@ -32,13 +33,13 @@ class PruneOptions:
     depth_slope: float = 0.0  # per-layer ratios r·(1 + slope·(2p − 1)), see prune.depth_profile
 
     @classmethod
-    def from_best(cls, best: dict) -> "PruneOptions":
-        """The options that reproduce a search's best trial (`best.json` of `adapruner search`)."""
+    def from_best(cls, best: BestTrial) -> "PruneOptions":
+        """The recipe of a search's best trial: re-deriving its plan with fp32 statistics on its windows."""
         return cls(
-            ratio=best["ratio"], metric=best["metric"], aggregation=best["aggregation"], seq_len=best["seq_len"],
-            layers=best["layers"], granularity=best["granularity"], prune_attention=best["prune_attention"],
-            prune_mlp=best["prune_mlp"], calib_addresses=[tuple(a) for a in best["addresses"]],
-            depth_slope=best["slope"],
+            ratio=best.ratio, metric=best.metric, aggregation=best.aggregation, seq_len=best.seq_len,
+            layers=best.layers, granularity=best.granularity, prune_attention=best.prune_attention,
+            prune_mlp=best.prune_mlp, calib_addresses=[tuple(a) for a in best.addresses],
+            depth_slope=best.slope,
         )
 
 
@@ -55,12 +56,12 @@ class PruneResult:
         return {"ratio": self.ratio, "layers": self.layers, "plan": self.plan.to_dict(), "calib_addresses": self.calib_addresses}
 
 
-def apply_study_plan(model: nn.Module, best: dict) -> PruneResult:
+def apply_study_plan(model: nn.Module, best: BestTrial) -> PruneResult:
     """Prune `model` in place by the plan a search scored (`best.json` of `adapruner search`): no statistics."""
-    plan = PrunePlan.from_dict(best["plan"])
+    plan = best.prune_plan
     apply_plan(model, plan)
-    layers = parse_layer_range(best["layers"], len(decoder_layers(model)))
-    return PruneResult(best["ratio"], list(layers), plan, [tuple(a) for a in best["addresses"]])
+    layers = parse_layer_range(best.layers, len(decoder_layers(model)))
+    return PruneResult(best.ratio, list(layers), plan, [tuple(a) for a in best.addresses])
 
 
 def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: PruneOptions, progress: bool = True) -> PruneResult:

@@ -3,24 +3,24 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from adapruner.best_trial import BestTrial
 from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build
-from adapruner.calibration import pool_windows
+from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.corpora import check_pool
 from adapruner.devices import Placement, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
-from adapruner.importance import AGGREGATIONS
 from adapruner.models import cache_root, load_model
-from adapruner.prune import PrunePlan, check_ratio
+from adapruner.prune import DEFAULT_RATIO, PrunePlan, check_ratio
 from adapruner.report import format_table, write_json_atomic
-from adapruner.search import DEFAULT_METRICS, DEFAULT_SAMPLE_COUNTS, SearchSpace, config_of, describe
+from adapruner.search import SearchSpace, config_of, describe
 from adapruner.structure import decoder_layers, parse_layer_range
 from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, run_worker
 from adapruner.validation import resolve_val_dtype
@@ -28,41 +28,52 @@ from adapruner.validation import resolve_val_dtype
 STUDY_FILE = "study.db"
 
 
+def how(default):
+    """A field that says how a search runs, not what it searches: left out of the study's set-up, so a study
+    resumes with other values of it."""
+    return field(default=default, metadata={"setup": False})
+
+
 @dataclass
 class SearchOptions:
+    """Every setting of a search. Fields made with `how` may change between runs of one study; any other field is
+    part of the study's set-up (`study_setup`), and a run with another value of it is refused."""
+
     model: str = "smollm2"
-    ratio: float = 0.25
+    ratio: float = DEFAULT_RATIO
     pools: list[str] = field(default_factory=lambda: ["wiki", "news", "plays"])
     pool_size: int = 32
-    seq_len: int = 128
+    seq_len: int = DEFAULT_SEQ_LEN
     layers: str | None = None
     granularity: str = "kv"
     prune_attention: bool = True
     prune_mlp: bool = True
-    metrics: tuple[str, ...] = DEFAULT_METRICS
-    aggregations: tuple[str, ...] = AGGREGATIONS
-    sample_counts: tuple[int, ...] = DEFAULT_SAMPLE_COUNTS
-    blocks_per_pool: int = 4
-    depth_slope: float = 0.0
-    trials: int = 40
-    startup_trials: int | None = None  # TPE's random start-up trials; None: a quarter of `trials` (at least 1)
-    sampler: str = "tpe"
+    metrics: tuple[str, ...] = SearchSpace.metrics
+    aggregations: tuple[str, ...] = SearchSpace.aggregations
+    sample_counts: tuple[int, ...] = SearchSpace.sample_counts
+    blocks_per_pool: int = SearchSpace.blocks_per_pool
+    depth_slope: float = SearchSpace.depth_slope
+    trials: int = how(40)
+    startup_trials: int | None = how(None)  # TPE's random start-up trials; None: a quarter of `trials` (at least 1)
+    sampler: str = how("tpe")
     seed: int = 0
     val_windows: int = 16
     val_dtype: str = "auto"
-    batch_size: int = 8
-    workers: int = 1
+    batch_size: int = how(8)
+    workers: int = how(1)
     early_stop: bool = False
-    storage: str | None = None
-    study: str = "adapruner"
-    cache_dir: str | None = None
+    storage: str | None = how(None)
+    study: str = how("adapruner")
+    cache_dir: str | None = how(None)
     cache_dtype: str = "bfloat16"
-    cache_mem_gb: float = 8.0
-    device: str = "auto"
+    cache_mem_gb: float = how(8.0)
+    device: str = how("auto")
     dtype: str = "auto"
 
 
-BEST_FORMAT = "adapruner.best/2"  # best.json carries the scored plan
+def study_setup(options: SearchOptions) -> dict:
+    """The fields that define the study (all but the `how` ones), as the storage returns them (tuples → lists)."""
+    return json.loads(json.dumps({f.name: getattr(options, f.name) for f in fields(options) if f.metadata.get("setup", True)}))
 
 
 def startup_trials(options: SearchOptions) -> int:
@@ -77,7 +88,7 @@ def check_search_out(out: Path) -> None:
         raise AdaPrunerError(f"output {out} exists and holds no earlier search: pass a new --out (or the same --out to resume)")
 
 
-def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict:
+def run_search(options: SearchOptions, out: Path, progress: bool = True) -> BestTrial:
     """Build or reuse the cache, run the study to `options.trials` finished trials, write the outputs."""
     check_search_out(out)
     check_ratio(options.ratio)
@@ -90,9 +101,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> dict
     placement = Placement.of(options.device, options.dtype)
     options = replace(options, device=str(placement.device), dtype=dtype_name(placement.dtype), val_dtype=resolve_val_dtype(options.val_dtype, placement.device))
     space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope)
-    # the device is where a study runs, not what it searches: a study may resume on another device (same dtypes)
-    setup = {k: v for k, v in asdict(options).items() if k not in ("trials", "workers", "storage", "study", "cache_dir", "cache_mem_gb", "batch_size", "sampler", "device", "startup_trials")}
-    setup = json.loads(json.dumps(setup))  # tuples → lists, as the storage returns them
+    setup = study_setup(options)
     if options.storage is None:
         out.mkdir(parents=True, exist_ok=True)
     storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
@@ -153,7 +162,7 @@ def _best_or_none(study):
         return None
 
 
-def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOptions) -> dict:
+def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOptions) -> BestTrial:
     """best.json (configuration with sample addresses), a table of the best trials, history/importance PNGs."""
     best = _best_or_none(study)
     if best is None:
@@ -162,14 +171,14 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
     if "plan" not in best.user_attrs:
         raise AdaPrunerError(f"study {options.study!r} was made by an older adapruner: its trials hold no plan; run the search with a new --out")
     layers = cache.key.layers
-    summary = {
-        "format": BEST_FORMAT, "model": options.model, "ratio": options.ratio, "layers": f"{layers[0]}:{layers[1]}", "granularity": options.granularity,
-        "prune_attention": options.prune_attention, "prune_mlp": options.prune_mlp, "seq_len": options.seq_len,
-        "val_ppl": best.value, "trial": best.number, "sampler": options.sampler, "seed": options.seed, **describe(config, cache),
-        "placement": {"device": options.device, "dtype": options.dtype, "val_dtype": options.val_dtype}, "backends": backends(torch.device(options.device), cache.key.dtype),
-        "val_windows": options.val_windows, "batch_size": options.batch_size, "plan": PrunePlan.decode(best.user_attrs["plan"]).to_dict(),
-    }
-    write_json_atomic(out / "best.json", summary)
+    summary = BestTrial(
+        model=options.model, ratio=options.ratio, layers=f"{layers[0]}:{layers[1]}", granularity=options.granularity,
+        prune_attention=options.prune_attention, prune_mlp=options.prune_mlp, seq_len=options.seq_len,
+        val_ppl=best.value, trial=best.number, sampler=options.sampler, seed=options.seed, **describe(config, cache),
+        placement={"device": options.device, "dtype": options.dtype, "val_dtype": options.val_dtype}, backends=backends(torch.device(options.device), cache.key.dtype),
+        val_windows=options.val_windows, batch_size=options.batch_size, plan=PrunePlan.decode(best.user_attrs["plan"]).to_dict(),
+    )
+    summary.write(out / "best.json")
     trials = sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: (t.value is None, t.value or 0.0))
     rows = [[t.number, t.user_attrs.get("sampled_by", "-"), t.params.get("metric"), t.params.get("aggregation"), len(t.user_attrs.get("samples", [])),
              t.value if t.value is not None else "-"] for t in trials[:10]]

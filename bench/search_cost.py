@@ -96,7 +96,7 @@ def main() -> None:
             cached_ppl, t_cached_val = timed(lambda: scorer.score(cached_plan), device)
             stats, t_stats = timed(lambda: collect_stats(model, linears, windows, needs(metric), progress=False), device)
             fresh_plan, t_fresh_importance = timed(lambda: plan_pruning(model, Importance(metric, "sum", stats), args.ratio, layers), device)
-            del stats  # recompute statistics of a large model are twice its size in fp32
+            stats = None  # free them: recompute statistics of a large model are twice its size in fp32
             fresh_ppl, t_fresh_val = timed(lambda: scorer.score(fresh_plan), device)
             records.append({
                 "metric": metric, "samples": count,

@@ -77,9 +77,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
         model = copy.deepcopy(dense)
         apply_study_plan(model, best)  # the plan the search scored
-        rows.append({"method": f"adapruner-{sampler}", "val_ppl": best["val_ppl"], "eval_ppl": perplexity(model, evaluation, desc=sampler),
+        rows.append({"method": f"adapruner-{sampler}", "val_ppl": best.val_ppl, "eval_ppl": perplexity(model, evaluation, desc=sampler),
                      "params": count_params(model), "seconds": seconds,
-                     "config": {k: best[k] for k in ("metric", "aggregation", "slope", "blocks", "addresses", "trial")}})
+                     "config": {k: getattr(best, k) for k in ("metric", "aggregation", "slope", "blocks", "addresses", "trial")}})
 
     started = time.perf_counter()
     draws = llm_pruner_trials(dense, tokenizer, args.ratio, args.trials, val, args.val_dtype)

@@ -7,7 +7,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from adapruner.calibration import pool_windows
-from adapruner.cli import main
+from adapruner.cli import build_parser, eval_options, lora_options, main, prune_eval_options, prune_options, run_options, search_options
+from adapruner.eval_job import EvalOptions
+from adapruner.finetune import LoraOptions
+from adapruner.pipeline import RunOptions
+from adapruner.search_job import SearchOptions
 from adapruner.evaluate import perplexity
 from adapruner.io import save_pruned
 from adapruner.pruner import PruneOptions, prune_model
@@ -40,6 +44,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, capsys, 
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_defaults_are_the_settings_objects_defaults():
+    """One place to change a default: every flag's default is its settings object's."""
+    parser = build_parser()
+    assert search_options(parser.parse_args(["search", "--out", "o"])) == SearchOptions()
+    assert run_options(parser.parse_args(["run", "--out", "o"])) == RunOptions(SearchOptions())
+    prune = parser.parse_args(["prune", "--model", "m", "--out", "o"])
+    assert prune_options(prune) == PruneOptions() and prune_eval_options(prune) == EvalOptions()
+    assert lora_options(parser.parse_args(["finetune", "--model", "m", "--out", "o"])) == LoraOptions()
+    assert eval_options(parser.parse_args(["eval", "--model", "m"])) == EvalOptions()
 
 
 def test_unknown_architecture_and_existing_out(capsys, tmp_path):

@@ -96,7 +96,7 @@ def test_out_of_memory_becomes_a_one_line_error(monkeypatch, capsys, tmp_path):
     def exhausted(*_args, **_kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr("adapruner.models.load_model", exhausted)
+    monkeypatch.setattr("adapruner.prune_job.load_model", exhausted)
     assert main(["prune", "--model", "smollm2", "--metric", "l2", "--no-eval", "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--batch-size" in err and "--device cpu" in err and not (tmp_path / "o").exists()

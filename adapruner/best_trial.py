@@ -1,0 +1,60 @@
+"""`best.json`: what a search found — its configuration, the (pool, index) address of every sample, and the plan
+the best trial scored — written from and read back into one dataclass."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from adapruner.errors import AdaPrunerError
+from adapruner.prune import PrunePlan
+from adapruner.report import write_json_atomic
+
+BEST_FORMAT = "adapruner.best/2"  # /2: the file carries the scored plan
+
+
+@dataclass
+class BestTrial:
+    """The best trial of a study, with everything needed to deliver exactly the model it scored."""
+
+    model: str
+    ratio: float
+    layers: str  # START:STOP of the pruned layers
+    granularity: str
+    prune_attention: bool
+    prune_mlp: bool
+    seq_len: int
+    val_ppl: float
+    trial: int
+    sampler: str
+    seed: int
+    samples: list[int]  # indices into the cached candidate pool
+    metric: str
+    aggregation: str
+    slope: float
+    blocks: list[str]
+    addresses: list[list]  # (pool, window index) of every sample
+    placement: dict[str, str]  # device, dtype and val_dtype the trials ran in
+    backends: dict[str, str]  # which implementation scored and which gathers
+    val_windows: int
+    batch_size: int
+    plan: dict  # `PrunePlan.to_dict()` of the scored plan
+    format: str = field(default=BEST_FORMAT)
+
+    @property
+    def prune_plan(self) -> PrunePlan:
+        return PrunePlan.from_dict(self.plan)
+
+    def write(self, path: Path) -> None:
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def read(cls, path: Path) -> "BestTrial":
+        """Read `path`; a file of another format (an older or newer adapruner) is a one-line error."""
+        if not path.is_file():
+            raise AdaPrunerError(f"{path} not found: pass the --out directory of a finished `adapruner search`")
+        data = json.loads(path.read_text())
+        names = {f.name for f in fields(cls)}
+        if data.get("format") != BEST_FORMAT or set(data) != names:
+            raise AdaPrunerError(f"{path} was written by another adapruner version (format {data.get('format')!r}, this one reads {BEST_FORMAT!r}): rerun the search")
+        return cls(**data)

@@ -1,0 +1,92 @@
+"""`adapruner prune` as a library call: checks → load → (perplexity) → prune → (perplexity) → save with report.json."""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+from adapruner.best_trial import BestTrial
+from adapruner.calibration import parse_calib_spec
+from adapruner.corpora import check_pool
+from adapruner.devices import Placement
+from adapruner.errors import AdaPrunerError
+from adapruner.eval_job import EvalOptions, eval_windows
+from adapruner.evaluate import perplexity
+from adapruner.io import check_out_dir, save_pruned
+from adapruner.kernels.dispatch import kernel_backend
+from adapruner.models import load_model
+from adapruner.prune import check_ratio, count_params
+from adapruner.pruner import PruneOptions, apply_study_plan, prune_model
+
+
+def read_best_trial(study_dir: str | Path, model: str) -> BestTrial:
+    """best.json of an `adapruner search` output directory, checked against the model about to be pruned."""
+    best = BestTrial.read(Path(study_dir) / "best.json")
+    if model != best.model:
+        raise AdaPrunerError(f"the study searched model {best.model!r}, not {model!r}: pass --model {best.model}")
+    return best
+
+
+def prune_and_save(
+    model_name: str, options: PruneOptions, out: str | Path, placement: Placement, evaluation: EvalOptions | None = EvalOptions(),
+    study: str | Path | None = None, recompute: bool = False, uniform: bool = False,
+) -> dict:
+    """Prune `model_name` as `options` say — or apply the plan a search scored (`study`; `recompute` re-derives it
+    from fp32 statistics and counts the units that differ) — and save it to the new directory `out` with
+    report.json. `evaluation` (None: skip) measures wiki perplexity before and after. Returns the report."""
+    check_out_dir(out)
+    for pool, _count in parse_calib_spec(options.calib):
+        check_pool(pool)
+    if options.ratio is not None:
+        check_ratio(options.ratio)
+    if uniform and options.layers not in (None, "all"):
+        raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
+    if not (options.prune_attention or options.prune_mlp):
+        raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
+    if recompute and study is None:
+        raise AdaPrunerError("--recompute re-derives a search's plan: add --from-study DIR")
+    if uniform and study is not None and not recompute:
+        raise AdaPrunerError("--uniform prunes every layer alike, which the study's plan does not: add --recompute or drop --uniform")
+    best = read_best_trial(study, model_name) if study is not None else None
+    if best is not None:
+        options = PruneOptions.from_best(best)
+    if uniform:
+        options.layers = "all"
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_name, placement.dtype, placement.device)
+    windows = None if evaluation is None else eval_windows(tokenizer, evaluation.ppl, options.seq_len, evaluation.max_windows)
+    params_before = count_params(model)
+    ppl_before = None if windows is None else perplexity(model, windows, evaluation.batch_size, desc="ppl dense")
+    prune_started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        result = apply_study_plan(model, best) if best is not None and not recompute else prune_model(model, tokenizer, options)
+    prune_seconds = time.perf_counter() - prune_started
+    provenance = {}
+    if best is not None:
+        provenance = {"plan_source": "recomputed" if recompute else "study", "study": str(study), "study_val_ppl": best.val_ppl}
+        if recompute:
+            provenance["units_differing_from_study"] = result.plan.units_differing(best.prune_plan)
+    params_after = count_params(model)
+    ppl_after = None if windows is None else perplexity(model, windows, evaluation.batch_size, desc="ppl pruned")
+    report = {
+        "model": model_name,
+        "options": asdict(options),
+        "params_before": params_before,
+        "params_after": params_after,
+        "params_removed_fraction": 1 - params_after / params_before,
+        "ppl_wiki_before": ppl_before,
+        "ppl_wiki_after": ppl_after,
+        "eval_windows": None if windows is None else int(windows.shape[0]),
+        "seq_len": options.seq_len,
+        "prune_seconds": prune_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "placement": placement.describe(),
+        "backends": {"importance": kernel_backend(placement.device), "gather": kernel_backend(placement.device)},
+        **provenance,
+        **result.summary(),
+    }
+    save_pruned(model, tokenizer, out, uniform=uniform, extra_json={"report.json": report})
+    return report
