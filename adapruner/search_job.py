@@ -183,7 +183,7 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
     rows = [[t.number, t.user_attrs.get("sampled_by", "-"), t.params.get("metric"), t.params.get("aggregation"), len(t.user_attrs.get("samples", [])),
              t.value if t.value is not None else "-"] for t in trials[:10]]
     table = format_table(["trial", "sampled by", "metric", "agg", "samples", "val ppl"], rows)
-    phases = [t.user_attrs.get("sampled_by") for t in trials]
+    phases = [t.user_attrs.get("sampled_by") for t in sorted(trials, key=lambda t: t.number)]  # in the order they ran
     table += f"\n{len(trials)} finished trials: " + ", ".join(f"{phases.count(p)} {p}" for p in dict.fromkeys(phases))
     (out / "trials.txt").write_text(table + "\n")
     print(table)

@@ -1,4 +1,4 @@
-"""Per-channel importance of one linear weight, for every metric of DESIGN.md §2.
+"""Per-channel importance of one linear weight, for every metric of docs/metrics.md.
 
 For W (out × in), gradient G, empirical-Fisher diagonal F and input-feature norms a (a_i = ‖x_i‖₂), the score of
 channel j of dimension `dim` (0: row j, 1: column j) sums the per-element score over the other dimension:
