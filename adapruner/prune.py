@@ -29,21 +29,26 @@ class PrunePlan:
 
     def to_dict(self) -> dict:
         """JSON-ready: {"attention": {"4": [[kept q], [kept kv]]}, "mlp": {"4": [kept channels]}}."""
-        return {"attention": {str(i): [list(q), list(kv)] for i, (q, kv) in self.attention.items()},
-                "mlp": {str(i): list(kept) for i, kept in self.mlp.items()}}
+        return self._with_units_as(list)
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "PrunePlan":
-        return cls({int(i): (list(q), list(kv)) for i, (q, kv) in data["attention"].items()}, {int(i): list(kept) for i, kept in data["mlp"].items()})
+        return cls._with_units_from(data, list)
 
     def encode(self) -> dict:
         """Compact form for the study (one per trial): every kept list as the hex of its bit mask Σ 2^unit."""
-        return {"attention": {str(i): [_mask(q), _mask(kv)] for i, (q, kv) in self.attention.items()},
-                "mlp": {str(i): _mask(kept) for i, kept in self.mlp.items()}}
+        return self._with_units_as(_mask)
 
     @classmethod
     def decode(cls, data: Mapping) -> "PrunePlan":
-        return cls({int(i): (_units(q), _units(kv)) for i, (q, kv) in data["attention"].items()}, {int(i): _units(kept) for i, kept in data["mlp"].items()})
+        return cls._with_units_from(data, _units)
+
+    def _with_units_as(self, form) -> dict:
+        return {"attention": {str(i): [form(q), form(kv)] for i, (q, kv) in self.attention.items()}, "mlp": {str(i): form(kept) for i, kept in self.mlp.items()}}
+
+    @classmethod
+    def _with_units_from(cls, data: Mapping, read) -> "PrunePlan":
+        return cls({int(i): (read(q), read(kv)) for i, (q, kv) in data["attention"].items()}, {int(i): read(kept) for i, kept in data["mlp"].items()})
 
     def units_differing(self, other: "PrunePlan") -> dict[str, int]:
         """Units this plan keeps and `other` removes, by kind (both plans keep as many of each)."""

@@ -6,7 +6,7 @@ import torch
 
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
-from adapruner.prune import apply_plan, count_params, plan_pruning, removal_count, removed_params, solve_ratio, top_units
+from adapruner.prune import PrunePlan, apply_plan, count_params, plan_pruning, removal_count, removed_params, solve_ratio, top_units
 from adapruner.structure import layer_info
 
 
@@ -87,3 +87,11 @@ def test_target_params_solves_the_ratio(mha_model):
     assert removed_params(mha_model, ratio - 1e-6, range(0, 3), "kv") < 0.1 * total  # smallest such ratio
     with pytest.raises(AdaPrunerError, match="out of reach"):
         solve_ratio(mha_model, 0.9, range(0, 1))
+
+
+def test_plan_round_trips_and_counts_differing_units():
+    plan = PrunePlan({4: ([0, 1, 5], [0, 2])}, {4: [0, 3, 11007], 5: []})
+    assert plan.encode()["attention"]["4"] == ["0x23", "0x5"]  # bits 0, 1, 5 and 0, 2
+    assert PrunePlan.decode(plan.encode()) == plan and PrunePlan.from_dict(plan.to_dict()) == plan
+    other = PrunePlan({4: ([0, 1, 6], [0, 2])}, {4: [0, 3, 5], 5: []})
+    assert plan.units_differing(other) == {"query_heads": 1, "kv_heads": 0, "mlp_channels": 1}
