@@ -14,7 +14,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.models import cache_root, load_model
 from adapruner.prune import count_params
-from adapruner.report import write_json_atomic
+from adapruner.report import REPORT_FORMAT, write_json_atomic
 
 
 @dataclass
@@ -43,6 +43,9 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
     """{measure: values} for `model_name`; with `report`, the results are merged into that report.json (atomically)."""
     if options.ppl is None and not options.tasks:
         raise AdaPrunerError("--no-ppl without --tasks measures nothing: drop --no-ppl or name --tasks")
+    merged = json.loads(report.read_text()) if report is not None and report.is_file() else {"format": REPORT_FORMAT}
+    if merged.get("format") != REPORT_FORMAT:
+        raise AdaPrunerError(f"{report} was written by another adapruner version (format {merged.get('format')!r}): pass --report NEW.json")
     started = time.perf_counter()
     model, tokenizer = load_model(model_name, placement.dtype, placement.device)
     results: dict[str, dict] = {}
@@ -55,7 +58,6 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
         scores = evaluate_tasks(model, tokenizer, list(options.tasks), cache_root() / "tasks", options.batch_size, options.task_limit)
         results.update({f"task_{name}": values for name, values in scores.items()})
     if report is not None:
-        merged = json.loads(report.read_text()) if report.is_file() else {}
         merged.setdefault("eval", {}).update(results)
         write_json_atomic(report, merged)
     return {"params": count_params(model), "seconds": time.perf_counter() - started, "results": results}

@@ -10,6 +10,7 @@ from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions, finetune, mean_loss, merged
 from adapruner.io import check_out_dir, save_adapter, save_pruned
 from adapruner.models import load_model
+from adapruner.report import REPORT_FORMAT
 
 VAL_WINDOWS = 16  # wiki validation windows per evaluation
 
@@ -27,7 +28,7 @@ def finetune_and_save(
     before = perplexity(model, val, desc="val ppl before")
     result = finetune(model, tokenizer, data, options, val)
     report = {
-        "model": model_name, "data": data, "options": asdict(options), "placement": placement.describe(),
+        "format": REPORT_FORMAT, "model": model_name, "data": data, "options": asdict(options), "placement": placement.describe(),
         "val_ppl_before": before, "val_ppl_history": result.val_ppl, "train_loss": result.losses, "train_loss_last10": mean_loss(result.losses),
         "stopped": result.stopped, "seconds": result.seconds, "merged": not keep_adapter,
     }

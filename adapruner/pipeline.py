@@ -21,7 +21,7 @@ from adapruner.measure import macs
 from adapruner.models import cache_root, load_model
 from adapruner.prune import count_params
 from adapruner.pruner import apply_study_plan
-from adapruner.report import write_json_atomic
+from adapruner.report import REPORT_FORMAT, write_json_atomic
 from adapruner.search_job import SearchOptions, run_search
 from adapruner.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
 
@@ -106,6 +106,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
         history = {"val_ppl": result.val_ppl, "stopped": result.stopped}
 
     report = {
+        "format": REPORT_FORMAT,
         "options": json.loads(json.dumps(asdict(options))), "best": asdict(best), "stage_seconds": stage_seconds,
         "eval_windows": {label: int(w.shape[0]) for label, w in windows.items()},
         "rows": [asdict(r) | {"average_acc": r.average} for r in rows], "finetune": history,

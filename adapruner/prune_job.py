@@ -18,6 +18,7 @@ from adapruner.kernels.dispatch import kernel_backend
 from adapruner.models import load_model
 from adapruner.prune import check_ratio, count_params
 from adapruner.pruner import PruneOptions, apply_study_plan, prune_model
+from adapruner.report import REPORT_FORMAT
 
 
 def read_best_trial(study_dir: str | Path, model: str) -> BestTrial:
@@ -72,6 +73,7 @@ def prune_and_save(
     params_after = count_params(model)
     ppl_after = None if windows is None else perplexity(model, windows, evaluation.batch_size, desc="ppl pruned")
     report = {
+        "format": REPORT_FORMAT,
         "model": model_name,
         "options": asdict(options),
         "params_before": params_before,

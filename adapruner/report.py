@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+REPORT_FORMAT = "adapruner.report/1"  # the `format` key of every report.json the commands write
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table with right-aligned columns (floats to 3 significant decimals)."""
     cells = [[_cell(v) for v in row] for row in rows]

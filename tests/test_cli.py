@@ -188,3 +188,14 @@ def test_smollm2_delivered_model_is_the_scored_one(capsys, tmp_path, smollm2_loa
     recomputed = json.loads((tmp_path / "p2" / "report.json").read_text())
     assert recomputed["plan_source"] == "recomputed"
     assert recomputed["units_differing_from_study"] == PrunePlan.from_dict(recomputed["plan"]).units_differing(PrunePlan.from_dict(best["plan"]))
+
+
+def test_reports_of_another_version_are_refused(capsys, tmp_path):
+    """best.json and report.json carry their format; a file of another one is a one-line error before any model loads."""
+    (tmp_path / "report.json").write_text(json.dumps({"format": "adapruner.report/0", "eval": {}}))
+    code, _, err = run_cli(capsys, "eval", "--model", "smollm2", "--report", str(tmp_path / "report.json"))
+    assert code == 2 and "another adapruner version" in err and err.count("\n") == 1
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "best.json").write_text(json.dumps({"model": "smollm2", "ratio": 0.25}))  # format 1: no plan
+    code, _, err = run_cli(capsys, "prune", "--model", "smollm2", "--from-study", str(tmp_path / "study"), "--out", str(tmp_path / "p"))
+    assert code == 2 and "another adapruner version" in err and "rerun the search" in err and not (tmp_path / "p").exists()
