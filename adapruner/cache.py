@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapruner.calibration import seeded_draw
-from adapruner.devices import dtype_name
+from adapruner.devices import dtype_name, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.kernels import channel_importance
@@ -177,17 +177,23 @@ def build_cache(
     addresses: list[tuple[str, int]],
     batch_size: int = 4,
     progress: bool = True,
+    device_budget_bytes: int | None = None,
 ) -> ActivationCache:
-    """One forward+backward per batch of the pool with hooks on every prunable linear of `key.layers`."""
+    """One forward+backward per batch of the pool with hooks on every prunable linear of `key.layers`.
+
+    The tensors stay where the model runs while the whole cache, projected from the batches so far, fits
+    `device_budget_bytes` (None: no limit); past it, they are staged in host memory."""
     layers = range(*key.layers)
     linears = prunable_linears(model, layers)
     store_dtype = getattr(torch, key.dtype)
     chunks: dict[str, list[torch.Tensor]] = {}
     inputs: dict[str, torch.Tensor] = {}
     L = key.seq_len
+    on_host = False
+    starts = range(0, input_ids.shape[0], batch_size)
 
     def keep(name: str, tensor: torch.Tensor) -> None:
-        chunks.setdefault(name, []).append(tensor)
+        chunks.setdefault(name, []).append(tensor.cpu() if on_host else tensor)
 
     def on_input(name: str, x: torch.Tensor) -> None:
         if input_owner(name) == name:
@@ -208,9 +214,14 @@ def build_cache(
             keep(f"dy/{name}", dy.to(store_dtype))
 
     with linear_io(model, linears, on_input, on_grad):
-        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="cache", unit="batch", disable=not progress):
+        for done, start in enumerate(tqdm(starts, desc="cache", unit="batch", disable=not progress), 1):
             sample_loss(model, input_ids[start : start + batch_size]).sum().backward()
             inputs.clear()
+            if not on_host and device_budget_bytes is not None:
+                kept = sum(t.numel() * t.element_size() for parts in chunks.values() for t in parts)
+                if kept * len(starts) / done > device_budget_bytes:  # the finished cache would not fit: stage it on the host
+                    chunks = {name: [t.cpu() for t in parts] for name, parts in chunks.items()}
+                    on_host = True
     tensors = {name: torch.cat(parts) for name, parts in chunks.items()}
     return ActivationCache(key, tensors, addresses)
 
@@ -218,7 +229,7 @@ def build_cache(
 def cache_key(model_name: str, model: nn.Module, pools: list[str], pool_size: int, seq_len: int, layers: range, seed: int, activations: bool, dtype: str = "bfloat16") -> CacheKey:
     if layers.step != 1 or not 0 <= layers.start < layers.stop <= len(decoder_layers(model)):
         raise AdaPrunerError("cached layer range must be contiguous and inside the model")
-    model_dtype = dtype_name(next(model.parameters()).dtype)
+    model_dtype = dtype_name(next(model.parameters()).dtype)  # the weights' dtype
     return CacheKey(model_name, tuple(pools), pool_size, seq_len, (layers.start, layers.stop), seed, activations, dtype, model_dtype)
 
 
@@ -230,5 +241,5 @@ def load_or_build(
     path = cache_dir / f"{key.digest()}.safetensors"
     if not path.is_file():
         input_ids, addresses = candidate_pool(tokenizer, list(key.pools), key.pool_size, key.seq_len, key.seed)
-        build_cache(model, key, input_ids, addresses, batch_size, progress).save(path)
-    return ActivationCache.load(path, max_memory_bytes, next(model.parameters()).device)
+        build_cache(model, key, input_ids, addresses, batch_size, progress, max_memory_bytes).save(path)
+    return ActivationCache.load(path, max_memory_bytes, model_device(model))

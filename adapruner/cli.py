@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int, default=EVAL.batch_size, help="windows per forward pass")
     prune.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
     prune.add_argument("--from-study", default=None, help="apply the plan of the best trial of an `adapruner search` output directory (as scored)")
-    prune.add_argument("--recompute", action="store_true", help="with --from-study: re-derive the plan from fp32 statistics on the trial's windows and report the units that differ")
+    prune.add_argument("--recompute", action="store_true", help="with --from-study: re-derive the plan from statistics recomputed on the trial's windows and report the units that differ")
     _add_placement_args(prune)
 
     search = commands.add_parser("search", help="AdaPruner: Bayesian search over calibration samples and metrics")

@@ -14,7 +14,6 @@ import torch
 
 from adapruner.errors import AdaPrunerError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 DEVICE_HELP = "where the model runs: auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
@@ -87,7 +86,7 @@ def device_errors():
     """Turn running out of memory into a one-line error that names the fixes; other errors pass through."""
     try:
         yield
-    except torch.OutOfMemoryError as exc:
+    except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError in newer torch is the same class
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "out of memory"
         raise AdaPrunerError(f"out of device memory ({first}): lower --batch-size, lower --cache-mem, or pass --device cpu") from None
     except RuntimeError as exc:

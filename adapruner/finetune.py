@@ -104,8 +104,8 @@ def finetune(
 
 
 def merged(result: FinetuneResult) -> nn.Module:
-    """The base model with the LoRA deltas added into its weights (peft's merge_and_unload), in fp32."""
-    return result.model.merge_and_unload().float().eval()
+    """The base model with the LoRA deltas added into its weights (peft's merge_and_unload), in the dtype it trained in."""
+    return result.model.merge_and_unload().eval()
 
 
 def mean_loss(losses: list[float], last: int = 10) -> float:

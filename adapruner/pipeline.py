@@ -13,7 +13,7 @@ from torch import nn
 
 from adapruner.calibration import pool_windows
 from adapruner.devices import Placement, dtype_name
-from adapruner.eval_job import EvalOptions
+from adapruner.eval_job import EvalOptions, eval_windows
 from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions, finetune, merged
 from adapruner.io import check_out_dir, layer_sizes, save_pruned
@@ -79,9 +79,8 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
 
     dense, tokenizer = load_model(options.search.model, placement.dtype, placement.device)
     short = options.search.seq_len  # the search's window length, then the long one
-    windows = {f"ppl@{short}": pool_windows(tokenizer, "wiki", short, "eval")[: options.max_eval_windows]}
     full = min(options.full_seq_len, getattr(dense.config, "max_position_embeddings", options.full_seq_len))
-    windows[f"ppl@{full}"] = pool_windows(tokenizer, "wiki", full, "eval")[: options.max_eval_windows]
+    windows = {f"ppl@{n}": eval_windows(tokenizer, "wiki", n, options.max_eval_windows) for n in (short, full)}
 
     started = time.perf_counter()
     pruned = copy.deepcopy(dense)

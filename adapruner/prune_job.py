@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from adapruner.best_trial import BestTrial
@@ -34,8 +34,9 @@ def prune_and_save(
     study: str | Path | None = None, recompute: bool = False, uniform: bool = False,
 ) -> dict:
     """Prune `model_name` as `options` say — or apply the plan a search scored (`study`; `recompute` re-derives it
-    from fp32 statistics and counts the units that differ) — and save it to the new directory `out` with
-    report.json. `evaluation` (None: skip) measures wiki perplexity before and after. Returns the report."""
+    from statistics recomputed on the trial's windows and counts the units that differ) — and save it to the new
+    directory `out` with report.json. `evaluation` (None, or ppl None: skip) measures perplexity on its `ppl` pool's
+    evaluation windows before and after (zero-shot tasks run through `eval_job.evaluate_model`). Returns the report."""
     check_out_dir(out)
     for pool, _count in parse_calib_spec(options.calib):
         check_pool(pool)
@@ -53,11 +54,13 @@ def prune_and_save(
     if best is not None:
         options = PruneOptions.from_best(best)
     if uniform:
-        options.layers = "all"
+        options = replace(options, layers="all")
+    if evaluation is not None and evaluation.ppl is None:
+        evaluation = None
 
     started = time.perf_counter()
     model, tokenizer = load_model(model_name, placement.dtype, placement.device)
-    windows = None if evaluation is None else eval_windows(tokenizer, evaluation.ppl, options.seq_len, evaluation.max_windows)
+    windows = None if evaluation is None else eval_windows(tokenizer, evaluation.ppl, evaluation.seq_len, evaluation.max_windows)
     params_before = count_params(model)
     ppl_before = None if windows is None else perplexity(model, windows, evaluation.batch_size, desc="ppl dense")
     prune_started = time.perf_counter()
@@ -81,6 +84,8 @@ def prune_and_save(
         "params_removed_fraction": 1 - params_after / params_before,
         "ppl_wiki_before": ppl_before,
         "ppl_wiki_after": ppl_after,
+        "ppl_text": None if evaluation is None else evaluation.ppl,
+        "eval_seq_len": None if evaluation is None else evaluation.seq_len,
         "eval_windows": None if windows is None else int(windows.shape[0]),
         "seq_len": options.seq_len,
         "prune_seconds": prune_seconds,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one command on a machine with one CUDA GPU (H100/H200), about 6-8 minutes.
+# The prepared GPU check: one command on a machine with one CUDA GPU (H100/H200), about 5 minutes (4.8 on an H200;
+# the step limits below add up to 12).
 #   bash bench/gpu_check.sh OUTDIR
 # Runs, each step under its own time limit, writing everything under OUTDIR (log, JSON, plots):
 #   1. the device-aware kernel and model-path tests on CUDA (compiled Triton, no interpreter)

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from adapruner.cache import build_cache, cache_key
-from adapruner.devices import DEVICE_HELP, DTYPE_CHOICES, Placement, device_arg, dtype_name
+from adapruner.calibration import DEFAULT_SEQ_LEN
+from adapruner.devices import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, Placement, device_arg, dtype_name
 from adapruner.importance import Importance, needs
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
-from adapruner.prune import plan_pruning
+from adapruner.prune import DEFAULT_RATIO, plan_pruning
 from adapruner.report import format_table
 from adapruner.search import DEFAULT_METRICS, DEFAULT_SAMPLE_COUNTS, PruneSetting, TrialConfig, pool_blocks, round_robin, trial_plan
 from adapruner.statistics import collect_stats
@@ -56,13 +57,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="smollm2", choices=SHAPES, help="smollm2 (embedded, real text) or a random-weight LLaMA shape")
     parser.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="model weight dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    parser.add_argument("--ratio", type=float, default=DEFAULT_RATIO)
     parser.add_argument("--pools", default="wiki,news,plays")
     parser.add_argument("--pool-size", type=int, default=16, help="cached windows per pool (random shapes: one pool)")
     parser.add_argument("--counts", default=",".join(map(str, DEFAULT_SAMPLE_COUNTS)), help="sample counts (the search's choices)")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
     parser.add_argument("--val-windows", type=int, default=16, help="as `adapruner search` (default 16)")
     parser.add_argument("--val-dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward+backward of the cache pass")

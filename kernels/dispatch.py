@@ -18,20 +18,25 @@ def use_triton(tensor: torch.Tensor, backend: Backend) -> bool:
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown backend {backend!r}: use auto, triton or torch")
     if backend == "auto":
-        return tensor.is_cuda and triton_installed()
+        return triton_runs_on(tensor.device)
     return backend == "triton"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """The `auto` rule: compiled Triton kernels run on CUDA devices, when triton is installed."""
+    return device.type == "cuda" and triton_installed()
 
 
 def kernel_backend(device: torch.device) -> str:
     """Which implementation `auto` dispatch runs for tensors on `device`: `triton` or `torch` (for reports)."""
-    return "triton" if device.type == "cuda" and triton_installed() else "torch"
+    return "triton" if triton_runs_on(device) else "torch"
 
 
 def scoring_backend(device: torch.device, cache_dtype: str) -> str:
     """The cached-gradient importance path `auto` takes on `device` for a cache stored in `cache_dtype`."""
     if kernel_backend(device) == "triton":
         return "triton"
-    return "torch-bf16-cpu" if cache_dtype == "bfloat16" and native_bf16(device) else "torch"
+    return "torch-bf16-cpu" if device.type == "cpu" and cache_dtype == "bfloat16" and native_bf16(device) else "torch"
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -25,7 +25,8 @@ def _check(specs: Sequence[GatherSpec]) -> None:
         bounded += [(index, size) for index, size in ((rows, src.shape[0]), (cols, src.shape[-1])) if index is not None and index.numel()]
     if not bounded:
         return
-    extremes = torch.stack([torch.stack([index.min(), index.max()]).cpu() for index, _ in bounded]).tolist()
+    device = bounded[0][0].device
+    extremes = torch.stack([torch.stack([index.min(), index.max()]).to(device) for index, _ in bounded]).tolist()  # one host read
     for (low, high), (_, size) in zip(extremes, bounded):
         if low < 0 or high >= size:
             raise ValueError(f"gather index out of range [0, {size})")

@@ -41,6 +41,20 @@ def test_trial_on_the_device_equals_the_cpu_trial(gqa_model, metric, device):
     assert ValidationScorer(model, val, LAYERS.start).score(plan) == pytest.approx(expected_ppl, rel=1e-4)
 
 
+def test_a_cache_over_its_budget_is_staged_in_host_memory(gqa_model, device):
+    ids = torch.randint(0, 97, (6, SEQ), generator=torch.Generator().manual_seed(3))
+    model = gqa_model.to(device)
+    key = cache_key("tiny", model, ["a"], 6, SEQ, LAYERS, 0, activations=True, dtype="float32")
+    addresses = [("a", i) for i in range(6)]
+    resident = build_cache(model, key, ids, addresses, batch_size=2, progress=False)
+    staged = build_cache(model, key, ids, addresses, batch_size=2, progress=False, device_budget_bytes=resident.nbytes // 2)
+    assert resident.device.type == device.type and {t.device.type for t in staged.tensors.values()} == {"cpu"}
+    for name, tensor in resident.tensors.items():
+        torch.testing.assert_close(staged.tensors[name], tensor.cpu())
+    config = TrialConfig([1, 4], "taylor1", "sum")  # a host cache scores on the model's device: rows staged per trial
+    assert trial_plan(model, staged, PruneSetting(0.5, LAYERS), config) == trial_plan(model, resident, PruneSetting(0.5, LAYERS), config)
+
+
 def test_cli_prune_and_search_in_bfloat16(gqa_model, tokenizer, tmp_path, capsys):
     """--device cpu --dtype bfloat16: the saved pruned model equals the dense bf16 model with the removed units
     masked, within two bf16 rounding steps of the logits' scale (the two compute the same sums in other orders)."""
@@ -51,7 +65,7 @@ def test_cli_prune_and_search_in_bfloat16(gqa_model, tokenizer, tmp_path, capsys
     assert main(["prune", *common, "--metric", "taylor1", "--calib", "wiki:2", "--seq-len", "16", "--no-eval", "--out", str(tmp_path / "p")]) == 0
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert report["placement"] == {"device": "cpu", "dtype": "bfloat16"} and report["backends"] == {"importance": "torch", "gather": "torch"}
-    plan = PrunePlan({int(k): tuple(v) for k, v in report["plan"]["attention"].items()}, {int(k): v for k, v in report["plan"]["mlp"].items()})
+    plan = PrunePlan.from_dict(report["plan"])
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "p", trust_remote_code=True, dtype=torch.bfloat16).eval()
     assert next(pruned.parameters()).dtype == torch.bfloat16
     tokens = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
