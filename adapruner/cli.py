@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_placement_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_arg, default=SEARCH.device, help=DEVICE_HELP)
     parser.add_argument("--dtype", default=SEARCH.dtype, choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with the model (its modeling_*.py); adapruner's own pruned models load without it")
 
 
 def _add_search_args(parser: argparse.ArgumentParser) -> None:
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def placement_of(args: argparse.Namespace) -> Placement:
-    return Placement.of(args.device, args.dtype)
+    return Placement.of(args.device, args.dtype, args.trust_remote_code)
 
 
 def prune_options(args: argparse.Namespace) -> PruneOptions:
@@ -209,7 +211,7 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
         depth_slope=args.depth_slope, trials=args.trials, startup_trials=args.startup_trials, sampler=args.sampler, seed=args.seed,
         val_windows=args.val_windows, val_dtype=args.val_dtype, batch_size=args.batch_size, workers=args.workers,
         early_stop=args.early_stop, storage=args.storage, study=args.study, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
-        cache_mem_gb=args.cache_mem, device=args.device, dtype=args.dtype,
+        cache_mem_gb=args.cache_mem, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
     )
 
 

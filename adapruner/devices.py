@@ -62,15 +62,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Placement:
-    """A resolved (device, weight dtype) pair; `Placement.of("auto", "auto")` is what every command starts from."""
+    """How a command loads its model: a resolved device and weight dtype, and whether Python code shipped with the
+    model may run (`trust_remote_code`, off unless asked). `Placement.of("auto", "auto")` is every command's default."""
 
     device: torch.device
     dtype: torch.dtype
+    trust_remote_code: bool = False
 
     @classmethod
-    def of(cls, device: str = "auto", dtype: str = "auto") -> "Placement":
+    def of(cls, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> "Placement":
         resolved = resolve_device(device)
-        return cls(resolved, resolve_dtype(dtype, resolved))
+        return cls(resolved, resolve_dtype(dtype, resolved), trust_remote_code)
 
     def describe(self) -> dict[str, str]:
         return {"device": str(self.device), "dtype": dtype_name(self.dtype)}

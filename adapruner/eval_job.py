@@ -47,7 +47,7 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
     if merged.get("format") != REPORT_FORMAT:
         raise AdaPrunerError(f"{report} was written by another adapruner version (format {merged.get('format')!r}): pass --report NEW.json")
     started = time.perf_counter()
-    model, tokenizer = load_model(model_name, placement.dtype, placement.device)
+    model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code)
     results: dict[str, dict] = {}
     if options.ppl is not None:
         windows = eval_windows(tokenizer, options.ppl, options.seq_len, options.max_windows)

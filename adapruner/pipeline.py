@@ -68,7 +68,7 @@ def measure(name: str, model: nn.Module, tokenizer, options: RunOptions, windows
 def run_pipeline(options: RunOptions, out: Path) -> dict:
     """Every stage's output goes under `out` (which must be new); the reports come last."""
     check_out_dir(out)
-    placement = Placement.of(options.search.device, options.search.dtype)
+    placement = Placement.of(options.search.device, options.search.dtype, options.search.trust_remote_code)
     # built once, before the search, so that unknown task names fail now
     manager = task_manager(list(options.tasks), cache_root() / "tasks") if options.tasks else None
     out.mkdir(parents=True)
@@ -77,7 +77,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     best = run_search(options.search, out / "search")
     stage_seconds["search"] = time.perf_counter() - started
 
-    dense, tokenizer = load_model(options.search.model, placement.dtype, placement.device)
+    dense, tokenizer = load_model(options.search.model, placement.dtype, placement.device, placement.trust_remote_code)
     short = options.search.seq_len  # the search's window length, then the long one
     full = min(options.full_seq_len, getattr(dense.config, "max_position_embeddings", options.full_seq_len))
     windows = {f"ppl@{n}": eval_windows(tokenizer, "wiki", n, options.max_eval_windows) for n in (short, full)}

@@ -59,7 +59,7 @@ def prune_and_save(
         evaluation = None
 
     started = time.perf_counter()
-    model, tokenizer = load_model(model_name, placement.dtype, placement.device)
+    model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code)
     windows = None if evaluation is None else eval_windows(tokenizer, evaluation.ppl, evaluation.seq_len, evaluation.max_windows)
     params_before = count_params(model)
     ppl_before = None if windows is None else perplexity(model, windows, evaluation.batch_size, desc="ppl dense")

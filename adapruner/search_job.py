@@ -69,6 +69,7 @@ class SearchOptions:
     cache_mem_gb: float = how(8.0)
     device: str = how("auto")
     dtype: str = "auto"
+    trust_remote_code: bool = how(False)  # run Python code shipped with the model (off unless asked)
 
 
 def study_setup(options: SearchOptions) -> dict:
@@ -98,7 +99,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         raise AdaPrunerError(f"--startup-trials {options.startup_trials} must lie in [0, --trials {options.trials}]")
     for pool in options.pools:
         check_pool(pool)
-    placement = Placement.of(options.device, options.dtype)
+    placement = Placement.of(options.device, options.dtype, options.trust_remote_code)
     options = replace(options, device=str(placement.device), dtype=dtype_name(placement.dtype), val_dtype=resolve_val_dtype(options.val_dtype, placement.device))
     space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope)
     setup = study_setup(options)
@@ -107,7 +108,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
     study = open_study(open_storage(storage_url), options.study, setup)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(options.model, placement.dtype, placement.device)
+    model, tokenizer = load_model(options.model, placement.dtype, placement.device, placement.trust_remote_code)
     layers = parse_layer_range(options.layers, len(decoder_layers(model)))
     key = cache_key(options.model, model, options.pools, options.pool_size, options.seq_len, layers, options.seed,
                     activations=bool(ACTIVATION_METRICS & set(options.metrics)), dtype=options.cache_dtype)
@@ -126,7 +127,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         storage=storage_url, study=options.study, setup=setup, ratio=options.ratio, layers=(layers.start, layers.stop),
         granularity=options.granularity, prune_attention=options.prune_attention, prune_mlp=options.prune_mlp,
         space=asdict(space), n_trials=options.trials, sampler=options.sampler, seed=options.seed, startup_trials=startup_trials(options),
-        val_dtype=options.val_dtype, batch_size=options.batch_size, early_stop=options.early_stop, device=options.device, dtype=options.dtype,
+        val_dtype=options.val_dtype, batch_size=options.batch_size, early_stop=options.early_stop, device=options.device, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
         threads=max(1, torch.get_num_threads() // options.workers),
     )
     remaining = max(0, options.trials - finished(study))

@@ -113,6 +113,7 @@ class WorkerSpec:
     val_dtype: str = "float32"
     device: str = "cpu"
     dtype: str = "float32"
+    trust_remote_code: bool = False
     batch_size: int = 8
     early_stop: bool = False
     threads: int = 0
@@ -133,7 +134,7 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    model = model if model is not None else load_model(spec.model, DTYPES[spec.dtype], spec.device)[0]
+    model = model if model is not None else load_model(spec.model, DTYPES[spec.dtype], spec.device, spec.trust_remote_code)[0]
     cache = cache if cache is not None else ActivationCache.load(Path(spec.cache_path))  # memory-mapped, shared
     val_windows = load_file(spec.val_path)["windows"]
     setting = PruneSetting(spec.ratio, range(*spec.layers), spec.granularity, spec.prune_attention, spec.prune_mlp)
