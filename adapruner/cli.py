@@ -29,6 +29,43 @@ LAYERS_HELP = "layers to prune as START:STOP or 'all' (default: keep the first 4
 PRUNE, SEARCH, LORA, EVAL = PruneOptions(), SearchOptions(), LoraOptions(), EvalOptions()
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error shape: one line `error: …` on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(low: float, kind=int):
+    """argparse type: a `kind` number ≥ `low`, refused at parse time with the bound in the message."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below its minimum {low}")
+        return value
+    return parse
+
+
+def within(low: float, high: float, closed_low: bool = False):
+    """argparse type: a float in (low, high), or [low, high) with `closed_low`."""
+    def parse(text: str):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low <= value if closed_low else low < value) or not value < high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {'[' if closed_low else '('}{low:g}, {high:g})")
+        return value
+    return parse
+
+
+COUNT, NONNEGATIVE, WINDOW = at_least(1), at_least(0), at_least(2)  # counts, budgets that may be 0, tokens per window
+FRACTION, POSITIVE = within(0, 1), at_least(1e-12, float)
+
+
 def run_default(name: str):
     """A `RunOptions` field's default (RunOptions needs its search options, so it has no bare instance)."""
     spec = next(f for f in fields(RunOptions) if f.name == name)
@@ -38,27 +75,27 @@ def run_default(name: str):
 def build_parser() -> argparse.ArgumentParser:
     from adapruner.importance import AGGREGATIONS, METRICS
 
-    parser = argparse.ArgumentParser(prog="adapruner", description="Sample-aware structured pruning of LLaMA-family models.")
+    parser = Parser(prog="adapruner", description="Sample-aware structured pruning of LLaMA-family models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     prune = commands.add_parser("prune", help="prune a model and save it (HF-loadable)")
     prune.add_argument("--model", required=True, help="HF model directory, hub id, or 'smollm2' (embedded, offline)")
     budget = prune.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=float, help=f"{RATIO_HELP} [default {PRUNE.ratio}]")
-    budget.add_argument("--target-params", type=float, help=TARGET_HELP)
+    budget.add_argument("--ratio", type=FRACTION, help=f"{RATIO_HELP} [default {PRUNE.ratio}]")
+    budget.add_argument("--target-params", type=FRACTION, help=TARGET_HELP)
     prune.add_argument("--metric", default=PRUNE.metric, choices=METRICS, help="importance metric (docs/metrics.md)")
     prune.add_argument("--agg", default=PRUNE.aggregation, choices=AGGREGATIONS, help="aggregation over a group's members")
     prune.add_argument("--calib", default=PRUNE.calib, help="calibration samples as POOL:N[,POOL:N] (pools: wiki, news, plays, or a .txt/.jsonl path)")
-    prune.add_argument("--seq-len", type=int, default=PRUNE.seq_len, help="tokens per calibration and evaluation window")
+    prune.add_argument("--seq-len", type=WINDOW, default=PRUNE.seq_len, help="tokens per calibration and evaluation window")
     prune.add_argument("--layers", default=PRUNE.layers, help=LAYERS_HELP)
     prune.add_argument("--attn-granularity", default=PRUNE.granularity, choices=("kv", "query"), help="remove whole kv groups, or query heads inside every kv group")
     prune.add_argument("--no-attention", action="store_true", help="prune the MLP only")
     prune.add_argument("--no-mlp", action="store_true", help="prune attention only")
     prune.add_argument("--uniform", action="store_true", help="prune every layer alike and save a stock config (no remote code)")
-    prune.add_argument("--seed", type=int, default=PRUNE.seed)
+    prune.add_argument("--seed", type=NONNEGATIVE, default=PRUNE.seed)
     prune.add_argument("--out", required=True, help="new directory for the pruned model and report.json")
-    prune.add_argument("--max-eval-windows", type=int, default=EVAL.max_windows, help="evaluate only the first N windows (default: all)")
-    prune.add_argument("--batch-size", type=int, default=EVAL.batch_size, help="windows per forward pass")
+    prune.add_argument("--max-eval-windows", type=COUNT, default=EVAL.max_windows, help="evaluate only the first N windows (default: all)")
+    prune.add_argument("--batch-size", type=COUNT, default=EVAL.batch_size, help="windows per forward pass")
     prune.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
     prune.add_argument("--from-study", default=None, help="apply the plan of the best trial of an `adapruner search` output directory (as scored)")
     prune.add_argument("--recompute", action="store_true", help="with --from-study: re-derive the plan from statistics recomputed on the trial's windows and report the units that differ")
@@ -71,12 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="search → prune → (LoRA) → evaluate dense and pruned → report.md")
     _add_search_args(run)
-    run.add_argument("--finetune-steps", type=int, default=run_default("finetune_steps"), help="LoRA recovery steps after pruning (0: none)")
+    run.add_argument("--finetune-steps", type=NONNEGATIVE, default=run_default("finetune_steps"), help="LoRA recovery steps after pruning (0: none)")
     run.add_argument("--finetune-data", default=run_default("finetune_data"), help="LoRA training data (see `adapruner finetune --data`)")
     run.add_argument("--tasks", default=",".join(run_default("tasks")), help="zero-shot tasks (comma-separated; empty for none)")
-    run.add_argument("--task-limit", type=int, default=run_default("task_limit"), help="items per task (default: all)")
-    run.add_argument("--max-eval-windows", type=int, default=run_default("max_eval_windows"), help="perplexity windows per length (default: all)")
-    run.add_argument("--full-seq-len", type=int, default=run_default("full_seq_len"), help="the long perplexity window (capped at the model's context)")
+    run.add_argument("--task-limit", type=COUNT, default=run_default("task_limit"), help="items per task (default: all)")
+    run.add_argument("--max-eval-windows", type=COUNT, default=run_default("max_eval_windows"), help="perplexity windows per length (default: all)")
+    run.add_argument("--full-seq-len", type=WINDOW, default=run_default("full_seq_len"), help="the long perplexity window (capped at the model's context)")
     run.add_argument("--out", required=True, help="new directory for every stage's output and the report")
     _add_placement_args(run)
 
@@ -84,20 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--model", required=True, help="a pruned model directory (or any HF model, or 'smollm2')")
     tune.add_argument("--data", default="wiki", help="wiki (training articles), news, plays, a .txt/.jsonl text file, or Alpaca .json/.jsonl")
     tune.add_argument("--out", required=True, help="new directory for the merged model (or the adapter with --keep-adapter)")
-    tune.add_argument("--steps", type=int, default=LORA.max_steps, help="optimizer steps (step budget)")
-    tune.add_argument("--minutes", type=float, default=LORA.max_minutes, help="stop after this much training time (time budget)")
-    tune.add_argument("--batch-size", type=int, default=LORA.batch_size)
-    tune.add_argument("--lr", type=float, default=LORA.lr)
-    tune.add_argument("--lora-r", type=int, default=LORA.r)
-    tune.add_argument("--lora-alpha", type=int, default=LORA.alpha)
-    tune.add_argument("--lora-dropout", type=float, default=LORA.dropout)
-    tune.add_argument("--cutoff", type=int, default=LORA.cutoff, help="tokens per training example")
-    tune.add_argument("--eval-every", type=int, default=LORA.eval_every, help="steps between validation perplexities")
-    tune.add_argument("--val-windows", type=int, default=VAL_WINDOWS, help="wiki validation windows per evaluation")
-    tune.add_argument("--seq-len", type=int, default=EVAL.seq_len, help="tokens per validation window")
+    tune.add_argument("--steps", type=COUNT, default=LORA.max_steps, help="optimizer steps (step budget)")
+    tune.add_argument("--minutes", type=POSITIVE, default=LORA.max_minutes, help="stop after this much training time (time budget)")
+    tune.add_argument("--batch-size", type=COUNT, default=LORA.batch_size)
+    tune.add_argument("--lr", type=POSITIVE, default=LORA.lr)
+    tune.add_argument("--lora-r", type=COUNT, default=LORA.r)
+    tune.add_argument("--lora-alpha", type=COUNT, default=LORA.alpha)
+    tune.add_argument("--lora-dropout", type=within(0, 1, closed_low=True), default=LORA.dropout)
+    tune.add_argument("--cutoff", type=WINDOW, default=LORA.cutoff, help="tokens per training example")
+    tune.add_argument("--eval-every", type=COUNT, default=LORA.eval_every, help="steps between validation perplexities")
+    tune.add_argument("--val-windows", type=COUNT, default=VAL_WINDOWS, help="wiki validation windows per evaluation")
+    tune.add_argument("--seq-len", type=WINDOW, default=EVAL.seq_len, help="tokens per validation window")
     tune.add_argument("--train-on-prompt", action="store_true", help="Alpaca data: also take the loss on the prompt")
     tune.add_argument("--keep-adapter", action="store_true", help="save the adapter in peft's format instead of merging it")
-    tune.add_argument("--seed", type=int, default=LORA.seed)
+    tune.add_argument("--seed", type=NONNEGATIVE, default=LORA.seed)
     _add_placement_args(tune)
 
     evaluate = commands.add_parser("eval", help="measure a model's perplexity and zero-shot accuracy")
@@ -105,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ppl", default=EVAL.ppl, help="text for perplexity: wiki (held-out articles), news, plays, or a path")
     evaluate.add_argument("--report", default=None, help="report.json to update (default: beside a local model)")
     evaluate.add_argument("--tasks", default=",".join(EVAL.tasks), help="zero-shot tasks through lm-eval, comma-separated: adapruner_cloze, adapruner_lastword, or standard names (boolq, piqa, …) cached offline")
-    evaluate.add_argument("--limit", type=int, default=EVAL.task_limit, help="items per zero-shot task (default: all)")
+    evaluate.add_argument("--limit", type=COUNT, default=EVAL.task_limit, help="items per zero-shot task (default: all)")
     evaluate.add_argument("--no-ppl", action="store_true", help="skip perplexity (tasks only)")
-    evaluate.add_argument("--max-eval-windows", type=int, default=EVAL.max_windows, help="evaluate only the first N windows (default: all)")
-    evaluate.add_argument("--batch-size", type=int, default=EVAL.batch_size, help="windows per forward pass")
-    evaluate.add_argument("--seq-len", type=int, default=EVAL.seq_len, help="tokens per evaluation window")
+    evaluate.add_argument("--max-eval-windows", type=COUNT, default=EVAL.max_windows, help="evaluate only the first N windows (default: all)")
+    evaluate.add_argument("--batch-size", type=COUNT, default=EVAL.batch_size, help="windows per forward pass")
+    evaluate.add_argument("--seq-len", type=WINDOW, default=EVAL.seq_len, help="tokens per evaluation window")
     _add_placement_args(evaluate)
     return parser
 
@@ -126,37 +163,40 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
 
     s = SEARCH
     parser.add_argument("--model", default=s.model, help="HF model directory, hub id, or 'smollm2'")
-    parser.add_argument("--ratio", type=float, default=s.ratio, help=RATIO_HELP)
+    parser.add_argument("--ratio", type=FRACTION, default=s.ratio, help=RATIO_HELP)
     parser.add_argument("--pools", default=",".join(s.pools), help="candidate text pools, comma-separated (built-in names or paths)")
-    parser.add_argument("--pool-size", type=int, default=s.pool_size, help="cached candidate windows per pool")
-    parser.add_argument("--seq-len", type=int, default=s.seq_len)
+    parser.add_argument("--pool-size", type=COUNT, default=s.pool_size, help="cached candidate windows per pool")
+    parser.add_argument("--seq-len", type=WINDOW, default=s.seq_len)
     parser.add_argument("--layers", default=s.layers, help=LAYERS_HELP)
     parser.add_argument("--attn-granularity", default=s.granularity, choices=("kv", "query"))
     parser.add_argument("--metrics", default=",".join(s.metrics), help="metrics the search may choose")
     parser.add_argument("--aggregations", default=",".join(s.aggregations), help="aggregations the search may choose")
     parser.add_argument("--sample-counts", default=",".join(map(str, s.sample_counts)), help="calibration sample counts the search may choose")
-    parser.add_argument("--blocks-per-pool", type=int, default=s.blocks_per_pool, help="inclusion switches per pool (the subset encoding)")
-    parser.add_argument("--depth-slope", type=float, default=s.depth_slope, help="also search a per-layer ratio slope in [-S, S] (0: uniform ratio)")
-    parser.add_argument("--trials", type=int, default=s.trials)
-    parser.add_argument("--startup-trials", type=int, default=s.startup_trials, help="TPE's random start-up trials (default: a quarter of --trials, at least 1)")
+    parser.add_argument("--blocks-per-pool", type=COUNT, default=s.blocks_per_pool, help="inclusion switches per pool (the subset encoding)")
+    parser.add_argument("--depth-slope", type=within(0, 1, closed_low=True), default=s.depth_slope, help="also search a per-layer ratio slope in [-S, S] (0: uniform ratio)")
+    parser.add_argument("--trials", type=COUNT, default=s.trials)
+    parser.add_argument("--startup-trials", type=NONNEGATIVE, default=s.startup_trials, help="TPE's random start-up trials (default: a quarter of --trials, at least 1)")
     parser.add_argument("--sampler", default=s.sampler, choices=("tpe", "random"))
-    parser.add_argument("--seed", type=int, default=s.seed)
-    parser.add_argument("--val-windows", type=int, default=s.val_windows, help="validation windows per trial (wiki validation articles)")
+    parser.add_argument("--seed", type=NONNEGATIVE, default=s.seed)
+    parser.add_argument("--val-windows", type=COUNT, default=s.val_windows, help="validation windows per trial (wiki validation articles)")
     parser.add_argument("--val-dtype", default=s.val_dtype, choices=("auto", *VAL_DTYPES),
                         help="dtype of the trials' validation forward (auto: bf16 where the hardware multiplies it natively, else fp32)")
-    parser.add_argument("--batch-size", type=int, default=s.batch_size)
-    parser.add_argument("--workers", type=int, default=s.workers, help="worker processes sharing the study")
+    parser.add_argument("--batch-size", type=COUNT, default=s.batch_size)
+    parser.add_argument("--workers", type=COUNT, default=s.workers, help="worker processes sharing the study")
     parser.add_argument("--early-stop", action="store_true", help="prune bad trials early from per-batch validation loss (median rule)")
     parser.add_argument("--storage", default=s.storage, help="Optuna storage URL (default: sqlite in --out); journal:PATH for a journal file")
     parser.add_argument("--study", default=s.study, help="study name; an existing one resumes")
     parser.add_argument("--cache-dir", default=s.cache_dir, help="where activation caches live (default ~/.cache/adapruner/activations)")
     parser.add_argument("--cache-dtype", default=s.cache_dtype, choices=("bfloat16", "float32"),
                         help="dtype of the cached X and dY (float32: exact taylor1/mix, twice the size)")
-    parser.add_argument("--cache-mem", type=float, default=s.cache_mem_gb, help="GiB: a cache up to this size is read onto the device, a larger one is memory-mapped")
+    parser.add_argument("--cache-mem", type=at_least(0, float), default=s.cache_mem_gb, help="GiB: a cache up to this size is read onto the device, a larger one is memory-mapped")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exited:  # a refused flag (one line already printed), or --help
+        return exited.code if isinstance(exited.code, int) else 2
     try:
         commands = {"prune": run_prune, "eval": run_eval, "search": run_search_command, "finetune": run_finetune, "run": run_pipeline_command}
         with device_errors():

@@ -57,6 +57,30 @@ def test_cli_defaults_are_the_settings_objects_defaults():
     assert eval_options(parser.parse_args(["eval", "--model", "m"])) == EvalOptions()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["search", "--pool-size", "0"], "argument --pool-size: 0 is below its minimum 1"),
+        (["search", "--val-windows", "-3"], "argument --val-windows: -3 is below its minimum 1"),
+        (["search", "--batch-size", "x"], "argument --batch-size: 'x' is not an integer"),
+        (["search", "--ratio", "1.2"], "argument --ratio: 1.2 is outside (0, 1)"),
+        (["search", "--depth-slope", "1.5"], "argument --depth-slope: 1.5 is outside [0, 1)"),
+        (["search", "--seq-len", "1"], "argument --seq-len: 1 is below its minimum 2"),
+        (["run", "--finetune-steps", "-1"], "argument --finetune-steps: -1 is below its minimum 0"),
+        (["finetune", "--model", "m", "--lora-r", "0"], "argument --lora-r: 0 is below its minimum 1"),
+        (["finetune", "--model", "m", "--lr", "0"], "argument --lr: 0.0 is below its minimum 1e-12"),
+        (["finetune", "--model", "m", "--eval-every", "0"], "argument --eval-every: 0 is below its minimum 1"),
+        (["prune", "--model", "m", "--target-params", "0"], "argument --target-params: 0.0 is outside (0, 1)"),
+        (["eval", "--model", "m", "--batch-size", "0"], "argument --batch-size: 0 is below its minimum 1"),
+    ],
+)
+def test_numeric_flags_are_range_checked_at_parse_time(argv, message, capsys, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *argv, *(["--out", str(out)] if argv[0] != "eval" else []))
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_architecture_and_existing_out(capsys, tmp_path):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
