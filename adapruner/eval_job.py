@@ -15,6 +15,7 @@ from adapruner.evaluate import perplexity
 from adapruner.models import cache_root, load_model
 from adapruner.prune import count_params
 from adapruner.report import REPORT_FORMAT, write_json_atomic
+from adapruner.structure import check_context
 
 
 @dataclass
@@ -48,6 +49,7 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
         raise AdaPrunerError(f"{report} was written by another adapruner version (format {merged.get('format')!r}): pass --report NEW.json")
     started = time.perf_counter()
     model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code)
+    check_context(model, options.seq_len)
     results: dict[str, dict] = {}
     if options.ppl is not None:
         windows = eval_windows(tokenizer, options.ppl, options.seq_len, options.max_windows)

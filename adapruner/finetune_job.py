@@ -11,6 +11,7 @@ from adapruner.finetune import LoraOptions, finetune, mean_loss, merged
 from adapruner.io import check_out_dir, save_adapter, save_pruned
 from adapruner.models import load_model
 from adapruner.report import REPORT_FORMAT
+from adapruner.structure import check_context
 
 VAL_WINDOWS = 16  # wiki validation windows per evaluation
 
@@ -24,6 +25,8 @@ def finetune_and_save(
     check_out_dir(out)
     options = replace(options, dtype=dtype_name(placement.dtype))
     model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code)
+    check_context(model, seq_len)
+    check_context(model, options.cutoff, "--cutoff")
     val = pool_windows(tokenizer, "wiki", seq_len, "val")[:val_windows]
     before = perplexity(model, val, desc="val ppl before")
     result = finetune(model, tokenizer, data, options, val)

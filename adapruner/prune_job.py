@@ -19,6 +19,7 @@ from adapruner.models import load_model
 from adapruner.prune import check_ratio, count_params
 from adapruner.pruner import PruneOptions, apply_study_plan, prune_model
 from adapruner.report import REPORT_FORMAT
+from adapruner.structure import check_context
 
 
 def read_best_trial(study_dir: str | Path, model: str) -> BestTrial:
@@ -60,6 +61,9 @@ def prune_and_save(
 
     started = time.perf_counter()
     model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code)
+    check_context(model, options.seq_len)
+    if evaluation is not None:
+        check_context(model, evaluation.seq_len)
     windows = None if evaluation is None else eval_windows(tokenizer, evaluation.ppl, evaluation.seq_len, evaluation.max_windows)
     params_before = count_params(model)
     ppl_before = None if windows is None else perplexity(model, windows, evaluation.batch_size, desc="ppl dense")

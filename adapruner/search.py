@@ -130,6 +130,12 @@ class Objective:
         else:
             trial.set_user_attr("sampled_by", type(sampler).__name__.removesuffix("Sampler").lower())
         config = suggest(trial, self.space, self.blocks)
+        earlier = next((t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.params == trial.params), None)
+        if earlier is not None:  # a parameter set the study already ran: its result, not a second run
+            trial.set_user_attr("repeat_of", earlier.number)
+            for name in ("samples", "addresses", "plan"):
+                trial.set_user_attr(name, earlier.user_attrs[name])
+            return earlier.value
         trial.set_user_attr("samples", config.samples)
         trial.set_user_attr("addresses", [list(self.cache.addresses[i]) for i in config.samples])
         plan = trial_plan(self.model, self.cache, self.setting, config)

@@ -21,7 +21,7 @@ from adapruner.models import cache_root, load_model
 from adapruner.prune import DEFAULT_RATIO, PrunePlan, check_ratio
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import SearchSpace, config_of, describe
-from adapruner.structure import decoder_layers, parse_layer_range
+from adapruner.structure import check_context, decoder_layers, parse_layer_range
 from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, run_worker
 from adapruner.validation import resolve_val_dtype
 
@@ -109,6 +109,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     study = open_study(open_storage(storage_url), options.study, setup)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(options.model, placement.dtype, placement.device, placement.trust_remote_code)
+    check_context(model, options.seq_len)
     layers = parse_layer_range(options.layers, len(decoder_layers(model)))
     key = cache_key(options.model, model, options.pools, options.pool_size, options.seq_len, layers, options.seed,
                     activations=bool(ACTIVATION_METRICS & set(options.metrics)), dtype=options.cache_dtype)

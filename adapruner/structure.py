@@ -100,6 +100,13 @@ def layer_info(model: nn.Module, index: int) -> LayerInfo:
     )
 
 
+def check_context(model: nn.Module, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's context (`max_position_embeddings`), in one line."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise AdaPrunerError(f"{flag} {seq_len} exceeds the model's context of {context} tokens: use at most {context}")
+
+
 def default_layer_range(n_layers: int) -> range:
     """LLM-Pruner's default scaled to depth: keep the first 4/32 and the last 2/32 of the layers whole."""
     first, last = round(n_layers * 4 / 32), round(n_layers * 2 / 32)
@@ -118,6 +125,8 @@ def parse_layer_range(spec: str | None, n_layers: int) -> range:
         stop = int(stop_text) if stop_text else n_layers
     except ValueError:
         raise AdaPrunerError(f"bad layer range {spec!r}: write START:STOP (e.g. 4:28) or all") from None
+    if not all(-n_layers <= bound <= n_layers for bound in (start, stop)):
+        raise AdaPrunerError(f"layer range {spec!r} reaches past the model's {n_layers} layers: write START:STOP within 0:{n_layers}")
     chosen = range(n_layers)[start:stop]
     if len(chosen) == 0:
         raise AdaPrunerError(f"layer range {spec!r} selects no layer of {n_layers}: write START:STOP within 0:{n_layers}")

@@ -141,7 +141,9 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
     scorer = ValidationScorer(model, val_windows, setting.layers.start, spec.val_dtype, spec.batch_size)
     objective = Objective(model, cache, setting, SearchSpace(**spec.space), scorer, spec.early_stop, spec.startup_trials)
     storage = open_storage(spec.storage, spec.heartbeat_seconds, spec.grace_seconds)
-    study = open_study(storage, spec.study, spec.setup, make_sampler(spec.sampler, spec.seed + spec.worker_index, spec.startup_trials))
+    study = open_study(storage, spec.study, spec.setup)
+    # seeded by worker and by the trials the study holds: a resumed study does not redraw the parameters it ran
+    study.sampler = make_sampler(spec.sampler, spec.seed + 1000 * spec.worker_index + len(study.get_trials(deepcopy=False)), spec.startup_trials)
     limit = optuna.study.MaxTrialsCallback(spec.n_trials, states=COUNTED)
     remaining = spec.n_trials - finished(study)
     if remaining > 0:

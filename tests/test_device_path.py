@@ -117,3 +117,14 @@ def test_out_of_memory_becomes_a_one_line_error(monkeypatch, capsys, tmp_path):
     with pytest.raises(ValueError):  # other errors pass through untouched
         with device_errors():
             raise ValueError("not a device error")
+
+
+def test_windows_longer_than_the_context_are_refused(gqa_model, tokenizer, tmp_path, capsys):
+    model_dir = tmp_path / "tiny"  # max_position_embeddings 64
+    gqa_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    capsys.readouterr()
+    code = main(["prune", "--model", str(model_dir), "--metric", "l2", "--seq-len", "100", "--no-eval", "--out", str(tmp_path / "p")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # besides the loader's progress bars
+    assert code == 2 and len(errors) == 1 and "--seq-len 100 exceeds the model's context of 64 tokens" in errors[0]
+    assert not (tmp_path / "p").exists()

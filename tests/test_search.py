@@ -198,3 +198,20 @@ def test_workers_opening_one_new_database_at_once_all_succeed(tmp_path):
         for w in workers:
             w.join(timeout=120)
         assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+
+
+def test_a_resumed_study_does_not_redraw_the_parameters_it_ran(tmp_path, gqa_model, tokenizer):
+    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=2)
+    spec.storage, spec.n_trials = f"journal:{tmp_path}/study.log", 3
+    run_worker(spec)
+    spec.n_trials = 6
+    run_worker(spec)  # resumes with a sampler seeded by the 3 trials it holds
+    study = optuna.load_study(study_name=spec.study, storage=open_storage(spec.storage))
+    drawn = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(drawn) == 6 and all(first != resumed for first, resumed in zip(drawn[:3], drawn[3:]))  # no replay of the seed
+    ran = [d for d, t in zip(drawn, study.trials) if "repeat_of" not in t.user_attrs]
+    assert len(set(ran)) == len(ran)  # no parameter set ran twice; a chance repeat takes the earlier result
+    for trial in study.trials:
+        if "repeat_of" in trial.user_attrs:
+            earlier = study.trials[trial.user_attrs["repeat_of"]]
+            assert earlier.params == trial.params and earlier.value == trial.value

@@ -65,7 +65,10 @@ def test_default_layer_range_follows_llm_pruner():
     with pytest.raises(AdaPrunerError, match="START:STOP"):
         parse_layer_range("x", 6)
     with pytest.raises(AdaPrunerError, match="selects no layer"):
-        parse_layer_range("9:12", 6)
+        parse_layer_range("4:2", 6)
+    for spec in ("9:12", "2:40", "-7:3"):  # refused, not clamped silently
+        with pytest.raises(AdaPrunerError, match="reaches past the model's 6 layers"):
+            parse_layer_range(spec, 6)
 
 
 def test_unsupported_architecture_is_named():
