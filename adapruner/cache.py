@@ -138,11 +138,12 @@ class ActivationCache:
             metadata = handle.metadata()
         raw = json.loads(metadata["key"])
         key = CacheKey(**{**raw, "pools": tuple(raw["pools"]), "layers": tuple(raw["layers"])})
-        if path.stat().st_size <= max_memory_bytes and torch.device(device).type != "cpu":
+        fits = path.stat().st_size <= max_memory_bytes
+        if fits and torch.device(device).type != "cpu":
             tensors = load_file(str(path), device=str(device))
         else:
             tensors = load_file(str(path))
-            if path.stat().st_size <= max_memory_bytes:
+            if fits:
                 tensors = {name: tensor.clone() for name, tensor in tensors.items()}
         return cls(key, tensors, [tuple(a) for a in json.loads(metadata["addresses"])])
 

@@ -86,7 +86,8 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     pruned = copy.deepcopy(dense)
     apply_study_plan(pruned, best)  # the plan the best trial scored
     stage_seconds["prune"] = time.perf_counter() - started
-    save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": asdict(best)})
+    best_json = asdict(best)
+    save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": best_json})
 
     started = time.perf_counter()
     rows = [measure(name, model, tokenizer, options, windows, manager) for name, model in (("dense", dense), ("pruned", pruned))]
@@ -98,7 +99,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
         result = finetune(pruned, tokenizer, options.finetune_data, LoraOptions(max_steps=options.finetune_steps, eval_every=max(1, options.finetune_steps // 4), dtype=dtype_name(placement.dtype)), val)
         recovered = merged(result)
         stage_seconds["finetune"] = time.perf_counter() - started
-        save_pruned(recovered, tokenizer, out / "pruned-lora", extra_json={"best.json": asdict(best)})
+        save_pruned(recovered, tokenizer, out / "pruned-lora", extra_json={"best.json": best_json})
         started = time.perf_counter()
         rows.append(measure("pruned + LoRA", recovered, tokenizer, options, windows, manager))
         stage_seconds["evaluate"] += time.perf_counter() - started
@@ -106,7 +107,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
 
     report = {
         "format": REPORT_FORMAT,
-        "options": json.loads(json.dumps(asdict(options))), "best": asdict(best), "stage_seconds": stage_seconds,
+        "options": json.loads(json.dumps(asdict(options))), "best": best_json, "stage_seconds": stage_seconds,
         "eval_windows": {label: int(w.shape[0]) for label, w in windows.items()},
         "rows": [asdict(r) | {"average_acc": r.average} for r in rows], "finetune": history,
         "layers": {"dense": layer_sizes(dense), "pruned": layer_sizes(pruned)},

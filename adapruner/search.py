@@ -123,14 +123,15 @@ class Objective:
     def __call__(self, trial) -> float:
         import optuna
 
-        finished_before = len(trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
+        complete = optuna.trial.TrialState.COMPLETE
+        finished = trial.study.get_trials(deepcopy=False, states=(complete, optuna.trial.TrialState.PRUNED))
         sampler = trial.study.sampler
         if isinstance(sampler, optuna.samplers.TPESampler):
-            trial.set_user_attr("sampled_by", "start-up (random)" if finished_before < self.startup_trials else "tpe")
+            trial.set_user_attr("sampled_by", "start-up (random)" if len(finished) < self.startup_trials else "tpe")
         else:
             trial.set_user_attr("sampled_by", type(sampler).__name__.removesuffix("Sampler").lower())
         config = suggest(trial, self.space, self.blocks)
-        earlier = next((t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.params == trial.params), None)
+        earlier = next((t for t in finished if t.state == complete and t.params == trial.params), None)
         if earlier is not None:  # a parameter set the study already ran: its result, not a second run
             trial.set_user_attr("repeat_of", earlier.number)
             for name in ("samples", "addresses", "plan"):

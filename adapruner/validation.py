@@ -16,14 +16,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from adapruner.devices import model_device
+from adapruner.devices import DTYPES, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.kernels.dispatch import native_bf16
 from adapruner.prune import PrunePlan, apply_plan
 from adapruner.structure import decoder_layers
 
-VAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VAL_DTYPES = DTYPES  # the validation forward takes the weight dtypes
 
 
 def resolve_val_dtype(name: str, device: torch.device) -> str:

@@ -135,6 +135,7 @@ def _multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs programs one by one)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
+
 def _check_inputs(metric, weight, dim, grad, fisher, act_norm) -> None:
     if metric not in METRICS_NEEDING:
         raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS_NEEDING)}")
