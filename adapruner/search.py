@@ -123,6 +123,9 @@ class Objective:
     def __call__(self, trial) -> float:
         import optuna
 
+        from adapruner.study import WORKER_ATTR, worker_name
+
+        trial.set_user_attr(WORKER_ATTR, worker_name())  # a parent that sees this process die retries the trial
         complete = optuna.trial.TrialState.COMPLETE
         finished = trial.study.get_trials(deepcopy=False, states=(complete, optuna.trial.TrialState.PRUNED))
         sampler = trial.study.sampler

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from adapruner.prune import DEFAULT_RATIO, PrunePlan, check_ratio
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import SearchSpace, config_of, describe
 from adapruner.structure import check_context, decoder_layers, parse_layer_range
-from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, run_worker
+from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, run_workers
 from adapruner.validation import resolve_val_dtype
 
 STUDY_FILE = "study.db"
@@ -132,11 +131,6 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         threads=max(1, torch.get_num_threads() // options.workers),
     )
     remaining = max(0, options.trials - finished(study))
-    shares = [remaining // options.workers + (k < remaining % options.workers) for k in range(options.workers)]
-    context = multiprocessing.get_context("spawn")
-    helpers = [context.Process(target=run_worker, args=(WorkerSpec(**{**asdict(base), "worker_index": k, "share": shares[k]}),)) for k in range(1, options.workers)]
-    for process in helpers:
-        process.start()
     bar = tqdm(total=options.trials, initial=options.trials - remaining, desc=f"search ({options.sampler})", unit="trial", disable=not progress)
 
     def show(study, _trial):
@@ -145,10 +139,10 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         bar.set_postfix(best_val_ppl=f"{best.value:.2f}" if best else "-")
         bar.refresh()
 
-    study = run_worker(WorkerSpec(**{**asdict(base), "share": shares[0]}), callbacks=[show], model=model, cache=cache)
-    for process in helpers:
-        process.join()
-    bar.close()
+    try:
+        study = run_workers(base, options.workers, callbacks=[show], model=model, cache=cache, report=tqdm.write)
+    finally:
+        bar.close()
     return write_outputs(study, cache, space, out, options)
 
 

@@ -6,9 +6,13 @@ marks FAIL and `RetryHeartbeatStaleTrialCallback` enqueues again with the same p
 """
 from __future__ import annotations
 
+import copy
+import multiprocessing
+import os
+import socket
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
@@ -25,6 +29,12 @@ GRACE_SECONDS = 20
 MAX_RETRY = 3
 OPEN_ATTEMPTS = 5
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+WORKER_ATTR = "worker"  # user attribute of a trial: which process runs it (host:pid)
+
+
+def worker_name(pid: int | None = None) -> str:
+    """`host:pid` of this process (or of `pid` on this host): the `WORKER_ATTR` every trial carries."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_seconds: int = GRACE_SECONDS):
@@ -53,12 +63,14 @@ def _storage(url: str, heartbeat_seconds: int, grace_seconds: int):
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     with warnings.catch_warnings():  # heartbeats are marked experimental; we rely on them knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_seconds,
-            grace_period=grace_seconds,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-        )
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_seconds, grace_period=grace_seconds, heartbeat_stale_trial_callback=retry_callback())
+
+
+def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """Enqueues a failed trial again with its parameters (system attribute `failed_trial`), at most `MAX_RETRY` times."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
 
 def _refuse(url: str, exc: Exception):
@@ -154,3 +166,56 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
 
 def finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+def retry_trials_of(study: optuna.Study, worker: str) -> list[int]:
+    """Mark the RUNNING trials of the dead `worker` FAIL and enqueue each again with its parameters, as a stale
+    heartbeat would (no grace period to wait, and journal storages too). Returns the failed trials' numbers."""
+    storage, retry = study._storage, retry_callback()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_ATTR) != worker:
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+                failed.append(trial.number)
+                retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+        except optuna.exceptions.UpdateFinishedTrialError:  # its heartbeat went stale first and another worker failed it
+            pass
+    return failed
+
+
+def run_workers(base: WorkerSpec, workers: int, callbacks: list | None = None, model=None, cache: ActivationCache | None = None,
+                report=print) -> optuna.Study:
+    """Run the study to `base.n_trials` finished trials with `workers` processes: this one and `workers - 1`
+    spawned helpers, sharing the remaining trials. A helper that exits non-zero has its running trial failed and
+    retried with the same parameters here, and this process runs the trials it left; if the study still holds
+    fewer than asked, the error names the dead workers."""
+    storage = open_storage(base.storage, base.heartbeat_seconds, base.grace_seconds)
+    remaining = max(0, base.n_trials - finished(open_study(storage, base.study, base.setup)))
+    shares = [remaining // workers + (k < remaining % workers) for k in range(workers)]
+    context = multiprocessing.get_context("spawn")
+    helpers = [context.Process(target=run_worker, args=(WorkerSpec(**{**asdict(base), "worker_index": k, "share": shares[k]}),))
+               for k in range(1, workers)]
+    for process in helpers:
+        process.start()
+    try:
+        study = run_worker(WorkerSpec(**{**asdict(base), "share": shares[0]}), callbacks, model, cache)
+        for process in helpers:
+            process.join()
+    finally:  # this process stopped early (error, SIGINT/SIGTERM): take the helpers down with it
+        for process in helpers:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    dead = [(k, process) for k, process in enumerate(helpers, start=1) if process.exitcode != 0]
+    for k, process in dead:
+        retried = retry_trials_of(study, worker_name(process.pid))
+        report(f"note: worker {k} (pid {process.pid}) exited with code {process.exitcode}; "
+               f"{'its trial ' + ', '.join(map(str, retried)) + ' runs again' if retried else 'it held no running trial'}")
+    if dead and finished(study) < base.n_trials:
+        study = run_worker(WorkerSpec(**{**asdict(base), "share": None}), callbacks, model, cache)
+    if finished(study) < base.n_trials:
+        names = ", ".join(f"worker {k} (exit code {process.exitcode})" for k, process in dead) or "no worker died"
+        raise AdaPrunerError(f"the study holds {finished(study)} of {base.n_trials} finished trials ({names}): run the same command again to resume")
+    return study

@@ -3,6 +3,7 @@ import multiprocessing
 import os
 import signal
 import statistics
+import threading
 import time
 from dataclasses import asdict
 
@@ -16,7 +17,7 @@ from adapruner.cache import build_cache, cache_key
 from adapruner.errors import AdaPrunerError
 from adapruner.prune import apply_plan
 from adapruner.search import Objective, PruneSetting, SearchSpace, TrialConfig, config_of, pool_blocks, round_robin, trial_plan
-from adapruner.study import WorkerSpec, open_storage, open_study, run_worker
+from adapruner.study import WORKER_ATTR, WorkerSpec, open_storage, open_study, run_worker, run_workers
 from adapruner.validation import ValidationScorer, shared_copy
 
 
@@ -181,6 +182,49 @@ def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_mode
     assert [t.number for t in failed] == [killed_number]
     retried = [t for t in complete if t.system_attrs.get("failed_trial") == killed_number]
     assert len(retried) == 1 and retried[0].params == failed[0].params
+
+
+def test_a_helper_killed_mid_trial_has_its_trial_rerun_by_the_parent(tmp_path, gqa_model, tokenizer):
+    """Two workers; the helper is SIGKILLed while it runs a trial: no grace period, the search still ends with
+    the asked number of finished trials, the killed trial is FAIL and rerun once with its parameters."""
+    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=3000)  # ~1 s per trial
+    spec.n_trials, spec.heartbeat_seconds, spec.grace_seconds = 6, 60, 600  # only the parent's check can retry it
+    killed = {}
+
+    def kill_the_helper_mid_trial():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            time.sleep(0.1)
+            try:
+                study, _ = states(spec)
+            except (KeyError, AdaPrunerError, optuna.exceptions.StorageInternalError):
+                continue
+            for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                pid = int(trial.user_attrs.get(WORKER_ATTR, "-:0").rsplit(":", 1)[1])
+                if pid and pid != os.getpid() and trial.number >= 1:
+                    time.sleep(0.2)
+                    os.kill(pid, signal.SIGKILL)
+                    killed["number"] = trial.number
+                    return
+
+    threads = torch.get_num_threads()
+    watcher = threading.Thread(target=kill_the_helper_mid_trial)
+    watcher.start()
+    notes = []
+    try:
+        run_workers(spec, 2, report=notes.append)
+    finally:
+        watcher.join()
+        torch.set_num_threads(threads)
+    assert "number" in killed, "the helper never ran a trial"
+    study, _ = states(spec)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    assert len(complete) == 6
+    assert [t.number for t in failed] == [killed["number"]]
+    retried = [t for t in complete if t.system_attrs.get("failed_trial") == killed["number"]]
+    assert len(retried) == 1 and retried[0].params == failed[0].params
+    assert len(notes) == 1 and notes[0].startswith("note: worker 1 (pid") and f"its trial {killed['number']} runs again" in notes[0]
 
 
 def _open_new_study(url):
