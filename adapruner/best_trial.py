@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from adapruner.corpora import read_utf8
 from adapruner.errors import AdaPrunerError
 from adapruner.prune import PrunePlan
 from adapruner.report import write_json_atomic
@@ -53,7 +54,12 @@ class BestTrial:
         """Read `path`; a file of another format (an older or newer adapruner) is a one-line error."""
         if not path.is_file():
             raise AdaPrunerError(f"{path} not found: pass the --out directory of a finished `adapruner search`")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(read_utf8(path))
+        except json.JSONDecodeError as exc:
+            raise AdaPrunerError(f"{path}:{exc.lineno}: not valid JSON: pass the --out directory of a finished `adapruner search`") from None
+        if not isinstance(data, dict):
+            data = {}
         names = {f.name for f in fields(cls)}
         if data.get("format") != BEST_FORMAT or set(data) != names:
             raise AdaPrunerError(f"{path} was written by another adapruner version (format {data.get('format')!r}, this one reads {BEST_FORMAT!r}): rerun the search")

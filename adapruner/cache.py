@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +28,12 @@ from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.kernels import channel_importance
 from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fisher_stats
+from adapruner.staging import staged_file
 from adapruner.statistics import linear_io, sample_loss
 from adapruner.structure import SHARED_INPUT, Member, decoder_layers, prunable_linears
 
 ACTIVATION_METRICS = frozenset({"taylor1", "mix"})
+CACHE_FORMAT = 2  # bumped whenever what the file holds changes meaning; part of every key
 
 
 def input_owner(name: str) -> str:
@@ -55,6 +55,9 @@ class CacheKey:
     activations: bool
     dtype: str
     model_dtype: str = "float32"  # the weights' dtype when the cache was built (a bf16 model gives other X, dY)
+    model_digest: str = ""  # `fingerprint.model_digest`: the weights, config and tokenizer, not the path
+    pool_digests: tuple[str, ...] = ()  # `fingerprint.text_digest` of each pool: a file changed in place is a new key
+    format: int = CACHE_FORMAT
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -116,36 +119,66 @@ class ActivationCache:
 
     def save(self, path: Path) -> None:
         """safetensors file written through a temporary name, then renamed."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"key": json.dumps(self.key.__dict__, default=list), "addresses": json.dumps(self.addresses)}
-        tmp = Path(tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)[1])
-        tmp.chmod(0o644)
-        try:
+        with staged_file(path) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, str(tmp), metadata=metadata)  # staged on the host to write
-            shutil.move(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: Path, max_memory_bytes: int = 0, device: torch.device | str = "cpu") -> "ActivationCache":
         """Read onto `device` when the file is at most `max_memory_bytes`; otherwise memory-mapped in host memory
         (pages are read on first touch and shared between worker processes on one machine; a trial on a GPU then
-        copies only its subset's rows over)."""
+        copies only its subset's rows over). A file that is not a whole cache raises `DamagedCache`."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
-        raw = json.loads(metadata["key"])
-        key = CacheKey(**{**raw, "pools": tuple(raw["pools"]), "layers": tuple(raw["layers"])})
-        fits = path.stat().st_size <= max_memory_bytes
-        if fits and torch.device(device).type != "cpu":
-            tensors = load_file(str(path), device=str(device))
-        else:
-            tensors = load_file(str(path))
-            if fits:
-                tensors = {name: tensor.clone() for name, tensor in tensors.items()}
-        return cls(key, tensors, [tuple(a) for a in json.loads(metadata["addresses"])])
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata()
+            raw = json.loads(metadata["key"])
+            key = CacheKey(**{**raw, "pools": tuple(raw["pools"]), "layers": tuple(raw["layers"]), "pool_digests": tuple(raw.get("pool_digests", ()))})
+            addresses = [tuple(a) for a in json.loads(metadata["addresses"])]
+            fits = path.stat().st_size <= max_memory_bytes
+            if fits and torch.device(device).type != "cpu":
+                tensors = load_file(str(path), device=str(device))
+            else:
+                tensors = load_file(str(path))
+                if fits:
+                    tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+        except Exception as exc:  # safetensors, json and dataclass errors all mean the same: not a cache we wrote
+            raise DamagedCache(_first_line(exc)) from None
+        return cls(key, tensors, addresses)
+
+    def check(self, model: nn.Module, key: CacheKey) -> None:
+        """Raise `DamagedCache` unless this cache was made for `key` and holds every tensor it should, in the
+        shape and dtype `build_cache` gives for `model`."""
+        if self.key != key:
+            raise DamagedCache(f"it holds the key of another cache ({self.key.digest()})")
+        n, L = self.n_samples, key.seq_len
+        if n != key.pool_size * len(key.pools):
+            raise DamagedCache(f"it holds {n} samples, not {key.pool_size * len(key.pools)}")
+        expected = {}
+        for name, linear in prunable_linears(model, range(*key.layers)).items():
+            out_features, in_features = linear.weight.shape
+            for stat, width in (("vec_rows", out_features), ("vec_cols", in_features), ("fisher_rows", out_features), ("fisher_cols", in_features)):
+                expected[f"{stat}/{name}"] = ((n, width), torch.float32)
+            if input_owner(name) == name:
+                expected[f"act/{name}"] = ((n, in_features), torch.float32)
+            if key.activations:
+                expected[f"dy/{name}"] = ((n * L, out_features), getattr(torch, key.dtype))
+                if input_owner(name) == name:
+                    expected[f"x/{name}"] = ((n * L, in_features), getattr(torch, key.dtype))
+        found = {name: (tuple(t.shape), t.dtype) for name, t in self.tensors.items()}
+        wrong = next((name for name in sorted(set(expected) | set(found)) if expected.get(name) != found.get(name)), None)
+        if wrong is not None:
+            raise DamagedCache(f"tensor {wrong!r} is {found.get(wrong, 'missing')}, not {expected.get(wrong, 'expected')}")
+
+
+class DamagedCache(AdaPrunerError):
+    """A cache file that cannot be read or does not hold what its key promises; the message says what is wrong."""
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class CachedImportance(Importance):
@@ -227,20 +260,29 @@ def build_cache(
     return ActivationCache(key, tensors, addresses)
 
 
-def cache_key(model_name: str, model: nn.Module, pools: list[str], pool_size: int, seq_len: int, layers: range, seed: int, activations: bool, dtype: str = "bfloat16") -> CacheKey:
+def cache_key(model_name: str, model: nn.Module, pools: list[str], pool_size: int, seq_len: int, layers: range, seed: int, activations: bool,
+              dtype: str = "bfloat16", model_digest: str = "", pool_digests: tuple[str, ...] = ()) -> CacheKey:
     if layers.step != 1 or not 0 <= layers.start < layers.stop <= len(decoder_layers(model)):
         raise AdaPrunerError("cached layer range must be contiguous and inside the model")
     model_dtype = dtype_name(next(model.parameters()).dtype)  # the weights' dtype
-    return CacheKey(model_name, tuple(pools), pool_size, seq_len, (layers.start, layers.stop), seed, activations, dtype, model_dtype)
+    return CacheKey(model_name, tuple(pools), pool_size, seq_len, (layers.start, layers.stop), seed, activations, dtype, model_dtype,
+                    model_digest, tuple(pool_digests))
 
 
 def load_or_build(
-    model: nn.Module, tokenizer, key: CacheKey, cache_dir: Path, max_memory_bytes: int = 0, batch_size: int = 4, progress: bool = True
+    model: nn.Module, tokenizer, key: CacheKey, cache_dir: Path, max_memory_bytes: int = 0, batch_size: int = 4, progress: bool = True,
+    report=print,
 ) -> ActivationCache:
-    """Reuse `cache_dir/<digest>.safetensors` when present; else build it and save it. Then load it onto the model's
-    device (see `load`)."""
+    """Reuse `cache_dir/<digest>.safetensors` when it holds a whole cache for `key`; else (missing, or damaged:
+    `report`ed and replaced) build it and save it. Then load it onto the model's device (see `load`)."""
     path = cache_dir / f"{key.digest()}.safetensors"
-    if not path.is_file():
-        input_ids, addresses = candidate_pool(tokenizer, list(key.pools), key.pool_size, key.seq_len, key.seed)
-        build_cache(model, key, input_ids, addresses, batch_size, progress, max_memory_bytes).save(path)
+    if path.is_file():
+        try:
+            cache = ActivationCache.load(path, max_memory_bytes, model_device(model))
+            cache.check(model, key)
+            return cache
+        except DamagedCache as exc:
+            report(f"note: activation cache {path} is damaged ({exc}): rebuilding it")
+    input_ids, addresses = candidate_pool(tokenizer, list(key.pools), key.pool_size, key.seq_len, key.seed)
+    build_cache(model, key, input_ids, addresses, batch_size, progress, max_memory_bytes).save(path)
     return ActivationCache.load(path, max_memory_bytes, model_device(model))

@@ -6,6 +6,7 @@ Every flag's default is read from its settings object (`PruneOptions`, `SearchOp
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ from adapruner.pipeline import RunOptions
 from adapruner.pruner import PruneOptions
 from adapruner.report import format_table
 from adapruner.search_job import SearchOptions
+from adapruner.staging import terminate_as_exit
 
 RATIO_HELP = (
     "fraction of each pruned layer's attention units and MLP channels to remove (LLM-Pruner's meaning: "
@@ -62,6 +64,14 @@ def within(low: float, high: float, closed_low: bool = False):
     return parse
 
 
+def study_name(text: str) -> str:
+    """argparse type: a study name that is also a safe folder name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a study name: use up to 100 letters, digits, '.', '_' or '-'")
+    return text
+
+
+STUDY_NAME = study_name
 COUNT, NONNEGATIVE, WINDOW = at_least(1), at_least(0), at_least(2)  # counts, budgets that may be 0, tokens per window
 FRACTION, POSITIVE = within(0, 1), at_least(1e-12, float)
 
@@ -185,7 +195,8 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=COUNT, default=s.workers, help="worker processes sharing the study")
     parser.add_argument("--early-stop", action="store_true", help="prune bad trials early from per-batch validation loss (median rule)")
     parser.add_argument("--storage", default=s.storage, help="Optuna storage URL (default: sqlite in --out); journal:PATH for a journal file")
-    parser.add_argument("--study", default=s.study, help="study name; an existing one resumes")
+    parser.add_argument("--study", type=STUDY_NAME, default=s.study, help="study name (letters, digits, . _ -); an existing one resumes; "
+                        "a second study in one --out keeps its files under OUT/studies/NAME")
     parser.add_argument("--cache-dir", default=s.cache_dir, help="where activation caches live (default ~/.cache/adapruner/activations)")
     parser.add_argument("--cache-dtype", default=s.cache_dtype, choices=("bfloat16", "float32"),
                         help="dtype of the cached X and dY (float32: exact taylor1/mix, twice the size)")
@@ -197,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exited:  # a refused flag (one line already printed), or --help
         return exited.code if isinstance(exited.code, int) else 2
+    terminate_as_exit()  # SIGTERM unwinds like SIGINT: staging folders are removed on the way out
     try:
         commands = {"prune": run_prune, "eval": run_eval, "search": run_search_command, "finetune": run_finetune, "run": run_pipeline_command}
         with device_errors():
@@ -204,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     except AdaPrunerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted: no partial output was left (a search resumes from its study with the same command)", file=sys.stderr)
+        return 130
 
 
 def placement_of(args: argparse.Namespace) -> Placement:
@@ -258,9 +273,12 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
 def run_search_command(args: argparse.Namespace) -> int:
     from adapruner.search_job import run_search
 
+    from adapruner.search_job import study_dir
+
     best = run_search(search_options(args), Path(args.out))
+    files = study_dir(Path(args.out), args.study)
     print(f"best trial {best.trial}: {best.metric}/{best.aggregation}, {len(best.samples)} samples, val ppl {best.val_ppl:.3f}")
-    print(f"wrote {args.out}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study {args.out} --out DIR")
+    print(f"wrote {files}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study {files} --out DIR")
     return 0
 
 

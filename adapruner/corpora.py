@@ -87,25 +87,39 @@ def pool_documents(pool: str, split: Split = "calib") -> list[str]:
 
 
 def check_pool(spec: str) -> None:
-    """Raise the one-line error for a pool that is neither built in nor an existing path (reads nothing)."""
-    if spec not in BUILTIN_POOLS and not Path(spec).expanduser().exists():
-        raise AdaPrunerError(f"unknown pool {spec!r}: use {', '.join(BUILTIN_POOLS)}, or a path to a .txt/.jsonl file or a saved HF dataset")
+    """Raise the one-line error for a pool that is neither built in nor a readable file/dataset of documents (a
+    user's pool is read, so that bad bytes or records are refused before any model loads)."""
+    if spec not in BUILTIN_POOLS:
+        _user_documents(spec)
 
 
 def _user_documents(spec: str) -> list[str]:
-    check_pool(spec)
     path = Path(spec).expanduser()
+    if not path.exists():
+        raise AdaPrunerError(f"unknown pool {spec!r}: use {', '.join(BUILTIN_POOLS)}, or a path to a .txt/.jsonl file or a saved HF dataset")
     if path.is_dir():
-        return _dataset_documents(path)
-    if path.suffix == ".jsonl":
-        return _jsonl_documents(path)
-    text = path.read_text(encoding="utf-8")
-    return [block.strip() for block in re.split(r"\n\s*\n", text) if block.strip()]
+        documents = _dataset_documents(path)
+    elif path.suffix == ".jsonl":
+        documents = _jsonl_documents(path)
+    else:
+        documents = [block.strip() for block in re.split(r"\n\s*\n", read_utf8(path)) if block.strip()]
+    if not documents:
+        raise AdaPrunerError(f"pool {spec} holds no text: pass a file with at least one non-empty document")
+    return documents
+
+
+def read_utf8(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 is refused in one line naming the first bad byte's offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AdaPrunerError(f"{path} is not UTF-8 text (byte {exc.start}: 0x{data[exc.start]:02x}): save it as UTF-8, e.g. `iconv -f ITS_ENCODING -t utf-8`") from None
 
 
 def _jsonl_documents(path: Path) -> list[str]:
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -9,12 +9,14 @@ from pathlib import Path
 import torch
 
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
+from adapruner.corpora import read_utf8
 from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.models import cache_root, load_model
 from adapruner.prune import count_params
 from adapruner.report import REPORT_FORMAT, write_json_atomic
+from adapruner.staging import check_writable
 from adapruner.structure import check_context
 
 
@@ -40,11 +42,24 @@ def eval_windows(tokenizer, pool: str, seq_len: int, max_windows: int | None) ->
     return windows[:max_windows] if max_windows else windows
 
 
+def read_report(path: Path) -> dict:
+    """A report.json to merge into; anything else is refused in one line before the model loads."""
+    try:
+        merged = json.loads(read_utf8(path))
+    except json.JSONDecodeError as exc:
+        raise AdaPrunerError(f"{path}:{exc.lineno}: not valid JSON: pass --report NEW.json") from None
+    if not isinstance(merged, dict):
+        raise AdaPrunerError(f"{path} holds no JSON object: pass --report NEW.json")
+    return merged
+
+
 def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, report: Path | None = None) -> dict:
     """{measure: values} for `model_name`; with `report`, the results are merged into that report.json (atomically)."""
     if options.ppl is None and not options.tasks:
         raise AdaPrunerError("--no-ppl without --tasks measures nothing: drop --no-ppl or name --tasks")
-    merged = json.loads(report.read_text()) if report is not None and report.is_file() else {"format": REPORT_FORMAT}
+    merged = read_report(report) if report is not None and report.is_file() else {"format": REPORT_FORMAT}
+    if report is not None:
+        check_writable(report, "--report")
     if merged.get("format") != REPORT_FORMAT:
         raise AdaPrunerError(f"{report} was written by another adapruner version (format {merged.get('format')!r}): pass --report NEW.json")
     started = time.perf_counter()

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from adapruner.calibration import pool_windows
+from adapruner.corpora import read_utf8
 from adapruner.errors import AdaPrunerError
 
 IGNORE = -100
@@ -64,7 +65,7 @@ def load_train_examples(tokenizer: PreTrainedTokenizerBase, spec: str, cutoff: i
 
 def _alpaca_records(path: Path) -> list[dict] | None:
     """Alpaca records of a .json/.jsonl file, or None when the file holds plain `text` records."""
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".json":
         try:
             records = json.loads(text)

@@ -9,26 +9,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from adapruner.errors import AdaPrunerError
+from adapruner.staging import staged_dir
 from adapruner.structure import FAMILIES, decoder_layers, layer_info
 
 REMOTE_CODE = Path(__file__).with_name("remote_code") / "modeling_pruned.py"
-
-
-def check_out_dir(out_dir: str | Path) -> Path:
-    """Refuse an existing non-empty directory (nothing is ever overwritten)."""
-    path = Path(out_dir)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise AdaPrunerError(f"output {path} already exists and is not empty: pass a new --out or remove it")
-    return path
 
 
 def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
@@ -39,24 +30,6 @@ def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
         "num_key_value_heads_per_layer": [i.n_kv_heads for i in infos],
         "intermediate_size_per_layer": [i.intermediate for i in infos],
     }
-
-
-@contextmanager
-def staged_dir(out_dir: str | Path):
-    """Yield a temporary directory beside `out_dir` (which must not hold anything); rename it to `out_dir` on
-    success, remove it on any error."""
-    target = check_out_dir(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
-        yield staging
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _write_json_files(directory: Path, extra_json: Mapping[str, dict] | None) -> None:

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from adapruner.errors import AdaPrunerError
+from adapruner.staging import umask_mode
 
 EMBEDDED = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,8 +105,13 @@ def _embedded_smollm2_dir() -> Path:
     plain.load_state_dict(gguf_model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    try:
+        staging.chmod(umask_mode(directory=True))
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    except BaseException:  # an error, SIGINT or SIGTERM mid-write leaves no half-converted model
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         staging.rename(target)
     except OSError:  # another process finished first

@@ -16,7 +16,8 @@ from adapruner.devices import Placement, dtype_name
 from adapruner.eval_job import EvalOptions, eval_windows
 from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions, finetune, merged
-from adapruner.io import check_out_dir, layer_sizes, save_pruned
+from adapruner.io import layer_sizes, save_pruned
+from adapruner.staging import check_out_dir, staged_dir
 from adapruner.measure import macs
 from adapruner.models import cache_root, load_model
 from adapruner.prune import count_params
@@ -66,12 +67,17 @@ def measure(name: str, model: nn.Module, tokenizer, options: RunOptions, windows
 
 
 def run_pipeline(options: RunOptions, out: Path) -> dict:
-    """Every stage's output goes under `out` (which must be new); the reports come last."""
+    """Every stage's output goes under `out` (which must be new), staged: `out` appears once the reports are
+    written, and an error or interruption leaves nothing."""
     check_out_dir(out)
     placement = Placement.of(options.search.device, options.search.dtype, options.search.trust_remote_code)
     # built once, before the search, so that unknown task names fail now
     manager = task_manager(list(options.tasks), cache_root() / "tasks") if options.tasks else None
-    out.mkdir(parents=True)
+    with staged_dir(out) as staging:
+        return _run_stages(options, staging, placement, manager)
+
+
+def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -> dict:
     stage_seconds: dict[str, float] = {}
     started = time.perf_counter()
     best = run_search(options.search, out / "search")

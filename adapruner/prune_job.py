@@ -13,7 +13,8 @@ from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
 from adapruner.eval_job import EvalOptions, eval_windows
 from adapruner.evaluate import perplexity
-from adapruner.io import check_out_dir, save_pruned
+from adapruner.io import save_pruned
+from adapruner.staging import check_out_dir
 from adapruner.kernels.dispatch import kernel_backend
 from adapruner.models import load_model
 from adapruner.prune import check_ratio, count_params

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from adapruner.staging import staged_file
 
 
 REPORT_FORMAT = "adapruner.report/1"  # the `format` key of every report.json the commands write
@@ -30,14 +30,5 @@ def _cell(value: object) -> str:
 
 def write_json_atomic(path: str | Path, payload: dict) -> None:
     """Write JSON through a temporary file in the same directory, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is an ordinary file
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")

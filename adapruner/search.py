@@ -59,17 +59,21 @@ class TrialConfig:
 def pool_blocks(cache: ActivationCache, blocks_per_pool: int) -> dict[str, list[int]]:
     """Block name → sample indices: each pool's cached samples cut into `blocks_per_pool` contiguous blocks."""
     blocks = {}
-    for pool in dict.fromkeys(p for p, _ in cache.addresses):
+    pools = list(dict.fromkeys(p for p, _ in cache.addresses))
+    for pool, short in zip(pools, short_names(pools)):
         members = cache.samples_of_pool(pool)
         size = math.ceil(len(members) / blocks_per_pool)
         for b in range(blocks_per_pool):
             if members[b * size : (b + 1) * size]:
-                blocks[f"{_short(pool)}{b}"] = members[b * size : (b + 1) * size]
+                blocks[f"{short}{b}"] = members[b * size : (b + 1) * size]
     return blocks
 
 
-def _short(pool: str) -> str:
-    return "".join(ch for ch in pool.rsplit("/", 1)[-1] if ch.isalnum())[:12] + "_"
+def short_names(pools: list[str]) -> list[str]:
+    """A distinct parameter-name prefix per pool: its file name's letters and digits (`wiki_`, `notestxt_`); pools
+    whose file names agree (a/notes.txt, b/notes.txt) are told apart by their position (`notestxt1_`, `notestxt2_`)."""
+    shorts = ["".join(ch for ch in pool.rsplit("/", 1)[-1] if ch.isalnum())[:12] for pool in pools]
+    return [f"{short}{k}_" if shorts.count(short) > 1 else f"{short}_" for k, short in enumerate(shorts, start=1)]
 
 
 def round_robin(blocks: list[list[int]], n: int) -> list[int]:

@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 from adapruner.best_trial import BestTrial
 from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
-from adapruner.corpora import check_pool
 from adapruner.devices import Placement, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
@@ -21,7 +20,9 @@ from adapruner.prune import DEFAULT_RATIO, PrunePlan, check_ratio
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import SearchSpace, config_of, describe
 from adapruner.structure import check_context, decoder_layers, parse_layer_range
-from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, run_workers
+from adapruner.fingerprint import model_digest, text_digest
+from adapruner.staging import check_writable, staged_file
+from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, pin_content, run_workers
 from adapruner.validation import resolve_val_dtype
 
 STUDY_FILE = "study.db"
@@ -86,6 +87,30 @@ def check_search_out(out: Path) -> None:
     earlier = (out / "search.json").is_file() or (out / STUDY_FILE).is_file()
     if out.exists() and any(out.iterdir()) and not earlier:
         raise AdaPrunerError(f"output {out} exists and holds no earlier search: pass a new --out (or the same --out to resume)")
+    check_writable(out / STUDY_FILE)
+
+
+def study_dir(out: Path, study: str) -> Path:
+    """Where a study's files go (best.json, trials.txt, plots, validation windows): `out` for the study that made
+    it, `out/studies/<name>` for another study named with --study (one storage, separate files)."""
+    record = out / "search.json"
+    if not record.is_file():
+        return out
+    try:
+        owner = json.loads(record.read_text(encoding="utf-8"))["options"]["study"]
+    except (ValueError, KeyError, TypeError):
+        raise AdaPrunerError(f"{record} is not a search record adapruner wrote: pass a new --out") from None
+    return out if owner == study else out / "studies" / study
+
+
+def saved_val_windows(path: Path, tokenizer, seq_len: int, count: int) -> None:
+    """The first `count` wiki validation windows, written (atomically) to `path` for the workers; written anew on
+    every run, so a damaged or stale file is never read."""
+    windows = pool_windows(tokenizer, "wiki", seq_len, "val")
+    if windows.shape[0] < count:
+        raise AdaPrunerError(f"the wiki validation split has {windows.shape[0]} windows of {seq_len} tokens: lower --val-windows to at most {windows.shape[0]}")
+    with staged_file(path) as tmp:
+        save_file({"windows": windows[:count].contiguous()}, str(tmp))
 
 
 def run_search(options: SearchOptions, out: Path, progress: bool = True) -> BestTrial:
@@ -96,8 +121,8 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         raise AdaPrunerError("--workers and --trials must be at least 1")
     if options.startup_trials is not None and not 0 <= options.startup_trials <= options.trials:
         raise AdaPrunerError(f"--startup-trials {options.startup_trials} must lie in [0, --trials {options.trials}]")
-    for pool in options.pools:
-        check_pool(pool)
+    pool_digests = [text_digest(pool) for pool in options.pools]  # reads every pool: bad files are refused before the model loads
+    files = study_dir(out, options.study)
     placement = Placement.of(options.device, options.dtype, options.trust_remote_code)
     options = replace(options, device=str(placement.device), dtype=dtype_name(placement.dtype), val_dtype=resolve_val_dtype(options.val_dtype, placement.device))
     space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope)
@@ -106,22 +131,24 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         out.mkdir(parents=True, exist_ok=True)
     storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
     study = open_study(open_storage(storage_url), options.study, setup)
-    out.mkdir(parents=True, exist_ok=True)
+    files.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(options.model, placement.dtype, placement.device, placement.trust_remote_code)
     check_context(model, options.seq_len)
     layers = parse_layer_range(options.layers, len(decoder_layers(model)))
+    content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": text_digest("wiki", "val")}
+    pin_content(study, content)
     key = cache_key(options.model, model, options.pools, options.pool_size, options.seq_len, layers, options.seed,
-                    activations=bool(ACTIVATION_METRICS & set(options.metrics)), dtype=options.cache_dtype)
+                    activations=bool(ACTIVATION_METRICS & set(options.metrics)), dtype=options.cache_dtype,
+                    model_digest=content["model"], pool_digests=tuple(content["pools"]))
     cache_dir = Path(options.cache_dir) if options.cache_dir else cache_root() / "activations"
     cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * 2**30), progress=progress)
     if progress:
         where = f"on {cache.device}" if cache.device.type != "cpu" or cache.nbytes <= options.cache_mem_gb * 2**30 else "memory-mapped in host memory (over --cache-mem)"
         print(f"model {options.model} in {options.dtype} on {options.device}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
-    val_path = out / "val.safetensors"
-    if not val_path.is_file():
-        windows = pool_windows(tokenizer, "wiki", options.seq_len, "val")[: options.val_windows]
-        save_file({"windows": windows.contiguous()}, str(val_path))
-    write_json_atomic(out / "search.json", {"options": asdict(options), "storage": storage_url, "cache": str(cache_dir / f"{key.digest()}.safetensors")})
+    val_path = files / "val.safetensors"
+    saved_val_windows(val_path, tokenizer, options.seq_len, options.val_windows)
+    write_json_atomic(files / "search.json", {"options": asdict(options), "storage": options.storage or f"{STUDY_FILE} in {out}", "content": content,
+                                              "cache": str(cache_dir / f"{key.digest()}.safetensors")})
     base = WorkerSpec(
         model=options.model, cache_path=str(cache_dir / f"{key.digest()}.safetensors"), val_path=str(val_path),
         storage=storage_url, study=options.study, setup=setup, ratio=options.ratio, layers=(layers.start, layers.stop),
@@ -143,7 +170,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         study = run_workers(base, options.workers, callbacks=[show], model=model, cache=cache, report=tqdm.write)
     finally:
         bar.close()
-    return write_outputs(study, cache, space, out, options)
+    return write_outputs(study, cache, space, files, options)
 
 
 def backends(device: torch.device, cache_dtype: str) -> dict[str, str]:

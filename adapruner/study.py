@@ -19,7 +19,7 @@ import optuna
 import torch
 from safetensors.torch import load_file
 
-from adapruner.cache import ActivationCache
+from adapruner.cache import ActivationCache, DamagedCache
 from adapruner.errors import AdaPrunerError
 from adapruner.search import Objective, PruneSetting, SearchSpace
 from adapruner.validation import ValidationScorer
@@ -93,6 +93,19 @@ def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSam
     return study
 
 
+def pin_content(study: optuna.Study, content: dict) -> None:
+    """Record the digests of the model and texts a study searches (`fingerprint`); refuse to resume it over
+    other contents (a model or pool file changed at the same path)."""
+    existing = study.user_attrs.get("content")
+    if existing is None:
+        study.set_user_attr("content", content)
+    elif existing != content:
+        changed = next(k for k in content if existing.get(k) != content[k])
+        what = {"model": "model (weights, config or tokenizer)", "pools": "pool texts", "validation": "validation text"}.get(changed, changed)
+        raise AdaPrunerError(f"study {study.study_name!r} was run on another {what}: digest {existing.get(changed)}, now {content[changed]}; "
+                             "pass a new --study or --out")
+
+
 def make_sampler(kind: str, seed: int, startup_trials: int = 10) -> optuna.samplers.BaseSampler:
     """TPE (multivariate, `startup_trials` random trials first) or random sampling."""
     if kind == "tpe":
@@ -147,7 +160,11 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
     if spec.threads:
         torch.set_num_threads(spec.threads)
     model = model if model is not None else load_model(spec.model, DTYPES[spec.dtype], spec.device, spec.trust_remote_code)[0]
-    cache = cache if cache is not None else ActivationCache.load(Path(spec.cache_path))  # memory-mapped, shared
+    if cache is None:
+        try:
+            cache = ActivationCache.load(Path(spec.cache_path))  # memory-mapped, shared
+        except DamagedCache as exc:
+            raise AdaPrunerError(f"activation cache {spec.cache_path} is damaged ({exc}): run the search again to rebuild it") from None
     val_windows = load_file(spec.val_path)["windows"]
     setting = PruneSetting(spec.ratio, range(*spec.layers), spec.granularity, spec.prune_attention, spec.prune_mlp)
     scorer = ValidationScorer(model, val_windows, setting.layers.start, spec.val_dtype, spec.batch_size)

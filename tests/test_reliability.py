@@ -1,0 +1,172 @@
+"""State is keyed by content, damaged files are rebuilt, one --out holds one study's files, bad files and paths are
+refused in one line before a model loads, and SIGTERM leaves no staging folder (issue 11)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapruner.cache import ActivationCache, build_cache, cache_key
+from adapruner.cli import main
+from adapruner.search import pool_blocks, short_names
+from tests.conftest import tiny_llama, word_level_tokenizer
+
+
+def save_tiny_model(path, seed=0):
+    tiny_llama(seed=seed).save_pretrained(path)
+    word_level_tokenizer().save_pretrained(path)
+
+
+def write_pool(path, seed):
+    words = torch.randint(1, 97, (900,), generator=torch.Generator().manual_seed(seed))
+    path.write_text(" ".join(f"t{int(w)}" for w in words) + "\n")
+
+
+def search_args(tmp_path, out, *extra):
+    return ["search", "--model", str(tmp_path / "model"), "--pools", str(tmp_path / "a.txt"), "--pool-size", "4", "--seq-len", "16",
+            "--layers", "all", "--metrics", "l2,vector,taylor1", "--sample-counts", "1,2", "--blocks-per-pool", "2", "--val-windows", "2",
+            "--trials", "2", "--batch-size", "2", "--cache-dtype", "float32", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *extra]
+
+
+@pytest.fixture
+def search_inputs(tmp_path):
+    save_tiny_model(tmp_path / "model")
+    write_pool(tmp_path / "a.txt", seed=1)
+    return tmp_path
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(err: str, message: str) -> bool:
+    return err.count("\n") == 1 and err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("change", ["pool", "model"])
+def test_content_changed_in_place_builds_a_new_cache_and_refuses_the_old_study(change, search_inputs, capsys):
+    tmp_path = search_inputs
+    assert run_cli(capsys, *search_args(tmp_path, tmp_path / "s1"))[0] == 0
+    if change == "pool":
+        write_pool(tmp_path / "a.txt", seed=2)  # same path, other text
+    else:
+        save_tiny_model(tmp_path / "model", seed=3)  # same path, other weights
+    code, _, err = run_cli(capsys, *search_args(tmp_path, tmp_path / "s1", "--trials", "3"))
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and ("another pool texts" if change == "pool" else "another model (weights") in errors[0]
+    assert run_cli(capsys, *search_args(tmp_path, tmp_path / "s2"))[0] == 0
+    caches = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(caches) == 2  # the changed content got its own cache; the first is not reused
+    keys = [ActivationCache.load(path).key for path in caches]
+    differing = {field for field in keys[0].__dict__ if getattr(keys[0], field) != getattr(keys[1], field)}
+    assert differing == ({"pool_digests"} if change == "pool" else {"model_digest"})
+
+
+def test_a_truncated_cache_is_named_and_rebuilt(search_inputs, capsys):
+    tmp_path = search_inputs
+    assert run_cli(capsys, *search_args(tmp_path, tmp_path / "s1"))[0] == 0
+    [path] = (tmp_path / "cache").glob("*.safetensors")
+    whole = {name: tensor.clone() for name, tensor in load_file(str(path)).items()}  # off the mapping before it is cut
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    code, out, _ = run_cli(capsys, *search_args(tmp_path, tmp_path / "s1", "--trials", "3"))  # resume over the damaged cache
+    assert code == 0 and f"note: activation cache {path} is damaged" in out and "rebuilding it" in out
+    rebuilt = load_file(str(path))  # the same tensors as the first build (same content, same seed)
+    assert rebuilt.keys() == whole.keys()
+    for name in whole:  # equal up to fp32 summation order (the thread count differs between the runs)
+        torch.testing.assert_close(rebuilt[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_cache_missing_a_tensor_or_with_a_wrong_shape_is_refused(gqa_model):
+    ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
+    key = cache_key("tiny", gqa_model, ["a"], 4, 8, range(0, 3), 0, activations=True, dtype="float32")
+    cache = build_cache(gqa_model, key, ids, [("a", i) for i in range(4)], progress=False)
+    cache.check(gqa_model, key)  # a whole cache passes
+    from adapruner.cache import DamagedCache
+
+    name = "dy/model.layers.1.mlp.down_proj"
+    with pytest.raises(DamagedCache, match=f"tensor '{name}' is missing"):
+        ActivationCache(key, {k: v for k, v in cache.tensors.items() if k != name}, cache.addresses).check(gqa_model, key)
+    with pytest.raises(DamagedCache, match=f"tensor '{name}' is"):
+        ActivationCache(key, {**cache.tensors, name: cache.tensors[name][:-1]}, cache.addresses).check(gqa_model, key)
+    with pytest.raises(DamagedCache, match="key of another cache"):
+        cache.check(gqa_model, cache_key("tiny", gqa_model, ["a"], 4, 8, range(0, 3), 1, activations=True, dtype="float32"))
+
+
+def test_a_second_study_in_one_out_gets_its_own_files(search_inputs, capsys):
+    tmp_path, out = search_inputs, search_inputs / "s"
+    assert run_cli(capsys, *search_args(tmp_path, out))[0] == 0
+    first = {name: (out / name).read_bytes() for name in ("best.json", "trials.txt", "val.safetensors", "search.json")}
+    code, stdout, _ = run_cli(capsys, *search_args(tmp_path, out, "--study", "second", "--val-windows", "3"))
+    assert code == 0 and f"--from-study {out / 'studies' / 'second'}" in stdout
+    assert {name: (out / name).read_bytes() for name in first} == first  # the first study's files are untouched
+    second = out / "studies" / "second"
+    assert json.loads((second / "best.json").read_text())["val_windows"] == 3
+    assert load_file(str(second / "val.safetensors"))["windows"].shape == (3, 16)
+    assert json.loads((second / "search.json").read_text())["options"]["study"] == "second"
+
+
+def test_pools_with_one_file_name_in_two_folders_get_distinct_blocks(gqa_model):
+    pools = ["x/notes.txt", "y/notes.txt", "wiki"]
+    assert short_names(pools) == ["notestxt1_", "notestxt2_", "wiki_"]
+    ids = torch.randint(0, 97, (6, 8), generator=torch.Generator().manual_seed(0))
+    key = cache_key("tiny", gqa_model, pools, 2, 8, range(0, 3), 0, activations=False, dtype="float32")
+    cache = build_cache(gqa_model, key, ids, [(pool, i) for pool in pools for i in range(2)], progress=False)
+    assert pool_blocks(cache, 2) == {"notestxt1_0": [0], "notestxt1_1": [1], "notestxt2_0": [2], "notestxt2_1": [3], "wiki_0": [4], "wiki_1": [5]}
+
+
+def bad_inputs(tmp_path):
+    """(argv, message) of bad files and paths that are refused before any model loads."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("t1 t2 caf".encode() + "é t3".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "bad.json").write_text("{not json")
+    model = str(tmp_path / "model")
+    return [
+        (["search", "--model", model, "--pools", str(latin1), "--out", str(tmp_path / "o")], f"{latin1} is not UTF-8 text (byte 9: 0xe9)"),
+        (["prune", "--model", model, "--calib", f"{latin1}:2", "--out", str(tmp_path / "o")], "is not UTF-8 text (byte 9"),
+        (["search", "--model", model, "--pools", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")], "holds no text"),
+        (["search", "--model", model, "--out", str(tmp_path / "a_file" / "o")], "pass a --out in a directory you can write to"),
+        (["prune", "--model", model, "--out", str(tmp_path / "a_file" / "o")], "pass a --out in a directory you can write to"),
+        (["search", "--model", model, "--study", "../escape", "--out", str(tmp_path / "o")], "is not a study name"),
+        (["eval", "--model", model, "--report", str(tmp_path / "bad.json")], "bad.json:1: not valid JSON"),
+        (["eval", "--model", model, "--report", str(tmp_path / "a_file" / "r.json")], "pass a --report in a directory you can write to"),
+    ]
+
+
+def test_bad_files_and_paths_are_one_line_errors_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import adapruner.models
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(adapruner.models, "load_model", no_loading)
+    for argv, message in bad_inputs(tmp_path):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and one_error_line(err, message), (argv, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_sigterm_during_run_leaves_no_staging_folder(search_inputs):
+    """`run` stages its whole --out; SIGTERM mid-search unwinds like SIGINT: exit 143, nothing left beside --out."""
+    tmp_path = search_inputs
+    argv = [*search_args(tmp_path, tmp_path / "run", "--trials", "500", "--val-windows", "8")][1:]
+    process = subprocess.Popen([sys.executable, "-m", "adapruner.cli", "run", *argv, "--tasks", "", "--max-eval-windows", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, env={**os.environ, "TQDM_DISABLE": "1"})
+    deadline = time.time() + 180
+    while time.time() < deadline and not any(tmp_path.glob(".run-*/search/best.json")) and not list(tmp_path.glob(".run-*/search/val.safetensors")):
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".run-*/search/val.safetensors")), "the run never reached its search"
+    time.sleep(1.0)  # inside the trials
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143, process.stderr.read().decode()[-2000:]
+    assert not list(tmp_path.glob(".run-*")) and not (tmp_path / "run").exists()
