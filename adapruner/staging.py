@@ -65,8 +65,8 @@ def staged_file(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        tmp.chmod(umask_mode(directory=False))
         yield tmp
+        tmp.chmod(umask_mode(directory=False))  # after the writer: mkstemp (and some writers) make files private
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -170,3 +170,21 @@ def test_sigterm_during_run_leaves_no_staging_folder(search_inputs):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 143, process.stderr.read().decode()[-2000:]
     assert not list(tmp_path.glob(".run-*")) and not (tmp_path / "run").exists()
+
+
+def test_outputs_take_the_permissions_the_umask_gives(tmp_path, gqa_model, tokenizer):
+    from adapruner.io import save_pruned
+    from adapruner.report import write_json_atomic
+
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    key = cache_key("tiny", gqa_model, ["a"], 2, 8, range(0, 3), 0, activations=False, dtype="float32")
+    previous = os.umask(0o027)
+    try:
+        build_cache(gqa_model, key, ids, [("a", 0), ("a", 1)], progress=False).save(tmp_path / "c.safetensors")
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+        save_pruned(gqa_model, tokenizer, tmp_path / "m")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
