@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from adapruner.allocation import (
+    DEFAULT_MIN_KEEP, Counts, attention_units, budget_counts, check_allocation, depth_weights, empties_a_group, global_counts, ratio_counts,
+    removed_by,
+    target_count,
+)
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.kernels.gather import gather
@@ -110,18 +115,77 @@ def plan_pruning(
     `ratio` is one ratio for every layer or a ratio per layer index (a depth profile).
     """
     per_layer = {index: ratio for index in layers} if isinstance(ratio, (int, float)) else dict(ratio)
-    plan = PrunePlan()
     for index in layers:
         layer_ratio = per_layer[index]
         check_ratio(layer_ratio)
         info = layer_info(model, index)
         if prune_attention:
-            plan.attention[index] = _plan_attention(info, importance, layer_ratio, granularity)
-        if prune_mlp:
-            n_remove = removal_count(info.intermediate, layer_ratio)
-            if n_remove >= info.intermediate:
-                raise AdaPrunerError(f"ratio {layer_ratio} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio")
-            plan.mlp[index] = top_units(importance(mlp_group(info)), info.intermediate - n_remove)
+            _check_attention_removal(info, layer_ratio, granularity)
+        if prune_mlp and removal_count(info.intermediate, layer_ratio) >= info.intermediate:
+            raise AdaPrunerError(f"ratio {layer_ratio} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio")
+    counts = ratio_counts(model, layers, per_layer, granularity, prune_attention, prune_mlp)
+    every = {index: (prune_attention, prune_mlp) for index in layers}
+    return plan_from_counts(model, score_layers(model, importance, every, granularity), counts, granularity)
+
+
+def plan_allocation(
+    model: nn.Module,
+    importance: Importance,
+    layers: range,
+    granularity: AttnGranularity = "kv",
+    prune_attention: bool = True,
+    prune_mlp: bool = True,
+    allocation: str = "uniform",
+    ratio: float | None = DEFAULT_RATIO,
+    target_params: float | None = None,
+    slope: float = 0.0,
+    min_keep: float = DEFAULT_MIN_KEEP,
+) -> PrunePlan:
+    """The plan of an allocation (see `adapruner.allocation`): by `ratio` (LLM-Pruner's meaning; `global` then
+    removes as many parameters as `uniform` would) or under the budget `target_params`."""
+    check_allocation(allocation)
+    slope = slope if allocation == "depth" else 0.0
+    if target_params is None and allocation != "global":
+        check_ratio(ratio)
+        per_layer = {i: ratio * w for i, w in depth_weights(layers, slope).items()} if slope else ratio
+        return plan_pruning(model, importance, per_layer, layers, granularity, prune_attention, prune_mlp)
+    every = {index: (prune_attention, prune_mlp) for index in layers}
+    if target_params is not None:
+        target = target_count(model, target_params)
+    else:
+        check_ratio(ratio)
+        target = removed_by(model, ratio_counts(model, layers, ratio, granularity, prune_attention, prune_mlp), granularity)
+    scores = score_layers(model, importance, every, granularity)
+    if allocation == "global":
+        counts = global_counts(model, scores, layers, target, granularity, min_keep, prune_attention, prune_mlp)
+    else:
+        counts = budget_counts(model, layers, target, depth_weights(layers, slope), granularity, prune_attention, prune_mlp)
+    return plan_from_counts(model, scores, counts, granularity)
+
+
+def score_layers(model: nn.Module, importance: Importance, which: Mapping[int, tuple[bool, bool]], granularity: AttnGranularity) -> dict[tuple[int, str], torch.Tensor]:
+    """Unit scores of the modules that `which` ({layer: (prune attention, prune mlp)}) names."""
+    scores = {}
+    for index, (attention, mlp) in which.items():
+        info = layer_info(model, index)
+        if attention:
+            scores[(index, "attn")] = importance(attention_group(info, granularity))
+        if mlp:
+            scores[(index, "mlp")] = importance(mlp_group(info))
+    return scores
+
+
+def plan_from_counts(model: nn.Module, scores: Mapping[tuple[int, str], torch.Tensor], counts: Counts, granularity: AttnGranularity) -> PrunePlan:
+    """Keep the best-scored units of every scored module: all but `counts[layer]` (attention units, MLP channels)."""
+    plan = PrunePlan()
+    for index, (n_attn, n_mlp) in counts.items():
+        info = layer_info(model, index)
+        if (index, "attn") in scores:
+            plan.attention[index] = _kept_attention(info, scores[(index, "attn")], n_attn, granularity)
+        if (index, "mlp") in scores:
+            if n_mlp >= info.intermediate:
+                raise AdaPrunerError(f"the plan would remove all {info.intermediate} MLP channels of layer {index}: prune less")
+            plan.mlp[index] = top_units(scores[(index, "mlp")], info.intermediate - n_mlp) if n_mlp else list(range(info.intermediate))
     return plan
 
 
@@ -130,14 +194,11 @@ def depth_profile(ratio: float, layers: range, slope: float) -> dict[int, float]
 
     slope 0 is uniform; slope > 0 prunes deep layers more than shallow ones; the mean ratio stays r.
     """
-    n = len(layers)
-    return {index: ratio * (1 + slope * (2 * k / (n - 1) - 1 if n > 1 else 0.0)) for k, index in enumerate(layers)}
+    return {index: ratio * w for index, w in depth_weights(layers, slope).items()}
 
 
-def _plan_attention(info: LayerInfo, importance: Importance, ratio: float, granularity: AttnGranularity) -> tuple[list[int], list[int]]:
-    r, n_remove = info.heads_per_kv, _attention_removals(info, ratio, granularity)
-    all_kv, all_q = list(range(info.n_kv_heads)), list(range(info.n_heads))
-    unit_total = info.n_kv_heads if granularity == "kv" else r
+def _check_attention_removal(info: LayerInfo, ratio: float, granularity: AttnGranularity) -> None:
+    n_remove, unit_total = _attention_removals(info, ratio, granularity), attention_units(info, granularity)
     if n_remove >= unit_total:
         what = "key/value groups" if granularity == "kv" else "query heads of a kv group"
         raise AdaPrunerError(f"ratio {ratio} would remove all {unit_total} {what} of layer {info.index}: use a smaller --ratio")
@@ -145,10 +206,17 @@ def _plan_attention(info: LayerInfo, importance: Importance, ratio: float, granu
         warnings.warn(
             f"ratio {ratio} removes no attention unit ({unit_total} per layer at granularity {granularity!r}): attention stays whole; "
             f"raise --ratio{', use --attn-granularity query,' if granularity == 'kv' else ''} or use --target-params to move the budget to the MLP",
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def _kept_attention(info: LayerInfo, scores: torch.Tensor | None, n_remove: int, granularity: AttnGranularity) -> tuple[list[int], list[int]]:
+    r = info.heads_per_kv
+    all_kv, all_q = list(range(info.n_kv_heads)), list(range(info.n_heads))
+    if n_remove == 0:
         return all_q, all_kv
-    scores = importance(attention_group(info, granularity))
+    if n_remove >= attention_units(info, granularity):
+        raise AdaPrunerError(f"the plan would remove every attention unit of layer {info.index}: prune less")
     if granularity == "kv":
         keep_kv = top_units(scores, info.n_kv_heads - n_remove)
         return [h * r + j for h in keep_kv for j in range(r)], keep_kv
@@ -225,21 +293,7 @@ def count_params(model: nn.Module) -> int:
 
 def removed_params(model: nn.Module, ratio: float, layers: range, granularity: AttnGranularity, prune_attention: bool = True, prune_mlp: bool = True) -> int:
     """Parameters that pruning at `ratio` removes (from shapes alone; selection does not change the count)."""
-    total = 0
-    for index in layers:
-        info = layer_info(model, index)
-        attn, mlp = info.attn, info.mlp
-        hidden = attn.q_proj.in_features
-        if prune_attention:
-            n = _attention_removals(info, ratio, granularity)
-            q_heads, kv_heads = (n * info.heads_per_kv, n) if granularity == "kv" else (n * info.n_kv_heads, 0)
-            q_per_head = info.head_dim * (2 * hidden + (attn.q_proj.bias is not None))
-            kv_per_head = info.head_dim * 2 * (hidden + (attn.k_proj.bias is not None))
-            total += q_heads * q_per_head + kv_heads * kv_per_head
-        if prune_mlp:
-            per_channel = 3 * hidden + (mlp.gate_proj.bias is not None) + (mlp.up_proj.bias is not None)
-            total += removal_count(info.intermediate, ratio) * per_channel
-    return total
+    return removed_by(model, ratio_counts(model, layers, ratio, granularity, prune_attention, prune_mlp), granularity)
 
 
 def max_ratio(model: nn.Module, layers: range, granularity: AttnGranularity) -> float:
@@ -255,12 +309,7 @@ def max_ratio(model: nn.Module, layers: range, granularity: AttnGranularity) -> 
 
 
 def _empties_a_group(model: nn.Module, ratio: float, layers: range, granularity: AttnGranularity) -> bool:
-    for index in layers:
-        info = layer_info(model, index)
-        units = info.n_kv_heads if granularity == "kv" else info.heads_per_kv
-        if _attention_removals(info, ratio, granularity) >= units or removal_count(info.intermediate, ratio) >= info.intermediate:
-            return True
-    return False
+    return empties_a_group(model, ratio_counts(model, layers, ratio, granularity), granularity)
 
 
 def solve_ratio(model: nn.Module, target: float, layers: range, granularity: AttnGranularity = "kv", prune_attention: bool = True, prune_mlp: bool = True) -> float:

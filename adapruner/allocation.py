@@ -1,0 +1,170 @@
+"""How many units each pruned layer loses: `uniform` (one ratio), `depth` (a ratio that grows or shrinks with
+depth) or `global` (one ranking of standardised scores across layers and modules under a parameter budget).
+
+Counts are {layer: (attention units removed, MLP channels removed)}. An attention unit is a kv group (granularity
+`kv`: its r query heads, its k/v heads) or one query head inside every kv group (`query`). Prices, the parameters a
+unit carries (hd: head_dim, r: query heads per kv head, qb/kb/gb: 1 where q / k,v / gate,up have biases):
+    kv unit      r·hd·(2·hidden + qb) + 2·hd·(hidden + kb)       (q rows and o columns of r heads, k and v rows)
+    query unit   n_kv·hd·(2·hidden + qb)
+    MLP channel  3·hidden + 2·gb                                  (gate and up rows, down column)
+Ratio mode (LLM-Pruner's meaning): a group of n units loses round(r_l·n), r_l = r (uniform) or
+r·(1 + slope·(2p_l − 1)) with p_l the layer's position in the range from 0 to 1 (depth).
+Budget mode (`target_params` p): T = ⌈p·N⌉ parameters of the model's N go, whatever the allocation:
+    uniform/depth: the smallest base ratio r whose counts remove ≥ T, then MLP channels given back one at a time
+        (to the layers losing most) while the removal stays ≥ T — within one MLP channel of T;
+    global: per layer and module, unit scores s are standardised, z = (s − mean s)/std s; units go in ascending z
+        over all layers and modules until T is reached, each module keeping ⌈min_keep·n⌉ units (at least one).
+        With query granularity the k-th candidate of a layer is every kv group's k-th weakest head, at their mean z.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from adapruner.errors import AdaPrunerError
+from adapruner.structure import AttnGranularity, LayerInfo, layer_info
+
+ALLOCATIONS = ("uniform", "depth", "global")
+DEFAULT_MIN_KEEP = 0.25  # global: the fewest units of a module a layer keeps, as a fraction of the dense count
+Counts = dict[int, tuple[int, int]]
+Scores = Mapping[tuple[int, str], torch.Tensor]  # (layer, "attn" | "mlp") → unit scores (attn: per kv group, or per query head)
+
+
+def check_allocation(allocation: str) -> None:
+    if allocation not in ALLOCATIONS:
+        raise AdaPrunerError(f"unknown allocation {allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+
+
+def attention_units(info: LayerInfo, granularity: AttnGranularity) -> int:
+    """Attention units of a layer: kv groups (`kv`) or query heads per kv group (`query`)."""
+    return info.n_kv_heads if granularity == "kv" else info.heads_per_kv
+
+
+def prices(info: LayerInfo, granularity: AttnGranularity) -> tuple[int, int]:
+    """(parameters of one attention unit, parameters of one MLP channel) of a layer (see the module docstring)."""
+    attn, mlp = info.attn, info.mlp
+    hidden, hd = attn.q_proj.in_features, info.head_dim
+    q_head = hd * (2 * hidden + (attn.q_proj.bias is not None))
+    kv_head = 2 * hd * (hidden + (attn.k_proj.bias is not None))
+    attention = info.heads_per_kv * q_head + kv_head if granularity == "kv" else info.n_kv_heads * q_head
+    channel = 3 * hidden + (mlp.gate_proj.bias is not None) + (mlp.up_proj.bias is not None)
+    return attention, channel
+
+
+def removed_by(model: nn.Module, counts: Counts, granularity: AttnGranularity) -> int:
+    """Parameters that `counts` remove (from shapes alone)."""
+    total = 0
+    for index, (n_attn, n_mlp) in counts.items():
+        attention, channel = prices(layer_info(model, index), granularity)
+        total += n_attn * attention + n_mlp * channel
+    return total
+
+
+def ratio_counts(model: nn.Module, layers: range, ratio: float | Mapping[int, float], granularity: AttnGranularity,
+                 prune_attention: bool = True, prune_mlp: bool = True) -> Counts:
+    """round(r_l · n) per group (LLM-Pruner's meaning of a ratio); `ratio` is one ratio or one per layer."""
+    per_layer = {index: ratio for index in layers} if isinstance(ratio, (int, float)) else ratio
+    counts = {}
+    for index in layers:
+        info = layer_info(model, index)
+        r = per_layer[index]
+        counts[index] = (int(round(r * attention_units(info, granularity))) if prune_attention else 0,
+                         int(round(r * info.intermediate)) if prune_mlp else 0)
+    return counts
+
+
+def depth_weights(layers: range, slope: float) -> dict[int, float]:
+    """w_l = 1 + slope·(2p_l − 1), p_l the position of l in `layers` from 0 to 1 (mean 1)."""
+    n = len(layers)
+    return {index: 1 + slope * (2 * k / (n - 1) - 1 if n > 1 else 0.0) for k, index in enumerate(layers)}
+
+
+def empties_a_group(model: nn.Module, counts: Counts, granularity: AttnGranularity) -> bool:
+    for index, (n_attn, n_mlp) in counts.items():
+        info = layer_info(model, index)
+        if n_attn >= attention_units(info, granularity) or n_mlp >= info.intermediate:
+            return True
+    return False
+
+
+def target_count(model: nn.Module, target_params: float) -> int:
+    """T = ⌈p · N⌉ parameters to remove."""
+    if not 0.0 < target_params < 1.0:
+        raise AdaPrunerError(f"--target-params {target_params} is outside (0, 1): pass the fraction of all parameters to remove, e.g. 0.2")
+    return math.ceil(target_params * sum(p.numel() for p in model.parameters()))
+
+
+def budget_counts(model: nn.Module, layers: range, target: int, weights: Mapping[int, float], granularity: AttnGranularity,
+                  prune_attention: bool = True, prune_mlp: bool = True) -> Counts:
+    """uniform/depth under a budget of `target` parameters (see the module docstring)."""
+    def counts_at(r: float) -> Counts:
+        return ratio_counts(model, layers, {i: r * w for i, w in weights.items()}, granularity, prune_attention, prune_mlp)
+
+    lo, hi = 0.0, 1.0 / max(weights.values())
+    for _ in range(40):  # the largest base ratio that empties no group
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if empties_a_group(model, counts_at(mid), granularity) else (mid, hi)
+    reach = counts_at(lo)
+    if removed_by(model, reach, granularity) < target:
+        total = sum(p.numel() for p in model.parameters())
+        raise AdaPrunerError(f"--target-params {target / total:.3f} is out of reach: layers {layers.start}:{layers.stop} give at most "
+                             f"{removed_by(model, reach, granularity) / total:.3f} of the parameters; widen --layers or lower the target")
+    lo, hi = 0.0, lo
+    for _ in range(50):  # the smallest base ratio that removes at least the budget
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if removed_by(model, counts_at(mid), granularity) >= target else (mid, hi)
+    counts = counts_at(hi)
+    if prune_mlp:  # give MLP channels back, one at a time to the layers losing most, while the budget still holds
+        over = removed_by(model, counts, granularity) - target
+        channel = {i: prices(layer_info(model, i), granularity)[1] for i in counts}
+        while True:
+            index = max(counts, key=lambda i: (counts[i][1], -i))
+            if counts[index][1] == 0 or over < channel[index]:
+                break
+            counts[index] = (counts[index][0], counts[index][1] - 1)
+            over -= channel[index]
+    return counts
+
+
+def candidate_costs(scores: torch.Tensor, info: LayerInfo, module: str, granularity: AttnGranularity) -> torch.Tensor:
+    """Standardised scores of a module's removal candidates, ascending (see the module docstring)."""
+    s = scores.double().cpu()
+    std = s.std() if s.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+    z = (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
+    if module == "attn" and granularity == "query":  # the k-th candidate: every kv group's k-th weakest head
+        return z.view(info.n_kv_heads, info.heads_per_kv).sort(1).values.mean(0)
+    return z.sort().values
+
+
+def global_counts(model: nn.Module, scores: Scores, layers: range, target: int, granularity: AttnGranularity, min_keep: float,
+                  prune_attention: bool = True, prune_mlp: bool = True) -> Counts:
+    """`global` allocation under a budget of `target` parameters (see the module docstring)."""
+    if not 0.0 <= min_keep < 1.0:
+        raise AdaPrunerError(f"--min-keep {min_keep} is outside [0, 1): pass the fraction of each module a layer keeps at least")
+    candidates = []  # (z, layer, module index, price)
+    for index in layers:
+        info = layer_info(model, index)
+        attention, channel = prices(info, granularity)
+        for slot, (module, units, price, on) in enumerate((("attn", attention_units(info, granularity), attention, prune_attention),
+                                                           ("mlp", info.intermediate, channel, prune_mlp))):
+            if not on:
+                continue
+            keep = max(1, math.ceil(min_keep * units))
+            costs = candidate_costs(scores[(index, module)], info, module, granularity)[: units - keep]
+            candidates += [(float(z), index, slot, price) for z in costs]
+    candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+    counts = {index: [0, 0] for index in layers}
+    removed = 0
+    for _z, index, slot, price in candidates:
+        if removed >= target:
+            break
+        counts[index][slot] += 1
+        removed += price
+    if removed < target:
+        total = sum(p.numel() for p in model.parameters())
+        raise AdaPrunerError(f"--target-params {target / total:.3f} is out of reach with --min-keep {min_keep}: at most {removed / total:.3f}; "
+                             "lower --min-keep or the target, or widen --layers")
+    return {index: (a, m) for index, (a, m) in counts.items()}
