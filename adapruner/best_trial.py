@@ -11,7 +11,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.prune import PrunePlan
 from adapruner.report import write_json_atomic
 
-BEST_FORMAT = "adapruner.best/2"  # /2: the file carries the scored plan
+BEST_FORMAT = "adapruner.best/3"  # /2: the file carries the scored plan; /3: budget, allocation and compensation
 
 
 @dataclass
@@ -40,6 +40,12 @@ class BestTrial:
     val_windows: int
     batch_size: int
     plan: dict  # `PrunePlan.to_dict()` of the scored plan
+    allocation: str
+    compensation: str
+    target_params: float | None  # the study's parameter budget (None: the ratio rules)
+    min_keep: float
+    damp: float
+    removed_fraction: float  # of all the model's parameters, by the plan (compensation biases not counted)
     format: str = field(default=BEST_FORMAT)
 
     @property

@@ -5,10 +5,12 @@ Per prunable linear W (out × in) of the pruned layers and per sample s (token r
     dy       dY = ∂(Σ_s L_s)/∂Y (tokens × out); because samples are independent, rows of s hold ∂L_s/∂Y_s
     vec      rows: Σ_{t∈s} dY_tj (X_t·W_j)      cols: Σ_{t∈s} X_ti (dY_t·W)_i   (signed; Σ_s gives Σ W⊙G)
     fisher   rows: Σ_i W² (G_s)²                cols: Σ_j W² (G_s)²             (G_s = dY_sᵀ X_s)
-    act      Σ_{t∈s} X_ti²
+    act      Σ_{t∈s} X_ti²                       xsum  Σ_{t∈s} X_ti   (act and xsum: once per distinct input)
 The per-sample statistics are computed in fp32 before x and dy are stored (bf16 by default). A subset S then
-scores as: vector |Σ_S vec|, taylor2 ½ Σ_S fisher / |S|, act Σ |W|·sqrt(Σ_S act), taylor1/mix through the fused
-cached-gradient kernel on the token rows of S (for mix it also forms F_S = mean_S G_s² per sample, in registers).
+scores as: vector |Σ_S vec|, taylor2 ½ Σ_S fisher / |S|, act Σ |W|·sqrt(Σ_S act), fluct ‖W[:, i]‖²·(Σ_S act/T −
+(Σ_S xsum/T)²) with T = |S|·seq_len, taylor1/mix through the fused cached-gradient kernel on the token rows of S (for
+mix it also forms F_S = mean_S G_s² per sample, in registers). Compensation reads μ_S = Σ_S xsum / T and, for lsq,
+C_S = X_Sᵀ X_S / T from the stored inputs' rows of S.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from tqdm.auto import tqdm
 from adapruner.calibration import seeded_draw
 from adapruner.devices import dtype_name, model_device
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance
+from adapruner.compensation import InputMoments
+from adapruner.importance import Importance, fluctuation
 from adapruner.kernels import channel_importance
 from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fisher_stats
 from adapruner.staging import staged_file
@@ -93,6 +96,8 @@ class ActivationCache:
         if metric == "act":
             act_norm = self._sample_sum(f"act/{input_owner(name)}", samples, weight.device).sqrt()
             return channel_importance("act", weight, dim, act_norm=act_norm)
+        if metric == "fluct":
+            return fluctuation(weight, self.input_moments(name, samples, weight.device).variance)
         if metric in ACTIVATION_METRICS:
             if not self.key.activations:
                 raise AdaPrunerError(f"metric {metric!r} needs cached activations: rebuild the cache with taylor1/mix in --metrics")
@@ -103,6 +108,20 @@ class ActivationCache:
                 rows = torch.arange(rows.numel(), device=weight.device)
             return cached_grad_importance(metric, weight, x, dy, rows, self.key.seq_len)[dim]
         raise AdaPrunerError(f"metric {metric!r} does not read the cache")
+
+    def input_moments(self, name: str, samples: torch.Tensor, device: torch.device | str, gram: bool = False) -> InputMoments:
+        """Moments of linear `name`'s inputs over the token rows of the sample subset (see the module docstring)."""
+        tokens = samples.numel() * self.key.seq_len
+        owner = input_owner(name)
+        mean = self._sample_sum(f"xsum/{owner}", samples, device) / tokens
+        square_mean = self._sample_sum(f"act/{owner}", samples, device) / tokens
+        if not gram:
+            return InputMoments(mean, square_mean)
+        if not self.key.activations:
+            raise AdaPrunerError("lsq compensation needs cached inputs: rebuild the cache with lsq in --compensations (or taylor1/mix in --metrics)")
+        x = self.tensors[f"x/{owner}"]
+        rows = x.index_select(0, self.token_rows(samples).to(x.device)).to(device).float()
+        return InputMoments(mean, square_mean, rows.t() @ rows / tokens)
 
     def _sample_sum(self, name: str, samples: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Σ over the subset's rows of a per-sample statistic, on `device`."""
@@ -161,7 +180,7 @@ class ActivationCache:
             for stat, width in (("vec_rows", out_features), ("vec_cols", in_features), ("fisher_rows", out_features), ("fisher_cols", in_features)):
                 expected[f"{stat}/{name}"] = ((n, width), torch.float32)
             if input_owner(name) == name:
-                expected[f"act/{name}"] = ((n, in_features), torch.float32)
+                expected[f"act/{name}"] = expected[f"xsum/{name}"] = ((n, in_features), torch.float32)
             if key.activations:
                 expected[f"dy/{name}"] = ((n * L, out_features), getattr(torch, key.dtype))
                 if input_owner(name) == name:
@@ -191,6 +210,8 @@ class CachedImportance(Importance):
     def channel_scores(self, member: Member) -> torch.Tensor:
         if self.metric in ("random", "l1", "l2"):
             return super().channel_scores(member)
+        if self.metric == "fluct" and member.dim == 0:
+            raise AdaPrunerError("fluct scores input columns only (o_proj, down_proj)")
         return self.cache.channel_scores(self.metric, member.name, member.linear.weight.detach(), member.dim, self.samples)
 
 
@@ -233,6 +254,7 @@ def build_cache(
         if input_owner(name) == name:
             inputs[name] = x
             keep(f"act/{name}", x.square().view(-1, L, x.shape[1]).sum(1))
+            keep(f"xsum/{name}", x.view(-1, L, x.shape[1]).sum(1))
             if key.activations:
                 keep(f"x/{name}", x.to(store_dtype))
 

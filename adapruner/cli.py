@@ -19,6 +19,8 @@ from adapruner.finetune_job import VAL_WINDOWS
 from adapruner.pipeline import RunOptions
 from adapruner.pruner import PruneOptions
 from adapruner.report import format_table
+from adapruner.allocation import ALLOCATIONS
+from adapruner.compensation import COMPENSATIONS
 from adapruner.search_job import SearchOptions
 from adapruner.staging import terminate_as_exit
 
@@ -27,6 +29,12 @@ RATIO_HELP = (
     "0.25 on LLaMA-7B layers 4..29 removes about 20%% of all parameters)"
 )
 TARGET_HELP = "fraction of the whole model's parameters to remove; the ratio is solved for (instead of --ratio)"
+ALLOCATION_HELP = ("uniform: every layer loses the same fraction; depth: a fraction growing (slope > 0) or shrinking with depth; "
+                   "global: standardised scores ranked across all layers and modules under one parameter budget")
+MIN_KEEP_HELP = "allocation global: each layer keeps at least this fraction of its attention units and of its MLP channels (at least one)"
+COMPENSATE_HELP = ("after removal, repair o_proj/down_proj outputs from calibration inputs: bias adds the removed channels' mean "
+                   "contribution; lsq refits the kept columns by damped least squares")
+DAMP_HELP = "lsq compensation: damping toward the trained weights, times the mean input variance"
 LAYERS_HELP = "layers to prune as START:STOP or 'all' (default: keep the first 4/32 and last 2/32 of the layers whole)"
 PRUNE, SEARCH, LORA, EVAL = PruneOptions(), SearchOptions(), LoraOptions(), EvalOptions()
 
@@ -73,7 +81,7 @@ def study_name(text: str) -> str:
 
 STUDY_NAME = study_name
 COUNT, NONNEGATIVE, WINDOW = at_least(1), at_least(0), at_least(2)  # counts, budgets that may be 0, tokens per window
-FRACTION, POSITIVE = within(0, 1), at_least(1e-12, float)
+FRACTION, POSITIVE, NONNEGATIVE_FLOAT = within(0, 1), at_least(1e-12, float), at_least(0.0, float)
 
 
 def run_default(name: str):
@@ -101,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--attn-granularity", default=PRUNE.granularity, choices=("kv", "query"), help="remove whole kv groups, or query heads inside every kv group")
     prune.add_argument("--no-attention", action="store_true", help="prune the MLP only")
     prune.add_argument("--no-mlp", action="store_true", help="prune attention only")
+    prune.add_argument("--allocation", default=PRUNE.allocation, choices=ALLOCATIONS, help=ALLOCATION_HELP)
+    prune.add_argument("--depth-slope", type=within(0, 1, closed_low=True), default=PRUNE.depth_slope, help="allocation depth: per-layer ratios r·(1 + S·(2p − 1))")
+    prune.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=PRUNE.min_keep, help=MIN_KEEP_HELP)
+    prune.add_argument("--compensate", default=PRUNE.compensation, choices=COMPENSATIONS, help=COMPENSATE_HELP)
+    prune.add_argument("--damp", type=NONNEGATIVE_FLOAT, default=PRUNE.damp, help=DAMP_HELP)
     prune.add_argument("--uniform", action="store_true", help="prune every layer alike and save a stock config (no remote code)")
     prune.add_argument("--seed", type=NONNEGATIVE, default=PRUNE.seed)
     prune.add_argument("--out", required=True, help="new directory for the pruned model and report.json")
@@ -173,17 +186,25 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
 
     s = SEARCH
     parser.add_argument("--model", default=s.model, help="HF model directory, hub id, or 'smollm2'")
-    parser.add_argument("--ratio", type=FRACTION, default=s.ratio, help=RATIO_HELP)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=FRACTION, default=s.ratio, help=RATIO_HELP)
+    budget.add_argument("--target-params", type=FRACTION, default=s.target_params, help=TARGET_HELP + "; every trial removes the same count")
     parser.add_argument("--pools", default=",".join(s.pools), help="candidate text pools, comma-separated (built-in names or paths)")
     parser.add_argument("--pool-size", type=COUNT, default=s.pool_size, help="cached candidate windows per pool")
     parser.add_argument("--seq-len", type=WINDOW, default=s.seq_len)
     parser.add_argument("--layers", default=s.layers, help=LAYERS_HELP)
     parser.add_argument("--attn-granularity", default=s.granularity, choices=("kv", "query"))
+    parser.add_argument("--no-attention", action="store_true", help="prune the MLP only")
+    parser.add_argument("--no-mlp", action="store_true", help="prune attention only")
+    parser.add_argument("--allocations", default=",".join(s.allocations), help=f"allocations the search may choose ({', '.join(ALLOCATIONS)}): {ALLOCATION_HELP}")
+    parser.add_argument("--compensations", default=",".join(s.compensations), help=f"compensations the search may choose ({', '.join(COMPENSATIONS)}): {COMPENSATE_HELP}")
+    parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=s.min_keep, help=MIN_KEEP_HELP)
+    parser.add_argument("--damp", type=NONNEGATIVE_FLOAT, default=s.damp, help=DAMP_HELP)
     parser.add_argument("--metrics", default=",".join(s.metrics), help="metrics the search may choose")
     parser.add_argument("--aggregations", default=",".join(s.aggregations), help="aggregations the search may choose")
     parser.add_argument("--sample-counts", default=",".join(map(str, s.sample_counts)), help="calibration sample counts the search may choose")
     parser.add_argument("--blocks-per-pool", type=COUNT, default=s.blocks_per_pool, help="inclusion switches per pool (the subset encoding)")
-    parser.add_argument("--depth-slope", type=within(0, 1, closed_low=True), default=s.depth_slope, help="also search a per-layer ratio slope in [-S, S] (0: uniform ratio)")
+    parser.add_argument("--depth-slope", type=within(0, 1, closed_low=True), default=s.depth_slope, help="depth allocation trials draw a per-layer ratio slope in [-S, S]")
     parser.add_argument("--trials", type=COUNT, default=s.trials)
     parser.add_argument("--startup-trials", type=NONNEGATIVE, default=s.startup_trials, help="TPE's random start-up trials (default: a quarter of --trials, at least 1)")
     parser.add_argument("--sampler", default=s.sampler, choices=("tpe", "random"))
@@ -230,7 +251,8 @@ def prune_options(args: argparse.Namespace) -> PruneOptions:
     return PruneOptions(
         ratio=ratio, target_params=args.target_params, metric=args.metric, aggregation=args.agg, calib=args.calib,
         seq_len=args.seq_len, layers=args.layers, granularity=args.attn_granularity, prune_attention=not args.no_attention,
-        prune_mlp=not args.no_mlp, seed=args.seed,
+        prune_mlp=not args.no_mlp, seed=args.seed, allocation=args.allocation, depth_slope=args.depth_slope, min_keep=args.min_keep,
+        compensation=args.compensate, damp=args.damp,
     )
 
 
@@ -263,7 +285,9 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
         pool_size=args.pool_size, seq_len=args.seq_len, layers=args.layers, granularity=args.attn_granularity,
         metrics=metric_choices(args.metrics), aggregations=tuple(a.strip() for a in args.aggregations.split(",")),
         sample_counts=_int_list(args.sample_counts, "--sample-counts"), blocks_per_pool=args.blocks_per_pool,
-        depth_slope=args.depth_slope, trials=args.trials, startup_trials=args.startup_trials, sampler=args.sampler, seed=args.seed,
+        depth_slope=args.depth_slope, allocations=_choices(args.allocations, ALLOCATIONS, "--allocations"),
+        compensations=_choices(args.compensations, COMPENSATIONS, "--compensations"), target_params=args.target_params,
+        prune_attention=not args.no_attention, prune_mlp=not args.no_mlp, min_keep=args.min_keep, damp=args.damp, trials=args.trials, startup_trials=args.startup_trials, sampler=args.sampler, seed=args.seed,
         val_windows=args.val_windows, val_dtype=args.val_dtype, batch_size=args.batch_size, workers=args.workers,
         early_stop=args.early_stop, storage=args.storage, study=args.study, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
         cache_mem_gb=args.cache_mem, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
@@ -290,6 +314,14 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise AdaPrunerError(f"{flag} {text!r}: counts must be at least 1")
     return values
+
+
+def _choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    chosen = _names(text)
+    unknown = [name for name in chosen if name not in allowed]
+    if unknown or not chosen:
+        raise AdaPrunerError(f"{flag}: unknown choice {unknown[0] if unknown else text!r}: pick from {', '.join(allowed)}")
+    return chosen
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -15,7 +15,8 @@ from adapruner.errors import AdaPrunerError
 from adapruner.kernels import METRICS_NEEDING, channel_importance
 from adapruner.structure import Group, Member
 
-METRICS = ("random", *METRICS_NEEDING)
+NEEDS = {**METRICS_NEEDING, "fluct": frozenset({"act_var"})}  # fluct: FLAP's fluctuation, scored on input columns only
+METRICS = ("random", *NEEDS)
 AGGREGATIONS = ("sum", "mean", "max", "prod", "first")
 
 
@@ -24,18 +25,20 @@ class LinearStats:
     """Calibration statistics of one linear (fp32).
 
     grad: G = ∂(Σ_s L_s)/∂W (out × in); fisher: F = mean_s (∂L_s/∂W)² (out × in);
-    act_norm: a_i = ‖x_i‖₂ over all calibration tokens of input feature i (in,).
+    act_norm: a_i = ‖x_i‖₂ over all calibration tokens of input feature i (in,);
+    act_var: v_i = mean x_i² − (mean x_i)² over the calibration tokens (in,).
     """
 
     grad: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
     act_norm: torch.Tensor | None = None
+    act_var: torch.Tensor | None = None
 
 
 def needs(metric: str) -> frozenset[str]:
     """The statistics a metric reads (empty for data-free metrics)."""
     check_metric(metric)
-    return METRICS_NEEDING.get(metric, frozenset())
+    return NEEDS.get(metric, frozenset())
 
 
 def check_metric(metric: str) -> None:
@@ -90,6 +93,8 @@ class Importance:
         missing = [n for n in needs(self.metric) if getattr(stats, n) is None]
         if missing:
             raise AdaPrunerError(f"metric {self.metric!r} needs {missing[0]} of {member.name}: pass calibration data (--calib)")
+        if self.metric == "fluct":
+            return fluctuation(weight, stats.act_var)
         return channel_importance(self.metric, weight, member.dim, stats.grad, stats.fisher, stats.act_norm)
 
     def member_scores(self, member: Member) -> torch.Tensor:
@@ -97,4 +102,10 @@ class Importance:
         return unit_scores(self.channel_scores(member).float(), member.block)
 
     def __call__(self, group: Group) -> torch.Tensor:
-        return aggregate(torch.stack([self.member_scores(m) for m in group.members]), self.aggregation)
+        members = [m for m in group.members if m.dim == 1] if self.metric == "fluct" else group.members  # fluct reads input columns
+        return aggregate(torch.stack([self.member_scores(m) for m in members]), self.aggregation)
+
+
+def fluctuation(weight: torch.Tensor, act_var: torch.Tensor) -> torch.Tensor:
+    """FLAP's fluctuation per input column i: v_i · ‖W[:, i]‖² (the `l2` column scores times the input variance)."""
+    return channel_importance("l2", weight, 1) * act_var.to(weight.device).float()

@@ -48,12 +48,15 @@ def save_pruned(
     sizes = layer_sizes(model)
     if uniform and any(len(set(values)) > 1 for values in sizes.values()):
         raise AdaPrunerError("--uniform needs equal sizes in every layer: prune all layers (--layers all) with one ratio")
+    output_bias = give_output_biases(model)
+    if uniform and output_bias:
+        raise AdaPrunerError("--uniform saves a stock config, which has no o_proj/down_proj biases for compensation: drop --uniform or --compensate")
     with staged_dir(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
         config = json.loads(config_path.read_text())
-        config.update(_uniform_config(sizes, model) if uniform else _remote_code_config(config, sizes, model))
+        config.update(_uniform_config(sizes, model) if uniform else _remote_code_config(config, sizes, model, output_bias))
         if not uniform:
             shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -88,12 +91,29 @@ def _uniform_config(sizes: dict[str, list[int]], model: nn.Module) -> dict:
     }
 
 
-def _remote_code_config(config: dict, sizes: dict[str, list[int]], model: nn.Module) -> dict:
+def give_output_biases(model: nn.Module) -> bool:
+    """Where some o_proj/down_proj carries a (compensation) bias, give every other one a zero bias — so that one config
+    flag, `output_bias`, describes all layers — and return True; False where none has one."""
+    from adapruner.compensation import install
+
+    outputs = {}
+    for index in range(len(decoder_layers(model))):
+        info = layer_info(model, index)
+        outputs[f"{info.prefix}.self_attn.o_proj"] = info.attn.o_proj
+        outputs[f"{info.prefix}.mlp.down_proj"] = info.mlp.down_proj
+    if all(linear.bias is None for linear in outputs.values()):
+        return False
+    install(model, {name: (linear.weight.detach(), linear.weight.new_zeros(linear.out_features)) for name, linear in outputs.items() if linear.bias is None})
+    return True
+
+
+def _remote_code_config(config: dict, sizes: dict[str, list[int]], model: nn.Module, output_bias: bool = False) -> dict:
     """Config keys that point at `modeling_pruned.py`, the modeling file shipped beside the weights."""
     base_type = config.get("base_model_type") or config["model_type"]
     family = FAMILIES[base_type]
     return {
         **sizes,
+        "output_bias": output_bias,
         "model_type": f"pruned_{base_type}",
         "base_model_type": base_type,
         "architectures": [f"Pruned{family}ForCausalLM"],

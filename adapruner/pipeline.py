@@ -90,7 +90,7 @@ def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -
 
     started = time.perf_counter()
     pruned = copy.deepcopy(dense)
-    apply_study_plan(pruned, best)  # the plan the best trial scored
+    apply_study_plan(pruned, best, tokenizer)  # the plan the best trial scored
     stage_seconds["prune"] = time.perf_counter() - started
     best_json = asdict(best)
     save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": best_json})

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from adapruner.allocation import (
-    DEFAULT_MIN_KEEP, Counts, attention_units, budget_counts, check_allocation, depth_weights, empties_a_group, global_counts, ratio_counts,
-    removed_by,
+    DEFAULT_MIN_KEEP, Counts, attention_units, budget_counts, check_allocation, depth_weights, empties_a_group, global_counts, prices,
+    ratio_counts, removed_by,
     target_count,
 )
 from adapruner.errors import AdaPrunerError
@@ -284,6 +284,22 @@ def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     if bias is not None:
         linear.bias = nn.Parameter(bias, requires_grad=True)
     return linear
+
+
+def plan_removed(model: nn.Module, plan: PrunePlan) -> int:
+    """Parameters the plan removes from the (unpruned) `model`: every dropped head's and channel's rows and columns."""
+    removed = 0
+    for index in sorted(set(plan.attention) | set(plan.mlp)):
+        info = layer_info(model, index)
+        kv_unit, channel = prices(info, "kv")
+        q_head = prices(info, "query")[0] // info.n_kv_heads
+        if index in plan.attention:
+            keep_q, keep_kv = plan.attention[index]
+            dropped_kv = info.n_kv_heads - len(keep_kv)
+            removed += dropped_kv * kv_unit + (info.n_heads - len(keep_q) - dropped_kv * info.heads_per_kv) * q_head
+        if index in plan.mlp:
+            removed += (info.intermediate - len(plan.mlp[index])) * channel
+    return removed
 
 
 def count_params(model: nn.Module) -> int:

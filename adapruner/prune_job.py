@@ -71,7 +71,7 @@ def prune_and_save(
     prune_started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("once")
-        result = apply_study_plan(model, best) if best is not None and not recompute else prune_model(model, tokenizer, options)
+        result = apply_study_plan(model, best, tokenizer) if best is not None and not recompute else prune_model(model, tokenizer, options)
     prune_seconds = time.perf_counter() - prune_started
     provenance = {}
     if best is not None:

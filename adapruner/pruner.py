@@ -8,9 +8,12 @@ from transformers import PreTrainedTokenizerBase
 
 from adapruner.best_trial import BestTrial
 from adapruner.calibration import DEFAULT_SEQ_LEN, calibration_samples, windows_at
-from adapruner.importance import Importance, check_aggregation, needs
-from adapruner.prune import DEFAULT_RATIO, PrunePlan, apply_plan, check_ratio, depth_profile, plan_pruning, solve_ratio
-from adapruner.statistics import collect_stats
+from adapruner.allocation import DEFAULT_MIN_KEEP, check_allocation
+from adapruner.compensation import DEFAULT_DAMP, check_compensation, compensation_updates, install, output_linears
+from adapruner.errors import AdaPrunerError
+from adapruner.importance import Importance, LinearStats, check_aggregation, needs
+from adapruner.prune import DEFAULT_RATIO, PrunePlan, apply_plan, check_ratio, plan_allocation
+from adapruner.statistics import collect_input_moments, collect_stats
 from adapruner.structure import AttnGranularity, decoder_layers, parse_layer_range, prunable_linears
 
 
@@ -30,7 +33,11 @@ class PruneOptions:
     prune_mlp: bool = True
     seed: int = 0
     calib_addresses: list[tuple[str, int]] | None = None  # exact (pool, index) windows, e.g. from a search
-    depth_slope: float = 0.0  # per-layer ratios r·(1 + slope·(2p − 1)), see prune.depth_profile
+    depth_slope: float = 0.0  # allocation `depth`: per-layer ratios r·(1 + slope·(2p − 1)), see adapruner.allocation
+    allocation: str = "uniform"
+    min_keep: float = DEFAULT_MIN_KEEP  # allocation `global`: the fewest units of a module a layer keeps (fraction)
+    compensation: str = "none"
+    damp: float = DEFAULT_DAMP  # lsq compensation's damping toward the trained weights
 
     @classmethod
     def from_best(cls, best: BestTrial) -> "PruneOptions":
@@ -39,7 +46,8 @@ class PruneOptions:
             ratio=best.ratio, metric=best.metric, aggregation=best.aggregation, seq_len=best.seq_len,
             layers=best.layers, granularity=best.granularity, prune_attention=best.prune_attention,
             prune_mlp=best.prune_mlp, calib_addresses=[tuple(a) for a in best.addresses],
-            depth_slope=best.slope,
+            depth_slope=best.slope, allocation=best.allocation, min_keep=best.min_keep, compensation=best.compensation, damp=best.damp,
+            target_params=best.target_params,
         )
 
 
@@ -47,45 +55,69 @@ class PruneOptions:
 class PruneResult:
     """The applied plan, the ratio it used and the calibration windows' addresses."""
 
-    ratio: float
+    ratio: float | None  # None under a parameter budget
     layers: list[int]
     plan: PrunePlan
     calib_addresses: list[tuple[str, int]] = field(default_factory=list)
+    compensated: list[str] = field(default_factory=list)  # output linears given compensated weights and a bias
 
     def summary(self) -> dict:
-        return {"ratio": self.ratio, "layers": self.layers, "plan": self.plan.to_dict(), "calib_addresses": self.calib_addresses}
+        return {"ratio": self.ratio, "layers": self.layers, "plan": self.plan.to_dict(), "calib_addresses": self.calib_addresses,
+                "compensated": self.compensated}
 
 
-def apply_study_plan(model: nn.Module, best: BestTrial) -> PruneResult:
-    """Prune `model` in place by the plan a search scored (`best.json` of `adapruner search`): no statistics."""
+def apply_study_plan(model: nn.Module, best: BestTrial, tokenizer: PreTrainedTokenizerBase | None = None, progress: bool = True) -> PruneResult:
+    """Prune `model` in place by the plan a search scored (`best.json` of `adapruner search`): no importance
+    statistics; a compensated trial's output linears are refit from the input moments of the trial's own windows
+    (one forward pass over them, fp32, where the search read the cache)."""
     plan = best.prune_plan
+    updates = {}
+    if best.compensation != "none":
+        if tokenizer is None:
+            raise AdaPrunerError("the study's best trial is compensated: pass the tokenizer to re-read its windows")
+        samples = windows_at(tokenizer, [tuple(a) for a in best.addresses], best.seq_len)
+        moments = collect_input_moments(model, output_inputs(model, plan), samples.input_ids, best.compensation == "lsq", progress=progress)
+        updates = compensation_updates(model, plan, moments.__getitem__, best.compensation, best.damp)
     apply_plan(model, plan)
+    install(model, updates)
     layers = parse_layer_range(best.layers, len(decoder_layers(model)))
-    return PruneResult(best.ratio, list(layers), plan, [tuple(a) for a in best.addresses])
+    return PruneResult(best.ratio, list(layers), plan, [tuple(a) for a in best.addresses], sorted(updates))
+
+
+def output_inputs(model: nn.Module, plan: PrunePlan) -> dict[str, nn.Linear]:
+    """The output linears (o_proj, down_proj) a plan narrows, by name: the ones compensation refits."""
+    return {name: linear for name, (linear, _kept) in output_linears(model, plan).items()}
 
 
 def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: PruneOptions, progress: bool = True) -> PruneResult:
     """Prune `model` in place as `options` say and return what was done."""
     layers = parse_layer_range(options.layers, len(decoder_layers(model)))
     check_aggregation(options.aggregation)
+    check_allocation(options.allocation)
+    check_compensation(options.compensation)
     required = needs(options.metric)
-    if options.target_params is not None:
-        ratio = solve_ratio(model, options.target_params, layers, options.granularity, options.prune_attention, options.prune_mlp)
-    else:
+    if options.target_params is None:
         check_ratio(options.ratio)
-        ratio = options.ratio
     linears = prunable_linears(model, layers)
+    outputs = {name: linear for name, linear in linears.items() if name.endswith((".o_proj", ".down_proj"))}
     addresses: list[tuple[str, int]] = []
-    stats = {}
-    if required:
+    stats, moments = {}, {}
+    if required or options.compensation != "none":
         if options.calib_addresses:
             samples = windows_at(tokenizer, options.calib_addresses, options.seq_len)
         else:
             samples = calibration_samples(tokenizer, options.calib, options.seq_len, options.seed)
         addresses = list(samples.addresses)
-        stats = collect_stats(model, linears, samples.input_ids, required, progress)
+        if required - {"act_var"}:
+            stats = collect_stats(model, linears, samples.input_ids, required - {"act_var"}, progress)
+        if "act_var" in required or options.compensation != "none":
+            moments = collect_input_moments(model, outputs, samples.input_ids, options.compensation == "lsq", progress=progress)
+    for name, moment in moments.items():
+        stats.setdefault(name, LinearStats()).act_var = moment.variance
     importance = Importance(options.metric, options.aggregation, stats, seed=options.seed)
-    per_layer = depth_profile(ratio, layers, options.depth_slope) if options.depth_slope else ratio
-    plan = plan_pruning(model, importance, per_layer, layers, options.granularity, options.prune_attention, options.prune_mlp)
+    plan = plan_allocation(model, importance, layers, options.granularity, options.prune_attention, options.prune_mlp, options.allocation,
+                           options.ratio, options.target_params, options.depth_slope, options.min_keep)
+    updates = compensation_updates(model, plan, moments.__getitem__, options.compensation, options.damp)
     apply_plan(model, plan)
-    return PruneResult(ratio, list(layers), plan, addresses)
+    install(model, updates)
+    return PruneResult(options.ratio if options.target_params is None else None, list(layers), plan, addresses, sorted(updates))

@@ -20,7 +20,10 @@ from torch import nn
 from adapruner.cache import ActivationCache, CachedImportance
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import AGGREGATIONS, METRICS, check_aggregation, check_metric
-from adapruner.prune import PrunePlan, depth_profile, plan_pruning
+from adapruner.allocation import DEFAULT_MIN_KEEP, check_allocation
+from adapruner.compensation import DEFAULT_DAMP, check_compensation, compensation_updates
+from adapruner.devices import model_device
+from adapruner.prune import PrunePlan, count_params, plan_allocation, plan_removed
 from adapruner.structure import AttnGranularity
 from adapruner.validation import ValidationScorer
 
@@ -36,24 +39,35 @@ class SearchSpace:
     aggregations: tuple[str, ...] = AGGREGATIONS
     sample_counts: tuple[int, ...] = DEFAULT_SAMPLE_COUNTS
     blocks_per_pool: int = 4
-    depth_slope: float = 0.0  # > 0: search a slope in [-depth_slope, depth_slope]
+    depth_slope: float = 0.5  # trials of the `depth` allocation draw a slope in [-depth_slope, depth_slope]
+    allocations: tuple[str, ...] = ("uniform",)
+    compensations: tuple[str, ...] = ("none",)
 
     def __post_init__(self):
         for metric in self.metrics:
             check_metric(metric)
         for aggregation in self.aggregations:
             check_aggregation(aggregation)
+        for allocation in self.allocations:
+            check_allocation(allocation)
+        for compensation in self.compensations:
+            check_compensation(compensation)
+        if not 0.0 <= self.depth_slope < 1.0:
+            raise AdaPrunerError(f"--depth-slope {self.depth_slope} is outside [0, 1)")
 
 
 @dataclass
 class TrialConfig:
-    """One point of the space: the sample subset (indices into the cache's pool), metric, aggregation, slope."""
+    """One point of the space: the sample subset (indices into the cache's pool), metric, aggregation, allocation
+    (with its depth slope), compensation."""
 
     samples: list[int]
     metric: str
     aggregation: str
     slope: float = 0.0
     blocks: list[str] = field(default_factory=list)
+    allocation: str = "uniform"
+    compensation: str = "none"
 
 
 def pool_blocks(cache: ActivationCache, blocks_per_pool: int) -> dict[str, list[int]]:
@@ -87,14 +101,22 @@ def round_robin(blocks: list[list[int]], n: int) -> list[int]:
 
 
 def suggest(trial, space: SearchSpace, blocks: dict[str, list[int]]) -> TrialConfig:
-    """Draw a `TrialConfig` from an Optuna trial (parameters: block_*, n_samples, metric, aggregation, slope)."""
+    """Draw a `TrialConfig` from an Optuna trial (parameters: block_*, n_samples, metric, aggregation, and where the
+    space offers a choice: allocation, slope (depth trials), compensation)."""
     included = [name for name in blocks if trial.suggest_categorical(f"block_{name}", [True, False])]
     n = trial.suggest_categorical("n_samples", list(space.sample_counts))
     metric = trial.suggest_categorical("metric", list(space.metrics))
     aggregation = trial.suggest_categorical("aggregation", list(space.aggregations))
-    slope = trial.suggest_float("slope", -space.depth_slope, space.depth_slope) if space.depth_slope > 0 else 0.0
+    allocation = _choice(trial, "allocation", space.allocations)
+    slope = trial.suggest_float("slope", -space.depth_slope, space.depth_slope) if allocation == "depth" and space.depth_slope > 0 else 0.0
+    compensation = _choice(trial, "compensation", space.compensations)
     chosen_blocks = included or list(blocks)  # no block switched on: use them all
-    return TrialConfig(round_robin([blocks[b] for b in chosen_blocks], n), metric, aggregation, slope, chosen_blocks)
+    return TrialConfig(round_robin([blocks[b] for b in chosen_blocks], n), metric, aggregation, slope, chosen_blocks, allocation, compensation)
+
+
+def _choice(trial, name: str, options: tuple[str, ...]) -> str:
+    """A categorical parameter where there is a choice; the one option otherwise (no parameter in the study)."""
+    return trial.suggest_categorical(name, list(options)) if len(options) > 1 else options[0]
 
 
 @dataclass
@@ -106,13 +128,23 @@ class PruneSetting:
     granularity: AttnGranularity = "kv"
     prune_attention: bool = True
     prune_mlp: bool = True
+    target_params: float | None = None  # a parameter budget for every trial (instead of the ratio)
+    min_keep: float = DEFAULT_MIN_KEEP
+    damp: float = DEFAULT_DAMP
 
 
 def trial_plan(model: nn.Module, cache: ActivationCache, setting: PruneSetting, config: TrialConfig, seed: int = 0) -> PrunePlan:
     """What one trial configuration keeps of `model`, scored from the cache (the model is only read)."""
     importance = CachedImportance(cache, config.metric, config.aggregation, torch.tensor(config.samples), seed)
-    ratio = depth_profile(setting.ratio, setting.layers, config.slope) if config.slope else setting.ratio
-    return plan_pruning(model, importance, ratio, setting.layers, setting.granularity, setting.prune_attention, setting.prune_mlp)
+    return plan_allocation(model, importance, setting.layers, setting.granularity, setting.prune_attention, setting.prune_mlp,
+                           config.allocation, setting.ratio, setting.target_params, config.slope, setting.min_keep)
+
+
+def trial_updates(model: nn.Module, cache: ActivationCache, setting: PruneSetting, config: TrialConfig, plan: PrunePlan) -> dict:
+    """The compensated output linears of a trial's plan, from the moments of its samples' cached inputs."""
+    samples, device = torch.tensor(config.samples), model_device(model)
+    lsq = config.compensation == "lsq"
+    return compensation_updates(model, plan, lambda name: cache.input_moments(name, samples, device, gram=lsq), config.compensation, setting.damp)
 
 
 class Objective:
@@ -141,20 +173,22 @@ class Objective:
         earlier = next((t for t in finished if t.state == complete and t.params == trial.params), None)
         if earlier is not None:  # a parameter set the study already ran: its result, not a second run
             trial.set_user_attr("repeat_of", earlier.number)
-            for name in ("samples", "addresses", "plan"):
+            for name in ("samples", "addresses", "plan", "removed_fraction"):
                 trial.set_user_attr(name, earlier.user_attrs[name])
             return earlier.value
         trial.set_user_attr("samples", config.samples)
         trial.set_user_attr("addresses", [list(self.cache.addresses[i]) for i in config.samples])
         plan = trial_plan(self.model, self.cache, self.setting, config)
         trial.set_user_attr("plan", plan.encode())  # what this trial scored is what `prune --from-study` delivers
+        trial.set_user_attr("removed_fraction", plan_removed(self.model, plan) / count_params(self.model))
+        updates = trial_updates(self.model, self.cache, self.setting, config, plan)
 
         def report(step: int, value: float) -> None:
             trial.report(value, step)
             if self.early_stop and trial.should_prune():
                 raise optuna.TrialPruned()
 
-        return self.scorer.score(plan, report)
+        return self.scorer.score(plan, report, updates)
 
 
 def config_of(trial, cache: ActivationCache, space: SearchSpace) -> TrialConfig:

@@ -13,6 +13,8 @@ from adapruner.best_trial import BestTrial
 from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.devices import Placement, dtype_name
+from adapruner.allocation import DEFAULT_MIN_KEEP
+from adapruner.compensation import DEFAULT_DAMP
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
 from adapruner.models import cache_root, load_model
@@ -53,6 +55,11 @@ class SearchOptions:
     sample_counts: tuple[int, ...] = SearchSpace.sample_counts
     blocks_per_pool: int = SearchSpace.blocks_per_pool
     depth_slope: float = SearchSpace.depth_slope
+    allocations: tuple[str, ...] = SearchSpace.allocations
+    compensations: tuple[str, ...] = SearchSpace.compensations
+    target_params: float | None = None  # every trial removes this fraction of all parameters (instead of --ratio)
+    min_keep: float = DEFAULT_MIN_KEEP
+    damp: float = DEFAULT_DAMP
     trials: int = how(40)
     startup_trials: int | None = how(None)  # TPE's random start-up trials; None: a quarter of `trials` (at least 1)
     sampler: str = how("tpe")
@@ -125,7 +132,12 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     files = study_dir(out, options.study)
     placement = Placement.of(options.device, options.dtype, options.trust_remote_code)
     options = replace(options, device=str(placement.device), dtype=dtype_name(placement.dtype), val_dtype=resolve_val_dtype(options.val_dtype, placement.device))
-    space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope)
+    space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope,
+                        options.allocations, options.compensations)
+    if options.target_params is not None and not 0.0 < options.target_params < 1.0:
+        raise AdaPrunerError(f"--target-params {options.target_params} is outside (0, 1): pass the fraction of all parameters to remove")
+    if not (options.prune_attention or options.prune_mlp):
+        raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
     setup = study_setup(options)
     if options.storage is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +150,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": text_digest("wiki", "val")}
     pin_content(study, content)
     key = cache_key(options.model, model, options.pools, options.pool_size, options.seq_len, layers, options.seed,
-                    activations=bool(ACTIVATION_METRICS & set(options.metrics)), dtype=options.cache_dtype,
+                    activations=bool(ACTIVATION_METRICS & set(options.metrics)) or "lsq" in options.compensations, dtype=options.cache_dtype,
                     model_digest=content["model"], pool_digests=tuple(content["pools"]))
     cache_dir = Path(options.cache_dir) if options.cache_dir else cache_root() / "activations"
     cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * 2**30), progress=progress)
@@ -155,7 +167,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         granularity=options.granularity, prune_attention=options.prune_attention, prune_mlp=options.prune_mlp,
         space=asdict(space), n_trials=options.trials, sampler=options.sampler, seed=options.seed, startup_trials=startup_trials(options),
         val_dtype=options.val_dtype, batch_size=options.batch_size, early_stop=options.early_stop, device=options.device, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
-        threads=max(1, torch.get_num_threads() // options.workers),
+        threads=max(1, torch.get_num_threads() // options.workers), target_params=options.target_params, min_keep=options.min_keep, damp=options.damp,
     )
     remaining = max(0, options.trials - finished(study))
     bar = tqdm(total=options.trials, initial=options.trials - remaining, desc=f"search ({options.sampler})", unit="trial", disable=not progress)
@@ -191,7 +203,7 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
     if best is None:
         raise AdaPrunerError(f"study {options.study!r} has no finished trial: see the failed trials' errors in {out}")
     config = config_of(best, cache, space)
-    if "plan" not in best.user_attrs:
+    if not {"plan", "removed_fraction"} <= set(best.user_attrs):
         raise AdaPrunerError(f"study {options.study!r} was made by an older adapruner: its trials hold no plan; run the search with a new --out")
     layers = cache.key.layers
     summary = BestTrial(
@@ -200,12 +212,14 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
         val_ppl=best.value, trial=best.number, sampler=options.sampler, seed=options.seed, **describe(config, cache),
         placement={"device": options.device, "dtype": options.dtype, "val_dtype": options.val_dtype}, backends=backends(torch.device(options.device), cache.key.dtype),
         val_windows=options.val_windows, batch_size=options.batch_size, plan=PrunePlan.decode(best.user_attrs["plan"]).to_dict(),
+        target_params=options.target_params, min_keep=options.min_keep, damp=options.damp, removed_fraction=best.user_attrs["removed_fraction"],
     )
     summary.write(out / "best.json")
     trials = sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: (t.value is None, t.value or 0.0))
-    rows = [[t.number, t.user_attrs.get("sampled_by", "-"), t.params.get("metric"), t.params.get("aggregation"), len(t.user_attrs.get("samples", [])),
-             t.value if t.value is not None else "-"] for t in trials[:10]]
-    table = format_table(["trial", "sampled by", "metric", "agg", "samples", "val ppl"], rows)
+    rows = [[t.number, t.user_attrs.get("sampled_by", "-"), t.params.get("metric"), t.params.get("aggregation"),
+             t.params.get("allocation", space.allocations[0]), t.params.get("compensation", space.compensations[0]), len(t.user_attrs.get("samples", [])),
+             t.user_attrs.get("removed_fraction", "-"), t.value if t.value is not None else "-"] for t in trials[:10]]
+    table = format_table(["trial", "sampled by", "metric", "agg", "allocation", "compensation", "samples", "removed", "val ppl"], rows)
     phases = [t.user_attrs.get("sampled_by") for t in sorted(trials, key=lambda t: t.number)]  # in the order they ran
     table += f"\n{len(trials)} finished trials: " + ", ".join(f"{phases.count(p)} {p}" for p in dict.fromkeys(phases))
     (out / "trials.txt").write_text(table + "\n")

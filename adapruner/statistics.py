@@ -138,3 +138,33 @@ def _input_square_sums(linears: dict[str, nn.Linear], sums: dict[str, torch.Tens
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def collect_input_moments(model: nn.Module, linears: dict[str, nn.Linear], input_ids: torch.Tensor, gram: bool = False,
+                          batch_size: int = 8, progress: bool = True) -> dict:
+    """`InputMoments` (mean, mean square, and with `gram` XᵀX/T) of every listed linear's inputs over all tokens of
+    `input_ids`, from forward passes alone."""
+    from adapruner.compensation import InputMoments
+
+    sums = {name: [0, 0.0, 0.0, None] for name in linears}  # tokens, Σx, Σx², XᵀX
+
+    def hook(name: str):
+        def record(module, args, _output):
+            x = args[0].detach().float().reshape(-1, module.in_features)
+            entry = sums[name]
+            entry[0] += x.shape[0]
+            entry[1] = entry[1] + x.sum(0)
+            entry[2] = entry[2] + x.square().sum(0)
+            if gram:
+                entry[3] = x.t() @ x if entry[3] is None else entry[3].addmm_(x.t(), x)
+        return record
+
+    handles = [linear.register_forward_hook(hook(name)) for name, linear in linears.items()]
+    try:
+        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="input moments", unit="batch", disable=not progress):
+            model(input_ids=input_ids[start : start + batch_size].to(model_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: InputMoments(s / n, sq / n, None if g is None else g / n) for name, (n, s, sq, g) in sums.items()}

@@ -19,7 +19,9 @@ import optuna
 import torch
 from safetensors.torch import load_file
 
+from adapruner.allocation import DEFAULT_MIN_KEEP
 from adapruner.cache import ActivationCache, DamagedCache
+from adapruner.compensation import DEFAULT_DAMP
 from adapruner.errors import AdaPrunerError
 from adapruner.search import Objective, PruneSetting, SearchSpace
 from adapruner.validation import ValidationScorer
@@ -146,6 +148,9 @@ class WorkerSpec:
     grace_seconds: int = GRACE_SECONDS
     worker_index: int = 0
     share: int | None = None  # trials this worker runs at most (None: until the study holds n_trials)
+    target_params: float | None = None
+    min_keep: float = DEFAULT_MIN_KEEP
+    damp: float = DEFAULT_DAMP
 
 
 def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cache: ActivationCache | None = None) -> optuna.Study:
@@ -166,7 +171,7 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
         except DamagedCache as exc:
             raise AdaPrunerError(f"activation cache {spec.cache_path} is damaged ({exc}): run the search again to rebuild it") from None
     val_windows = load_file(spec.val_path)["windows"]
-    setting = PruneSetting(spec.ratio, range(*spec.layers), spec.granularity, spec.prune_attention, spec.prune_mlp)
+    setting = PruneSetting(spec.ratio, range(*spec.layers), spec.granularity, spec.prune_attention, spec.prune_mlp, spec.target_params, spec.min_keep, spec.damp)
     scorer = ValidationScorer(model, val_windows, setting.layers.start, spec.val_dtype, spec.batch_size)
     objective = Objective(model, cache, setting, SearchSpace(**spec.space), scorer, spec.early_stop, spec.startup_trials)
     storage = open_storage(spec.storage, spec.heartbeat_seconds, spec.grace_seconds)

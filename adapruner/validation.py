@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from adapruner.compensation import install
 from adapruner.devices import DTYPES, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
@@ -110,14 +111,17 @@ class ValidationScorer:
             handle.remove()
         return torch.cat(captured)
 
-    def pruned(self, plan: PrunePlan) -> nn.Module:
-        """The whole pruned model in the validation dtype, sharing every tensor the plan does not cut."""
-        return pruned_copy(self.base, plan)
+    def pruned(self, plan: PrunePlan, updates: dict | None = None) -> nn.Module:
+        """The whole pruned model in the validation dtype, sharing every tensor the plan does not cut, with the
+        compensated output linears `updates` (see `adapruner.compensation`) installed."""
+        model = pruned_copy(self.base, plan)
+        install(model, updates or {})
+        return model
 
-    def score(self, plan: PrunePlan, report: Callable[[int, float], None] | None = None) -> float:
-        """Validation perplexity of the base model pruned by `plan` (only layers `start`… run)."""
+    def score(self, plan: PrunePlan, report: Callable[[int, float], None] | None = None, updates: dict | None = None) -> float:
+        """Validation perplexity of the base model pruned by `plan` (and compensated by `updates`; only layers `start`… run)."""
         if any(index < self.start for index in (*plan.attention, *plan.mlp)):
             raise AdaPrunerError(f"the plan prunes a layer before {self.start}, whose output the scorer has cached")
-        model = self.pruned(plan)
+        model = self.pruned(plan, updates)
         drop_leading_layers(model, self.start)
         return perplexity(model, self.windows, self.batch_size, progress=False, report=report, inputs_embeds=self.prefix)

@@ -88,7 +88,7 @@ def test_early_stop_prunes_trials_worse_than_the_median_at_a_batch(gqa_model, ea
 
 def test_depth_slope_changes_per_layer_sizes(gqa_model):
     cache = tiny_cache(gqa_model)
-    config = TrialConfig([0, 1], "l2", "sum", slope=0.9)
+    config = TrialConfig([0, 1], "l2", "sum", slope=0.9, allocation="depth")
     pruned = pruned_copy(gqa_model, cache, PruneSetting(0.5, LAYERS, prune_attention=False), config)
     sizes = [layer.mlp.gate_proj.out_features for layer in pruned.model.layers]
     assert sizes == [23, 12, 1]  # ratios 0.5·0.1, 0.5, 0.5·1.9 of 24 channels remove round(1.2), 12, round(22.8)

@@ -2,7 +2,7 @@
 
 The config adds `num_attention_heads_per_layer`, `num_key_value_heads_per_layer` and
 `intermediate_size_per_layer`; the model builds the stock architecture, then gives each layer's projections
-those sizes. Load with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+those sizes. `output_bias: true` gives every o_proj and down_proj a bias (compensation after pruning writes them). Load with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
 This file imports only torch and transformers so that it works without adapruner installed.
 """
 from torch import nn
@@ -22,7 +22,8 @@ def _resize_layers(model, config) -> None:
     sizes = zip(config.num_attention_heads_per_layer, config.num_key_value_heads_per_layer, config.intermediate_size_per_layer)
     for layer, (n_heads, n_kv, inter) in zip(model.model.layers, sizes):
         attn, mlp = layer.self_attn, layer.mlp
-        qkv_bias, o_bias = attn.q_proj.bias is not None, attn.o_proj.bias is not None
+        output_bias = getattr(config, "output_bias", False)
+        qkv_bias, o_bias = attn.q_proj.bias is not None, attn.o_proj.bias is not None or output_bias
         attn.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
         attn.k_proj = nn.Linear(hidden, n_kv * head_dim, bias=qkv_bias)
         attn.v_proj = nn.Linear(hidden, n_kv * head_dim, bias=qkv_bias)
@@ -31,7 +32,7 @@ def _resize_layers(model, config) -> None:
         mlp_bias = mlp.gate_proj.bias is not None
         mlp.gate_proj = nn.Linear(hidden, inter, bias=mlp_bias)
         mlp.up_proj = nn.Linear(hidden, inter, bias=mlp_bias)
-        mlp.down_proj = nn.Linear(inter, hidden, bias=mlp.down_proj.bias is not None)
+        mlp.down_proj = nn.Linear(inter, hidden, bias=mlp.down_proj.bias is not None or output_bias)
         mlp.intermediate_size = inter
 
 
@@ -41,6 +42,7 @@ def _pruned_config(base, model_type: str, base_type: str):
         num_attention_heads_per_layer=None,
         num_key_value_heads_per_layer=None,
         intermediate_size_per_layer=None,
+        output_bias=False,
         **kwargs,
     ):
         kwargs.pop("base_model_type", None)
@@ -50,6 +52,7 @@ def _pruned_config(base, model_type: str, base_type: str):
         self.num_key_value_heads_per_layer = list(num_key_value_heads_per_layer or [self.num_key_value_heads] * layers)
         self.intermediate_size_per_layer = list(intermediate_size_per_layer or [self.intermediate_size] * layers)
         self.base_model_type = base_type
+        self.output_bias = output_bias
         if getattr(self, "head_dim", None) is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
 

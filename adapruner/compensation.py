@@ -1,0 +1,109 @@
+"""Output-preserving compensation after the input channels of o_proj / down_proj are removed.
+
+For a linear y = W x + b whose input channels R are removed and K kept, with calibration inputs X (T × in),
+mean μ = mean_t x_t, Gram C = XᵀX / T and covariance Σ = C − μμᵀ:
+    bias  b' = b + W[:, R] μ_R                     the removed channels' mean contribution (exact in expectation)
+    lsq   W'_K = (W Σ[:, K] + λ W[:, K]) (Σ[K, K] + λ I)⁻¹,   λ = damp · mean diag Σ[K, K]
+          b'   = b + W μ − W'_K μ_K
+          the minimiser of mean_t ‖(W x_t + b) − (W'_K x_t,K + b')‖² + λ ‖W'_K − W[:, K]‖²: the kept columns
+          reproduce the dense output as well as an affine map of x_K can, damped toward the trained weights
+          (not toward zero; see DESIGN.md). damp → 0 is ordinary least squares with an intercept.
+Both read only μ (bias) or μ and C (lsq) of each o_proj / down_proj input, which are sums over samples: the search
+forms them for any sample subset from the activation cache.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapruner.errors import AdaPrunerError
+from adapruner.prune import PrunePlan, head_channels
+from adapruner.structure import layer_info
+
+COMPENSATIONS = ("none", "bias", "lsq")
+DEFAULT_DAMP = 0.1
+Update = tuple[torch.Tensor, torch.Tensor]  # (kept-column weight, bias) of one output linear
+
+
+def check_compensation(mode: str) -> None:
+    if mode not in COMPENSATIONS:
+        raise AdaPrunerError(f"unknown compensation {mode!r}: use one of {', '.join(COMPENSATIONS)}")
+
+
+@dataclass
+class InputMoments:
+    """Moments of a linear's calibration inputs over their T tokens (fp32): μ = mean x (in,), mean x² (in,) and
+    C = XᵀX/T (in × in; lsq only)."""
+
+    mean: torch.Tensor
+    square_mean: torch.Tensor
+    gram: torch.Tensor | None = None
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Per input channel: mean x² − (mean x)², clamped at 0 (FLAP's fluctuation)."""
+        return (self.square_mean - self.mean.square()).clamp_min(0.0)
+
+
+def compensated(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, moments: InputMoments, mode: str, damp: float = DEFAULT_DAMP) -> Update:
+    """(W'_K, b') of the module docstring for the dense `weight` (out × in), `bias` and kept input columns `kept`."""
+    check_compensation(mode)
+    w = weight.detach().float()
+    b = torch.zeros(w.shape[0], device=w.device) if bias is None else bias.detach().float()
+    mu = moments.mean.to(w.device).float()
+    kept = kept.to(w.device)
+    if mode == "none":
+        return w[:, kept], b
+    if mode == "bias":
+        removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+        removed[kept] = False
+        return w[:, kept], b + w[:, removed] @ mu[removed]
+    if moments.gram is None:
+        raise AdaPrunerError("lsq compensation needs the inputs' Gram matrix: collect it with the calibration statistics")
+    if damp < 0:
+        raise AdaPrunerError(f"--damp {damp} is negative: pass a damping of 0 or more, e.g. {DEFAULT_DAMP}")
+    cov = moments.gram.to(w.device).float() - torch.outer(mu, mu)
+    cov_kk = cov[kept][:, kept]
+    lam = damp * cov_kk.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
+    eye = torch.eye(kept.numel(), device=w.device)
+    rhs = w @ cov[:, kept] + lam * w[:, kept]  # out × K
+    w_kept = torch.linalg.solve(cov_kk + lam * eye, rhs.t()).t()  # Σ_KK symmetric: (A⁻¹ rhsᵀ)ᵀ = rhs A⁻¹
+    return w_kept, b + w @ mu - w_kept @ mu[kept]
+
+
+def output_linears(model: nn.Module, plan: PrunePlan) -> dict[str, tuple[nn.Linear, torch.Tensor]]:
+    """{module name: (dense output linear, kept input columns)} of every o_proj / down_proj the plan narrows."""
+    found = {}
+    for index in sorted(set(plan.attention) | set(plan.mlp)):
+        info = layer_info(model, index)
+        if index in plan.attention and len(plan.attention[index][0]) < info.n_heads:
+            found[f"{info.prefix}.self_attn.o_proj"] = (info.attn.o_proj, head_channels(plan.attention[index][0], info.head_dim))
+        if index in plan.mlp and len(plan.mlp[index]) < info.intermediate:
+            found[f"{info.prefix}.mlp.down_proj"] = (info.mlp.down_proj, torch.tensor(plan.mlp[index], dtype=torch.long))
+    return found
+
+
+def compensation_updates(dense: nn.Module, plan: PrunePlan, moments_of: Callable[[str], InputMoments], mode: str, damp: float = DEFAULT_DAMP) -> dict[str, Update]:
+    """The compensated (weight, bias) of every output linear the plan narrows, from the *dense* model's weights."""
+    check_compensation(mode)
+    if mode == "none":
+        return {}
+    return {name: compensated(linear.weight, linear.bias, kept, moments_of(name), mode, damp) for name, (linear, kept) in output_linears(dense, plan).items()}
+
+
+def install(model: nn.Module, updates: dict[str, Update]) -> None:
+    """Give the (pruned) model's output linears their compensated weight and a bias, in the model's dtype."""
+    for name, (weight, bias) in updates.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = getattr(owner, leaf)
+        if tuple(old.weight.shape) != tuple(weight.shape):
+            raise AdaPrunerError(f"{name} is {tuple(old.weight.shape)}, its compensation {tuple(weight.shape)}: apply the plan first")
+        dtype, device = old.weight.dtype, old.weight.device
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=True, device="meta")
+        linear.weight = nn.Parameter(weight.to(device, dtype), requires_grad=old.weight.requires_grad)
+        linear.bias = nn.Parameter(bias.to(device, dtype), requires_grad=old.weight.requires_grad)
+        setattr(owner, leaf, linear)
