@@ -10,10 +10,14 @@ unit carries (hd: head_dim, r: query heads per kv head, qb/kb/gb: 1 where q / k,
 Ratio mode (LLM-Pruner's meaning): a group of n units loses round(r_l·n), r_l = r (uniform) or
 r·(1 + slope·(2p_l − 1)) with p_l the layer's position in the range from 0 to 1 (depth).
 Budget mode (`target_params` p): T = ⌈p·N⌉ parameters of the model's N go, whatever the allocation:
-    uniform/depth: the smallest base ratio r whose counts remove ≥ T, then MLP channels given back one at a time
-        (to the layers losing most) while the removal stays ≥ T — within one MLP channel of T;
+    uniform/depth: r = T / (the range's prunable parameters, weighted); attention loses round(r·w_l·n) units per
+        layer (fewer where that alone passes T); the MLP fills the rest with channel counts ∝ w_l, then gives channels
+        back one at a time while the removal stays ≥ T — within one MLP channel of T (one attention unit with
+        --no-mlp, where units are added to the layers losing least);
     global: per layer and module, unit scores s are standardised, z = (s − mean s)/std s; units go in ascending z
-        over all layers and modules until T is reached, each module keeping ⌈min_keep·n⌉ units (at least one).
+        over all layers and modules until T is reached, each module keeping ⌈min_keep·n⌉ units (at least one); a
+        candidate that would pass T by more than the cheapest unit (an MLP channel) is passed over, so the plan
+        ends within one MLP channel of T.
         With query granularity the k-th candidate of a layer is every kv group's k-th weakest head, at their mean z.
 """
 from __future__ import annotations
@@ -100,33 +104,62 @@ def target_count(model: nn.Module, target_params: float) -> int:
 def budget_counts(model: nn.Module, layers: range, target: int, weights: Mapping[int, float], granularity: AttnGranularity,
                   prune_attention: bool = True, prune_mlp: bool = True) -> Counts:
     """uniform/depth under a budget of `target` parameters (see the module docstring)."""
-    def counts_at(r: float) -> Counts:
-        return ratio_counts(model, layers, {i: r * w for i, w in weights.items()}, granularity, prune_attention, prune_mlp)
+    infos = {index: layer_info(model, index) for index in layers}
+    price = {index: prices(info, granularity) for index, info in infos.items()}
+    units = {index: (attention_units(info, granularity), info.intermediate) for index, info in infos.items()}
+    on = (prune_attention, prune_mlp)
+    capacity = sum(w * sum(units[i][k] * price[i][k] for k in (0, 1) if on[k]) for i, w in weights.items())
+    ratio = target / capacity  # the base ratio if units could be cut in fractions
+    counts = {i: [min(units[i][k] - 1, round(ratio * weights[i] * units[i][k])) if on[k] else 0 for k in (0, 1)] for i in layers}
 
-    lo, hi = 0.0, 1.0 / max(weights.values())
-    for _ in range(40):  # the largest base ratio that empties no group
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if empties_a_group(model, counts_at(mid), granularity) else (mid, hi)
-    reach = counts_at(lo)
-    if removed_by(model, reach, granularity) < target:
-        total = sum(p.numel() for p in model.parameters())
-        raise AdaPrunerError(f"--target-params {target / total:.3f} is out of reach: layers {layers.start}:{layers.stop} give at most "
-                             f"{removed_by(model, reach, granularity) / total:.3f} of the parameters; widen --layers or lower the target")
-    lo, hi = 0.0, lo
-    for _ in range(50):  # the smallest base ratio that removes at least the budget
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if removed_by(model, counts_at(mid), granularity) >= target else (mid, hi)
-    counts = counts_at(hi)
-    if prune_mlp:  # give MLP channels back, one at a time to the layers losing most, while the budget still holds
-        over = removed_by(model, counts, granularity) - target
-        channel = {i: prices(layer_info(model, i), granularity)[1] for i in counts}
-        while True:
-            index = max(counts, key=lambda i: (counts[i][1], -i))
-            if counts[index][1] == 0 or over < channel[index]:
+    def removed() -> int:
+        return sum(counts[i][k] * price[i][k] for i in layers for k in (0, 1))
+
+    def most(k: int) -> int:
+        return max(layers, key=lambda i: (counts[i][k] / weights[i] if weights[i] > 0 else math.inf, i))
+
+    if prune_mlp:
+        while removed() > target and any(counts[i][0] for i in layers):  # attention alone overshoots: give units back
+            counts[most(0)][0] -= 1
+        lo, hi = 0.0, 1.0 / max(weights.values())  # the MLP fills the rest with channel counts ∝ the layer weights
+        fill = {i: counts[i][0] for i in layers}
+
+        def with_scale(scale: float) -> None:
+            for i in layers:
+                counts[i] = [fill[i], min(units[i][1] - 1, round(scale * weights[i] * units[i][1]))]
+
+        with_scale(hi)
+        if removed() < target:
+            _out_of_reach(model, target, removed(), layers)
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            with_scale(mid)
+            lo, hi = (lo, mid) if removed() >= target else (mid, hi)
+        with_scale(hi)
+        while True:  # give channels back, one at a time to the layers losing most, while the budget still holds
+            i = most(1)
+            if counts[i][1] == 0 or removed() - price[i][1] < target:
                 break
-            counts[index] = (counts[index][0], counts[index][1] - 1)
-            over -= channel[index]
-    return counts
+            counts[i][1] -= 1
+    else:
+        while removed() < target:  # attention only: take units, one at a time from the layers losing least
+            open_layers = [i for i in layers if counts[i][0] < units[i][0] - 1]
+            if not open_layers:
+                _out_of_reach(model, target, removed(), layers)
+            least = min(open_layers, key=lambda i: (counts[i][0] / weights[i] if weights[i] > 0 else math.inf, -i))
+            counts[least][0] += 1
+        while True:
+            i = most(0)
+            if counts[i][0] == 0 or removed() - price[i][0] < target:
+                break
+            counts[i][0] -= 1
+    return {i: (a, m) for i, (a, m) in counts.items()}
+
+
+def _out_of_reach(model: nn.Module, target: int, reachable: int, layers: range):
+    total = sum(p.numel() for p in model.parameters())
+    raise AdaPrunerError(f"--target-params {target / total:.3f} is out of reach: layers {layers.start}:{layers.stop} give at most "
+                         f"{reachable / total:.3f} of the parameters; widen --layers or lower the target")
 
 
 def candidate_costs(scores: torch.Tensor, info: LayerInfo, module: str, granularity: AttnGranularity) -> torch.Tensor:
@@ -157,10 +190,12 @@ def global_counts(model: nn.Module, scores: Scores, layers: range, target: int, 
             candidates += [(float(z), index, slot, price) for z in costs]
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
     counts = {index: [0, 0] for index in layers}
-    removed = 0
+    removed, finest = 0, min((c[3] for c in candidates), default=0)
     for _z, index, slot, price in candidates:
         if removed >= target:
             break
+        if removed + price > target + finest:  # passes the budget by more than the finest unit: cheaper ones fill it
+            continue  # (a module's candidates share one price, so its later ones are passed over too)
         counts[index][slot] += 1
         removed += price
     if removed < target:

@@ -1,0 +1,119 @@
+"""Allocation under a parameter budget: uniform/depth land within one MLP channel of it, global ranks standardised
+scores across layers with a floor per module, and every trial of a --target-params study removes the same count."""
+import json
+import math
+
+import optuna
+import pytest
+import torch
+
+from adapruner.allocation import budget_counts, candidate_costs, depth_weights, global_counts, prices, removed_by, target_count
+from adapruner.cache import build_cache, cache_key
+from adapruner.cli import main
+from adapruner.errors import AdaPrunerError
+from adapruner.prune import count_params, plan_removed
+from adapruner.search import PruneSetting, TrialConfig, trial_plan
+from adapruner.structure import layer_info
+from tests.conftest import tiny_llama
+from tests.test_reliability import save_tiny_model, search_args, write_pool
+
+LAYERS = range(0, 4)
+
+
+@pytest.fixture
+def model():
+    return tiny_llama(n_heads=4, n_kv=2, layers=4)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.6])
+@pytest.mark.parametrize(("attention", "mlp"), [(True, True), (False, True), (True, False)])
+def test_budgeted_uniform_and_depth_land_within_one_unit_of_the_budget(model, slope, attention, mlp):
+    for fraction in (0.05, 0.12, 0.2):
+        target = target_count(model, fraction)
+        try:
+            counts = budget_counts(model, LAYERS, target, depth_weights(LAYERS, slope), "kv", attention, mlp)
+        except AdaPrunerError as exc:  # attention alone cannot give 20% without emptying a layer: said so, in one line
+            assert not mlp and "out of reach" in str(exc)
+            continue
+        attn_price, channel = prices(layer_info(model, 0), "kv")
+        removed = removed_by(model, counts, "kv")
+        assert target <= removed < target + (channel if mlp else attn_price)
+        if slope and mlp:  # deeper layers lose at least as many channels
+            assert [counts[i][1] for i in LAYERS] == sorted(counts[i][1] for i in LAYERS)
+
+
+def random_scores(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = {}
+    for i in LAYERS:
+        info = layer_info(model, i)
+        scale = 10.0 ** torch.rand(1, generator=g).item() * 3  # modules on different scales: standardisation makes them comparable
+        scores[(i, "attn")] = scale * torch.rand(info.n_kv_heads, generator=g)
+        scores[(i, "mlp")] = scale * torch.rand(info.intermediate, generator=g) ** 3
+    return scores
+
+
+@pytest.mark.parametrize("min_keep", [0.0, 0.25, 0.5])
+def test_global_ranks_standardised_scores_under_the_budget_and_floor(model, min_keep):
+    scores = random_scores(model)
+    target = target_count(model, 0.15)
+    counts = global_counts(model, scores, LAYERS, target, "kv", min_keep)
+    _attn_price, channel = prices(layer_info(model, 0), "kv")
+    removed = removed_by(model, counts, "kv")
+    assert target <= removed < target + channel  # within one MLP channel: an attention unit that would pass it is passed over
+    last_taken, first_left = -math.inf, math.inf
+    for i in LAYERS:
+        info = layer_info(model, i)
+        for slot, (module, units) in enumerate((("attn", info.n_kv_heads), ("mlp", info.intermediate))):
+            keep_floor = max(1, math.ceil(min_keep * units))
+            assert units - counts[i][slot] >= keep_floor
+            costs = candidate_costs(scores[(i, module)], info, module, "kv")
+            if module == "attn":
+                continue
+            if counts[i][slot]:
+                last_taken = max(last_taken, costs[counts[i][slot] - 1].item())
+            if counts[i][slot] < units - keep_floor:
+                first_left = min(first_left, costs[counts[i][slot]].item())
+    assert last_taken <= first_left  # no removable channel was kept while a higher standardised score went
+
+
+def test_global_budget_out_of_reach_names_min_keep(model):
+    with pytest.raises(AdaPrunerError, match="lower --min-keep"):
+        global_counts(model, random_scores(model), LAYERS, target_count(model, 0.6), "kv", 0.9)
+
+
+def test_every_trial_of_a_budget_removes_the_same_count(model):
+    ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(1))
+    key = cache_key("tiny", model, ["a"], 8, 9, LAYERS, 0, activations=True, dtype="float32")
+    cache = build_cache(model, key, ids, [("a", i) for i in range(8)], progress=False)
+    setting = PruneSetting(0.25, LAYERS, target_params=0.2, min_keep=0.25)
+    total = count_params(model)
+    removed = []
+    for allocation, slope in (("uniform", 0.0), ("depth", -0.5), ("depth", 0.8), ("global", 0.0)):
+        for metric in ("l2", "vector", "taylor1", "fluct"):
+            for samples in ([0, 1], [2, 5, 7]):
+                plan = trial_plan(model, cache, setting, TrialConfig(samples, metric, "sum", slope, allocation=allocation))
+                removed.append(plan_removed(model, plan) / total)
+    assert min(removed) >= 0.2 and max(removed) - min(removed) <= 0.005
+
+
+def test_a_target_params_search_reports_the_fraction_removed(tmp_path, capsys):
+    save_tiny_model(tmp_path / "model")
+    write_pool(tmp_path / "a.txt", seed=1)
+    out = tmp_path / "s"
+    argv = search_args(tmp_path, out, "--target-params", "0.15", "--allocations", "uniform,depth,global", "--compensations", "none,bias,lsq",
+                       "--metrics", "l2,vector,fluct", "--trials", "6")
+    assert main(argv) == 0
+    best = json.loads((out / "best.json").read_text())
+    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}")
+    fractions = [t.user_attrs["removed_fraction"] for t in study.trials]
+    assert len(fractions) == 6 and min(fractions) >= 0.15 and max(fractions) - min(fractions) <= 0.005
+    assert best["target_params"] == 0.15 and best["removed_fraction"] == pytest.approx(study.best_trial.user_attrs["removed_fraction"])
+    assert {t.params["allocation"] for t in study.trials} <= {"uniform", "depth", "global"}
+    assert "removed" in (out / "trials.txt").read_text()
+    code = main(["prune", "--model", str(tmp_path / "model"), "--from-study", str(out), "--no-eval", "--out", str(tmp_path / "p")])
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert code == 0 and report["plan"] == best["plan"]
+    added_biases = 48 * len(report["compensated"])  # hidden size × compensated output linears
+    assert report["params_before"] - report["params_after"] == round(best["removed_fraction"] * report["params_before"]) - added_biases
+    assert bool(report["compensated"]) == (best["compensation"] != "none")

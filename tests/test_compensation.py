@@ -1,0 +1,109 @@
+"""Compensation after removal: the bias keeps the output mean, lsq is least squares, compensated models save and
+reload, and the cache gives any subset's input moments as a fresh pass does (issue 12)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adapruner.cache import build_cache, cache_key
+from adapruner.compensation import InputMoments, compensated, compensation_updates, install
+from adapruner.importance import Importance, LinearStats
+from adapruner.io import save_pruned
+from adapruner.prune import apply_plan, plan_allocation
+from adapruner.pruner import output_inputs
+from adapruner.statistics import collect_input_moments
+from adapruner.structure import prunable_linears
+
+SEQ = 9
+
+
+def moments_of(x: torch.Tensor) -> InputMoments:
+    return InputMoments(x.mean(0), x.square().mean(0), x.t() @ x / x.shape[0])
+
+
+def layer_inputs(device, tokens=4000, width=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=g)
+    x = (torch.randn(tokens, width, generator=g) @ mix + torch.randn(width, generator=g)).to(device)  # correlated, non-zero mean
+    w = torch.randn(5, width, generator=g).to(device)
+    b = torch.randn(5, generator=g).to(device)
+    return x, w, b
+
+
+def test_bias_compensation_keeps_the_mean_output(device):
+    x, w, b = layer_inputs(device)
+    kept = torch.tensor([0, 2, 3, 7, 8, 11], device=device)
+    w_kept, b_new = compensated(w, b, kept, moments_of(x), "bias")
+    dense, pruned = x @ w.t() + b, x[:, kept] @ w_kept.t() + b_new
+    assert torch.equal(w_kept, w[:, kept])
+    torch.testing.assert_close((dense - pruned).mean(0), torch.zeros(5, device=device), atol=1e-4, rtol=0)
+    uncompensated = x[:, kept] @ w[:, kept].t() + b
+    assert (dense - uncompensated).mean(0).abs().max() > 0.1  # the case is not trivial
+
+
+def test_lsq_with_vanishing_damping_is_least_squares_with_an_intercept(device):
+    x, w, b = layer_inputs(device, tokens=5000)
+    kept = torch.tensor([1, 2, 4, 5, 6, 9, 10], device=device)
+    w_kept, b_new = compensated(w.double(), b.double(), kept, moments_of(x.double()), "lsq", damp=1e-9)
+    design = torch.cat([x[:, kept], torch.ones(x.shape[0], 1, device=device)], 1).double().cpu()
+    solution = torch.linalg.lstsq(design, (x @ w.t() + b).double().cpu()).solution  # (K + 1) × out
+    torch.testing.assert_close(w_kept.cpu().double(), solution[:-1].t(), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(b_new.cpu().double(), solution[-1], atol=2e-4, rtol=1e-4)
+    # damping pulls the kept columns toward the trained ones, and a strong damping nearly returns them
+    w_damped, _ = compensated(w, b, kept, moments_of(x), "lsq", damp=1e4)
+    torch.testing.assert_close(w_damped, w[:, kept], atol=2e-3, rtol=0)
+
+
+def test_lsq_beats_bias_beats_nothing_on_the_calibration_tokens(device):
+    x, w, b = layer_inputs(device, seed=3)
+    kept = torch.tensor([0, 1, 5, 6, 7, 10], device=device)
+    dense = x @ w.t() + b
+    errors = {}
+    for mode in ("none", "bias", "lsq"):
+        w_kept, b_new = compensated(w, b, kept, moments_of(x), mode, damp=0.01)
+        errors[mode] = (dense - x[:, kept] @ w_kept.t() - b_new).square().mean().item()
+    assert errors["lsq"] < errors["bias"] < errors["none"]
+
+
+def calibration_ids(n=6):
+    return torch.randint(0, 97, (n, SEQ), generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("mode", ["bias", "lsq"])
+def test_compensated_model_saves_and_reloads(mode, gqa_model, tokenizer, tmp_path):
+    model, ids = gqa_model, calibration_ids()
+    plan = plan_allocation(model, Importance("l2"), range(0, 3), ratio=0.5)
+    moments = collect_input_moments(model, output_inputs(model, plan), ids, gram=True, progress=False)
+    updates = compensation_updates(model, plan, moments.__getitem__, mode)
+    assert set(updates) == {f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    apply_plan(model, plan)
+    install(model, updates)
+    save_pruned(model, tokenizer, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    assert reloaded.model.layers[1].mlp.down_proj.bias is not None
+    with torch.no_grad():
+        delta = (model(input_ids=ids).logits - reloaded(input_ids=ids).logits).abs().max()
+    assert delta < 1e-4
+
+
+def test_cached_moments_of_any_subset_equal_a_fresh_pass(gqa_model):
+    model, ids = gqa_model, calibration_ids(8)
+    key = cache_key("tiny", model, ["a"], 8, SEQ, range(0, 3), 0, activations=True, dtype="float32")
+    cache = build_cache(model, key, ids, [("a", i) for i in range(8)], progress=False)
+    linears = {n: lin for n, lin in prunable_linears(model, range(0, 3)).items() if n.endswith(("o_proj", "down_proj"))}
+    for subset in ([3], [0, 5, 6], list(range(8))):
+        fresh = collect_input_moments(model, linears, ids[subset], gram=True, progress=False)
+        for name in linears:
+            cached = cache.input_moments(name, torch.tensor(subset), "cpu", gram=True)
+            for field in ("mean", "square_mean", "gram"):
+                torch.testing.assert_close(getattr(cached, field), getattr(fresh[name], field), atol=1e-5, rtol=1e-4)
+            # and FLAP's fluctuation metric reads the same variance from either
+            weight = linears[name].weight
+            stats = {name: LinearStats(act_var=fresh[name].variance)}
+            torch.testing.assert_close(cache.channel_scores("fluct", name, weight.detach(), 1, torch.tensor(subset)),
+                                       Importance("fluct", stats=stats).channel_scores(_member(name, linears[name])), atol=1e-6, rtol=1e-4)
+
+
+def _member(name, linear):
+    from adapruner.structure import Member
+
+    return Member(name, linear, 1, 1)
