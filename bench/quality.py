@@ -1,15 +1,25 @@
-"""Wiki perplexity of SmolLM2-135M pruned by each metric at one ratio: `python -m bench.quality`.
+"""Wiki perplexity of SmolLM2-135M pruned to a parameter budget by each recipe: `python -m bench.quality`.
 
-Prints a table and writes bench/results/quality.json. Every method prunes a fresh copy of the dense model with
-the same calibration windows (seeded) and is scored on the same held-out wiki evaluation windows.
+For each `--targets` fraction p of all parameters removed (every method removes the same count, within one MLP
+channel), without fine-tuning:
+  llm-pruner   LLM-Pruner's recipe: taylor1, sum, uniform allocation, whole kv groups, no compensation;
+  flap         FLAP's recipe from our parts: fluct metric, global allocation (standardised scores), bias compensation;
+  METRIC/ALLOCATION/COMPENSATION   each point of the grid (`--metrics` × `--allocations` × `--compensations`);
+  searched     `adapruner search` under the same budget (`--trials` trials over samples, metric, aggregation,
+               allocation, compensation), its best trial's plan applied and compensated as it was scored.
+Fixed recipes calibrate on `--calib` (seeded); every model is scored on the same held-out wiki *evaluation*
+windows, which neither calibration nor the search's validation saw. Writes bench/results/quality.json.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,40 +28,75 @@ from adapruner.calibration import pool_windows
 from adapruner.evaluate import perplexity
 from adapruner.models import load_model
 from adapruner.prune import count_params
-from adapruner.pruner import PruneOptions, prune_model
+from adapruner.pruner import PruneOptions, apply_study_plan, prune_model
 from adapruner.report import format_table
+from adapruner.search_job import SearchOptions, run_search
 
-METHODS = ("random", "l2", "vector", "taylor1", "taylor2", "mix", "act")
+RECIPES = {
+    "llm-pruner": dict(metric="taylor1", allocation="uniform", compensation="none", granularity="kv"),
+    "flap": dict(metric="fluct", allocation="global", compensation="bias"),
+}
+
+
+def measure(name: str, model, dense_params: int, windows: torch.Tensor, seconds: float, **config) -> dict:
+    params = count_params(model)
+    return {"method": name, "params": params, "removed": 1 - params / dense_params, "ppl": perplexity(model, windows, desc=name),
+            "seconds": seconds, **config}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--ratio", type=float, default=0.25)
-    parser.add_argument("--calib", default="wiki:16")
+    parser.add_argument("--targets", default="0.12,0.2", help="fractions of all parameters removed")
+    parser.add_argument("--calib", default="wiki:32", help="calibration windows of the fixed recipes")
+    parser.add_argument("--granularity", default="query", choices=("kv", "query"), help="attention units of the grid, FLAP and the search")
+    parser.add_argument("--metrics", default="taylor1,taylor2,act,fluct")
+    parser.add_argument("--allocations", default="uniform,global")
+    parser.add_argument("--compensations", default="none,bias,lsq")
+    parser.add_argument("--trials", type=int, default=40, help="the search's trial budget (0: no search)")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--max-eval-windows", type=int, default=None, help="default: the whole evaluation split")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--max-eval-windows", type=int, default=300, help="the first N evaluation windows (all: 1116)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default="runs/bench-quality", help="scratch directory for the searches (replaced)")
     parser.add_argument("--out", default="bench/results/quality.json")
     args = parser.parse_args()
+    warnings.simplefilter("ignore", UserWarning)
 
     dense, tokenizer = load_model(args.model)
     windows = pool_windows(tokenizer, "wiki", args.seq_len, "eval")[: args.max_eval_windows]
-    rows = [{"method": "dense", "params": count_params(dense), "ppl": perplexity(dense, windows, desc="dense"), "prune_s": 0.0}]
-    for metric in args.methods.split(","):
-        model = copy.deepcopy(dense)
-        started = time.perf_counter()
-        options = PruneOptions(ratio=args.ratio, metric=metric, calib=args.calib, seq_len=args.seq_len, seed=args.seed)
-        prune_model(model, tokenizer, options)
-        seconds = time.perf_counter() - started
-        rows.append({"method": metric, "params": count_params(model), "ppl": perplexity(model, windows, desc=metric), "prune_s": seconds})
-    print(format_table(["method", "params", "wiki ppl", "prune s"], [[r["method"], r["params"], r["ppl"], round(r["prune_s"], 1)] for r in rows]))
-    payload = {
-        "model": args.model, "ratio": args.ratio, "calib": args.calib, "seq_len": args.seq_len, "seed": args.seed,
-        "eval_windows": int(windows.shape[0]), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "rows": rows,
-    }
+    dense_params = count_params(dense)
+    rows = [measure("dense", dense, dense_params, windows, 0.0, target=0.0)]
+    grid = {f"{m}/{a}/{c}": dict(metric=m, allocation=a, compensation=c)
+            for m, a, c in itertools.product(args.metrics.split(","), args.allocations.split(","), args.compensations.split(","))}
+    for target in map(float, args.targets.split(",")):
+        for name, recipe in {**RECIPES, **grid}.items():
+            model, started = copy.deepcopy(dense), time.perf_counter()
+            options = PruneOptions(ratio=None, target_params=target, calib=args.calib, seq_len=args.seq_len, seed=args.seed,
+                                   granularity=recipe.get("granularity", args.granularity), metric=recipe["metric"],
+                                   allocation=recipe["allocation"], compensation=recipe["compensation"])
+            prune_model(model, tokenizer, options, progress=False)
+            rows.append(measure(name, model, dense_params, windows, time.perf_counter() - started, target=target, **recipe))
+            print(f"{target} {name}: ppl {rows[-1]['ppl']:.2f}", flush=True)
+        if args.trials:
+            work = Path(args.work) / f"target-{target}"
+            shutil.rmtree(work, ignore_errors=True)
+            started = time.perf_counter()
+            search = SearchOptions(model=args.model, target_params=target, granularity=args.granularity, seq_len=args.seq_len, seed=args.seed,
+                                   metrics=tuple(args.metrics.split(",")), aggregations=("sum", "mean", "max"), sample_counts=(8, 16, 32),
+                                   allocations=("uniform", "depth", "global"), compensations=tuple(args.compensations.split(",")), trials=args.trials)
+            best = run_search(search, work)
+            model = copy.deepcopy(dense)
+            apply_study_plan(model, best, tokenizer, progress=False)
+            rows.append(measure("searched", model, dense_params, windows, time.perf_counter() - started, target=target, val_ppl=best.val_ppl,
+                                metric=best.metric, aggregation=best.aggregation, allocation=best.allocation, compensation=best.compensation,
+                                slope=best.slope, samples=len(best.samples)))
+            print(f"{target} searched: ppl {rows[-1]['ppl']:.2f}", flush=True)
+
+    dense_ppl = rows[0]["ppl"]
+    print(format_table(["target", "method", "params", "removed", "wiki ppl", "× dense", "s"],
+                       [[r["target"], r["method"], r["params"], round(r["removed"], 4), r["ppl"], round(r["ppl"] / dense_ppl, 2), round(r["seconds"], 1)] for r in rows]))
+    payload = {"model": args.model, "args": vars(args), "eval_windows": int(windows.shape[0]),
+               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")

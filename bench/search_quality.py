@@ -76,7 +76,7 @@ def main() -> None:
         best = run_search(options, work / sampler)
         seconds = time.perf_counter() - started
         model = copy.deepcopy(dense)
-        apply_study_plan(model, best)  # the plan the search scored
+        apply_study_plan(model, best, tokenizer)  # the plan the search scored
         rows.append({"method": f"adapruner-{sampler}", "val_ppl": best.val_ppl, "eval_ppl": perplexity(model, evaluation, desc=sampler),
                      "params": count_params(model), "seconds": seconds,
                      "config": {k: getattr(best, k) for k in ("metric", "aggregation", "slope", "blocks", "addresses", "trial")}})

@@ -72,6 +72,10 @@ def test_cli_defaults_are_the_settings_objects_defaults():
         (["finetune", "--model", "m", "--eval-every", "0"], "argument --eval-every: 0 is below its minimum 1"),
         (["prune", "--model", "m", "--target-params", "0"], "argument --target-params: 0.0 is outside (0, 1)"),
         (["eval", "--model", "m", "--batch-size", "0"], "argument --batch-size: 0 is below its minimum 1"),
+        (["prune", "--model", "m", "--damp", "-1"], "argument --damp: -1.0 is below its minimum 0.0"),
+        (["search", "--min-keep", "1"], "argument --min-keep: 1.0 is outside [0, 1)"),
+        (["search", "--target-params", "0.2", "--ratio", "0.3"], "argument --ratio: not allowed with argument --target-params"),
+        (["prune", "--model", "m", "--allocation", "magic"], "argument --allocation: invalid choice: 'magic'"),
     ],
 )
 def test_numeric_flags_are_range_checked_at_parse_time(argv, message, capsys, tmp_path):
@@ -142,6 +146,9 @@ def test_smollm2_taylor1_beats_random(smollm2_loaded):
         (["--storage", "nosuchdb:///x"], "cannot open storage"),
         (["--ratio", "1.2"], "outside (0, 1)"),
         (["--metrics", "l2,magic"], "unknown metric 'magic'"),
+        (["--allocations", "uniform,magic"], "--allocations: unknown choice 'magic'"),
+        (["--compensations", ""], "--compensations: unknown choice ''"),
+        (["--no-attention", "--no-mlp"], "leaves nothing to prune"),
     ],
 )
 def test_search_bad_input(argv, message, capsys, tmp_path):
