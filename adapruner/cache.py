@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,24 +172,37 @@ class ActivationCache:
         shape and dtype `build_cache` gives for `model`."""
         if self.key != key:
             raise DamagedCache(f"it holds the key of another cache ({self.key.digest()})")
-        n, L = self.n_samples, key.seq_len
+        n = self.n_samples
         if n != key.pool_size * len(key.pools):
             raise DamagedCache(f"it holds {n} samples, not {key.pool_size * len(key.pools)}")
-        expected = {}
-        for name, linear in prunable_linears(model, range(*key.layers)).items():
-            out_features, in_features = linear.weight.shape
-            for stat, width in (("vec_rows", out_features), ("vec_cols", in_features), ("fisher_rows", out_features), ("fisher_cols", in_features)):
-                expected[f"{stat}/{name}"] = ((n, width), torch.float32)
-            if input_owner(name) == name:
-                expected[f"act/{name}"] = expected[f"xsum/{name}"] = ((n, in_features), torch.float32)
-            if key.activations:
-                expected[f"dy/{name}"] = ((n * L, out_features), getattr(torch, key.dtype))
-                if input_owner(name) == name:
-                    expected[f"x/{name}"] = ((n * L, in_features), getattr(torch, key.dtype))
+        expected = expected_tensors(model, key)
         found = {name: (tuple(t.shape), t.dtype) for name, t in self.tensors.items()}
         wrong = next((name for name in sorted(set(expected) | set(found)) if expected.get(name) != found.get(name)), None)
         if wrong is not None:
             raise DamagedCache(f"tensor {wrong!r} is {found.get(wrong, 'missing')}, not {expected.get(wrong, 'expected')}")
+
+
+def expected_tensors(model: nn.Module, key: CacheKey) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name → (shape, dtype) of every tensor `build_cache` stores for `model` and `key` (shapes only: a model on the
+    meta device will do)."""
+    n, L, store = key.pool_size * len(key.pools), key.seq_len, getattr(torch, key.dtype)
+    expected = {}
+    for name, linear in prunable_linears(model, range(*key.layers)).items():
+        out_features, in_features = linear.weight.shape
+        for stat, width in (("vec_rows", out_features), ("vec_cols", in_features), ("fisher_rows", out_features), ("fisher_cols", in_features)):
+            expected[f"{stat}/{name}"] = ((n, width), torch.float32)
+        if input_owner(name) == name:
+            expected[f"act/{name}"] = expected[f"xsum/{name}"] = ((n, in_features), torch.float32)
+        if key.activations:
+            expected[f"dy/{name}"] = ((n * L, out_features), store)
+            if input_owner(name) == name:
+                expected[f"x/{name}"] = ((n * L, in_features), store)
+    return expected
+
+
+def planned_bytes(model: nn.Module, key: CacheKey) -> int:
+    """Bytes of the tensors a cache for `key` holds (its file adds a small JSON header)."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected_tensors(model, key).values())
 
 
 class DamagedCache(AdaPrunerError):

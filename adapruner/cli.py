@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="AdaPruner: Bayesian search over calibration samples and metrics")
     _add_search_args(search)
     search.add_argument("--out", required=True, help="directory for the study, best.json and plots (reuse it to resume)")
+    search.add_argument("--plan", action="store_true", help="print the memory plan (model, cache sizes and where they go) and exit; reads no weights")
     _add_placement_args(search)
 
     run = commands.add_parser("run", help="search → prune → (LoRA) → evaluate dense and pruned → report.md")
@@ -297,8 +298,13 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
 def run_search_command(args: argparse.Namespace) -> int:
     from adapruner.search_job import run_search
 
-    from adapruner.search_job import study_dir
+    from adapruner.search_job import plan_search, resolved, study_dir
 
+    if args.plan:
+        plan = plan_search(resolved(search_options(args))[0])
+        print(format_table(["memory plan", "size", "where"], plan.rows()))
+        plan.check(cache_exists=True)
+        return 0
     best = run_search(search_options(args), Path(args.out))
     files = study_dir(Path(args.out), args.study)
     print(f"best trial {best.trial}: {best.metric}/{best.aggregation}, {len(best.samples)} samples, val ppl {best.val_ppl:.3f}")

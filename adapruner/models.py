@@ -32,12 +32,7 @@ def load_model(
     directories saved by `adapruner.io.save_pruned` are recognised by their config and built from this package's
     own modeling code (`adapruner/remote_code/modeling_pruned.py`), never from the copy in the directory.
     """
-    if name_or_path == EMBEDDED:
-        path = str(_embedded_smollm2_dir())
-    else:
-        path = name_or_path
-        if _is_missing_local_dir(path):
-            raise AdaPrunerError(f"model path {path!r} does not exist: pass an HF model directory, a hub id, or 'smollm2'")
+    path = model_path(name_or_path)
     from adapruner.structure import check_supported
 
     try:
@@ -59,6 +54,38 @@ def load_model(
             raise AdaPrunerError(f"model {path!r} needs the Python code it ships: pass --trust-remote-code if you trust its source") from None
         raise AdaPrunerError(f"cannot load model {path!r} ({first}): pass an HF model directory, a hub id, or 'smollm2'") from None
     return model.to(device).eval(), tokenizer
+
+
+def model_path(name_or_path: str) -> str:
+    """The directory or hub id to read: `smollm2` is converted once (see `_embedded_smollm2_dir`); a local path
+    that is not there is a one-line error."""
+    if name_or_path == EMBEDDED:
+        return str(_embedded_smollm2_dir())
+    if _is_missing_local_dir(name_or_path):
+        raise AdaPrunerError(f"model path {name_or_path!r} does not exist: pass an HF model directory, a hub id, or 'smollm2'")
+    return name_or_path
+
+
+def load_shapes(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model's modules on the meta device: every shape and dtype, no weights read (for memory planning)."""
+    from adapruner.structure import check_supported
+
+    path = model_path(name_or_path)
+    try:
+        config_dict = PretrainedConfig.get_config_dict(path)[0]
+        pruned_classes = _own_pruned_classes(config_dict)
+        if pruned_classes is not None:
+            config = pruned_classes[0].from_dict(config_dict)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        check_supported(config)
+        with torch.device("meta"):
+            if pruned_classes is not None:
+                return pruned_classes[1](config).to(dtype)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).to(dtype)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdaPrunerError(f"cannot read the config of model {path!r} ({first}): pass an HF model directory, a hub id, or 'smollm2'") from None
 
 
 def _own_pruned_classes(config: dict):

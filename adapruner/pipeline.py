@@ -133,8 +133,10 @@ def report_markdown(report: dict, rows: list[Row]) -> str:
     header = ["model", "params", f"MACs ({report['options']['search']['seq_len']} tok)", *ppl_labels, *tasks, "average acc", "% of dense"]
     lines = ["# adapruner report", ""]
     best = report["best"]
+    budget = f"target {best['target_params']} of all parameters" if best["target_params"] is not None else f"ratio {best['ratio']}"
     lines.append(f"Best configuration: `{best['metric']}` / `{best['aggregation']}`, {len(best['samples'])} samples "
-                 f"(blocks {', '.join(best['blocks'])}), slope {best['slope']:.3f}, ratio {best['ratio']} over layers {best['layers']}; "
+                 f"(blocks {', '.join(best['blocks'])}), allocation {best['allocation']} (slope {best['slope']:.3f}), compensation "
+                 f"{best['compensation']}, {budget} over layers {best['layers']}: {100 * best['removed_fraction']:.1f}% of the parameters removed; "
                  f"validation ppl {best['val_ppl']:.3f} (trial {best['trial']}).")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     dense_avg = rows[0].average

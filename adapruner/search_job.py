@@ -10,14 +10,15 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from adapruner.best_trial import BestTrial
-from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build
+from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build, planned_bytes
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
-from adapruner.devices import Placement, dtype_name
+from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.allocation import DEFAULT_MIN_KEEP
 from adapruner.compensation import DEFAULT_DAMP
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
-from adapruner.models import cache_root, load_model
+from adapruner.memory_plan import GIB, MemoryPlan, memory_plan
+from adapruner.models import cache_root, load_model, load_shapes
 from adapruner.prune import DEFAULT_RATIO, PrunePlan, check_ratio
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import SearchSpace, config_of, describe
@@ -89,6 +90,34 @@ def startup_trials(options: SearchOptions) -> int:
     return options.startup_trials if options.startup_trials is not None else max(1, options.trials // 4)
 
 
+def needs_activations(options: SearchOptions) -> bool:
+    """The cache stores X and dY when a metric needs them (taylor1, mix) or lsq compensation needs X's Gram."""
+    return bool(ACTIVATION_METRICS & set(options.metrics)) or "lsq" in options.compensations
+
+
+def cache_folder(options: SearchOptions) -> Path:
+    return Path(options.cache_dir) if options.cache_dir else cache_root() / "activations"
+
+
+def resolved(options: SearchOptions) -> tuple[SearchOptions, Placement]:
+    """The options with `auto` device, dtype and validation dtype resolved for this machine."""
+    placement = Placement.of(options.device, options.dtype, options.trust_remote_code)
+    options = replace(options, device=str(placement.device), dtype=dtype_name(placement.dtype), val_dtype=resolve_val_dtype(options.val_dtype, placement.device))
+    return options, placement
+
+
+def plan_search(options: SearchOptions) -> MemoryPlan:
+    """The memory plan of a search, from the model's shapes alone (no weights read; see `adapruner.memory_plan`);
+    the model's depth and context are checked against --layers and --seq-len on the way."""
+    shapes = load_shapes(options.model, DTYPES[options.dtype], options.trust_remote_code)
+    check_context(shapes, options.seq_len)
+    layers = parse_layer_range(options.layers, len(decoder_layers(shapes)))
+    key = cache_key(options.model, shapes, options.pools, options.pool_size, options.seq_len, layers, options.seed,
+                    activations=needs_activations(options), dtype=options.cache_dtype)
+    model_bytes = sum(p.numel() * p.element_size() for p in shapes.parameters())
+    return memory_plan(torch.device(options.device), model_bytes, planned_bytes(shapes, key), cache_folder(options), int(options.cache_mem_gb * GIB))
+
+
 def check_search_out(out: Path) -> None:
     """A new directory, or one that holds an earlier search (resume); nothing else is written into."""
     earlier = (out / "search.json").is_file() or (out / STUDY_FILE).is_file()
@@ -130,8 +159,11 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         raise AdaPrunerError(f"--startup-trials {options.startup_trials} must lie in [0, --trials {options.trials}]")
     pool_digests = [text_digest(pool) for pool in options.pools]  # reads every pool: bad files are refused before the model loads
     files = study_dir(out, options.study)
-    placement = Placement.of(options.device, options.dtype, options.trust_remote_code)
-    options = replace(options, device=str(placement.device), dtype=dtype_name(placement.dtype), val_dtype=resolve_val_dtype(options.val_dtype, placement.device))
+    options, placement = resolved(options)
+    plan = plan_search(options)
+    plan.check(cache_exists=True)  # the disk is checked once the cache's file name (its content key) is known
+    if progress:
+        print(format_table(["memory plan", "size", "where"], plan.rows()))
     space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope,
                         options.allocations, options.compensations)
     if options.target_params is not None and not 0.0 < options.target_params < 1.0:
@@ -145,17 +177,16 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     study = open_study(open_storage(storage_url), options.study, setup)
     files.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(options.model, placement.dtype, placement.device, placement.trust_remote_code)
-    check_context(model, options.seq_len)
     layers = parse_layer_range(options.layers, len(decoder_layers(model)))
     content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": text_digest("wiki", "val")}
     pin_content(study, content)
     key = cache_key(options.model, model, options.pools, options.pool_size, options.seq_len, layers, options.seed,
-                    activations=bool(ACTIVATION_METRICS & set(options.metrics)) or "lsq" in options.compensations, dtype=options.cache_dtype,
-                    model_digest=content["model"], pool_digests=tuple(content["pools"]))
-    cache_dir = Path(options.cache_dir) if options.cache_dir else cache_root() / "activations"
-    cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * 2**30), progress=progress)
+                    activations=needs_activations(options), dtype=options.cache_dtype, model_digest=content["model"], pool_digests=tuple(content["pools"]))
+    cache_dir = cache_folder(options)
+    plan.check(cache_exists=(cache_dir / f"{key.digest()}.safetensors").is_file())
+    cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * GIB) if plan.cache_on_device else 0, progress=progress)
     if progress:
-        where = f"on {cache.device}" if cache.device.type != "cpu" or cache.nbytes <= options.cache_mem_gb * 2**30 else "memory-mapped in host memory (over --cache-mem)"
+        where = f"on {cache.device}" if plan.cache_on_device else "memory-mapped in host memory (see the memory plan)"
         print(f"model {options.model} in {options.dtype} on {options.device}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
     val_path = files / "val.safetensors"
     saved_val_windows(val_path, tokenizer, options.seq_len, options.val_windows)

@@ -101,3 +101,24 @@ def smollm2(smollm2_loaded):
     """A fresh copy of SmolLM2-135M (tests may prune it) and its tokenizer."""
     model, tokenizer = smollm2_loaded
     return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL cluster on loopback for this test session (see tests/pg_server.py)."""
+    from tests.pg_server import postgres_cluster, server_binaries
+
+    if server_binaries() is None:
+        pytest.skip("PostgreSQL is not installed here: .ci/run installs it (apt-get install postgresql)")
+    with postgres_cluster() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    """An empty study storage: a SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/study.db"
+    from tests.pg_server import create_database
+
+    return create_database(request.getfixturevalue("postgres_server"), f"t_{abs(hash(request.node.nodeid)) % 10**12}")

@@ -94,10 +94,10 @@ def test_depth_slope_changes_per_layer_sizes(gqa_model):
     assert sizes == [23, 12, 1]  # ratios 0.5·0.1, 0.5, 0.5·1.9 of 24 channels remove round(1.2), 12, round(22.8)
 
 
-def test_storage_and_setup_errors(tmp_path):
+def test_storage_and_setup_errors(storage_url):
     with pytest.raises(AdaPrunerError, match="cannot open storage"):
         open_storage("nosuchdb://x/y")
-    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    storage = open_storage(storage_url)
     open_study(storage, "s", {"model": "smollm2", "ratio": 0.25})
     with pytest.raises(AdaPrunerError, match="created with ratio=0.25, not 0.3"):
         open_study(storage, "s", {"model": "smollm2", "ratio": 0.3})
@@ -115,7 +115,7 @@ def test_journal_storage_runs_and_resumes(tmp_path, gqa_model, tokenizer):
         open_study(open_storage(spec.storage), spec.study, {"model": "other"})
 
 
-def worker_files(tmp_path, model, tokenizer, n_val):
+def worker_files(tmp_path, model, tokenizer, n_val, storage=None):
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -124,7 +124,7 @@ def worker_files(tmp_path, model, tokenizer, n_val):
     save_file({"windows": torch.randint(0, 97, (n_val, SEQ), generator=torch.Generator().manual_seed(2))}, str(tmp_path / "val.safetensors"))
     return WorkerSpec(
         model=str(model_dir), cache_path=str(tmp_path / "cache.safetensors"), val_path=str(tmp_path / "val.safetensors"),
-        storage=f"sqlite:///{tmp_path}/study.db", study="s", setup={"model": "tiny"}, ratio=0.5, layers=(0, 3),
+        storage=storage or f"sqlite:///{tmp_path}/study.db", study="s", setup={"model": "tiny"}, ratio=0.5, layers=(0, 3),
         granularity="kv", prune_attention=True, prune_mlp=True, space=asdict(SPACE), n_trials=8, sampler="tpe", seed=0,
         batch_size=4, threads=1, heartbeat_seconds=1, grace_seconds=2,
     )
@@ -136,8 +136,8 @@ def states(spec):
     return study, [t.state for t in study.get_trials(deepcopy=False)]
 
 
-def test_two_workers_share_one_sqlite_study(tmp_path, gqa_model, tokenizer):
-    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=8)
+def test_two_workers_share_one_study(tmp_path, gqa_model, tokenizer, storage_url):
+    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=8, storage=storage_url)
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=run_worker, args=(WorkerSpec(**{**asdict(spec), "worker_index": k, "share": 4}),)) for k in range(2)]
     for w in workers:
@@ -151,8 +151,8 @@ def test_two_workers_share_one_sqlite_study(tmp_path, gqa_model, tokenizer):
     assert len({t.datetime_start for t in study.trials}) == 8
 
 
-def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_model, tokenizer):
-    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=3000)  # ~1 s per trial, long enough to kill mid-trial
+def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_model, tokenizer, storage_url):
+    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=3000, storage=storage_url)  # ~1 s per trial, long enough to kill mid-trial
     spec.n_trials = 4
     worker = multiprocessing.get_context("spawn").Process(target=run_worker, args=(spec,))
     worker.start()
@@ -160,7 +160,7 @@ def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_mode
     killed_number = None
     while time.time() < deadline and killed_number is None:
         time.sleep(0.2)
-        if not (tmp_path / "study.db").exists():
+        if spec.storage.startswith("sqlite") and not (tmp_path / "study.db").exists():
             continue
         try:
             study, trial_states = states(spec)
@@ -184,10 +184,10 @@ def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_mode
     assert len(retried) == 1 and retried[0].params == failed[0].params
 
 
-def test_a_helper_killed_mid_trial_has_its_trial_rerun_by_the_parent(tmp_path, gqa_model, tokenizer):
+def test_a_helper_killed_mid_trial_has_its_trial_rerun_by_the_parent(tmp_path, gqa_model, tokenizer, storage_url):
     """Two workers; the helper is SIGKILLed while it runs a trial: no grace period, the search still ends with
     the asked number of finished trials, the killed trial is FAIL and rerun once with its parameters."""
-    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=3000)  # ~1 s per trial
+    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=3000, storage=storage_url)  # ~1 s per trial
     spec.n_trials, spec.heartbeat_seconds, spec.grace_seconds = 6, 60, 600  # only the parent's check can retry it
     killed = {}
 

@@ -1,0 +1,80 @@
+"""Where a search's memory goes, computed from the model's shapes before anything is loaded (`search --plan`).
+
+Order (docs/design.md): model weights on `--device` → the activation cache (its file under `--cache-dir` on disk;
+read onto the device when it is at most `--cache-mem` and fits beside the model, else memory-mapped in host memory,
+a trial copying its subset's rows over) → working buffers. The cache's size is exact: the tensors `build_cache`
+stores for these shapes, pools and metrics (X and dY only when taylor1/mix or lsq compensation are in the space).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapruner.errors import AdaPrunerError
+
+GIB = 2**30
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes the search will hold and where (free bytes as measured now)."""
+
+    device: str
+    model_bytes: int
+    cache_bytes: int
+    cache_dir: str
+    cache_on_device: bool
+    device_free_bytes: int
+    host_available_bytes: int
+    disk_free_bytes: int
+
+    def rows(self) -> list[list[object]]:
+        where = f"on {self.device}" if self.cache_on_device else "memory-mapped in host memory, rows copied per trial"
+        return [
+            ["model weights", f"{self.model_bytes / GIB:.3f} GiB", f"on {self.device}"],
+            ["activation cache", f"{self.cache_bytes / GIB:.3f} GiB", where],
+            ["cache file", f"{self.cache_bytes / GIB:.3f} GiB", f"under {self.cache_dir} (reused when one of the same key is there)"],
+            [f"free on {self.device}", f"{self.device_free_bytes / GIB:.3f} GiB", "now"],
+            ["host memory available", f"{self.host_available_bytes / GIB:.3f} GiB", "now"],
+            ["disk free under --cache-dir", f"{self.disk_free_bytes / GIB:.3f} GiB", "now"],
+        ]
+
+    def check(self, cache_exists: bool = False) -> None:
+        """One-line errors naming the flag when the plan cannot fit (the disk only matters for a cache to build)."""
+        if self.model_bytes > self.device_free_bytes:
+            raise AdaPrunerError(f"the model needs {self.model_bytes / GIB:.2f} GiB and {self.device} has {self.device_free_bytes / GIB:.2f} GiB free: "
+                                 "pass --device cpu or --dtype bfloat16")
+        if not cache_exists and self.cache_bytes > self.disk_free_bytes:
+            raise AdaPrunerError(f"the activation cache needs {self.cache_bytes / GIB:.2f} GiB and its folder has {self.disk_free_bytes / GIB:.2f} GiB free: "
+                                 "pass a --cache-dir with room, or lower --pool-size or --cache-dtype")
+
+
+def host_available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (Linux), else free physical pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return host_available_bytes()
+
+
+def memory_plan(device: torch.device, model_bytes: int, cache_bytes: int, cache_dir: Path, cache_mem_bytes: int) -> MemoryPlan:
+    """The plan, made before the model loads, for a model of `model_bytes` on `device` and a cache of `cache_bytes`."""
+    folder = cache_dir.expanduser().absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = device_free_bytes(device)
+    on_device = cache_bytes <= cache_mem_bytes and model_bytes + cache_bytes <= free
+    return MemoryPlan(str(device), model_bytes, cache_bytes, str(cache_dir), on_device, free, host_available_bytes(), shutil.disk_usage(folder).free)
