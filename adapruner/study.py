@@ -207,6 +207,15 @@ def retry_trials_of(study: optuna.Study, worker: str) -> list[int]:
     return failed
 
 
+def worker_device(device: str, index: int) -> str:
+    """Worker `index`'s device: on a machine with several GPUs, worker k runs on GPU (first + k) mod count, so that
+    `--workers N` on N GPUs gives one worker per GPU; a CPU search keeps every worker on the CPU."""
+    if not device.startswith("cuda") or torch.cuda.device_count() < 2:
+        return device
+    first = torch.device(device).index or 0
+    return f"cuda:{(first + index) % torch.cuda.device_count()}"
+
+
 def run_workers(base: WorkerSpec, workers: int, callbacks: list | None = None, model=None, cache: ActivationCache | None = None,
                 report=print) -> optuna.Study:
     """Run the study to `base.n_trials` finished trials with `workers` processes: this one and `workers - 1`
@@ -217,7 +226,8 @@ def run_workers(base: WorkerSpec, workers: int, callbacks: list | None = None, m
     remaining = max(0, base.n_trials - finished(open_study(storage, base.study, base.setup)))
     shares = [remaining // workers + (k < remaining % workers) for k in range(workers)]
     context = multiprocessing.get_context("spawn")
-    helpers = [context.Process(target=run_worker, args=(WorkerSpec(**{**asdict(base), "worker_index": k, "share": shares[k]}),))
+    helpers = [context.Process(target=run_worker, args=(WorkerSpec(**{**asdict(base), "worker_index": k, "share": shares[k],
+                                                                     "device": worker_device(base.device, k)}),))
                for k in range(1, workers)]
     for process in helpers:
         process.start()
