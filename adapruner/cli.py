@@ -273,7 +273,8 @@ def run_prune(args: argparse.Namespace) -> int:
         ["ppl wiki", _maybe(report["ppl_wiki_before"]), _maybe(report["ppl_wiki_after"])],
         ["time (s)", "", round(report["total_seconds"], 1)],
     ]
-    print(format_table(["", "dense", f"pruned ({report['options']['metric']}, r={report['ratio']:.3f})"], rows))
+    how = f"r={report['ratio']:.3f}" if report["ratio"] is not None else f"{100 * report['params_removed_fraction']:.1f}% removed"
+    print(format_table(["", "dense", f"pruned ({report['options']['metric']}, {how})"], rows))
     print(f"saved to {args.out} (report.json beside the model)")
     return 0
 

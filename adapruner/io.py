@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from adapruner.errors import AdaPrunerError
+from adapruner.model_card import model_card
 from adapruner.staging import staged_dir
 from adapruner.structure import FAMILIES, decoder_layers, layer_info
 
@@ -61,6 +62,7 @@ def save_pruned(
             shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _write_json_files(staging, extra_json)
+        (staging / "README.md").write_text(model_card(sum(p.numel() for p in model.parameters()), extra_json or {}, remote_code=not uniform))
     return Path(out_dir)
 
 

@@ -11,6 +11,7 @@ from adapruner.calibration import DEFAULT_SEQ_LEN, calibration_samples, windows_
 from adapruner.allocation import DEFAULT_MIN_KEEP, check_allocation
 from adapruner.compensation import DEFAULT_DAMP, check_compensation, compensation_updates, install, output_linears
 from adapruner.errors import AdaPrunerError
+from adapruner.io import give_output_biases
 from adapruner.importance import Importance, LinearStats, check_aggregation, needs
 from adapruner.prune import DEFAULT_RATIO, PrunePlan, apply_plan, check_ratio, plan_allocation
 from adapruner.statistics import collect_input_moments, collect_stats
@@ -80,6 +81,7 @@ def apply_study_plan(model: nn.Module, best: BestTrial, tokenizer: PreTrainedTok
         updates = compensation_updates(model, plan, moments.__getitem__, best.compensation, best.damp)
     apply_plan(model, plan)
     install(model, updates)
+    give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will
     layers = parse_layer_range(best.layers, len(decoder_layers(model)))
     return PruneResult(best.ratio, list(layers), plan, [tuple(a) for a in best.addresses], sorted(updates))
 
@@ -120,4 +122,5 @@ def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: P
     updates = compensation_updates(model, plan, moments.__getitem__, options.compensation, options.damp)
     apply_plan(model, plan)
     install(model, updates)
+    give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will
     return PruneResult(options.ratio if options.target_params is None else None, list(layers), plan, addresses, sorted(updates))

@@ -114,6 +114,6 @@ def test_a_target_params_search_reports_the_fraction_removed(tmp_path, capsys):
     code = main(["prune", "--model", str(tmp_path / "model"), "--from-study", str(out), "--no-eval", "--out", str(tmp_path / "p")])
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert code == 0 and report["plan"] == best["plan"]
-    added_biases = 48 * len(report["compensated"])  # hidden size × compensated output linears
+    added_biases = 48 * 2 * 3 if report["compensated"] else 0  # compensated: every o_proj and down_proj gets a bias of hidden size 48
     assert report["params_before"] - report["params_after"] == round(best["removed_fraction"] * report["params_before"]) - added_biases
     assert bool(report["compensated"]) == (best["compensation"] != "none")
