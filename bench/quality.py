@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--compensations", default="none,bias,lsq")
     parser.add_argument("--trials", type=int, default=40, help="the search's trial budget (0: no search)")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--max-eval-windows", type=int, default=300, help="the first N evaluation windows (all: 1116)")
+    parser.add_argument("--max-eval-windows", type=int, default=200, help="the first N evaluation windows (all: 1116)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="runs/bench-quality", help="scratch directory for the searches (replaced)")
     parser.add_argument("--out", default="bench/results/quality.json")
