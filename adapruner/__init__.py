@@ -1,5 +1,47 @@
-"""adapruner: sample-aware adaptive structured pruning of LLaMA-family models."""
+"""adapruner: sample-aware adaptive structured pruning of LLaMA-family models.
+
+The public API, importable from the package root (loaded on first use, so `import adapruner` stays light):
+
+    model, tokenizer = adapruner.load_model("smollm2")                     # HF directory, hub id or "smollm2"
+    result = adapruner.prune_model(model, tokenizer, adapruner.PruneOptions(target_params=0.2, metric="act",
+                                   allocation="global", compensation="lsq"))
+    adapruner.save_pruned(model, tokenizer, "out/pruned")
+    best = adapruner.run_search(adapruner.SearchOptions(model="smollm2", trials=20), Path("runs/s"))
+    adapruner.apply_study_plan(dense, best, tokenizer)                      # the plan the best trial scored
+    scores = adapruner.Importance("taylor2", "sum", stats)(group)          # Torch-Pruning's Importance shape
+"""
+from __future__ import annotations
+
+from importlib import import_module
+
 from adapruner.errors import AdaPrunerError
 
 __version__ = "0.1.0"
-__all__ = ["AdaPrunerError", "__version__"]
+
+_PUBLIC = {  # name → the module that defines it
+    "load_model": "adapruner.models",
+    "PruneOptions": "adapruner.pruner", "PruneResult": "adapruner.pruner", "prune_model": "adapruner.pruner",
+    "apply_study_plan": "adapruner.pruner",
+    "SearchOptions": "adapruner.search_job", "run_search": "adapruner.search_job",
+    "BestTrial": "adapruner.best_trial",
+    "Importance": "adapruner.importance", "LinearStats": "adapruner.importance",
+    "PrunePlan": "adapruner.prune", "plan_allocation": "adapruner.prune", "apply_plan": "adapruner.prune", "count_params": "adapruner.prune",
+    "save_pruned": "adapruner.io",
+    "LoraOptions": "adapruner.finetune", "finetune_and_save": "adapruner.finetune_job",
+    "EvalOptions": "adapruner.eval_job", "evaluate_model": "adapruner.eval_job",
+    "RunOptions": "adapruner.pipeline", "run_pipeline": "adapruner.pipeline",
+    "collect_stats": "adapruner.statistics",
+}
+__all__ = ["AdaPrunerError", "__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'adapruner' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
