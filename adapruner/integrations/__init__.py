@@ -1,0 +1,1 @@
+"""Adapters that let other pruning libraries use adapruner's importance (optional extras)."""
