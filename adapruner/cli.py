@@ -80,6 +80,14 @@ def study_name(text: str) -> str:
 
 
 STUDY_NAME = study_name
+
+
+def within_ports(text: str) -> int:
+    """argparse type: a TCP port 1..65535."""
+    port = at_least(1)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 1 to 65535")
+    return port
 COUNT, NONNEGATIVE, WINDOW = at_least(1), at_least(0), at_least(2)  # counts, budgets that may be 0, tokens per window
 FRACTION, POSITIVE, NONNEGATIVE_FLOAT = within(0, 1), at_least(1e-12, float), at_least(0.0, float)
 
@@ -161,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=NONNEGATIVE, default=LORA.seed)
     _add_placement_args(tune)
 
+    dashboard = commands.add_parser("dashboard", help="optuna-dashboard on a search's study, on 127.0.0.1")
+    dashboard.add_argument("out", help="the --out directory of an `adapruner search`")
+    dashboard.add_argument("--port", type=within_ports, default=8080, help="port on 127.0.0.1")
+
     evaluate = commands.add_parser("eval", help="measure a model's perplexity and zero-shot accuracy")
     evaluate.add_argument("--model", required=True, help="a pruned model directory, an HF model, or 'smollm2'")
     evaluate.add_argument("--ppl", default=EVAL.ppl, help="text for perplexity: wiki (held-out articles), news, plays, or a path")
@@ -232,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         return exited.code if isinstance(exited.code, int) else 2
     terminate_as_exit()  # SIGTERM unwinds like SIGINT: staging folders are removed on the way out
     try:
-        commands = {"prune": run_prune, "eval": run_eval, "search": run_search_command, "finetune": run_finetune, "run": run_pipeline_command}
+        commands = {"prune": run_prune, "eval": run_eval, "search": run_search_command, "finetune": run_finetune, "run": run_pipeline_command,
+                    "dashboard": run_dashboard}
         with device_errors():
             return commands[args.command](args)
     except AdaPrunerError as exc:
@@ -385,6 +398,13 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(["measure", "value"], rows))
     if report_path is not None:
         print(f"wrote {report_path}")
+    return 0
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    from adapruner.dashboard import serve
+
+    serve(Path(args.out), args.port)
     return 0
 
 

@@ -1,0 +1,51 @@
+"""`adapruner dashboard OUT`: optuna-dashboard (`pip install 'adapruner[dashboard]'`) on a search's study storage,
+on 127.0.0.1 only, until Ctrl-C or SIGTERM."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+from pathlib import Path
+
+from adapruner.errors import AdaPrunerError
+from adapruner.search_job import STUDY_FILE
+from adapruner.study import open_storage
+
+DEFAULT_PORT = 8080
+
+
+def storage_of(out: Path) -> str:
+    """The storage URL of the search in `out` (its search.json; the default SQLite file when none was named)."""
+    record = out / "search.json"
+    if not record.is_file():
+        raise AdaPrunerError(f"{out} holds no search (no search.json): pass the --out of an `adapruner search`")
+    try:
+        storage = json.loads(record.read_text(encoding="utf-8"))["options"]["storage"]
+    except (ValueError, KeyError, TypeError):
+        raise AdaPrunerError(f"{record} is not a search record adapruner wrote: pass the --out of an `adapruner search`") from None
+    return storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
+
+
+def check_port_free(port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise AdaPrunerError(f"port {port} on 127.0.0.1 is busy: pass another --port") from None
+
+
+def serve(out: Path, port: int = DEFAULT_PORT) -> None:
+    """Serve the dashboard of `out`'s study storage at http://127.0.0.1:PORT/ (prints the address) until stopped."""
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        raise AdaPrunerError("the dashboard needs optuna-dashboard: pip install 'adapruner[dashboard]'")
+    storage = open_storage(storage_of(out))
+    if not storage.get_all_studies():
+        raise AdaPrunerError(f"the storage of {out} holds no study yet: run the search first")
+    check_port_free(port)
+    from optuna_dashboard import run_server
+
+    print(f"optuna-dashboard for {out} at http://127.0.0.1:{port}/ (Ctrl-C stops it)", flush=True)
+    try:
+        run_server(storage, host="127.0.0.1", port=port)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through the CLI's handler: a clean stop
+        print("dashboard stopped", flush=True)
