@@ -102,8 +102,9 @@ def target_count(model: nn.Module, target_params: float) -> int:
 
 
 def budget_counts(model: nn.Module, layers: range, target: int, weights: Mapping[int, float], granularity: AttnGranularity,
-                  prune_attention: bool = True, prune_mlp: bool = True) -> Counts:
-    """uniform/depth under a budget of `target` parameters (see the module docstring)."""
+                  prune_attention: bool = True, prune_mlp: bool = True, same_size: bool = False) -> Counts:
+    """uniform/depth under a budget of `target` parameters (see the module docstring). `same_size` (uniform weights,
+    for a stock-config save): units are given back from every layer at once, so all layers keep one size."""
     infos = {index: layer_info(model, index) for index in layers}
     price = {index: prices(info, granularity) for index, info in infos.items()}
     units = {index: (attention_units(info, granularity), info.intermediate) for index, info in infos.items()}
@@ -112,15 +113,27 @@ def budget_counts(model: nn.Module, layers: range, target: int, weights: Mapping
     ratio = target / capacity  # the base ratio if units could be cut in fractions
     counts = {i: [min(units[i][k] - 1, round(ratio * weights[i] * units[i][k])) if on[k] else 0 for k in (0, 1)] for i in layers}
 
-    def removed() -> int:
-        return sum(counts[i][k] * price[i][k] for i in layers for k in (0, 1))
+    def removed(kinds: tuple[int, ...] = (0, 1)) -> int:
+        return sum(counts[i][k] * price[i][k] for i in layers for k in kinds)
 
-    def most(k: int) -> int:
-        return max(layers, key=lambda i: (counts[i][k] / weights[i] if weights[i] > 0 else math.inf, i))
+    def most(k: int) -> list[int]:
+        """The layers to give a unit of kind k back from: the one losing most (all of them with `same_size`)."""
+        if same_size:
+            return list(layers)
+        return [max(layers, key=lambda i: (counts[i][k] / weights[i] if weights[i] > 0 else math.inf, i))]
+
+    def give_back(k: int) -> None:
+        while True:  # one unit at a time (one per layer with same_size) while the budget still holds
+            chosen = most(k)
+            if any(counts[i][k] == 0 for i in chosen) or removed() - sum(price[i][k] for i in chosen) < target:
+                return
+            for i in chosen:
+                counts[i][k] -= 1
 
     if prune_mlp:
-        while removed() > target and any(counts[i][0] for i in layers):  # attention alone overshoots: give units back
-            counts[most(0)][0] -= 1
+        while removed((0,)) > target and all(counts[i][0] for i in most(0)):  # attention alone passes the budget
+            for i in most(0):
+                counts[i][0] -= 1
         lo, hi = 0.0, 1.0 / max(weights.values())  # the MLP fills the rest with channel counts ∝ the layer weights
         fill = {i: counts[i][0] for i in layers}
 
@@ -136,23 +149,16 @@ def budget_counts(model: nn.Module, layers: range, target: int, weights: Mapping
             with_scale(mid)
             lo, hi = (lo, mid) if removed() >= target else (mid, hi)
         with_scale(hi)
-        while True:  # give channels back, one at a time to the layers losing most, while the budget still holds
-            i = most(1)
-            if counts[i][1] == 0 or removed() - price[i][1] < target:
-                break
-            counts[i][1] -= 1
+        give_back(1)
     else:
         while removed() < target:  # attention only: take units, one at a time from the layers losing least
             open_layers = [i for i in layers if counts[i][0] < units[i][0] - 1]
-            if not open_layers:
+            if not open_layers or (same_size and len(open_layers) < len(layers)):
                 _out_of_reach(model, target, removed(), layers)
             least = min(open_layers, key=lambda i: (counts[i][0] / weights[i] if weights[i] > 0 else math.inf, -i))
-            counts[least][0] += 1
-        while True:
-            i = most(0)
-            if counts[i][0] == 0 or removed() - price[i][0] < target:
-                break
-            counts[i][0] -= 1
+            for i in open_layers if same_size else [least]:
+                counts[i][0] += 1
+        give_back(0)
     return {i: (a, m) for i, (a, m) in counts.items()}
 
 

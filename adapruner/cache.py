@@ -148,7 +148,7 @@ class ActivationCache:
         """Read onto `device` when the file is at most `max_memory_bytes`; otherwise memory-mapped in host memory
         (pages are read on first touch and shared between worker processes on one machine; a trial on a GPU then
         copies only its subset's rows over). A file that is not a whole cache raises `DamagedCache`."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as handle:
@@ -163,7 +163,7 @@ class ActivationCache:
                 tensors = load_file(str(path))
                 if fits:
                     tensors = {name: tensor.clone() for name, tensor in tensors.items()}
-        except Exception as exc:  # safetensors, json and dataclass errors all mean the same: not a cache we wrote
+        except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # not a whole cache we wrote (I/O and memory errors pass)
             raise DamagedCache(_first_line(exc)) from None
         return cls(key, tensors, addresses)
 

@@ -28,7 +28,7 @@ RATIO_HELP = (
     "fraction of each pruned layer's attention units and MLP channels to remove (LLM-Pruner's meaning: "
     "0.25 on LLaMA-7B layers 4..29 removes about 20%% of all parameters)"
 )
-TARGET_HELP = "fraction of the whole model's parameters to remove; the ratio is solved for (instead of --ratio)"
+TARGET_HELP = "fraction of the whole model's parameters to remove, a budget every allocation meets within one MLP channel (instead of --ratio)"
 ALLOCATION_HELP = ("uniform: every layer loses the same fraction; depth: a fraction growing (slope > 0) or shrinking with depth; "
                    "global: standardised scores ranked across all layers and modules under one parameter budget")
 MIN_KEEP_HELP = "allocation global: each layer keeps at least this fraction of its attention units and of its MLP channels (at least one)"
@@ -89,7 +89,7 @@ def within_ports(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{port} is not a port: use 1 to 65535")
     return port
 COUNT, NONNEGATIVE, WINDOW = at_least(1), at_least(0), at_least(2)  # counts, budgets that may be 0, tokens per window
-FRACTION, POSITIVE, NONNEGATIVE_FLOAT = within(0, 1), at_least(1e-12, float), at_least(0.0, float)
+FRACTION, POSITIVE = within(0, 1), at_least(1e-12, float)
 
 
 def run_default(name: str):
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--depth-slope", type=within(0, 1, closed_low=True), default=PRUNE.depth_slope, help="allocation depth: per-layer ratios r·(1 + S·(2p − 1))")
     prune.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=PRUNE.min_keep, help=MIN_KEEP_HELP)
     prune.add_argument("--compensate", default=PRUNE.compensation, choices=COMPENSATIONS, help=COMPENSATE_HELP)
-    prune.add_argument("--damp", type=NONNEGATIVE_FLOAT, default=PRUNE.damp, help=DAMP_HELP)
+    prune.add_argument("--damp", type=POSITIVE, default=PRUNE.damp, help=DAMP_HELP)
     prune.add_argument("--uniform", action="store_true", help="prune every layer alike and save a stock config (no remote code)")
     prune.add_argument("--seed", type=NONNEGATIVE, default=PRUNE.seed)
     prune.add_argument("--out", required=True, help="new directory for the pruned model and report.json")
@@ -212,7 +212,7 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allocations", default=",".join(s.allocations), help=f"allocations the search may choose ({', '.join(ALLOCATIONS)}): {ALLOCATION_HELP}")
     parser.add_argument("--compensations", default=",".join(s.compensations), help=f"compensations the search may choose ({', '.join(COMPENSATIONS)}): {COMPENSATE_HELP}")
     parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=s.min_keep, help=MIN_KEEP_HELP)
-    parser.add_argument("--damp", type=NONNEGATIVE_FLOAT, default=s.damp, help=DAMP_HELP)
+    parser.add_argument("--damp", type=POSITIVE, default=s.damp, help=DAMP_HELP)
     parser.add_argument("--metrics", default=",".join(s.metrics), help="metrics the search may choose")
     parser.add_argument("--aggregations", default=",".join(s.aggregations), help="aggregations the search may choose")
     parser.add_argument("--sample-counts", default=",".join(map(str, s.sample_counts)), help="calibration sample counts the search may choose")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted: no partial output was left (a search resumes from its study with the same command)", file=sys.stderr)
+        print("error: interrupted: no partial output was left (`search` resumes from its study with the same command)", file=sys.stderr)
         return 130
 
 

@@ -7,7 +7,7 @@ mean μ = mean_t x_t, Gram C = XᵀX / T and covariance Σ = C − μμᵀ:
           b'   = b + W μ − W'_K μ_K
           the minimiser of mean_t ‖(W x_t + b) − (W'_K x_t,K + b')‖² + λ ‖W'_K − W[:, K]‖²: the kept columns
           reproduce the dense output as well as an affine map of x_K can, damped toward the trained weights
-          (not toward zero; see DESIGN.md). damp → 0 is ordinary least squares with an intercept.
+          (not toward zero; see DESIGN.md). damp → 0⁺ is ordinary least squares with an intercept.
 Both read only μ (bias) or μ and C (lsq) of each o_proj / down_proj input, which are sums over samples: the search
 forms them for any sample subset from the activation cache.
 """
@@ -63,14 +63,17 @@ def compensated(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Ten
         return w[:, kept], b + w[:, removed] @ mu[removed]
     if moments.gram is None:
         raise AdaPrunerError("lsq compensation needs the inputs' Gram matrix: collect it with the calibration statistics")
-    if damp < 0:
-        raise AdaPrunerError(f"--damp {damp} is negative: pass a damping of 0 or more, e.g. {DEFAULT_DAMP}")
+    if damp <= 0:
+        raise AdaPrunerError(f"--damp {damp} must be positive (Σ_KK is singular with fewer tokens than kept channels): pass e.g. {DEFAULT_DAMP}")
     cov = moments.gram.to(w.device).float() - torch.outer(mu, mu)
     cov_kk = cov[kept][:, kept]
     lam = damp * cov_kk.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
     eye = torch.eye(kept.numel(), device=w.device)
     rhs = w @ cov[:, kept] + lam * w[:, kept]  # out × K
-    w_kept = torch.linalg.solve(cov_kk + lam * eye, rhs.t()).t()  # Σ_KK symmetric: (A⁻¹ rhsᵀ)ᵀ = rhs A⁻¹
+    try:
+        w_kept = torch.linalg.solve(cov_kk + lam * eye, rhs.t()).t()  # Σ_KK symmetric: (A⁻¹ rhsᵀ)ᵀ = rhs A⁻¹
+    except torch.linalg.LinAlgError:
+        raise AdaPrunerError(f"the damped input covariance is singular at --damp {damp}: raise --damp or use more calibration windows") from None
     return w_kept, b + w @ mu - w_kept @ mu[kept]
 
 

@@ -23,11 +23,13 @@ def storage_of(out: Path) -> str:
         storage = json.loads(record.read_text(encoding="utf-8"))["options"]["storage"]
     except (ValueError, KeyError, TypeError):
         raise AdaPrunerError(f"{record} is not a search record adapruner wrote: pass the --out of an `adapruner search`") from None
-    return storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
+    root = out.parent.parent if out.parent.name == "studies" else out  # a second study's files live in OUT/studies/NAME
+    return storage or f"sqlite:///{(root / STUDY_FILE).resolve()}"
 
 
 def check_port_free(port: int) -> None:
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a port in TIME_WAIT is free
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

@@ -1,6 +1,7 @@
 """Content digests that key stored state (activation caches, validation windows, studies) to what produced it.
 
-model: sha256 over the config (JSON), the tokenizer's vocabulary and special tokens, and for every parameter and
+model: sha256 over the config (JSON, less where it was read from, the transformers version and the attention
+    implementation), the tokenizer's vocabulary and special tokens, and for every parameter and
     buffer its name, shape, dtype, the exact values of an evenly strided sample of at most `SAMPLED` of its
     elements (read as fp32 on the host) and its fp64 sum to 7 significant digits. The same weights give the same
     digest on any device; any retrained or edited model (every weight moves) gives another.
@@ -16,13 +17,15 @@ from torch import nn
 
 from adapruner.corpora import Split, pool_documents
 
+UNHASHED_CONFIG = frozenset({"transformers_version", "_name_or_path", "_attn_implementation", "_commit_hash", "dtype", "torch_dtype"})  # not the model
 SAMPLED = 4096  # elements of each tensor whose exact values enter the model digest
 DIGEST_CHARS = 16
 
 
 def model_digest(model: nn.Module, tokenizer) -> str:
     """Digest of the weights, config and tokenizer of a loaded model (see the module docstring)."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in UNHASHED_CONFIG}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     vocab = sorted(tokenizer.get_vocab().items())
     digest.update(json.dumps([vocab, sorted(map(str, tokenizer.all_special_tokens))]).encode())
     with torch.no_grad():

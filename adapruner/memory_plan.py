@@ -46,8 +46,8 @@ class MemoryPlan:
     def check(self, cache_exists: bool = False) -> None:
         """One-line errors naming the flag when the plan cannot fit (the disk only matters for a cache to build)."""
         if self.model_bytes > self.device_free_bytes:
-            raise AdaPrunerError(f"the model needs {self.model_bytes / GIB:.2f} GiB and {self.device} has {self.device_free_bytes / GIB:.2f} GiB free: "
-                                 "pass --device cpu or --dtype bfloat16")
+            fix = "pass --device cpu or --dtype bfloat16" if self.device != "cpu" else "use a machine with more memory (or a smaller model)"
+            raise AdaPrunerError(f"the model needs {self.model_bytes / GIB:.2f} GiB and {self.device} has {self.device_free_bytes / GIB:.2f} GiB free: {fix}")
         if not cache_exists and self.cache_bytes > self.disk_free_bytes:
             raise AdaPrunerError(f"the activation cache needs {self.cache_bytes / GIB:.2f} GiB and its folder has {self.disk_free_bytes / GIB:.2f} GiB free: "
                                  "pass a --cache-dir with room, or lower --pool-size or --cache-dtype")

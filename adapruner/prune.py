@@ -2,7 +2,8 @@
 
 Ratio semantics (LLM-Pruner's): `ratio` r removes round(r · n) units of each pruned group — kv groups (or query
 heads inside every kv group) of attention, channels of the MLP — in every layer of the pruned range.
-`solve_ratio` finds the r that removes a fraction p of the whole model's parameters (`--target-params`).
+`--target-params p` is a parameter budget instead: see `adapruner.allocation` (`solve_ratio` remains the smallest
+single ratio removing at least p, for callers that want LLM-Pruner's meaning of a target).
 """
 from __future__ import annotations
 
@@ -140,9 +141,11 @@ def plan_allocation(
     target_params: float | None = None,
     slope: float = 0.0,
     min_keep: float = DEFAULT_MIN_KEEP,
+    same_size: bool = False,
 ) -> PrunePlan:
     """The plan of an allocation (see `adapruner.allocation`): by `ratio` (LLM-Pruner's meaning; `global` then
-    removes as many parameters as `uniform` would) or under the budget `target_params`."""
+    removes as many parameters as `uniform` would) or under the budget `target_params`; `same_size` keeps every
+    pruned layer one size (uniform allocation only: a stock-config save)."""
     check_allocation(allocation)
     slope = slope if allocation == "depth" else 0.0
     if target_params is None and allocation != "global":
@@ -159,7 +162,7 @@ def plan_allocation(
     if allocation == "global":
         counts = global_counts(model, scores, layers, target, granularity, min_keep, prune_attention, prune_mlp)
     else:
-        counts = budget_counts(model, layers, target, depth_weights(layers, slope), granularity, prune_attention, prune_mlp)
+        counts = budget_counts(model, layers, target, depth_weights(layers, slope), granularity, prune_attention, prune_mlp, same_size)
     return plan_from_counts(model, scores, counts, granularity)
 
 

@@ -46,6 +46,8 @@ def prune_and_save(
         check_ratio(options.ratio)
     if uniform and options.layers not in (None, "all"):
         raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
+    if uniform and (options.allocation != "uniform" or options.compensation != "none" or options.depth_slope):
+        raise AdaPrunerError("--uniform saves one size for every layer without biases: drop --allocation, --depth-slope and --compensate, or --uniform")
     if not (options.prune_attention or options.prune_mlp):
         raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
     if recompute and study is None:
@@ -56,7 +58,7 @@ def prune_and_save(
     if best is not None:
         options = PruneOptions.from_best(best)
     if uniform:
-        options = replace(options, layers="all")
+        options = replace(options, layers="all", same_size=True)
     if evaluation is not None and evaluation.ppl is None:
         evaluation = None
 

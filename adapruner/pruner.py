@@ -39,6 +39,7 @@ class PruneOptions:
     min_keep: float = DEFAULT_MIN_KEEP  # allocation `global`: the fewest units of a module a layer keeps (fraction)
     compensation: str = "none"
     damp: float = DEFAULT_DAMP  # lsq compensation's damping toward the trained weights
+    same_size: bool = False  # every pruned layer keeps one size (a stock-config save, `--uniform`)
 
     @classmethod
     def from_best(cls, best: BestTrial) -> "PruneOptions":
@@ -118,7 +119,7 @@ def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: P
         stats.setdefault(name, LinearStats()).act_var = moment.variance
     importance = Importance(options.metric, options.aggregation, stats, seed=options.seed)
     plan = plan_allocation(model, importance, layers, options.granularity, options.prune_attention, options.prune_mlp, options.allocation,
-                           options.ratio, options.target_params, options.depth_slope, options.min_keep)
+                           options.ratio, options.target_params, options.depth_slope, options.min_keep, options.same_size)
     updates = compensation_updates(model, plan, moments.__getitem__, options.compensation, options.damp)
     apply_plan(model, plan)
     install(model, updates)

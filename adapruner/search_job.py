@@ -186,7 +186,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     plan.check(cache_exists=(cache_dir / f"{key.digest()}.safetensors").is_file())
     cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * GIB) if plan.cache_on_device else 0, progress=progress)
     if progress:
-        where = f"on {cache.device}" if plan.cache_on_device else "memory-mapped in host memory (see the memory plan)"
+        where = f"on {cache.device}" if cache.device.type != "cpu" or plan.cache_on_device else "memory-mapped in host memory (see the memory plan)"
         print(f"model {options.model} in {options.dtype} on {options.device}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
     val_path = files / "val.safetensors"
     saved_val_windows(val_path, tokenizer, options.seq_len, options.val_windows)

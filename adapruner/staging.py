@@ -13,11 +13,22 @@ from pathlib import Path
 from adapruner.errors import AdaPrunerError
 
 
+def process_umask() -> int:
+    """The umask, read from /proc (Linux) without changing it; elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def umask_mode(directory: bool) -> int:
     """0o777 (directories) or 0o666 (files) less the process umask: what `mkdir`/`open` would have made."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return (0o777 if directory else 0o666) & ~process_umask()
 
 
 def check_writable(path: str | Path, flag: str = "--out") -> None:

@@ -102,7 +102,7 @@ def pin_content(study: optuna.Study, content: dict) -> None:
     if existing is None:
         study.set_user_attr("content", content)
     elif existing != content:
-        changed = next(k for k in content if existing.get(k) != content[k])
+        changed = next((k for k in content if existing.get(k) != content[k]), "contents")
         what = {"model": "model (weights, config or tokenizer)", "pools": "pool texts", "validation": "validation text"}.get(changed, changed)
         raise AdaPrunerError(f"study {study.study_name!r} was run on another {what}: digest {existing.get(changed)}, now {content[changed]}; "
                              "pass a new --study or --out")
@@ -247,7 +247,10 @@ def run_workers(base: WorkerSpec, workers: int, callbacks: list | None = None, m
                f"{'its trial ' + ', '.join(map(str, retried)) + ' runs again' if retried else 'it held no running trial'}")
     if dead and finished(study) < base.n_trials:
         study = run_worker(WorkerSpec(**{**asdict(base), "share": None}), callbacks, model, cache)
-    if finished(study) < base.n_trials:
-        names = ", ".join(f"worker {k} (exit code {process.exitcode})" for k, process in dead) or "no worker died"
+    if dead and finished(study) < base.n_trials:
+        names = ", ".join(f"worker {k} (exit code {process.exitcode})" for k, process in dead)
         raise AdaPrunerError(f"the study holds {finished(study)} of {base.n_trials} finished trials ({names}): run the same command again to resume")
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    if failed and finished(study) < base.n_trials:  # trials that raised AdaPrunerError (e.g. a budget out of reach for them)
+        report(f"note: {len(failed)} trials failed (optuna's warnings above give each error); the others are reported")
     return study

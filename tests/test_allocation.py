@@ -40,6 +40,11 @@ def test_budgeted_uniform_and_depth_land_within_one_unit_of_the_budget(model, sl
         assert target <= removed < target + (channel if mlp else attn_price)
         if slope and mlp:  # deeper layers lose at least as many channels
             assert [counts[i][1] for i in LAYERS] == sorted(counts[i][1] for i in LAYERS)
+        if not slope and mlp:  # uniform: layers lose as many attention units and MLP channels, within one unit of each other
+            for kind in (0, 1):
+                assert max(c[kind] for c in counts.values()) - min(c[kind] for c in counts.values()) <= 1
+        same = budget_counts(model, LAYERS, target, depth_weights(LAYERS, 0.0), "kv", attention, mlp, same_size=True)
+        assert len(set(same.values())) == 1 and removed_by(model, same, "kv") >= target  # one size for a stock-config save
 
 
 def random_scores(model, seed=0):

@@ -72,7 +72,7 @@ def test_cli_defaults_are_the_settings_objects_defaults():
         (["finetune", "--model", "m", "--eval-every", "0"], "argument --eval-every: 0 is below its minimum 1"),
         (["prune", "--model", "m", "--target-params", "0"], "argument --target-params: 0.0 is outside (0, 1)"),
         (["eval", "--model", "m", "--batch-size", "0"], "argument --batch-size: 0 is below its minimum 1"),
-        (["prune", "--model", "m", "--damp", "-1"], "argument --damp: -1.0 is below its minimum 0.0"),
+        (["prune", "--model", "m", "--damp", "0"], "argument --damp: 0.0 is below its minimum 1e-12"),
         (["search", "--min-keep", "1"], "argument --min-keep: 1.0 is outside [0, 1)"),
         (["search", "--target-params", "0.2", "--ratio", "0.3"], "argument --ratio: not allowed with argument --target-params"),
         (["prune", "--model", "m", "--allocation", "magic"], "argument --allocation: invalid choice: 'magic'"),
