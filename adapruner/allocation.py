@@ -75,9 +75,14 @@ def ratio_counts(model: nn.Module, layers: range, ratio: float | Mapping[int, fl
     for index in layers:
         info = layer_info(model, index)
         r = per_layer[index]
-        counts[index] = (int(round(r * attention_units(info, granularity))) if prune_attention else 0,
-                         int(round(r * info.intermediate)) if prune_mlp else 0)
+        counts[index] = (removal_count(attention_units(info, granularity), r) if prune_attention else 0,
+                         removal_count(info.intermediate, r) if prune_mlp else 0)
     return counts
+
+
+def removal_count(n_units: int, ratio: float) -> int:
+    """Units removed from a group of `n_units`: round(ratio · n_units)."""
+    return int(round(ratio * n_units))
 
 
 def depth_weights(layers: range, slope: float) -> dict[int, float]:
@@ -94,10 +99,14 @@ def empties_a_group(model: nn.Module, counts: Counts, granularity: AttnGranulari
     return False
 
 
-def target_count(model: nn.Module, target_params: float) -> int:
-    """T = ⌈p · N⌉ parameters to remove."""
+def check_target_params(target_params: float) -> None:
     if not 0.0 < target_params < 1.0:
         raise AdaPrunerError(f"--target-params {target_params} is outside (0, 1): pass the fraction of all parameters to remove, e.g. 0.2")
+
+
+def target_count(model: nn.Module, target_params: float) -> int:
+    """T = ⌈p · N⌉ parameters to remove."""
+    check_target_params(target_params)
     return math.ceil(target_params * sum(p.numel() for p in model.parameters()))
 
 

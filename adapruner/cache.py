@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from adapruner.calibration import seeded_draw
 from adapruner.devices import dtype_name, model_device
-from adapruner.errors import AdaPrunerError
+from adapruner.errors import AdaPrunerError, first_line
 from adapruner.compensation import InputMoments
 from adapruner.importance import Importance, fluctuation
 from adapruner.kernels import channel_importance
@@ -164,7 +164,7 @@ class ActivationCache:
                 if fits:
                     tensors = {name: tensor.clone() for name, tensor in tensors.items()}
         except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # not a whole cache we wrote (I/O and memory errors pass)
-            raise DamagedCache(_first_line(exc)) from None
+            raise DamagedCache(first_line(exc)) from None
         return cls(key, tensors, addresses)
 
     def check(self, model: nn.Module, key: CacheKey) -> None:
@@ -207,11 +207,6 @@ def planned_bytes(model: nn.Module, key: CacheKey) -> int:
 
 class DamagedCache(AdaPrunerError):
     """A cache file that cannot be read or does not hold what its key promises; the message says what is wrong."""
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class CachedImportance(Importance):

@@ -79,9 +79,6 @@ def study_name(text: str) -> str:
     return text
 
 
-STUDY_NAME = study_name
-
-
 def within_ports(text: str) -> int:
     """argparse type: a TCP port 1..65535."""
     port = at_least(1)(text)
@@ -229,7 +226,7 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=COUNT, default=s.workers, help="worker processes sharing the study")
     parser.add_argument("--early-stop", action="store_true", help="prune bad trials early from per-batch validation loss (median rule)")
     parser.add_argument("--storage", default=s.storage, help="Optuna storage URL (default: sqlite in --out); journal:PATH for a journal file")
-    parser.add_argument("--study", type=STUDY_NAME, default=s.study, help="study name (letters, digits, . _ -); an existing one resumes; "
+    parser.add_argument("--study", type=study_name, default=s.study, help="study name (letters, digits, . _ -); an existing one resumes; "
                         "a second study in one --out keeps its files under OUT/studies/NAME")
     parser.add_argument("--cache-dir", default=s.cache_dir, help="where activation caches live (default ~/.cache/adapruner/activations)")
     parser.add_argument("--cache-dtype", default=s.cache_dtype, choices=("bfloat16", "float32"),
@@ -316,7 +313,7 @@ def run_search_command(args: argparse.Namespace) -> int:
 
     if args.plan:
         plan = plan_search(resolved(search_options(args))[0])
-        print(format_table(["memory plan", "size", "where"], plan.rows()))
+        print(plan.table())
         plan.check(cache_exists=True)
         return 0
     best = run_search(search_options(args), Path(args.out))

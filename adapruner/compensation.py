@@ -21,7 +21,7 @@ from torch import nn
 
 from adapruner.errors import AdaPrunerError
 from adapruner.prune import PrunePlan, head_channels
-from adapruner.structure import layer_info
+from adapruner.structure import layer_info, output_projections
 
 COMPENSATIONS = ("none", "bias", "lsq")
 DEFAULT_DAMP = 1.0  # measured on SmolLM2 at 20% removed (README, bench.quality): 1 beat 0.1 and 0.5, and 3 was no better
@@ -82,10 +82,11 @@ def output_linears(model: nn.Module, plan: PrunePlan) -> dict[str, tuple[nn.Line
     found = {}
     for index in sorted(set(plan.attention) | set(plan.mlp)):
         info = layer_info(model, index)
+        (o_name, o_proj), (down_name, down_proj) = output_projections(model, [index]).items()
         if index in plan.attention and len(plan.attention[index][0]) < info.n_heads:
-            found[f"{info.prefix}.self_attn.o_proj"] = (info.attn.o_proj, head_channels(plan.attention[index][0], info.head_dim))
+            found[o_name] = (o_proj, head_channels(plan.attention[index][0], info.head_dim))
         if index in plan.mlp and len(plan.mlp[index]) < info.intermediate:
-            found[f"{info.prefix}.mlp.down_proj"] = (info.mlp.down_proj, torch.tensor(plan.mlp[index], dtype=torch.long))
+            found[down_name] = (down_proj, torch.tensor(plan.mlp[index], dtype=torch.long))
     return found
 
 

@@ -3,12 +3,11 @@ on 127.0.0.1 only, until Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import socket
 from pathlib import Path
 
 from adapruner.errors import AdaPrunerError
-from adapruner.search_job import STUDY_FILE
+from adapruner.search_job import STUDY_FILE, search_record
 from adapruner.study import open_storage
 
 DEFAULT_PORT = 8080
@@ -16,15 +15,10 @@ DEFAULT_PORT = 8080
 
 def storage_of(out: Path) -> str:
     """The storage URL of the search in `out` (its search.json; the default SQLite file when none was named)."""
-    record = out / "search.json"
-    if not record.is_file():
+    if not (out / "search.json").is_file():
         raise AdaPrunerError(f"{out} holds no search (no search.json): pass the --out of an `adapruner search`")
-    try:
-        storage = json.loads(record.read_text(encoding="utf-8"))["options"]["storage"]
-    except (ValueError, KeyError, TypeError):
-        raise AdaPrunerError(f"{record} is not a search record adapruner wrote: pass the --out of an `adapruner search`") from None
     root = out.parent.parent if out.parent.name == "studies" else out  # a second study's files live in OUT/studies/NAME
-    return storage or f"sqlite:///{(root / STUDY_FILE).resolve()}"
+    return search_record(out, "pass the --out of an `adapruner search`")["storage"] or f"sqlite:///{(root / STUDY_FILE).resolve()}"
 
 
 def check_port_free(port: int) -> None:

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from adapruner.errors import AdaPrunerError
 from adapruner.model_card import model_card
 from adapruner.staging import staged_dir
-from adapruner.structure import FAMILIES, decoder_layers, layer_info
+from adapruner.structure import FAMILIES, decoder_layers, layer_info, output_projections
 
 REMOTE_CODE = Path(__file__).with_name("remote_code") / "modeling_pruned.py"
 
@@ -98,11 +98,7 @@ def give_output_biases(model: nn.Module) -> bool:
     flag, `output_bias`, describes all layers — and return True; False where none has one."""
     from adapruner.compensation import install
 
-    outputs = {}
-    for index in range(len(decoder_layers(model))):
-        info = layer_info(model, index)
-        outputs[f"{info.prefix}.self_attn.o_proj"] = info.attn.o_proj
-        outputs[f"{info.prefix}.mlp.down_proj"] = info.mlp.down_proj
+    outputs = output_projections(model, range(len(decoder_layers(model))))
     if all(linear.bias is None for linear in outputs.values()):
         return False
     install(model, {name: (linear.weight.detach(), linear.weight.new_zeros(linear.out_features)) for name, linear in outputs.items() if linear.bias is None})

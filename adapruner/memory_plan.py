@@ -43,6 +43,11 @@ class MemoryPlan:
             ["disk free under --cache-dir", f"{self.disk_free_bytes / GIB:.3f} GiB", "now"],
         ]
 
+    def table(self) -> str:
+        from adapruner.report import format_table
+
+        return format_table(["memory plan", "size", "where"], self.rows())
+
     def check(self, cache_exists: bool = False) -> None:
         """One-line errors naming the flag when the plan cannot fit (the disk only matters for a cache to build)."""
         if self.model_bytes > self.device_free_bytes:

@@ -5,12 +5,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from adapruner.errors import AdaPrunerError
+from adapruner.errors import AdaPrunerError, first_line
 from adapruner.staging import umask_mode
 
 EMBEDDED = "smollm2"
@@ -33,26 +34,13 @@ def load_model(
     own modeling code (`adapruner/remote_code/modeling_pruned.py`), never from the copy in the directory.
     """
     path = model_path(name_or_path)
-    from adapruner.structure import check_supported
-
-    try:
-        config_dict = PretrainedConfig.get_config_dict(path)[0]  # reads config.json, runs nothing
-        pruned_classes = _own_pruned_classes(config_dict)
-        if pruned_classes is not None:
-            config_class, model_class = pruned_classes
-            config = config_class.from_dict(config_dict)
-            check_supported(config)
-            model = model_class.from_pretrained(path, config=config, dtype=dtype)
+    with _load_errors(path, "load"):
+        config, own_class = _read_config(path, trust_remote_code)
+        if own_class is not None:
+            model = own_class.from_pretrained(path, config=config, dtype=dtype)
         else:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            check_supported(config)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "trust_remote_code" in str(exc):
-            raise AdaPrunerError(f"model {path!r} needs the Python code it ships: pass --trust-remote-code if you trust its source") from None
-        raise AdaPrunerError(f"cannot load model {path!r} ({first}): pass an HF model directory, a hub id, or 'smollm2'") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -68,24 +56,38 @@ def model_path(name_or_path: str) -> str:
 
 def load_shapes(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model's modules on the meta device: every shape and dtype, no weights read (for memory planning)."""
+    path = model_path(name_or_path)
+    with _load_errors(path, "read the config of"):
+        config, own_class = _read_config(path, trust_remote_code)
+        with torch.device("meta"):
+            model = own_class(config) if own_class is not None else AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return model.to(dtype)
+
+
+def _read_config(path: str, trust_remote_code: bool) -> tuple[PretrainedConfig, type | None]:
+    """(config, this package's model class for a directory `save_pruned` wrote, else None); an unsupported
+    architecture is refused here, before any weight is read."""
     from adapruner.structure import check_supported
 
-    path = model_path(name_or_path)
+    config_dict = PretrainedConfig.get_config_dict(path)[0]  # reads config.json, runs nothing
+    own_classes = _own_pruned_classes(config_dict)
+    if own_classes is not None:
+        config = own_classes[0].from_dict(config_dict)
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    check_supported(config)
+    return config, None if own_classes is None else own_classes[1]
+
+
+@contextmanager
+def _load_errors(path: str, action: str):
+    """transformers' OSError/ValueError while reading `path` as one line naming the fix."""
     try:
-        config_dict = PretrainedConfig.get_config_dict(path)[0]
-        pruned_classes = _own_pruned_classes(config_dict)
-        if pruned_classes is not None:
-            config = pruned_classes[0].from_dict(config_dict)
-        else:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        check_supported(config)
-        with torch.device("meta"):
-            if pruned_classes is not None:
-                return pruned_classes[1](config).to(dtype)
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).to(dtype)
+        yield
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdaPrunerError(f"cannot read the config of model {path!r} ({first}): pass an HF model directory, a hub id, or 'smollm2'") from None
+        if "trust_remote_code" in str(exc):
+            raise AdaPrunerError(f"model {path!r} needs the Python code it ships: pass --trust-remote-code if you trust its source") from None
+        raise AdaPrunerError(f"cannot {action} model {path!r} ({first_line(exc)}): pass an HF model directory, a hub id, or 'smollm2'") from None
 
 
 def _own_pruned_classes(config: dict):

@@ -85,17 +85,6 @@ def check_ratio(ratio: float) -> None:
         raise AdaPrunerError(f"ratio {ratio} is outside (0, 1): pass the fraction of each group to remove, e.g. --ratio 0.25")
 
 
-def removal_count(n_units: int, ratio: float) -> int:
-    """Units removed from a group of `n_units`: round(ratio · n_units)."""
-    return int(round(ratio * n_units))
-
-
-def _attention_removals(info: LayerInfo, ratio: float, granularity: AttnGranularity) -> int:
-    """Units removed per layer: kv groups (`kv`) or query heads per kv group (`query`)."""
-    n = info.n_kv_heads if granularity == "kv" else info.heads_per_kv
-    return removal_count(n, ratio)
-
-
 def top_units(scores: torch.Tensor, n_keep: int) -> list[int]:
     """Indices of the `n_keep` highest scores, ascending; ties go to the lower index."""
     order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices  # stable: equal scores keep index order
@@ -116,15 +105,15 @@ def plan_pruning(
     `ratio` is one ratio for every layer or a ratio per layer index (a depth profile).
     """
     per_layer = {index: ratio for index in layers} if isinstance(ratio, (int, float)) else dict(ratio)
-    for index in layers:
-        layer_ratio = per_layer[index]
+    for layer_ratio in per_layer.values():
         check_ratio(layer_ratio)
+    counts = ratio_counts(model, layers, per_layer, granularity, prune_attention, prune_mlp)
+    for index, (n_attn, n_mlp) in counts.items():
         info = layer_info(model, index)
         if prune_attention:
-            _check_attention_removal(info, layer_ratio, granularity)
-        if prune_mlp and removal_count(info.intermediate, layer_ratio) >= info.intermediate:
-            raise AdaPrunerError(f"ratio {layer_ratio} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio")
-    counts = ratio_counts(model, layers, per_layer, granularity, prune_attention, prune_mlp)
+            _check_attention_removal(info, per_layer[index], n_attn, granularity)
+        if prune_mlp and n_mlp >= info.intermediate:
+            raise AdaPrunerError(f"ratio {per_layer[index]} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio")
     every = {index: (prune_attention, prune_mlp) for index in layers}
     return plan_from_counts(model, score_layers(model, importance, every, granularity), counts, granularity)
 
@@ -150,7 +139,7 @@ def plan_allocation(
     slope = slope if allocation == "depth" else 0.0
     if target_params is None and allocation != "global":
         check_ratio(ratio)
-        per_layer = {i: ratio * w for i, w in depth_weights(layers, slope).items()} if slope else ratio
+        per_layer = depth_profile(ratio, layers, slope) if slope else ratio
         return plan_pruning(model, importance, per_layer, layers, granularity, prune_attention, prune_mlp)
     every = {index: (prune_attention, prune_mlp) for index in layers}
     if target_params is not None:
@@ -200,8 +189,8 @@ def depth_profile(ratio: float, layers: range, slope: float) -> dict[int, float]
     return {index: ratio * w for index, w in depth_weights(layers, slope).items()}
 
 
-def _check_attention_removal(info: LayerInfo, ratio: float, granularity: AttnGranularity) -> None:
-    n_remove, unit_total = _attention_removals(info, ratio, granularity), attention_units(info, granularity)
+def _check_attention_removal(info: LayerInfo, ratio: float, n_remove: int, granularity: AttnGranularity) -> None:
+    unit_total = attention_units(info, granularity)
     if n_remove >= unit_total:
         what = "key/value groups" if granularity == "kv" else "query heads of a kv group"
         raise AdaPrunerError(f"ratio {ratio} would remove all {unit_total} {what} of layer {info.index}: use a smaller --ratio")

@@ -15,7 +15,7 @@ from adapruner.io import give_output_biases
 from adapruner.importance import Importance, LinearStats, check_aggregation, needs
 from adapruner.prune import DEFAULT_RATIO, PrunePlan, apply_plan, check_ratio, plan_allocation
 from adapruner.statistics import collect_input_moments, collect_stats
-from adapruner.structure import AttnGranularity, decoder_layers, parse_layer_range, prunable_linears
+from adapruner.structure import AttnGranularity, decoder_layers, parse_layer_range, prunable_linears, output_projections
 
 
 @dataclass
@@ -102,7 +102,7 @@ def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: P
     if options.target_params is None:
         check_ratio(options.ratio)
     linears = prunable_linears(model, layers)
-    outputs = {name: linear for name, linear in linears.items() if name.endswith((".o_proj", ".down_proj"))}
+    outputs = output_projections(model, layers)
     addresses: list[tuple[str, int]] = []
     stats, moments = {}, {}
     if required or options.compensation != "none":

@@ -13,7 +13,7 @@ from adapruner.best_trial import BestTrial
 from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build, planned_bytes
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.devices import DTYPES, Placement, dtype_name
-from adapruner.allocation import DEFAULT_MIN_KEEP
+from adapruner.allocation import DEFAULT_MIN_KEEP, check_target_params
 from adapruner.compensation import DEFAULT_DAMP
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
@@ -129,14 +129,22 @@ def check_search_out(out: Path) -> None:
 def study_dir(out: Path, study: str) -> Path:
     """Where a study's files go (best.json, trials.txt, plots, validation windows): `out` for the study that made
     it, `out/studies/<name>` for another study named with --study (one storage, separate files)."""
-    record = out / "search.json"
-    if not record.is_file():
+    if not (out / "search.json").is_file():
         return out
+    return out if search_record(out, "pass a new --out")["study"] == study else out / "studies" / study
+
+
+def search_record(folder: Path, fix: str) -> dict:
+    """The options a search recorded in `folder/search.json`; a file adapruner did not write is a one-line error
+    ending in `fix`."""
+    record = folder / "search.json"
     try:
-        owner = json.loads(record.read_text(encoding="utf-8"))["options"]["study"]
+        options = json.loads(record.read_text(encoding="utf-8"))["options"]
+        if not isinstance(options, dict):
+            raise TypeError
+        return options
     except (ValueError, KeyError, TypeError):
-        raise AdaPrunerError(f"{record} is not a search record adapruner wrote: pass a new --out") from None
-    return out if owner == study else out / "studies" / study
+        raise AdaPrunerError(f"{record} is not a search record adapruner wrote: {fix}") from None
 
 
 def saved_val_windows(path: Path, tokenizer, seq_len: int, count: int) -> None:
@@ -157,19 +165,19 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         raise AdaPrunerError("--workers and --trials must be at least 1")
     if options.startup_trials is not None and not 0 <= options.startup_trials <= options.trials:
         raise AdaPrunerError(f"--startup-trials {options.startup_trials} must lie in [0, --trials {options.trials}]")
+    if options.target_params is not None:
+        check_target_params(options.target_params)
+    if not (options.prune_attention or options.prune_mlp):
+        raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
+    space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope,
+                        options.allocations, options.compensations)
     pool_digests = [text_digest(pool) for pool in options.pools]  # reads every pool: bad files are refused before the model loads
     files = study_dir(out, options.study)
     options, placement = resolved(options)
     plan = plan_search(options)
     plan.check(cache_exists=True)  # the disk is checked once the cache's file name (its content key) is known
     if progress:
-        print(format_table(["memory plan", "size", "where"], plan.rows()))
-    space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope,
-                        options.allocations, options.compensations)
-    if options.target_params is not None and not 0.0 < options.target_params < 1.0:
-        raise AdaPrunerError(f"--target-params {options.target_params} is outside (0, 1): pass the fraction of all parameters to remove")
-    if not (options.prune_attention or options.prune_mlp):
-        raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
+        print(plan.table())
     setup = study_setup(options)
     if options.storage is None:
         out.mkdir(parents=True, exist_ok=True)

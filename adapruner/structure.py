@@ -167,6 +167,16 @@ def mlp_group(info: LayerInfo) -> Group:
     return Group(info.index, "mlp", members, info.intermediate)
 
 
+def output_projections(model: nn.Module, layers) -> dict[str, nn.Linear]:
+    """o_proj and down_proj of `layers` by module name: the linears whose *input* channels pruning removes."""
+    found: dict[str, nn.Linear] = {}
+    for index in layers:
+        info = layer_info(model, index)
+        found[f"{info.prefix}.self_attn.{ATTENTION_PROJECTIONS[-1]}"] = info.attn.o_proj
+        found[f"{info.prefix}.mlp.{MLP_PROJECTIONS[-1]}"] = info.mlp.down_proj
+    return found
+
+
 def prunable_linears(model: nn.Module, layers: range) -> dict[str, nn.Linear]:
     """Every linear that some group of `layers` prunes, by its module name."""
     found: dict[str, nn.Linear] = {}

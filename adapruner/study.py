@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from adapruner.allocation import DEFAULT_MIN_KEEP
 from adapruner.cache import ActivationCache, DamagedCache
 from adapruner.compensation import DEFAULT_DAMP
-from adapruner.errors import AdaPrunerError
+from adapruner.errors import AdaPrunerError, first_line
 from adapruner.search import Objective, PruneSetting, SearchSpace
 from adapruner.validation import ValidationScorer
 
@@ -76,8 +76,7 @@ def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
 
 
 def _refuse(url: str, exc: Exception):
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    raise AdaPrunerError(f"cannot open storage {url!r} ({reason}): pass a URL like sqlite:///path/study.db or journal:path/study.log") from None
+    raise AdaPrunerError(f"cannot open storage {url!r} ({first_line(exc)}): pass a URL like sqlite:///path/study.db or journal:path/study.log") from None
 
 
 def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:

@@ -6,7 +6,8 @@ import torch
 
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
-from adapruner.prune import PrunePlan, apply_plan, count_params, plan_pruning, removal_count, removed_params, solve_ratio, top_units
+from adapruner.allocation import removal_count
+from adapruner.prune import PrunePlan, apply_plan, count_params, plan_pruning, removed_params, solve_ratio, top_units
 from adapruner.structure import layer_info
 
 
