@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from adapruner.big_model import weights
 from adapruner.calibration import seeded_draw
 from adapruner.devices import dtype_name, model_device
 from adapruner.errors import AdaPrunerError, first_line
@@ -221,7 +222,8 @@ class CachedImportance(Importance):
             return super().channel_scores(member)
         if self.metric == "fluct" and member.dim == 0:
             raise AdaPrunerError("fluct scores input columns only (o_proj, down_proj)")
-        return self.cache.channel_scores(self.metric, member.name, member.linear.weight.detach(), member.dim, self.samples)
+        with weights(member.linear) as linear:
+            return self.cache.channel_scores(self.metric, member.name, linear.weight.detach(), member.dim, self.samples)
 
 
 def candidate_pool(tokenizer, pools: list[str], pool_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, list[tuple[str, int]]]:
@@ -269,7 +271,8 @@ def build_cache(
 
     def on_grad(name: str, dy: torch.Tensor) -> None:
         x = inputs[input_owner(name)]
-        w = linears[name].weight.detach().float()
+        with weights(linears[name]) as linear:  # an offloaded weight is loaded again for its backward
+            w = linear.weight.detach().float()
         keep(f"vec_rows/{name}", (dy * (x @ w.t())).view(-1, L, dy.shape[1]).sum(1))
         keep(f"vec_cols/{name}", (x * (dy @ w)).view(-1, L, x.shape[1]).sum(1))
         fisher_rows, fisher_cols = sample_fisher_stats(w, x, dy, L)

@@ -128,12 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--from-study", default=None, help="apply the plan of the best trial of an `adapruner search` output directory (as scored)")
     prune.add_argument("--recompute", action="store_true", help="with --from-study: re-derive the plan from statistics recomputed on the trial's windows and report the units that differ")
     _add_placement_args(prune)
+    _add_dispatch_args(prune)
 
     search = commands.add_parser("search", help="AdaPruner: Bayesian search over calibration samples and metrics")
     _add_search_args(search)
     search.add_argument("--out", required=True, help="directory for the study, best.json and plots (reuse it to resume)")
     search.add_argument("--plan", action="store_true", help="print the memory plan (model, cache sizes and where they go) and exit; reads no weights")
     _add_placement_args(search)
+    _add_dispatch_args(search)
 
     run = commands.add_parser("run", help="search → prune → (LoRA) → evaluate dense and pruned → report.md")
     _add_search_args(run)
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--full-seq-len", type=WINDOW, default=run_default("full_seq_len"), help="the long perplexity window (capped at the model's context)")
     run.add_argument("--out", required=True, help="new directory for every stage's output and the report")
     _add_placement_args(run)
+    _add_dispatch_args(run)
 
     tune = commands.add_parser("finetune", help="recover a pruned model with LoRA (peft), then merge or keep the adapter")
     tune.add_argument("--model", required=True, help="a pruned model directory (or any HF model, or 'smollm2')")
@@ -181,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=COUNT, default=EVAL.batch_size, help="windows per forward pass")
     evaluate.add_argument("--seq-len", type=WINDOW, default=EVAL.seq_len, help="tokens per evaluation window")
     _add_placement_args(evaluate)
+    _add_dispatch_args(evaluate)
     return parser
 
 
@@ -189,6 +193,14 @@ def _add_placement_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=SEARCH.dtype, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run Python code shipped with the model (its modeling_*.py); adapruner's own pruned models load without it")
+
+
+def _add_dispatch_args(parser: argparse.ArgumentParser) -> None:
+    from adapruner.big_model import DEVICE_MAP_HELP, MAX_MEMORY_HELP, OFFLOAD_HELP, device_map_arg, max_memory_arg
+
+    parser.add_argument("--device-map", type=device_map_arg, default=None, help=DEVICE_MAP_HELP)
+    parser.add_argument("--max-memory", type=max_memory_arg, default=None, help=MAX_MEMORY_HELP)
+    parser.add_argument("--offload-dir", default=None, help=OFFLOAD_HELP)
 
 
 def _add_search_args(parser: argparse.ArgumentParser) -> None:
@@ -254,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def placement_of(args: argparse.Namespace) -> Placement:
-    return Placement.of(args.device, args.dtype, args.trust_remote_code)
+    from adapruner.big_model import Dispatch
+
+    dispatch = Dispatch.of(getattr(args, "device_map", None), getattr(args, "max_memory", None), getattr(args, "offload_dir", None))
+    return Placement.of(args.device, args.dtype, args.trust_remote_code, dispatch)
 
 
 def prune_options(args: argparse.Namespace) -> PruneOptions:
@@ -303,6 +318,7 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
         val_windows=args.val_windows, val_dtype=args.val_dtype, batch_size=args.batch_size, workers=args.workers,
         early_stop=args.early_stop, storage=args.storage, study=args.study, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
         cache_mem_gb=args.cache_mem, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map, max_memory=args.max_memory, offload_dir=args.offload_dir,
     )
 
 

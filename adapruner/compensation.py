@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adapruner.big_model import execution_device, place_like, weights
 from adapruner.errors import AdaPrunerError
 from adapruner.prune import PrunePlan, head_channels
 from adapruner.structure import layer_info, output_projections
@@ -95,7 +96,11 @@ def compensation_updates(dense: nn.Module, plan: PrunePlan, moments_of: Callable
     check_compensation(mode)
     if mode == "none":
         return {}
-    return {name: compensated(linear.weight, linear.bias, kept, moments_of(name), mode, damp) for name, (linear, kept) in output_linears(dense, plan).items()}
+    updates = {}
+    for name, (linear, kept) in output_linears(dense, plan).items():
+        with weights(linear):
+            updates[name] = compensated(linear.weight, linear.bias, kept, moments_of(name), mode, damp)
+    return updates
 
 
 def install(model: nn.Module, updates: dict[str, Update]) -> None:
@@ -106,8 +111,8 @@ def install(model: nn.Module, updates: dict[str, Update]) -> None:
         old = getattr(owner, leaf)
         if tuple(old.weight.shape) != tuple(weight.shape):
             raise AdaPrunerError(f"{name} is {tuple(old.weight.shape)}, its compensation {tuple(weight.shape)}: apply the plan first")
-        dtype, device = old.weight.dtype, old.weight.device
+        dtype, device = old.weight.dtype, execution_device(old)
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=True, device="meta")
         linear.weight = nn.Parameter(weight.to(device, dtype), requires_grad=old.weight.requires_grad)
         linear.bias = nn.Parameter(bias.to(device, dtype), requires_grad=old.weight.requires_grad)
-        setattr(owner, leaf, linear)
+        setattr(owner, leaf, place_like(linear, old))

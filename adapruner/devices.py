@@ -9,10 +9,14 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from adapruner.errors import AdaPrunerError
+
+if TYPE_CHECKING:
+    from adapruner.big_model import Dispatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -68,19 +72,28 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     trust_remote_code: bool = False
+    dispatch: "Dispatch | None" = None  # spread over devices, host memory and disk (`adapruner.big_model`)
 
     @classmethod
-    def of(cls, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> "Placement":
+    def of(cls, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, dispatch: "Dispatch | None" = None) -> "Placement":
+        """With a `dispatch`, `device` stays `auto` and names the first device (cuda:0 where CUDA is, else the CPU)."""
+        if dispatch is not None and device != "auto":
+            raise AdaPrunerError(f"--device {device} and --device-map both place the model: pass one of them")
         resolved = resolve_device(device)
-        return cls(resolved, resolve_dtype(dtype, resolved), trust_remote_code)
+        return cls(resolved, resolve_dtype(dtype, resolved), trust_remote_code, dispatch)
 
-    def describe(self) -> dict[str, str]:
-        return {"device": str(self.device), "dtype": dtype_name(self.dtype)}
+    def describe(self) -> dict:
+        described = {"device": str(self.device), "dtype": dtype_name(self.dtype)}
+        return described if self.dispatch is None else described | self.dispatch.describe()
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of a model's first parameter (every tensor a model step creates goes there)."""
-    return next(model.parameters()).device
+    """Where a model's inputs go (every tensor a model step creates goes there): the execution device of its input
+    embeddings — a dispatched model's first device — else the device of its first parameter."""
+    from adapruner.big_model import execution_device
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return execution_device(embeddings) if embeddings is not None else next(model.parameters()).device
 
 
 @contextmanager

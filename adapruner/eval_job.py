@@ -63,7 +63,7 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
     if merged.get("format") != REPORT_FORMAT:
         raise AdaPrunerError(f"{report} was written by another adapruner version (format {merged.get('format')!r}): pass --report NEW.json")
     started = time.perf_counter()
-    model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code)
+    model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch)
     check_context(model, options.seq_len)
     results: dict[str, dict] = {}
     if options.ppl is not None:

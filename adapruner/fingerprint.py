@@ -15,6 +15,7 @@ import json
 import torch
 from torch import nn
 
+from adapruner.big_model import weights
 from adapruner.corpora import Split, pool_documents
 
 UNHASHED_CONFIG = frozenset({"transformers_version", "_name_or_path", "_attn_implementation", "_commit_hash", "dtype", "torch_dtype"})  # not the model
@@ -29,10 +30,13 @@ def model_digest(model: nn.Module, tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     digest.update(json.dumps([vocab, sorted(map(str, tokenizer.all_special_tokens))]).encode())
     with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // SAMPLED)].float().cpu()
-            total = flat.sum(dtype=torch.float64).item() if tensor.is_floating_point() else int(flat.sum().item())
+        for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+            owner_name, _, leaf = name.rpartition(".")
+            with weights(model.get_submodule(owner_name)) as owner:  # an offloaded tensor is read from where it lives
+                tensor = getattr(owner, leaf)
+                flat = tensor.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // SAMPLED)].float().cpu()
+                total = flat.sum(dtype=torch.float64).item() if tensor.is_floating_point() else int(flat.sum().item())
             digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{total:.7g}|".encode())
             digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:DIGEST_CHARS]

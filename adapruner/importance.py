@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapruner.big_model import weights
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels import METRICS_NEEDING, channel_importance
 from adapruner.structure import Group, Member
@@ -84,7 +85,10 @@ class Importance:
 
     def channel_scores(self, member: Member) -> torch.Tensor:
         """Scores of every channel along the member's pruned dimension (subclasses change where data comes from)."""
-        weight = member.linear.weight.detach()
+        with weights(member.linear) as linear:
+            return self._weight_scores(member, linear.weight.detach())
+
+    def _weight_scores(self, member: Member, weight: torch.Tensor) -> torch.Tensor:
         if self.metric == "random":
             digest = hashlib.sha256(f"{self.seed}:{member.name}".encode()).digest()
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))

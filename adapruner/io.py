@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from adapruner.big_model import host_state_dict, is_dispatched, weights
 from adapruner.errors import AdaPrunerError
 from adapruner.model_card import model_card
 from adapruner.staging import staged_dir
@@ -53,7 +54,7 @@ def save_pruned(
     if uniform and output_bias:
         raise AdaPrunerError("--uniform saves a stock config, which has no o_proj/down_proj biases for compensation: drop --uniform or --compensate")
     with staged_dir(out_dir) as staging:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, **({"state_dict": host_state_dict(model)} if is_dispatched(model) else {}))
         tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
         config = json.loads(config_path.read_text())
@@ -101,7 +102,12 @@ def give_output_biases(model: nn.Module) -> bool:
     outputs = output_projections(model, range(len(decoder_layers(model))))
     if all(linear.bias is None for linear in outputs.values()):
         return False
-    install(model, {name: (linear.weight.detach(), linear.weight.new_zeros(linear.out_features)) for name, linear in outputs.items() if linear.bias is None})
+    zero_biases = {}
+    for name, linear in outputs.items():
+        if linear.bias is None:
+            with weights(linear):
+                zero_biases[name] = (linear.weight.detach(), linear.weight.new_zeros(linear.out_features))
+    install(model, zero_biases)
     return True
 
 

@@ -31,11 +31,13 @@ class MemoryPlan:
     device_free_bytes: int
     host_available_bytes: int
     disk_free_bytes: int
+    device_map: str | None = None  # the model is spread by accelerate (GPUs, then host memory, then disk)
 
     def rows(self) -> list[list[object]]:
         where = f"on {self.device}" if self.cache_on_device else "memory-mapped in host memory, rows copied per trial"
+        model_where = f"on {self.device}" if self.device_map is None else f"spread by --device-map {self.device_map} from {self.device}"
         return [
-            ["model weights", f"{self.model_bytes / GIB:.3f} GiB", f"on {self.device}"],
+            ["model weights", f"{self.model_bytes / GIB:.3f} GiB", model_where],
             ["activation cache", f"{self.cache_bytes / GIB:.3f} GiB", where],
             ["cache file", f"{self.cache_bytes / GIB:.3f} GiB", f"under {self.cache_dir} (reused when one of the same key is there)"],
             [f"free on {self.device}", f"{self.device_free_bytes / GIB:.3f} GiB", "now"],
@@ -50,8 +52,8 @@ class MemoryPlan:
 
     def check(self, cache_exists: bool = False) -> None:
         """One-line errors naming the flag when the plan cannot fit (the disk only matters for a cache to build)."""
-        if self.model_bytes > self.device_free_bytes:
-            fix = "pass --device cpu or --dtype bfloat16" if self.device != "cpu" else "use a machine with more memory (or a smaller model)"
+        if self.device_map is None and self.model_bytes > self.device_free_bytes:
+            fix = "pass --device-map auto (with --max-memory, --offload-dir) or --dtype bfloat16" if self.device != "cpu" else "pass --device-map auto --offload-dir DIR (or a smaller model)"
             raise AdaPrunerError(f"the model needs {self.model_bytes / GIB:.2f} GiB and {self.device} has {self.device_free_bytes / GIB:.2f} GiB free: {fix}")
         if not cache_exists and self.cache_bytes > self.disk_free_bytes:
             raise AdaPrunerError(f"the activation cache needs {self.cache_bytes / GIB:.2f} GiB and its folder has {self.disk_free_bytes / GIB:.2f} GiB free: "
@@ -75,11 +77,14 @@ def device_free_bytes(device: torch.device) -> int:
     return host_available_bytes()
 
 
-def memory_plan(device: torch.device, model_bytes: int, cache_bytes: int, cache_dir: Path, cache_mem_bytes: int) -> MemoryPlan:
-    """The plan, made before the model loads, for a model of `model_bytes` on `device` and a cache of `cache_bytes`."""
+def memory_plan(device: torch.device, model_bytes: int, cache_bytes: int, cache_dir: Path, cache_mem_bytes: int,
+                device_map: str | None = None) -> MemoryPlan:
+    """The plan, made before the model loads, for a model of `model_bytes` on `device` (or spread from it by
+    `device_map`, which fills the devices: the cache then stays in host memory) and a cache of `cache_bytes`."""
     folder = cache_dir.expanduser().absolute()
     while not folder.exists():
         folder = folder.parent
     free = device_free_bytes(device)
-    on_device = cache_bytes <= cache_mem_bytes and model_bytes + cache_bytes <= free
-    return MemoryPlan(str(device), model_bytes, cache_bytes, str(cache_dir), on_device, free, host_available_bytes(), shutil.disk_usage(folder).free)
+    on_device = device_map is None and cache_bytes <= cache_mem_bytes and model_bytes + cache_bytes <= free
+    return MemoryPlan(str(device), model_bytes, cache_bytes, str(cache_dir), on_device, free, host_available_bytes(), shutil.disk_usage(folder).free,
+                      device_map)

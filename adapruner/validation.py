@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from adapruner.compensation import install
-from adapruner.devices import DTYPES, model_device
+from adapruner.big_model import is_dispatched, rebind_forward
+from adapruner.devices import DTYPES, dtype_name, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.kernels.dispatch import native_bf16
@@ -52,6 +53,7 @@ def _shallow(module: nn.Module) -> nn.Module:
     """A new module object over the same children, parameters and buffers (its own tables, so setattr stays local)."""
     clone = copy.copy(module)
     clone._modules, clone._parameters, clone._buffers = dict(module._modules), dict(module._parameters), dict(module._buffers)
+    rebind_forward(clone, module)  # a dispatched module's hooked forward would run the original's children
     return clone
 
 
@@ -87,7 +89,12 @@ class ValidationScorer:
     """Validation perplexity of pruned variants of one base model on fixed windows (prefix computed once)."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, start: int, dtype: str = "float32", batch_size: int = 8):
-        self.base = shared_copy(model, VAL_DTYPES[dtype]).eval()
+        if is_dispatched(model):  # its tensors stay where the device map put them: trials copy the path to each cut only
+            if next(model.parameters()).dtype != VAL_DTYPES[dtype]:
+                raise AdaPrunerError(f"a model spread by --device-map validates in its own dtype: pass --val-dtype {dtype_name(next(model.parameters()).dtype)}")
+            self.base = model
+        else:
+            self.base = shared_copy(model, VAL_DTYPES[dtype]).eval()
         self.windows, self.start, self.batch_size = windows.to(model_device(model)), start, batch_size
         self.prefix = self._hidden_entering_start()
 

@@ -1,0 +1,190 @@
+"""Models spread over GPUs, host memory and disk by accelerate's big-model dispatch (`--device-map`).
+
+transformers loads with `device_map`, `max_memory` and `offload_folder`; accelerate then hooks every module: the
+hook moves a module's inputs to its *execution device* and, for an offloaded module, loads its weights from host
+memory or disk before the forward and puts them back on the meta device after it. Hence, for this package:
+- outside a forward an offloaded weight is a meta tensor: every read goes through `weights(linear)`;
+- a linear that pruning or compensation replaces is placed like the one it replaces (`place_like`): on the same
+  device, or, for an offloaded one, with its (smaller) weights in host memory, loaded per forward;
+- a new module object over a hooked one (the trials' path-only copies) runs its own children (`rebind_forward`):
+  accelerate binds each hooked `forward` to the module it hooked.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapruner.errors import AdaPrunerError
+
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAP_HELP = ("spread the model over devices with accelerate: auto, balanced, balanced_low_0, sequential, or a JSON file "
+                   "{module name: device | 'cpu' | 'disk'}; with --max-memory and --offload-dir")
+MAX_MEMORY_HELP = "with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (GPU index or cpu = size)"
+OFFLOAD_HELP = "with --device-map: folder for the weights the map puts on disk"
+_DEVICE_NAME = re.compile(r"cpu|disk|cuda(:\d+)?|\d+")
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """How to spread a model: a strategy name or a JSON device-map file, memory per device (bytes), an offload folder."""
+
+    device_map: str
+    max_memory: tuple[tuple[str, int], ...] = ()
+    offload_dir: str | None = None
+
+    @classmethod
+    def of(cls, device_map: str | None, max_memory: str | None = None, offload_dir: str | None = None) -> "Dispatch | None":
+        """None without a device map; --max-memory and --offload-dir alone are refused."""
+        if device_map is None:
+            if max_memory or offload_dir:
+                raise AdaPrunerError("--max-memory and --offload-dir shape a --device-map: add --device-map auto")
+            return None
+        device_map_arg(device_map)
+        dispatch = cls(device_map, tuple(parse_max_memory(max_memory).items()) if max_memory else (), offload_dir)
+        dispatch.check_devices()
+        return dispatch
+
+    def load_kwargs(self) -> dict:
+        """Keyword arguments for `from_pretrained`."""
+        kwargs: dict = {"device_map": self.device_map if self.device_map in STRATEGIES else _read_map(self.device_map)}
+        if self.max_memory:
+            kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in self.max_memory}
+        if self.offload_dir:
+            Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
+            kwargs["offload_folder"] = self.offload_dir
+        return kwargs
+
+    def check_devices(self) -> None:
+        """GPU indices in --max-memory or the map must be visible here."""
+        named = [k for k, _ in self.max_memory if k.isdigit()]
+        if self.device_map not in STRATEGIES:
+            named += [str(v).removeprefix("cuda:") for v in _read_map(self.device_map).values() if str(v).startswith("cuda") or isinstance(v, int)]
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        wrong = next((n for n in named if n.isdigit() and int(n) >= visible), None)
+        if wrong is not None:
+            raise AdaPrunerError(f"--device-map/--max-memory name GPU {wrong} and {visible} are visible here: use cpu (and disk) entries or fewer GPUs")
+
+    def describe(self) -> dict:
+        return {"device_map": self.device_map, "max_memory": dict(self.max_memory), "offload_dir": self.offload_dir}
+
+
+def device_map_arg(text: str) -> str:
+    """argparse `type` for --device-map: a strategy name, or a JSON file mapping module names to devices."""
+    if text in STRATEGIES:
+        return text
+    _read_map(text)
+    return text
+
+
+def _read_map(path: str) -> dict:
+    try:
+        mapping = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"--device-map {path!r} is neither {', '.join(STRATEGIES)} nor a readable JSON file ({exc.__class__.__name__})") from None
+    if not isinstance(mapping, dict) or not mapping or not all(isinstance(k, str) and _DEVICE_NAME.fullmatch(str(v)) for k, v in mapping.items()):
+        raise argparse.ArgumentTypeError(f"--device-map {path}: write an object {{module name: GPU index, 'cuda:N', 'cpu' or 'disk'}}")
+    return mapping
+
+
+def max_memory_arg(text: str) -> str:
+    """argparse `type` for --max-memory: the text, once `parse_max_memory` reads it."""
+    parse_max_memory(text)
+    return text
+
+
+def parse_max_memory(text: str) -> dict[str, int]:
+    """`0=70GiB,cpu=200GiB` → {"0": bytes, "cpu": bytes}; a wrong entry raises `argparse.ArgumentTypeError`."""
+    from accelerate.utils import convert_file_size_to_int
+
+    limits: dict[str, int] = {}
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        device, _, size = entry.partition("=")
+        device = device.strip()
+        if not (device.isdigit() or device == "cpu") or not size:
+            raise argparse.ArgumentTypeError(f"--max-memory entry {entry!r}: write DEVICE=SIZE with DEVICE a GPU index or cpu, e.g. 0=70GiB,cpu=200GiB")
+        try:
+            limits[device] = convert_file_size_to_int(size.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--max-memory size {size!r}: write a size such as 70GiB or 500MB") from None
+        if limits[device] <= 0:
+            raise argparse.ArgumentTypeError(f"--max-memory size {size!r} must be positive")
+    if not limits:
+        raise argparse.ArgumentTypeError("--max-memory is empty: write e.g. 0=70GiB,cpu=200GiB")
+    return limits
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """True for a model accelerate has hooked (loaded with a device map)."""
+    return any(hasattr(module, "_hf_hook") for module in model.modules())
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """True when the module's own weights live in host memory or on disk and are loaded per forward."""
+    from accelerate.utils import has_offloaded_params
+
+    return has_offloaded_params(module)
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where the module computes: its hook's execution device, else the device of its first tensor."""
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next(t.device for t in (*module.parameters(), *module.buffers()))
+
+
+@contextmanager
+def weights(module: nn.Module) -> Iterator[nn.Module]:
+    """The module with its weights readable (an offloaded module's loaded on its execution device meanwhile)."""
+    if not is_offloaded(module):
+        yield module
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        yield module
+
+
+def place_like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Put `new` (made on the execution device) where `old` lives: offloaded `old` → `new`'s weights move to host
+    memory and load per forward onto the same execution device."""
+    if is_offloaded(old):
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+        add_hook_to_module(new, AlignDevicesHook(execution_device=old._hf_hook.execution_device, offload=True))
+    return new
+
+
+def rebind_forward(clone: nn.Module, original: nn.Module) -> None:
+    """Make a shallow copy of a hooked module run through the same hook with the copy's own children."""
+    bound = original.__dict__.get("_old_forward")
+    if "forward" not in original.__dict__ or not isinstance(bound, types.MethodType):
+        return
+    clone._old_forward = types.MethodType(bound.__func__, clone)
+    clone.forward = functools.update_wrapper(functools.partial(original.forward.func, clone), clone._old_forward)
+
+
+def host_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of a dispatched model, read onto the host (offloaded ones loaded one module at a time); tied
+    tensors stay one object."""
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id → (tensor, its host copy): holding the tensor keeps its id unique
+    for prefix, module in model.named_modules():
+        with weights(module):
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if name in module._non_persistent_buffers_set:
+                    continue
+                if id(tensor) not in seen:
+                    seen[id(tensor)] = (tensor, tensor.detach().cpu())
+                state[f"{prefix}.{name}" if prefix else name] = seen[id(tensor)][1]
+    return state

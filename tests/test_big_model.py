@@ -1,0 +1,155 @@
+"""A model spread by accelerate over the CPU and disk (`--device-map`) computes what the undispatched one does:
+the same cache tensors, trial plans and validation perplexities, and the same saved pruned model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapruner.big_model import Dispatch, host_state_dict, is_dispatched, is_offloaded
+from adapruner.cache import build_cache, cache_key
+from adapruner.cli import main
+from adapruner.models import load_model
+from adapruner.search import PruneSetting, TrialConfig, trial_plan, trial_updates
+from adapruner.validation import ValidationScorer
+from tests.conftest import tiny_llama, word_level_tokenizer
+
+# layers 1 and 2 and the head on disk, the rest in host memory (accelerate runs the disk ones on the CPU)
+CPU_AND_DISK = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
+                "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_llama(6, 2, layers=4).save_pretrained(folder)
+    word_level_tokenizer().save_pretrained(folder)
+    (tmp_path / "map.json").write_text(json.dumps(CPU_AND_DISK))
+    return folder
+
+
+def spread(model_dir, tmp_path):
+    return load_model(str(model_dir), dispatch=Dispatch.of(str(tmp_path / "map.json"), None, str(tmp_path / "offload")))[0]
+
+
+def test_the_map_puts_weights_on_disk(model_dir, tmp_path):
+    model = spread(model_dir, tmp_path)
+    assert is_dispatched(model) and model.hf_device_map == CPU_AND_DISK
+    assert is_offloaded(model.model.layers[1].mlp.down_proj) and not is_offloaded(model.model.layers[0].mlp.down_proj)
+    assert model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # loaded only inside a forward
+    plain = load_model(str(model_dir))[0]
+    state = host_state_dict(model)
+    assert state.keys() == plain.state_dict().keys()
+    assert all(torch.equal(state[name], tensor) for name, tensor in plain.state_dict().items())
+
+
+def test_cache_trials_and_base_model_equal_the_undispatched_ones(model_dir, tmp_path):
+    plain, dispatched = load_model(str(model_dir))[0], spread(model_dir, tmp_path)
+    ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(2))
+    caches = []
+    for model in (plain, dispatched):
+        key = cache_key("tiny", model, ["wiki"], 4, 16, range(1, 4), 0, activations=True, dtype="float32")
+        caches.append(build_cache(model, key, ids, [("wiki", i) for i in range(4)], batch_size=2, progress=False))
+    assert caches[0].tensors.keys() == caches[1].tensors.keys()
+    for name, tensor in caches[0].tensors.items():
+        torch.testing.assert_close(caches[1].tensors[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    setting = PruneSetting(0.5, range(1, 4))
+    scorers = [ValidationScorer(model, windows, 1) for model in (plain, dispatched)]
+    assert scorers[1].base is dispatched  # no copy of a spread model: trials copy the path to their cuts only
+    values = set()
+    for metric, compensation in (("taylor1", "lsq"), ("act", "bias"), ("taylor2", "none"), ("vector", "lsq"), ("l2", "bias")):
+        config = TrialConfig([0, 2, 3], metric, "sum", compensation=compensation)
+        plans = [trial_plan(model, cache, setting, config) for model, cache in zip((plain, dispatched), caches)]
+        assert plans[0] == plans[1], metric
+        ppl = [scorer.score(plan, None, trial_updates(model, cache, setting, config, plan))
+               for scorer, model, cache, plan in zip(scorers, (plain, dispatched), caches, plans)]
+        assert ppl[1] == pytest.approx(ppl[0], rel=1e-6), (metric, compensation)
+        values.add(round(ppl[0], 6))
+    assert len(values) == 5  # the trials ran their own pruned models (a copy running the base's children would not)
+    with torch.no_grad():  # trials leave the spread model whole
+        torch.testing.assert_close(dispatched(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert dispatched.model.layers[1].mlp.down_proj.weight.device.type == "meta"
+
+
+def saved_tensors(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_model(left, right):
+    a, b = saved_tensors(left), saved_tensors(right)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    config_a, config_b = (json.loads((folder / "config.json").read_text()) for folder in (left, right))
+    assert {k: v for k, v in config_a.items() if k != "_name_or_path"} == {k: v for k, v in config_b.items() if k != "_name_or_path"}
+
+
+def test_cli_search_and_prune_with_a_device_map_equal_the_plain_run(model_dir, tmp_path, capsys):
+    spread_flags = ["--device-map", str(tmp_path / "map.json"), "--offload-dir", str(tmp_path / "offload")]
+    common = ["--model", str(model_dir), "--ratio", "0.5", "--layers", "1:4", "--seq-len", "16"]
+    search = [*common, "--pools", "wiki", "--pool-size", "4", "--metrics", "taylor1,act", "--compensations", "none,bias",
+              "--sample-counts", "2,4", "--blocks-per-pool", "2", "--trials", "4", "--val-windows", "3", "--batch-size", "2",
+              "--val-dtype", "float32"]  # a spread model validates in its own dtype; auto may pick bf16 for the plain one
+    for name, extra in (("plain", []), ("spread", spread_flags)):
+        assert main(["search", *search, *extra, "--cache-dir", str(tmp_path / f"cache-{name}"), "--out", str(tmp_path / f"s-{name}")]) == 0
+    assert "spread by --device-map" in capsys.readouterr().out
+    best = [json.loads((tmp_path / f"s-{name}" / "best.json").read_text()) for name in ("plain", "spread")]
+    assert best[0]["plan"] == best[1]["plan"] and best[0]["val_ppl"] == pytest.approx(best[1]["val_ppl"], rel=1e-6)
+    assert best[1]["placement"]["device_map"] == str(tmp_path / "map.json")
+    for name, extra in (("plain", []), ("spread", spread_flags)):
+        assert main(["prune", "--model", str(model_dir), "--from-study", str(tmp_path / f"s-{name}"), "--no-eval", *extra, "--out", str(tmp_path / f"p-{name}")]) == 0
+        assert main(["prune", *common, "--metric", "taylor1", "--calib", "wiki:3", "--compensate", "lsq", *extra, "--out", str(tmp_path / f"q-{name}")]) == 0
+    assert_same_model(tmp_path / "p-plain", tmp_path / "p-spread")
+    assert_same_model(tmp_path / "q-plain", tmp_path / "q-spread")
+    reports = [json.loads((tmp_path / f"q-{name}" / "report.json").read_text()) for name in ("plain", "spread")]
+    assert reports[0]["ppl_wiki_after"] == pytest.approx(reports[1]["ppl_wiki_after"], rel=1e-6)
+    assert reports[1]["placement"]["device_map"] == str(tmp_path / "map.json")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-memory", "cpu=lots"], "--max-memory size"),
+    (["--max-memory", "gpu0=1GiB"], "--max-memory entry"),
+    (["--device-map", "nowhere.json"], "--device-map 'nowhere.json' is neither"),
+])
+def test_bad_dispatch_flags_are_refused_at_parse_time(flags, message, tmp_path, capsys):
+    assert main(["search", "--model", "smollm2", *flags, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-memory", "cpu=1GiB"], "add --device-map auto"),
+    (["--device-map", "auto", "--device", "cpu"], "pass one of them"),
+    (["--device-map", "auto", "--workers", "2"], "pass --workers 1"),
+    (["--device-map", "auto", "--val-dtype", "bfloat16"], "validates in its own dtype"),
+    (["--device-map", "auto", "--max-memory", "7=1GiB"], "name GPU 7"),
+])
+def test_dispatch_misuse_is_one_line_before_any_model_loads(flags, message, model_dir, tmp_path, capsys, monkeypatch):
+    import adapruner.models
+
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(adapruner.models.AutoModelForCausalLM, "from_pretrained", no_load)
+    assert main(["search", "--model", str(model_dir), "--pools", "wiki", "--seq-len", "16", *flags, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_disk_entries_read_a_safetensors_checkpoint_in_place(model_dir, tmp_path, capsys):
+    """Without --offload-dir, accelerate reads a safetensors checkpoint's disk-mapped weights from its own files."""
+    common = ["--model", str(model_dir), "--ratio", "0.5", "--layers", "1:4", "--calib", "wiki:2", "--seq-len", "16", "--no-eval"]
+    assert main(["prune", *common, "--device-map", str(tmp_path / "map.json"), "--out", str(tmp_path / "spread")]) == 0
+    assert main(["prune", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert_same_model(tmp_path / "plain", tmp_path / "spread")
+    capsys.readouterr()
+
+
+def test_plan_of_a_spread_model_keeps_the_cache_on_the_host(model_dir, tmp_path, capsys):
+    assert main(["search", "--model", str(model_dir), "--pools", "wiki", "--pool-size", "4", "--seq-len", "16", "--layers", "1:4",
+                 "--device-map", "auto", "--max-memory", "cpu=20KB", "--offload-dir", str(tmp_path / "off"), "--plan", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "spread by --device-map auto" in out and "memory-mapped in host memory" in out
