@@ -13,7 +13,7 @@ forms them for any sample subset from the activation cache.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -91,13 +91,17 @@ def output_linears(model: nn.Module, plan: PrunePlan) -> dict[str, tuple[nn.Line
     return found
 
 
-def compensation_updates(dense: nn.Module, plan: PrunePlan, moments_of: Callable[[str], InputMoments], mode: str, damp: float = DEFAULT_DAMP) -> dict[str, Update]:
-    """The compensated (weight, bias) of every output linear the plan narrows, from the *dense* model's weights."""
+def compensation_updates(dense: nn.Module, plan: PrunePlan, moments_of: Callable[[str], InputMoments], mode: str, damp: float = DEFAULT_DAMP,
+                         names: Collection[str] | None = None) -> dict[str, Update]:
+    """The compensated (weight, bias) of every output linear the plan narrows (of those in `names`, if given), from
+    the *dense* model's weights."""
     check_compensation(mode)
     if mode == "none":
         return {}
     updates = {}
     for name, (linear, kept) in output_linears(dense, plan).items():
+        if names is not None and name not in names:
+            continue
         with weights(linear):
             updates[name] = compensated(linear.weight, linear.bias, kept, moments_of(name), mode, damp)
     return updates

@@ -2,7 +2,8 @@
 
 Order (docs/design.md): model weights on `--device` → the activation cache (its file under `--cache-dir` on disk;
 read onto the device when it is at most `--cache-mem` and fits beside the model, else memory-mapped in host memory,
-a trial copying its subset's rows over) → working buffers. The cache's size is exact: the tensors `build_cache`
+a trial copying its subset's rows over; a model spread by `--device-map` fills the devices, so its cache stays in host
+memory) → working buffers. The cache's size is exact: the tensors `build_cache`
 stores for these shapes, pools and metrics (X and dY only when taylor1/mix or lsq compensation are in the space).
 """
 from __future__ import annotations

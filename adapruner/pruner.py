@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -10,8 +11,10 @@ from adapruner.best_trial import BestTrial
 from adapruner.calibration import DEFAULT_SEQ_LEN, calibration_samples, windows_at
 from adapruner.allocation import DEFAULT_MIN_KEEP, check_allocation
 from adapruner.compensation import DEFAULT_DAMP, check_compensation, compensation_updates, install, output_linears
+from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.io import give_output_biases
+from adapruner.memory_plan import device_free_bytes
 from adapruner.importance import Importance, LinearStats, check_aggregation, needs
 from adapruner.prune import DEFAULT_RATIO, PrunePlan, apply_plan, check_ratio, plan_allocation
 from adapruner.statistics import collect_input_moments, collect_stats
@@ -78,8 +81,7 @@ def apply_study_plan(model: nn.Module, best: BestTrial, tokenizer: PreTrainedTok
         if tokenizer is None:
             raise AdaPrunerError("the study's best trial is compensated: pass the tokenizer to re-read its windows")
         samples = windows_at(tokenizer, [tuple(a) for a in best.addresses], best.seq_len)
-        moments = collect_input_moments(model, output_inputs(model, plan), samples.input_ids, best.compensation == "lsq", progress=progress)
-        updates = compensation_updates(model, plan, moments.__getitem__, best.compensation, best.damp)
+        updates = compensation_passes(model, plan, samples.input_ids, best.compensation, best.damp, progress=progress)
     apply_plan(model, plan)
     install(model, updates)
     give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will
@@ -90,6 +92,39 @@ def apply_study_plan(model: nn.Module, best: BestTrial, tokenizer: PreTrainedTok
 def output_inputs(model: nn.Module, plan: PrunePlan) -> dict[str, nn.Linear]:
     """The output linears (o_proj, down_proj) a plan narrows, by name: the ones compensation refits."""
     return {name: linear for name, (linear, _kept) in output_linears(model, plan).items()}
+
+
+def compensation_passes(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor, mode: str, damp: float,
+                        gram_bytes: int | None = None, progress: bool = True) -> dict:
+    """The compensated output linears of `plan` from forward passes of the dense `model` over `input_ids`. lsq needs
+    each linear's Gram XᵀX/T (in² fp32): a pass collects as many as fit `gram_bytes` (default: half the memory free
+    where the model's inputs go), solves them and frees them before the next pass — a 70B model's 80 down_proj Grams
+    (3.3 GB each) never sit in memory together. bias needs one pass."""
+    check_compensation(mode)
+    targets = output_inputs(model, plan)
+    if mode == "none" or not targets:
+        return {}
+    budget = gram_bytes if gram_bytes is not None else device_free_bytes(model_device(model)) // 2
+    updates = {}
+    for chunk in gram_chunks(targets, budget if mode == "lsq" else None):
+        moments = collect_input_moments(model, chunk, input_ids, mode == "lsq", progress=progress)
+        updates |= compensation_updates(model, plan, moments.__getitem__, mode, damp, names=chunk)
+    return updates
+
+
+def gram_chunks(linears: dict[str, nn.Linear], budget_bytes: int | None) -> list[dict[str, nn.Linear]]:
+    """`linears` in order, cut into runs whose fp32 Grams (in_features² · 4 bytes each) fit `budget_bytes` together
+    (None: one run; a linear whose Gram alone is larger gets a run of its own)."""
+    chunks: list[dict[str, nn.Linear]] = [{}]
+    used = 0
+    for name, linear in linears.items():
+        size = 4 * linear.in_features**2
+        if budget_bytes is not None and chunks[-1] and used + size > budget_bytes:
+            chunks.append({})
+            used = 0
+        chunks[-1][name] = linear
+        used += size
+    return chunks
 
 
 def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: PruneOptions, progress: bool = True) -> PruneResult:
@@ -113,14 +148,14 @@ def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: P
         addresses = list(samples.addresses)
         if required - {"act_var"}:
             stats = collect_stats(model, linears, samples.input_ids, required - {"act_var"}, progress)
-        if "act_var" in required or options.compensation != "none":
-            moments = collect_input_moments(model, outputs, samples.input_ids, options.compensation == "lsq", progress=progress)
+        if "act_var" in required:
+            moments = collect_input_moments(model, outputs, samples.input_ids, progress=progress)
     for name, moment in moments.items():
         stats.setdefault(name, LinearStats()).act_var = moment.variance
     importance = Importance(options.metric, options.aggregation, stats, seed=options.seed)
     plan = plan_allocation(model, importance, layers, options.granularity, options.prune_attention, options.prune_mlp, options.allocation,
                            options.ratio, options.target_params, options.depth_slope, options.min_keep, options.same_size)
-    updates = compensation_updates(model, plan, moments.__getitem__, options.compensation, options.damp)
+    updates = compensation_passes(model, plan, samples.input_ids, options.compensation, options.damp, progress=progress) if options.compensation != "none" else {}
     apply_plan(model, plan)
     install(model, updates)
     give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will

@@ -153,3 +153,30 @@ def test_plan_of_a_spread_model_keeps_the_cache_on_the_host(model_dir, tmp_path,
                  "--device-map", "auto", "--max-memory", "cpu=20KB", "--offload-dir", str(tmp_path / "off"), "--plan", "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "spread by --device-map auto" in out and "memory-mapped in host memory" in out
+
+
+def test_run_and_eval_with_a_device_map_equal_the_plain_ones(model_dir, tmp_path, capsys, monkeypatch):
+    """`run` (search → prune → evaluate) over the CPU+disk map saves the model and reports the perplexities the plain
+    run does; `eval` of that pruned directory (adapruner's own model class) spread by `auto` over a small host budget
+    and the disk measures what the plain eval does."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    spread_flags = ["--device-map", str(tmp_path / "map.json"), "--offload-dir", str(tmp_path / "offload")]
+    run = ["run", "--model", str(model_dir), "--ratio", "0.5", "--layers", "1:4", "--seq-len", "16", "--pools", "wiki", "--pool-size", "2",
+           "--trials", "2", "--val-windows", "2", "--metrics", "l2,act", "--sample-counts", "1,2", "--blocks-per-pool", "1", "--val-dtype", "float32",
+           "--max-eval-windows", "3", "--full-seq-len", "32", "--tasks", "", "--finetune-steps", "0"]
+    for name, extra in (("plain", []), ("spread", spread_flags)):
+        assert main([*run, *extra, "--cache-dir", str(tmp_path / f"cache-{name}"), "--out", str(tmp_path / f"run-{name}")]) == 0
+    assert_same_model(tmp_path / "run-plain" / "pruned", tmp_path / "run-spread" / "pruned")
+    rows = [json.loads((tmp_path / f"run-{name}" / "report.json").read_text())["rows"] for name in ("plain", "spread")]
+    for plain_row, spread_row in zip(*rows):
+        assert plain_row["params"] == spread_row["params"]
+        assert spread_row["ppl"] == pytest.approx(plain_row["ppl"], rel=1e-6)
+    pruned = str(tmp_path / "run-plain" / "pruned")
+    evaluation = ["eval", "--model", pruned, "--tasks", "", "--seq-len", "16", "--max-eval-windows", "3"]
+    assert main([*evaluation, "--report", str(tmp_path / "plain.json")]) == 0
+    assert main([*evaluation, "--device-map", "auto", "--max-memory", "cpu=20KB", "--offload-dir", str(tmp_path / "off2"),
+                 "--report", str(tmp_path / "spread.json")]) == 0
+    measured = [json.loads((tmp_path / f"{name}.json").read_text())["eval"]["ppl_wiki_seq16"] for name in ("plain", "spread")]
+    assert measured[1]["windows"] == measured[0]["windows"] == 3 and measured[1]["ppl"] == pytest.approx(measured[0]["ppl"], rel=1e-6)
+    assert main([*run, *spread_flags, "--finetune-steps", "2", "--out", str(tmp_path / "refused")]) == 2
+    assert "--finetune-steps 0" in capsys.readouterr().err and not (tmp_path / "refused").exists()

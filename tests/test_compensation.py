@@ -107,3 +107,24 @@ def _member(name, linear):
     from adapruner.structure import Member
 
     return Member(name, linear, 1, 1)
+
+
+def test_lsq_grams_in_passes_under_a_budget_equal_one_pass(gqa_model, monkeypatch):
+    """A Gram budget of one o_proj Gram (48² fp32) makes one pass per output linear; the refit is the one-pass refit."""
+    import adapruner.pruner as pruner
+
+    model, ids = gqa_model, calibration_ids()
+    plan = plan_allocation(model, Importance("l2"), range(0, 3), ratio=0.5)
+    targets = output_inputs(model, plan)
+    assert [list(c) for c in pruner.gram_chunks(targets, 4 * 48**2 + 4 * 24**2)] == [list(targets)[i : i + 2] for i in (0, 2, 4)]
+    assert len(pruner.gram_chunks(targets, None)) == 1
+    whole = pruner.compensation_passes(model, plan, ids, "lsq", 1.0, gram_bytes=None, progress=False)
+    passes = []
+    real = pruner.collect_input_moments
+    monkeypatch.setattr(pruner, "collect_input_moments", lambda *a, **k: passes.append(list(a[1])) or real(*a, **k))
+    split = pruner.compensation_passes(model, plan, ids, "lsq", 1.0, gram_bytes=4 * 48**2, progress=False)
+    assert passes == [[name] for name in targets]  # one linear's Gram per pass
+    assert split.keys() == whole.keys()
+    for name, (weight, bias) in whole.items():
+        torch.testing.assert_close(split[name][0], weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(split[name][1], bias, rtol=1e-6, atol=1e-7)
