@@ -19,6 +19,7 @@ from tests.conftest import tiny_llama, word_level_tokenizer
 # layers 1 and 2 and the head on disk, the rest in host memory (accelerate runs the disk ones on the CPU)
 CPU_AND_DISK = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
                 "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+PLAIN = ["--device", "cpu", "--dtype", "float32"]  # what the map above runs in, on a machine with a GPU too
 
 
 @pytest.fixture
@@ -88,18 +89,18 @@ def assert_same_model(left, right):
 
 
 def test_cli_search_and_prune_with_a_device_map_equal_the_plain_run(model_dir, tmp_path, capsys):
-    spread_flags = ["--device-map", str(tmp_path / "map.json"), "--offload-dir", str(tmp_path / "offload")]
+    spread_flags = ["--device-map", str(tmp_path / "map.json"), "--offload-dir", str(tmp_path / "offload"), "--dtype", "float32"]
     common = ["--model", str(model_dir), "--ratio", "0.5", "--layers", "1:4", "--seq-len", "16"]
     search = [*common, "--pools", "wiki", "--pool-size", "4", "--metrics", "taylor1,act", "--compensations", "none,bias",
               "--sample-counts", "2,4", "--blocks-per-pool", "2", "--trials", "4", "--val-windows", "3", "--batch-size", "2",
               "--val-dtype", "float32"]  # a spread model validates in its own dtype; auto may pick bf16 for the plain one
-    for name, extra in (("plain", []), ("spread", spread_flags)):
+    for name, extra in (("plain", PLAIN), ("spread", spread_flags)):
         assert main(["search", *search, *extra, "--cache-dir", str(tmp_path / f"cache-{name}"), "--out", str(tmp_path / f"s-{name}")]) == 0
     assert "spread by --device-map" in capsys.readouterr().out
     best = [json.loads((tmp_path / f"s-{name}" / "best.json").read_text()) for name in ("plain", "spread")]
     assert best[0]["plan"] == best[1]["plan"] and best[0]["val_ppl"] == pytest.approx(best[1]["val_ppl"], rel=1e-6)
     assert best[1]["placement"]["device_map"] == str(tmp_path / "map.json")
-    for name, extra in (("plain", []), ("spread", spread_flags)):
+    for name, extra in (("plain", PLAIN), ("spread", spread_flags)):
         assert main(["prune", "--model", str(model_dir), "--from-study", str(tmp_path / f"s-{name}"), "--no-eval", *extra, "--out", str(tmp_path / f"p-{name}")]) == 0
         assert main(["prune", *common, "--metric", "taylor1", "--calib", "wiki:3", "--compensate", "lsq", *extra, "--out", str(tmp_path / f"q-{name}")]) == 0
     assert_same_model(tmp_path / "p-plain", tmp_path / "p-spread")
@@ -124,7 +125,7 @@ def test_bad_dispatch_flags_are_refused_at_parse_time(flags, message, tmp_path, 
     (["--max-memory", "cpu=1GiB"], "add --device-map auto"),
     (["--device-map", "auto", "--device", "cpu"], "pass one of them"),
     (["--device-map", "auto", "--workers", "2"], "pass --workers 1"),
-    (["--device-map", "auto", "--val-dtype", "bfloat16"], "validates in its own dtype"),
+    (["--device-map", "auto", "--val-dtype", "float16"], "validates in its own dtype"),
     (["--device-map", "auto", "--max-memory", "7=1GiB"], "name GPU 7"),
 ])
 def test_dispatch_misuse_is_one_line_before_any_model_loads(flags, message, model_dir, tmp_path, capsys, monkeypatch):
@@ -142,8 +143,8 @@ def test_dispatch_misuse_is_one_line_before_any_model_loads(flags, message, mode
 def test_disk_entries_read_a_safetensors_checkpoint_in_place(model_dir, tmp_path, capsys):
     """Without --offload-dir, accelerate reads a safetensors checkpoint's disk-mapped weights from its own files."""
     common = ["--model", str(model_dir), "--ratio", "0.5", "--layers", "1:4", "--calib", "wiki:2", "--seq-len", "16", "--no-eval"]
-    assert main(["prune", *common, "--device-map", str(tmp_path / "map.json"), "--out", str(tmp_path / "spread")]) == 0
-    assert main(["prune", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert main(["prune", *common, "--device-map", str(tmp_path / "map.json"), "--dtype", "float32", "--out", str(tmp_path / "spread")]) == 0
+    assert main(["prune", *common, *PLAIN, "--out", str(tmp_path / "plain")]) == 0
     assert_same_model(tmp_path / "plain", tmp_path / "spread")
     capsys.readouterr()
 
@@ -160,11 +161,11 @@ def test_run_and_eval_with_a_device_map_equal_the_plain_ones(model_dir, tmp_path
     run does; `eval` of that pruned directory (adapruner's own model class) spread by `auto` over a small host budget
     and the disk measures what the plain eval does."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    spread_flags = ["--device-map", str(tmp_path / "map.json"), "--offload-dir", str(tmp_path / "offload")]
+    spread_flags = ["--device-map", str(tmp_path / "map.json"), "--offload-dir", str(tmp_path / "offload"), "--dtype", "float32"]
     run = ["run", "--model", str(model_dir), "--ratio", "0.5", "--layers", "1:4", "--seq-len", "16", "--pools", "wiki", "--pool-size", "2",
            "--trials", "2", "--val-windows", "2", "--metrics", "l2,act", "--sample-counts", "1,2", "--blocks-per-pool", "1", "--val-dtype", "float32",
            "--max-eval-windows", "3", "--full-seq-len", "32", "--tasks", "", "--finetune-steps", "0"]
-    for name, extra in (("plain", []), ("spread", spread_flags)):
+    for name, extra in (("plain", PLAIN), ("spread", spread_flags)):
         assert main([*run, *extra, "--cache-dir", str(tmp_path / f"cache-{name}"), "--out", str(tmp_path / f"run-{name}")]) == 0
     assert_same_model(tmp_path / "run-plain" / "pruned", tmp_path / "run-spread" / "pruned")
     rows = [json.loads((tmp_path / f"run-{name}" / "report.json").read_text())["rows"] for name in ("plain", "spread")]
@@ -173,8 +174,8 @@ def test_run_and_eval_with_a_device_map_equal_the_plain_ones(model_dir, tmp_path
         assert spread_row["ppl"] == pytest.approx(plain_row["ppl"], rel=1e-6)
     pruned = str(tmp_path / "run-plain" / "pruned")
     evaluation = ["eval", "--model", pruned, "--tasks", "", "--seq-len", "16", "--max-eval-windows", "3"]
-    assert main([*evaluation, "--report", str(tmp_path / "plain.json")]) == 0
-    assert main([*evaluation, "--device-map", "auto", "--max-memory", "cpu=20KB", "--offload-dir", str(tmp_path / "off2"),
+    assert main([*evaluation, *PLAIN, "--report", str(tmp_path / "plain.json")]) == 0
+    assert main([*evaluation, "--dtype", "float32", "--device-map", "auto", "--max-memory", "cpu=20KB", "--offload-dir", str(tmp_path / "off2"),
                  "--report", str(tmp_path / "spread.json")]) == 0
     measured = [json.loads((tmp_path / f"{name}.json").read_text())["eval"]["ppl_wiki_seq16"] for name in ("plain", "spread")]
     assert measured[1]["windows"] == measured[0]["windows"] == 3 and measured[1]["ppl"] == pytest.approx(measured[0]["ppl"], rel=1e-6)
