@@ -106,7 +106,7 @@ class ActivationCache:
             x, dy = self.tensors[f"x/{input_owner(name)}"], self.tensors[f"dy/{name}"]
             rows = self.token_rows(samples).to(x.device)
             if x.device != weight.device:  # a host-resident cache (over --cache-mem): stage the subset's rows on the device
-                x, dy = x.index_select(0, rows).to(weight.device), dy.index_select(0, rows).to(weight.device)
+                x, dy = rows_on(x, rows, weight.device), rows_on(dy, rows, weight.device)
                 rows = torch.arange(rows.numel(), device=weight.device)
             return cached_grad_importance(metric, weight, x, dy, rows, self.key.seq_len)[dim]
         raise AdaPrunerError(f"metric {metric!r} does not read the cache")
@@ -122,7 +122,7 @@ class ActivationCache:
         if not self.key.activations:
             raise AdaPrunerError("lsq compensation needs cached inputs: rebuild the cache with lsq in --compensations (or taylor1/mix in --metrics)")
         x = self.tensors[f"x/{owner}"]
-        rows = x.index_select(0, self.token_rows(samples).to(x.device)).to(device).float()
+        rows = rows_on(x, self.token_rows(samples).to(x.device), torch.device(device)).float()
         return InputMoments(mean, square_mean, rows.t() @ rows / tokens)
 
     def _sample_sum(self, name: str, samples: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -135,6 +135,11 @@ class ActivationCache:
         return next(iter(self.tensors.values())).device
 
     @property
+    def pinned(self) -> bool:
+        """Held in page-locked host memory (see `load`)."""
+        return next(iter(self.tensors.values())).is_pinned()
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
@@ -145,10 +150,11 @@ class ActivationCache:
             save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, str(tmp), metadata=metadata)  # staged on the host to write
 
     @classmethod
-    def load(cls, path: Path, max_memory_bytes: int = 0, device: torch.device | str = "cpu") -> "ActivationCache":
-        """Read onto `device` when the file is at most `max_memory_bytes`; otherwise memory-mapped in host memory
-        (pages are read on first touch and shared between worker processes on one machine; a trial on a GPU then
-        copies only its subset's rows over). A file that is not a whole cache raises `DamagedCache`."""
+    def load(cls, path: Path, max_memory_bytes: int = 0, device: torch.device | str = "cpu", pin: bool = False) -> "ActivationCache":
+        """Read onto `device` when the file is at most `max_memory_bytes`; otherwise into page-locked host memory with
+        `pin` (CUDA only: a trial's rows then copy over asynchronously, see `rows_on`), else memory-mapped in host
+        memory (pages are read on first touch and shared between worker processes on one machine; a trial on a GPU
+        then copies only its subset's rows over). A file that is not a whole cache raises `DamagedCache`."""
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -164,6 +170,8 @@ class ActivationCache:
                 tensors = load_file(str(path))
                 if fits:
                     tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+                elif pin and torch.cuda.is_available():
+                    tensors = {name: tensor.pin_memory() for name, tensor in tensors.items()}
         except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # not a whole cache we wrote (I/O and memory errors pass)
             raise DamagedCache(first_line(exc)) from None
         return cls(key, tensors, addresses)
@@ -181,6 +189,19 @@ class ActivationCache:
         wrong = next((name for name in sorted(set(expected) | set(found)) if expected.get(name) != found.get(name)), None)
         if wrong is not None:
             raise DamagedCache(f"tensor {wrong!r} is {found.get(wrong, 'missing')}, not {expected.get(wrong, 'expected')}")
+
+
+def rows_on(tensor: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor[rows]` on `device`, gathered where `tensor` lives. From pinned host memory the rows are gathered into a
+    fresh pinned buffer and copied without blocking: the host goes on to the next gather while the copy and the
+    device's work on earlier rows run (the pinned allocator keeps the buffer until its copy has finished)."""
+    if tensor.device == device:
+        return tensor.index_select(0, rows.to(device))
+    rows = rows.to(tensor.device)
+    if tensor.is_pinned():
+        staged = torch.empty((rows.numel(), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
+        return torch.index_select(tensor, 0, rows, out=staged).to(device, non_blocking=True)
+    return tensor.index_select(0, rows).to(device)
 
 
 def expected_tensors(model: nn.Module, key: CacheKey) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -305,18 +326,18 @@ def cache_key(model_name: str, model: nn.Module, pools: list[str], pool_size: in
 
 def load_or_build(
     model: nn.Module, tokenizer, key: CacheKey, cache_dir: Path, max_memory_bytes: int = 0, batch_size: int = 4, progress: bool = True,
-    report=print,
+    report=print, pin: bool = False,
 ) -> ActivationCache:
     """Reuse `cache_dir/<digest>.safetensors` when it holds a whole cache for `key`; else (missing, or damaged:
     `report`ed and replaced) build it and save it. Then load it onto the model's device (see `load`)."""
     path = cache_dir / f"{key.digest()}.safetensors"
     if path.is_file():
         try:
-            cache = ActivationCache.load(path, max_memory_bytes, model_device(model))
+            cache = ActivationCache.load(path, max_memory_bytes, model_device(model), pin)
             cache.check(model, key)
             return cache
         except DamagedCache as exc:
             report(f"note: activation cache {path} is damaged ({exc}): rebuilding it")
     input_ids, addresses = candidate_pool(tokenizer, list(key.pools), key.pool_size, key.seq_len, key.seed)
     build_cache(model, key, input_ids, addresses, batch_size, progress, max_memory_bytes).save(path)
-    return ActivationCache.load(path, max_memory_bytes, model_device(model))
+    return ActivationCache.load(path, max_memory_bytes, model_device(model), pin)

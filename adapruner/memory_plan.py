@@ -1,9 +1,15 @@
 """Where a search's memory goes, computed from the model's shapes before anything is loaded (`search --plan`).
 
-Order (docs/design.md): model weights on `--device` → the activation cache (its file under `--cache-dir` on disk;
-read onto the device when it is at most `--cache-mem` and fits beside the model, else memory-mapped in host memory,
-a trial copying its subset's rows over; a model spread by `--device-map` fills the devices, so its cache stays in host
-memory) → working buffers. The cache's size is exact: the tensors `build_cache`
+Order (docs/design.md): model weights on `--device` → the activation cache (its file under `--cache-dir` on disk),
+in the first place that holds it (`cache_placement`):
+    device   at most `--cache-mem` and fits beside the model (never for a model spread by `--device-map`, which fills
+             the devices);
+    pinned   beside a CUDA device, in page-locked host memory when it takes at most half the available host memory:
+             a trial gathers its subset's rows there and copies them over asynchronously, while the device works on
+             the previous linear;
+    mapped   memory-mapped from its file (pages read on first touch, shared by the workers of one machine), rows
+             gathered and copied over per linear
+→ working buffers. The cache's size is exact: the tensors `build_cache`
 stores for these shapes, pools and metrics (X and dY only when taylor1/mix or lsq compensation are in the space).
 """
 from __future__ import annotations
@@ -28,14 +34,19 @@ class MemoryPlan:
     model_bytes: int
     cache_bytes: int
     cache_dir: str
-    cache_on_device: bool
+    cache_place: str  # device | pinned | mapped (see the module docstring)
     device_free_bytes: int
     host_available_bytes: int
     disk_free_bytes: int
     device_map: str | None = None  # the model is spread by accelerate (GPUs, then host memory, then disk)
 
+    @property
+    def cache_on_device(self) -> bool:
+        return self.cache_place == "device"
+
     def rows(self) -> list[list[object]]:
-        where = f"on {self.device}" if self.cache_on_device else "memory-mapped in host memory, rows copied per trial"
+        where = {"device": f"on {self.device}", "pinned": "pinned host memory, rows copied per trial asynchronously",
+                 "mapped": "memory-mapped in host memory, rows copied per trial"}[self.cache_place]
         model_where = f"on {self.device}" if self.device_map is None else f"spread by --device-map {self.device_map} from {self.device}"
         return [
             ["model weights", f"{self.model_bytes / GIB:.3f} GiB", model_where],
@@ -85,7 +96,16 @@ def memory_plan(device: torch.device, model_bytes: int, cache_bytes: int, cache_
     folder = cache_dir.expanduser().absolute()
     while not folder.exists():
         folder = folder.parent
-    free = device_free_bytes(device)
-    on_device = device_map is None and cache_bytes <= cache_mem_bytes and model_bytes + cache_bytes <= free
-    return MemoryPlan(str(device), model_bytes, cache_bytes, str(cache_dir), on_device, free, host_available_bytes(), shutil.disk_usage(folder).free,
-                      device_map)
+    free, host = device_free_bytes(device), host_available_bytes()
+    place = cache_placement(device.type, model_bytes, cache_bytes, cache_mem_bytes, free, host, device_map is not None)
+    return MemoryPlan(str(device), model_bytes, cache_bytes, str(cache_dir), place, free, host, shutil.disk_usage(folder).free, device_map)
+
+
+def cache_placement(device_type: str, model_bytes: int, cache_bytes: int, cache_mem_bytes: int, device_free: int, host_available: int,
+                    spread: bool = False) -> str:
+    """`device`, `pinned` or `mapped`: the first tier of the module docstring that holds the cache."""
+    if not spread and cache_bytes <= cache_mem_bytes and model_bytes + cache_bytes <= device_free:
+        return "device"
+    if device_type == "cuda" and cache_bytes <= host_available // 2:
+        return "pinned"
+    return "mapped"

@@ -205,9 +205,11 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
                     activations=needs_activations(options), dtype=options.cache_dtype, model_digest=content["model"], pool_digests=tuple(content["pools"]))
     cache_dir = cache_folder(options)
     plan.check(cache_exists=(cache_dir / f"{key.digest()}.safetensors").is_file())
-    cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * GIB) if plan.cache_on_device else 0, progress=progress)
+    cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * GIB) if plan.cache_on_device else 0, progress=progress,
+                          pin=plan.cache_place == "pinned")
     if progress:
-        where = f"on {cache.device}" if cache.device.type != "cpu" or plan.cache_on_device else "memory-mapped in host memory (see the memory plan)"
+        where = (f"on {cache.device}" if cache.device.type != "cpu" or plan.cache_on_device
+                 else f"{'pinned' if cache.pinned else 'memory-mapped'} in host memory (see the memory plan)")
         on = f"spread by --device-map {options.device_map}" if placement.dispatch else f"on {options.device}"
         print(f"model {options.model} in {options.dtype} {on}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
     val_path = files / "val.safetensors"

@@ -128,3 +128,27 @@ def test_windows_longer_than_the_context_are_refused(gqa_model, tokenizer, tmp_p
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # besides the loader's progress bars
     assert code == 2 and len(errors) == 1 and "--seq-len 100 exceeds the model's context of 64 tokens" in errors[0]
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked host memory needs CUDA")
+def test_a_pinned_cache_scores_as_the_resident_one(gqa_model, device, tmp_path):
+    """The pinned tier: rows gathered into pinned buffers and copied without blocking give the resident cache's
+    plans and compensation moments."""
+    from adapruner.cache import ActivationCache, rows_on
+
+    ids = torch.randint(0, 97, (6, SEQ), generator=torch.Generator().manual_seed(3))
+    model = gqa_model.to(device)
+    resident = cache_on(model, ids)
+    resident.save(tmp_path / "c.safetensors")
+    pinned = ActivationCache.load(tmp_path / "c.safetensors", 0, device, pin=True)
+    assert pinned.pinned and pinned.device.type == "cpu"
+    rows = torch.tensor([5, 0, 17, 3])
+    for name in ("x/model.layers.1.mlp.gate_proj", "dy/model.layers.2.self_attn.q_proj"):
+        torch.testing.assert_close(rows_on(pinned.tensors[name], rows, device), resident.tensors[name][rows.to(device)])
+    for metric in ("taylor1", "mix", "taylor2"):
+        config = TrialConfig([1, 4, 5], metric, "sum")
+        assert trial_plan(model, pinned, PruneSetting(0.5, LAYERS), config) == trial_plan(model, resident, PruneSetting(0.5, LAYERS), config)
+    samples = torch.tensor([0, 3])
+    gram_pinned = pinned.input_moments("model.layers.1.mlp.down_proj", samples, device, gram=True).gram
+    gram_resident = resident.input_moments("model.layers.1.mlp.down_proj", samples, device, gram=True).gram
+    torch.testing.assert_close(gram_pinned, gram_resident)

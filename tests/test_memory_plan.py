@@ -41,3 +41,18 @@ def test_search_plan_prints_and_writes_nothing(tmp_path, capsys):
     per_layer = 2 * n * (sum(outs.values()) + sum(ins.values())) + 2 * n * owners + tokens * (sum(outs.values()) + owners)
     assert plan.cache_bytes == 3 * per_layer * 4  # 275,328 bytes
     assert f"{plan.cache_bytes / GIB:.3f} GiB" in printed and torch.device(plan.device).type == "cpu"
+
+
+def test_the_cache_goes_to_the_first_tier_that_holds_it():
+    """device (under --cache-mem and beside the model) → pinned host memory (CUDA, at most half the host's
+    available memory) → memory-mapped; a spread model's cache never goes on the device."""
+    from adapruner.memory_plan import cache_placement
+
+    gib = 2**30
+    assert cache_placement("cuda", 14 * gib, 8 * gib, 16 * gib, 80 * gib, 200 * gib) == "device"
+    assert cache_placement("cuda", 14 * gib, 34 * gib, 16 * gib, 80 * gib, 200 * gib) == "pinned"  # over --cache-mem
+    assert cache_placement("cuda", 70 * gib, 8 * gib, 16 * gib, 75 * gib, 200 * gib) == "pinned"  # not beside the model
+    assert cache_placement("cuda", 14 * gib, 8 * gib, 16 * gib, 80 * gib, 200 * gib, spread=True) == "pinned"
+    assert cache_placement("cuda", 14 * gib, 120 * gib, 16 * gib, 80 * gib, 200 * gib) == "mapped"  # over half the host
+    assert cache_placement("cpu", 1 * gib, 30 * gib, 16 * gib, 200 * gib, 200 * gib) == "mapped"  # no pinning without CUDA
+    assert cache_placement("cpu", 1 * gib, 2 * gib, 16 * gib, 200 * gib, 200 * gib) == "device"
