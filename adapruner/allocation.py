@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from adapruner.big_model import unique_tensors
 from adapruner.errors import AdaPrunerError
 from adapruner.structure import AttnGranularity, LayerInfo, layer_info
 
@@ -36,6 +37,10 @@ DEFAULT_MIN_KEEP = 0.25  # global: the fewest units of a module a layer keeps, a
 Counts = dict[int, tuple[int, int]]
 Scores = Mapping[tuple[int, str], torch.Tensor]  # (layer, "attn" | "mlp") → unit scores (attn: per kv group, or per query head)
 
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the model, tied weights counted once (also once an offloaded model has run)."""
+    return sum(p.numel() for _name, p in unique_tensors(model))
 
 def check_allocation(allocation: str) -> None:
     if allocation not in ALLOCATIONS:
@@ -107,7 +112,7 @@ def check_target_params(target_params: float) -> None:
 def target_count(model: nn.Module, target_params: float) -> int:
     """T = ⌈p · N⌉ parameters to remove."""
     check_target_params(target_params)
-    return math.ceil(target_params * sum(p.numel() for p in model.parameters()))
+    return math.ceil(target_params * count_params(model))
 
 
 def budget_counts(model: nn.Module, layers: range, target: int, weights: Mapping[int, float], granularity: AttnGranularity,
@@ -172,7 +177,7 @@ def budget_counts(model: nn.Module, layers: range, target: int, weights: Mapping
 
 
 def _out_of_reach(model: nn.Module, target: int, reachable: int, layers: range):
-    total = sum(p.numel() for p in model.parameters())
+    total = count_params(model)
     raise AdaPrunerError(f"--target-params {target / total:.3f} is out of reach: layers {layers.start}:{layers.stop} give at most "
                          f"{reachable / total:.3f} of the parameters; widen --layers or lower the target")
 
@@ -214,7 +219,7 @@ def global_counts(model: nn.Module, scores: Scores, layers: range, target: int, 
         counts[index][slot] += 1
         removed += price
     if removed < target:
-        total = sum(p.numel() for p in model.parameters())
+        total = count_params(model)
         raise AdaPrunerError(f"--target-params {target / total:.3f} is out of reach with --min-keep {min_keep}: at most {removed / total:.3f}; "
                              "lower --min-keep or the target, or widen --layers")
     return {index: (a, m) for index, (a, m) in counts.items()}

@@ -7,7 +7,8 @@ memory or disk before the forward and puts them back on the meta device after it
 - a linear that pruning or compensation replaces is placed like the one it replaces (`place_like`): on the same
   device, or, for an offloaded one, with its (smaller) weights in host memory, loaded per forward;
 - a new module object over a hooked one (the trials' path-only copies) runs its own children (`rebind_forward`):
-  accelerate binds each hooked `forward` to the module it hooked.
+  accelerate binds each hooked `forward` to the module it hooked;
+- saving is transformers' `save_pretrained`, which reads offloaded tensors one shard at a time.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from adapruner.errors import AdaPrunerError
+from adapruner.staging import check_writable
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 DEVICE_MAP_HELP = ("spread the model over devices with accelerate: auto, balanced, balanced_low_0, sequential, or a JSON file "
@@ -49,8 +51,17 @@ class Dispatch:
             if max_memory or offload_dir:
                 raise AdaPrunerError("--max-memory and --offload-dir shape a --device-map: add --device-map auto")
             return None
-        device_map_arg(device_map)
-        dispatch = cls(device_map, tuple(parse_max_memory(max_memory).items()) if max_memory else (), offload_dir)
+        if max_memory and device_map not in STRATEGIES:
+            raise AdaPrunerError(f"--device-map {device_map} places every module itself: drop --max-memory (it shapes auto, balanced, …)")
+        try:
+            device_map_arg(device_map)
+            dispatch = cls(device_map, tuple(parse_max_memory(max_memory).items()) if max_memory else (), offload_dir)
+        except argparse.ArgumentTypeError as exc:  # a library caller's bad value: the one line the CLI prints
+            raise AdaPrunerError(str(exc)) from None
+        if offload_dir:
+            if Path(offload_dir).exists() and not Path(offload_dir).is_dir():
+                raise AdaPrunerError(f"--offload-dir {offload_dir} is a file: pass a folder")
+            check_writable(Path(offload_dir) / "weights", "--offload-dir")
         dispatch.check_devices()
         return dispatch
 
@@ -68,7 +79,7 @@ class Dispatch:
         """GPU indices in --max-memory or the map must be visible here."""
         named = [k for k, _ in self.max_memory if k.isdigit()]
         if self.device_map not in STRATEGIES:
-            named += [str(v).removeprefix("cuda:") for v in _read_map(self.device_map).values() if str(v).startswith("cuda") or isinstance(v, int)]
+            named += [str(v).removeprefix("cuda:") for v in _read_map(self.device_map).values() if str(v) not in ("cpu", "disk")]
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         wrong = next((n for n in named if n.isdigit() and int(n) >= visible), None)
         if wrong is not None:
@@ -167,24 +178,66 @@ def place_like(new: nn.Module, old: nn.Module) -> nn.Module:
 
 def rebind_forward(clone: nn.Module, original: nn.Module) -> None:
     """Make a shallow copy of a hooked module run through the same hook with the copy's own children."""
-    bound = original.__dict__.get("_old_forward")
-    if "forward" not in original.__dict__ or not isinstance(bound, types.MethodType):
+    if "forward" not in original.__dict__:
         return
+    bound = original.__dict__.get("_old_forward")
+    if not hasattr(original, "_hf_hook") or not isinstance(bound, types.MethodType) or not isinstance(original.forward, functools.partial):
+        raise AdaPrunerError(f"{type(original).__name__} has a forward of its own that is not accelerate's hook: a trial's copy of it cannot run its own children")
     clone._old_forward = types.MethodType(bound.__func__, clone)
     clone.forward = functools.update_wrapper(functools.partial(original.forward.func, clone), clone._old_forward)
 
 
-def host_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of a dispatched model, read onto the host (offloaded ones loaded one module at a time); tied
-    tensors stay one object."""
-    state: dict[str, torch.Tensor] = {}
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id → (tensor, its host copy): holding the tensor keeps its id unique
-    for prefix, module in model.named_modules():
-        with weights(module):
-            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                if name in module._non_persistent_buffers_set:
-                    continue
-                if id(tensor) not in seen:
-                    seen[id(tensor)] = (tensor, tensor.detach().cpu())
-                state[f"{prefix}.{name}" if prefix else name] = seen[id(tensor)][1]
-    return state
+@dataclass(frozen=True)
+class _Offloaded:
+    """What autograd saved in place of a view of an offloaded module's loaded tensor: where to load it from again."""
+
+    module: nn.Module
+    name: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+@contextmanager
+def reload_offloaded_in_backward(model: nn.Module) -> Iterator[list[int]]:
+    """While active, autograd saves a *reference* to an offloaded module's weight (one that a forward loaded from host
+    memory or disk) instead of the tensor, and the backward loads it again onto the execution device when it needs it.
+    Without this every weight the forward loads stays alive until the backward: the whole model on its first device.
+    Yields a one-element list counting the tensors saved by reference."""
+    offloaded = [module for module in model.modules() if is_offloaded(module)]
+    saved_by_reference = [0]
+    if not offloaded:
+        yield saved_by_reference
+        return
+
+    def pack(tensor: torch.Tensor):
+        if tensor.device.type == "meta":
+            return tensor
+        storage = tensor.untyped_storage().data_ptr()
+        for module in offloaded:
+            for name, param in module._parameters.items():
+                loaded = param is not None and param.device == tensor.device and param.is_contiguous()
+                if loaded and param.untyped_storage().data_ptr() == storage:  # the module's loaded tensor, or a view of it
+                    saved_by_reference[0] += 1
+                    return _Offloaded(module, name, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset() - param.storage_offset())
+        return tensor
+
+    def unpack(packed):
+        if not isinstance(packed, _Offloaded):
+            return packed
+        hook = packed.module._hf_hook
+        dtype = packed.module._parameters[packed.name].dtype
+        value = hook.weights_map[packed.name].to(hook.execution_device, dtype).contiguous()
+        return value.as_strided(packed.shape, packed.stride, packed.offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield saved_by_reference
+
+
+def unique_tensors(model: nn.Module, buffers: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """`named_parameters()` (and `named_buffers()`) less the copies the model declares tied (`lm_head.weight` with tied
+    embeddings): once an offloaded model has run, accelerate's hooks hold tied tensors as separate objects (the copy
+    may even come back as a buffer), so identity no longer dedupes them."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    named = [*model.named_parameters(), *(model.named_buffers() if buffers else ())]
+    return [(name, tensor) for name, tensor in named if name not in tied]

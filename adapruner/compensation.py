@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapruner.big_model import execution_device, place_like, weights
+from adapruner.big_model import execution_device, is_offloaded, place_like, weights
 from adapruner.errors import AdaPrunerError
 from adapruner.prune import PrunePlan, head_channels
 from adapruner.structure import layer_info, output_projections
@@ -103,7 +103,8 @@ def compensation_updates(dense: nn.Module, plan: PrunePlan, moments_of: Callable
         if names is not None and name not in names:
             continue
         with weights(linear):
-            updates[name] = compensated(linear.weight, linear.bias, kept, moments_of(name), mode, damp)
+            update = compensated(linear.weight, linear.bias, kept, moments_of(name), mode, damp)
+        updates[name] = tuple(t.cpu() for t in update) if is_offloaded(linear) else update  # an offloaded one waits in host memory
     return updates
 
 

@@ -15,7 +15,7 @@ import json
 import torch
 from torch import nn
 
-from adapruner.big_model import weights
+from adapruner.big_model import unique_tensors, weights
 from adapruner.corpora import Split, pool_documents
 
 UNHASHED_CONFIG = frozenset({"transformers_version", "_name_or_path", "_attn_implementation", "_commit_hash", "dtype", "torch_dtype"})  # not the model
@@ -30,7 +30,7 @@ def model_digest(model: nn.Module, tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     digest.update(json.dumps([vocab, sorted(map(str, tokenizer.all_special_tokens))]).encode())
     with torch.no_grad():
-        for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        for name, _ in unique_tensors(model, buffers=True):
             owner_name, _, leaf = name.rpartition(".")
             with weights(model.get_submodule(owner_name)) as owner:  # an offloaded tensor is read from where it lives
                 tensor = getattr(owner, leaf)

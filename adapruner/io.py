@@ -15,7 +15,8 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapruner.big_model import host_state_dict, is_dispatched, weights
+from adapruner.big_model import is_offloaded, weights
+from adapruner.allocation import count_params
 from adapruner.errors import AdaPrunerError
 from adapruner.model_card import model_card
 from adapruner.staging import staged_dir
@@ -54,7 +55,7 @@ def save_pruned(
     if uniform and output_bias:
         raise AdaPrunerError("--uniform saves a stock config, which has no o_proj/down_proj biases for compensation: drop --uniform or --compensate")
     with staged_dir(out_dir) as staging:
-        model.save_pretrained(staging, **({"state_dict": host_state_dict(model)} if is_dispatched(model) else {}))
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
         config = json.loads(config_path.read_text())
@@ -63,7 +64,7 @@ def save_pruned(
             shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _write_json_files(staging, extra_json)
-        (staging / "README.md").write_text(model_card(sum(p.numel() for p in model.parameters()), extra_json or {}, remote_code=not uniform))
+        (staging / "README.md").write_text(model_card(count_params(model), extra_json or {}, remote_code=not uniform))
     return Path(out_dir)
 
 
@@ -106,7 +107,9 @@ def give_output_biases(model: nn.Module) -> bool:
     for name, linear in outputs.items():
         if linear.bias is None:
             with weights(linear):
-                zero_biases[name] = (linear.weight.detach(), linear.weight.new_zeros(linear.out_features))
+                weight = linear.weight.detach()
+            weight = weight.cpu() if is_offloaded(linear) else weight  # an offloaded one waits in host memory
+            zero_biases[name] = (weight, weight.new_zeros(linear.out_features))
     install(model, zero_biases)
     return True
 

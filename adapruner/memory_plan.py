@@ -4,7 +4,8 @@ Order (docs/design.md): model weights on `--device` → the activation cache (it
 in the first place that holds it (`cache_placement`):
     device   at most `--cache-mem` and fits beside the model (never for a model spread by `--device-map`, which fills
              the devices);
-    pinned   beside a CUDA device, in page-locked host memory when it takes at most half the available host memory:
+    pinned   beside a CUDA device, in page-locked host memory when twice its size (pinned blocks are rounded up to powers
+             of two) fits in the available host memory, less a spread model's bytes (some of them may be there):
              a trial gathers its subset's rows there and copies them over asynchronously, while the device works on
              the previous linear;
     mapped   memory-mapped from its file (pages read on first touch, shared by the workers of one machine), rows
@@ -106,6 +107,6 @@ def cache_placement(device_type: str, model_bytes: int, cache_bytes: int, cache_
     """`device`, `pinned` or `mapped`: the first tier of the module docstring that holds the cache."""
     if not spread and cache_bytes <= cache_mem_bytes and model_bytes + cache_bytes <= device_free:
         return "device"
-    if device_type == "cuda" and cache_bytes <= host_available // 2:
+    if device_type == "cuda" and 2 * cache_bytes <= host_available - (model_bytes if spread else 0):  # pinned blocks round up to 2^k
         return "pinned"
     return "mapped"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from adapruner.allocation import (
-    DEFAULT_MIN_KEEP, Counts, attention_units, budget_counts, check_allocation, depth_weights, empties_a_group, global_counts, prices,
+    DEFAULT_MIN_KEEP, Counts, attention_units, count_params, budget_counts, check_allocation, depth_weights, empties_a_group, global_counts, prices,
     ratio_counts, removed_by,
     target_count,
 )
@@ -295,11 +295,6 @@ def plan_removed(model: nn.Module, plan: PrunePlan) -> int:
         if index in plan.mlp:
             removed += (info.intermediate - len(plan.mlp[index])) * channel
     return removed
-
-
-def count_params(model: nn.Module) -> int:
-    """Parameters of the model, tied weights counted once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def removed_params(model: nn.Module, ratio: float, layers: range, granularity: AttnGranularity, prune_attention: bool = True, prune_mlp: bool = True) -> int:

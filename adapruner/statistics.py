@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from adapruner.big_model import execution_device, is_offloaded
+from adapruner.big_model import execution_device, is_offloaded, reload_offloaded_in_backward
 from adapruner.devices import model_device
 from adapruner.importance import LinearStats
 
@@ -104,7 +104,7 @@ def linear_io(model: nn.Module, linears: dict[str, nn.Linear], on_input: Callabl
     handles = [linear.register_forward_hook(forward_hook(name)) for name, linear in linears.items()]
     handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
     try:
-        with only_these_require_grad(model, ()):
+        with only_these_require_grad(model, ()), reload_offloaded_in_backward(model):  # a spread model's backward reloads weights
             yield
     finally:
         for handle in handles:

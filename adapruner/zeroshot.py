@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from adapruner.devices import model_device
 from adapruner.corpora import wiki_split
 from adapruner.errors import AdaPrunerError
 
@@ -118,6 +119,7 @@ def evaluate_tasks(
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+    lm._device = model_device(model)  # HFLM takes the first parameter's device: meta where a spread model offloads it
     try:
         results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
     except (ConnectionError, OSError, ValueError) as exc:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapruner.big_model import Dispatch, host_state_dict, is_dispatched, is_offloaded
+from adapruner.big_model import Dispatch, is_dispatched, is_offloaded
 from adapruner.cache import build_cache, cache_key
 from adapruner.cli import main
 from adapruner.models import load_model
@@ -40,10 +40,9 @@ def test_the_map_puts_weights_on_disk(model_dir, tmp_path):
     assert is_dispatched(model) and model.hf_device_map == CPU_AND_DISK
     assert is_offloaded(model.model.layers[1].mlp.down_proj) and not is_offloaded(model.model.layers[0].mlp.down_proj)
     assert model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # loaded only inside a forward
-    plain = load_model(str(model_dir))[0]
-    state = host_state_dict(model)
-    assert state.keys() == plain.state_dict().keys()
-    assert all(torch.equal(state[name], tensor) for name, tensor in plain.state_dict().items())
+    model.save_pretrained(tmp_path / "saved")  # transformers reads the offloaded tensors back for the file
+    saved, plain = saved_tensors(tmp_path / "saved"), load_model(str(model_dir))[0].state_dict()
+    assert saved.keys() == plain.keys() and all(torch.equal(saved[name], tensor) for name, tensor in plain.items())
 
 
 def test_cache_trials_and_base_model_equal_the_undispatched_ones(model_dir, tmp_path):
@@ -121,23 +120,39 @@ def test_bad_dispatch_flags_are_refused_at_parse_time(flags, message, tmp_path, 
     assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
+MISUSE = [
     (["--max-memory", "cpu=1GiB"], "add --device-map auto"),
     (["--device-map", "auto", "--device", "cpu"], "pass one of them"),
+    (["--device-map", "auto", "--max-memory", "7=1GiB"], "name GPU 7"),
+    (["--device-map", "MAP", "--max-memory", "cpu=1GiB"], "drop --max-memory"),
+    (["--device-map", "auto", "--offload-dir", "FILE"], "is a file"),
+]
+SEARCH_ONLY = [
     (["--device-map", "auto", "--workers", "2"], "pass --workers 1"),
     (["--device-map", "auto", "--val-dtype", "float16"], "validates in its own dtype"),
-    (["--device-map", "auto", "--max-memory", "7=1GiB"], "name GPU 7"),
-])
-def test_dispatch_misuse_is_one_line_before_any_model_loads(flags, message, model_dir, tmp_path, capsys, monkeypatch):
+]
+
+
+@pytest.mark.parametrize("command", ["search", "run", "prune", "eval"])
+@pytest.mark.parametrize("flags, message", MISUSE + SEARCH_ONLY)
+def test_dispatch_misuse_is_one_line_before_any_model_loads(command, flags, message, model_dir, tmp_path, capsys, monkeypatch):
     import adapruner.models
+
+    if (flags, message) in SEARCH_ONLY and command in ("prune", "eval"):
+        pytest.skip("a search flag")
 
     def no_load(*_args, **_kwargs):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(adapruner.models.AutoModelForCausalLM, "from_pretrained", no_load)
-    assert main(["search", "--model", str(model_dir), "--pools", "wiki", "--seq-len", "16", *flags, "--out", str(tmp_path / "s")]) == 2
+    (tmp_path / "FILE").write_text("not a folder")
+    flags = [str(tmp_path / "map.json") if f == "MAP" else str(tmp_path / "FILE") if f == "FILE" else f for f in flags]
+    args = {"search": ["--pools", "wiki", "--seq-len", "16"], "run": ["--pools", "wiki", "--seq-len", "16", "--tasks", ""],
+            "prune": ["--ratio", "0.5", "--seq-len", "16"], "eval": ["--tasks", "", "--seq-len", "16"]}[command]
+    out = [] if command == "eval" else ["--out", str(tmp_path / "out")]
+    assert main([command, "--model", str(model_dir), *args, *flags, *out]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_disk_entries_read_a_safetensors_checkpoint_in_place(model_dir, tmp_path, capsys):
@@ -181,3 +196,52 @@ def test_run_and_eval_with_a_device_map_equal_the_plain_ones(model_dir, tmp_path
     assert measured[1]["windows"] == measured[0]["windows"] == 3 and measured[1]["ppl"] == pytest.approx(measured[0]["ppl"], rel=1e-6)
     assert main([*run, *spread_flags, "--finetune-steps", "2", "--out", str(tmp_path / "refused")]) == 2
     assert "--finetune-steps 0" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_the_backward_reloads_offloaded_weights_instead_of_keeping_them(model_dir, tmp_path):
+    """Autograd keeps a reference to each offloaded weight the forward used (layers 1-2: 7 linears and 2 norms each,
+    and the head: 19) and loads it again in the backward, which gives the plain model's input gradient."""
+    from adapruner.big_model import reload_offloaded_in_backward
+    from adapruner.statistics import sample_loss
+
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(5))
+    grads, counts = [], []
+    for model in (load_model(str(model_dir))[0], spread(model_dir, tmp_path)):
+        captured = []
+
+        def keep(_module, _args, out):
+            out.requires_grad_(True).retain_grad()
+            captured.append(out)
+
+        handle = model.get_input_embeddings().register_forward_hook(keep)
+        with reload_offloaded_in_backward(model) as by_reference:
+            sample_loss(model, ids).sum().backward()
+        handle.remove()
+        grads.append(captured[0].grad)
+        counts.append(by_reference[0])
+    assert counts[0] == 0 and counts[1] >= 19
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_a_tied_model_offloaded_whole_counts_and_digests_as_the_plain_one(tmp_path):
+    """With tied embeddings offloaded, accelerate holds embed_tokens and lm_head as separate tensors once the model has
+    run; the parameter count and the model digest still count the tied weight once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapruner.fingerprint import model_digest
+    from adapruner.prune import count_params
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=24, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+                         head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    word_level_tokenizer().save_pretrained(tmp_path / "tied")
+    plain, tokenizer = load_model(str(tmp_path / "tied"))
+    spread_model = load_model(str(tmp_path / "tied"), dispatch=Dispatch.of("auto", "cpu=20KB", str(tmp_path / "off")))[0]
+    assert spread_model.hf_device_map == {"": "disk"}
+    with torch.no_grad():
+        expected = plain(input_ids=torch.tensor([[1, 2, 3]])).logits
+        torch.testing.assert_close(spread_model(input_ids=torch.tensor([[1, 2, 3]])).logits, expected)
+    assert count_params(spread_model) == count_params(plain) == sum(p.numel() for p in plain.parameters())
+    assert model_digest(spread_model, tokenizer) == model_digest(plain, tokenizer)

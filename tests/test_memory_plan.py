@@ -56,3 +56,11 @@ def test_the_cache_goes_to_the_first_tier_that_holds_it():
     assert cache_placement("cuda", 14 * gib, 120 * gib, 16 * gib, 80 * gib, 200 * gib) == "mapped"  # over half the host
     assert cache_placement("cpu", 1 * gib, 30 * gib, 16 * gib, 200 * gib, 200 * gib) == "mapped"  # no pinning without CUDA
     assert cache_placement("cpu", 1 * gib, 2 * gib, 16 * gib, 200 * gib, 200 * gib) == "device"
+
+
+def test_a_spread_model_s_bytes_leave_less_host_memory_to_pin():
+    from adapruner.memory_plan import cache_placement
+
+    gib = 2**30
+    assert cache_placement("cuda", 150 * gib, 30 * gib, 16 * gib, 80 * gib, 200 * gib, spread=True) == "mapped"  # 2 · 30 > 200 − 150
+    assert cache_placement("cuda", 150 * gib, 30 * gib, 16 * gib, 80 * gib, 200 * gib) == "pinned"  # a model on its GPU takes no host memory

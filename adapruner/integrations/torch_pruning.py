@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from adapruner.big_model import weights
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import LinearStats, check_metric, fluctuation, needs
 from adapruner.kernels import channel_importance
@@ -61,10 +62,11 @@ class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
         missing = [n for n in needs(self.metric) if getattr(stats, n) is None]
         if missing:
             raise AdaPrunerError(f"metric {self.metric!r} needs {missing[0]}: call calibrate(model, input_ids) first")
-        weight = layer.weight.detach()
-        if self.metric == "fluct":
-            return fluctuation(weight, stats.act_var) if dim == 1 else None
-        return channel_importance(self.metric, weight, dim, stats.grad, stats.fisher, stats.act_norm)
+        with weights(layer):
+            weight = layer.weight.detach()
+            if self.metric == "fluct":
+                return fluctuation(weight, stats.act_var) if dim == 1 else None
+            return channel_importance(self.metric, weight, dim, stats.grad, stats.fisher, stats.act_norm)
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:
