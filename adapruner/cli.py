@@ -22,7 +22,7 @@ from adapruner.report import format_table
 from adapruner.allocation import ALLOCATIONS
 from adapruner.compensation import COMPENSATIONS
 from adapruner.search_job import SearchOptions
-from adapruner.staging import terminate_as_exit
+from adapruner.staging import interrupted_by, terminate_as_exit
 
 RATIO_HELP = (
     "fraction of each pruned layer's attention units and MLP channels to remove (LLM-Pruner's meaning: "
@@ -261,8 +261,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted: no partial output was left (`search` resumes from its study with the same command)", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+    except Exception:
+        if interrupted_by() is None:
+            raise
+        print(INTERRUPTED, file=sys.stderr)  # a library turned the interruption into another error on the way out
+        return 128 + interrupted_by()
+
+
+INTERRUPTED = "error: interrupted: no partial output was left (`search` resumes from its study with the same command)"
 
 
 def placement_of(args: argparse.Namespace) -> Placement:

@@ -84,9 +84,21 @@ def staged_file(path: str | Path) -> Iterator[Path]:
         raise
 
 
+_received: list[int] = []  # the SIGINT/SIGTERM this process received, if any
+
+
 def terminate_as_exit() -> None:
-    """Make SIGTERM raise SystemExit(143) like SIGINT raises KeyboardInterrupt, so staging folders are removed."""
+    """Make SIGTERM raise SystemExit(143) like SIGINT raises KeyboardInterrupt, so staging folders are removed; both
+    are recorded for `interrupted_by`."""
     def stop(signum, _frame):
-        raise SystemExit(128 + signum)
+        _received.append(signum)
+        raise SystemExit(128 + signum) if signum == signal.SIGTERM else KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def interrupted_by() -> int | None:
+    """The signal this process received, if any: code that catches only `Exception` (optuna's trial bookkeeping) can
+    turn the interruption into another error on its way out, which is still an interruption."""
+    return _received[0] if _received else None

@@ -188,3 +188,22 @@ def test_outputs_take_the_permissions_the_umask_gives(tmp_path, gqa_model, token
     assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
+
+
+def test_an_interruption_a_library_turns_into_another_error_is_still_an_interruption(monkeypatch, capsys, tmp_path):
+    """optuna's trial bookkeeping catches only Exception: SIGTERM landing inside it surfaces as an UnboundLocalError.
+    The CLI still exits 143 with its one line (staging folders are removed on any exception)."""
+    import adapruner.cli
+    import adapruner.staging
+
+    def command(_args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            raise UnboundLocalError("cannot access local variable 'updated_state'")  # what optuna 5's _run_trial raises then
+
+    monkeypatch.setattr(adapruner.staging, "_received", [])
+    monkeypatch.setattr(adapruner.cli, "run_dashboard", command)
+    assert main(["dashboard", str(tmp_path)]) == 143
+    assert capsys.readouterr().err.strip().startswith("error: interrupted")
