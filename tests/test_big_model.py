@@ -133,13 +133,10 @@ SEARCH_ONLY = [
 ]
 
 
-@pytest.mark.parametrize("command", ["search", "run", "prune", "eval"])
-@pytest.mark.parametrize("flags, message", MISUSE + SEARCH_ONLY)
+@pytest.mark.parametrize("command, flags, message", [(command, *case) for command in ("search", "run", "prune", "eval") for case in MISUSE]
+                         + [(command, *case) for command in ("search", "run") for case in SEARCH_ONLY])
 def test_dispatch_misuse_is_one_line_before_any_model_loads(command, flags, message, model_dir, tmp_path, capsys, monkeypatch):
     import adapruner.models
-
-    if (flags, message) in SEARCH_ONLY and command in ("prune", "eval"):
-        pytest.skip("a search flag")
 
     def no_load(*_args, **_kwargs):
         raise AssertionError("a model was loaded")
