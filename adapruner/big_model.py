@@ -141,6 +141,8 @@ def is_dispatched(model: nn.Module) -> bool:
 
 def is_offloaded(module: nn.Module) -> bool:
     """True when the module's own weights live in host memory or on disk and are loaded per forward."""
+    if not hasattr(module, "_hf_hook"):  # not dispatched: no accelerate import on the common path
+        return False
     from accelerate.utils import has_offloaded_params
 
     return has_offloaded_params(module)
