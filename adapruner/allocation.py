@@ -42,6 +42,7 @@ def count_params(model: nn.Module) -> int:
     """Parameters of the model, tied weights counted once (also once an offloaded model has run)."""
     return sum(p.numel() for _name, p in unique_tensors(model))
 
+
 def check_allocation(allocation: str) -> None:
     if allocation not in ALLOCATIONS:
         raise AdaPrunerError(f"unknown allocation {allocation!r}: use one of {', '.join(ALLOCATIONS)}")

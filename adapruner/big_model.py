@@ -54,8 +54,8 @@ class Dispatch:
         if max_memory and device_map not in STRATEGIES:
             raise AdaPrunerError(f"--device-map {device_map} places every module itself: drop --max-memory (it shapes auto, balanced, …)")
         try:
-            device_map_arg(device_map)
             dispatch = cls(device_map, tuple(parse_max_memory(max_memory).items()) if max_memory else (), offload_dir)
+            dispatch.module_map  # a map file is read (and checked) once, here
         except argparse.ArgumentTypeError as exc:  # a library caller's bad value: the one line the CLI prints
             raise AdaPrunerError(str(exc)) from None
         if offload_dir:
@@ -65,9 +65,14 @@ class Dispatch:
         dispatch.check_devices()
         return dispatch
 
+    @functools.cached_property
+    def module_map(self) -> dict | None:
+        """The JSON file's {module name: device}; None for a strategy name."""
+        return None if self.device_map in STRATEGIES else _read_map(self.device_map)
+
     def load_kwargs(self) -> dict:
         """Keyword arguments for `from_pretrained`."""
-        kwargs: dict = {"device_map": self.device_map if self.device_map in STRATEGIES else _read_map(self.device_map)}
+        kwargs: dict = {"device_map": self.module_map or self.device_map}
         if self.max_memory:
             kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in self.max_memory}
         if self.offload_dir:
@@ -78,8 +83,8 @@ class Dispatch:
     def check_devices(self) -> None:
         """GPU indices in --max-memory or the map must be visible here."""
         named = [k for k, _ in self.max_memory if k.isdigit()]
-        if self.device_map not in STRATEGIES:
-            named += [str(v).removeprefix("cuda:") for v in _read_map(self.device_map).values() if str(v) not in ("cpu", "disk")]
+        if self.module_map is not None:
+            named += [str(v).removeprefix("cuda:") for v in self.module_map.values() if str(v) not in ("cpu", "disk")]
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         wrong = next((n for n in named if n.isdigit() and int(n) >= visible), None)
         if wrong is not None:
@@ -154,6 +159,12 @@ def execution_device(module: nn.Module) -> torch.device:
     if getattr(hook, "execution_device", None) is not None:
         return torch.device(hook.execution_device)
     return next(t.device for t in (*module.parameters(), *module.buffers()))
+
+
+def home_device(module: nn.Module) -> torch.device:
+    """Where the module's tensors are kept between forwards: host memory for an offloaded module (its replacement is
+    made there, see `place_like`), else its execution device."""
+    return torch.device("cpu") if is_offloaded(module) else execution_device(module)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapruner.big_model import execution_device, is_offloaded, place_like, weights
+from adapruner.big_model import home_device, place_like, weights
 from adapruner.errors import AdaPrunerError
 from adapruner.prune import PrunePlan, head_channels
 from adapruner.structure import layer_info, output_projections
@@ -104,7 +104,7 @@ def compensation_updates(dense: nn.Module, plan: PrunePlan, moments_of: Callable
             continue
         with weights(linear):
             update = compensated(linear.weight, linear.bias, kept, moments_of(name), mode, damp)
-        updates[name] = tuple(t.cpu() for t in update) if is_offloaded(linear) else update  # an offloaded one waits in host memory
+        updates[name] = tuple(t.to(home_device(linear)) for t in update)  # an offloaded one waits in host memory
     return updates
 
 
@@ -116,7 +116,7 @@ def install(model: nn.Module, updates: dict[str, Update]) -> None:
         old = getattr(owner, leaf)
         if tuple(old.weight.shape) != tuple(weight.shape):
             raise AdaPrunerError(f"{name} is {tuple(old.weight.shape)}, its compensation {tuple(weight.shape)}: apply the plan first")
-        dtype, device = old.weight.dtype, execution_device(old)
+        dtype, device = old.weight.dtype, home_device(old)
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=True, device="meta")
         linear.weight = nn.Parameter(weight.to(device, dtype), requires_grad=old.weight.requires_grad)
         linear.bias = nn.Parameter(bias.to(device, dtype), requires_grad=old.weight.requires_grad)

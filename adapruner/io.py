@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapruner.big_model import is_offloaded, weights
+from adapruner.big_model import home_device, weights
 from adapruner.allocation import count_params
 from adapruner.errors import AdaPrunerError
 from adapruner.model_card import model_card
@@ -107,8 +107,7 @@ def give_output_biases(model: nn.Module) -> bool:
     for name, linear in outputs.items():
         if linear.bias is None:
             with weights(linear):
-                weight = linear.weight.detach()
-            weight = weight.cpu() if is_offloaded(linear) else weight  # an offloaded one waits in host memory
+                weight = linear.weight.detach().to(home_device(linear))  # an offloaded one waits in host memory
             zero_biases[name] = (weight, weight.new_zeros(linear.out_features))
     install(model, zero_biases)
     return True

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapruner.big_model import Dispatch
 from adapruner.calibration import pool_windows
 from adapruner.devices import Placement, dtype_name
 from adapruner.errors import AdaPrunerError
@@ -24,7 +23,7 @@ from adapruner.models import cache_root, load_model
 from adapruner.prune import count_params
 from adapruner.pruner import apply_study_plan
 from adapruner.report import REPORT_FORMAT, write_json_atomic
-from adapruner.search_job import SearchOptions, run_search
+from adapruner.search_job import SearchOptions, resolved, run_search
 from adapruner.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
 
 
@@ -71,8 +70,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     """Every stage's output goes under `out` (which must be new), staged: `out` appears once the reports are
     written, and an error or interruption leaves nothing."""
     check_out_dir(out)
-    search = options.search
-    placement = Placement.of(search.device, search.dtype, search.trust_remote_code, Dispatch.of(search.device_map, search.max_memory, search.offload_dir))
+    placement = resolved(options.search)[1]
     if placement.dispatch is not None and options.finetune_steps:
         raise AdaPrunerError("LoRA recovery does not train a model spread by --device-map: pass --finetune-steps 0, then "
                              "`adapruner finetune` the pruned model on a device that holds it")
