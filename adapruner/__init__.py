@@ -3,8 +3,8 @@
 The public API, importable from the package root (loaded on first use, so `import adapruner` stays light):
 
     model, tokenizer = adapruner.load_model("smollm2")                     # HF directory, hub id or "smollm2"
-    result = adapruner.prune_model(model, tokenizer, adapruner.PruneOptions(target_params=0.2, metric="act",
-                                   allocation="global", compensation="lsq"))
+    spec = adapruner.PruneSpec(target_params=0.2, metric="act", allocation="global", compensation="lsq")
+    result = adapruner.prune_model(model, tokenizer, adapruner.PruneOptions(spec))
     adapruner.save_pruned(model, tokenizer, "out/pruned")
     best = adapruner.run_search(adapruner.SearchOptions(model="smollm2", trials=20), Path("runs/s"))
     adapruner.apply_study_plan(dense, best, tokenizer)                      # the plan the best trial scored
@@ -20,16 +20,18 @@ __version__ = "0.1.0"
 
 _PUBLIC = {  # name → the module that defines it
     "load_model": "adapruner.models",
-    "PruneOptions": "adapruner.pruner", "PruneResult": "adapruner.pruner", "prune_model": "adapruner.pruner",
-    "apply_study_plan": "adapruner.pruner",
-    "SearchOptions": "adapruner.search_job", "run_search": "adapruner.search_job",
+    "PruneSpec": "adapruner.spec",
+    "PruneOptions": "adapruner.pruning", "PruneResult": "adapruner.pruning", "prune_model": "adapruner.pruning",
+    "apply_study_plan": "adapruner.pruning",
+    "SearchOptions": "adapruner.commands.search", "run_search": "adapruner.commands.search",
     "BestTrial": "adapruner.best_trial",
-    "Importance": "adapruner.importance", "LinearStats": "adapruner.importance",
-    "PrunePlan": "adapruner.prune", "plan_allocation": "adapruner.prune", "apply_plan": "adapruner.prune", "count_params": "adapruner.prune",
-    "save_pruned": "adapruner.io",
-    "LoraOptions": "adapruner.finetune", "finetune_and_save": "adapruner.finetune_job",
-    "EvalOptions": "adapruner.eval_job", "evaluate_model": "adapruner.eval_job",
-    "RunOptions": "adapruner.pipeline", "run_pipeline": "adapruner.pipeline",
+    "Importance": "adapruner.importance", "LinearStats": "adapruner.importance", "METRICS": "adapruner.metrics",
+    "PrunePlan": "adapruner.plan", "plan_allocation": "adapruner.selection", "apply_plan": "adapruner.removal",
+    "count_params": "adapruner.allocation",
+    "save_pruned": "adapruner.saving",
+    "LoraOptions": "adapruner.finetune", "finetune_and_save": "adapruner.commands.finetune",
+    "EvalOptions": "adapruner.commands.eval", "evaluate_model": "adapruner.commands.eval",
+    "RunOptions": "adapruner.commands.run", "run_pipeline": "adapruner.commands.run",
     "collect_stats": "adapruner.statistics",
 }
 __all__ = ["AdaPrunerError", "__version__", *_PUBLIC]

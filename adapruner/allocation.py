@@ -30,10 +30,9 @@ from torch import nn
 
 from adapruner.big_model import unique_tensors
 from adapruner.errors import AdaPrunerError
-from adapruner.structure import AttnGranularity, LayerInfo, layer_info
+from adapruner.spec import AttnGranularity, check_target_params
+from adapruner.structure import LayerInfo, layer_info
 
-ALLOCATIONS = ("uniform", "depth", "global")
-DEFAULT_MIN_KEEP = 0.25  # global: the fewest units of a module a layer keeps, as a fraction of the dense count
 Counts = dict[int, tuple[int, int]]
 Scores = Mapping[tuple[int, str], torch.Tensor]  # (layer, "attn" | "mlp") → unit scores (attn: per kv group, or per query head)
 
@@ -41,11 +40,6 @@ Scores = Mapping[tuple[int, str], torch.Tensor]  # (layer, "attn" | "mlp") → u
 def count_params(model: nn.Module) -> int:
     """Parameters of the model, tied weights counted once (also once an offloaded model has run)."""
     return sum(p.numel() for _name, p in unique_tensors(model))
-
-
-def check_allocation(allocation: str) -> None:
-    if allocation not in ALLOCATIONS:
-        raise AdaPrunerError(f"unknown allocation {allocation!r}: use one of {', '.join(ALLOCATIONS)}")
 
 
 def attention_units(info: LayerInfo, granularity: AttnGranularity) -> int:
@@ -95,19 +89,6 @@ def depth_weights(layers: range, slope: float) -> dict[int, float]:
     """w_l = 1 + slope·(2p_l − 1), p_l the position of l in `layers` from 0 to 1 (mean 1)."""
     n = len(layers)
     return {index: 1 + slope * (2 * k / (n - 1) - 1 if n > 1 else 0.0) for k, index in enumerate(layers)}
-
-
-def empties_a_group(model: nn.Module, counts: Counts, granularity: AttnGranularity) -> bool:
-    for index, (n_attn, n_mlp) in counts.items():
-        info = layer_info(model, index)
-        if n_attn >= attention_units(info, granularity) or n_mlp >= info.intermediate:
-            return True
-    return False
-
-
-def check_target_params(target_params: float) -> None:
-    if not 0.0 < target_params < 1.0:
-        raise AdaPrunerError(f"--target-params {target_params} is outside (0, 1): pass the fraction of all parameters to remove, e.g. 0.2")
 
 
 def target_count(model: nn.Module, target_params: float) -> int:

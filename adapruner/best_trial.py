@@ -8,10 +8,11 @@ from pathlib import Path
 
 from adapruner.corpora import read_utf8
 from adapruner.errors import AdaPrunerError
-from adapruner.prune import PrunePlan
+from adapruner.plan import PrunePlan
+from adapruner.spec import PruneSpec
 from adapruner.report import write_json_atomic
 
-BEST_FORMAT = "adapruner.best/3"  # /2: the file carries the scored plan; /3: budget, allocation and compensation
+BEST_FORMAT = "adapruner.best/4"  # /2: the scored plan; /3: budget, allocation, compensation; /4: the pruning spec whole
 
 
 @dataclass
@@ -19,20 +20,13 @@ class BestTrial:
     """The best trial of a study, with everything needed to deliver exactly the model it scored."""
 
     model: str
-    ratio: float
-    layers: str  # START:STOP of the pruned layers
-    granularity: str
-    prune_attention: bool
-    prune_mlp: bool
+    spec: dict  # `PruneSpec.to_dict()` of the best trial: the study's fixed part with the trial's choices
     seq_len: int
     val_ppl: float
     trial: int
     sampler: str
     seed: int
     samples: list[int]  # indices into the cached candidate pool
-    metric: str
-    aggregation: str
-    slope: float
     blocks: list[str]
     addresses: list[list]  # (pool, window index) of every sample
     placement: dict[str, str]  # device, dtype and val_dtype the trials ran in
@@ -40,13 +34,12 @@ class BestTrial:
     val_windows: int
     batch_size: int
     plan: dict  # `PrunePlan.to_dict()` of the scored plan
-    allocation: str
-    compensation: str
-    target_params: float | None  # the study's parameter budget (None: the ratio rules)
-    min_keep: float
-    damp: float
     removed_fraction: float  # of all the model's parameters, by the plan (compensation biases not counted)
     format: str = field(default=BEST_FORMAT)
+
+    @property
+    def prune_spec(self) -> PruneSpec:
+        return PruneSpec.from_dict(self.spec)
 
     @property
     def prune_plan(self) -> PrunePlan:

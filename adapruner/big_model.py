@@ -12,7 +12,6 @@ memory or disk before the forward and puts them back on the meta device after it
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import re
@@ -29,10 +28,6 @@ from adapruner.errors import AdaPrunerError
 from adapruner.staging import check_writable
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-DEVICE_MAP_HELP = ("spread the model over devices with accelerate: auto, balanced, balanced_low_0, sequential, or a JSON file "
-                   "{module name: device | 'cpu' | 'disk'}; with --max-memory and --offload-dir")
-MAX_MEMORY_HELP = "with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (GPU index or cpu = size)"
-OFFLOAD_HELP = "with --device-map: folder for the weights the map puts on disk"
 _DEVICE_NAME = re.compile(r"cpu|disk|cuda(:\d+)?|\d+")
 
 
@@ -53,11 +48,8 @@ class Dispatch:
             return None
         if max_memory and device_map not in STRATEGIES:
             raise AdaPrunerError(f"--device-map {device_map} places every module itself: drop --max-memory (it shapes auto, balanced, …)")
-        try:
-            dispatch = cls(device_map, tuple(parse_max_memory(max_memory).items()) if max_memory else (), offload_dir)
-            dispatch.module_map  # a map file is read (and checked) once, here
-        except argparse.ArgumentTypeError as exc:  # a library caller's bad value: the one line the CLI prints
-            raise AdaPrunerError(str(exc)) from None
+        dispatch = cls(device_map, tuple(parse_max_memory(max_memory).items()) if max_memory else (), offload_dir)
+        dispatch.module_map  # a map file is read (and checked) once, here
         if offload_dir:
             if Path(offload_dir).exists() and not Path(offload_dir).is_dir():
                 raise AdaPrunerError(f"--offload-dir {offload_dir} is a file: pass a folder")
@@ -68,7 +60,7 @@ class Dispatch:
     @functools.cached_property
     def module_map(self) -> dict | None:
         """The JSON file's {module name: device}; None for a strategy name."""
-        return None if self.device_map in STRATEGIES else _read_map(self.device_map)
+        return None if self.device_map in STRATEGIES else read_device_map(self.device_map)
 
     def load_kwargs(self) -> dict:
         """Keyword arguments for `from_pretrained`."""
@@ -94,32 +86,19 @@ class Dispatch:
         return {"device_map": self.device_map, "max_memory": dict(self.max_memory), "offload_dir": self.offload_dir}
 
 
-def device_map_arg(text: str) -> str:
-    """argparse `type` for --device-map: a strategy name, or a JSON file mapping module names to devices."""
-    if text in STRATEGIES:
-        return text
-    _read_map(text)
-    return text
-
-
-def _read_map(path: str) -> dict:
+def read_device_map(path: str) -> dict:
+    """A JSON device-map file: {module name: GPU index, 'cuda:N', 'cpu' or 'disk'}; a bad one is a one-line error."""
     try:
         mapping = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(f"--device-map {path!r} is neither {', '.join(STRATEGIES)} nor a readable JSON file ({exc.__class__.__name__})") from None
+        raise AdaPrunerError(f"--device-map {path!r} is neither {', '.join(STRATEGIES)} nor a readable JSON file ({exc.__class__.__name__})") from None
     if not isinstance(mapping, dict) or not mapping or not all(isinstance(k, str) and _DEVICE_NAME.fullmatch(str(v)) for k, v in mapping.items()):
-        raise argparse.ArgumentTypeError(f"--device-map {path}: write an object {{module name: GPU index, 'cuda:N', 'cpu' or 'disk'}}")
+        raise AdaPrunerError(f"--device-map {path}: write an object {{module name: GPU index, 'cuda:N', 'cpu' or 'disk'}}")
     return mapping
 
 
-def max_memory_arg(text: str) -> str:
-    """argparse `type` for --max-memory: the text, once `parse_max_memory` reads it."""
-    parse_max_memory(text)
-    return text
-
-
 def parse_max_memory(text: str) -> dict[str, int]:
-    """`0=70GiB,cpu=200GiB` → {"0": bytes, "cpu": bytes}; a wrong entry raises `argparse.ArgumentTypeError`."""
+    """`0=70GiB,cpu=200GiB` → {"0": bytes, "cpu": bytes}; a wrong entry is a one-line error."""
     from accelerate.utils import convert_file_size_to_int
 
     limits: dict[str, int] = {}
@@ -127,15 +106,15 @@ def parse_max_memory(text: str) -> dict[str, int]:
         device, _, size = entry.partition("=")
         device = device.strip()
         if not (device.isdigit() or device == "cpu") or not size:
-            raise argparse.ArgumentTypeError(f"--max-memory entry {entry!r}: write DEVICE=SIZE with DEVICE a GPU index or cpu, e.g. 0=70GiB,cpu=200GiB")
+            raise AdaPrunerError(f"--max-memory entry {entry!r}: write DEVICE=SIZE with DEVICE a GPU index or cpu, e.g. 0=70GiB,cpu=200GiB")
         try:
             limits[device] = convert_file_size_to_int(size.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--max-memory size {size!r}: write a size such as 70GiB or 500MB") from None
+            raise AdaPrunerError(f"--max-memory size {size!r}: write a size such as 70GiB or 500MB") from None
         if limits[device] <= 0:
-            raise argparse.ArgumentTypeError(f"--max-memory size {size!r} must be positive")
+            raise AdaPrunerError(f"--max-memory size {size!r} must be positive")
     if not limits:
-        raise argparse.ArgumentTypeError("--max-memory is empty: write e.g. 0=70GiB,cpu=200GiB")
+        raise AdaPrunerError("--max-memory is empty: write e.g. 0=70GiB,cpu=200GiB")
     return limits
 
 

@@ -29,15 +29,15 @@ from adapruner.big_model import weights
 from adapruner.calibration import seeded_draw
 from adapruner.devices import dtype_name, model_device
 from adapruner.errors import AdaPrunerError, first_line
-from adapruner.compensation import InputMoments
-from adapruner.importance import Importance, fluctuation
-from adapruner.kernels import channel_importance
+from adapruner.statistics import InputMoments
+from adapruner.importance import Importance
+from adapruner.metrics import ACTIVATION_METRICS, METRICS
+from adapruner.kernels.channel_importance import channel_importance
 from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fisher_stats
 from adapruner.staging import staged_file
 from adapruner.statistics import linear_io, sample_loss
 from adapruner.structure import SHARED_INPUT, Member, decoder_layers, prunable_linears
 
-ACTIVATION_METRICS = frozenset({"taylor1", "mix"})
 CACHE_FORMAT = 2  # bumped whenever what the file holds changes meaning; part of every key
 
 
@@ -91,18 +91,20 @@ class ActivationCache:
         if samples.numel() == 0:
             raise AdaPrunerError("the sample subset is empty: choose at least one sample")
         side = "rows" if dim == 0 else "cols"
-        if metric == "vector":
+        source = METRICS[metric].cached
+        if source == "sample_products":  # vector: |Σ_s Σ w·g|
             return self._sample_sum(f"vec_{side}/{name}", samples, weight.device).abs()
-        if metric == "taylor2":
+        if source == "sample_fisher":  # taylor2: ½ Σ_s f_s / |S|
             return 0.5 * self._sample_sum(f"fisher_{side}/{name}", samples, weight.device) / samples.numel()
-        if metric == "act":
+        if source == "input_squares":  # act: ‖x_i‖₂ from Σ x²
             act_norm = self._sample_sum(f"act/{input_owner(name)}", samples, weight.device).sqrt()
-            return channel_importance("act", weight, dim, act_norm=act_norm)
-        if metric == "fluct":
-            return fluctuation(weight, self.input_moments(name, samples, weight.device).variance)
-        if metric in ACTIVATION_METRICS:
+            return channel_importance(metric, weight, dim, act_norm=act_norm)
+        if source == "input_moments":  # fluct: the inputs' variance
+            act_var = self.input_moments(name, samples, weight.device).variance
+            return channel_importance(metric, weight, dim, act_var=act_var)
+        if source == "activations":
             if not self.key.activations:
-                raise AdaPrunerError(f"metric {metric!r} needs cached activations: rebuild the cache with taylor1/mix in --metrics")
+                raise AdaPrunerError(f"metric {metric!r} needs cached activations: rebuild the cache with {'/'.join(sorted(ACTIVATION_METRICS))} in --metrics")
             x, dy = self.tensors[f"x/{input_owner(name)}"], self.tensors[f"dy/{name}"]
             rows = self.token_rows(samples).to(x.device)
             if x.device != weight.device:  # a host-resident cache (over --cache-mem): stage the subset's rows on the device
@@ -239,10 +241,10 @@ class CachedImportance(Importance):
         self.cache, self.samples = cache, samples
 
     def channel_scores(self, member: Member) -> torch.Tensor:
-        if self.metric in ("random", "l1", "l2"):
+        if self.spec.cached == "weights":
             return super().channel_scores(member)
-        if self.metric == "fluct" and member.dim == 0:
-            raise AdaPrunerError("fluct scores input columns only (o_proj, down_proj)")
+        if self.spec.columns_only and member.dim == 0:
+            raise AdaPrunerError(f"{self.metric} scores input columns only (the output projections)")
         with weights(member.linear) as linear:
             return self.cache.channel_scores(self.metric, member.name, linear.weight.detach(), member.dim, self.samples)
 
@@ -315,21 +317,31 @@ def build_cache(
     return ActivationCache(key, tensors, addresses)
 
 
-def cache_key(model_name: str, model: nn.Module, pools: list[str], pool_size: int, seq_len: int, layers: range, seed: int, activations: bool,
-              dtype: str = "bfloat16", model_digest: str = "", pool_digests: tuple[str, ...] = ()) -> CacheKey:
+@dataclass(frozen=True)
+class CandidatePool:
+    """The windows a cache holds: `pool_size` seeded windows of `seq_len` tokens from each text pool."""
+
+    pools: tuple[str, ...]
+    pool_size: int
+    seq_len: int
+    seed: int = 0
+
+
+def cache_key(model_name: str, model: nn.Module, pool: CandidatePool, layers: range, activations: bool, dtype: str = "bfloat16") -> CacheKey:
+    """The key of a cache of `pool` on `layers` of `model` (X and dY stored in `dtype` when `activations`); the
+    content digests are added by the caller that read them (`dataclasses.replace`)."""
     if layers.step != 1 or not 0 <= layers.start < layers.stop <= len(decoder_layers(model)):
         raise AdaPrunerError("cached layer range must be contiguous and inside the model")
     model_dtype = dtype_name(next(model.parameters()).dtype)  # the weights' dtype
-    return CacheKey(model_name, tuple(pools), pool_size, seq_len, (layers.start, layers.stop), seed, activations, dtype, model_dtype,
-                    model_digest, tuple(pool_digests))
+    return CacheKey(model_name, tuple(pool.pools), pool.pool_size, pool.seq_len, (layers.start, layers.stop), pool.seed, activations, dtype,
+                    model_dtype)
 
 
 def load_or_build(
-    model: nn.Module, tokenizer, key: CacheKey, cache_dir: Path, max_memory_bytes: int = 0, batch_size: int = 4, progress: bool = True,
-    report=print, pin: bool = False,
+    model: nn.Module, tokenizer, key: CacheKey, cache_dir: Path, max_memory_bytes: int = 0, progress: bool = True, pin: bool = False,
 ) -> ActivationCache:
     """Reuse `cache_dir/<digest>.safetensors` when it holds a whole cache for `key`; else (missing, or damaged:
-    `report`ed and replaced) build it and save it. Then load it onto the model's device (see `load`)."""
+    noted and replaced) build it and save it. Then load it onto the model's device (see `load`)."""
     path = cache_dir / f"{key.digest()}.safetensors"
     if path.is_file():
         try:
@@ -337,7 +349,7 @@ def load_or_build(
             cache.check(model, key)
             return cache
         except DamagedCache as exc:
-            report(f"note: activation cache {path} is damaged ({exc}): rebuilding it")
+            print(f"note: activation cache {path} is damaged ({exc}): rebuilding it")
     input_ids, addresses = candidate_pool(tokenizer, list(key.pools), key.pool_size, key.seq_len, key.seed)
-    build_cache(model, key, input_ids, addresses, batch_size, progress, max_memory_bytes).save(path)
+    build_cache(model, key, input_ids, addresses, progress=progress, device_budget_bytes=max_memory_bytes).save(path)
     return ActivationCache.load(path, max_memory_bytes, model_device(model), pin)

@@ -1,7 +1,8 @@
 """Command line: parse the flags into the settings objects, call the library function a Python user calls, print.
 
-Every flag's default is read from its settings object (`PruneOptions`, `SearchOptions`, `LoraOptions`,
-`EvalOptions`, `RunOptions`), so each default is written once.
+Every flag's default is read from its settings object (`PruneSpec`, `PruneOptions`, `SearchOptions`, `LoraOptions`,
+`EvalOptions`, `RunOptions`), so each default is written once; the argparse types (ranges checked at parse time)
+and help texts live here.
 """
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from adapruner.devices import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, Placement, device_arg, device_errors
+from adapruner.devices import DEVICE_PATTERN, DTYPE_CHOICES, Placement, device_errors
 from adapruner.errors import AdaPrunerError
-from adapruner.eval_job import EvalOptions
+from adapruner.commands.eval import EvalOptions
 from adapruner.finetune import LoraOptions
-from adapruner.finetune_job import VAL_WINDOWS
-from adapruner.pipeline import RunOptions
-from adapruner.pruner import PruneOptions
+from adapruner.metrics import METRIC_NAMES
+from adapruner.metrics import metric as registered
+from adapruner.commands.finetune import VAL_WINDOWS
+from adapruner.commands.run import RunOptions
+from adapruner.pruning import PruneOptions
 from adapruner.report import format_table
-from adapruner.allocation import ALLOCATIONS
-from adapruner.compensation import COMPENSATIONS
-from adapruner.search_job import SearchOptions
+from adapruner.spec import AGGREGATIONS, ALLOCATIONS, COMPENSATIONS, GRANULARITIES, PruneSpec
+from adapruner.commands.search import SearchOptions
 from adapruner.staging import interrupted_by, terminate_as_exit
 
 RATIO_HELP = (
@@ -35,8 +37,15 @@ MIN_KEEP_HELP = "allocation global: each layer keeps at least this fraction of i
 COMPENSATE_HELP = ("after removal, repair o_proj/down_proj outputs from calibration inputs: bias adds the removed channels' mean "
                    "contribution; lsq refits the kept columns by damped least squares")
 DAMP_HELP = "lsq compensation: damping toward the trained weights, times the mean input variance"
+DEVICE_HELP = "where the model runs: auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
+DTYPE_HELP = "model weight dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"
+DEVICE_MAP_HELP = ("spread the model over devices with accelerate: auto, balanced, balanced_low_0, sequential, or a JSON file "
+                   "{module name: device | 'cpu' | 'disk'}; with --max-memory and --offload-dir")
+MAX_MEMORY_HELP = "with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (GPU index or cpu = size)"
+OFFLOAD_HELP = "with --device-map: folder for the weights the map puts on disk"
 LAYERS_HELP = "layers to prune as START:STOP or 'all' (default: keep the first 4/32 and last 2/32 of the layers whole)"
 PRUNE, SEARCH, LORA, EVAL = PruneOptions(), SearchOptions(), LoraOptions(), EvalOptions()
+SPEC = PRUNE.spec
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,6 +98,37 @@ COUNT, NONNEGATIVE, WINDOW = at_least(1), at_least(0), at_least(2)  # counts, bu
 FRACTION, POSITIVE = within(0, 1), at_least(1e-12, float)
 
 
+def device_arg(text: str) -> str:
+    """argparse type for --device: the spelling is checked at parse time, availability when resolved."""
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def device_map_arg(text: str) -> str:
+    """argparse type for --device-map: a strategy name, or a JSON file mapping module names to devices."""
+    from adapruner.big_model import STRATEGIES, read_device_map
+
+    if text not in STRATEGIES:
+        _as_argument_error(read_device_map, text)
+    return text
+
+
+def max_memory_arg(text: str) -> str:
+    """argparse type for --max-memory: the text, once `parse_max_memory` reads it."""
+    from adapruner.big_model import parse_max_memory
+
+    _as_argument_error(parse_max_memory, text)
+    return text
+
+
+def _as_argument_error(check, text: str) -> None:
+    try:
+        check(text)
+    except AdaPrunerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run_default(name: str):
     """A `RunOptions` field's default (RunOptions needs its search options, so it has no bare instance)."""
     spec = next(f for f in fields(RunOptions) if f.name == name)
@@ -96,7 +136,6 @@ def run_default(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from adapruner.importance import AGGREGATIONS, METRICS
 
     parser = Parser(prog="adapruner", description="Sample-aware structured pruning of LLaMA-family models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -104,21 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="prune a model and save it (HF-loadable)")
     prune.add_argument("--model", required=True, help="HF model directory, hub id, or 'smollm2' (embedded, offline)")
     budget = prune.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=FRACTION, help=f"{RATIO_HELP} [default {PRUNE.ratio}]")
+    budget.add_argument("--ratio", type=FRACTION, help=f"{RATIO_HELP} [default {SPEC.ratio}]")
     budget.add_argument("--target-params", type=FRACTION, help=TARGET_HELP)
-    prune.add_argument("--metric", default=PRUNE.metric, choices=METRICS, help="importance metric (docs/metrics.md)")
-    prune.add_argument("--agg", default=PRUNE.aggregation, choices=AGGREGATIONS, help="aggregation over a group's members")
+    prune.add_argument("--metric", default=SPEC.metric, choices=METRIC_NAMES, help="importance metric (docs/metrics.md)")
+    prune.add_argument("--agg", default=SPEC.aggregation, choices=AGGREGATIONS, help="aggregation over a group's members")
     prune.add_argument("--calib", default=PRUNE.calib, help="calibration samples as POOL:N[,POOL:N] (pools: wiki, news, plays, or a .txt/.jsonl path)")
     prune.add_argument("--seq-len", type=WINDOW, default=PRUNE.seq_len, help="tokens per calibration and evaluation window")
-    prune.add_argument("--layers", default=PRUNE.layers, help=LAYERS_HELP)
-    prune.add_argument("--attn-granularity", default=PRUNE.granularity, choices=("kv", "query"), help="remove whole kv groups, or query heads inside every kv group")
+    prune.add_argument("--layers", default=SPEC.layers, help=LAYERS_HELP)
+    prune.add_argument("--attn-granularity", default=SPEC.granularity, choices=GRANULARITIES, help="remove whole kv groups, or query heads inside every kv group")
     prune.add_argument("--no-attention", action="store_true", help="prune the MLP only")
     prune.add_argument("--no-mlp", action="store_true", help="prune attention only")
-    prune.add_argument("--allocation", default=PRUNE.allocation, choices=ALLOCATIONS, help=ALLOCATION_HELP)
-    prune.add_argument("--depth-slope", type=within(0, 1, closed_low=True), default=PRUNE.depth_slope, help="allocation depth: per-layer ratios r·(1 + S·(2p − 1))")
-    prune.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=PRUNE.min_keep, help=MIN_KEEP_HELP)
-    prune.add_argument("--compensate", default=PRUNE.compensation, choices=COMPENSATIONS, help=COMPENSATE_HELP)
-    prune.add_argument("--damp", type=POSITIVE, default=PRUNE.damp, help=DAMP_HELP)
+    prune.add_argument("--allocation", default=SPEC.allocation, choices=ALLOCATIONS, help=ALLOCATION_HELP)
+    prune.add_argument("--depth-slope", type=within(0, 1, closed_low=True), default=SPEC.depth_slope, help="allocation depth: per-layer ratios r·(1 + S·(2p − 1))")
+    prune.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=SPEC.min_keep, help=MIN_KEEP_HELP)
+    prune.add_argument("--compensate", default=SPEC.compensation, choices=COMPENSATIONS, help=COMPENSATE_HELP)
+    prune.add_argument("--damp", type=POSITIVE, default=SPEC.damp, help=DAMP_HELP)
     prune.add_argument("--uniform", action="store_true", help="prune every layer alike and save a stock config (no remote code)")
     prune.add_argument("--seed", type=NONNEGATIVE, default=PRUNE.seed)
     prune.add_argument("--out", required=True, help="new directory for the pruned model and report.json")
@@ -196,8 +235,6 @@ def _add_placement_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_dispatch_args(parser: argparse.ArgumentParser) -> None:
-    from adapruner.big_model import DEVICE_MAP_HELP, MAX_MEMORY_HELP, OFFLOAD_HELP, device_map_arg, max_memory_arg
-
     parser.add_argument("--device-map", type=device_map_arg, default=None, help=DEVICE_MAP_HELP)
     parser.add_argument("--max-memory", type=max_memory_arg, default=None, help=MAX_MEMORY_HELP)
     parser.add_argument("--offload-dir", default=None, help=OFFLOAD_HELP)
@@ -209,19 +246,19 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     s = SEARCH
     parser.add_argument("--model", default=s.model, help="HF model directory, hub id, or 'smollm2'")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=FRACTION, default=s.ratio, help=RATIO_HELP)
-    budget.add_argument("--target-params", type=FRACTION, default=s.target_params, help=TARGET_HELP + "; every trial removes the same count")
+    budget.add_argument("--ratio", type=FRACTION, default=s.spec.ratio, help=RATIO_HELP)
+    budget.add_argument("--target-params", type=FRACTION, default=s.spec.target_params, help=TARGET_HELP + "; every trial removes the same count")
     parser.add_argument("--pools", default=",".join(s.pools), help="candidate text pools, comma-separated (built-in names or paths)")
     parser.add_argument("--pool-size", type=COUNT, default=s.pool_size, help="cached candidate windows per pool")
     parser.add_argument("--seq-len", type=WINDOW, default=s.seq_len)
-    parser.add_argument("--layers", default=s.layers, help=LAYERS_HELP)
-    parser.add_argument("--attn-granularity", default=s.granularity, choices=("kv", "query"))
+    parser.add_argument("--layers", default=s.spec.layers, help=LAYERS_HELP)
+    parser.add_argument("--attn-granularity", default=s.spec.granularity, choices=GRANULARITIES)
     parser.add_argument("--no-attention", action="store_true", help="prune the MLP only")
     parser.add_argument("--no-mlp", action="store_true", help="prune attention only")
     parser.add_argument("--allocations", default=",".join(s.allocations), help=f"allocations the search may choose ({', '.join(ALLOCATIONS)}): {ALLOCATION_HELP}")
     parser.add_argument("--compensations", default=",".join(s.compensations), help=f"compensations the search may choose ({', '.join(COMPENSATIONS)}): {COMPENSATE_HELP}")
-    parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=s.min_keep, help=MIN_KEEP_HELP)
-    parser.add_argument("--damp", type=POSITIVE, default=s.damp, help=DAMP_HELP)
+    parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=s.spec.min_keep, help=MIN_KEEP_HELP)
+    parser.add_argument("--damp", type=POSITIVE, default=s.spec.damp, help=DAMP_HELP)
     parser.add_argument("--metrics", default=",".join(s.metrics), help="metrics the search may choose")
     parser.add_argument("--aggregations", default=",".join(s.aggregations), help="aggregations the search may choose")
     parser.add_argument("--sample-counts", default=",".join(map(str, s.sample_counts)), help="calibration sample counts the search may choose")
@@ -280,14 +317,17 @@ def placement_of(args: argparse.Namespace) -> Placement:
     return Placement.of(args.device, args.dtype, args.trust_remote_code, dispatch)
 
 
+def spec_of(args: argparse.Namespace, **choices) -> PruneSpec:
+    """The pruning spec the flags shared by prune, search and run give (`choices`: the rest, per command)."""
+    ratio = args.ratio if args.ratio is not None or args.target_params is not None else SPEC.ratio
+    return PruneSpec(ratio=ratio, target_params=args.target_params, layers=args.layers, granularity=args.attn_granularity,
+                     prune_attention=not args.no_attention, prune_mlp=not args.no_mlp, min_keep=args.min_keep, damp=args.damp, **choices)
+
+
 def prune_options(args: argparse.Namespace) -> PruneOptions:
-    ratio = args.ratio if args.ratio is not None or args.target_params is not None else PRUNE.ratio
-    return PruneOptions(
-        ratio=ratio, target_params=args.target_params, metric=args.metric, aggregation=args.agg, calib=args.calib,
-        seq_len=args.seq_len, layers=args.layers, granularity=args.attn_granularity, prune_attention=not args.no_attention,
-        prune_mlp=not args.no_mlp, seed=args.seed, allocation=args.allocation, depth_slope=args.depth_slope, min_keep=args.min_keep,
-        compensation=args.compensate, damp=args.damp,
-    )
+    spec = spec_of(args, metric=args.metric, aggregation=args.agg, allocation=args.allocation, depth_slope=args.depth_slope,
+                   compensation=args.compensate)
+    return PruneOptions(spec=spec, calib=args.calib, seq_len=args.seq_len, seed=args.seed)
 
 
 def prune_eval_options(args: argparse.Namespace) -> EvalOptions | None:
@@ -295,7 +335,7 @@ def prune_eval_options(args: argparse.Namespace) -> EvalOptions | None:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from adapruner.prune_job import prune_and_save
+    from adapruner.commands.prune import prune_and_save
 
     report = prune_and_save(args.model, prune_options(args), args.out, placement_of(args), prune_eval_options(args),
                             study=args.from_study, recompute=args.recompute, uniform=args.uniform)
@@ -307,33 +347,32 @@ def run_prune(args: argparse.Namespace) -> int:
         ["time (s)", "", round(report["total_seconds"], 1)],
     ]
     how = f"r={report['ratio']:.3f}" if report["ratio"] is not None else f"{100 * report['params_removed_fraction']:.1f}% removed"
-    print(format_table(["", "dense", f"pruned ({report['options']['metric']}, {how})"], rows))
+    print(format_table(["", "dense", f"pruned ({report['options']['spec']['metric']}, {how})"], rows))
     print(f"saved to {args.out} (report.json beside the model)")
     return 0
 
 
-def search_options(args: argparse.Namespace) -> SearchOptions:
-    from adapruner.search import metric_choices
+SEARCH_FLAGS = {  # SearchOptions field → the flag's dest, where they differ or the text needs parsing
+    "pools": lambda a: [p.strip() for p in a.pools.split(",") if p.strip()],
+    "metrics": lambda a: tuple(registered(name).name for name in _names(a.metrics) or (a.metrics,)),
+    "aggregations": lambda a: _choices(a.aggregations, AGGREGATIONS, "--aggregations"),
+    "sample_counts": lambda a: _int_list(a.sample_counts, "--sample-counts"),
+    "allocations": lambda a: _choices(a.allocations, ALLOCATIONS, "--allocations"),
+    "compensations": lambda a: _choices(a.compensations, COMPENSATIONS, "--compensations"),
+    "cache_mem_gb": lambda a: a.cache_mem,
+    "spec": lambda a: spec_of(a),
+}
 
-    return SearchOptions(
-        model=args.model, ratio=args.ratio, pools=[p.strip() for p in args.pools.split(",") if p.strip()],
-        pool_size=args.pool_size, seq_len=args.seq_len, layers=args.layers, granularity=args.attn_granularity,
-        metrics=metric_choices(args.metrics), aggregations=tuple(a.strip() for a in args.aggregations.split(",")),
-        sample_counts=_int_list(args.sample_counts, "--sample-counts"), blocks_per_pool=args.blocks_per_pool,
-        depth_slope=args.depth_slope, allocations=_choices(args.allocations, ALLOCATIONS, "--allocations"),
-        compensations=_choices(args.compensations, COMPENSATIONS, "--compensations"), target_params=args.target_params,
-        prune_attention=not args.no_attention, prune_mlp=not args.no_mlp, min_keep=args.min_keep, damp=args.damp, trials=args.trials, startup_trials=args.startup_trials, sampler=args.sampler, seed=args.seed,
-        val_windows=args.val_windows, val_dtype=args.val_dtype, batch_size=args.batch_size, workers=args.workers,
-        early_stop=args.early_stop, storage=args.storage, study=args.study, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
-        cache_mem_gb=args.cache_mem, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        device_map=args.device_map, max_memory=args.max_memory, offload_dir=args.offload_dir,
-    )
+
+def search_options(args: argparse.Namespace) -> SearchOptions:
+    """Every SearchOptions field from the flag of the same name (or its entry in `SEARCH_FLAGS`)."""
+    return SearchOptions(**{f.name: SEARCH_FLAGS[f.name](args) if f.name in SEARCH_FLAGS else getattr(args, f.name) for f in fields(SearchOptions)})
 
 
 def run_search_command(args: argparse.Namespace) -> int:
-    from adapruner.search_job import run_search
+    from adapruner.commands.search import run_search
 
-    from adapruner.search_job import plan_search, resolved, study_dir
+    from adapruner.commands.search import plan_search, resolved, study_dir
 
     if args.plan:
         plan = plan_search(resolved(search_options(args))[0])
@@ -342,7 +381,8 @@ def run_search_command(args: argparse.Namespace) -> int:
         return 0
     best = run_search(search_options(args), Path(args.out))
     files = study_dir(Path(args.out), args.study)
-    print(f"best trial {best.trial}: {best.metric}/{best.aggregation}, {len(best.samples)} samples, val ppl {best.val_ppl:.3f}")
+    spec = best.prune_spec
+    print(f"best trial {best.trial}: {spec.metric}/{spec.aggregation}, {len(best.samples)} samples, val ppl {best.val_ppl:.3f}")
     print(f"wrote {files}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study {files} --out DIR")
     return 0
 
@@ -365,6 +405,7 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
     return chosen
 
 
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -378,7 +419,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
-    from adapruner.pipeline import run_pipeline
+    from adapruner.commands.run import run_pipeline
 
     run_pipeline(run_options(args), Path(args.out))
     print((Path(args.out) / "report.md").read_text())
@@ -394,7 +435,7 @@ def lora_options(args: argparse.Namespace) -> LoraOptions:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from adapruner.finetune_job import finetune_and_save
+    from adapruner.commands.finetune import finetune_and_save
 
     report = finetune_and_save(args.model, args.data, lora_options(args), args.out, placement_of(args),
                                keep_adapter=args.keep_adapter, val_windows=args.val_windows, seq_len=args.seq_len)
@@ -410,7 +451,7 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from adapruner.eval_job import evaluate_model
+    from adapruner.commands.eval import evaluate_model
 
     report_path = Path(args.report) if args.report else (Path(args.model) / "report.json" if Path(args.model).is_dir() else None)
     measured = evaluate_model(args.model, eval_options(args), placement_of(args), report_path)

@@ -14,39 +14,20 @@ forms them for any sample subset from the activation cache.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from adapruner.big_model import home_device, place_like, weights
+from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
-from adapruner.prune import PrunePlan, head_channels
-from adapruner.structure import layer_info, output_projections
+from adapruner.spec import DEFAULT_DAMP, check_compensation
+from adapruner.memory_plan import device_free_bytes
+from adapruner.plan import PrunePlan
+from adapruner.statistics import InputMoments, collect_input_moments
+from adapruner.structure import decoder_layers, head_channels, layer_info, output_projections
 
-COMPENSATIONS = ("none", "bias", "lsq")
-DEFAULT_DAMP = 1.0  # measured on SmolLM2 at 20% removed (README, bench.quality): 1 beat 0.1 and 0.5, and 3 was no better
 Update = tuple[torch.Tensor, torch.Tensor]  # (kept-column weight, bias) of one output linear
-
-
-def check_compensation(mode: str) -> None:
-    if mode not in COMPENSATIONS:
-        raise AdaPrunerError(f"unknown compensation {mode!r}: use one of {', '.join(COMPENSATIONS)}")
-
-
-@dataclass
-class InputMoments:
-    """Moments of a linear's calibration inputs over their T tokens (fp32): μ = mean x (in,), mean x² (in,) and
-    C = XᵀX/T (in × in; lsq only)."""
-
-    mean: torch.Tensor
-    square_mean: torch.Tensor
-    gram: torch.Tensor | None = None
-
-    @property
-    def variance(self) -> torch.Tensor:
-        """Per input channel: mean x² − (mean x)², clamped at 0 (FLAP's fluctuation)."""
-        return (self.square_mean - self.mean.square()).clamp_min(0.0)
 
 
 def compensated(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, moments: InputMoments, mode: str, damp: float = DEFAULT_DAMP) -> Update:
@@ -121,3 +102,57 @@ def install(model: nn.Module, updates: dict[str, Update]) -> None:
         linear.weight = nn.Parameter(weight.to(device, dtype), requires_grad=old.weight.requires_grad)
         linear.bias = nn.Parameter(bias.to(device, dtype), requires_grad=old.weight.requires_grad)
         setattr(owner, leaf, place_like(linear, old))
+
+
+def give_output_biases(model: nn.Module) -> bool:
+    """Where some o_proj/down_proj carries a (compensation) bias, give every other one a zero bias — so that one config
+    flag, `output_bias`, describes all layers — and return True; False where none has one."""
+    outputs = output_projections(model, range(len(decoder_layers(model))))
+    if all(linear.bias is None for linear in outputs.values()):
+        return False
+    zero_biases = {}
+    for name, linear in outputs.items():
+        if linear.bias is None:
+            with weights(linear):
+                weight = linear.weight.detach().to(home_device(linear))  # an offloaded one waits in host memory
+            zero_biases[name] = (weight, weight.new_zeros(linear.out_features))
+    install(model, zero_biases)
+    return True
+
+
+def output_inputs(model: nn.Module, plan: PrunePlan) -> dict[str, nn.Linear]:
+    """The output linears (o_proj, down_proj) a plan narrows, by name: the ones compensation refits."""
+    return {name: linear for name, (linear, _kept) in output_linears(model, plan).items()}
+
+
+def compensation_passes(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor, mode: str, damp: float,
+                        gram_bytes: int | None = None, progress: bool = True) -> dict:
+    """The compensated output linears of `plan` from forward passes of the dense `model` over `input_ids`. lsq needs
+    each linear's Gram XᵀX/T (in² fp32): a pass collects as many as fit `gram_bytes` (default: half the memory free
+    where the model's inputs go), solves them and frees them before the next pass — a 70B model's 80 down_proj Grams
+    (3.3 GB each) never sit in memory together. bias needs one pass."""
+    check_compensation(mode)
+    targets = output_inputs(model, plan)
+    if mode == "none" or not targets:
+        return {}
+    budget = gram_bytes if gram_bytes is not None else device_free_bytes(model_device(model)) // 2
+    updates = {}
+    for chunk in gram_chunks(targets, budget if mode == "lsq" else None):
+        moments = collect_input_moments(model, chunk, input_ids, mode == "lsq", progress=progress)
+        updates |= compensation_updates(model, plan, moments.__getitem__, mode, damp, names=chunk)
+    return updates
+
+
+def gram_chunks(linears: dict[str, nn.Linear], budget_bytes: int | None) -> list[dict[str, nn.Linear]]:
+    """`linears` in order, cut into runs whose fp32 Grams (in_features² · 4 bytes each) fit `budget_bytes` together
+    (None: one run; a linear whose Gram alone is larger gets a run of its own)."""
+    chunks: list[dict[str, nn.Linear]] = [{}]
+    used = 0
+    for name, linear in linears.items():
+        size = 4 * linear.in_features**2
+        if budget_bytes is not None and chunks[-1] and used + size > budget_bytes:
+            chunks.append({})
+            used = 0
+        chunks[-1][name] = linear
+        used += size
+    return chunks

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 from adapruner.errors import AdaPrunerError
-from adapruner.search_job import STUDY_FILE, search_record
+from adapruner.commands.search import STUDY_FILE, search_record
 from adapruner.study import open_storage
 
 DEFAULT_PORT = 8080

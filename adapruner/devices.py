@@ -20,23 +20,12 @@ if TYPE_CHECKING:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
-DEVICE_HELP = "where the model runs: auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
-DTYPE_HELP = "model weight dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"
-_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def device_arg(text: str) -> str:
-    """argparse `type` for --device: the spelling is checked at parse time, availability when resolved."""
-    import argparse
-
-    if not _DEVICE_PATTERN.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
-    return text
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def resolve_device(name: str) -> torch.device:
     """`auto` → cuda when available, else cpu; a CUDA device that is not there is a one-line error."""
-    if not _DEVICE_PATTERN.fullmatch(name):
+    if not DEVICE_PATTERN.fullmatch(name):
         raise AdaPrunerError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

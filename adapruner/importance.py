@@ -13,12 +13,10 @@ import torch
 
 from adapruner.big_model import weights
 from adapruner.errors import AdaPrunerError
-from adapruner.kernels import METRICS_NEEDING, channel_importance
+from adapruner.kernels.channel_importance import channel_importance
+from adapruner.metrics import metric as registered
+from adapruner.spec import check_aggregation
 from adapruner.structure import Group, Member
-
-NEEDS = {**METRICS_NEEDING, "fluct": frozenset({"act_var"})}  # fluct: FLAP's fluctuation, scored on input columns only
-METRICS = ("random", *NEEDS)
-AGGREGATIONS = ("sum", "mean", "max", "prod", "first")
 
 
 @dataclass
@@ -38,18 +36,7 @@ class LinearStats:
 
 def needs(metric: str) -> frozenset[str]:
     """The statistics a metric reads (empty for data-free metrics)."""
-    check_metric(metric)
-    return NEEDS.get(metric, frozenset())
-
-
-def check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise AdaPrunerError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
-
-
-def check_aggregation(aggregation: str) -> None:
-    if aggregation not in AGGREGATIONS:
-        raise AdaPrunerError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+    return registered(metric).needs
 
 
 def aggregate(member_scores: torch.Tensor, aggregation: str) -> torch.Tensor:
@@ -79,7 +66,7 @@ class Importance:
     """
 
     def __init__(self, metric: str, aggregation: str = "sum", stats: Mapping[str, LinearStats] | None = None, seed: int = 0):
-        check_metric(metric)
+        self.spec = registered(metric)
         check_aggregation(aggregation)
         self.metric, self.aggregation, self.stats, self.seed = metric, aggregation, stats or {}, seed
 
@@ -89,7 +76,7 @@ class Importance:
             return self._weight_scores(member, linear.weight.detach())
 
     def _weight_scores(self, member: Member, weight: torch.Tensor) -> torch.Tensor:
-        if self.metric == "random":
+        if self.spec.element is None:  # random
             digest = hashlib.sha256(f"{self.seed}:{member.name}".encode()).digest()
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
             return torch.rand(weight.shape[member.dim], generator=generator).to(weight.device)
@@ -97,19 +84,13 @@ class Importance:
         missing = [n for n in needs(self.metric) if getattr(stats, n) is None]
         if missing:
             raise AdaPrunerError(f"metric {self.metric!r} needs {missing[0]} of {member.name}: pass calibration data (--calib)")
-        if self.metric == "fluct":
-            return fluctuation(weight, stats.act_var)
-        return channel_importance(self.metric, weight, member.dim, stats.grad, stats.fisher, stats.act_norm)
+        return channel_importance(self.metric, weight, member.dim, stats.grad, stats.fisher, stats.act_norm, act_var=stats.act_var)
 
     def member_scores(self, member: Member) -> torch.Tensor:
         """Unit scores of one member, shape (units,)."""
         return unit_scores(self.channel_scores(member).float(), member.block)
 
     def __call__(self, group: Group) -> torch.Tensor:
-        members = [m for m in group.members if m.dim == 1] if self.metric == "fluct" else group.members  # fluct reads input columns
+        members = [m for m in group.members if m.dim == 1] if self.spec.columns_only else group.members
         return aggregate(torch.stack([self.member_scores(m) for m in members]), self.aggregation)
 
-
-def fluctuation(weight: torch.Tensor, act_var: torch.Tensor) -> torch.Tensor:
-    """FLAP's fluctuation per input column i: v_i · ‖W[:, i]‖² (the `l2` column scores times the input variance)."""
-    return channel_importance("l2", weight, 1) * act_var.to(weight.device).float()

@@ -25,6 +25,7 @@ def model_card(params: int, facts: Mapping[str, dict], remote_code: bool) -> str
     report, best = facts.get("report.json", {}), facts.get("best.json", {})
     source = {**best, **report}
     options = report.get("options", {}) if isinstance(report.get("options"), dict) else {}
+    spec = options.get("spec") or best.get("spec") or {}  # the pruning spec of the prune (report) or of the best trial
     base = source.get("model")
     header = {"library_name": "transformers", "pipeline_tag": "text-generation",
               "tags": ["adapruner", "pruned", "structured-pruning", *(["lora"] if "val_ppl_history" in report else [])]}
@@ -36,13 +37,13 @@ def model_card(params: int, facts: Mapping[str, dict], remote_code: bool) -> str
         "parameters": f"{params:,}",
         "parameters before": f"{report['params_before']:,}" if "params_before" in report else None,
         "fraction of parameters removed": _fraction(report.get("params_removed_fraction", best.get("removed_fraction"))),
-        "ratio": options.get("ratio", best.get("ratio")),
-        "target fraction": options.get("target_params", best.get("target_params")),
-        "metric / aggregation": _pair(options.get("metric", best.get("metric")), options.get("aggregation", best.get("aggregation"))),
-        "allocation": options.get("allocation", best.get("allocation")),
-        "compensation": options.get("compensation", best.get("compensation")),
-        "attention granularity": options.get("granularity", best.get("granularity")),
-        "pruned layers": source.get("layers") if not isinstance(source.get("layers"), list) else f"{source['layers'][0]}..{source['layers'][-1]}",
+        "ratio": spec.get("ratio") if spec.get("target_params") is None else None,
+        "target fraction": spec.get("target_params"),
+        "metric / aggregation": _pair(spec.get("metric"), spec.get("aggregation")),
+        "allocation": spec.get("allocation"),
+        "compensation": spec.get("compensation"),
+        "attention granularity": spec.get("granularity"),
+        "pruned layers": f"{source['layers'][0]}..{source['layers'][-1]}" if isinstance(source.get("layers"), list) else spec.get("layers"),
         "calibration windows": _addresses(report.get("calib_addresses", best.get("addresses"))),
         "search": f"best of a study, trial {best['trial']}, validation perplexity {best['val_ppl']:.3f}" if "trial" in best else None,
         "wiki perplexity before → after": _arrow(report.get("ppl_wiki_before"), report.get("ppl_wiki_after"), report.get("eval_seq_len")),

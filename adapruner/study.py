@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
-import os
-import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
 import torch
 from safetensors.torch import load_file
 
-from adapruner.allocation import DEFAULT_MIN_KEEP
 from adapruner.cache import ActivationCache, DamagedCache
-from adapruner.compensation import DEFAULT_DAMP
 from adapruner.errors import AdaPrunerError, first_line
-from adapruner.search import Objective, PruneSetting, SearchSpace
+from adapruner.search import WORKER_ATTR, Objective, SearchSpace, worker_name
+from adapruner.spec import PruneSpec
+from adapruner.structure import decoder_layers, parse_layer_range
 from adapruner.validation import ValidationScorer
 
 HEARTBEAT_SECONDS = 5
@@ -31,12 +29,6 @@ GRACE_SECONDS = 20
 MAX_RETRY = 3
 OPEN_ATTEMPTS = 5
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-WORKER_ATTR = "worker"  # user attribute of a trial: which process runs it (host:pid)
-
-
-def worker_name(pid: int | None = None) -> str:
-    """`host:pid` of this process (or of `pid` on this host): the `WORKER_ATTR` every trial carries."""
-    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_seconds: int = GRACE_SECONDS):
@@ -87,11 +79,17 @@ def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSam
     if existing is None:
         study.set_user_attr("setup", setup)
     elif existing != setup:
-        key = next(k for k in sorted(set(existing) | set(setup)) if existing.get(k) != setup.get(k))
-        raise AdaPrunerError(
-            f"study {name!r} was created with {key}={existing.get(key)!r}, not {setup.get(key)!r}: pass the same options or a new --study"
-        )
+        key, was, now = _first_difference(existing, setup)
+        raise AdaPrunerError(f"study {name!r} was created with {key}={was!r}, not {now!r}: pass the same options or a new --study")
     return study
+
+
+def _first_difference(old: dict, new: dict) -> tuple[str, object, object]:
+    """(key, old value, new value) of the first differing entry, looking inside nested settings (the pruning spec)."""
+    key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+        return _first_difference(old[key], new[key])
+    return key, old.get(key), new.get(key)
 
 
 def pin_content(study: optuna.Study, content: dict) -> None:
@@ -126,11 +124,7 @@ class WorkerSpec:
     storage: str
     study: str
     setup: dict
-    ratio: float
-    layers: tuple[int, int]
-    granularity: str
-    prune_attention: bool
-    prune_mlp: bool
+    spec: PruneSpec  # the study's fixed part; each trial adds its choices
     space: dict
     n_trials: int
     sampler: str
@@ -147,9 +141,6 @@ class WorkerSpec:
     grace_seconds: int = GRACE_SECONDS
     worker_index: int = 0
     share: int | None = None  # trials this worker runs at most (None: until the study holds n_trials)
-    target_params: float | None = None
-    min_keep: float = DEFAULT_MIN_KEEP
-    damp: float = DEFAULT_DAMP
 
 
 def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cache: ActivationCache | None = None) -> optuna.Study:
@@ -170,9 +161,9 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
         except DamagedCache as exc:
             raise AdaPrunerError(f"activation cache {spec.cache_path} is damaged ({exc}): run the search again to rebuild it") from None
     val_windows = load_file(spec.val_path)["windows"]
-    setting = PruneSetting(spec.ratio, range(*spec.layers), spec.granularity, spec.prune_attention, spec.prune_mlp, spec.target_params, spec.min_keep, spec.damp)
-    scorer = ValidationScorer(model, val_windows, setting.layers.start, spec.val_dtype, spec.batch_size)
-    objective = Objective(model, cache, setting, SearchSpace(**spec.space), scorer, spec.early_stop, spec.startup_trials)
+    start = parse_layer_range(spec.spec.layers, len(decoder_layers(model))).start
+    scorer = ValidationScorer(model, val_windows, start, spec.val_dtype, spec.batch_size)
+    objective = Objective(model, cache, spec.spec, SearchSpace(**spec.space), scorer, spec.early_stop, spec.startup_trials)
     storage = open_storage(spec.storage, spec.heartbeat_seconds, spec.grace_seconds)
     study = open_study(storage, spec.study, spec.setup)
     # seeded by worker and by the trials the study holds: a resumed study does not redraw the parameters it ran
@@ -225,13 +216,12 @@ def run_workers(base: WorkerSpec, workers: int, callbacks: list | None = None, m
     remaining = max(0, base.n_trials - finished(open_study(storage, base.study, base.setup)))
     shares = [remaining // workers + (k < remaining % workers) for k in range(workers)]
     context = multiprocessing.get_context("spawn")
-    helpers = [context.Process(target=run_worker, args=(WorkerSpec(**{**asdict(base), "worker_index": k, "share": shares[k],
-                                                                     "device": worker_device(base.device, k)}),))
+    helpers = [context.Process(target=run_worker, args=(replace(base, worker_index=k, share=shares[k], device=worker_device(base.device, k)),))
                for k in range(1, workers)]
     for process in helpers:
         process.start()
     try:
-        study = run_worker(WorkerSpec(**{**asdict(base), "share": shares[0]}), callbacks, model, cache)
+        study = run_worker(replace(base, share=shares[0]), callbacks, model, cache)
         for process in helpers:
             process.join()
     finally:  # this process stopped early (error, SIGINT/SIGTERM): take the helpers down with it
@@ -245,7 +235,7 @@ def run_workers(base: WorkerSpec, workers: int, callbacks: list | None = None, m
         report(f"note: worker {k} (pid {process.pid}) exited with code {process.exitcode}; "
                f"{'its trial ' + ', '.join(map(str, retried)) + ' runs again' if retried else 'it held no running trial'}")
     if dead and finished(study) < base.n_trials:
-        study = run_worker(WorkerSpec(**{**asdict(base), "share": None}), callbacks, model, cache)
+        study = run_worker(replace(base, share=None), callbacks, model, cache)
     if dead and finished(study) < base.n_trials:
         names = ", ".join(f"worker {k} (exit code {process.exitcode})" for k, process in dead)
         raise AdaPrunerError(f"the study holds {finished(study)} of {base.n_trials} finished trials ({names}): run the same command again to resume")

@@ -22,7 +22,8 @@ from adapruner.devices import DTYPES, dtype_name, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.kernels.dispatch import native_bf16
-from adapruner.prune import PrunePlan, apply_plan
+from adapruner.plan import PrunePlan
+from adapruner.removal import apply_plan
 from adapruner.structure import decoder_layers
 
 VAL_DTYPES = DTYPES  # the validation forward takes the weight dtypes

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from adapruner.big_model import Dispatch
-from adapruner.cache import build_cache, candidate_pool, cache_key
+from adapruner.cache import build_cache, candidate_pool, CandidatePool, cache_key
 from adapruner.calibration import pool_windows
 from adapruner.models import load_model
 from adapruner.report import format_table
-from adapruner.search import PruneSetting, TrialConfig, trial_plan, trial_updates
+from adapruner.search import TrialConfig, trial_plan, trial_updates
+from adapruner.spec import PruneSpec
 from adapruner.structure import decoder_layers, default_layer_range
 from adapruner.validation import ValidationScorer
 
@@ -41,11 +42,11 @@ def disk_map(model, disk_layers: int) -> dict[str, str]:
 
 
 def measure(model, tokenizer, pool, addresses, windows, layers) -> dict:
-    key = cache_key("smollm2", model, ["wiki"], pool.shape[0], pool.shape[1], layers, 0, activations=True, dtype="float32")
+    key = cache_key("smollm2", model, CandidatePool(["wiki"], pool.shape[0], pool.shape[1], 0), layers, activations=True, dtype="float32")
     started = time.perf_counter()
     cache = build_cache(model, key, pool, addresses, batch_size=4, progress=False)
     result = {"cache_pass_s": time.perf_counter() - started, "trials": []}
-    setting = PruneSetting(0.25, layers)
+    setting = PruneSpec(0.25, layers=f"{layers.start}:{layers.stop}")
     scorer = ValidationScorer(model, windows, layers.start, "float32", batch_size=4)
     for config in TRIALS:
         started = time.perf_counter()

@@ -27,10 +27,11 @@ import torch
 from adapruner.calibration import pool_windows
 from adapruner.evaluate import perplexity
 from adapruner.models import load_model
-from adapruner.prune import count_params
-from adapruner.pruner import PruneOptions, apply_study_plan, prune_model
+from adapruner.allocation import count_params
+from adapruner.spec import PruneSpec
+from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.report import format_table
-from adapruner.search_job import SearchOptions, run_search
+from adapruner.commands.search import SearchOptions, run_search
 
 RECIPES = {
     "llm-pruner": dict(metric="taylor1", allocation="uniform", compensation="none", granularity="kv"),
@@ -71,9 +72,9 @@ def main() -> None:
     for target in map(float, args.targets.split(",")):
         for name, recipe in {**RECIPES, **grid}.items():
             model, started = copy.deepcopy(dense), time.perf_counter()
-            options = PruneOptions(ratio=None, target_params=target, calib=args.calib, seq_len=args.seq_len, seed=args.seed,
-                                   granularity=recipe.get("granularity", args.granularity), metric=recipe["metric"],
-                                   allocation=recipe["allocation"], compensation=recipe["compensation"])
+            spec = PruneSpec(None, target_params=target, granularity=recipe.get("granularity", args.granularity), metric=recipe["metric"],
+                             allocation=recipe["allocation"], compensation=recipe["compensation"])
+            options = PruneOptions(spec, calib=args.calib, seq_len=args.seq_len, seed=args.seed)
             prune_model(model, tokenizer, options, progress=False)
             rows.append(measure(name, model, dense_params, windows, time.perf_counter() - started, target=target, **recipe))
             print(f"{target} {name}: ppl {rows[-1]['ppl']:.2f}", flush=True)
@@ -81,15 +82,16 @@ def main() -> None:
             work = Path(args.work) / f"target-{target}"
             shutil.rmtree(work, ignore_errors=True)
             started = time.perf_counter()
-            search = SearchOptions(model=args.model, target_params=target, granularity=args.granularity, seq_len=args.seq_len, seed=args.seed,
+            search = SearchOptions(model=args.model, spec=PruneSpec(None, target_params=target, granularity=args.granularity),
+                                   seq_len=args.seq_len, seed=args.seed,
                                    metrics=tuple(args.metrics.split(",")), aggregations=("sum", "mean", "max"), sample_counts=(8, 16, 32),
                                    allocations=("uniform", "depth", "global"), compensations=tuple(args.compensations.split(",")), trials=args.trials)
             best = run_search(search, work)
             model = copy.deepcopy(dense)
             apply_study_plan(model, best, tokenizer, progress=False)
             rows.append(measure("searched", model, dense_params, windows, time.perf_counter() - started, target=target, val_ppl=best.val_ppl,
-                                metric=best.metric, aggregation=best.aggregation, allocation=best.allocation, compensation=best.compensation,
-                                slope=best.slope, samples=len(best.samples)))
+                                metric=best.prune_spec.metric, aggregation=best.prune_spec.aggregation, allocation=best.prune_spec.allocation,
+                                compensation=best.prune_spec.compensation, slope=best.prune_spec.depth_slope, samples=len(best.samples)))
             print(f"{target} searched: ppl {rows[-1]['ppl']:.2f}", flush=True)
         write(args, windows, rows)  # after every target: a long run keeps what it measured
 

@@ -18,8 +18,9 @@ from adapruner.calibration import pool_windows
 from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions, finetune, merged
 from adapruner.models import load_model
-from adapruner.prune import count_params
-from adapruner.pruner import PruneOptions, prune_model
+from adapruner.allocation import count_params
+from adapruner.spec import PruneSpec
+from adapruner.pruning import PruneOptions, prune_model
 from adapruner.report import format_table
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     evaluation = pool_windows(tokenizer, "wiki", 128, "eval")[: args.max_eval_windows]
     val = pool_windows(tokenizer, "wiki", 128, "val")[:16]
     dense_ppl = perplexity(model, evaluation, desc="dense")
-    prune_model(model, tokenizer, PruneOptions(ratio=args.ratio, metric="taylor1", calib="wiki:16"))
+    prune_model(model, tokenizer, PruneOptions(PruneSpec(args.ratio, metric="taylor1"), calib="wiki:16"))
     pruned_ppl = perplexity(model, evaluation, desc="pruned")
     options = LoraOptions(lr=args.lr, batch_size=args.batch_size, cutoff=args.cutoff, max_steps=args.steps, eval_every=max(1, args.steps // 3))
     started = time.perf_counter()

@@ -22,14 +22,18 @@ from pathlib import Path
 
 import torch
 
-from adapruner.cache import build_cache, cache_key
+from adapruner.cache import build_cache, CandidatePool, cache_key
 from adapruner.calibration import DEFAULT_SEQ_LEN
-from adapruner.devices import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, Placement, device_arg, dtype_name
+from adapruner.cli import DEVICE_HELP, DTYPE_HELP, device_arg
+from adapruner.devices import DTYPE_CHOICES, Placement, dtype_name
 from adapruner.importance import Importance, needs
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
-from adapruner.prune import DEFAULT_RATIO, plan_pruning
+from adapruner.spec import DEFAULT_RATIO
+from adapruner.selection import plan_pruning
 from adapruner.report import format_table
-from adapruner.search import DEFAULT_METRICS, DEFAULT_SAMPLE_COUNTS, PruneSetting, TrialConfig, pool_blocks, round_robin, trial_plan
+from adapruner.metrics import SEARCHED_METRICS as DEFAULT_METRICS
+from adapruner.search import DEFAULT_SAMPLE_COUNTS, TrialConfig, pool_blocks, round_robin, trial_plan
+from adapruner.spec import PruneSpec
 from adapruner.statistics import collect_stats
 from adapruner.structure import decoder_layers, default_layer_range, prunable_linears
 from adapruner.validation import ValidationScorer, resolve_val_dtype
@@ -78,11 +82,11 @@ def main() -> None:
     layers = default_layer_range(len(decoder_layers(model)))
     pools = args.pools.split(",") if args.shape == "smollm2" else ["random"]
     pool_ids, addresses, val = bench_windows(args.shape, tokenizer, pools, args.pool_size, args.seq_len, args.val_windows)
-    key = cache_key(args.shape, model, pools, args.pool_size, args.seq_len, layers, 0, activations=True)
+    key = cache_key(args.shape, model, CandidatePool(pools, args.pool_size, args.seq_len, 0), layers, activations=True)
     cache, t_build = timed(lambda: build_cache(model, key, pool_ids, addresses, args.batch_size), device)
     val_dtype = resolve_val_dtype(args.val_dtype, device)
     scorer, t_prefix = timed(lambda: ValidationScorer(model, val, layers.start, val_dtype), device)
-    setting = PruneSetting(args.ratio, layers)
+    setting = PruneSpec(args.ratio, layers=f"{layers.start}:{layers.stop}")
     blocks = list(pool_blocks(cache, 4).values())
     linears = prunable_linears(model, layers)
 

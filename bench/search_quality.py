@@ -23,10 +23,11 @@ import torch
 from adapruner.calibration import pool_windows
 from adapruner.evaluate import perplexity
 from adapruner.models import load_model
-from adapruner.prune import count_params
-from adapruner.pruner import PruneOptions, apply_study_plan, prune_model
+from adapruner.allocation import count_params
+from adapruner.spec import PruneSpec
+from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.report import format_table
-from adapruner.search_job import SearchOptions, run_search
+from adapruner.commands.search import SearchOptions, run_search
 from adapruner.validation import VAL_DTYPES, resolve_val_dtype, shared_copy
 
 
@@ -40,7 +41,7 @@ def llm_pruner_trials(dense, tokenizer, ratio, trials, val, dtype, seq_len=64, n
     results = []
     for seed in range(trials):
         model = copy.deepcopy(dense)
-        prune_model(model, tokenizer, PruneOptions(ratio=ratio, metric="taylor1", aggregation="sum", calib=f"wiki:{n_samples}", seq_len=seq_len, seed=seed), progress=False)
+        prune_model(model, tokenizer, PruneOptions(PruneSpec(ratio, metric="taylor1"), calib=f"wiki:{n_samples}", seq_len=seq_len, seed=seed), progress=False)
         results.append((seed, search_val_ppl(model, val, dtype)))
         print(f"llm-pruner draw {seed}: val ppl {results[-1][1]:.3f}")
     return results
@@ -71,7 +72,7 @@ def main() -> None:
 
     for sampler in ("tpe", "random"):
         started = time.perf_counter()
-        options = SearchOptions(model=args.model, ratio=args.ratio, pool_size=args.pool_size, seq_len=args.seq_len, trials=args.trials,
+        options = SearchOptions(model=args.model, spec=PruneSpec(args.ratio), pool_size=args.pool_size, seq_len=args.seq_len, trials=args.trials,
                                 sampler=sampler, seed=args.seed, val_windows=args.val_windows, val_dtype=args.val_dtype)
         best = run_search(options, work / sampler)
         seconds = time.perf_counter() - started
@@ -86,7 +87,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     for label, (seed, val_ppl) in (("llm-pruner (seed 0)", draws[0]), ("llm-pruner (best of budget)", min(draws, key=lambda d: d[1]))):
         model = copy.deepcopy(dense)
-        prune_model(model, tokenizer, PruneOptions(ratio=args.ratio, metric="taylor1", aggregation="sum", calib="wiki:10", seq_len=64, seed=seed), progress=False)
+        prune_model(model, tokenizer, PruneOptions(PruneSpec(args.ratio, metric="taylor1"), calib="wiki:10", seq_len=64, seed=seed), progress=False)
         rows.append({"method": label, "val_ppl": val_ppl, "eval_ppl": perplexity(model, evaluation, desc=label), "params": count_params(model),
                      "seconds": seconds if "best" in label else None, "config": {"metric": "taylor1", "aggregation": "sum", "samples": "wiki:10 × 64 tokens", "seed": seed}})
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import optuna
 import torch
 
-from adapruner.cache import cache_key, load_or_build
+from adapruner.cache import CandidatePool, cache_key, load_or_build
 from adapruner.calibration import pool_windows
 from adapruner.models import cache_root, load_model
 from adapruner.report import format_table
-from adapruner.search import PruneSetting, SearchSpace, pool_blocks, suggest, trial_plan
+from adapruner.search import SearchSpace, pool_blocks, suggest, trial_plan
+from adapruner.spec import PruneSpec
 from adapruner.structure import decoder_layers, default_layer_range
 from adapruner.validation import ValidationScorer
 
@@ -49,11 +50,11 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     layers = default_layer_range(len(decoder_layers(model)))
-    key = cache_key(args.model, model, ["wiki", "news", "plays"], args.pool_size, 128, layers, 0, activations=True)
+    key = cache_key(args.model, model, CandidatePool(["wiki", "news", "plays"], args.pool_size, 128, 0), layers, activations=True)
     cache = load_or_build(model, tokenizer, key, cache_root() / "activations", 2**34)
     val = pool_windows(tokenizer, "wiki", 128, "val")[: args.val_windows]
     scorers = {dtype: ValidationScorer(model, val, layers.start, dtype) for dtype in ("float32", "bfloat16")}
-    setting, space, blocks = PruneSetting(args.ratio, layers), SearchSpace(), pool_blocks(cache, 4)
+    setting, space, blocks = PruneSpec(args.ratio, layers=f"{layers.start}:{layers.stop}"), SearchSpace(), pool_blocks(cache, 4)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=args.seed))
     rows, records, seconds = [], [], {"float32": 0.0, "bfloat16": 0.0}

@@ -1,9 +1,5 @@
-"""Importance and gather kernels (import name `adapruner.kernels`); each op sits beside its torch reference."""
-from adapruner.kernels.channel_importance import (
-    METRICS_NEEDING,
-    channel_importance,
-    channel_importance_torch,
-    channel_importance_triton,
-)
+"""Importance and gather kernels (import name `adapruner.kernels`); each op sits beside its torch reference.
 
-__all__ = ["METRICS_NEEDING", "channel_importance", "channel_importance_torch", "channel_importance_triton"]
+Submodules: `channel_importance` (per-channel scores of one weight), `cached_gradient` (scores from cached X and
+dY), `gather` (kept rows and columns of several tensors), `dispatch` (when Triton runs).
+"""

@@ -20,8 +20,12 @@ import os
 import torch
 
 from adapruner.kernels.dispatch import Backend, native_bf16, use_triton
+from adapruner.metrics import ACTIVATION_METRICS, METRICS
 
-CACHED_METRICS = ("taylor1", "mix")
+
+def _with_fisher(metric: str) -> bool:
+    """Whether the cached-gradient score subtracts the ½ W²⊙F term (the metric needs the Fisher)."""
+    return "fisher" in METRICS[metric].needs
 
 
 def _check(weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -46,7 +50,7 @@ def cached_grad_importance_torch(
     """Reference: materialise G (and for mix the per-sample G_s) in fp32; return (row scores, column scores)."""
     _check_importance_call(metric, weight, x, dy, rows, seq_len)
     w = weight.float()
-    if metric == "taylor1":
+    if not _with_fisher(metric):
         element = (w * (dy[rows].float().t() @ x[rows].float())).abs()
     else:
         n = rows.numel() // seq_len
@@ -66,7 +70,7 @@ def cached_grad_importance_bf16_cpu(
         raise ValueError("the bf16 CPU path takes bf16 x and dy")
     w = weight.float()
     x_rows, dy_rows = x.index_select(0, rows), dy.index_select(0, rows)  # row copies: ~4x faster than x[rows]
-    if metric == "taylor1":
+    if not _with_fisher(metric):
         element = (dy_rows.t() @ x_rows).float().mul_(w).abs_()  # in place: one fp32 out × in buffer
     else:  # one sample at a time: G_s stays cache-sized instead of an n × out × in intermediate
         n = rows.numel() // seq_len
@@ -97,18 +101,18 @@ def cached_grad_importance(
 
 def cached_grad_importance_triton(
     metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor,
-    seq_len: int | None = None, block_m: int | None = None, block_n: int | None = None, block_t: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    seq_len: int | None = None, **launch: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused path: tiles of G (and F) accumulate in registers over the chosen token rows, then reduce into the outputs."""
+    """Fused path: tiles of G (and F) accumulate in registers over the chosen token rows, then reduce into the outputs
+    (`launch`: see `_tiles`)."""
     from adapruner.kernels._cached_gradient_kernels import cached_grad_importance_kernel
 
     _check_importance_call(metric, weight, x, dy, rows, seq_len)
-    (block_m, block_n, block_t), launch = _tiles(x, (block_m, block_n, block_t), num_warps, num_stages)
+    (block_m, block_n, block_t), launch = _tiles(x, launch)
     out_features, in_features = weight.shape
     row_scores = torch.zeros(out_features, dtype=torch.float32, device=weight.device)
     col_scores = torch.zeros(in_features, dtype=torch.float32, device=weight.device)
-    mix = metric == "mix"
+    mix = _with_fisher(metric)
     grid = (-(-out_features // block_m), -(-in_features // block_n))
     cached_grad_importance_kernel[grid](
         weight, x, dy, rows, row_scores, col_scores,
@@ -141,15 +145,13 @@ def sample_fisher_stats(weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
 
 
 def sample_fisher_stats_triton(
-    weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int,
-    block_m: int | None = None, block_n: int | None = None, block_t: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int, **launch: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused path: one program per (sample, row tile, column tile); per-sample G_s tiles stay in registers."""
     from adapruner.kernels._cached_gradient_kernels import sample_fisher_kernel
 
     _check(weight, x, dy)
-    (block_m, block_n, block_t), launch = _tiles(x, (block_m, block_n, block_t), num_warps, num_stages)
+    (block_m, block_n, block_t), launch = _tiles(x, launch)
     n = _n_samples(x.shape[0], seq_len)
     out_features, in_features = weight.shape
     rows = torch.zeros(n, out_features, dtype=torch.float32, device=weight.device)
@@ -163,8 +165,9 @@ def sample_fisher_stats_triton(
     return rows, cols
 
 
-def _tiles(x: torch.Tensor, blocks: tuple[int | None, int | None, int | None], num_warps: int | None, num_stages: int | None) -> tuple[tuple[int, ...], dict]:
-    """(BLOCK_M, BLOCK_N, BLOCK_T) and launch options, the given ones kept: on a GPU with 2-byte inputs (tensor-core
+def _tiles(x: torch.Tensor, given: dict[str, int]) -> tuple[tuple[int, ...], dict]:
+    """(BLOCK_M, BLOCK_N, BLOCK_T) and launch options, the `given` ones (block_m, block_n, block_t, num_warps,
+    num_stages) kept: on a GPU with 2-byte inputs (tensor-core
     dots) 128×256 tiles over 64 token rows (Hopper and later: the best of `bench.kernels --sweep` on an H200, 147 KB of
     shared memory in 3 stages) or 128×128 (older cards), 8 warps; 64×64×32 for fp32 (exact fp32 dots)."""
     if x.is_cuda and x.element_size() == 2:
@@ -172,8 +175,11 @@ def _tiles(x: torch.Tensor, blocks: tuple[int | None, int | None, int | None], n
         default_blocks, warps, stages = (128, 256 if wide else 128, 64), 8, 3
     else:
         default_blocks, warps, stages = (64, 64, 32), 4, 2
-    chosen = tuple(given or default for given, default in zip(blocks, default_blocks))
-    return chosen, {"num_warps": num_warps or warps, "num_stages": num_stages or stages}
+    unknown = set(given) - {"block_m", "block_n", "block_t", "num_warps", "num_stages"}
+    if unknown:
+        raise TypeError(f"unknown launch options {sorted(unknown)}: use block_m, block_n, block_t, num_warps, num_stages")
+    chosen = tuple(given.get(name) or default for name, default in zip(("block_m", "block_n", "block_t"), default_blocks))
+    return chosen, {"num_warps": given.get("num_warps") or warps, "num_stages": given.get("num_stages") or stages}
 
 
 def subset_taylor2(stats: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
@@ -202,7 +208,7 @@ def _check_importance_call(metric: str, weight: torch.Tensor, x: torch.Tensor, d
 
 
 def _check_metric(metric: str, rows: torch.Tensor, seq_len: int | None) -> None:
-    if metric not in CACHED_METRICS:
-        raise ValueError(f"cached-gradient importance computes {', '.join(CACHED_METRICS)}, not {metric!r}")
-    if metric == "mix" and (seq_len is None or seq_len < 1 or rows.numel() % seq_len):
-        raise ValueError("metric 'mix' needs seq_len, with rows holding whole samples of seq_len token rows each")
+    if metric not in ACTIVATION_METRICS:
+        raise ValueError(f"cached-gradient importance computes {', '.join(sorted(ACTIVATION_METRICS))}, not {metric!r}")
+    if _with_fisher(metric) and (seq_len is None or seq_len < 1 or rows.numel() % seq_len):
+        raise ValueError(f"metric {metric!r} needs seq_len, with rows holding whole samples of seq_len token rows each")

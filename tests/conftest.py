@@ -122,3 +122,8 @@ def storage_url(request, tmp_path):
     from tests.pg_server import create_database
 
     return create_database(request.getfixturevalue("postgres_server"), f"t_{abs(hash(request.node.nodeid)) % 10**12}")
+
+
+def span(layers: range) -> str:
+    """A layer range as the START:STOP text a `PruneSpec` holds."""
+    return f"{layers.start}:{layers.stop}"

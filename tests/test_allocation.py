@@ -8,14 +8,17 @@ import pytest
 import torch
 
 from adapruner.allocation import budget_counts, candidate_costs, depth_weights, global_counts, prices, removed_by, target_count
-from adapruner.cache import build_cache, cache_key
+from adapruner.cache import build_cache, CandidatePool, cache_key
 from adapruner.cli import main
 from adapruner.errors import AdaPrunerError
-from adapruner.prune import count_params, plan_removed
-from adapruner.search import PruneSetting, TrialConfig, trial_plan
+from adapruner.allocation import count_params
+from adapruner.removal import plan_removed
+from adapruner.search import TrialConfig, trial_plan
 from adapruner.structure import layer_info
+from adapruner.spec import PruneSpec
+from tests.conftest import span
 from tests.conftest import tiny_llama
-from tests.test_reliability import save_tiny_model, search_args, write_pool
+from tests.helpers import save_tiny_model, search_args, write_pool
 
 LAYERS = range(0, 4)
 
@@ -89,9 +92,9 @@ def test_global_budget_out_of_reach_names_min_keep(model):
 
 def test_every_trial_of_a_budget_removes_the_same_count(model):
     ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(1))
-    key = cache_key("tiny", model, ["a"], 8, 9, LAYERS, 0, activations=True, dtype="float32")
+    key = cache_key("tiny", model, CandidatePool(["a"], 8, 9, 0), LAYERS, activations=True, dtype="float32")
     cache = build_cache(model, key, ids, [("a", i) for i in range(8)], progress=False)
-    setting = PruneSetting(0.25, LAYERS, target_params=0.2, min_keep=0.25)
+    setting = PruneSpec(0.25, target_params=0.2, layers=span(LAYERS), min_keep=0.25)
     total = count_params(model)
     removed = []
     for allocation, slope in (("uniform", 0.0), ("depth", -0.5), ("depth", 0.8), ("global", 0.0)):
@@ -113,7 +116,7 @@ def test_a_target_params_search_reports_the_fraction_removed(tmp_path, capsys):
     study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}")
     fractions = [t.user_attrs["removed_fraction"] for t in study.trials]
     assert len(fractions) == 6 and min(fractions) >= 0.15 and max(fractions) - min(fractions) <= 0.005
-    assert best["target_params"] == 0.15 and best["removed_fraction"] == pytest.approx(study.best_trial.user_attrs["removed_fraction"])
+    assert best["spec"]["target_params"] == 0.15 and best["removed_fraction"] == pytest.approx(study.best_trial.user_attrs["removed_fraction"])
     assert {t.params["allocation"] for t in study.trials} <= {"uniform", "depth", "global"}
     assert "removed" in (out / "trials.txt").read_text()
     code = main(["prune", "--model", str(tmp_path / "model"), "--from-study", str(out), "--no-eval", "--out", str(tmp_path / "p")])
@@ -121,4 +124,4 @@ def test_a_target_params_search_reports_the_fraction_removed(tmp_path, capsys):
     assert code == 0 and report["plan"] == best["plan"]
     added_biases = 48 * 2 * 3 if report["compensated"] else 0  # compensated: every o_proj and down_proj gets a bias of hidden size 48
     assert report["params_before"] - report["params_after"] == round(best["removed_fraction"] * report["params_before"]) - added_biases
-    assert bool(report["compensated"]) == (best["compensation"] != "none")
+    assert bool(report["compensated"]) == (best["spec"]["compensation"] != "none")

@@ -9,11 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from adapruner.big_model import Dispatch, is_dispatched, is_offloaded
-from adapruner.cache import build_cache, cache_key
+from adapruner.cache import build_cache, CandidatePool, cache_key
 from adapruner.cli import main
 from adapruner.models import load_model
-from adapruner.search import PruneSetting, TrialConfig, trial_plan, trial_updates
+from adapruner.search import TrialConfig, trial_plan, trial_updates
 from adapruner.validation import ValidationScorer
+from adapruner.spec import PruneSpec
+from tests.conftest import span
 from tests.conftest import tiny_llama, word_level_tokenizer
 
 # layers 1 and 2 and the head on disk, the rest in host memory (accelerate runs the disk ones on the CPU)
@@ -51,12 +53,12 @@ def test_cache_trials_and_base_model_equal_the_undispatched_ones(model_dir, tmp_
     windows = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(2))
     caches = []
     for model in (plain, dispatched):
-        key = cache_key("tiny", model, ["wiki"], 4, 16, range(1, 4), 0, activations=True, dtype="float32")
+        key = cache_key("tiny", model, CandidatePool(["wiki"], 4, 16, 0), range(1, 4), activations=True, dtype="float32")
         caches.append(build_cache(model, key, ids, [("wiki", i) for i in range(4)], batch_size=2, progress=False))
     assert caches[0].tensors.keys() == caches[1].tensors.keys()
     for name, tensor in caches[0].tensors.items():
         torch.testing.assert_close(caches[1].tensors[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    setting = PruneSetting(0.5, range(1, 4))
+    setting = PruneSpec(0.5, layers=span(range(1, 4)))
     scorers = [ValidationScorer(model, windows, 1) for model in (plain, dispatched)]
     assert scorers[1].base is dispatched  # no copy of a spread model: trials copy the path to their cuts only
     values = set()
@@ -227,7 +229,7 @@ def test_a_tied_model_offloaded_whole_counts_and_digests_as_the_plain_one(tmp_pa
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from adapruner.fingerprint import model_digest
-    from adapruner.prune import count_params
+    from adapruner.allocation import count_params
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=24, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,

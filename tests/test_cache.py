@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from adapruner.cache import ActivationCache, CachedImportance, build_cache, cache_key, input_owner
+from adapruner.cache import ActivationCache, CachedImportance, build_cache, CandidatePool, cache_key, input_owner
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance, needs
 from adapruner.statistics import collect_stats
@@ -18,7 +18,7 @@ def pool():
 
 
 def make_cache(model, pool, dtype="float32"):
-    key = cache_key("tiny", model, ["ids"], pool.shape[0], SEQ, LAYERS, 0, activations=True, dtype=dtype)
+    key = cache_key("tiny", model, CandidatePool(["ids"], pool.shape[0], SEQ, 0), LAYERS, activations=True, dtype=dtype)
     return build_cache(model, key, pool, [("ids", i) for i in range(pool.shape[0])], batch_size=4, progress=False)
 
 

@@ -7,23 +7,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from adapruner.calibration import pool_windows
-from adapruner.cli import build_parser, eval_options, lora_options, main, prune_eval_options, prune_options, run_options, search_options
-from adapruner.eval_job import EvalOptions
+from adapruner.cli import build_parser, eval_options, lora_options, prune_eval_options, prune_options, run_options, search_options
+from adapruner.commands.eval import EvalOptions
 from adapruner.finetune import LoraOptions
-from adapruner.pipeline import RunOptions
-from adapruner.search_job import SearchOptions
+from adapruner.commands.run import RunOptions
+from adapruner.commands.search import SearchOptions
 from adapruner.evaluate import perplexity
-from adapruner.io import save_pruned
-from adapruner.pruner import PruneOptions, prune_model
+from adapruner.saving import save_pruned
+from adapruner.pruning import PruneOptions, prune_model
 from adapruner.structure import layer_info
-from adapruner.prune import PrunePlan
+from adapruner.plan import PrunePlan
 from adapruner.validation import VAL_DTYPES, resolve_val_dtype
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from adapruner.spec import PruneSpec
+from tests.helpers import run_cli
 
 
 @pytest.mark.parametrize(
@@ -97,7 +93,7 @@ def test_unknown_architecture_and_existing_out(capsys, tmp_path):
 
 def test_smollm2_prune_save_reload(smollm2, tmp_path):
     model, tokenizer = smollm2
-    options = PruneOptions(ratio=0.25, metric="taylor1", calib="wiki:4", seq_len=64)
+    options = PruneOptions(PruneSpec(0.25, metric="taylor1"), calib="wiki:4", seq_len=64)
     result = prune_model(model, tokenizer, options, progress=False)
     assert result.layers == list(range(4, 28)) and len(result.calib_addresses) == 4
     info = layer_info(model, 10)
@@ -134,7 +130,7 @@ def test_smollm2_taylor1_beats_random(smollm2_loaded):
     ppl = {}
     for metric in ("taylor1", "random"):
         model = copy.deepcopy(dense)
-        prune_model(model, tokenizer, PruneOptions(ratio=0.25, metric=metric, calib="wiki:8"), progress=False)
+        prune_model(model, tokenizer, PruneOptions(PruneSpec(0.25, metric=metric), calib="wiki:8"), progress=False)
         ppl[metric] = perplexity(model, windows, progress=False)
     assert ppl["taylor1"] < ppl["random"]
 
@@ -190,7 +186,7 @@ def test_smollm2_search_resume_mismatch_and_apply(capsys, tmp_path, smollm2_load
     code, _, _ = run_cli(capsys, "prune", "--model", "smollm2", "--from-study", str(out), "--no-eval", "--out", str(pruned))
     assert code == 0
     report = json.loads((pruned / "report.json").read_text())
-    assert report["options"]["metric"] == best["metric"] and report["options"]["aggregation"] == best["aggregation"]
+    assert report["options"]["spec"] == best["spec"]
     assert [list(a) for a in report["calib_addresses"]] == best["addresses"]
     assert report["plan"] == best["plan"] and report["plan_source"] == "study"
 
@@ -204,7 +200,7 @@ def test_smollm2_delivered_model_is_the_scored_one(capsys, tmp_path, smollm2_loa
                          "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
     assert code == 0
     best = json.loads((out / "best.json").read_text())
-    assert best["metric"] == "taylor1" and json.loads((out / "search.json").read_text())["options"]["cache_dtype"] == "bfloat16"
+    assert best["spec"]["metric"] == "taylor1" and json.loads((out / "search.json").read_text())["options"]["cache_dtype"] == "bfloat16"
     assert "1 start-up (random), 1 tpe" in (out / "trials.txt").read_text()  # --trials 2: one start-up trial, then TPE
     code, _, _ = run_cli(capsys, "prune", "--model", "smollm2", "--from-study", str(out), "--no-eval", "--out", str(tmp_path / "p"))
     assert code == 0

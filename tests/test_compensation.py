@@ -4,14 +4,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapruner.cache import build_cache, cache_key
-from adapruner.compensation import InputMoments, compensated, compensation_updates, install
+from adapruner.cache import build_cache, CandidatePool, cache_key
+from adapruner.statistics import InputMoments
+from adapruner.compensation import compensated, compensation_updates, install
 from adapruner.importance import Importance, LinearStats
-from adapruner.io import save_pruned
-from adapruner.prune import apply_plan, plan_allocation
-from adapruner.pruner import output_inputs
+from adapruner.saving import save_pruned
+from adapruner.removal import apply_plan
+from adapruner.selection import plan_allocation
+from adapruner.compensation import output_inputs
 from adapruner.statistics import collect_input_moments
 from adapruner.structure import prunable_linears
+from adapruner.spec import PruneSpec
 
 SEQ = 9
 
@@ -71,7 +74,7 @@ def calibration_ids(n=6):
 @pytest.mark.parametrize("mode", ["bias", "lsq"])
 def test_compensated_model_saves_and_reloads(mode, gqa_model, tokenizer, tmp_path):
     model, ids = gqa_model, calibration_ids()
-    plan = plan_allocation(model, Importance("l2"), range(0, 3), ratio=0.5)
+    plan = plan_allocation(model, Importance("l2"), PruneSpec(0.5, layers="0:3"))
     moments = collect_input_moments(model, output_inputs(model, plan), ids, gram=True, progress=False)
     updates = compensation_updates(model, plan, moments.__getitem__, mode)
     assert set(updates) == {f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.o_proj", "mlp.down_proj")}
@@ -87,7 +90,7 @@ def test_compensated_model_saves_and_reloads(mode, gqa_model, tokenizer, tmp_pat
 
 def test_cached_moments_of_any_subset_equal_a_fresh_pass(gqa_model):
     model, ids = gqa_model, calibration_ids(8)
-    key = cache_key("tiny", model, ["a"], 8, SEQ, range(0, 3), 0, activations=True, dtype="float32")
+    key = cache_key("tiny", model, CandidatePool(["a"], 8, SEQ, 0), range(0, 3), activations=True, dtype="float32")
     cache = build_cache(model, key, ids, [("a", i) for i in range(8)], progress=False)
     linears = {n: lin for n, lin in prunable_linears(model, range(0, 3)).items() if n.endswith(("o_proj", "down_proj"))}
     for subset in ([3], [0, 5, 6], list(range(8))):
@@ -111,10 +114,10 @@ def _member(name, linear):
 
 def test_lsq_grams_in_passes_under_a_budget_equal_one_pass(gqa_model, monkeypatch):
     """A Gram budget of one o_proj Gram (48² fp32) makes one pass per output linear; the refit is the one-pass refit."""
-    import adapruner.pruner as pruner
+    import adapruner.compensation as pruner
 
     model, ids = gqa_model, calibration_ids()
-    plan = plan_allocation(model, Importance("l2"), range(0, 3), ratio=0.5)
+    plan = plan_allocation(model, Importance("l2"), PruneSpec(0.5, layers="0:3"))
     targets = output_inputs(model, plan)
     assert [list(c) for c in pruner.gram_chunks(targets, 4 * 48**2 + 4 * 24**2)] == [list(targets)[i : i + 2] for i in (0, 2, 4)]
     assert len(pruner.gram_chunks(targets, None)) == 1

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from adapruner.cli import main
-from tests.test_reliability import one_error_line, save_tiny_model, search_args, write_pool
+from tests.helpers import one_error_line, save_tiny_model, search_args, write_pool
 
 pytest.importorskip("optuna_dashboard")
 

@@ -6,21 +6,23 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapruner.cache import build_cache, cache_key
+from adapruner.cache import build_cache, CandidatePool, cache_key
 from adapruner.cli import main
 from adapruner.devices import Placement, device_errors, resolve_device, resolve_dtype
 from adapruner.errors import AdaPrunerError
-from adapruner.prune import PrunePlan
-from adapruner.search import PruneSetting, TrialConfig, trial_plan
+from adapruner.plan import PrunePlan
+from adapruner.search import TrialConfig, trial_plan
 from adapruner.validation import ValidationScorer
-from tests.test_prune import masked_logits
+from adapruner.spec import PruneSpec
+from tests.conftest import span
+from tests.helpers import masked_logits
 
 SEQ, LAYERS = 11, range(0, 3)
 METRICS = ("l2", "taylor1", "vector", "taylor2", "mix", "act")
 
 
 def cache_on(model, ids):
-    key = cache_key("tiny", model, ["a"], ids.shape[0], SEQ, LAYERS, 0, activations=True, dtype="float32")
+    key = cache_key("tiny", model, CandidatePool(["a"], ids.shape[0], SEQ, 0), LAYERS, activations=True, dtype="float32")
     return build_cache(model, key, ids, [("a", i) for i in range(ids.shape[0])], progress=False)
 
 
@@ -29,7 +31,7 @@ def test_trial_on_the_device_equals_the_cpu_trial(gqa_model, metric, device):
     """Cache build, importance (Triton on CUDA), plan and validation score on `device` match the CPU fp32 run."""
     ids = torch.randint(0, 97, (6, SEQ), generator=torch.Generator().manual_seed(3))
     val = torch.randint(0, 97, (4, SEQ), generator=torch.Generator().manual_seed(4))
-    setting, config = PruneSetting(0.5, LAYERS), TrialConfig([0, 2, 3], metric, "sum")
+    setting, config = PruneSpec(0.5, layers=span(LAYERS)), TrialConfig([0, 2, 3], metric, "sum")
     cpu_model = copy.deepcopy(gqa_model)
     expected_plan = trial_plan(cpu_model, cache_on(cpu_model, ids), setting, config)
     expected_ppl = ValidationScorer(cpu_model, val, LAYERS.start).score(expected_plan)
@@ -44,7 +46,7 @@ def test_trial_on_the_device_equals_the_cpu_trial(gqa_model, metric, device):
 def test_a_cache_over_its_budget_is_staged_in_host_memory(gqa_model, device):
     ids = torch.randint(0, 97, (6, SEQ), generator=torch.Generator().manual_seed(3))
     model = gqa_model.to(device)
-    key = cache_key("tiny", model, ["a"], 6, SEQ, LAYERS, 0, activations=True, dtype="float32")
+    key = cache_key("tiny", model, CandidatePool(["a"], 6, SEQ, 0), LAYERS, activations=True, dtype="float32")
     addresses = [("a", i) for i in range(6)]
     resident = build_cache(model, key, ids, addresses, batch_size=2, progress=False)
     staged = build_cache(model, key, ids, addresses, batch_size=2, progress=False, device_budget_bytes=resident.nbytes // 2)
@@ -52,7 +54,7 @@ def test_a_cache_over_its_budget_is_staged_in_host_memory(gqa_model, device):
     for name, tensor in resident.tensors.items():
         torch.testing.assert_close(staged.tensors[name], tensor.cpu())
     config = TrialConfig([1, 4], "taylor1", "sum")  # a host cache scores on the model's device: rows staged per trial
-    assert trial_plan(model, staged, PruneSetting(0.5, LAYERS), config) == trial_plan(model, resident, PruneSetting(0.5, LAYERS), config)
+    assert trial_plan(model, staged, PruneSpec(0.5, layers=span(LAYERS)), config) == trial_plan(model, resident, PruneSpec(0.5, layers=span(LAYERS)), config)
 
 
 def test_cli_prune_and_search_in_bfloat16(gqa_model, tokenizer, tmp_path, capsys):
@@ -110,7 +112,7 @@ def test_out_of_memory_becomes_a_one_line_error(monkeypatch, capsys, tmp_path):
     def exhausted(*_args, **_kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr("adapruner.prune_job.load_model", exhausted)
+    monkeypatch.setattr("adapruner.commands.prune.load_model", exhausted)
     assert main(["prune", "--model", "smollm2", "--metric", "l2", "--no-eval", "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--batch-size" in err and "--device cpu" in err and not (tmp_path / "o").exists()
@@ -147,7 +149,7 @@ def test_a_pinned_cache_scores_as_the_resident_one(gqa_model, device, tmp_path):
         torch.testing.assert_close(rows_on(pinned.tensors[name], rows, device), resident.tensors[name][rows.to(device)])
     for metric in ("taylor1", "mix", "taylor2"):
         config = TrialConfig([1, 4, 5], metric, "sum")
-        assert trial_plan(model, pinned, PruneSetting(0.5, LAYERS), config) == trial_plan(model, resident, PruneSetting(0.5, LAYERS), config)
+        assert trial_plan(model, pinned, PruneSpec(0.5, layers=span(LAYERS)), config) == trial_plan(model, resident, PruneSpec(0.5, layers=span(LAYERS)), config)
     samples = torch.tensor([0, 3])
     gram_pinned = pinned.input_moments("model.layers.1.mlp.down_proj", samples, device, gram=True).gram
     gram_resident = resident.input_moments("model.layers.1.mlp.down_proj", samples, device, gram=True).gram

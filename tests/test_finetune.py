@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from adapruner.errors import AdaPrunerError
 from adapruner.finetune import LoraOptions, finetune, merged
 from adapruner.finetune_data import IGNORE, collate, load_train_examples
-from adapruner.io import save_adapter, save_pruned
+from adapruner.saving import save_adapter, save_pruned
 
 
 @pytest.fixture

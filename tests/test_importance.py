@@ -4,7 +4,7 @@ import torch
 
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance, LinearStats, aggregate, unit_scores
-from adapruner.kernels import channel_importance_torch
+from adapruner.kernels.channel_importance import channel_importance_torch
 from adapruner.structure import Group, Member
 
 W = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])

@@ -7,9 +7,10 @@ from transformers import AutoModelForCausalLM
 
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
-from adapruner.io import save_pruned
+from adapruner.saving import save_pruned
 from adapruner.models import load_model
-from adapruner.prune import apply_plan, plan_pruning
+from adapruner.removal import apply_plan
+from adapruner.selection import plan_pruning
 from adapruner.structure import layer_info
 
 

@@ -7,8 +7,8 @@ order differs: rtol 1e-4. Absolute tolerance scales with the reduced length.
 import pytest
 import torch
 
-from adapruner.kernels import channel_importance, channel_importance_torch, channel_importance_triton
-from adapruner.kernels.channel_importance import METRIC_CODES
+from adapruner.kernels.channel_importance import channel_importance, channel_importance_torch, channel_importance_triton
+from adapruner.metrics import KERNEL_METRICS
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 
@@ -22,7 +22,7 @@ def inputs(shape, dtype, device, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [0, 1])
-@pytest.mark.parametrize("metric", list(METRIC_CODES))
+@pytest.mark.parametrize("metric", list(KERNEL_METRICS))
 def test_kernel_matches_reference(metric, dim, dtype, device):
     w, g, f, a = inputs((37, 300), dtype, device)  # neither side a multiple of the blocks
     expected = channel_importance_torch(metric, w, dim, g, f, a)
@@ -47,7 +47,7 @@ def test_split_reduction_matches_reference(metric, dim, dtype, device):
 def test_default_launch_matches_reference(dim, device):
     """The launch the product takes (tiles chosen from the layout, split-K from the device) gives the reference."""
     w, g, f, a = inputs((37, 300), torch.bfloat16, device, seed=3)
-    for metric in METRIC_CODES:
+    for metric in KERNEL_METRICS:
         expected = channel_importance_torch(metric, w, dim, g, f, a)
         torch.testing.assert_close(channel_importance_triton(metric, w, dim, g, f, a), expected, rtol=1e-4, atol=1e-5 * w.shape[1 - dim])
 

@@ -1,12 +1,13 @@
 """`search --plan`: the cache size derived from shapes alone is what a built cache holds; nothing is written."""
 import torch
 
-from adapruner.cache import build_cache, cache_key, candidate_pool, planned_bytes
+from adapruner.cache import build_cache, CandidatePool, cache_key, candidate_pool, planned_bytes
 from adapruner.cli import main
 from adapruner.memory_plan import GIB
 from adapruner.models import load_shapes
-from adapruner.search_job import SearchOptions, plan_search
-from tests.test_reliability import save_tiny_model
+from adapruner.commands.search import SearchOptions, plan_search
+from adapruner.spec import PruneSpec
+from tests.helpers import save_tiny_model
 
 
 def test_planned_cache_bytes_are_the_built_cache_s(smollm2, tmp_path):
@@ -14,8 +15,8 @@ def test_planned_cache_bytes_are_the_built_cache_s(smollm2, tmp_path):
     layers = range(4, 28)
     for activations, dtype in ((True, "bfloat16"), (False, "float32")):
         shapes = load_shapes("smollm2")
-        planned = planned_bytes(shapes, cache_key("smollm2", shapes, ["wiki", "news"], 2, 32, layers, 0, activations, dtype))
-        key = cache_key("smollm2", model, ["wiki", "news"], 2, 32, layers, 0, activations, dtype)
+        planned = planned_bytes(shapes, cache_key("smollm2", shapes, CandidatePool(["wiki", "news"], 2, 32, 0), layers, activations=activations, dtype=dtype))
+        key = cache_key("smollm2", model, CandidatePool(["wiki", "news"], 2, 32, 0), layers, activations=activations, dtype=dtype)
         ids, addresses = candidate_pool(tokenizer, ["wiki", "news"], 2, 32, 0)
         cache = build_cache(model, key, ids, addresses, progress=False)
         cache.save(tmp_path / "c.safetensors")
@@ -30,7 +31,7 @@ def test_search_plan_prints_and_writes_nothing(tmp_path, capsys):
                  "--metrics", "taylor1", "--cache-dtype", "float32", "--cache-dir", str(tmp_path / "cache"), "--plan", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0 and "activation cache" in printed and not out.exists() and not (tmp_path / "cache").exists()
-    plan = plan_search(SearchOptions(model=str(tmp_path / "model"), layers="all", pools=["wiki"], pool_size=3, seq_len=16, metrics=("taylor1",),
+    plan = plan_search(SearchOptions(model=str(tmp_path / "model"), spec=PruneSpec(layers="all"), pools=["wiki"], pool_size=3, seq_len=16, metrics=("taylor1",),
                                      cache_dtype="float32", cache_dir=str(tmp_path / "cache"), device="cpu", dtype="float32"))
     # per layer, n = 3 windows, T = 48 tokens, fp32: 4 statistics of n rows per linear (2 of out, 2 of in columns),
     # act and xsum of n rows per distinct input (q, o, gate, down), dY of T rows per linear, X of T rows per distinct input

@@ -5,7 +5,7 @@ import yaml
 
 from adapruner.cli import main
 from adapruner.model_card import EMBEDDED_HUB_ID, hub_id
-from tests.test_reliability import save_tiny_model
+from tests.helpers import save_tiny_model
 
 
 def card_parts(path):

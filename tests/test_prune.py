@@ -1,5 +1,4 @@
 """Physical pruning equals masking the removed units in the dense model; ratio semantics and errors."""
-import copy
 
 import pytest
 import torch
@@ -7,23 +6,12 @@ import torch
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.allocation import removal_count
-from adapruner.prune import PrunePlan, apply_plan, count_params, plan_pruning, removed_params, solve_ratio, top_units
+from adapruner.plan import PrunePlan
+from adapruner.removal import apply_plan
+from adapruner.allocation import count_params, ratio_counts, removed_by
+from adapruner.selection import plan_pruning, top_units
 from adapruner.structure import layer_info
-
-
-def masked_logits(model, plan, tokens):
-    """Logits of the dense model with every removed head's o_proj columns and MLP channel's down_proj column zeroed."""
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for index, (keep_q, _keep_kv) in plan.attention.items():
-            info = layer_info(masked, index)
-            for q in set(range(info.n_heads)) - set(keep_q):
-                info.attn.o_proj.weight[:, q * info.head_dim : (q + 1) * info.head_dim] = 0
-        for index, keep in plan.mlp.items():
-            info = layer_info(masked, index)
-            for channel in set(range(info.intermediate)) - set(keep):
-                info.mlp.down_proj.weight[:, channel] = 0
-        return masked(input_ids=tokens).logits
+from tests.helpers import masked_logits
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -34,7 +22,7 @@ def test_pruned_model_equals_masked_dense_model(fixture, granularity, backend, r
     ratio = 0.5 if granularity == "kv" else 0.34
     plan = plan_pruning(model, Importance("l2"), ratio, range(0, 2), granularity)
     expected = masked_logits(model, plan, token_batch)
-    before, predicted = count_params(model), removed_params(model, ratio, range(0, 2), granularity)
+    before, predicted = count_params(model), removed_by(model, ratio_counts(model, range(0, 2), ratio, granularity), granularity)
     apply_plan(model, plan, backend)
     with torch.no_grad():
         got = model(input_ids=token_batch).logits
@@ -78,16 +66,6 @@ def test_too_small_ratio_warns_and_keeps_attention(gqa_model):
         plan = plan_pruning(gqa_model, Importance("l1"), 0.1, range(0, 1), "kv")
     assert plan.attention[0] == ([0, 1, 2, 3, 4, 5], [0, 1])
     assert len(plan.mlp[0]) == 24 - 2
-
-
-def test_target_params_solves_the_ratio(mha_model):
-    total = count_params(mha_model)
-    ratio = solve_ratio(mha_model, 0.1, range(0, 3))
-    removed = removed_params(mha_model, ratio, range(0, 3), "kv")
-    assert removed >= 0.1 * total
-    assert removed_params(mha_model, ratio - 1e-6, range(0, 3), "kv") < 0.1 * total  # smallest such ratio
-    with pytest.raises(AdaPrunerError, match="out of reach"):
-        solve_ratio(mha_model, 0.9, range(0, 1))
 
 
 def test_plan_round_trips_and_counts_differing_units():

@@ -11,26 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapruner.cache import ActivationCache, build_cache, cache_key
+from adapruner.cache import ActivationCache, build_cache, CandidatePool, cache_key
 from adapruner.cli import main
 from adapruner.search import pool_blocks, short_names
-from tests.conftest import tiny_llama, word_level_tokenizer
-
-
-def save_tiny_model(path, seed=0):
-    tiny_llama(seed=seed).save_pretrained(path)
-    word_level_tokenizer().save_pretrained(path)
-
-
-def write_pool(path, seed):
-    words = torch.randint(1, 97, (900,), generator=torch.Generator().manual_seed(seed))
-    path.write_text(" ".join(f"t{int(w)}" for w in words) + "\n")
-
-
-def search_args(tmp_path, out, *extra):
-    return ["search", "--model", str(tmp_path / "model"), "--pools", str(tmp_path / "a.txt"), "--pool-size", "4", "--seq-len", "16",
-            "--layers", "all", "--metrics", "l2,vector,taylor1", "--sample-counts", "1,2", "--blocks-per-pool", "2", "--val-windows", "2",
-            "--trials", "2", "--batch-size", "2", "--cache-dtype", "float32", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *extra]
+from tests.helpers import one_error_line, run_cli, save_tiny_model, search_args, write_pool
 
 
 @pytest.fixture
@@ -38,16 +22,6 @@ def search_inputs(tmp_path):
     save_tiny_model(tmp_path / "model")
     write_pool(tmp_path / "a.txt", seed=1)
     return tmp_path
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(err: str, message: str) -> bool:
-    return err.count("\n") == 1 and err.startswith("error: ") and message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("change", ["pool", "model"])
@@ -86,7 +60,7 @@ def test_a_truncated_cache_is_named_and_rebuilt(search_inputs, capsys):
 
 def test_a_cache_missing_a_tensor_or_with_a_wrong_shape_is_refused(gqa_model):
     ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
-    key = cache_key("tiny", gqa_model, ["a"], 4, 8, range(0, 3), 0, activations=True, dtype="float32")
+    key = cache_key("tiny", gqa_model, CandidatePool(["a"], 4, 8, 0), range(0, 3), activations=True, dtype="float32")
     cache = build_cache(gqa_model, key, ids, [("a", i) for i in range(4)], progress=False)
     cache.check(gqa_model, key)  # a whole cache passes
     from adapruner.cache import DamagedCache
@@ -97,7 +71,7 @@ def test_a_cache_missing_a_tensor_or_with_a_wrong_shape_is_refused(gqa_model):
     with pytest.raises(DamagedCache, match=f"tensor '{name}' is"):
         ActivationCache(key, {**cache.tensors, name: cache.tensors[name][:-1]}, cache.addresses).check(gqa_model, key)
     with pytest.raises(DamagedCache, match="key of another cache"):
-        cache.check(gqa_model, cache_key("tiny", gqa_model, ["a"], 4, 8, range(0, 3), 1, activations=True, dtype="float32"))
+        cache.check(gqa_model, cache_key("tiny", gqa_model, CandidatePool(["a"], 4, 8, 1), range(0, 3), activations=True, dtype="float32"))
 
 
 def test_a_second_study_in_one_out_gets_its_own_files(search_inputs, capsys):
@@ -117,7 +91,7 @@ def test_pools_with_one_file_name_in_two_folders_get_distinct_blocks(gqa_model):
     pools = ["x/notes.txt", "y/notes.txt", "wiki"]
     assert short_names(pools) == ["notestxt1_", "notestxt2_", "wiki_"]
     ids = torch.randint(0, 97, (6, 8), generator=torch.Generator().manual_seed(0))
-    key = cache_key("tiny", gqa_model, pools, 2, 8, range(0, 3), 0, activations=False, dtype="float32")
+    key = cache_key("tiny", gqa_model, CandidatePool(pools, 2, 8, 0), range(0, 3), activations=False, dtype="float32")
     cache = build_cache(gqa_model, key, ids, [(pool, i) for pool in pools for i in range(2)], progress=False)
     assert pool_blocks(cache, 2) == {"notestxt1_0": [0], "notestxt1_1": [1], "notestxt2_0": [2], "notestxt2_1": [3], "wiki_0": [4], "wiki_1": [5]}
 
@@ -173,11 +147,11 @@ def test_sigterm_during_run_leaves_no_staging_folder(search_inputs):
 
 
 def test_outputs_take_the_permissions_the_umask_gives(tmp_path, gqa_model, tokenizer):
-    from adapruner.io import save_pruned
+    from adapruner.saving import save_pruned
     from adapruner.report import write_json_atomic
 
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
-    key = cache_key("tiny", gqa_model, ["a"], 2, 8, range(0, 3), 0, activations=False, dtype="float32")
+    key = cache_key("tiny", gqa_model, CandidatePool(["a"], 2, 8, 0), range(0, 3), activations=False, dtype="float32")
     previous = os.umask(0o027)
     try:
         build_cache(gqa_model, key, ids, [("a", 0), ("a", 1)], progress=False).save(tmp_path / "c.safetensors")

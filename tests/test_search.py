@@ -5,7 +5,7 @@ import signal
 import statistics
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import optuna
 import pytest
@@ -13,12 +13,15 @@ import torch
 from safetensors.torch import save_file
 
 from adapruner.evaluate import perplexity
-from adapruner.cache import build_cache, cache_key
+from adapruner.cache import build_cache, CandidatePool, cache_key
 from adapruner.errors import AdaPrunerError
-from adapruner.prune import apply_plan
-from adapruner.search import Objective, PruneSetting, SearchSpace, TrialConfig, config_of, pool_blocks, round_robin, trial_plan
-from adapruner.study import WORKER_ATTR, WorkerSpec, open_storage, open_study, run_worker, run_workers
+from adapruner.removal import apply_plan
+from adapruner.search import Objective, SearchSpace, TrialConfig, config_of, pool_blocks, round_robin, trial_plan
+from adapruner.search import WORKER_ATTR
+from adapruner.study import WorkerSpec, open_storage, open_study, run_worker, run_workers
 from adapruner.validation import ValidationScorer, shared_copy
+from adapruner.spec import PruneSpec
+from tests.conftest import span
 
 
 SEQ = 11
@@ -29,7 +32,7 @@ SPACE = SearchSpace(metrics=("l2", "taylor1", "taylor2", "vector"), sample_count
 def tiny_cache(model, n=8):
     ids = torch.randint(0, 97, (n, SEQ), generator=torch.Generator().manual_seed(5))
     addresses = [("a" if i < n // 2 else "b", i) for i in range(n)]
-    key = cache_key("tiny", model, ["a", "b"], n // 2, SEQ, LAYERS, 0, activations=True, dtype="float32")
+    key = cache_key("tiny", model, CandidatePool(["a", "b"], n // 2, SEQ, 0), LAYERS, activations=True, dtype="float32")
     return build_cache(model, key, ids, addresses, progress=False)
 
 
@@ -50,7 +53,7 @@ def test_blocks_and_round_robin(gqa_model):
 def test_objective_value_is_the_validation_ppl_of_the_trial_config(gqa_model):
     cache = tiny_cache(gqa_model)
     val = torch.randint(0, 97, (4, SEQ), generator=torch.Generator().manual_seed(9))
-    setting = PruneSetting(0.5, LAYERS)
+    setting = PruneSpec(0.5, layers=span(LAYERS))
     objective = Objective(gqa_model, cache, setting, SPACE, ValidationScorer(gqa_model, val, LAYERS.start, batch_size=2))
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, multivariate=True))
     study.optimize(objective, n_trials=6)
@@ -70,7 +73,7 @@ def test_early_stop_prunes_trials_worse_than_the_median_at_a_batch(gqa_model, ea
     cache = tiny_cache(gqa_model)
     val = torch.randint(0, 97, (4, SEQ), generator=torch.Generator().manual_seed(9))
     scorer = ValidationScorer(gqa_model, val, LAYERS.start, batch_size=1)
-    objective = Objective(gqa_model, cache, PruneSetting(0.5, LAYERS), SPACE, scorer, early_stop=early_stop)
+    objective = Objective(gqa_model, cache, PruneSpec(0.5, layers=span(LAYERS)), SPACE, scorer, early_stop=early_stop)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3), pruner=pruner)
     study.optimize(objective, n_trials=12)
@@ -89,7 +92,7 @@ def test_early_stop_prunes_trials_worse_than_the_median_at_a_batch(gqa_model, ea
 def test_depth_slope_changes_per_layer_sizes(gqa_model):
     cache = tiny_cache(gqa_model)
     config = TrialConfig([0, 1], "l2", "sum", slope=0.9, allocation="depth")
-    pruned = pruned_copy(gqa_model, cache, PruneSetting(0.5, LAYERS, prune_attention=False), config)
+    pruned = pruned_copy(gqa_model, cache, PruneSpec(0.5, layers=span(LAYERS), prune_attention=False), config)
     sizes = [layer.mlp.gate_proj.out_features for layer in pruned.model.layers]
     assert sizes == [23, 12, 1]  # ratios 0.5·0.1, 0.5, 0.5·1.9 of 24 channels remove round(1.2), 12, round(22.8)
 
@@ -124,8 +127,8 @@ def worker_files(tmp_path, model, tokenizer, n_val, storage=None):
     save_file({"windows": torch.randint(0, 97, (n_val, SEQ), generator=torch.Generator().manual_seed(2))}, str(tmp_path / "val.safetensors"))
     return WorkerSpec(
         model=str(model_dir), cache_path=str(tmp_path / "cache.safetensors"), val_path=str(tmp_path / "val.safetensors"),
-        storage=storage or f"sqlite:///{tmp_path}/study.db", study="s", setup={"model": "tiny"}, ratio=0.5, layers=(0, 3),
-        granularity="kv", prune_attention=True, prune_mlp=True, space=asdict(SPACE), n_trials=8, sampler="tpe", seed=0,
+        storage=storage or f"sqlite:///{tmp_path}/study.db", study="s", setup={"model": "tiny"}, spec=PruneSpec(0.5, layers="0:3"),
+        space=asdict(SPACE), n_trials=8, sampler="tpe", seed=0,
         batch_size=4, threads=1, heartbeat_seconds=1, grace_seconds=2,
     )
 
@@ -139,7 +142,7 @@ def states(spec):
 def test_two_workers_share_one_study(tmp_path, gqa_model, tokenizer, storage_url):
     spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=8, storage=storage_url)
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=run_worker, args=(WorkerSpec(**{**asdict(spec), "worker_index": k, "share": 4}),)) for k in range(2)]
+    workers = [context.Process(target=run_worker, args=(replace(spec, worker_index=k, share=4),)) for k in range(2)]
     for w in workers:
         w.start()
     for w in workers:

@@ -6,7 +6,8 @@ from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.importance import Importance
 from adapruner.kernels.dispatch import native_bf16
-from adapruner.prune import apply_plan, plan_pruning
+from adapruner.removal import apply_plan
+from adapruner.selection import plan_pruning
 from adapruner.validation import ValidationScorer, resolve_val_dtype, shared_copy
 
 SEQ = 11

@@ -21,8 +21,9 @@ from torch import nn
 
 from adapruner.big_model import weights
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import LinearStats, check_metric, fluctuation, needs
-from adapruner.kernels import channel_importance
+from adapruner.importance import LinearStats, needs
+from adapruner.metrics import metric as registered
+from adapruner.kernels.channel_importance import channel_importance
 
 try:
     import torch_pruning as tp
@@ -32,13 +33,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 
 class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
-    """Torch-Pruning `Importance` over adapruner's metrics (l1, l2, taylor1, vector, taylor2, mix, act, fluct)."""
+    """Torch-Pruning `Importance` over adapruner's metrics (`adapruner.metrics`, all but `random`)."""
 
     def __init__(self, metric: str = "taylor1", group_reduction: str = "mean", normalizer: str | None = "mean",
                  stats: Mapping[nn.Module, LinearStats] | None = None):
-        check_metric(metric)
-        if metric == "random":
-            raise AdaPrunerError("metric 'random' is Torch-Pruning's RandomImportance: use that")
+        if registered(metric).element is None:
+            raise AdaPrunerError(f"metric {metric!r} is Torch-Pruning's RandomImportance: use that")
         super().__init__(p=2, group_reduction=group_reduction, normalizer=normalizer, target_types=[nn.Linear])
         self.metric, self.stats = metric, dict(stats or {})
 
@@ -64,9 +64,9 @@ class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
             raise AdaPrunerError(f"metric {self.metric!r} needs {missing[0]}: call calibrate(model, input_ids) first")
         with weights(layer):
             weight = layer.weight.detach()
-            if self.metric == "fluct":
-                return fluctuation(weight, stats.act_var) if dim == 1 else None
-            return channel_importance(self.metric, weight, dim, stats.grad, stats.fisher, stats.act_norm)
+            if registered(self.metric).columns_only and dim == 0:
+                return None
+            return channel_importance(self.metric, weight, dim, stats.grad, stats.fisher, stats.act_norm, act_var=stats.act_var)
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:

@@ -8,7 +8,7 @@ from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.devices import Placement, dtype_name
 from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions, finetune, mean_loss, merged
-from adapruner.io import save_adapter, save_pruned
+from adapruner.saving import save_adapter, save_pruned
 from adapruner.staging import check_out_dir
 from adapruner.models import load_model
 from adapruner.report import REPORT_FORMAT

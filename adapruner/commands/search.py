@@ -11,18 +11,18 @@ from tqdm.auto import tqdm
 
 from adapruner.best_trial import BestTrial
 from adapruner.big_model import Dispatch
-from adapruner.cache import ACTIVATION_METRICS, cache_key, load_or_build, planned_bytes
+from adapruner.metrics import ACTIVATION_METRICS
+from adapruner.cache import CandidatePool, cache_key, load_or_build, planned_bytes
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.devices import DTYPES, Placement, dtype_name
-from adapruner.allocation import DEFAULT_MIN_KEEP, check_target_params
-from adapruner.compensation import DEFAULT_DAMP
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
 from adapruner.memory_plan import GIB, MemoryPlan, memory_plan
 from adapruner.models import cache_root, load_model, load_shapes
-from adapruner.prune import DEFAULT_RATIO, PrunePlan, check_ratio
+from adapruner.plan import PrunePlan
 from adapruner.report import format_table, write_json_atomic
-from adapruner.search import SearchSpace, config_of, describe
+from adapruner.search import SearchSpace, config_of, trial_spec
+from adapruner.spec import PruneSpec
 from adapruner.structure import check_context, decoder_layers, parse_layer_range
 from adapruner.fingerprint import model_digest, text_digest
 from adapruner.staging import check_writable, staged_file
@@ -44,14 +44,10 @@ class SearchOptions:
     part of the study's set-up (`study_setup`), and a run with another value of it is refused."""
 
     model: str = "smollm2"
-    ratio: float = DEFAULT_RATIO
+    spec: PruneSpec = field(default_factory=PruneSpec)  # budget, layers, granularity, modules, min-keep, damp; trials choose the rest
     pools: list[str] = field(default_factory=lambda: ["wiki", "news", "plays"])
     pool_size: int = 32
     seq_len: int = DEFAULT_SEQ_LEN
-    layers: str | None = None
-    granularity: str = "kv"
-    prune_attention: bool = True
-    prune_mlp: bool = True
     metrics: tuple[str, ...] = SearchSpace.metrics
     aggregations: tuple[str, ...] = SearchSpace.aggregations
     sample_counts: tuple[int, ...] = SearchSpace.sample_counts
@@ -59,9 +55,6 @@ class SearchOptions:
     depth_slope: float = SearchSpace.depth_slope
     allocations: tuple[str, ...] = SearchSpace.allocations
     compensations: tuple[str, ...] = SearchSpace.compensations
-    target_params: float | None = None  # every trial removes this fraction of all parameters (instead of --ratio)
-    min_keep: float = DEFAULT_MIN_KEEP
-    damp: float = DEFAULT_DAMP
     trials: int = how(40)
     startup_trials: int | None = how(None)  # TPE's random start-up trials; None: a quarter of `trials` (at least 1)
     sampler: str = how("tpe")
@@ -86,7 +79,8 @@ class SearchOptions:
 
 def study_setup(options: SearchOptions) -> dict:
     """The fields that define the study (all but the `how` ones), as the storage returns them (tuples → lists)."""
-    return json.loads(json.dumps({f.name: getattr(options, f.name) for f in fields(options) if f.metadata.get("setup", True)}))
+    values = asdict(options)
+    return json.loads(json.dumps({f.name: values[f.name] for f in fields(options) if f.metadata.get("setup", True)}))
 
 
 def startup_trials(options: SearchOptions) -> int:
@@ -123,9 +117,8 @@ def plan_search(options: SearchOptions) -> MemoryPlan:
     the model's depth and context are checked against --layers and --seq-len on the way."""
     shapes = load_shapes(options.model, DTYPES[options.dtype], options.trust_remote_code)
     check_context(shapes, options.seq_len)
-    layers = parse_layer_range(options.layers, len(decoder_layers(shapes)))
-    key = cache_key(options.model, shapes, options.pools, options.pool_size, options.seq_len, layers, options.seed,
-                    activations=needs_activations(options), dtype=options.cache_dtype)
+    layers = parse_layer_range(options.spec.layers, len(decoder_layers(shapes)))
+    key = cache_key(options.model, shapes, CandidatePool(options.pools, options.pool_size, options.seq_len, options.seed), layers, activations=needs_activations(options), dtype=options.cache_dtype)
     model_bytes = sum(p.numel() * p.element_size() for p in shapes.parameters())
     return memory_plan(torch.device(options.device), model_bytes, planned_bytes(shapes, key), cache_folder(options), int(options.cache_mem_gb * GIB),
                        options.device_map)
@@ -173,15 +166,11 @@ def saved_val_windows(path: Path, tokenizer, seq_len: int, count: int) -> None:
 def run_search(options: SearchOptions, out: Path, progress: bool = True) -> BestTrial:
     """Build or reuse the cache, run the study to `options.trials` finished trials, write the outputs."""
     check_search_out(out)
-    check_ratio(options.ratio)
+    options.spec.check()
     if options.workers < 1 or options.trials < 1:
         raise AdaPrunerError("--workers and --trials must be at least 1")
     if options.startup_trials is not None and not 0 <= options.startup_trials <= options.trials:
         raise AdaPrunerError(f"--startup-trials {options.startup_trials} must lie in [0, --trials {options.trials}]")
-    if options.target_params is not None:
-        check_target_params(options.target_params)
-    if not (options.prune_attention or options.prune_mlp):
-        raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
     space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope,
                         options.allocations, options.compensations)
     pool_digests = [text_digest(pool) for pool in options.pools]  # reads every pool: bad files are refused before the model loads
@@ -198,11 +187,10 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     study = open_study(open_storage(storage_url), options.study, setup)
     files.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(options.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch)
-    layers = parse_layer_range(options.layers, len(decoder_layers(model)))
+    layers = parse_layer_range(options.spec.layers, len(decoder_layers(model)))
     content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": text_digest("wiki", "val")}
     pin_content(study, content)
-    key = cache_key(options.model, model, options.pools, options.pool_size, options.seq_len, layers, options.seed,
-                    activations=needs_activations(options), dtype=options.cache_dtype, model_digest=content["model"], pool_digests=tuple(content["pools"]))
+    key = replace(cache_key(options.model, model, CandidatePool(options.pools, options.pool_size, options.seq_len, options.seed), layers, activations=needs_activations(options), dtype=options.cache_dtype), model_digest=content["model"], pool_digests=tuple(content["pools"]))
     cache_dir = cache_folder(options)
     plan.check(cache_exists=(cache_dir / f"{key.digest()}.safetensors").is_file())
     cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * GIB) if plan.cache_on_device else 0, progress=progress,
@@ -218,11 +206,10 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
                                               "cache": str(cache_dir / f"{key.digest()}.safetensors")})
     base = WorkerSpec(
         model=options.model, cache_path=str(cache_dir / f"{key.digest()}.safetensors"), val_path=str(val_path),
-        storage=storage_url, study=options.study, setup=setup, ratio=options.ratio, layers=(layers.start, layers.stop),
-        granularity=options.granularity, prune_attention=options.prune_attention, prune_mlp=options.prune_mlp,
+        storage=storage_url, study=options.study, setup=setup, spec=options.spec.with_(layers=f"{layers.start}:{layers.stop}"),
         space=asdict(space), n_trials=options.trials, sampler=options.sampler, seed=options.seed, startup_trials=startup_trials(options),
         val_dtype=options.val_dtype, batch_size=options.batch_size, early_stop=options.early_stop, device=options.device, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
-        threads=max(1, torch.get_num_threads() // options.workers), target_params=options.target_params, min_keep=options.min_keep, damp=options.damp,
+        threads=max(1, torch.get_num_threads() // options.workers),
     )
     remaining = max(0, options.trials - finished(study))
     bar = tqdm(total=options.trials, initial=options.trials - remaining, desc=f"search ({options.sampler})", unit="trial", disable=not progress)
@@ -261,13 +248,14 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
     if not {"plan", "removed_fraction"} <= set(best.user_attrs):
         raise AdaPrunerError(f"study {options.study!r} was made by an older adapruner: its trials hold no plan; run the search with a new --out")
     layers = cache.key.layers
+    spec = trial_spec(options.spec.with_(layers=f"{layers[0]}:{layers[1]}"), config)
     summary = BestTrial(
-        model=options.model, ratio=options.ratio, layers=f"{layers[0]}:{layers[1]}", granularity=options.granularity,
-        prune_attention=options.prune_attention, prune_mlp=options.prune_mlp, seq_len=options.seq_len,
-        val_ppl=best.value, trial=best.number, sampler=options.sampler, seed=options.seed, **describe(config, cache),
+        model=options.model, spec=spec.to_dict(), seq_len=options.seq_len, val_ppl=best.value, trial=best.number,
+        sampler=options.sampler, seed=options.seed, samples=config.samples, blocks=config.blocks,
+        addresses=[list(cache.addresses[i]) for i in config.samples],
         placement={"device": options.device, "dtype": options.dtype, "val_dtype": options.val_dtype, **({"device_map": options.device_map} if options.device_map else {})}, backends=backends(torch.device(options.device), cache.key.dtype),
         val_windows=options.val_windows, batch_size=options.batch_size, plan=PrunePlan.decode(best.user_attrs["plan"]).to_dict(),
-        target_params=options.target_params, min_keep=options.min_keep, damp=options.damp, removed_fraction=best.user_attrs["removed_fraction"],
+        removed_fraction=best.user_attrs["removed_fraction"],
     )
     summary.write(out / "best.json")
     trials = sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: (t.value is None, t.value or 0.0))

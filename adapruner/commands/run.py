@@ -13,17 +13,17 @@ from torch import nn
 from adapruner.calibration import pool_windows
 from adapruner.devices import Placement, dtype_name
 from adapruner.errors import AdaPrunerError
-from adapruner.eval_job import EvalOptions, eval_windows
+from adapruner.commands.eval import EvalOptions, eval_windows
 from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions, finetune, merged
-from adapruner.io import layer_sizes, save_pruned
+from adapruner.saving import layer_sizes, save_pruned
 from adapruner.staging import check_out_dir, staged_dir
 from adapruner.measure import macs
 from adapruner.models import cache_root, load_model
-from adapruner.prune import count_params
-from adapruner.pruner import apply_study_plan
+from adapruner.allocation import count_params
+from adapruner.pruning import apply_study_plan
 from adapruner.report import REPORT_FORMAT, write_json_atomic
-from adapruner.search_job import SearchOptions, resolved, run_search
+from adapruner.commands.search import SearchOptions, resolved, run_search
 from adapruner.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
 
 
@@ -141,10 +141,11 @@ def report_markdown(report: dict, rows: list[Row]) -> str:
     header = ["model", "params", f"MACs ({report['options']['search']['seq_len']} tok)", *ppl_labels, *tasks, "average acc", "% of dense"]
     lines = ["# adapruner report", ""]
     best = report["best"]
-    budget = f"target {best['target_params']} of all parameters" if best["target_params"] is not None else f"ratio {best['ratio']}"
-    lines.append(f"Best configuration: `{best['metric']}` / `{best['aggregation']}`, {len(best['samples'])} samples "
-                 f"(blocks {', '.join(best['blocks'])}), allocation {best['allocation']} (slope {best['slope']:.3f}), compensation "
-                 f"{best['compensation']}, {budget} over layers {best['layers']}: {100 * best['removed_fraction']:.1f}% of the parameters removed; "
+    spec = best["spec"]
+    budget = f"target {spec['target_params']} of all parameters" if spec["target_params"] is not None else f"ratio {spec['ratio']}"
+    lines.append(f"Best configuration: `{spec['metric']}` / `{spec['aggregation']}`, {len(best['samples'])} samples "
+                 f"(blocks {', '.join(best['blocks'])}), allocation {spec['allocation']} (slope {spec['depth_slope']:.3f}), compensation "
+                 f"{spec['compensation']}, {budget} over layers {spec['layers']}: {100 * best['removed_fraction']:.1f}% of the parameters removed; "
                  f"validation ppl {best['val_ppl']:.3f} (trial {best['trial']}).")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     dense_avg = rows[0].average

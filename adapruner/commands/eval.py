@@ -14,7 +14,7 @@ from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.models import cache_root, load_model
-from adapruner.prune import count_params
+from adapruner.allocation import count_params
 from adapruner.report import REPORT_FORMAT, write_json_atomic
 from adapruner.staging import check_writable
 from adapruner.structure import check_context

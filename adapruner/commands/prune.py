@@ -11,14 +11,14 @@ from adapruner.calibration import parse_calib_spec
 from adapruner.corpora import check_pool
 from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
-from adapruner.eval_job import EvalOptions, eval_windows
+from adapruner.commands.eval import EvalOptions, eval_windows
 from adapruner.evaluate import perplexity
-from adapruner.io import save_pruned
+from adapruner.saving import save_pruned
 from adapruner.staging import check_out_dir
 from adapruner.kernels.dispatch import kernel_backend
 from adapruner.models import load_model
-from adapruner.prune import check_ratio, count_params
-from adapruner.pruner import PruneOptions, apply_study_plan, prune_model
+from adapruner.allocation import count_params
+from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.report import REPORT_FORMAT
 from adapruner.structure import check_context
 
@@ -42,14 +42,11 @@ def prune_and_save(
     check_out_dir(out)
     for pool, _count in parse_calib_spec(options.calib):
         check_pool(pool)
-    if options.ratio is not None:
-        check_ratio(options.ratio)
-    if uniform and options.layers not in (None, "all"):
+    spec = options.spec.check()
+    if uniform and spec.layers not in (None, "all"):
         raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
-    if uniform and (options.allocation != "uniform" or options.compensation != "none" or options.depth_slope):
+    if uniform and (spec.allocation != "uniform" or spec.compensation != "none" or spec.depth_slope):
         raise AdaPrunerError("--uniform saves one size for every layer without biases: drop --allocation, --depth-slope and --compensate, or --uniform")
-    if not (options.prune_attention or options.prune_mlp):
-        raise AdaPrunerError("--no-attention with --no-mlp leaves nothing to prune: drop one")
     if recompute and study is None:
         raise AdaPrunerError("--recompute re-derives a search's plan: add --from-study DIR")
     if uniform and study is not None and not recompute:
@@ -58,7 +55,7 @@ def prune_and_save(
     if best is not None:
         options = PruneOptions.from_best(best)
     if uniform:
-        options = replace(options, layers="all", same_size=True)
+        options = replace(options, spec=options.spec.with_(layers="all", same_size=True))
     if evaluation is not None and evaluation.ppl is None:
         evaluation = None
 

@@ -15,13 +15,12 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapruner.big_model import home_device, weights
 from adapruner.allocation import count_params
+from adapruner.compensation import give_output_biases
 from adapruner.errors import AdaPrunerError
 from adapruner.model_card import model_card
 from adapruner.staging import staged_dir
-from adapruner.structure import FAMILIES, decoder_layers, layer_info, output_projections
-
+from adapruner.structure import FAMILIES, decoder_layers, layer_info
 REMOTE_CODE = Path(__file__).with_name("remote_code") / "modeling_pruned.py"
 
 
@@ -93,24 +92,6 @@ def _uniform_config(sizes: dict[str, list[int]], model: nn.Module) -> dict:
         "intermediate_size": sizes["intermediate_size_per_layer"][0],
         "head_dim": _head_dim(model),
     }
-
-
-def give_output_biases(model: nn.Module) -> bool:
-    """Where some o_proj/down_proj carries a (compensation) bias, give every other one a zero bias — so that one config
-    flag, `output_bias`, describes all layers — and return True; False where none has one."""
-    from adapruner.compensation import install
-
-    outputs = output_projections(model, range(len(decoder_layers(model))))
-    if all(linear.bias is None for linear in outputs.values()):
-        return False
-    zero_biases = {}
-    for name, linear in outputs.items():
-        if linear.bias is None:
-            with weights(linear):
-                weight = linear.weight.detach().to(home_device(linear))  # an offloaded one waits in host memory
-            zero_biases[name] = (weight, weight.new_zeros(linear.out_features))
-    install(model, zero_biases)
-    return True
 
 
 def _remote_code_config(config: dict, sizes: dict[str, list[int]], model: nn.Module, output_bias: bool = False) -> dict:

@@ -1,0 +1,87 @@
+"""Remove the units a plan drops, physically: one fused gather per layer, modules resized in place."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+
+from adapruner.allocation import prices
+from adapruner.big_model import place_like, weights
+from adapruner.kernels.dispatch import Backend
+from adapruner.kernels.gather import gather
+from adapruner.plan import PrunePlan
+from adapruner.structure import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, head_channels, layer_info
+
+
+Cut = tuple[nn.Module, str, "torch.Tensor | None", "torch.Tensor | None"]
+def _layer_cuts(model: nn.Module, index: int, plan: PrunePlan) -> list[Cut]:
+    """(owner, linear name, kept rows, kept columns) for every linear of layer `index` that the plan shrinks."""
+    info = layer_info(model, index)
+    cuts: list[Cut] = []
+    if index in plan.attention:
+        keep_q, keep_kv = plan.attention[index]
+        if len(keep_q) < info.n_heads or len(keep_kv) < info.n_kv_heads:
+            q_rows, kv_rows = head_channels(keep_q, info.head_dim), head_channels(keep_kv, info.head_dim)
+            a, (q, k, v, o) = info.attn, ATTENTION_PROJECTIONS
+            cuts += [(a, q, q_rows, None), (a, k, kv_rows, None), (a, v, kv_rows, None), (a, o, None, q_rows)]
+    if index in plan.mlp and len(plan.mlp[index]) < info.intermediate:
+        channels = torch.tensor(plan.mlp[index], dtype=torch.long)
+        m, (gate, up, down) = info.mlp, MLP_PROJECTIONS
+        cuts += [(m, gate, channels, None), (m, up, channels, None), (m, down, None, channels)]
+    return cuts
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> None:
+    """Remove every unit the plan does not keep, in place: one fused gather per layer (weights and biases).
+
+    Keeps `num_key_value_groups` (GQA ratio) and `intermediate_size` of the modules consistent.
+    """
+    for index in sorted(set(plan.attention) | set(plan.mlp)):
+        cuts = _layer_cuts(model, index, plan)
+        if not cuts:
+            continue
+        specs = []
+        with ExitStack() as loaded:  # offloaded weights are read on their execution device, one layer at a time
+            for owner, name, rows, cols in cuts:
+                linear = loaded.enter_context(weights(getattr(owner, name)))
+                device = linear.weight.device
+                rows, cols = (None if t is None else t.to(device) for t in (rows, cols))
+                specs.append((linear.weight.detach(), rows, cols))
+                if linear.bias is not None:
+                    specs.append((linear.bias.detach(), rows, None))
+            gathered = iter(gather(specs, backend))
+        for owner, name, _rows, _cols in cuts:
+            old = getattr(owner, name)
+            weight = next(gathered)
+            bias = next(gathered) if old.bias is not None else None
+            setattr(owner, name, place_like(_linear_from(weight, bias), old))
+        info = layer_info(model, index)
+        info.attn.num_key_value_groups = info.heads_per_kv
+        info.mlp.intermediate_size = info.intermediate
+
+
+def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear that owns `weight` (out × in) and `bias` without copying them again."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=True)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=True)
+    return linear
+
+
+def plan_removed(model: nn.Module, plan: PrunePlan) -> int:
+    """Parameters the plan removes from the (unpruned) `model`: every dropped head's and channel's rows and columns."""
+    removed = 0
+    for index in sorted(set(plan.attention) | set(plan.mlp)):
+        info = layer_info(model, index)
+        kv_unit, channel = prices(info, "kv")
+        q_head = prices(info, "query")[0] // info.n_kv_heads
+        if index in plan.attention:
+            keep_q, keep_kv = plan.attention[index]
+            dropped_kv = info.n_kv_heads - len(keep_kv)
+            removed += dropped_kv * kv_unit + (info.n_heads - len(keep_q) - dropped_kv * info.heads_per_kv) * q_head
+        if index in plan.mlp:
+            removed += (info.intermediate - len(plan.mlp[index])) * channel
+    return removed

@@ -1,0 +1,140 @@
+"""Choose the units to keep from importance scores: per group, per layer, under an allocation (see
+`adapruner.allocation` for how many units each layer loses).
+
+Ratio semantics (LLM-Pruner's): `ratio` r removes round(r · n) units of each pruned group — kv groups (or query
+heads inside every kv group) of attention, channels of the MLP — in every layer of the pruned range.
+`--target-params p` is a parameter budget instead (`adapruner.allocation`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from adapruner.allocation import Counts, attention_units, budget_counts, depth_weights, global_counts, ratio_counts, removed_by, target_count
+from adapruner.errors import AdaPrunerError
+from adapruner.importance import Importance
+from adapruner.plan import PrunePlan
+from adapruner.spec import AttnGranularity, PruneSpec, check_ratio
+from adapruner.structure import LayerInfo, attention_group, decoder_layers, layer_info, mlp_group, parse_layer_range
+
+
+def top_units(scores: torch.Tensor, n_keep: int) -> list[int]:
+    """Indices of the `n_keep` highest scores, ascending; ties go to the lower index."""
+    order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices  # stable: equal scores keep index order
+    return sorted(order[:n_keep].tolist())
+
+
+def plan_pruning(
+    model: nn.Module,
+    importance: Importance,
+    ratio: float | Mapping[int, float],
+    layers: range,
+    granularity: AttnGranularity = "kv",
+    prune_attention: bool = True,
+    prune_mlp: bool = True,
+) -> PrunePlan:
+    """Score every group of `layers` and keep the best units; raise if a group would be emptied.
+
+    `ratio` is one ratio for every layer or a ratio per layer index (a depth profile).
+    """
+    per_layer = {index: ratio for index in layers} if isinstance(ratio, (int, float)) else dict(ratio)
+    for layer_ratio in per_layer.values():
+        check_ratio(layer_ratio)
+    counts = ratio_counts(model, layers, per_layer, granularity, prune_attention, prune_mlp)
+    for index, (n_attn, n_mlp) in counts.items():
+        info = layer_info(model, index)
+        if prune_attention:
+            _check_attention_removal(info, per_layer[index], n_attn, granularity)
+        if prune_mlp and n_mlp >= info.intermediate:
+            raise AdaPrunerError(f"ratio {per_layer[index]} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio")
+    every = {index: (prune_attention, prune_mlp) for index in layers}
+    return plan_from_counts(model, score_layers(model, importance, every, granularity), counts, granularity)
+
+
+def plan_allocation(model: nn.Module, importance: Importance, spec: PruneSpec) -> PrunePlan:
+    """The plan of `spec`'s allocation (see `adapruner.allocation`) over its layers: by ratio (LLM-Pruner's meaning;
+    `global` then removes as many parameters as `uniform` would) or under the budget `target_params`; `same_size`
+    keeps every pruned layer one size (uniform allocation only: a stock-config save)."""
+    spec.check()
+    layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
+    granularity, attention, mlp = spec.granularity, spec.prune_attention, spec.prune_mlp
+    if spec.target_params is None and spec.allocation != "global":
+        per_layer = depth_profile(spec.ratio, layers, spec.slope) if spec.slope else spec.ratio
+        return plan_pruning(model, importance, per_layer, layers, granularity, attention, mlp)
+    every = {index: (attention, mlp) for index in layers}
+    if spec.target_params is not None:
+        target = target_count(model, spec.target_params)
+    else:
+        target = removed_by(model, ratio_counts(model, layers, spec.ratio, granularity, attention, mlp), granularity)
+    scores = score_layers(model, importance, every, granularity)
+    if spec.allocation == "global":
+        counts = global_counts(model, scores, layers, target, granularity, spec.min_keep, attention, mlp)
+    else:
+        weights = depth_weights(layers, spec.slope)
+        counts = budget_counts(model, layers, target, weights, granularity, attention, mlp, spec.same_size)
+    return plan_from_counts(model, scores, counts, granularity)
+
+
+def score_layers(model: nn.Module, importance: Importance, which: Mapping[int, tuple[bool, bool]], granularity: AttnGranularity) -> dict[tuple[int, str], torch.Tensor]:
+    """Unit scores of the modules that `which` ({layer: (prune attention, prune mlp)}) names."""
+    scores = {}
+    for index, (attention, mlp) in which.items():
+        info = layer_info(model, index)
+        if attention:
+            scores[(index, "attn")] = importance(attention_group(info, granularity))
+        if mlp:
+            scores[(index, "mlp")] = importance(mlp_group(info))
+    return scores
+
+
+def plan_from_counts(model: nn.Module, scores: Mapping[tuple[int, str], torch.Tensor], counts: Counts, granularity: AttnGranularity) -> PrunePlan:
+    """Keep the best-scored units of every scored module: all but `counts[layer]` (attention units, MLP channels)."""
+    plan = PrunePlan()
+    for index, (n_attn, n_mlp) in counts.items():
+        info = layer_info(model, index)
+        if (index, "attn") in scores:
+            plan.attention[index] = _kept_attention(info, scores[(index, "attn")], n_attn, granularity)
+        if (index, "mlp") in scores:
+            if n_mlp >= info.intermediate:
+                raise AdaPrunerError(f"the plan would remove all {info.intermediate} MLP channels of layer {index}: prune less")
+            plan.mlp[index] = top_units(scores[(index, "mlp")], info.intermediate - n_mlp) if n_mlp else list(range(info.intermediate))
+    return plan
+
+
+def depth_profile(ratio: float, layers: range, slope: float) -> dict[int, float]:
+    """Per-layer ratios r_l = r · (1 + slope · (2·p_l − 1)), p_l = position of l in `layers` from 0 to 1.
+
+    slope 0 is uniform; slope > 0 prunes deep layers more than shallow ones; the mean ratio stays r.
+    """
+    return {index: ratio * w for index, w in depth_weights(layers, slope).items()}
+
+
+def _check_attention_removal(info: LayerInfo, ratio: float, n_remove: int, granularity: AttnGranularity) -> None:
+    unit_total = attention_units(info, granularity)
+    if n_remove >= unit_total:
+        what = "key/value groups" if granularity == "kv" else "query heads of a kv group"
+        raise AdaPrunerError(f"ratio {ratio} would remove all {unit_total} {what} of layer {info.index}: use a smaller --ratio")
+    if n_remove == 0:
+        warnings.warn(
+            f"ratio {ratio} removes no attention unit ({unit_total} per layer at granularity {granularity!r}): attention stays whole; "
+            f"raise --ratio{', use --attn-granularity query,' if granularity == 'kv' else ''} or use --target-params to move the budget to the MLP",
+            stacklevel=4,
+        )
+
+
+def _kept_attention(info: LayerInfo, scores: torch.Tensor | None, n_remove: int, granularity: AttnGranularity) -> tuple[list[int], list[int]]:
+    r = info.heads_per_kv
+    all_kv, all_q = list(range(info.n_kv_heads)), list(range(info.n_heads))
+    if n_remove == 0:
+        return all_q, all_kv
+    if n_remove >= attention_units(info, granularity):
+        raise AdaPrunerError(f"the plan would remove every attention unit of layer {info.index}: prune less")
+    if granularity == "kv":
+        keep_kv = top_units(scores, info.n_kv_heads - n_remove)
+        return [h * r + j for h in keep_kv for j in range(r)], keep_kv
+    keep_q = [h * r + j for h in all_kv for j in top_units(scores[h * r : (h + 1) * r], r - n_remove)]
+    return keep_q, all_kv
