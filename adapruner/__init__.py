@@ -10,6 +10,7 @@ The public API, importable from the package root (loaded on first use, so `impor
     adapruner.apply_study_plan(dense, best, tokenizer)                      # the plan the best trial scored
     scores = adapruner.Importance("taylor2", "sum", stats)(group)          # Torch-Pruning's Importance shape
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -21,17 +22,27 @@ __version__ = "0.1.0"
 _PUBLIC = {  # name → the module that defines it
     "load_model": "adapruner.models",
     "PruneSpec": "adapruner.spec",
-    "PruneOptions": "adapruner.pruning", "PruneResult": "adapruner.pruning", "prune_model": "adapruner.pruning",
+    "PruneOptions": "adapruner.pruning",
+    "PruneResult": "adapruner.pruning",
+    "prune_model": "adapruner.pruning",
     "apply_study_plan": "adapruner.pruning",
-    "SearchOptions": "adapruner.commands.search", "run_search": "adapruner.commands.search",
+    "SearchOptions": "adapruner.commands.search",
+    "run_search": "adapruner.commands.search",
     "BestTrial": "adapruner.best_trial",
-    "Importance": "adapruner.importance", "LinearStats": "adapruner.importance", "METRICS": "adapruner.metrics",
-    "PrunePlan": "adapruner.plan", "plan_allocation": "adapruner.selection", "apply_plan": "adapruner.removal",
+    "Importance": "adapruner.importance",
+    "LinearStats": "adapruner.importance",
+    "METRICS": "adapruner.metrics",
+    "PrunePlan": "adapruner.plan",
+    "plan_allocation": "adapruner.selection",
+    "apply_plan": "adapruner.removal",
     "count_params": "adapruner.allocation",
     "save_pruned": "adapruner.saving",
-    "LoraOptions": "adapruner.finetune", "finetune_and_save": "adapruner.commands.finetune",
-    "EvalOptions": "adapruner.commands.eval", "evaluate_model": "adapruner.commands.eval",
-    "RunOptions": "adapruner.commands.run", "run_pipeline": "adapruner.commands.run",
+    "LoraOptions": "adapruner.finetune",
+    "finetune_and_save": "adapruner.commands.finetune",
+    "EvalOptions": "adapruner.commands.eval",
+    "evaluate_model": "adapruner.commands.eval",
+    "RunOptions": "adapruner.commands.run",
+    "run_pipeline": "adapruner.commands.run",
     "collect_stats": "adapruner.statistics",
 }
 __all__ = ["AdaPrunerError", "__version__", *_PUBLIC]

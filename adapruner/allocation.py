@@ -20,6 +20,7 @@ Budget mode (`target_params` p): T = ⌈p·N⌉ parameters of the model's N go, 
         ends within one MLP channel of T.
         With query granularity the k-th candidate of a layer is every kv group's k-th weakest head, at their mean z.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,10 +32,12 @@ from torch import nn
 from adapruner.big_model import unique_tensors
 from adapruner.errors import AdaPrunerError
 from adapruner.spec import AttnGranularity, check_target_params
-from adapruner.structure import LayerInfo, layer_info
+from adapruner.structure import LayerInfo, layer_info, unit_params
 
 Counts = dict[int, tuple[int, int]]
-Scores = Mapping[tuple[int, str], torch.Tensor]  # (layer, "attn" | "mlp") → unit scores (attn: per kv group, or per query head)
+Scores = Mapping[
+    tuple[int, str], torch.Tensor
+]  # (layer, "attn" | "mlp") → unit scores (attn: per kv group, or per query head)
 
 
 def count_params(model: nn.Module) -> int:
@@ -49,12 +52,8 @@ def attention_units(info: LayerInfo, granularity: AttnGranularity) -> int:
 
 def prices(info: LayerInfo, granularity: AttnGranularity) -> tuple[int, int]:
     """(parameters of one attention unit, parameters of one MLP channel) of a layer (see the module docstring)."""
-    attn, mlp = info.attn, info.mlp
-    hidden, hd = attn.q_proj.in_features, info.head_dim
-    q_head = hd * (2 * hidden + (attn.q_proj.bias is not None))
-    kv_head = 2 * hd * (hidden + (attn.k_proj.bias is not None))
+    q_head, kv_head, channel = unit_params(info)
     attention = info.heads_per_kv * q_head + kv_head if granularity == "kv" else info.n_kv_heads * q_head
-    channel = 3 * hidden + (mlp.gate_proj.bias is not None) + (mlp.up_proj.bias is not None)
     return attention, channel
 
 
@@ -67,16 +66,24 @@ def removed_by(model: nn.Module, counts: Counts, granularity: AttnGranularity) -
     return total
 
 
-def ratio_counts(model: nn.Module, layers: range, ratio: float | Mapping[int, float], granularity: AttnGranularity,
-                 prune_attention: bool = True, prune_mlp: bool = True) -> Counts:
+def ratio_counts(
+    model: nn.Module,
+    layers: range,
+    ratio: float | Mapping[int, float],
+    granularity: AttnGranularity,
+    prune_attention: bool = True,
+    prune_mlp: bool = True,
+) -> Counts:
     """round(r_l · n) per group (LLM-Pruner's meaning of a ratio); `ratio` is one ratio or one per layer."""
     per_layer = {index: ratio for index in layers} if isinstance(ratio, (int, float)) else ratio
     counts = {}
     for index in layers:
         info = layer_info(model, index)
         r = per_layer[index]
-        counts[index] = (removal_count(attention_units(info, granularity), r) if prune_attention else 0,
-                         removal_count(info.intermediate, r) if prune_mlp else 0)
+        counts[index] = (
+            removal_count(attention_units(info, granularity), r) if prune_attention else 0,
+            removal_count(info.intermediate, r) if prune_mlp else 0,
+        )
     return counts
 
 
@@ -97,8 +104,16 @@ def target_count(model: nn.Module, target_params: float) -> int:
     return math.ceil(target_params * count_params(model))
 
 
-def budget_counts(model: nn.Module, layers: range, target: int, weights: Mapping[int, float], granularity: AttnGranularity,
-                  prune_attention: bool = True, prune_mlp: bool = True, same_size: bool = False) -> Counts:
+def budget_counts(
+    model: nn.Module,
+    layers: range,
+    target: int,
+    weights: Mapping[int, float],
+    granularity: AttnGranularity,
+    prune_attention: bool = True,
+    prune_mlp: bool = True,
+    same_size: bool = False,
+) -> Counts:
     """uniform/depth under a budget of `target` parameters (see the module docstring). `same_size` (uniform weights,
     for a stock-config save): units are given back from every layer at once, so all layers keep one size."""
     infos = {index: layer_info(model, index) for index in layers}
@@ -107,7 +122,10 @@ def budget_counts(model: nn.Module, layers: range, target: int, weights: Mapping
     on = (prune_attention, prune_mlp)
     capacity = sum(w * sum(units[i][k] * price[i][k] for k in (0, 1) if on[k]) for i, w in weights.items())
     ratio = target / capacity  # the base ratio if units could be cut in fractions
-    counts = {i: [min(units[i][k] - 1, round(ratio * weights[i] * units[i][k])) if on[k] else 0 for k in (0, 1)] for i in layers}
+    counts = {
+        i: [min(units[i][k] - 1, round(ratio * weights[i] * units[i][k])) if on[k] else 0 for k in (0, 1)]
+        for i in layers
+    }
 
     def removed(kinds: tuple[int, ...] = (0, 1)) -> int:
         return sum(counts[i][k] * price[i][k] for i in layers for k in kinds)
@@ -160,8 +178,10 @@ def budget_counts(model: nn.Module, layers: range, target: int, weights: Mapping
 
 def _out_of_reach(model: nn.Module, target: int, reachable: int, layers: range):
     total = count_params(model)
-    raise AdaPrunerError(f"--target-params {target / total:.3f} is out of reach: layers {layers.start}:{layers.stop} give at most "
-                         f"{reachable / total:.3f} of the parameters; widen --layers or lower the target")
+    raise AdaPrunerError(
+        f"--target-params {target / total:.3f} is out of reach: layers {layers.start}:{layers.stop} give at most "
+        f"{reachable / total:.3f} of the parameters; widen --layers or lower the target"
+    )
 
 
 def candidate_costs(scores: torch.Tensor, info: LayerInfo, module: str, granularity: AttnGranularity) -> torch.Tensor:
@@ -174,17 +194,31 @@ def candidate_costs(scores: torch.Tensor, info: LayerInfo, module: str, granular
     return z.sort().values
 
 
-def global_counts(model: nn.Module, scores: Scores, layers: range, target: int, granularity: AttnGranularity, min_keep: float,
-                  prune_attention: bool = True, prune_mlp: bool = True) -> Counts:
+def global_counts(
+    model: nn.Module,
+    scores: Scores,
+    layers: range,
+    target: int,
+    granularity: AttnGranularity,
+    min_keep: float,
+    prune_attention: bool = True,
+    prune_mlp: bool = True,
+) -> Counts:
     """`global` allocation under a budget of `target` parameters (see the module docstring)."""
     if not 0.0 <= min_keep < 1.0:
-        raise AdaPrunerError(f"--min-keep {min_keep} is outside [0, 1): pass the fraction of each module a layer keeps at least")
+        raise AdaPrunerError(
+            f"--min-keep {min_keep} is outside [0, 1): pass the fraction of each module a layer keeps at least"
+        )
     candidates = []  # (z, layer, module index, price)
     for index in layers:
         info = layer_info(model, index)
         attention, channel = prices(info, granularity)
-        for slot, (module, units, price, on) in enumerate((("attn", attention_units(info, granularity), attention, prune_attention),
-                                                           ("mlp", info.intermediate, channel, prune_mlp))):
+        for slot, (module, units, price, on) in enumerate(
+            (
+                ("attn", attention_units(info, granularity), attention, prune_attention),
+                ("mlp", info.intermediate, channel, prune_mlp),
+            )
+        ):
             if not on:
                 continue
             keep = max(1, math.ceil(min_keep * units))
@@ -202,6 +236,8 @@ def global_counts(model: nn.Module, scores: Scores, layers: range, target: int, 
         removed += price
     if removed < target:
         total = count_params(model)
-        raise AdaPrunerError(f"--target-params {target / total:.3f} is out of reach with --min-keep {min_keep}: at most {removed / total:.3f}; "
-                             "lower --min-keep or the target, or widen --layers")
+        raise AdaPrunerError(
+            f"--target-params {target / total:.3f} is out of reach with --min-keep {min_keep}: at most {removed / total:.3f}; "
+            "lower --min-keep or the target, or widen --layers"
+        )
     return {index: (a, m) for index, (a, m) in counts.items()}

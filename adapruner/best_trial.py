@@ -1,5 +1,6 @@
 """`best.json`: what a search found — its configuration, the (pool, index) address of every sample, and the plan
 the best trial scored — written from and read back into one dataclass."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,12 @@ from pathlib import Path
 from adapruner.corpora import read_utf8
 from adapruner.errors import AdaPrunerError
 from adapruner.plan import PrunePlan
-from adapruner.spec import PruneSpec
 from adapruner.report import write_json_atomic
+from adapruner.spec import PruneSpec
 
-BEST_FORMAT = "adapruner.best/4"  # /2: the scored plan; /3: budget, allocation, compensation; /4: the pruning spec whole
+BEST_FORMAT = (
+    "adapruner.best/4"  # /2: the scored plan; /3: budget, allocation, compensation; /4: the pruning spec whole
+)
 
 
 @dataclass
@@ -49,17 +52,21 @@ class BestTrial:
         write_json_atomic(path, asdict(self))
 
     @classmethod
-    def read(cls, path: Path) -> "BestTrial":
+    def read(cls, path: Path) -> BestTrial:
         """Read `path`; a file of another format (an older or newer adapruner) is a one-line error."""
         if not path.is_file():
             raise AdaPrunerError(f"{path} not found: pass the --out directory of a finished `adapruner search`")
         try:
             data = json.loads(read_utf8(path))
         except json.JSONDecodeError as exc:
-            raise AdaPrunerError(f"{path}:{exc.lineno}: not valid JSON: pass the --out directory of a finished `adapruner search`") from None
+            raise AdaPrunerError(
+                f"{path}:{exc.lineno}: not valid JSON: pass the --out directory of a finished `adapruner search`"
+            ) from None
         if not isinstance(data, dict):
             data = {}
         names = {f.name for f in fields(cls)}
         if data.get("format") != BEST_FORMAT or set(data) != names:
-            raise AdaPrunerError(f"{path} was written by another adapruner version (format {data.get('format')!r}, this one reads {BEST_FORMAT!r}): rerun the search")
+            raise AdaPrunerError(
+                f"{path} was written by another adapruner version (format {data.get('format')!r}, this one reads {BEST_FORMAT!r}): rerun the search"
+            )
         return cls(**data)

@@ -10,6 +10,7 @@ memory or disk before the forward and puts them back on the meta device after it
   accelerate binds each hooked `forward` to the module it hooked;
 - saving is transformers' `save_pretrained`, which reads offloaded tensors one shard at a time.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,16 +41,20 @@ class Dispatch:
     offload_dir: str | None = None
 
     @classmethod
-    def of(cls, device_map: str | None, max_memory: str | None = None, offload_dir: str | None = None) -> "Dispatch | None":
+    def of(
+        cls, device_map: str | None, max_memory: str | None = None, offload_dir: str | None = None
+    ) -> Dispatch | None:
         """None without a device map; --max-memory and --offload-dir alone are refused."""
         if device_map is None:
             if max_memory or offload_dir:
                 raise AdaPrunerError("--max-memory and --offload-dir shape a --device-map: add --device-map auto")
             return None
         if max_memory and device_map not in STRATEGIES:
-            raise AdaPrunerError(f"--device-map {device_map} places every module itself: drop --max-memory (it shapes auto, balanced, …)")
+            raise AdaPrunerError(
+                f"--device-map {device_map} places every module itself: drop --max-memory (it shapes auto, balanced, …)"
+            )
         dispatch = cls(device_map, tuple(parse_max_memory(max_memory).items()) if max_memory else (), offload_dir)
-        dispatch.module_map  # a map file is read (and checked) once, here
+        _ = dispatch.module_map  # a map file is read (and checked) once, here
         if offload_dir:
             if Path(offload_dir).exists() and not Path(offload_dir).is_dir():
                 raise AdaPrunerError(f"--offload-dir {offload_dir} is a file: pass a folder")
@@ -80,7 +85,9 @@ class Dispatch:
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         wrong = next((n for n in named if n.isdigit() and int(n) >= visible), None)
         if wrong is not None:
-            raise AdaPrunerError(f"--device-map/--max-memory name GPU {wrong} and {visible} are visible here: use cpu (and disk) entries or fewer GPUs")
+            raise AdaPrunerError(
+                f"--device-map/--max-memory name GPU {wrong} and {visible} are visible here: use cpu (and disk) entries or fewer GPUs"
+            )
 
     def describe(self) -> dict:
         return {"device_map": self.device_map, "max_memory": dict(self.max_memory), "offload_dir": self.offload_dir}
@@ -91,9 +98,17 @@ def read_device_map(path: str) -> dict:
     try:
         mapping = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise AdaPrunerError(f"--device-map {path!r} is neither {', '.join(STRATEGIES)} nor a readable JSON file ({exc.__class__.__name__})") from None
-    if not isinstance(mapping, dict) or not mapping or not all(isinstance(k, str) and _DEVICE_NAME.fullmatch(str(v)) for k, v in mapping.items()):
-        raise AdaPrunerError(f"--device-map {path}: write an object {{module name: GPU index, 'cuda:N', 'cpu' or 'disk'}}")
+        raise AdaPrunerError(
+            f"--device-map {path!r} is neither {', '.join(STRATEGIES)} nor a readable JSON file ({exc.__class__.__name__})"
+        ) from None
+    if (
+        not isinstance(mapping, dict)
+        or not mapping
+        or not all(isinstance(k, str) and _DEVICE_NAME.fullmatch(str(v)) for k, v in mapping.items())
+    ):
+        raise AdaPrunerError(
+            f"--device-map {path}: write an object {{module name: GPU index, 'cuda:N', 'cpu' or 'disk'}}"
+        )
     return mapping
 
 
@@ -106,7 +121,9 @@ def parse_max_memory(text: str) -> dict[str, int]:
         device, _, size = entry.partition("=")
         device = device.strip()
         if not (device.isdigit() or device == "cpu") or not size:
-            raise AdaPrunerError(f"--max-memory entry {entry!r}: write DEVICE=SIZE with DEVICE a GPU index or cpu, e.g. 0=70GiB,cpu=200GiB")
+            raise AdaPrunerError(
+                f"--max-memory entry {entry!r}: write DEVICE=SIZE with DEVICE a GPU index or cpu, e.g. 0=70GiB,cpu=200GiB"
+            )
         try:
             limits[device] = convert_file_size_to_int(size.strip())
         except ValueError:
@@ -173,8 +190,14 @@ def rebind_forward(clone: nn.Module, original: nn.Module) -> None:
     if "forward" not in original.__dict__:
         return
     bound = original.__dict__.get("_old_forward")
-    if not hasattr(original, "_hf_hook") or not isinstance(bound, types.MethodType) or not isinstance(original.forward, functools.partial):
-        raise AdaPrunerError(f"{type(original).__name__} has a forward of its own that is not accelerate's hook: a trial's copy of it cannot run its own children")
+    if (
+        not hasattr(original, "_hf_hook")
+        or not isinstance(bound, types.MethodType)
+        or not isinstance(original.forward, functools.partial)
+    ):
+        raise AdaPrunerError(
+            f"{type(original).__name__} has a forward of its own that is not accelerate's hook: a trial's copy of it cannot run its own children"
+        )
     clone._old_forward = types.MethodType(bound.__func__, clone)
     clone.forward = functools.update_wrapper(functools.partial(original.forward.func, clone), clone._old_forward)
 
@@ -209,9 +232,17 @@ def reload_offloaded_in_backward(model: nn.Module) -> Iterator[list[int]]:
         for module in offloaded:
             for name, param in module._parameters.items():
                 loaded = param is not None and param.device == tensor.device and param.is_contiguous()
-                if loaded and param.untyped_storage().data_ptr() == storage:  # the module's loaded tensor, or a view of it
+                if (
+                    loaded and param.untyped_storage().data_ptr() == storage
+                ):  # the module's loaded tensor, or a view of it
                     saved_by_reference[0] += 1
-                    return _Offloaded(module, name, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset() - param.storage_offset())
+                    return _Offloaded(
+                        module,
+                        name,
+                        tuple(tensor.shape),
+                        tuple(tensor.stride()),
+                        tensor.storage_offset() - param.storage_offset(),
+                    )
         return tensor
 
     def unpack(packed):

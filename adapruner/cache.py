@@ -12,6 +12,7 @@ scores as: vector |Σ_S vec|, taylor2 ½ Σ_S fisher / |S|, act Σ |W|·sqrt(Σ_
 mix it also forms F_S = mean_S G_s² per sample, in registers). Compensation reads μ_S = Σ_S xsum / T and, for lsq,
 C_S = X_Sᵀ X_S / T from the stored inputs' rows of S.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,22 +30,15 @@ from adapruner.big_model import weights
 from adapruner.calibration import seeded_draw
 from adapruner.devices import dtype_name, model_device
 from adapruner.errors import AdaPrunerError, first_line
-from adapruner.statistics import InputMoments
 from adapruner.importance import Importance
-from adapruner.metrics import ACTIVATION_METRICS, METRICS
-from adapruner.kernels.channel_importance import channel_importance
 from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fisher_stats
+from adapruner.kernels.channel_importance import channel_importance
+from adapruner.metrics import ACTIVATION_METRICS, METRICS
 from adapruner.staging import staged_file
-from adapruner.statistics import linear_io, sample_loss
-from adapruner.structure import SHARED_INPUT, Member, decoder_layers, prunable_linears
+from adapruner.statistics import InputMoments, linear_io, sample_loss
+from adapruner.structure import Member, decoder_layers, input_owner, prunable_linears
 
 CACHE_FORMAT = 2  # bumped whenever what the file holds changes meaning; part of every key
-
-
-def input_owner(name: str) -> str:
-    """The linear whose stored input `name` reads: k/v read q's, up reads gate's."""
-    prefix, _, leaf = name.rpartition(".")
-    return f"{prefix}.{SHARED_INPUT.get(leaf, leaf)}"
 
 
 @dataclass(frozen=True)
@@ -86,7 +80,9 @@ class ActivationCache:
         L = self.key.seq_len
         return (samples[:, None] * L + torch.arange(L)).reshape(-1)
 
-    def channel_scores(self, metric: str, name: str, weight: torch.Tensor, dim: int, samples: torch.Tensor) -> torch.Tensor:
+    def channel_scores(
+        self, metric: str, name: str, weight: torch.Tensor, dim: int, samples: torch.Tensor
+    ) -> torch.Tensor:
         """Channel scores of linear `name` along `dim` for the sample subset `samples` (indices into the pool)."""
         if samples.numel() == 0:
             raise AdaPrunerError("the sample subset is empty: choose at least one sample")
@@ -104,16 +100,22 @@ class ActivationCache:
             return channel_importance(metric, weight, dim, act_var=act_var)
         if source == "activations":
             if not self.key.activations:
-                raise AdaPrunerError(f"metric {metric!r} needs cached activations: rebuild the cache with {'/'.join(sorted(ACTIVATION_METRICS))} in --metrics")
+                raise AdaPrunerError(
+                    f"metric {metric!r} needs cached activations: rebuild the cache with {'/'.join(sorted(ACTIVATION_METRICS))} in --metrics"
+                )
             x, dy = self.tensors[f"x/{input_owner(name)}"], self.tensors[f"dy/{name}"]
             rows = self.token_rows(samples).to(x.device)
-            if x.device != weight.device:  # a host-resident cache (over --cache-mem): stage the subset's rows on the device
+            if (
+                x.device != weight.device
+            ):  # a host-resident cache (over --cache-mem): stage the subset's rows on the device
                 x, dy = rows_on(x, rows, weight.device), rows_on(dy, rows, weight.device)
                 rows = torch.arange(rows.numel(), device=weight.device)
             return cached_grad_importance(metric, weight, x, dy, rows, self.key.seq_len)[dim]
         raise AdaPrunerError(f"metric {metric!r} does not read the cache")
 
-    def input_moments(self, name: str, samples: torch.Tensor, device: torch.device | str, gram: bool = False) -> InputMoments:
+    def input_moments(
+        self, name: str, samples: torch.Tensor, device: torch.device | str, gram: bool = False
+    ) -> InputMoments:
         """Moments of linear `name`'s inputs over the token rows of the sample subset (see the module docstring)."""
         tokens = samples.numel() * self.key.seq_len
         owner = input_owner(name)
@@ -122,7 +124,9 @@ class ActivationCache:
         if not gram:
             return InputMoments(mean, square_mean)
         if not self.key.activations:
-            raise AdaPrunerError("lsq compensation needs cached inputs: rebuild the cache with lsq in --compensations (or taylor1/mix in --metrics)")
+            raise AdaPrunerError(
+                "lsq compensation needs cached inputs: rebuild the cache with lsq in --compensations (or taylor1/mix in --metrics)"
+            )
         x = self.tensors[f"x/{owner}"]
         rows = rows_on(x, self.token_rows(samples).to(x.device), torch.device(device)).float()
         return InputMoments(mean, square_mean, rows.t() @ rows / tokens)
@@ -149,10 +153,14 @@ class ActivationCache:
         """safetensors file written through a temporary name, then renamed."""
         metadata = {"key": json.dumps(self.key.__dict__, default=list), "addresses": json.dumps(self.addresses)}
         with staged_file(path) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, str(tmp), metadata=metadata)  # staged on the host to write
+            save_file(
+                {k: v.contiguous().cpu() for k, v in self.tensors.items()}, str(tmp), metadata=metadata
+            )  # staged on the host to write
 
     @classmethod
-    def load(cls, path: Path, max_memory_bytes: int = 0, device: torch.device | str = "cpu", pin: bool = False) -> "ActivationCache":
+    def load(
+        cls, path: Path, max_memory_bytes: int = 0, device: torch.device | str = "cpu", pin: bool = False
+    ) -> ActivationCache:
         """Read onto `device` when the file is at most `max_memory_bytes`; otherwise into page-locked host memory with
         `pin` (CUDA only: a trial's rows then copy over asynchronously, see `rows_on`), else memory-mapped in host
         memory (pages are read on first touch and shared between worker processes on one machine; a trial on a GPU
@@ -163,7 +171,14 @@ class ActivationCache:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata()
             raw = json.loads(metadata["key"])
-            key = CacheKey(**{**raw, "pools": tuple(raw["pools"]), "layers": tuple(raw["layers"]), "pool_digests": tuple(raw.get("pool_digests", ()))})
+            key = CacheKey(
+                **{
+                    **raw,
+                    "pools": tuple(raw["pools"]),
+                    "layers": tuple(raw["layers"]),
+                    "pool_digests": tuple(raw.get("pool_digests", ())),
+                }
+            )
             addresses = [tuple(a) for a in json.loads(metadata["addresses"])]
             fits = path.stat().st_size <= max_memory_bytes
             if fits and torch.device(device).type != "cpu":
@@ -174,7 +189,12 @@ class ActivationCache:
                     tensors = {name: tensor.clone() for name, tensor in tensors.items()}
                 elif pin and torch.cuda.is_available():
                     tensors = {name: tensor.pin_memory() for name, tensor in tensors.items()}
-        except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # not a whole cache we wrote (I/O and memory errors pass)
+        except (
+            SafetensorError,
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as exc:  # not a whole cache we wrote (I/O and memory errors pass)
             raise DamagedCache(first_line(exc)) from None
         return cls(key, tensors, addresses)
 
@@ -188,9 +208,13 @@ class ActivationCache:
             raise DamagedCache(f"it holds {n} samples, not {key.pool_size * len(key.pools)}")
         expected = expected_tensors(model, key)
         found = {name: (tuple(t.shape), t.dtype) for name, t in self.tensors.items()}
-        wrong = next((name for name in sorted(set(expected) | set(found)) if expected.get(name) != found.get(name)), None)
+        wrong = next(
+            (name for name in sorted(set(expected) | set(found)) if expected.get(name) != found.get(name)), None
+        )
         if wrong is not None:
-            raise DamagedCache(f"tensor {wrong!r} is {found.get(wrong, 'missing')}, not {expected.get(wrong, 'expected')}")
+            raise DamagedCache(
+                f"tensor {wrong!r} is {found.get(wrong, 'missing')}, not {expected.get(wrong, 'expected')}"
+            )
 
 
 def rows_on(tensor: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -213,7 +237,12 @@ def expected_tensors(model: nn.Module, key: CacheKey) -> dict[str, tuple[tuple[i
     expected = {}
     for name, linear in prunable_linears(model, range(*key.layers)).items():
         out_features, in_features = linear.weight.shape
-        for stat, width in (("vec_rows", out_features), ("vec_cols", in_features), ("fisher_rows", out_features), ("fisher_cols", in_features)):
+        for stat, width in (
+            ("vec_rows", out_features),
+            ("vec_cols", in_features),
+            ("fisher_rows", out_features),
+            ("fisher_cols", in_features),
+        ):
             expected[f"{stat}/{name}"] = ((n, width), torch.float32)
         if input_owner(name) == name:
             expected[f"act/{name}"] = expected[f"xsum/{name}"] = ((n, in_features), torch.float32)
@@ -249,7 +278,9 @@ class CachedImportance(Importance):
             return self.cache.channel_scores(self.metric, member.name, linear.weight.detach(), member.dim, self.samples)
 
 
-def candidate_pool(tokenizer, pools: list[str], pool_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+def candidate_pool(
+    tokenizer, pools: list[str], pool_size: int, seq_len: int, seed: int
+) -> tuple[torch.Tensor, list[tuple[str, int]]]:
     """`pool_size` calibration windows of each pool (seeded draw, in draw order), with their (pool, index) addresses."""
     rows, addresses = [], []
     for pool in pools:
@@ -310,7 +341,9 @@ def build_cache(
             inputs.clear()
             if not on_host and device_budget_bytes is not None:
                 kept = sum(t.numel() * t.element_size() for parts in chunks.values() for t in parts)
-                if kept * len(starts) / done > device_budget_bytes:  # the finished cache would not fit: stage it on the host
+                if (
+                    kept * len(starts) / done > device_budget_bytes
+                ):  # the finished cache would not fit: stage it on the host
                     chunks = {name: [t.cpu() for t in parts] for name, parts in chunks.items()}
                     on_host = True
     tensors = {name: torch.cat(parts) for name, parts in chunks.items()}
@@ -327,18 +360,35 @@ class CandidatePool:
     seed: int = 0
 
 
-def cache_key(model_name: str, model: nn.Module, pool: CandidatePool, layers: range, activations: bool, dtype: str = "bfloat16") -> CacheKey:
+def cache_key(
+    model_name: str, model: nn.Module, pool: CandidatePool, layers: range, activations: bool, dtype: str = "bfloat16"
+) -> CacheKey:
     """The key of a cache of `pool` on `layers` of `model` (X and dY stored in `dtype` when `activations`); the
     content digests are added by the caller that read them (`dataclasses.replace`)."""
     if layers.step != 1 or not 0 <= layers.start < layers.stop <= len(decoder_layers(model)):
         raise AdaPrunerError("cached layer range must be contiguous and inside the model")
     model_dtype = dtype_name(next(model.parameters()).dtype)  # the weights' dtype
-    return CacheKey(model_name, tuple(pool.pools), pool.pool_size, pool.seq_len, (layers.start, layers.stop), pool.seed, activations, dtype,
-                    model_dtype)
+    return CacheKey(
+        model_name,
+        tuple(pool.pools),
+        pool.pool_size,
+        pool.seq_len,
+        (layers.start, layers.stop),
+        pool.seed,
+        activations,
+        dtype,
+        model_dtype,
+    )
 
 
 def load_or_build(
-    model: nn.Module, tokenizer, key: CacheKey, cache_dir: Path, max_memory_bytes: int = 0, progress: bool = True, pin: bool = False,
+    model: nn.Module,
+    tokenizer,
+    key: CacheKey,
+    cache_dir: Path,
+    max_memory_bytes: int = 0,
+    progress: bool = True,
+    pin: bool = False,
 ) -> ActivationCache:
     """Reuse `cache_dir/<digest>.safetensors` when it holds a whole cache for `key`; else (missing, or damaged:
     noted and replaced) build it and save it. Then load it onto the model's device (see `load`)."""

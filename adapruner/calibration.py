@@ -3,6 +3,7 @@
 Window k of a pool is tokens `k*seq_len … (k+1)*seq_len - 1` of the pool's documents joined by blank lines and
 tokenised once (no special tokens): addresses do not depend on the seed. A seed only chooses which windows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ DEFAULT_SEQ_LEN = 128  # tokens per calibration, validation and evaluation windo
 def pool_windows(tokenizer: PreTrainedTokenizerBase, pool: str, seq_len: int, split: Split = "calib") -> torch.Tensor:
     """Every full window of `seq_len` tokens of a pool's split, shape (n_windows × seq_len), int64."""
     if seq_len < 2:
-        raise AdaPrunerError(f"--seq-len {seq_len} is too short: use at least 2 tokens ({DEFAULT_SEQ_LEN} is the usual choice)")
+        raise AdaPrunerError(
+            f"--seq-len {seq_len} is too short: use at least 2 tokens ({DEFAULT_SEQ_LEN} is the usual choice)"
+        )
     tokens = _pool_tokens(tokenizer, pool, split)
     n_windows = tokens.numel() // seq_len
     return tokens[: n_windows * seq_len].view(n_windows, seq_len)
@@ -53,7 +56,9 @@ def parse_calib_spec(spec: str) -> list[tuple[str, int]]:
     return parts
 
 
-def seeded_draw(tokenizer: PreTrainedTokenizerBase, pool: str, count: int, seq_len: int, seed: int, fix: str) -> tuple[torch.Tensor, torch.Tensor]:
+def seeded_draw(
+    tokenizer: PreTrainedTokenizerBase, pool: str, count: int, seq_len: int, seed: int, fix: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(window indices, windows) of `count` calibration windows of `pool`, drawn without replacement for `seed`,
     in draw order. Too few windows raise an error ending in `fix` (its `{n}` becomes the number available)."""
     windows = pool_windows(tokenizer, pool, seq_len, "calib")
@@ -82,6 +87,8 @@ def windows_at(tokenizer: PreTrainedTokenizerBase, addresses: list[tuple[str, in
     for pool, index in addresses:
         windows = pool_windows(tokenizer, pool, seq_len, "calib")
         if not 0 <= index < windows.shape[0]:
-            raise AdaPrunerError(f"pool {pool!r} has no window {index} at seq_len {seq_len}: the addresses come from another seq_len or corpus version")
+            raise AdaPrunerError(
+                f"pool {pool!r} has no window {index} at seq_len {seq_len}: the addresses come from another seq_len or corpus version"
+            )
         rows.append(windows[index])
     return Samples(torch.stack(rows), tuple((pool, int(index)) for pool, index in addresses))

@@ -4,6 +4,7 @@ Every flag's default is read from its settings object (`PruneSpec`, `PruneOption
 `EvalOptions`, `RunOptions`), so each default is written once; the argparse types (ranges checked at parse time)
 and help texts live here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,18 +13,18 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from adapruner.commands.eval import EvalOptions
+from adapruner.commands.finetune import VAL_WINDOWS
+from adapruner.commands.run import RunOptions
+from adapruner.commands.search import SearchOptions
 from adapruner.devices import DEVICE_PATTERN, DTYPE_CHOICES, Placement, device_errors
 from adapruner.errors import AdaPrunerError
-from adapruner.commands.eval import EvalOptions
 from adapruner.finetune import LoraOptions
 from adapruner.metrics import METRIC_NAMES
 from adapruner.metrics import metric as registered
-from adapruner.commands.finetune import VAL_WINDOWS
-from adapruner.commands.run import RunOptions
 from adapruner.pruning import PruneOptions
 from adapruner.report import format_table
 from adapruner.spec import AGGREGATIONS, ALLOCATIONS, COMPENSATIONS, GRANULARITIES, PruneSpec
-from adapruner.commands.search import SearchOptions
 from adapruner.staging import interrupted_by, terminate_as_exit
 
 RATIO_HELP = (
@@ -31,16 +32,22 @@ RATIO_HELP = (
     "0.25 on LLaMA-7B layers 4..29 removes about 20%% of all parameters)"
 )
 TARGET_HELP = "fraction of the whole model's parameters to remove, a budget every allocation meets within one MLP channel (instead of --ratio)"
-ALLOCATION_HELP = ("uniform: every layer loses the same fraction; depth: a fraction growing (slope > 0) or shrinking with depth; "
-                   "global: standardised scores ranked across all layers and modules under one parameter budget")
+ALLOCATION_HELP = (
+    "uniform: every layer loses the same fraction; depth: a fraction growing (slope > 0) or shrinking with depth; "
+    "global: standardised scores ranked across all layers and modules under one parameter budget"
+)
 MIN_KEEP_HELP = "allocation global: each layer keeps at least this fraction of its attention units and of its MLP channels (at least one)"
-COMPENSATE_HELP = ("after removal, repair o_proj/down_proj outputs from calibration inputs: bias adds the removed channels' mean "
-                   "contribution; lsq refits the kept columns by damped least squares")
+COMPENSATE_HELP = (
+    "after removal, repair o_proj/down_proj outputs from calibration inputs: bias adds the removed channels' mean "
+    "contribution; lsq refits the kept columns by damped least squares"
+)
 DAMP_HELP = "lsq compensation: damping toward the trained weights, times the mean input variance"
 DEVICE_HELP = "where the model runs: auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
 DTYPE_HELP = "model weight dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"
-DEVICE_MAP_HELP = ("spread the model over devices with accelerate: auto, balanced, balanced_low_0, sequential, or a JSON file "
-                   "{module name: device | 'cpu' | 'disk'}; with --max-memory and --offload-dir")
+DEVICE_MAP_HELP = (
+    "spread the model over devices with accelerate: auto, balanced, balanced_low_0, sequential, or a JSON file "
+    "{module name: device | 'cpu' | 'disk'}; with --max-memory and --offload-dir"
+)
 MAX_MEMORY_HELP = "with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (GPU index or cpu = size)"
 OFFLOAD_HELP = "with --device-map: folder for the weights the map puts on disk"
 LAYERS_HELP = "layers to prune as START:STOP or 'all' (default: keep the first 4/32 and last 2/32 of the layers whole)"
@@ -57,6 +64,7 @@ class Parser(argparse.ArgumentParser):
 
 def at_least(low: float, kind=int):
     """argparse type: a `kind` number ≥ `low`, refused at parse time with the bound in the message."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -65,11 +73,13 @@ def at_least(low: float, kind=int):
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is below its minimum {low}")
         return value
+
     return parse
 
 
 def within(low: float, high: float, closed_low: bool = False):
     """argparse type: a float in (low, high), or [low, high) with `closed_low`."""
+
     def parse(text: str):
         try:
             value = float(text)
@@ -78,13 +88,16 @@ def within(low: float, high: float, closed_low: bool = False):
         if not (low <= value if closed_low else low < value) or not value < high:
             raise argparse.ArgumentTypeError(f"{value} is outside {'[' if closed_low else '('}{low:g}, {high:g})")
         return value
+
     return parse
 
 
 def study_name(text: str) -> str:
     """argparse type: a study name that is also a safe folder name."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a study name: use up to 100 letters, digits, '.', '_' or '-'")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a study name: use up to 100 letters, digits, '.', '_' or '-'"
+        )
     return text
 
 
@@ -94,6 +107,8 @@ def within_ports(text: str) -> int:
     if port > 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port: use 1 to 65535")
     return port
+
+
 COUNT, NONNEGATIVE, WINDOW = at_least(1), at_least(0), at_least(2)  # counts, budgets that may be 0, tokens per window
 FRACTION, POSITIVE = within(0, 1), at_least(1e-12, float)
 
@@ -145,55 +160,129 @@ def build_parser() -> argparse.ArgumentParser:
     budget = prune.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=FRACTION, help=f"{RATIO_HELP} [default {SPEC.ratio}]")
     budget.add_argument("--target-params", type=FRACTION, help=TARGET_HELP)
-    prune.add_argument("--metric", default=SPEC.metric, choices=METRIC_NAMES, help="importance metric (docs/metrics.md)")
-    prune.add_argument("--agg", default=SPEC.aggregation, choices=AGGREGATIONS, help="aggregation over a group's members")
-    prune.add_argument("--calib", default=PRUNE.calib, help="calibration samples as POOL:N[,POOL:N] (pools: wiki, news, plays, or a .txt/.jsonl path)")
-    prune.add_argument("--seq-len", type=WINDOW, default=PRUNE.seq_len, help="tokens per calibration and evaluation window")
+    prune.add_argument(
+        "--metric", default=SPEC.metric, choices=METRIC_NAMES, help="importance metric (docs/metrics.md)"
+    )
+    prune.add_argument(
+        "--agg", default=SPEC.aggregation, choices=AGGREGATIONS, help="aggregation over a group's members"
+    )
+    prune.add_argument(
+        "--calib",
+        default=PRUNE.calib,
+        help="calibration samples as POOL:N[,POOL:N] (pools: wiki, news, plays, or a .txt/.jsonl path)",
+    )
+    prune.add_argument(
+        "--seq-len", type=WINDOW, default=PRUNE.seq_len, help="tokens per calibration and evaluation window"
+    )
     prune.add_argument("--layers", default=SPEC.layers, help=LAYERS_HELP)
-    prune.add_argument("--attn-granularity", default=SPEC.granularity, choices=GRANULARITIES, help="remove whole kv groups, or query heads inside every kv group")
+    prune.add_argument(
+        "--attn-granularity",
+        default=SPEC.granularity,
+        choices=GRANULARITIES,
+        help="remove whole kv groups, or query heads inside every kv group",
+    )
     prune.add_argument("--no-attention", action="store_true", help="prune the MLP only")
     prune.add_argument("--no-mlp", action="store_true", help="prune attention only")
     prune.add_argument("--allocation", default=SPEC.allocation, choices=ALLOCATIONS, help=ALLOCATION_HELP)
-    prune.add_argument("--depth-slope", type=within(0, 1, closed_low=True), default=SPEC.depth_slope, help="allocation depth: per-layer ratios r·(1 + S·(2p − 1))")
+    prune.add_argument(
+        "--depth-slope",
+        type=within(0, 1, closed_low=True),
+        default=SPEC.depth_slope,
+        help="allocation depth: per-layer ratios r·(1 + S·(2p − 1))",
+    )
     prune.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=SPEC.min_keep, help=MIN_KEEP_HELP)
     prune.add_argument("--compensate", default=SPEC.compensation, choices=COMPENSATIONS, help=COMPENSATE_HELP)
     prune.add_argument("--damp", type=POSITIVE, default=SPEC.damp, help=DAMP_HELP)
-    prune.add_argument("--uniform", action="store_true", help="prune every layer alike and save a stock config (no remote code)")
+    prune.add_argument(
+        "--uniform", action="store_true", help="prune every layer alike and save a stock config (no remote code)"
+    )
     prune.add_argument("--seed", type=NONNEGATIVE, default=PRUNE.seed)
     prune.add_argument("--out", required=True, help="new directory for the pruned model and report.json")
-    prune.add_argument("--max-eval-windows", type=COUNT, default=EVAL.max_windows, help="evaluate only the first N windows (default: all)")
+    prune.add_argument(
+        "--max-eval-windows",
+        type=COUNT,
+        default=EVAL.max_windows,
+        help="evaluate only the first N windows (default: all)",
+    )
     prune.add_argument("--batch-size", type=COUNT, default=EVAL.batch_size, help="windows per forward pass")
     prune.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
-    prune.add_argument("--from-study", default=None, help="apply the plan of the best trial of an `adapruner search` output directory (as scored)")
-    prune.add_argument("--recompute", action="store_true", help="with --from-study: re-derive the plan from statistics recomputed on the trial's windows and report the units that differ")
+    prune.add_argument(
+        "--from-study",
+        default=None,
+        help="apply the plan of the best trial of an `adapruner search` output directory (as scored)",
+    )
+    prune.add_argument(
+        "--recompute",
+        action="store_true",
+        help="with --from-study: re-derive the plan from statistics recomputed on the trial's windows and report the units that differ",
+    )
     _add_placement_args(prune)
     _add_dispatch_args(prune)
 
     search = commands.add_parser("search", help="AdaPruner: Bayesian search over calibration samples and metrics")
     _add_search_args(search)
-    search.add_argument("--out", required=True, help="directory for the study, best.json and plots (reuse it to resume)")
-    search.add_argument("--plan", action="store_true", help="print the memory plan (model, cache sizes and where they go) and exit; reads no weights")
+    search.add_argument(
+        "--out", required=True, help="directory for the study, best.json and plots (reuse it to resume)"
+    )
+    search.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory plan (model, cache sizes and where they go) and exit; reads no weights",
+    )
     _add_placement_args(search)
     _add_dispatch_args(search)
 
     run = commands.add_parser("run", help="search → prune → (LoRA) → evaluate dense and pruned → report.md")
     _add_search_args(run)
-    run.add_argument("--finetune-steps", type=NONNEGATIVE, default=run_default("finetune_steps"), help="LoRA recovery steps after pruning (0: none)")
-    run.add_argument("--finetune-data", default=run_default("finetune_data"), help="LoRA training data (see `adapruner finetune --data`)")
-    run.add_argument("--tasks", default=",".join(run_default("tasks")), help="zero-shot tasks (comma-separated; empty for none)")
-    run.add_argument("--task-limit", type=COUNT, default=run_default("task_limit"), help="items per task (default: all)")
-    run.add_argument("--max-eval-windows", type=COUNT, default=run_default("max_eval_windows"), help="perplexity windows per length (default: all)")
-    run.add_argument("--full-seq-len", type=WINDOW, default=run_default("full_seq_len"), help="the long perplexity window (capped at the model's context)")
+    run.add_argument(
+        "--finetune-steps",
+        type=NONNEGATIVE,
+        default=run_default("finetune_steps"),
+        help="LoRA recovery steps after pruning (0: none)",
+    )
+    run.add_argument(
+        "--finetune-data",
+        default=run_default("finetune_data"),
+        help="LoRA training data (see `adapruner finetune --data`)",
+    )
+    run.add_argument(
+        "--tasks", default=",".join(run_default("tasks")), help="zero-shot tasks (comma-separated; empty for none)"
+    )
+    run.add_argument(
+        "--task-limit", type=COUNT, default=run_default("task_limit"), help="items per task (default: all)"
+    )
+    run.add_argument(
+        "--max-eval-windows",
+        type=COUNT,
+        default=run_default("max_eval_windows"),
+        help="perplexity windows per length (default: all)",
+    )
+    run.add_argument(
+        "--full-seq-len",
+        type=WINDOW,
+        default=run_default("full_seq_len"),
+        help="the long perplexity window (capped at the model's context)",
+    )
     run.add_argument("--out", required=True, help="new directory for every stage's output and the report")
     _add_placement_args(run)
     _add_dispatch_args(run)
 
-    tune = commands.add_parser("finetune", help="recover a pruned model with LoRA (peft), then merge or keep the adapter")
+    tune = commands.add_parser(
+        "finetune", help="recover a pruned model with LoRA (peft), then merge or keep the adapter"
+    )
     tune.add_argument("--model", required=True, help="a pruned model directory (or any HF model, or 'smollm2')")
-    tune.add_argument("--data", default="wiki", help="wiki (training articles), news, plays, a .txt/.jsonl text file, or Alpaca .json/.jsonl")
-    tune.add_argument("--out", required=True, help="new directory for the merged model (or the adapter with --keep-adapter)")
+    tune.add_argument(
+        "--data",
+        default="wiki",
+        help="wiki (training articles), news, plays, a .txt/.jsonl text file, or Alpaca .json/.jsonl",
+    )
+    tune.add_argument(
+        "--out", required=True, help="new directory for the merged model (or the adapter with --keep-adapter)"
+    )
     tune.add_argument("--steps", type=COUNT, default=LORA.max_steps, help="optimizer steps (step budget)")
-    tune.add_argument("--minutes", type=POSITIVE, default=LORA.max_minutes, help="stop after this much training time (time budget)")
+    tune.add_argument(
+        "--minutes", type=POSITIVE, default=LORA.max_minutes, help="stop after this much training time (time budget)"
+    )
     tune.add_argument("--batch-size", type=COUNT, default=LORA.batch_size)
     tune.add_argument("--lr", type=POSITIVE, default=LORA.lr)
     tune.add_argument("--lora-r", type=COUNT, default=LORA.r)
@@ -204,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--val-windows", type=COUNT, default=VAL_WINDOWS, help="wiki validation windows per evaluation")
     tune.add_argument("--seq-len", type=WINDOW, default=EVAL.seq_len, help="tokens per validation window")
     tune.add_argument("--train-on-prompt", action="store_true", help="Alpaca data: also take the loss on the prompt")
-    tune.add_argument("--keep-adapter", action="store_true", help="save the adapter in peft's format instead of merging it")
+    tune.add_argument(
+        "--keep-adapter", action="store_true", help="save the adapter in peft's format instead of merging it"
+    )
     tune.add_argument("--seed", type=NONNEGATIVE, default=LORA.seed)
     _add_placement_args(tune)
 
@@ -214,12 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="measure a model's perplexity and zero-shot accuracy")
     evaluate.add_argument("--model", required=True, help="a pruned model directory, an HF model, or 'smollm2'")
-    evaluate.add_argument("--ppl", default=EVAL.ppl, help="text for perplexity: wiki (held-out articles), news, plays, or a path")
+    evaluate.add_argument(
+        "--ppl", default=EVAL.ppl, help="text for perplexity: wiki (held-out articles), news, plays, or a path"
+    )
     evaluate.add_argument("--report", default=None, help="report.json to update (default: beside a local model)")
-    evaluate.add_argument("--tasks", default=",".join(EVAL.tasks), help="zero-shot tasks through lm-eval, comma-separated: adapruner_cloze, adapruner_lastword, or standard names (boolq, piqa, …) cached offline")
-    evaluate.add_argument("--limit", type=COUNT, default=EVAL.task_limit, help="items per zero-shot task (default: all)")
+    evaluate.add_argument(
+        "--tasks",
+        default=",".join(EVAL.tasks),
+        help="zero-shot tasks through lm-eval, comma-separated: adapruner_cloze, adapruner_lastword, or standard names (boolq, piqa, …) cached offline",
+    )
+    evaluate.add_argument(
+        "--limit", type=COUNT, default=EVAL.task_limit, help="items per zero-shot task (default: all)"
+    )
     evaluate.add_argument("--no-ppl", action="store_true", help="skip perplexity (tasks only)")
-    evaluate.add_argument("--max-eval-windows", type=COUNT, default=EVAL.max_windows, help="evaluate only the first N windows (default: all)")
+    evaluate.add_argument(
+        "--max-eval-windows",
+        type=COUNT,
+        default=EVAL.max_windows,
+        help="evaluate only the first N windows (default: all)",
+    )
     evaluate.add_argument("--batch-size", type=COUNT, default=EVAL.batch_size, help="windows per forward pass")
     evaluate.add_argument("--seq-len", type=WINDOW, default=EVAL.seq_len, help="tokens per evaluation window")
     _add_placement_args(evaluate)
@@ -230,8 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_placement_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_arg, default=SEARCH.device, help=DEVICE_HELP)
     parser.add_argument("--dtype", default=SEARCH.dtype, choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run Python code shipped with the model (its modeling_*.py); adapruner's own pruned models load without it")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped with the model (its modeling_*.py); adapruner's own pruned models load without it",
+    )
 
 
 def _add_dispatch_args(parser: argparse.ArgumentParser) -> None:
@@ -247,40 +354,105 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=s.model, help="HF model directory, hub id, or 'smollm2'")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=FRACTION, default=s.spec.ratio, help=RATIO_HELP)
-    budget.add_argument("--target-params", type=FRACTION, default=s.spec.target_params, help=TARGET_HELP + "; every trial removes the same count")
-    parser.add_argument("--pools", default=",".join(s.pools), help="candidate text pools, comma-separated (built-in names or paths)")
+    budget.add_argument(
+        "--target-params",
+        type=FRACTION,
+        default=s.spec.target_params,
+        help=TARGET_HELP + "; every trial removes the same count",
+    )
+    parser.add_argument(
+        "--pools", default=",".join(s.pools), help="candidate text pools, comma-separated (built-in names or paths)"
+    )
     parser.add_argument("--pool-size", type=COUNT, default=s.pool_size, help="cached candidate windows per pool")
     parser.add_argument("--seq-len", type=WINDOW, default=s.seq_len)
     parser.add_argument("--layers", default=s.spec.layers, help=LAYERS_HELP)
     parser.add_argument("--attn-granularity", default=s.spec.granularity, choices=GRANULARITIES)
     parser.add_argument("--no-attention", action="store_true", help="prune the MLP only")
     parser.add_argument("--no-mlp", action="store_true", help="prune attention only")
-    parser.add_argument("--allocations", default=",".join(s.allocations), help=f"allocations the search may choose ({', '.join(ALLOCATIONS)}): {ALLOCATION_HELP}")
-    parser.add_argument("--compensations", default=",".join(s.compensations), help=f"compensations the search may choose ({', '.join(COMPENSATIONS)}): {COMPENSATE_HELP}")
+    parser.add_argument(
+        "--allocations",
+        default=",".join(s.allocations),
+        help=f"allocations the search may choose ({', '.join(ALLOCATIONS)}): {ALLOCATION_HELP}",
+    )
+    parser.add_argument(
+        "--compensations",
+        default=",".join(s.compensations),
+        help=f"compensations the search may choose ({', '.join(COMPENSATIONS)}): {COMPENSATE_HELP}",
+    )
     parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=s.spec.min_keep, help=MIN_KEEP_HELP)
     parser.add_argument("--damp", type=POSITIVE, default=s.spec.damp, help=DAMP_HELP)
     parser.add_argument("--metrics", default=",".join(s.metrics), help="metrics the search may choose")
     parser.add_argument("--aggregations", default=",".join(s.aggregations), help="aggregations the search may choose")
-    parser.add_argument("--sample-counts", default=",".join(map(str, s.sample_counts)), help="calibration sample counts the search may choose")
-    parser.add_argument("--blocks-per-pool", type=COUNT, default=s.blocks_per_pool, help="inclusion switches per pool (the subset encoding)")
-    parser.add_argument("--depth-slope", type=within(0, 1, closed_low=True), default=s.depth_slope, help="depth allocation trials draw a per-layer ratio slope in [-S, S]")
+    parser.add_argument(
+        "--sample-counts",
+        default=",".join(map(str, s.sample_counts)),
+        help="calibration sample counts the search may choose",
+    )
+    parser.add_argument(
+        "--blocks-per-pool",
+        type=COUNT,
+        default=s.blocks_per_pool,
+        help="inclusion switches per pool (the subset encoding)",
+    )
+    parser.add_argument(
+        "--depth-slope",
+        type=within(0, 1, closed_low=True),
+        default=s.depth_slope,
+        help="depth allocation trials draw a per-layer ratio slope in [-S, S]",
+    )
     parser.add_argument("--trials", type=COUNT, default=s.trials)
-    parser.add_argument("--startup-trials", type=NONNEGATIVE, default=s.startup_trials, help="TPE's random start-up trials (default: a quarter of --trials, at least 1)")
+    parser.add_argument(
+        "--startup-trials",
+        type=NONNEGATIVE,
+        default=s.startup_trials,
+        help="TPE's random start-up trials (default: a quarter of --trials, at least 1)",
+    )
     parser.add_argument("--sampler", default=s.sampler, choices=("tpe", "random"))
     parser.add_argument("--seed", type=NONNEGATIVE, default=s.seed)
-    parser.add_argument("--val-windows", type=COUNT, default=s.val_windows, help="validation windows per trial (wiki validation articles)")
-    parser.add_argument("--val-dtype", default=s.val_dtype, choices=("auto", *VAL_DTYPES),
-                        help="dtype of the trials' validation forward (auto: bf16 where the hardware multiplies it natively, else fp32)")
+    parser.add_argument(
+        "--val-windows",
+        type=COUNT,
+        default=s.val_windows,
+        help="validation windows per trial (wiki validation articles)",
+    )
+    parser.add_argument(
+        "--val-dtype",
+        default=s.val_dtype,
+        choices=("auto", *VAL_DTYPES),
+        help="dtype of the trials' validation forward (auto: bf16 where the hardware multiplies it natively, else fp32)",
+    )
     parser.add_argument("--batch-size", type=COUNT, default=s.batch_size)
     parser.add_argument("--workers", type=COUNT, default=s.workers, help="worker processes sharing the study")
-    parser.add_argument("--early-stop", action="store_true", help="prune bad trials early from per-batch validation loss (median rule)")
-    parser.add_argument("--storage", default=s.storage, help="Optuna storage URL (default: sqlite in --out); journal:PATH for a journal file")
-    parser.add_argument("--study", type=study_name, default=s.study, help="study name (letters, digits, . _ -); an existing one resumes; "
-                        "a second study in one --out keeps its files under OUT/studies/NAME")
-    parser.add_argument("--cache-dir", default=s.cache_dir, help="where activation caches live (default ~/.cache/adapruner/activations)")
-    parser.add_argument("--cache-dtype", default=s.cache_dtype, choices=("bfloat16", "float32"),
-                        help="dtype of the cached X and dY (float32: exact taylor1/mix, twice the size)")
-    parser.add_argument("--cache-mem", type=at_least(0, float), default=s.cache_mem_gb, help="GiB: a cache up to this size is read onto the device, a larger one is memory-mapped")
+    parser.add_argument(
+        "--early-stop", action="store_true", help="prune bad trials early from per-batch validation loss (median rule)"
+    )
+    parser.add_argument(
+        "--storage",
+        default=s.storage,
+        help="Optuna storage URL (default: sqlite in --out); journal:PATH for a journal file",
+    )
+    parser.add_argument(
+        "--study",
+        type=study_name,
+        default=s.study,
+        help="study name (letters, digits, . _ -); an existing one resumes; "
+        "a second study in one --out keeps its files under OUT/studies/NAME",
+    )
+    parser.add_argument(
+        "--cache-dir", default=s.cache_dir, help="where activation caches live (default ~/.cache/adapruner/activations)"
+    )
+    parser.add_argument(
+        "--cache-dtype",
+        default=s.cache_dtype,
+        choices=("bfloat16", "float32"),
+        help="dtype of the cached X and dY (float32: exact taylor1/mix, twice the size)",
+    )
+    parser.add_argument(
+        "--cache-mem",
+        type=at_least(0, float),
+        default=s.cache_mem_gb,
+        help="GiB: a cache up to this size is read onto the device, a larger one is memory-mapped",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,8 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         return exited.code if isinstance(exited.code, int) else 2
     terminate_as_exit()  # SIGTERM unwinds like SIGINT: staging folders are removed on the way out
     try:
-        commands = {"prune": run_prune, "eval": run_eval, "search": run_search_command, "finetune": run_finetune, "run": run_pipeline_command,
-                    "dashboard": run_dashboard}
+        commands = {
+            "prune": run_prune,
+            "eval": run_eval,
+            "search": run_search_command,
+            "finetune": run_finetune,
+            "run": run_pipeline_command,
+            "dashboard": run_dashboard,
+        }
         with device_errors():
             return commands[args.command](args)
     except AdaPrunerError as exc:
@@ -313,32 +491,61 @@ INTERRUPTED = "error: interrupted: no partial output was left (`search` resumes 
 def placement_of(args: argparse.Namespace) -> Placement:
     from adapruner.big_model import Dispatch
 
-    dispatch = Dispatch.of(getattr(args, "device_map", None), getattr(args, "max_memory", None), getattr(args, "offload_dir", None))
+    dispatch = Dispatch.of(
+        getattr(args, "device_map", None), getattr(args, "max_memory", None), getattr(args, "offload_dir", None)
+    )
     return Placement.of(args.device, args.dtype, args.trust_remote_code, dispatch)
 
 
 def spec_of(args: argparse.Namespace, **choices) -> PruneSpec:
     """The pruning spec the flags shared by prune, search and run give (`choices`: the rest, per command)."""
     ratio = args.ratio if args.ratio is not None or args.target_params is not None else SPEC.ratio
-    return PruneSpec(ratio=ratio, target_params=args.target_params, layers=args.layers, granularity=args.attn_granularity,
-                     prune_attention=not args.no_attention, prune_mlp=not args.no_mlp, min_keep=args.min_keep, damp=args.damp, **choices)
+    return PruneSpec(
+        ratio=ratio,
+        target_params=args.target_params,
+        layers=args.layers,
+        granularity=args.attn_granularity,
+        prune_attention=not args.no_attention,
+        prune_mlp=not args.no_mlp,
+        min_keep=args.min_keep,
+        damp=args.damp,
+        **choices,
+    )
 
 
 def prune_options(args: argparse.Namespace) -> PruneOptions:
-    spec = spec_of(args, metric=args.metric, aggregation=args.agg, allocation=args.allocation, depth_slope=args.depth_slope,
-                   compensation=args.compensate)
+    spec = spec_of(
+        args,
+        metric=args.metric,
+        aggregation=args.agg,
+        allocation=args.allocation,
+        depth_slope=args.depth_slope,
+        compensation=args.compensate,
+    )
     return PruneOptions(spec=spec, calib=args.calib, seq_len=args.seq_len, seed=args.seed)
 
 
 def prune_eval_options(args: argparse.Namespace) -> EvalOptions | None:
-    return None if args.no_eval else EvalOptions(seq_len=args.seq_len, max_windows=args.max_eval_windows, batch_size=args.batch_size)
+    return (
+        None
+        if args.no_eval
+        else EvalOptions(seq_len=args.seq_len, max_windows=args.max_eval_windows, batch_size=args.batch_size)
+    )
 
 
 def run_prune(args: argparse.Namespace) -> int:
     from adapruner.commands.prune import prune_and_save
 
-    report = prune_and_save(args.model, prune_options(args), args.out, placement_of(args), prune_eval_options(args),
-                            study=args.from_study, recompute=args.recompute, uniform=args.uniform)
+    report = prune_and_save(
+        args.model,
+        prune_options(args),
+        args.out,
+        placement_of(args),
+        prune_eval_options(args),
+        study=args.from_study,
+        recompute=args.recompute,
+        uniform=args.uniform,
+    )
     if "units_differing_from_study" in report:
         print(f"recomputed plan vs the study's: {report['units_differing_from_study']} units differ")
     rows = [
@@ -346,7 +553,11 @@ def run_prune(args: argparse.Namespace) -> int:
         ["ppl wiki", _maybe(report["ppl_wiki_before"]), _maybe(report["ppl_wiki_after"])],
         ["time (s)", "", round(report["total_seconds"], 1)],
     ]
-    how = f"r={report['ratio']:.3f}" if report["ratio"] is not None else f"{100 * report['params_removed_fraction']:.1f}% removed"
+    how = (
+        f"r={report['ratio']:.3f}"
+        if report["ratio"] is not None
+        else f"{100 * report['params_removed_fraction']:.1f}% removed"
+    )
     print(format_table(["", "dense", f"pruned ({report['options']['spec']['metric']}, {how})"], rows))
     print(f"saved to {args.out} (report.json beside the model)")
     return 0
@@ -366,13 +577,16 @@ SEARCH_FLAGS = {  # SearchOptions field → the flag's dest, where they differ o
 
 def search_options(args: argparse.Namespace) -> SearchOptions:
     """Every SearchOptions field from the flag of the same name (or its entry in `SEARCH_FLAGS`)."""
-    return SearchOptions(**{f.name: SEARCH_FLAGS[f.name](args) if f.name in SEARCH_FLAGS else getattr(args, f.name) for f in fields(SearchOptions)})
+    return SearchOptions(
+        **{
+            f.name: SEARCH_FLAGS[f.name](args) if f.name in SEARCH_FLAGS else getattr(args, f.name)
+            for f in fields(SearchOptions)
+        }
+    )
 
 
 def run_search_command(args: argparse.Namespace) -> int:
-    from adapruner.commands.search import run_search
-
-    from adapruner.commands.search import plan_search, resolved, study_dir
+    from adapruner.commands.search import plan_search, resolved, run_search, study_dir
 
     if args.plan:
         plan = plan_search(resolved(search_options(args))[0])
@@ -382,8 +596,12 @@ def run_search_command(args: argparse.Namespace) -> int:
     best = run_search(search_options(args), Path(args.out))
     files = study_dir(Path(args.out), args.study)
     spec = best.prune_spec
-    print(f"best trial {best.trial}: {spec.metric}/{spec.aggregation}, {len(best.samples)} samples, val ppl {best.val_ppl:.3f}")
-    print(f"wrote {files}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study {files} --out DIR")
+    print(
+        f"best trial {best.trial}: {spec.metric}/{spec.aggregation}, {len(best.samples)} samples, val ppl {best.val_ppl:.3f}"
+    )
+    print(
+        f"wrote {files}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study {files} --out DIR"
+    )
     return 0
 
 
@@ -401,9 +619,10 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
     chosen = _names(text)
     unknown = [name for name in chosen if name not in allowed]
     if unknown or not chosen:
-        raise AdaPrunerError(f"{flag}: unknown choice {unknown[0] if unknown else text!r}: pick from {', '.join(allowed)}")
+        raise AdaPrunerError(
+            f"{flag}: unknown choice {unknown[0] if unknown else text!r}: pick from {', '.join(allowed)}"
+        )
     return chosen
-
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -412,9 +631,14 @@ def _names(text: str) -> tuple[str, ...]:
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
-        search=search_options(args), finetune_steps=args.finetune_steps, finetune_data=args.finetune_data,
-        tasks=_names(args.tasks), task_limit=args.task_limit, max_eval_windows=args.max_eval_windows,
-        full_seq_len=args.full_seq_len, batch_size=args.batch_size,
+        search=search_options(args),
+        finetune_steps=args.finetune_steps,
+        finetune_data=args.finetune_data,
+        tasks=_names(args.tasks),
+        task_limit=args.task_limit,
+        max_eval_windows=args.max_eval_windows,
+        full_seq_len=args.full_seq_len,
+        batch_size=args.batch_size,
     )
 
 
@@ -429,33 +653,69 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
 
 def lora_options(args: argparse.Namespace) -> LoraOptions:
     return LoraOptions(
-        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, lr=args.lr, cutoff=args.cutoff, batch_size=args.batch_size,
-        max_steps=args.steps, max_minutes=args.minutes, eval_every=args.eval_every, train_on_prompt=args.train_on_prompt, seed=args.seed,
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        lr=args.lr,
+        cutoff=args.cutoff,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        max_minutes=args.minutes,
+        eval_every=args.eval_every,
+        train_on_prompt=args.train_on_prompt,
+        seed=args.seed,
     )
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     from adapruner.commands.finetune import finetune_and_save
 
-    report = finetune_and_save(args.model, args.data, lora_options(args), args.out, placement_of(args),
-                               keep_adapter=args.keep_adapter, val_windows=args.val_windows, seq_len=args.seq_len)
+    report = finetune_and_save(
+        args.model,
+        args.data,
+        lora_options(args),
+        args.out,
+        placement_of(args),
+        keep_adapter=args.keep_adapter,
+        val_windows=args.val_windows,
+        seq_len=args.seq_len,
+    )
     after = report["val_ppl_history"][-1][1] if report["val_ppl_history"] else float("nan")
-    print(format_table(["", "before", "after"], [["val ppl (wiki)", report["val_ppl_before"], after], ["train loss (last 10)", "", report["train_loss_last10"]]]))
+    print(
+        format_table(
+            ["", "before", "after"],
+            [
+                ["val ppl (wiki)", report["val_ppl_before"], after],
+                ["train loss (last 10)", "", report["train_loss_last10"]],
+            ],
+        )
+    )
     print(f"{report['stopped']}; saved to {args.out}")
     return 0
 
 
 def eval_options(args: argparse.Namespace) -> EvalOptions:
-    return EvalOptions(ppl=None if args.no_ppl else args.ppl, seq_len=args.seq_len, max_windows=args.max_eval_windows,
-                       batch_size=args.batch_size, tasks=_names(args.tasks), task_limit=args.limit)
+    return EvalOptions(
+        ppl=None if args.no_ppl else args.ppl,
+        seq_len=args.seq_len,
+        max_windows=args.max_eval_windows,
+        batch_size=args.batch_size,
+        tasks=_names(args.tasks),
+        task_limit=args.limit,
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from adapruner.commands.eval import evaluate_model
 
-    report_path = Path(args.report) if args.report else (Path(args.model) / "report.json" if Path(args.model).is_dir() else None)
+    report_path = (
+        Path(args.report) if args.report else (Path(args.model) / "report.json" if Path(args.model).is_dir() else None)
+    )
     measured = evaluate_model(args.model, eval_options(args), placement_of(args), report_path)
-    rows = [[name, ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "windows")] for name, values in measured["results"].items()]
+    rows = [
+        [name, ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "windows")]
+        for name, values in measured["results"].items()
+    ]
     print(f"{args.model}: {measured['params']:,} params, {measured['seconds']:.1f} s")
     print(format_table(["measure", "value"], rows))
     if report_path is not None:

@@ -11,6 +11,7 @@ mean μ = mean_t x_t, Gram C = XᵀX / T and covariance Σ = C − μμᵀ:
 Both read only μ (bias) or μ and C (lsq) of each o_proj / down_proj input, which are sums over samples: the search
 forms them for any sample subset from the activation cache.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
@@ -21,16 +22,23 @@ from torch import nn
 from adapruner.big_model import home_device, place_like, weights
 from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
-from adapruner.spec import DEFAULT_DAMP, check_compensation
 from adapruner.memory_plan import device_free_bytes
 from adapruner.plan import PrunePlan
+from adapruner.spec import DEFAULT_DAMP, check_compensation
 from adapruner.statistics import InputMoments, collect_input_moments
 from adapruner.structure import decoder_layers, head_channels, layer_info, output_projections
 
 Update = tuple[torch.Tensor, torch.Tensor]  # (kept-column weight, bias) of one output linear
 
 
-def compensated(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, moments: InputMoments, mode: str, damp: float = DEFAULT_DAMP) -> Update:
+def compensated(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kept: torch.Tensor,
+    moments: InputMoments,
+    mode: str,
+    damp: float = DEFAULT_DAMP,
+) -> Update:
     """(W'_K, b') of the module docstring for the dense `weight` (out × in), `bias` and kept input columns `kept`."""
     check_compensation(mode)
     w = weight.detach().float()
@@ -44,9 +52,13 @@ def compensated(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Ten
         removed[kept] = False
         return w[:, kept], b + w[:, removed] @ mu[removed]
     if moments.gram is None:
-        raise AdaPrunerError("lsq compensation needs the inputs' Gram matrix: collect it with the calibration statistics")
+        raise AdaPrunerError(
+            "lsq compensation needs the inputs' Gram matrix: collect it with the calibration statistics"
+        )
     if damp <= 0:
-        raise AdaPrunerError(f"--damp {damp} must be positive (Σ_KK is singular with fewer tokens than kept channels): pass e.g. {DEFAULT_DAMP}")
+        raise AdaPrunerError(
+            f"--damp {damp} must be positive (Σ_KK is singular with fewer tokens than kept channels): pass e.g. {DEFAULT_DAMP}"
+        )
     cov = moments.gram.to(w.device).float() - torch.outer(mu, mu)
     cov_kk = cov[kept][:, kept]
     lam = damp * cov_kk.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
@@ -55,7 +67,9 @@ def compensated(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Ten
     try:
         w_kept = torch.linalg.solve(cov_kk + lam * eye, rhs.t()).t()  # Σ_KK symmetric: (A⁻¹ rhsᵀ)ᵀ = rhs A⁻¹
     except torch.linalg.LinAlgError:
-        raise AdaPrunerError(f"the damped input covariance is singular at --damp {damp}: raise --damp or use more calibration windows") from None
+        raise AdaPrunerError(
+            f"the damped input covariance is singular at --damp {damp}: raise --damp or use more calibration windows"
+        ) from None
     return w_kept, b + w @ mu - w_kept @ mu[kept]
 
 
@@ -72,8 +86,14 @@ def output_linears(model: nn.Module, plan: PrunePlan) -> dict[str, tuple[nn.Line
     return found
 
 
-def compensation_updates(dense: nn.Module, plan: PrunePlan, moments_of: Callable[[str], InputMoments], mode: str, damp: float = DEFAULT_DAMP,
-                         names: Collection[str] | None = None) -> dict[str, Update]:
+def compensation_updates(
+    dense: nn.Module,
+    plan: PrunePlan,
+    moments_of: Callable[[str], InputMoments],
+    mode: str,
+    damp: float = DEFAULT_DAMP,
+    names: Collection[str] | None = None,
+) -> dict[str, Update]:
     """The compensated (weight, bias) of every output linear the plan narrows (of those in `names`, if given), from
     the *dense* model's weights."""
     check_compensation(mode)
@@ -96,7 +116,9 @@ def install(model: nn.Module, updates: dict[str, Update]) -> None:
         owner = model.get_submodule(owner_name)
         old = getattr(owner, leaf)
         if tuple(old.weight.shape) != tuple(weight.shape):
-            raise AdaPrunerError(f"{name} is {tuple(old.weight.shape)}, its compensation {tuple(weight.shape)}: apply the plan first")
+            raise AdaPrunerError(
+                f"{name} is {tuple(old.weight.shape)}, its compensation {tuple(weight.shape)}: apply the plan first"
+            )
         dtype, device = old.weight.dtype, home_device(old)
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=True, device="meta")
         linear.weight = nn.Parameter(weight.to(device, dtype), requires_grad=old.weight.requires_grad)
@@ -125,8 +147,15 @@ def output_inputs(model: nn.Module, plan: PrunePlan) -> dict[str, nn.Linear]:
     return {name: linear for name, (linear, _kept) in output_linears(model, plan).items()}
 
 
-def compensation_passes(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor, mode: str, damp: float,
-                        gram_bytes: int | None = None, progress: bool = True) -> dict:
+def compensation_passes(
+    model: nn.Module,
+    plan: PrunePlan,
+    input_ids: torch.Tensor,
+    mode: str,
+    damp: float,
+    gram_bytes: int | None = None,
+    progress: bool = True,
+) -> dict:
     """The compensated output linears of `plan` from forward passes of the dense `model` over `input_ids`. lsq needs
     each linear's Gram XᵀX/T (in² fp32): a pass collects as many as fit `gram_bytes` (default: half the memory free
     where the model's inputs go), solves them and frees them before the next pass — a 70B model's 80 down_proj Grams

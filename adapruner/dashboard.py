@@ -1,13 +1,14 @@
 """`adapruner dashboard OUT`: optuna-dashboard (`pip install 'adapruner[dashboard]'`) on a search's study storage,
 on 127.0.0.1 only, until Ctrl-C or SIGTERM."""
+
 from __future__ import annotations
 
 import importlib.util
 import socket
 from pathlib import Path
 
-from adapruner.errors import AdaPrunerError
 from adapruner.commands.search import STUDY_FILE, search_record
+from adapruner.errors import AdaPrunerError
 from adapruner.study import open_storage
 
 DEFAULT_PORT = 8080
@@ -18,7 +19,10 @@ def storage_of(out: Path) -> str:
     if not (out / "search.json").is_file():
         raise AdaPrunerError(f"{out} holds no search (no search.json): pass the --out of an `adapruner search`")
     root = out.parent.parent if out.parent.name == "studies" else out  # a second study's files live in OUT/studies/NAME
-    return search_record(out, "pass the --out of an `adapruner search`")["storage"] or f"sqlite:///{(root / STUDY_FILE).resolve()}"
+    return (
+        search_record(out, "pass the --out of an `adapruner search`")["storage"]
+        or f"sqlite:///{(root / STUDY_FILE).resolve()}"
+    )
 
 
 def check_port_free(port: int) -> None:

@@ -4,6 +4,7 @@
     --dtype  auto   bfloat16 weights on CUDA (float16 where the card has no bf16), float32 on the CPU
 Importance and statistics accumulate in fp32 whatever the weight dtype (the kernels and hooks upcast).
 """
+
 from __future__ import annotations
 
 import re
@@ -34,7 +35,9 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise AdaPrunerError(f"--device {name}: torch sees no CUDA device here: pass --device cpu (or auto)")
         if (device.index or 0) >= torch.cuda.device_count():
-            raise AdaPrunerError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible: pass cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+            raise AdaPrunerError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible: pass cuda:0 … cuda:{torch.cuda.device_count() - 1}"
+            )
     return device
 
 
@@ -61,10 +64,16 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     trust_remote_code: bool = False
-    dispatch: "Dispatch | None" = None  # spread over devices, host memory and disk (`adapruner.big_model`)
+    dispatch: Dispatch | None = None  # spread over devices, host memory and disk (`adapruner.big_model`)
 
     @classmethod
-    def of(cls, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, dispatch: "Dispatch | None" = None) -> "Placement":
+    def of(
+        cls,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        dispatch: Dispatch | None = None,
+    ) -> Placement:
         """With a `dispatch`, `device` stays `auto` and names the first device (cuda:0 where CUDA is, else the CPU)."""
         if dispatch is not None and device != "auto":
             raise AdaPrunerError(f"--device {device} and --device-map both place the model: pass one of them")
@@ -92,9 +101,13 @@ def device_errors():
         yield
     except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError in newer torch is the same class
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "out of memory"
-        raise AdaPrunerError(f"out of device memory ({first}): lower --batch-size, lower --cache-mem, or pass --device cpu") from None
+        raise AdaPrunerError(
+            f"out of device memory ({first}): lower --batch-size, lower --cache-mem, or pass --device cpu"
+        ) from None
     except RuntimeError as exc:
         text = str(exc)
         if "can't allocate memory" in text or "DefaultCPUAllocator" in text:
-            raise AdaPrunerError("out of host memory: lower --batch-size or --cache-mem, or use a smaller --pool-size") from None
+            raise AdaPrunerError(
+                "out of host memory: lower --batch-size or --cache-mem, or use a smaller --pool-size"
+            ) from None
         raise

@@ -1,4 +1,5 @@
 """Perplexity over non-overlapping windows of held-out text: exp(mean next-token cross-entropy over all tokens)."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapruner.devices import model_device
-
 
 CE_ROWS = 128  # token rows per cross-entropy chunk: a chunk's fp32 logits stay in the CPU's caches (5x faster)
 
@@ -48,7 +48,11 @@ def perplexity(
     starts = range(0, windows.shape[0], batch_size)
     for step, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
         batch = windows[start : start + batch_size].to(device)
-        inputs = {"input_ids": batch} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[start : start + batch_size].to(device)}
+        inputs = (
+            {"input_ids": batch}
+            if inputs_embeds is None
+            else {"inputs_embeds": inputs_embeds[start : start + batch_size].to(device)}
+        )
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         targets = batch[:, 1:]
         total_nll += nll_sum(logits, targets)

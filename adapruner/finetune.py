@@ -1,4 +1,5 @@
 """LoRA recovery of a pruned model with peft (LLM-Pruner's recipe by default), then merge or keep the adapter."""
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,7 @@ from adapruner.devices import DTYPES, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.finetune_data import collate, load_train_examples
-from adapruner.structure import PROJECTIONS
-
-LORA_TARGETS = PROJECTIONS  # every projection of attention and MLP
+from adapruner.structure import projection_names
 
 
 @dataclass
@@ -36,7 +35,7 @@ class LoraOptions:
     train_on_prompt: bool = False
     dtype: str = "float32"  # the weights' dtype while training (a name of `adapruner.devices.DTYPES`)
     seed: int = 0
-    targets: tuple[str, ...] = LORA_TARGETS
+    targets: tuple[str, ...] | None = None  # None: every attention and MLP projection of the model's family
 
 
 @dataclass
@@ -51,7 +50,12 @@ class FinetuneResult:
 
 
 def finetune(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, data: str, options: LoraOptions, val_windows: torch.Tensor | None = None, progress: bool = True
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: str,
+    options: LoraOptions,
+    val_windows: torch.Tensor | None = None,
+    progress: bool = True,
 ) -> FinetuneResult:
     """Train LoRA adapters on `data` until `max_steps` or `max_minutes`; validation perplexity every `eval_every`."""
     from peft import LoraConfig, get_peft_model
@@ -63,12 +67,20 @@ def finetune(
     examples = load_train_examples(tokenizer, data, options.cutoff, options.train_on_prompt)
     torch.manual_seed(options.seed)
     model = model.to(DTYPES[options.dtype])
-    config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=list(options.targets), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=list(options.targets or projection_names(model)),
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=options.lr)
     result = FinetuneResult(peft_model)
     order = random.Random(options.seed)
-    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)  # masked out anyway
+    pad_id = next(
+        (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
+    )  # masked out anyway
     queue: list[int] = []
     started = time.perf_counter()
     bar = tqdm(total=options.max_steps, desc="lora", unit="step", disable=not progress)
@@ -82,7 +94,9 @@ def finetune(
         peft_model.train()
         loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         if not torch.isfinite(loss):
-            raise AdaPrunerError(f"training loss became {loss.item()} at step {step}: lower --lr or train with --dtype float32")
+            raise AdaPrunerError(
+                f"training loss became {loss.item()} at step {step}: lower --lr or train with --dtype float32"
+            )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

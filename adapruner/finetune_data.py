@@ -5,6 +5,7 @@ windows of `cutoff` tokens, loss on every token. Alpaca (a `.json` list or `.jso
 `instruction`, optional `input`, `output`): the prompt template below, loss on the response tokens only unless
 `train_on_prompt`; each record truncated to `cutoff` tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ class TrainExamples:
         return len(self.input_ids)
 
 
-def load_train_examples(tokenizer: PreTrainedTokenizerBase, spec: str, cutoff: int, train_on_prompt: bool = False) -> TrainExamples:
+def load_train_examples(
+    tokenizer: PreTrainedTokenizerBase, spec: str, cutoff: int, train_on_prompt: bool = False
+) -> TrainExamples:
     """Examples for `spec`: a pool name or path; Alpaca records are recognised by their `instruction` field."""
     records = _alpaca_records(Path(spec)) if Path(spec).suffix in (".json", ".jsonl") and Path(spec).is_file() else None
     if records is None:
@@ -70,7 +73,9 @@ def _alpaca_records(path: Path) -> list[dict] | None:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise AdaPrunerError(f"{path}:{exc.lineno}: not valid JSON: pass a list of {{instruction, input, output}} objects") from None
+            raise AdaPrunerError(
+                f"{path}:{exc.lineno}: not valid JSON: pass a list of {{instruction, input, output}} objects"
+            ) from None
         numbered = list(enumerate(records if isinstance(records, list) else [records], start=1))
     else:
         numbered = []
@@ -80,15 +85,28 @@ def _alpaca_records(path: Path) -> list[dict] | None:
                     numbered.append((number, json.loads(line)))
                 except json.JSONDecodeError:
                     raise AdaPrunerError(f"{path}:{number}: not valid JSON: each line must be one object") from None
-    if numbered and isinstance(numbered[0][1], dict) and "text" in numbered[0][1] and "instruction" not in numbered[0][1]:
+    if (
+        numbered
+        and isinstance(numbered[0][1], dict)
+        and "text" in numbered[0][1]
+        and "instruction" not in numbered[0][1]
+    ):
         return None
     for number, record in numbered:
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
-            raise AdaPrunerError(f"{path}:{number}: needs string fields 'instruction' and 'output' (Alpaca format) or 'text'")
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("instruction"), str)
+            or not isinstance(record.get("output"), str)
+        ):
+            raise AdaPrunerError(
+                f"{path}:{number}: needs string fields 'instruction' and 'output' (Alpaca format) or 'text'"
+            )
     return [record for _, record in numbered]
 
 
-def collate(examples: TrainExamples, indices: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(
+    examples: TrainExamples, indices: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, labels) for the chosen examples."""
     length = max(examples.input_ids[i].numel() for i in indices)
     ids = torch.full((len(indices), length), pad_id, dtype=torch.long)

@@ -7,6 +7,7 @@ model: sha256 over the config (JSON, less where it was read from, the transforme
     digest on any device; any retrained or edited model (every weight moves) gives another.
 text: sha256 of a pool's documents (the calibration split of `wiki`), joined as calibration joins them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,9 @@ from torch import nn
 from adapruner.big_model import unique_tensors, weights
 from adapruner.corpora import Split, pool_documents
 
-UNHASHED_CONFIG = frozenset({"transformers_version", "_name_or_path", "_attn_implementation", "_commit_hash", "dtype", "torch_dtype"})  # not the model
+UNHASHED_CONFIG = frozenset(
+    {"transformers_version", "_name_or_path", "_attn_implementation", "_commit_hash", "dtype", "torch_dtype"}
+)  # not the model
 SAMPLED = 4096  # elements of each tensor whose exact values enter the model digest
 DIGEST_CHARS = 16
 

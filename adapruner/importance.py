@@ -3,6 +3,7 @@
 Public shape (as Torch-Pruning's `Importance`): `Importance(metric, aggregation, stats)(group) -> 1-D tensor`,
 higher = more important, one entry per unit of the group.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,7 +66,9 @@ class Importance:
     `random` draws uniform scores, reproducible from `seed` and the member's name.
     """
 
-    def __init__(self, metric: str, aggregation: str = "sum", stats: Mapping[str, LinearStats] | None = None, seed: int = 0):
+    def __init__(
+        self, metric: str, aggregation: str = "sum", stats: Mapping[str, LinearStats] | None = None, seed: int = 0
+    ):
         self.spec = registered(metric)
         check_aggregation(aggregation)
         self.metric, self.aggregation, self.stats, self.seed = metric, aggregation, stats or {}, seed
@@ -83,14 +86,17 @@ class Importance:
         stats = self.stats.get(member.name, LinearStats())
         missing = [n for n in needs(self.metric) if getattr(stats, n) is None]
         if missing:
-            raise AdaPrunerError(f"metric {self.metric!r} needs {missing[0]} of {member.name}: pass calibration data (--calib)")
-        return channel_importance(self.metric, weight, member.dim, stats.grad, stats.fisher, stats.act_norm, act_var=stats.act_var)
+            raise AdaPrunerError(
+                f"metric {self.metric!r} needs {missing[0]} of {member.name}: pass calibration data (--calib)"
+            )
+        return channel_importance(
+            self.metric, weight, member.dim, stats.grad, stats.fisher, stats.act_norm, act_var=stats.act_var
+        )
 
     def member_scores(self, member: Member) -> torch.Tensor:
         """Unit scores of one member, shape (units,)."""
-        return unit_scores(self.channel_scores(member).float(), member.block)
+        return unit_scores(member.channels(self.channel_scores(member)).float(), member.block)
 
     def __call__(self, group: Group) -> torch.Tensor:
         members = [m for m in group.members if m.dim == 1] if self.spec.columns_only else group.members
         return aggregate(torch.stack([self.member_scores(m) for m in members]), self.aggregation)
-

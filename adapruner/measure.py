@@ -1,4 +1,5 @@
 """Model cost measures for reports: parameters and multiply-accumulates of one forward pass."""
+
 from __future__ import annotations
 
 from torch import nn

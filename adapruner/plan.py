@@ -18,7 +18,7 @@ class PrunePlan:
         return self._with_units_as(list)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "PrunePlan":
+    def from_dict(cls, data: Mapping) -> PrunePlan:
         return cls._with_units_from(data, list)
 
     def encode(self) -> dict:
@@ -26,17 +26,23 @@ class PrunePlan:
         return self._with_units_as(_mask)
 
     @classmethod
-    def decode(cls, data: Mapping) -> "PrunePlan":
+    def decode(cls, data: Mapping) -> PrunePlan:
         return cls._with_units_from(data, _units)
 
     def _with_units_as(self, form) -> dict:
-        return {"attention": {str(i): [form(q), form(kv)] for i, (q, kv) in self.attention.items()}, "mlp": {str(i): form(kept) for i, kept in self.mlp.items()}}
+        return {
+            "attention": {str(i): [form(q), form(kv)] for i, (q, kv) in self.attention.items()},
+            "mlp": {str(i): form(kept) for i, kept in self.mlp.items()},
+        }
 
     @classmethod
-    def _with_units_from(cls, data: Mapping, read) -> "PrunePlan":
-        return cls({int(i): (read(q), read(kv)) for i, (q, kv) in data["attention"].items()}, {int(i): read(kept) for i, kept in data["mlp"].items()})
+    def _with_units_from(cls, data: Mapping, read) -> PrunePlan:
+        return cls(
+            {int(i): (read(q), read(kv)) for i, (q, kv) in data["attention"].items()},
+            {int(i): read(kept) for i, kept in data["mlp"].items()},
+        )
 
-    def units_differing(self, other: "PrunePlan") -> dict[str, int]:
+    def units_differing(self, other: PrunePlan) -> dict[str, int]:
         """Units this plan keeps and `other` removes, by kind (both plans keep as many of each)."""
         layers = sorted(set(self.attention) | set(self.mlp) | set(other.attention) | set(other.mlp))
         counts = {"query_heads": 0, "kv_heads": 0, "mlp_channels": 0}

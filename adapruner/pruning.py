@@ -1,4 +1,5 @@
 """One call from a dense model to a pruned one: calibration → statistics → importance → plan → removal."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ class PruneOptions:
     calib_addresses: list[tuple[str, int]] | None = None  # exact (pool, index) windows, e.g. from a search
 
     @classmethod
-    def from_best(cls, best: BestTrial) -> "PruneOptions":
+    def from_best(cls, best: BestTrial) -> PruneOptions:
         """The recipe of a search's best trial: re-deriving its plan with fp32 statistics on its windows."""
         return cls(spec=best.prune_spec, seq_len=best.seq_len, calib_addresses=[tuple(a) for a in best.addresses])
 
@@ -46,11 +47,18 @@ class PruneResult:
     compensated: list[str] = field(default_factory=list)  # output linears given compensated weights and a bias
 
     def summary(self) -> dict:
-        return {"ratio": self.ratio, "layers": self.layers, "plan": self.plan.to_dict(), "calib_addresses": self.calib_addresses,
-                "compensated": self.compensated}
+        return {
+            "ratio": self.ratio,
+            "layers": self.layers,
+            "plan": self.plan.to_dict(),
+            "calib_addresses": self.calib_addresses,
+            "compensated": self.compensated,
+        }
 
 
-def apply_study_plan(model: nn.Module, best: BestTrial, tokenizer: PreTrainedTokenizerBase | None = None, progress: bool = True) -> PruneResult:
+def apply_study_plan(
+    model: nn.Module, best: BestTrial, tokenizer: PreTrainedTokenizerBase | None = None, progress: bool = True
+) -> PruneResult:
     """Prune `model` in place by the plan a search scored (`best.json` of `adapruner search`): no importance
     statistics; a compensated trial's output linears are refit from the input moments of the trial's own windows
     (one forward pass over them, fp32, where the search read the cache)."""
@@ -66,10 +74,18 @@ def apply_study_plan(model: nn.Module, best: BestTrial, tokenizer: PreTrainedTok
     install(model, updates)
     give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will
     layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
-    return PruneResult(spec.ratio if spec.target_params is None else None, list(layers), plan, [tuple(a) for a in best.addresses], sorted(updates))
+    return PruneResult(
+        spec.ratio if spec.target_params is None else None,
+        list(layers),
+        plan,
+        [tuple(a) for a in best.addresses],
+        sorted(updates),
+    )
 
 
-def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: PruneOptions, progress: bool = True) -> PruneResult:
+def prune_model(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: PruneOptions, progress: bool = True
+) -> PruneResult:
     """Prune `model` in place as `options` say and return what was done."""
     spec = options.spec.check()
     layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
@@ -98,4 +114,6 @@ def prune_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: P
     apply_plan(model, plan)
     install(model, updates)
     give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will
-    return PruneResult(spec.ratio if spec.target_params is None else None, list(layers), plan, addresses, sorted(updates))
+    return PruneResult(
+        spec.ratio if spec.target_params is None else None, list(layers), plan, addresses, sorted(updates)
+    )

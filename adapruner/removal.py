@@ -12,34 +12,17 @@ from adapruner.big_model import place_like, weights
 from adapruner.kernels.dispatch import Backend
 from adapruner.kernels.gather import gather
 from adapruner.plan import PrunePlan
-from adapruner.structure import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, head_channels, layer_info
-
-
-Cut = tuple[nn.Module, str, "torch.Tensor | None", "torch.Tensor | None"]
-def _layer_cuts(model: nn.Module, index: int, plan: PrunePlan) -> list[Cut]:
-    """(owner, linear name, kept rows, kept columns) for every linear of layer `index` that the plan shrinks."""
-    info = layer_info(model, index)
-    cuts: list[Cut] = []
-    if index in plan.attention:
-        keep_q, keep_kv = plan.attention[index]
-        if len(keep_q) < info.n_heads or len(keep_kv) < info.n_kv_heads:
-            q_rows, kv_rows = head_channels(keep_q, info.head_dim), head_channels(keep_kv, info.head_dim)
-            a, (q, k, v, o) = info.attn, ATTENTION_PROJECTIONS
-            cuts += [(a, q, q_rows, None), (a, k, kv_rows, None), (a, v, kv_rows, None), (a, o, None, q_rows)]
-    if index in plan.mlp and len(plan.mlp[index]) < info.intermediate:
-        channels = torch.tensor(plan.mlp[index], dtype=torch.long)
-        m, (gate, up, down) = info.mlp, MLP_PROJECTIONS
-        cuts += [(m, gate, channels, None), (m, up, channels, None), (m, down, None, channels)]
-    return cuts
+from adapruner.structure import layer_cuts, layer_info, resize_modules
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> None:
     """Remove every unit the plan does not keep, in place: one fused gather per layer (weights and biases).
 
-    Keeps `num_key_value_groups` (GQA ratio) and `intermediate_size` of the modules consistent.
+    Keeps the module attributes the forwards read (GQA ratio, MLP width) consistent (`structure.resize_modules`).
     """
     for index in sorted(set(plan.attention) | set(plan.mlp)):
-        cuts = _layer_cuts(model, index, plan)
+        info = layer_info(model, index)
+        cuts = layer_cuts(info, plan.attention.get(index), plan.mlp.get(index))
         if not cuts:
             continue
         specs = []
@@ -57,9 +40,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> 
             weight = next(gathered)
             bias = next(gathered) if old.bias is not None else None
             setattr(owner, name, place_like(_linear_from(weight, bias), old))
-        info = layer_info(model, index)
-        info.attn.num_key_value_groups = info.heads_per_kv
-        info.mlp.intermediate_size = info.intermediate
+        resize_modules(layer_info(model, index))
 
 
 def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -1,4 +1,5 @@
 """Readable tables and JSON reports."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapruner.staging import staged_file
-
 
 REPORT_FORMAT = "adapruner.report/1"  # the `format` key of every report.json the commands write
 

@@ -5,6 +5,7 @@ Layers of different sizes → `config.json` holds per-layer head and channel cou
 (`uniform=True`) → a stock config that loads without remote code. Everything is written to a temporary
 directory next to `out_dir`, then renamed: a failed save leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,11 @@ from transformers import PreTrainedTokenizerBase
 from adapruner.allocation import count_params
 from adapruner.compensation import give_output_biases
 from adapruner.errors import AdaPrunerError
+from adapruner.families import FAMILIES
 from adapruner.model_card import model_card
 from adapruner.staging import staged_dir
-from adapruner.structure import FAMILIES, decoder_layers, layer_info
+from adapruner.structure import decoder_layers, layer_info
+
 REMOTE_CODE = Path(__file__).with_name("remote_code") / "modeling_pruned.py"
 
 
@@ -49,16 +52,22 @@ def save_pruned(
     """Write the model to `out_dir` (which must not hold anything), with `extra_json` files (name → dict) beside it."""
     sizes = layer_sizes(model)
     if uniform and any(len(set(values)) > 1 for values in sizes.values()):
-        raise AdaPrunerError("--uniform needs equal sizes in every layer: prune all layers (--layers all) with one ratio")
+        raise AdaPrunerError(
+            "--uniform needs equal sizes in every layer: prune all layers (--layers all) with one ratio"
+        )
     output_bias = give_output_biases(model)
     if uniform and output_bias:
-        raise AdaPrunerError("--uniform saves a stock config, which has no o_proj/down_proj biases for compensation: drop --uniform or --compensate")
+        raise AdaPrunerError(
+            "--uniform saves a stock config, which has no o_proj/down_proj biases for compensation: drop --uniform or --compensate"
+        )
     with staged_dir(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
         config = json.loads(config_path.read_text())
-        config.update(_uniform_config(sizes, model) if uniform else _remote_code_config(config, sizes, model, output_bias))
+        config.update(
+            _uniform_config(sizes, model) if uniform else _remote_code_config(config, sizes, model, output_bias)
+        )
         if not uniform:
             shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -67,7 +76,12 @@ def save_pruned(
     return Path(out_dir)
 
 
-def save_adapter(peft_model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, extra_json: Mapping[str, dict] | None = None) -> Path:
+def save_adapter(
+    peft_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    extra_json: Mapping[str, dict] | None = None,
+) -> Path:
     """Write a LoRA adapter in peft's own format (`PeftModel.from_pretrained(base, out_dir)` loads it)."""
     with staged_dir(out_dir) as staging:
         peft_model.save_pretrained(staging)
@@ -97,7 +111,7 @@ def _uniform_config(sizes: dict[str, list[int]], model: nn.Module) -> dict:
 def _remote_code_config(config: dict, sizes: dict[str, list[int]], model: nn.Module, output_bias: bool = False) -> dict:
     """Config keys that point at `modeling_pruned.py`, the modeling file shipped beside the weights."""
     base_type = config.get("base_model_type") or config["model_type"]
-    family = FAMILIES[base_type]
+    family = FAMILIES[base_type].class_prefix
     return {
         **sizes,
         "output_bias": output_bias,

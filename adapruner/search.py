@@ -9,6 +9,7 @@ Why blocks: TPE models each parameter's good and bad densities; 12 binary block 
 a space it can learn from in tens of trials (which pools and which groups of windows help), whereas one switch
 per sample (hundreds) would stay random for any realistic budget.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,10 +30,9 @@ from adapruner.metrics import metric as registered
 from adapruner.plan import PrunePlan
 from adapruner.removal import plan_removed
 from adapruner.selection import plan_allocation
-from adapruner.spec import AGGREGATIONS, PruneSpec, check_aggregation, check_compensation
+from adapruner.spec import AGGREGATIONS, PruneSpec, check_aggregation, check_allocation, check_compensation
 from adapruner.validation import ValidationScorer
 
-from adapruner.spec import check_allocation
 DEFAULT_SAMPLE_COUNTS = (4, 8, 16, 32)
 WORKER_ATTR = "worker"  # user attribute of a trial: which process runs it (host:pid)
 
@@ -119,10 +119,22 @@ def suggest(trial, space: SearchSpace, blocks: dict[str, list[int]]) -> TrialCon
     metric = trial.suggest_categorical("metric", list(space.metrics))
     aggregation = trial.suggest_categorical("aggregation", list(space.aggregations))
     allocation = _choice(trial, "allocation", space.allocations)
-    slope = trial.suggest_float("slope", -space.depth_slope, space.depth_slope) if allocation == "depth" and space.depth_slope > 0 else 0.0
+    slope = (
+        trial.suggest_float("slope", -space.depth_slope, space.depth_slope)
+        if allocation == "depth" and space.depth_slope > 0
+        else 0.0
+    )
     compensation = _choice(trial, "compensation", space.compensations)
     chosen_blocks = included or list(blocks)  # no block switched on: use them all
-    return TrialConfig(round_robin([blocks[b] for b in chosen_blocks], n), metric, aggregation, slope, chosen_blocks, allocation, compensation)
+    return TrialConfig(
+        round_robin([blocks[b] for b in chosen_blocks], n),
+        metric,
+        aggregation,
+        slope,
+        chosen_blocks,
+        allocation,
+        compensation,
+    )
 
 
 def _choice(trial, name: str, options: tuple[str, ...]) -> str:
@@ -132,11 +144,18 @@ def _choice(trial, name: str, options: tuple[str, ...]) -> str:
 
 def trial_spec(study: PruneSpec, config: TrialConfig) -> PruneSpec:
     """The whole spec of one trial: the study's fixed part with the trial's choices."""
-    return study.with_(metric=config.metric, aggregation=config.aggregation, allocation=config.allocation,
-                       depth_slope=config.slope, compensation=config.compensation)
+    return study.with_(
+        metric=config.metric,
+        aggregation=config.aggregation,
+        allocation=config.allocation,
+        depth_slope=config.slope,
+        compensation=config.compensation,
+    )
 
 
-def trial_plan(model: nn.Module, cache: ActivationCache, study: PruneSpec, config: TrialConfig, seed: int = 0) -> PrunePlan:
+def trial_plan(
+    model: nn.Module, cache: ActivationCache, study: PruneSpec, config: TrialConfig, seed: int = 0
+) -> PrunePlan:
     """What one trial configuration keeps of `model` (the study's spec with the trial's choices), scored from the
     cache rows of its samples (the model is only read)."""
     spec = trial_spec(study, config)
@@ -144,19 +163,31 @@ def trial_plan(model: nn.Module, cache: ActivationCache, study: PruneSpec, confi
     return plan_allocation(model, importance, spec)
 
 
-def trial_updates(model: nn.Module, cache: ActivationCache, study: PruneSpec, config: TrialConfig, plan: PrunePlan) -> dict:
+def trial_updates(
+    model: nn.Module, cache: ActivationCache, study: PruneSpec, config: TrialConfig, plan: PrunePlan
+) -> dict:
     """The compensated output linears of a trial's plan, from the moments of its samples' cached inputs."""
     spec = trial_spec(study, config)
     samples, device = torch.tensor(config.samples), model_device(model)
     lsq = spec.compensation == "lsq"
-    return compensation_updates(model, plan, lambda name: cache.input_moments(name, samples, device, gram=lsq), spec.compensation, spec.damp)
+    return compensation_updates(
+        model, plan, lambda name: cache.input_moments(name, samples, device, gram=lsq), spec.compensation, spec.damp
+    )
 
 
 class Objective:
     """Optuna objective: suggest → plan from the cache → validation perplexity of the pruned model (lower is better)."""
 
-    def __init__(self, model: nn.Module, cache: ActivationCache, spec: PruneSpec, space: SearchSpace, scorer: ValidationScorer,
-                 early_stop: bool = False, startup_trials: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: ActivationCache,
+        spec: PruneSpec,
+        space: SearchSpace,
+        scorer: ValidationScorer,
+        early_stop: bool = False,
+        startup_trials: int = 0,
+    ):
         self.model, self.cache, self.spec, self.space = model, cache, spec, space
         self.scorer, self.early_stop, self.startup_trials = scorer, early_stop, startup_trials
         self.blocks = pool_blocks(cache, space.blocks_per_pool)

@@ -14,7 +14,16 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from adapruner.allocation import Counts, attention_units, budget_counts, depth_weights, global_counts, ratio_counts, removed_by, target_count
+from adapruner.allocation import (
+    Counts,
+    attention_units,
+    budget_counts,
+    depth_weights,
+    global_counts,
+    ratio_counts,
+    removed_by,
+    target_count,
+)
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.plan import PrunePlan
@@ -24,7 +33,9 @@ from adapruner.structure import LayerInfo, attention_group, decoder_layers, laye
 
 def top_units(scores: torch.Tensor, n_keep: int) -> list[int]:
     """Indices of the `n_keep` highest scores, ascending; ties go to the lower index."""
-    order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices  # stable: equal scores keep index order
+    order = torch.sort(
+        scores.detach().cpu(), descending=True, stable=True
+    ).indices  # stable: equal scores keep index order
     return sorted(order[:n_keep].tolist())
 
 
@@ -50,7 +61,9 @@ def plan_pruning(
         if prune_attention:
             _check_attention_removal(info, per_layer[index], n_attn, granularity)
         if prune_mlp and n_mlp >= info.intermediate:
-            raise AdaPrunerError(f"ratio {per_layer[index]} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio")
+            raise AdaPrunerError(
+                f"ratio {per_layer[index]} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio"
+            )
     every = {index: (prune_attention, prune_mlp) for index in layers}
     return plan_from_counts(model, score_layers(model, importance, every, granularity), counts, granularity)
 
@@ -79,7 +92,9 @@ def plan_allocation(model: nn.Module, importance: Importance, spec: PruneSpec) -
     return plan_from_counts(model, scores, counts, granularity)
 
 
-def score_layers(model: nn.Module, importance: Importance, which: Mapping[int, tuple[bool, bool]], granularity: AttnGranularity) -> dict[tuple[int, str], torch.Tensor]:
+def score_layers(
+    model: nn.Module, importance: Importance, which: Mapping[int, tuple[bool, bool]], granularity: AttnGranularity
+) -> dict[tuple[int, str], torch.Tensor]:
     """Unit scores of the modules that `which` ({layer: (prune attention, prune mlp)}) names."""
     scores = {}
     for index, (attention, mlp) in which.items():
@@ -91,7 +106,9 @@ def score_layers(model: nn.Module, importance: Importance, which: Mapping[int, t
     return scores
 
 
-def plan_from_counts(model: nn.Module, scores: Mapping[tuple[int, str], torch.Tensor], counts: Counts, granularity: AttnGranularity) -> PrunePlan:
+def plan_from_counts(
+    model: nn.Module, scores: Mapping[tuple[int, str], torch.Tensor], counts: Counts, granularity: AttnGranularity
+) -> PrunePlan:
     """Keep the best-scored units of every scored module: all but `counts[layer]` (attention units, MLP channels)."""
     plan = PrunePlan()
     for index, (n_attn, n_mlp) in counts.items():
@@ -100,8 +117,14 @@ def plan_from_counts(model: nn.Module, scores: Mapping[tuple[int, str], torch.Te
             plan.attention[index] = _kept_attention(info, scores[(index, "attn")], n_attn, granularity)
         if (index, "mlp") in scores:
             if n_mlp >= info.intermediate:
-                raise AdaPrunerError(f"the plan would remove all {info.intermediate} MLP channels of layer {index}: prune less")
-            plan.mlp[index] = top_units(scores[(index, "mlp")], info.intermediate - n_mlp) if n_mlp else list(range(info.intermediate))
+                raise AdaPrunerError(
+                    f"the plan would remove all {info.intermediate} MLP channels of layer {index}: prune less"
+                )
+            plan.mlp[index] = (
+                top_units(scores[(index, "mlp")], info.intermediate - n_mlp)
+                if n_mlp
+                else list(range(info.intermediate))
+            )
     return plan
 
 
@@ -117,7 +140,9 @@ def _check_attention_removal(info: LayerInfo, ratio: float, n_remove: int, granu
     unit_total = attention_units(info, granularity)
     if n_remove >= unit_total:
         what = "key/value groups" if granularity == "kv" else "query heads of a kv group"
-        raise AdaPrunerError(f"ratio {ratio} would remove all {unit_total} {what} of layer {info.index}: use a smaller --ratio")
+        raise AdaPrunerError(
+            f"ratio {ratio} would remove all {unit_total} {what} of layer {info.index}: use a smaller --ratio"
+        )
     if n_remove == 0:
         warnings.warn(
             f"ratio {ratio} removes no attention unit ({unit_total} per layer at granularity {granularity!r}): attention stays whole; "
@@ -126,7 +151,9 @@ def _check_attention_removal(info: LayerInfo, ratio: float, n_remove: int, granu
         )
 
 
-def _kept_attention(info: LayerInfo, scores: torch.Tensor | None, n_remove: int, granularity: AttnGranularity) -> tuple[list[int], list[int]]:
+def _kept_attention(
+    info: LayerInfo, scores: torch.Tensor | None, n_remove: int, granularity: AttnGranularity
+) -> tuple[list[int], list[int]]:
     r = info.heads_per_kv
     all_kv, all_q = list(range(info.n_kv_heads)), list(range(info.n_heads))
     if n_remove == 0:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 from adapruner.errors import AdaPrunerError
+from adapruner.metrics import DEFAULT_METRIC
 from adapruner.metrics import metric as registered
 
 AttnGranularity = Literal["kv", "query"]
@@ -20,7 +21,9 @@ ALLOCATIONS = ("uniform", "depth", "global")
 COMPENSATIONS = ("none", "bias", "lsq")
 DEFAULT_RATIO = 0.25  # LLM-Pruner's usual ratio: ~20% of LLaMA-7B's parameters over layers 4..29
 DEFAULT_MIN_KEEP = 0.25  # global: the fewest units of a module a layer keeps, as a fraction of the dense count
-DEFAULT_DAMP = 1.0  # measured on SmolLM2 at 20% removed (README, bench.quality): 1 beat 0.1 and 0.5, and 3 was no better
+DEFAULT_DAMP = (
+    1.0  # measured on SmolLM2 at 20% removed (README, bench.quality): 1 beat 0.1 and 0.5, and 3 was no better
+)
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class PruneSpec:
     granularity: AttnGranularity = "kv"
     prune_attention: bool = True
     prune_mlp: bool = True
-    metric: str = "taylor1"
+    metric: str = DEFAULT_METRIC
     aggregation: str = "sum"
     allocation: str = "uniform"
     depth_slope: float = 0.0  # allocation `depth`: per-layer ratios r·(1 + slope·(2p − 1))
@@ -87,12 +90,16 @@ class PruneSpec:
 
 def check_ratio(ratio: float | None) -> None:
     if ratio is None or not 0.0 < ratio < 1.0:
-        raise AdaPrunerError(f"ratio {ratio} is outside (0, 1): pass the fraction of each group to remove, e.g. --ratio 0.25")
+        raise AdaPrunerError(
+            f"ratio {ratio} is outside (0, 1): pass the fraction of each group to remove, e.g. --ratio 0.25"
+        )
 
 
 def check_target_params(target_params: float) -> None:
     if not 0.0 < target_params < 1.0:
-        raise AdaPrunerError(f"--target-params {target_params} is outside (0, 1): pass the fraction of all parameters to remove, e.g. 0.2")
+        raise AdaPrunerError(
+            f"--target-params {target_params} is outside (0, 1): pass the fraction of all parameters to remove, e.g. 0.2"
+        )
 
 
 def check_aggregation(aggregation: str) -> None:

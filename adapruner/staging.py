@@ -1,5 +1,6 @@
 """Outputs appear whole or not at all: staged beside their final path, renamed on success, removed on any error,
 SIGINT or SIGTERM; made with the permissions the user's umask gives; their parent checked writable before work starts."""
+
 from __future__ import annotations
 
 import os
@@ -90,6 +91,7 @@ _received: list[int] = []  # the SIGINT/SIGTERM this process received, if any
 def terminate_as_exit() -> None:
     """Make SIGTERM raise SystemExit(143) like SIGINT raises KeyboardInterrupt, so staging folders are removed; both
     are recorded for `interrupted_by`."""
+
     def stop(signum, _frame):
         _received.append(signum)
         raise SystemExit(128 + signum) if signum == signal.SIGTERM else KeyboardInterrupt

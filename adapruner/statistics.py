@@ -8,6 +8,7 @@ Samples go through in batches of `batch_size`. G alone is the summed loss's weig
 gradients: hooks take each linear's input X and output gradient dY of the batch, and since the samples of a batch
 are independent, sample s's gradient is G_s = dY_sᵀ X_s over its own token rows (no weight gradient is formed).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -60,7 +61,11 @@ def collect_stats(
     stats = {name: LinearStats() for name in linears}
     if not need:
         return stats
-    act_sq = {name: torch.zeros(lin.in_features, device=execution_device(lin)) for name, lin in linears.items()} if "act_norm" in need else {}
+    act_sq = (
+        {name: torch.zeros(lin.in_features, device=execution_device(lin)) for name, lin in linears.items()}
+        if "act_norm" in need
+        else {}
+    )
     inputs: dict[str, torch.Tensor] = {}
     seq_len = input_ids.shape[1]
 
@@ -74,13 +79,17 @@ def collect_stats(
             fisher.addcmul_(g, g)
         entry.grad, entry.fisher = grad, fisher
 
-    from_hooks = "fisher" in need or ("grad" in need and any(is_offloaded(lin) for lin in linears.values()))  # offloaded: no .grad
+    from_hooks = "fisher" in need or (
+        "grad" in need and any(is_offloaded(lin) for lin in linears.values())
+    )  # offloaded: no .grad
     if from_hooks:
         passes = linear_io(model, linears, inputs.__setitem__, per_sample_sums)
     else:
         passes = only_these_require_grad(model, linears.values() if "grad" in need else ())
     with passes, _input_square_sums(linears, act_sq):
-        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="calibration", unit="batch", disable=not progress):
+        for start in tqdm(
+            range(0, input_ids.shape[0], batch_size), desc="calibration", unit="batch", disable=not progress
+        ):
             batch = input_ids[start : start + batch_size]
             if not need & {"grad", "fisher"}:
                 with torch.no_grad():
@@ -106,7 +115,12 @@ def collect_stats(
 
 
 @contextmanager
-def linear_io(model: nn.Module, linears: dict[str, nn.Linear], on_input: Callable[[str, torch.Tensor], None], on_grad: Callable[[str, torch.Tensor], None]):
+def linear_io(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    on_input: Callable[[str, torch.Tensor], None],
+    on_grad: Callable[[str, torch.Tensor], None],
+):
     """While active, a forward calls `on_input(name, X)` for each listed linear (X: tokens × in, fp32, detached) and
     the backward of its loss `on_grad(name, dY)` (dY: tokens × out, fp32). Every parameter is frozen meanwhile:
     gradients flow from the embeddings' output, and no weight gradient is formed."""
@@ -115,12 +129,16 @@ def linear_io(model: nn.Module, linears: dict[str, nn.Linear], on_input: Callabl
         def hook(module, args, output):
             on_input(name, args[0].detach().float().reshape(-1, module.in_features))
             output.register_hook(lambda grad: on_grad(name, grad.detach().float().reshape(-1, module.out_features)))
+
         return hook
 
     handles = [linear.register_forward_hook(forward_hook(name)) for name, linear in linears.items()]
     handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
     try:
-        with only_these_require_grad(model, ()), reload_offloaded_in_backward(model):  # a spread model's backward reloads weights
+        with (
+            only_these_require_grad(model, ()),
+            reload_offloaded_in_backward(model),
+        ):  # a spread model's backward reloads weights
             yield
     finally:
         for handle in handles:
@@ -147,9 +165,11 @@ def _input_square_sums(linears: dict[str, nn.Linear], sums: dict[str, torch.Tens
     """While active, add Σ_tokens x_i² of each listed linear's input into `sums[name]`."""
     handles = []
     for name in sums:
+
         def hook(_module, inputs, _output, name=name):
             x = inputs[0].detach().float()
             sums[name].add_(x.reshape(-1, x.shape[-1]).square().sum(0))
+
         handles.append(linears[name].register_forward_hook(hook))
     try:
         yield
@@ -159,8 +179,14 @@ def _input_square_sums(linears: dict[str, nn.Linear], sums: dict[str, torch.Tens
 
 
 @torch.no_grad()
-def collect_input_moments(model: nn.Module, linears: dict[str, nn.Linear], input_ids: torch.Tensor, gram: bool = False,
-                          batch_size: int = 8, progress: bool = True) -> dict:
+def collect_input_moments(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    input_ids: torch.Tensor,
+    gram: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
     """`InputMoments` (mean, mean square, and with `gram` XᵀX/T) of every listed linear's inputs over all tokens of
     `input_ids`, from forward passes alone."""
 
@@ -175,11 +201,14 @@ def collect_input_moments(model: nn.Module, linears: dict[str, nn.Linear], input
             entry[2] = entry[2] + x.square().sum(0)
             if gram:
                 entry[3] = x.t() @ x if entry[3] is None else entry[3].addmm_(x.t(), x)
+
         return record
 
     handles = [linear.register_forward_hook(hook(name)) for name, linear in linears.items()]
     try:
-        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="input moments", unit="batch", disable=not progress):
+        for start in tqdm(
+            range(0, input_ids.shape[0], batch_size), desc="input moments", unit="batch", disable=not progress
+        ):
             model(input_ids=input_ids[start : start + batch_size].to(model_device(model)))
     finally:
         for handle in handles:

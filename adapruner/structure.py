@@ -1,10 +1,13 @@
-"""Pruning groups of LLaMA-family decoders, read from the module tree and the config (nothing hard-coded).
+"""Pruning groups of a decoder, read from the module tree through its family (`adapruner.families`).
 
 A *group* couples the weight slices that must be pruned together. Its *units* are what selection keeps or
 removes: key/value groups (a kv head with its query heads) or query heads for attention, channels for the MLP.
 Each *member* is one linear whose rows (dim 0) or columns (dim 1) belong to the units in blocks of `block`
-consecutive channels: unit u owns channels `u*block … (u+1)*block - 1` of that dimension.
+consecutive channels from `offset`: unit u owns channels `offset + u*block … offset + (u+1)*block - 1`. A fused
+projection is several members of one linear at different offsets (Phi-3's `qkv_proj`: Q rows at 0, K rows at
+n_q·head_dim, V rows at (n_q + n_kv)·head_dim).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,24 +17,34 @@ import torch
 from torch import nn
 
 from adapruner.errors import AdaPrunerError
+from adapruner.families import FAMILIES, Family, family_of
 from adapruner.spec import AttnGranularity
 
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type → HF class-name prefix
-SUPPORTED_TYPES = tuple(FAMILIES)
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
-SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # linears that read another one's input
+# linears that read another one's input (k/v read q's, up reads gate's): the cache stores that input once
+SHARED_INPUT = {
+    leaf: inputs[0]
+    for family in FAMILIES.values()
+    for inputs in (family.attention_inputs, family.mlp_inputs)
+    for leaf in inputs[1:]
+}
+Cut = tuple[nn.Module, str, "torch.Tensor | None", "torch.Tensor | None"]  # owner, linear name, kept rows, kept columns
 
 
 @dataclass(frozen=True)
 class Member:
-    """One linear of a group: `dim` 0 prunes output rows, 1 prunes input columns, in blocks of `block`."""
+    """One linear of a group: `dim` 0 prunes output rows, 1 prunes input columns, in blocks of `block` from `offset`
+    (`span` channels in all: the group's units times `block`)."""
 
     name: str
     linear: nn.Linear
     dim: int
     block: int
+    offset: int = 0
+    span: int | None = None  # None: the whole dimension
+
+    def channels(self, scores: torch.Tensor) -> torch.Tensor:
+        """The member's part of a score vector over the linear's whole dimension."""
+        return scores if self.span is None else scores[self.offset : self.offset + self.span]
 
 
 @dataclass(frozen=True)
@@ -56,48 +69,67 @@ class LayerInfo:
     n_kv_heads: int
     head_dim: int
     intermediate: int
+    family: Family
 
     @property
     def heads_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def attn_prefix(self) -> str:
+        return f"{self.prefix}.{self.family.attention}"
 
-def check_supported(config) -> None:
-    """Raise a one-line error for architectures whose layout we do not know."""
-    model_type = getattr(config, "base_model_type", None) or getattr(config, "model_type", "")
-    if model_type not in SUPPORTED_TYPES:
-        raise AdaPrunerError(
-            f"unsupported architecture {model_type!r}: adapruner prunes {', '.join(SUPPORTED_TYPES)} decoders (LLaMA family)"
-        )
+    @property
+    def mlp_prefix(self) -> str:
+        return f"{self.prefix}.{self.family.mlp}"
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a `*ForCausalLM` (`model.model.layers`)."""
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
+    """The decoder layers of a `*ForCausalLM`, where its family keeps them (`model.layers` for most)."""
+    family = family_of(model.config)
+    layers = model
+    for part in family.layers.split("."):
+        layers = getattr(layers, part, None)
     if not isinstance(layers, nn.ModuleList):
-        raise AdaPrunerError(f"{type(model).__name__} has no model.layers: adapruner prunes LLaMA-family decoders")
+        raise AdaPrunerError(f"{type(model).__name__} has no {family.layers}: not a {family.model_type} decoder")
     return layers
 
 
+def layers_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """(the module holding the decoder layers, the attribute they sit under): `(model.model, "layers")` for most."""
+    *path, leaf = family_of(model.config).layers.split(".")
+    owner = model
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, leaf
+
+
 def layer_info(model: nn.Module, index: int) -> LayerInfo:
-    """Shapes of layer `index` from its modules: heads = q rows / head_dim, kv heads = k rows / head_dim."""
+    """Shapes of layer `index` from its modules: heads = o columns / head_dim, kv heads = k rows / head_dim (of the
+    fused qkv: (rows − q rows) / 2), channels = down columns."""
+    family = family_of(model.config)
     layer = decoder_layers(model)[index]
-    attn, mlp = layer.self_attn, layer.mlp
-    for owner, names in ((attn, ATTENTION_PROJECTIONS), (mlp, MLP_PROJECTIONS)):
+    attn, mlp = getattr(layer, family.attention, None), getattr(layer, family.mlp, None)
+    for owner, names in ((attn, (*family.attention_inputs, family.o)), (mlp, (*family.mlp_inputs, family.down))):
         missing = [n for n in names if not isinstance(getattr(owner, n, None), nn.Linear)]
         if missing:
-            raise AdaPrunerError(f"layer {index} lacks {', '.join(missing)}: adapruner prunes LLaMA-family decoders")
+            raise AdaPrunerError(f"layer {index} lacks {', '.join(missing)}: not a {family.model_type} decoder layer")
     head_dim = attn.head_dim
+    n_heads = getattr(attn, family.o).in_features // head_dim
+    if family.qkv:
+        n_kv = (getattr(attn, family.qkv).out_features // head_dim - n_heads) // 2
+    else:
+        n_kv = getattr(attn, family.k).out_features // head_dim
     return LayerInfo(
         index=index,
         attn=attn,
         mlp=mlp,
-        prefix=f"model.layers.{index}",
-        n_heads=attn.q_proj.out_features // head_dim,
-        n_kv_heads=attn.k_proj.out_features // head_dim,
+        prefix=f"{family.layers}.{index}",
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
         head_dim=head_dim,
-        intermediate=mlp.gate_proj.out_features,
+        intermediate=getattr(mlp, family.down).in_features,
+        family=family,
     )
 
 
@@ -127,11 +159,43 @@ def parse_layer_range(spec: str | None, n_layers: int) -> range:
     except ValueError:
         raise AdaPrunerError(f"bad layer range {spec!r}: write START:STOP (e.g. 4:28) or all") from None
     if not all(-n_layers <= bound <= n_layers for bound in (start, stop)):
-        raise AdaPrunerError(f"layer range {spec!r} reaches past the model's {n_layers} layers: write START:STOP within 0:{n_layers}")
+        raise AdaPrunerError(
+            f"layer range {spec!r} reaches past the model's {n_layers} layers: write START:STOP within 0:{n_layers}"
+        )
     chosen = range(n_layers)[start:stop]
     if len(chosen) == 0:
-        raise AdaPrunerError(f"layer range {spec!r} selects no layer of {n_layers}: write START:STOP within 0:{n_layers}")
+        raise AdaPrunerError(
+            f"layer range {spec!r} selects no layer of {n_layers}: write START:STOP within 0:{n_layers}"
+        )
     return chosen
+
+
+def _attention_slots(info: LayerInfo) -> dict[str, tuple[str, int, int]]:
+    """Role (q, k, v, o) → (linear name, pruned dim, channel offset) in the layer's attention module."""
+    f, hd = info.family, info.head_dim
+    if f.qkv:
+        q_rows, kv_rows = info.n_heads * hd, info.n_kv_heads * hd
+        rows = {"q": (f.qkv, 0, 0), "k": (f.qkv, 0, q_rows), "v": (f.qkv, 0, q_rows + kv_rows)}
+    else:
+        rows = {"q": (f.q, 0, 0), "k": (f.k, 0, 0), "v": (f.v, 0, 0)}
+    return {**rows, "o": (f.o, 1, 0)}
+
+
+def _mlp_slots(info: LayerInfo) -> dict[str, tuple[str, int, int]]:
+    """Role (gate, up, down) → (linear name, pruned dim, channel offset) in the layer's MLP module."""
+    f = info.family
+    if f.gate_up:
+        rows = {"gate": (f.gate_up, 0, 0), "up": (f.gate_up, 0, info.intermediate)}
+    else:
+        rows = {"gate": (f.gate, 0, 0), "up": (f.up, 0, 0)}
+    return {**rows, "down": (f.down, 1, 0)}
+
+
+def _member(owner: nn.Module, prefix: str, slot: tuple[str, int, int], block: int, n_units: int) -> Member:
+    name, dim, offset = slot
+    linear = getattr(owner, name)
+    span = n_units * block
+    return Member(f"{prefix}.{name}", linear, dim, block, offset, None if span == linear.weight.shape[dim] else span)
 
 
 def attention_group(info: LayerInfo, granularity: AttnGranularity = "kv") -> Group:
@@ -141,40 +205,32 @@ def attention_group(info: LayerInfo, granularity: AttnGranularity = "kv") -> Gro
     q rows and o columns in blocks of r·head_dim, k and v rows in blocks of head_dim. For MHA (r = 1) this is
     one unit per head. `query`: unit = one query head (q rows, o columns in blocks of head_dim); k/v stay.
     """
-    a, p, hd = info.attn, f"{info.prefix}.self_attn", info.head_dim
+    slots, hd, p = _attention_slots(info), info.head_dim, info.attn_prefix
     if granularity == "kv":
-        qo_block = info.heads_per_kv * hd
-        members = (
-            Member(f"{p}.q_proj", a.q_proj, 0, qo_block),
-            Member(f"{p}.k_proj", a.k_proj, 0, hd),
-            Member(f"{p}.v_proj", a.v_proj, 0, hd),
-            Member(f"{p}.o_proj", a.o_proj, 1, qo_block),
-        )
-        return Group(info.index, "attn", members, info.n_kv_heads)
+        qo, n = info.heads_per_kv * hd, info.n_kv_heads
+        blocks = {"q": qo, "k": hd, "v": hd, "o": qo}
+        return Group(info.index, "attn", tuple(_member(info.attn, p, slots[r], b, n) for r, b in blocks.items()), n)
     if granularity == "query":
-        members = (Member(f"{p}.q_proj", a.q_proj, 0, hd), Member(f"{p}.o_proj", a.o_proj, 1, hd))
+        members = tuple(_member(info.attn, p, slots[r], hd, info.n_heads) for r in ("q", "o"))
         return Group(info.index, "attn", members, info.n_heads)
     raise AdaPrunerError(f"unknown attention granularity {granularity!r}: use kv or query")
 
 
 def mlp_group(info: LayerInfo) -> Group:
     """MLP channel j: row j of gate and up, column j of down."""
-    m, p = info.mlp, f"{info.prefix}.mlp"
-    members = (
-        Member(f"{p}.gate_proj", m.gate_proj, 0, 1),
-        Member(f"{p}.up_proj", m.up_proj, 0, 1),
-        Member(f"{p}.down_proj", m.down_proj, 1, 1),
-    )
-    return Group(info.index, "mlp", members, info.intermediate)
+    slots, n = _mlp_slots(info), info.intermediate
+    return Group(info.index, "mlp", tuple(_member(info.mlp, info.mlp_prefix, slots[r], 1, n) for r in slots), n)
 
 
 def output_projections(model: nn.Module, layers) -> dict[str, nn.Linear]:
-    """o_proj and down_proj of `layers` by module name: the linears whose *input* channels pruning removes."""
+    """The attention and MLP output linears of `layers` by module name: the ones whose *input* channels pruning
+    removes (and compensation refits)."""
     found: dict[str, nn.Linear] = {}
     for index in layers:
         info = layer_info(model, index)
-        found[f"{info.prefix}.self_attn.{ATTENTION_PROJECTIONS[-1]}"] = info.attn.o_proj
-        found[f"{info.prefix}.mlp.{MLP_PROJECTIONS[-1]}"] = info.mlp.down_proj
+        f = info.family
+        found[f"{info.attn_prefix}.{f.o}"] = getattr(info.attn, f.o)
+        found[f"{info.mlp_prefix}.{f.down}"] = getattr(info.mlp, f.down)
     return found
 
 
@@ -188,6 +244,65 @@ def prunable_linears(model: nn.Module, layers: range) -> dict[str, nn.Linear]:
     return found
 
 
+def projection_names(model: nn.Module) -> tuple[str, ...]:
+    """The leaf names of every attention and MLP projection of the model's family (LoRA targets)."""
+    f = family_of(model.config)
+    return (*f.attention_inputs, f.o, *f.mlp_inputs, f.down)
+
+
+def input_owner(name: str) -> str:
+    """The linear whose input `name` reads: k/v read q's, up reads gate's (a fused projection reads its own)."""
+    prefix, _, leaf = name.rpartition(".")
+    return f"{prefix}.{SHARED_INPUT.get(leaf, leaf)}"
+
+
 def head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
     """Row (or column) indices of the given heads: h·head_dim … (h+1)·head_dim - 1 for each h."""
     return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def layer_cuts(
+    info: LayerInfo, kept_heads: tuple[list[int], list[int]] | None, channels: list[int] | None
+) -> list[Cut]:
+    """(owner, linear name, kept rows, kept columns) of every linear that keeping the query and kv heads `kept_heads`
+    and the MLP `channels` shrinks (None: that block stays whole); a fused linear's slots are kept in its order."""
+    kept: dict[tuple[nn.Module, str], list[list[torch.Tensor]]] = {}
+
+    def keep(owner: nn.Module, slot: tuple[str, int, int], indices: torch.Tensor) -> None:
+        name, dim, offset = slot
+        kept.setdefault((owner, name), [[], []])[dim].append(indices + offset)
+
+    if kept_heads is not None and (len(kept_heads[0]) < info.n_heads or len(kept_heads[1]) < info.n_kv_heads):
+        slots = _attention_slots(info)
+        q_rows, kv_rows = (head_channels(heads, info.head_dim) for heads in kept_heads)
+        for role, indices in (("q", q_rows), ("k", kv_rows), ("v", kv_rows), ("o", q_rows)):
+            keep(info.attn, slots[role], indices)
+    if channels is not None and len(channels) < info.intermediate:
+        kept_channels = torch.tensor(channels, dtype=torch.long)
+        for slot in _mlp_slots(info).values():
+            keep(info.mlp, slot, kept_channels)
+    return [
+        (owner, name, torch.cat(rows) if rows else None, torch.cat(cols) if cols else None)
+        for (owner, name), (rows, cols) in kept.items()
+    ]
+
+
+def resize_modules(info: LayerInfo) -> None:
+    """Set the attributes the attention and MLP forwards read from their modules to the layer's new sizes."""
+    info.attn.num_key_value_groups = info.heads_per_kv
+    info.mlp.intermediate_size = info.intermediate
+
+
+def unit_params(info: LayerInfo) -> tuple[int, int, int]:
+    """Parameters of one query head (its q rows with bias, its o columns), one kv head (k and v rows with biases)
+    and one MLP channel (gate and up rows with biases, the down column)."""
+    hd, slots = info.head_dim, _attention_slots(info)
+    q = getattr(info.attn, slots["q"][0])
+    k = getattr(info.attn, slots["k"][0])
+    hidden = q.in_features
+    q_head = hd * (2 * hidden + (q.bias is not None))
+    kv_head = 2 * hd * (hidden + (k.bias is not None))
+    mlp = _mlp_slots(info)
+    gate, up = getattr(info.mlp, mlp["gate"][0]), getattr(info.mlp, mlp["up"][0])
+    channel = 3 * hidden + (gate.bias is not None) + (up.bias is not None)
+    return q_head, kv_head, channel

@@ -4,6 +4,7 @@ Storage is any Optuna URL (`sqlite:///…`, `postgresql://…`, `mysql://…`) o
 RDB storages run a heartbeat: a worker killed mid-trial leaves a stale RUNNING trial, which the next worker
 marks FAIL and `RetryHeartbeatStaleTrialCallback` enqueues again with the same parameters, so nothing is lost.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,7 +58,12 @@ def _storage(url: str, heartbeat_seconds: int, grace_seconds: int):
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     with warnings.catch_warnings():  # heartbeats are marked experimental; we rely on them knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_seconds, grace_period=grace_seconds, heartbeat_stale_trial_callback=retry_callback())
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=grace_seconds,
+            heartbeat_stale_trial_callback=retry_callback(),
+        )
 
 
 def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
@@ -68,19 +74,25 @@ def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
 
 
 def _refuse(url: str, exc: Exception):
-    raise AdaPrunerError(f"cannot open storage {url!r} ({first_line(exc)}): pass a URL like sqlite:///path/study.db or journal:path/study.log") from None
+    raise AdaPrunerError(
+        f"cannot open storage {url!r} ({first_line(exc)}): pass a URL like sqlite:///path/study.db or journal:path/study.log"
+    ) from None
 
 
 def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     """Create or resume study `name`; refuse one created with a different set-up (model, ratio, pools, …)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours (tqdm); optuna's INFO lines repeat it
-    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler, load_if_exists=True)
+    study = optuna.create_study(
+        storage=storage, study_name=name, direction="minimize", sampler=sampler, load_if_exists=True
+    )
     existing = study.user_attrs.get("setup")
     if existing is None:
         study.set_user_attr("setup", setup)
     elif existing != setup:
         key, was, now = _first_difference(existing, setup)
-        raise AdaPrunerError(f"study {name!r} was created with {key}={was!r}, not {now!r}: pass the same options or a new --study")
+        raise AdaPrunerError(
+            f"study {name!r} was created with {key}={was!r}, not {now!r}: pass the same options or a new --study"
+        )
     return study
 
 
@@ -100,9 +112,15 @@ def pin_content(study: optuna.Study, content: dict) -> None:
         study.set_user_attr("content", content)
     elif existing != content:
         changed = next((k for k in content if existing.get(k) != content[k]), "contents")
-        what = {"model": "model (weights, config or tokenizer)", "pools": "pool texts", "validation": "validation text"}.get(changed, changed)
-        raise AdaPrunerError(f"study {study.study_name!r} was run on another {what}: digest {existing.get(changed)}, now {content[changed]}; "
-                             "pass a new --study or --out")
+        what = {
+            "model": "model (weights, config or tokenizer)",
+            "pools": "pool texts",
+            "validation": "validation text",
+        }.get(changed, changed)
+        raise AdaPrunerError(
+            f"study {study.study_name!r} was run on another {what}: digest {existing.get(changed)}, now {content[changed]}; "
+            "pass a new --study or --out"
+        )
 
 
 def make_sampler(kind: str, seed: int, startup_trials: int = 10) -> optuna.samplers.BaseSampler:
@@ -143,7 +161,9 @@ class WorkerSpec:
     share: int | None = None  # trials this worker runs at most (None: until the study holds n_trials)
 
 
-def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cache: ActivationCache | None = None) -> optuna.Study:
+def run_worker(
+    spec: WorkerSpec, callbacks: list | None = None, model=None, cache: ActivationCache | None = None
+) -> optuna.Study:
     """Run up to `share` trials, stopping early once the study holds `n_trials` finished ones (every worker's).
 
     A caller that holds the model and cache already passes them; a spawned worker loads them (the cache
@@ -154,20 +174,30 @@ def run_worker(spec: WorkerSpec, callbacks: list | None = None, model=None, cach
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    model = model if model is not None else load_model(spec.model, DTYPES[spec.dtype], spec.device, spec.trust_remote_code)[0]
+    model = (
+        model
+        if model is not None
+        else load_model(spec.model, DTYPES[spec.dtype], spec.device, spec.trust_remote_code)[0]
+    )
     if cache is None:
         try:
             cache = ActivationCache.load(Path(spec.cache_path))  # memory-mapped, shared
         except DamagedCache as exc:
-            raise AdaPrunerError(f"activation cache {spec.cache_path} is damaged ({exc}): run the search again to rebuild it") from None
+            raise AdaPrunerError(
+                f"activation cache {spec.cache_path} is damaged ({exc}): run the search again to rebuild it"
+            ) from None
     val_windows = load_file(spec.val_path)["windows"]
     start = parse_layer_range(spec.spec.layers, len(decoder_layers(model))).start
     scorer = ValidationScorer(model, val_windows, start, spec.val_dtype, spec.batch_size)
-    objective = Objective(model, cache, spec.spec, SearchSpace(**spec.space), scorer, spec.early_stop, spec.startup_trials)
+    objective = Objective(
+        model, cache, spec.spec, SearchSpace(**spec.space), scorer, spec.early_stop, spec.startup_trials
+    )
     storage = open_storage(spec.storage, spec.heartbeat_seconds, spec.grace_seconds)
     study = open_study(storage, spec.study, spec.setup)
     # seeded by worker and by the trials the study holds: a resumed study does not redraw the parameters it ran
-    study.sampler = make_sampler(spec.sampler, spec.seed + 1000 * spec.worker_index + len(study.get_trials(deepcopy=False)), spec.startup_trials)
+    study.sampler = make_sampler(
+        spec.sampler, spec.seed + 1000 * spec.worker_index + len(study.get_trials(deepcopy=False)), spec.startup_trials
+    )
     limit = optuna.study.MaxTrialsCallback(spec.n_trials, states=COUNTED)
     remaining = spec.n_trials - finished(study)
     if remaining > 0:
@@ -192,7 +222,9 @@ def retry_trials_of(study: optuna.Study, worker: str) -> list[int]:
             if storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
                 failed.append(trial.number)
                 retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
-        except optuna.exceptions.UpdateFinishedTrialError:  # its heartbeat went stale first and another worker failed it
+        except (
+            optuna.exceptions.UpdateFinishedTrialError
+        ):  # its heartbeat went stale first and another worker failed it
             pass
     return failed
 
@@ -206,8 +238,14 @@ def worker_device(device: str, index: int) -> str:
     return f"cuda:{(first + index) % torch.cuda.device_count()}"
 
 
-def run_workers(base: WorkerSpec, workers: int, callbacks: list | None = None, model=None, cache: ActivationCache | None = None,
-                report=print) -> optuna.Study:
+def run_workers(
+    base: WorkerSpec,
+    workers: int,
+    callbacks: list | None = None,
+    model=None,
+    cache: ActivationCache | None = None,
+    report=print,
+) -> optuna.Study:
     """Run the study to `base.n_trials` finished trials with `workers` processes: this one and `workers - 1`
     spawned helpers, sharing the remaining trials. A helper that exits non-zero has its running trial failed and
     retried with the same parameters here, and this process runs the trials it left; if the study still holds
@@ -216,8 +254,13 @@ def run_workers(base: WorkerSpec, workers: int, callbacks: list | None = None, m
     remaining = max(0, base.n_trials - finished(open_study(storage, base.study, base.setup)))
     shares = [remaining // workers + (k < remaining % workers) for k in range(workers)]
     context = multiprocessing.get_context("spawn")
-    helpers = [context.Process(target=run_worker, args=(replace(base, worker_index=k, share=shares[k], device=worker_device(base.device, k)),))
-               for k in range(1, workers)]
+    helpers = [
+        context.Process(
+            target=run_worker,
+            args=(replace(base, worker_index=k, share=shares[k], device=worker_device(base.device, k)),),
+        )
+        for k in range(1, workers)
+    ]
     for process in helpers:
         process.start()
     try:
@@ -232,14 +275,20 @@ def run_workers(base: WorkerSpec, workers: int, callbacks: list | None = None, m
     dead = [(k, process) for k, process in enumerate(helpers, start=1) if process.exitcode != 0]
     for k, process in dead:
         retried = retry_trials_of(study, worker_name(process.pid))
-        report(f"note: worker {k} (pid {process.pid}) exited with code {process.exitcode}; "
-               f"{'its trial ' + ', '.join(map(str, retried)) + ' runs again' if retried else 'it held no running trial'}")
+        report(
+            f"note: worker {k} (pid {process.pid}) exited with code {process.exitcode}; "
+            f"{'its trial ' + ', '.join(map(str, retried)) + ' runs again' if retried else 'it held no running trial'}"
+        )
     if dead and finished(study) < base.n_trials:
         study = run_worker(replace(base, share=None), callbacks, model, cache)
     if dead and finished(study) < base.n_trials:
         names = ", ".join(f"worker {k} (exit code {process.exitcode})" for k, process in dead)
-        raise AdaPrunerError(f"the study holds {finished(study)} of {base.n_trials} finished trials ({names}): run the same command again to resume")
+        raise AdaPrunerError(
+            f"the study holds {finished(study)} of {base.n_trials} finished trials ({names}): run the same command again to resume"
+        )
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-    if failed and finished(study) < base.n_trials:  # trials that raised AdaPrunerError (e.g. a budget out of reach for them)
+    if (
+        failed and finished(study) < base.n_trials
+    ):  # trials that raised AdaPrunerError (e.g. a budget out of reach for them)
         report(f"note: {len(failed)} trials failed (optuna's warnings above give each error); the others are reported")
     return study

@@ -8,6 +8,7 @@
 - Dtype: trials run in `dtype` — `auto` is bf16 where the hardware multiplies bf16 natively (CUDA with bf16, CPUs
   with AVX512-BF16/AMX), else fp32. Importance always reads the fp32 weights; only the validation forward changes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,15 +17,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from adapruner.compensation import install
 from adapruner.big_model import is_dispatched, rebind_forward
+from adapruner.compensation import install
 from adapruner.devices import DTYPES, dtype_name, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
+from adapruner.families import family_of
 from adapruner.kernels.dispatch import native_bf16
 from adapruner.plan import PrunePlan
 from adapruner.removal import apply_plan
-from adapruner.structure import decoder_layers
+from adapruner.structure import decoder_layers, layers_owner
 
 VAL_DTYPES = DTYPES  # the validation forward takes the weight dtypes
 
@@ -53,20 +55,29 @@ def shared_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 def _shallow(module: nn.Module) -> nn.Module:
     """A new module object over the same children, parameters and buffers (its own tables, so setattr stays local)."""
     clone = copy.copy(module)
-    clone._modules, clone._parameters, clone._buffers = dict(module._modules), dict(module._parameters), dict(module._buffers)
+    clone._modules, clone._parameters, clone._buffers = (
+        dict(module._modules),
+        dict(module._parameters),
+        dict(module._buffers),
+    )
     rebind_forward(clone, module)  # a dispatched module's hooked forward would run the original's children
     return clone
 
 
 def pruned_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """`model` pruned by `plan` as a new model object; `model` is left as it was and shares all it can with the copy."""
-    copied = _shallow(model)
-    copied.model = _shallow(model.model)
+    family = family_of(model.config)
+    *path, leaf = family.layers.split(".")
+    copied = owner = _shallow(model)
+    for part in path:  # shallow copies down to the module that holds the layers
+        setattr(owner, part, _shallow(getattr(owner, part)))
+        owner = getattr(owner, part)
     layers = nn.ModuleList(decoder_layers(model))
     for index in set(plan.attention) | set(plan.mlp):
         layers[index] = _shallow(layers[index])
-        layers[index].self_attn, layers[index].mlp = _shallow(layers[index].self_attn), _shallow(layers[index].mlp)
-    copied.model.layers = layers
+        for block in (family.attention, family.mlp):
+            setattr(layers[index], block, _shallow(getattr(layers[index], block)))
+    setattr(owner, leaf, layers)
     apply_plan(copied, plan)
     return copied
 
@@ -74,10 +85,10 @@ def pruned_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
 def drop_leading_layers(model: nn.Module, start: int) -> None:
     """Remove decoder layers [0, start) in place; the model then expects the hidden states entering layer `start`."""
     layers = decoder_layers(model)
-    base = model.model
-    base.layers = nn.ModuleList(list(layers)[start:])
+    base, leaf = layers_owner(model)
+    setattr(base, leaf, nn.ModuleList(list(layers)[start:]))
     base.config = copy.copy(base.config)
-    base.config.num_hidden_layers = len(base.layers)
+    base.config.num_hidden_layers = len(layers) - start
     if getattr(base.config, "layer_types", None) is not None:
         base.config.layer_types = list(base.config.layer_types)[start:]
 
@@ -89,10 +100,16 @@ class _Captured(Exception):
 class ValidationScorer:
     """Validation perplexity of pruned variants of one base model on fixed windows (prefix computed once)."""
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, start: int, dtype: str = "float32", batch_size: int = 8):
-        if is_dispatched(model):  # its tensors stay where the device map put them: trials copy the path to each cut only
+    def __init__(
+        self, model: nn.Module, windows: torch.Tensor, start: int, dtype: str = "float32", batch_size: int = 8
+    ):
+        if is_dispatched(
+            model
+        ):  # its tensors stay where the device map put them: trials copy the path to each cut only
             if next(model.parameters()).dtype != VAL_DTYPES[dtype]:
-                raise AdaPrunerError(f"a model spread by --device-map validates in its own dtype: pass --val-dtype {dtype_name(next(model.parameters()).dtype)}")
+                raise AdaPrunerError(
+                    f"a model spread by --device-map validates in its own dtype: pass --val-dtype {dtype_name(next(model.parameters()).dtype)}"
+                )
             self.base = model
         else:
             self.base = shared_copy(model, VAL_DTYPES[dtype]).eval()
@@ -126,10 +143,14 @@ class ValidationScorer:
         install(model, updates or {})
         return model
 
-    def score(self, plan: PrunePlan, report: Callable[[int, float], None] | None = None, updates: dict | None = None) -> float:
+    def score(
+        self, plan: PrunePlan, report: Callable[[int, float], None] | None = None, updates: dict | None = None
+    ) -> float:
         """Validation perplexity of the base model pruned by `plan` (and compensated by `updates`; only layers `start`… run)."""
         if any(index < self.start for index in (*plan.attention, *plan.mlp)):
             raise AdaPrunerError(f"the plan prunes a layer before {self.start}, whose output the scorer has cached")
         model = self.pruned(plan, updates)
         drop_leading_layers(model, self.start)
-        return perplexity(model, self.windows, self.batch_size, progress=False, report=report, inputs_embeds=self.prefix)
+        return perplexity(
+            model, self.windows, self.batch_size, progress=False, report=report, inputs_embeds=self.prefix
+        )

@@ -9,6 +9,7 @@ only from the wiki *evaluation* articles (never calibration or validation text),
 Standard lm-eval tasks (boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, …) run too
 whenever their data sets are already in the local datasets cache.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapruner.devices import model_device
 from adapruner.corpora import wiki_split
+from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 
 OFFLINE_TASKS = ("adapruner_cloze", "adapruner_lastword")
@@ -50,7 +51,13 @@ def build_cloze(articles: list[list[str]], n_items: int, seed: int) -> list[dict
         choices = [articles[a][i], *rng.sample(others, 3)]
         order = list(range(4))
         rng.shuffle(order)
-        items.append({"context": " ".join(articles[a][i - 3 : i]), "choices": [choices[k] for k in order], "gold": order.index(0)})
+        items.append(
+            {
+                "context": " ".join(articles[a][i - 3 : i]),
+                "choices": [choices[k] for k in order],
+                "gold": order.index(0),
+            }
+        )
     return items
 
 
@@ -62,7 +69,15 @@ def build_lastword(articles: list[list[str]], n_items: int, seed: int) -> list[d
     items = []
     for a, i in spots[:n_items]:
         gold = last_word(articles[a][i])
-        pool = sorted({last_word(s) for b, sents in enumerate(articles) if b != a for s in sents if last_word(s).isalpha() and last_word(s) != gold})
+        pool = sorted(
+            {
+                last_word(s)
+                for b, sents in enumerate(articles)
+                if b != a
+                for s in sents
+                if last_word(s).isalpha() and last_word(s) != gold
+            }
+        )
         choices = [gold, *rng.sample(pool, 3)]
         order = list(range(4))
         rng.shuffle(order)
@@ -85,7 +100,7 @@ def build_offline_tasks(directory: Path, n_items: int = ITEMS_PER_TASK, seed: in
             f"dataset_kwargs:\n  data_files:\n    test: {data.resolve()}\n"
             "test_split: test\n"
             "output_type: multiple_choice\n"
-            "doc_to_text: \"{{context}}\"\n"
+            'doc_to_text: "{{context}}"\n'
             "doc_to_choice: choices\n"
             "doc_to_target: gold\n"
             "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
@@ -99,17 +114,27 @@ def task_manager(tasks: list[str], task_dir: Path):
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise AdaPrunerError("zero-shot tasks need lm-evaluation-harness: run `pip install 'adapruner[eval]'`") from None
+        raise AdaPrunerError(
+            "zero-shot tasks need lm-evaluation-harness: run `pip install 'adapruner[eval]'`"
+        ) from None
     build_offline_tasks(task_dir)
     manager = TaskManager(include_path=str(task_dir), include_defaults=any(t not in OFFLINE_TASKS for t in tasks))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise AdaPrunerError(f"unknown task {unknown[0]!r}: use {', '.join(OFFLINE_TASKS)} or an lm-eval task name (boolq, piqa, …)")
+        raise AdaPrunerError(
+            f"unknown task {unknown[0]!r}: use {', '.join(OFFLINE_TASKS)} or an lm-eval task name (boolq, piqa, …)"
+        )
     return manager
 
 
 def evaluate_tasks(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: list[str], task_dir: Path, batch_size: int = 8, limit: int | None = None, manager=None
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    task_dir: Path,
+    batch_size: int = 8,
+    limit: int | None = None,
+    manager=None,
 ) -> dict[str, dict[str, float]]:
     """{task: {"acc": …, "acc_norm": …}} from lm-eval's `simple_evaluate` over our HF model object.
 
@@ -124,6 +149,10 @@ def evaluate_tasks(
         results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
     except (ConnectionError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise AdaPrunerError(f"task data unavailable offline ({first}): standard tasks need their data in the local datasets cache") from None
-    return {task: {metric: float(values[f"{metric},none"]) for metric in ("acc", "acc_norm") if f"{metric},none" in values}
-            for task, values in results["results"].items()}
+        raise AdaPrunerError(
+            f"task data unavailable offline ({first}): standard tasks need their data in the local datasets cache"
+        ) from None
+    return {
+        task: {metric: float(values[f"{metric},none"]) for metric in ("acc", "acc_norm") if f"{metric},none" in values}
+        for task, values in results["results"].items()
+    }

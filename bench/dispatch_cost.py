@@ -7,6 +7,7 @@ forward+backward over the pool) and score the same trials (plan from the cache, 
 Prints seconds per stage, the spread/resident ratio of each, and whether plans and perplexities agree.
 Writes bench/results/dispatch_cost.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from adapruner.big_model import Dispatch
-from adapruner.cache import build_cache, candidate_pool, CandidatePool, cache_key
+from adapruner.cache import CandidatePool, build_cache, cache_key, candidate_pool
 from adapruner.calibration import pool_windows
 from adapruner.models import load_model
 from adapruner.report import format_table
@@ -28,8 +29,11 @@ from adapruner.spec import PruneSpec
 from adapruner.structure import decoder_layers, default_layer_range
 from adapruner.validation import ValidationScorer
 
-TRIALS = (TrialConfig(list(range(8)), "taylor2", "sum"), TrialConfig(list(range(0, 8, 2)), "taylor1", "sum", compensation="lsq"),
-          TrialConfig(list(range(8)), "act", "mean", compensation="bias"))
+TRIALS = (
+    TrialConfig(list(range(8)), "taylor2", "sum"),
+    TrialConfig(list(range(0, 8, 2)), "taylor1", "sum", compensation="lsq"),
+    TrialConfig(list(range(8)), "act", "mean", compensation="bias"),
+)
 
 
 def disk_map(model, disk_layers: int) -> dict[str, str]:
@@ -42,7 +46,14 @@ def disk_map(model, disk_layers: int) -> dict[str, str]:
 
 
 def measure(model, tokenizer, pool, addresses, windows, layers) -> dict:
-    key = cache_key("smollm2", model, CandidatePool(["wiki"], pool.shape[0], pool.shape[1], 0), layers, activations=True, dtype="float32")
+    key = cache_key(
+        "smollm2",
+        model,
+        CandidatePool(["wiki"], pool.shape[0], pool.shape[1], 0),
+        layers,
+        activations=True,
+        dtype="float32",
+    )
     started = time.perf_counter()
     cache = build_cache(model, key, pool, addresses, batch_size=4, progress=False)
     result = {"cache_pass_s": time.perf_counter() - started, "trials": []}
@@ -52,8 +63,15 @@ def measure(model, tokenizer, pool, addresses, windows, layers) -> dict:
         started = time.perf_counter()
         plan = trial_plan(model, cache, setting, config)
         ppl = scorer.score(plan, None, trial_updates(model, cache, setting, config, plan))
-        result["trials"].append({"metric": config.metric, "compensation": config.compensation, "seconds": time.perf_counter() - started,
-                                 "val_ppl": ppl, "plan": plan.encode()})
+        result["trials"].append(
+            {
+                "metric": config.metric,
+                "compensation": config.compensation,
+                "seconds": time.perf_counter() - started,
+                "val_ppl": ppl,
+                "plan": plan.encode(),
+            }
+        )
     return result
 
 
@@ -72,20 +90,49 @@ def main() -> None:
         map_file = Path(scratch) / "map.json"
         map_file.write_text(json.dumps(disk_map(resident, args.disk_layers)))
         spread, _ = load_model("smollm2", dispatch=Dispatch.of(str(map_file), None, str(Path(scratch) / "offload")))
-        results = {"resident": measure(resident, tokenizer, pool, addresses, windows, layers),
-                   "spread": measure(spread, tokenizer, pool, addresses, windows, layers)}
-    rows = [["cache pass", f"{results['resident']['cache_pass_s']:.2f}", f"{results['spread']['cache_pass_s']:.2f}",
-             f"{results['spread']['cache_pass_s'] / results['resident']['cache_pass_s']:.2f}x", "-"]]
+        results = {
+            "resident": measure(resident, tokenizer, pool, addresses, windows, layers),
+            "spread": measure(spread, tokenizer, pool, addresses, windows, layers),
+        }
+    rows = [
+        [
+            "cache pass",
+            f"{results['resident']['cache_pass_s']:.2f}",
+            f"{results['spread']['cache_pass_s']:.2f}",
+            f"{results['spread']['cache_pass_s'] / results['resident']['cache_pass_s']:.2f}x",
+            "-",
+        ]
+    ]
     for here, there in zip(results["resident"]["trials"], results["spread"]["trials"]):
         same = here["plan"] == there["plan"] and abs(here["val_ppl"] - there["val_ppl"]) <= 1e-6 * here["val_ppl"]
-        rows.append([f"trial {here['metric']}/{here['compensation']}", f"{here['seconds']:.2f}", f"{there['seconds']:.2f}",
-                     f"{there['seconds'] / here['seconds']:.2f}x", "same plan and val ppl" if same else f"DIFFER: {here['val_ppl']:.4f} vs {there['val_ppl']:.4f}"])
-    print(f"SmolLM2-135M fp32 on {platform.machine()} CPU ({torch.get_num_threads()} threads): {args.disk_layers} of "
-          f"{len(decoder_layers(resident))} layers on disk, pool 8 x {args.seq_len} tokens, 8 validation windows")
+        rows.append(
+            [
+                f"trial {here['metric']}/{here['compensation']}",
+                f"{here['seconds']:.2f}",
+                f"{there['seconds']:.2f}",
+                f"{there['seconds'] / here['seconds']:.2f}x",
+                "same plan and val ppl" if same else f"DIFFER: {here['val_ppl']:.4f} vs {there['val_ppl']:.4f}",
+            ]
+        )
+    print(
+        f"SmolLM2-135M fp32 on {platform.machine()} CPU ({torch.get_num_threads()} threads): {args.disk_layers} of "
+        f"{len(decoder_layers(resident))} layers on disk, pool 8 x {args.seq_len} tokens, 8 validation windows"
+    )
     print(format_table(["stage", "resident s", "spread s", "spread / resident", "agreement"], rows))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "disk_layers": args.disk_layers,
-                                          "seq_len": args.seq_len, **results, "table": rows}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+                "disk_layers": args.disk_layers,
+                "seq_len": args.seq_len,
+                **results,
+                "table": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

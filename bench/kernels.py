@@ -9,6 +9,7 @@ chosen from). On CUDA a call's time is the median over ~100 ms of back-to-back c
 bench.plot_kernels` draws them. Without a CUDA device the Triton rows are skipped (they need a GPU; on CPU Triton
 runs only in its slow interpreter).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,13 @@ from pathlib import Path
 
 import torch
 
-from adapruner.kernels.cached_gradient import cached_grad_importance_bf16_cpu, cached_grad_importance_torch, cached_grad_importance_triton
-from adapruner.kernels.dispatch import native_bf16
+from adapruner.kernels.cached_gradient import (
+    cached_grad_importance_bf16_cpu,
+    cached_grad_importance_torch,
+    cached_grad_importance_triton,
+)
 from adapruner.kernels.channel_importance import channel_importance_torch, channel_importance_triton
+from adapruner.kernels.dispatch import native_bf16
 from adapruner.kernels.gather import gather_torch, gather_triton
 from adapruner.report import format_table
 from bench.timing import device_name, median_seconds
@@ -27,11 +32,23 @@ from bench.timing import device_name, median_seconds
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # --sweep: other launches of each Triton kernel
-ROW_SWEEP = [dict(block_c=c, block_k=k, num_warps=w) for c, k, w in ((1, 4096, 8), (2, 2048, 8), (8, 512, 4), (16, 256, 4))]
+ROW_SWEEP = [
+    dict(block_c=c, block_k=k, num_warps=w) for c, k, w in ((1, 4096, 8), (2, 2048, 8), (8, 512, 4), (16, 256, 4))
+]
 COLUMN_SWEEP = [dict(block_c=c, block_k=k, num_warps=w) for c, k, w in ((64, 64, 4), (256, 16, 8), (32, 128, 4))]
-GATHER_SWEEP = [dict(block_r=r, block_c=c, num_warps=w) for r, c, w in ((8, 512, 4), (32, 128, 4), (4, 1024, 4), (32, 256, 8))]
-CACHED_SWEEP = [dict(block_m=m, block_n=n, block_t=t, num_warps=w, num_stages=s)
-                for m, n, t, w, s in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 4))]
+GATHER_SWEEP = [
+    dict(block_r=r, block_c=c, num_warps=w) for r, c, w in ((8, 512, 4), (32, 128, 4), (4, 1024, 4), (32, 256, 8))
+]
+CACHED_SWEEP = [
+    dict(block_m=m, block_n=n, block_t=t, num_warps=w, num_stages=s)
+    for m, n, t, w, s in (
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 128, 64, 8, 4),
+    )
+]
 
 
 def copy_bandwidth(device: torch.device, repeat: int, n_bytes: int = 1 << 28) -> float:
@@ -58,7 +75,10 @@ def providers(device: torch.device, torch_fn, triton_fn, use_compile: bool, swee
         rows.append(("torch.compile", torch.compile(torch_fn, dynamic=False)))
     if device.type == "cuda":
         rows.append(("triton", triton_fn))
-        rows += [(f"triton[{','.join(f'{k}={v}' for k, v in launch.items())}]", lambda launch=launch: triton_fn(**launch)) for launch in sweep]
+        rows += [
+            (f"triton[{','.join(f'{k}={v}' for k, v in launch.items())}]", lambda launch=launch: triton_fn(**launch))
+            for launch in sweep
+        ]
     return rows
 
 
@@ -69,10 +89,24 @@ def bench_group_importance(device, dtype, shape, use_compile, repeat, dim, sweep
     n_bytes = 2 * w.numel() * w.element_size() + shape[dim] * 4
     kernel = f"group_importance(taylor1, {'rows' if dim == 0 else 'columns'})"
     out = []
-    choices = providers(device, lambda: channel_importance_torch("taylor1", w, dim, g), lambda **launch: channel_importance_triton("taylor1", w, dim, g, **launch), use_compile, sweep)
+    choices = providers(
+        device,
+        lambda: channel_importance_torch("taylor1", w, dim, g),
+        lambda **launch: channel_importance_triton("taylor1", w, dim, g, **launch),
+        use_compile,
+        sweep,
+    )
     for name, fn in choices:
         seconds = call_seconds(fn, device, repeat)
-        out.append({"kernel": kernel, "shape": list(shape), "provider": name, "seconds": seconds, "GB/s": n_bytes / seconds / 1e9})
+        out.append(
+            {
+                "kernel": kernel,
+                "shape": list(shape),
+                "provider": name,
+                "seconds": seconds,
+                "GB/s": n_bytes / seconds / 1e9,
+            }
+        )
     return out
 
 
@@ -84,9 +118,19 @@ def bench_gather(device, dtype, shape, use_compile, repeat, sweep):
     specs = [(w_rows, keep, None), (w_cols, None, keep)]
     n_bytes = 2 * 2 * keep.numel() * shape[1] * w_rows.element_size()  # read + write, two tensors
     out = []
-    for name, fn in providers(device, lambda: gather_torch(specs), lambda **launch: gather_triton(specs, **launch), use_compile, sweep):
+    for name, fn in providers(
+        device, lambda: gather_torch(specs), lambda **launch: gather_triton(specs, **launch), use_compile, sweep
+    ):
         seconds = call_seconds(fn, device, repeat)
-        out.append({"kernel": "gather", "shape": list(shape), "provider": name, "seconds": seconds, "GB/s": n_bytes / seconds / 1e9})
+        out.append(
+            {
+                "kernel": "gather",
+                "shape": list(shape),
+                "provider": name,
+                "seconds": seconds,
+                "GB/s": n_bytes / seconds / 1e9,
+            }
+        )
     return out
 
 
@@ -100,8 +144,13 @@ def bench_cached_grad(device, dtype, shape, tokens, use_compile, repeat, sweep):
     flops = 2 * tokens * out_f * in_f
     matmul_s = call_seconds(lambda: dy.t() @ x, device, repeat)
     out = []
-    choices = providers(device, lambda: cached_grad_importance_torch("taylor1", w, x, dy, rows),
-                        lambda **launch: cached_grad_importance_triton("taylor1", w, x, dy, rows, **launch), use_compile, sweep)
+    choices = providers(
+        device,
+        lambda: cached_grad_importance_torch("taylor1", w, x, dy, rows),
+        lambda **launch: cached_grad_importance_triton("taylor1", w, x, dy, rows, **launch),
+        use_compile,
+        sweep,
+    )
     if device.type == "cpu" and dtype == torch.bfloat16 and native_bf16(device):
         choices.append(("torch bf16 CPU path", lambda: cached_grad_importance_bf16_cpu("taylor1", w, x, dy, rows)))
     for name, fn in choices:
@@ -112,10 +161,17 @@ def bench_cached_grad(device, dtype, shape, tokens, use_compile, repeat, sweep):
             fn()
             peak = torch.cuda.max_memory_allocated(device) - base
         seconds = call_seconds(fn, device, repeat)
-        out.append({
-            "kernel": f"cached_grad_importance(taylor1, T={tokens})", "shape": list(shape), "provider": name, "seconds": seconds,
-            "TFLOP/s": flops / seconds / 1e12, "matmul_TFLOP/s": flops / matmul_s / 1e12, "extra_bytes": peak,
-        })
+        out.append(
+            {
+                "kernel": f"cached_grad_importance(taylor1, T={tokens})",
+                "shape": list(shape),
+                "provider": name,
+                "seconds": seconds,
+                "TFLOP/s": flops / seconds / 1e12,
+                "matmul_TFLOP/s": flops / matmul_s / 1e12,
+                "extra_bytes": peak,
+            }
+        )
     return out
 
 
@@ -124,7 +180,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--tokens", type=int, default=2048, help="cached token rows for the cached-gradient kernel")
-    parser.add_argument("--repeat", type=int, default=5, help="timed calls per row on a CPU (on CUDA: ~100 ms of calls)")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="timed calls per row on a CPU (on CUDA: ~100 ms of calls)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     parser.add_argument("--sweep", action="store_true", help="also time other Triton tile shapes (GPU)")
     parser.add_argument("--shapes", default=";".join(f"{a}x{b}" for a, b in SHAPES))
@@ -146,19 +204,33 @@ def main() -> None:
         rows += bench_gather(device, dtype, shape, use_compile, args.repeat, sweep(GATHER_SWEEP))
         rows += bench_cached_grad(device, dtype, shape, args.tokens, use_compile, args.repeat, sweep(CACHED_SWEEP))
     for row in rows:
-        eager = next(r for r in rows if r["kernel"] == row["kernel"] and r["shape"] == row["shape"] and r["provider"] == "torch")
+        eager = next(
+            r for r in rows if r["kernel"] == row["kernel"] and r["shape"] == row["shape"] and r["provider"] == "torch"
+        )
         row["speedup_vs_eager"] = eager["seconds"] / row["seconds"]
         row["fraction"] = row["GB/s"] / bandwidth if "GB/s" in row else row["TFLOP/s"] / row["matmul_TFLOP/s"]
     name = device_name(device)
     print(f"device: {name}; copy bandwidth {bandwidth:.1f} GB/s; dtype {args.dtype}")
     if device.type != "cuda":
         print("triton rows need a CUDA GPU (on CPU Triton runs only in its interpreter); torch rows only")
-    table = [[r["kernel"], "x".join(map(str, r["shape"])), r["provider"], r["seconds"] * 1e3,
-              f"{r['GB/s']:.3g} GB/s" if "GB/s" in r else f"{r['TFLOP/s']:.3g} TFLOP/s", f"{r['fraction']:.2f}", f"{r['speedup_vs_eager']:.2f}x"] for r in rows]
+    table = [
+        [
+            r["kernel"],
+            "x".join(map(str, r["shape"])),
+            r["provider"],
+            r["seconds"] * 1e3,
+            f"{r['GB/s']:.3g} GB/s" if "GB/s" in r else f"{r['TFLOP/s']:.3g} TFLOP/s",
+            f"{r['fraction']:.2f}",
+            f"{r['speedup_vs_eager']:.2f}x",
+        ]
+        for r in rows
+    ]
     print(format_table(["kernel", "shape", "provider", "ms", "throughput", "of ref", "vs eager"], table))
     out = Path(args.out or f"bench/results/kernels-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "dtype": args.dtype, "copy_GB/s": bandwidth, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"device": name, "dtype": args.dtype, "copy_GB/s": bandwidth, "rows": rows}, indent=2) + "\n"
+    )
     print(f"wrote {out}")
 
 

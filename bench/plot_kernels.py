@@ -1,4 +1,5 @@
 """Draw `bench.kernels` JSON as grouped bars of speed-up over torch eager: `python -m bench.plot_kernels FILE`."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,23 @@ def main() -> None:
     data = json.loads(Path(args.json_file).read_text())
     rows = data["rows"]
     cases = list(dict.fromkeys(f"{r['kernel']}\n{'x'.join(map(str, r['shape']))}" for r in rows))
-    names = [name for name in dict.fromkeys(r["provider"] for r in rows) if "[" not in name]  # sweep rows stay in the JSON
+    names = [
+        name for name in dict.fromkeys(r["provider"] for r in rows) if "[" not in name
+    ]  # sweep rows stay in the JSON
     fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases)), 4.5))
     width = 0.8 / len(names)
     for k, provider in enumerate(names):
-        values = [next((r["speedup_vs_eager"] for r in rows if f"{r['kernel']}\n{'x'.join(map(str, r['shape']))}" == c and r["provider"] == provider), 0.0) for c in cases]
+        values = [
+            next(
+                (
+                    r["speedup_vs_eager"]
+                    for r in rows
+                    if f"{r['kernel']}\n{'x'.join(map(str, r['shape']))}" == c and r["provider"] == provider
+                ),
+                0.0,
+            )
+            for c in cases
+        ]
         ax.bar([i + k * width for i in range(len(cases))], values, width, label=provider)
     ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cases))], cases, fontsize=7)
     ax.set_ylabel("speed-up over torch eager")

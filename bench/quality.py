@@ -10,6 +10,7 @@ channel), without fine-tuning:
 Fixed recipes calibrate on `--calib` (seeded); every model is scored on the same held-out wiki *evaluation*
 windows, which neither calibration nor the search's validation saw. Writes bench/results/quality.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,14 +25,14 @@ from pathlib import Path
 
 import torch
 
+from adapruner.allocation import count_params
 from adapruner.calibration import pool_windows
+from adapruner.commands.search import SearchOptions, run_search
 from adapruner.evaluate import perplexity
 from adapruner.models import load_model
-from adapruner.allocation import count_params
-from adapruner.spec import PruneSpec
 from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.report import format_table
-from adapruner.commands.search import SearchOptions, run_search
+from adapruner.spec import PruneSpec
 
 RECIPES = {
     "llm-pruner": dict(metric="taylor1", allocation="uniform", compensation="none", granularity="kv"),
@@ -41,8 +42,14 @@ RECIPES = {
 
 def measure(name: str, model, dense_params: int, windows: torch.Tensor, seconds: float, **config) -> dict:
     params = count_params(model)
-    return {"method": name, "params": params, "removed": 1 - params / dense_params, "ppl": perplexity(model, windows, desc=name),
-            "seconds": seconds, **config}
+    return {
+        "method": name,
+        "params": params,
+        "removed": 1 - params / dense_params,
+        "ppl": perplexity(model, windows, desc=name),
+        "seconds": seconds,
+        **config,
+    }
 
 
 def main() -> None:
@@ -50,7 +57,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--targets", default="0.2,0.12", help="fractions of all parameters removed")
     parser.add_argument("--calib", default="wiki:32", help="calibration windows of the fixed recipes")
-    parser.add_argument("--granularity", default="query", choices=("kv", "query"), help="attention units of the grid, FLAP and the search")
+    parser.add_argument(
+        "--granularity",
+        default="query",
+        choices=("kv", "query"),
+        help="attention units of the grid, FLAP and the search",
+    )
     parser.add_argument("--metrics", default="taylor2,act,fluct")
     parser.add_argument("--allocations", default="uniform,global")
     parser.add_argument("--compensations", default="none,bias,lsq")
@@ -67,41 +79,95 @@ def main() -> None:
     windows = pool_windows(tokenizer, "wiki", args.seq_len, "eval")[: args.max_eval_windows]
     dense_params = count_params(dense)
     rows = [measure("dense", dense, dense_params, windows, 0.0, target=0.0)]
-    grid = {f"{m}/{a}/{c}": dict(metric=m, allocation=a, compensation=c)
-            for m, a, c in itertools.product(args.metrics.split(","), args.allocations.split(","), args.compensations.split(","))}
+    grid = {
+        f"{m}/{a}/{c}": dict(metric=m, allocation=a, compensation=c)
+        for m, a, c in itertools.product(
+            args.metrics.split(","), args.allocations.split(","), args.compensations.split(",")
+        )
+    }
     for target in map(float, args.targets.split(",")):
         for name, recipe in {**RECIPES, **grid}.items():
             model, started = copy.deepcopy(dense), time.perf_counter()
-            spec = PruneSpec(None, target_params=target, granularity=recipe.get("granularity", args.granularity), metric=recipe["metric"],
-                             allocation=recipe["allocation"], compensation=recipe["compensation"])
+            spec = PruneSpec(
+                None,
+                target_params=target,
+                granularity=recipe.get("granularity", args.granularity),
+                metric=recipe["metric"],
+                allocation=recipe["allocation"],
+                compensation=recipe["compensation"],
+            )
             options = PruneOptions(spec, calib=args.calib, seq_len=args.seq_len, seed=args.seed)
             prune_model(model, tokenizer, options, progress=False)
-            rows.append(measure(name, model, dense_params, windows, time.perf_counter() - started, target=target, **recipe))
+            rows.append(
+                measure(name, model, dense_params, windows, time.perf_counter() - started, target=target, **recipe)
+            )
             print(f"{target} {name}: ppl {rows[-1]['ppl']:.2f}", flush=True)
         if args.trials:
             work = Path(args.work) / f"target-{target}"
             shutil.rmtree(work, ignore_errors=True)
             started = time.perf_counter()
-            search = SearchOptions(model=args.model, spec=PruneSpec(None, target_params=target, granularity=args.granularity),
-                                   seq_len=args.seq_len, seed=args.seed,
-                                   metrics=tuple(args.metrics.split(",")), aggregations=("sum", "mean", "max"), sample_counts=(8, 16, 32),
-                                   allocations=("uniform", "depth", "global"), compensations=tuple(args.compensations.split(",")), trials=args.trials)
+            search = SearchOptions(
+                model=args.model,
+                spec=PruneSpec(None, target_params=target, granularity=args.granularity),
+                seq_len=args.seq_len,
+                seed=args.seed,
+                metrics=tuple(args.metrics.split(",")),
+                aggregations=("sum", "mean", "max"),
+                sample_counts=(8, 16, 32),
+                allocations=("uniform", "depth", "global"),
+                compensations=tuple(args.compensations.split(",")),
+                trials=args.trials,
+            )
             best = run_search(search, work)
             model = copy.deepcopy(dense)
             apply_study_plan(model, best, tokenizer, progress=False)
-            rows.append(measure("searched", model, dense_params, windows, time.perf_counter() - started, target=target, val_ppl=best.val_ppl,
-                                metric=best.prune_spec.metric, aggregation=best.prune_spec.aggregation, allocation=best.prune_spec.allocation,
-                                compensation=best.prune_spec.compensation, slope=best.prune_spec.depth_slope, samples=len(best.samples)))
+            rows.append(
+                measure(
+                    "searched",
+                    model,
+                    dense_params,
+                    windows,
+                    time.perf_counter() - started,
+                    target=target,
+                    val_ppl=best.val_ppl,
+                    metric=best.prune_spec.metric,
+                    aggregation=best.prune_spec.aggregation,
+                    allocation=best.prune_spec.allocation,
+                    compensation=best.prune_spec.compensation,
+                    slope=best.prune_spec.depth_slope,
+                    samples=len(best.samples),
+                )
+            )
             print(f"{target} searched: ppl {rows[-1]['ppl']:.2f}", flush=True)
         write(args, windows, rows)  # after every target: a long run keeps what it measured
 
 
 def write(args: argparse.Namespace, windows: torch.Tensor, rows: list[dict]) -> None:
     dense_ppl = rows[0]["ppl"]
-    print(format_table(["target", "method", "params", "removed", "wiki ppl", "× dense", "s"],
-                       [[r["target"], r["method"], r["params"], round(r["removed"], 4), r["ppl"], round(r["ppl"] / dense_ppl, 2), round(r["seconds"], 1)] for r in rows]))
-    payload = {"model": args.model, "args": vars(args), "eval_windows": int(windows.shape[0]),
-               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "rows": rows}
+    print(
+        format_table(
+            ["target", "method", "params", "removed", "wiki ppl", "× dense", "s"],
+            [
+                [
+                    r["target"],
+                    r["method"],
+                    r["params"],
+                    round(r["removed"], 4),
+                    r["ppl"],
+                    round(r["ppl"] / dense_ppl, 2),
+                    round(r["seconds"], 1),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    payload = {
+        "model": args.model,
+        "args": vars(args),
+        "eval_windows": int(windows.shape[0]),
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")

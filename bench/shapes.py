@@ -4,13 +4,14 @@ A random-weight model (no download) is built from a config on the target device:
 caching and scoring depends on the widths, not on what the weights learned. Its calibration and validation
 windows are seeded random token ids (pool "random").
 """
+
 from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from adapruner.calibration import pool_windows
 from adapruner.cache import candidate_pool
+from adapruner.calibration import pool_windows
 
 # hidden, layers, query heads, kv heads, MLP width, vocabulary
 RANDOM_SHAPES = {
@@ -25,8 +26,14 @@ def random_llama(shape: str, device: torch.device, dtype: torch.dtype, seed: int
     """A LlamaForCausalLM of `shape` with HF's random initialisation, built directly on `device` in `dtype`."""
     hidden, layers, heads, kv_heads, intermediate, vocab = RANDOM_SHAPES[shape]
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     with torch.device(device):
@@ -42,7 +49,9 @@ def load_shape(shape: str, device: torch.device, dtype: torch.dtype):
     return random_llama(shape, device, dtype), None
 
 
-def bench_windows(shape: str, tokenizer, pools: list[str], pool_size: int, seq_len: int, val_windows: int, seed: int = 0):
+def bench_windows(
+    shape: str, tokenizer, pools: list[str], pool_size: int, seq_len: int, val_windows: int, seed: int = 0
+):
     """(candidate-pool ids, their addresses, validation ids): real text for smollm2, seeded random ids otherwise."""
     if shape == "smollm2":
         ids, addresses = candidate_pool(tokenizer, pools, pool_size, seq_len, seed)

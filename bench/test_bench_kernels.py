@@ -2,6 +2,7 @@
 
 Small LLaMA-like shapes so it runs anywhere; on a CUDA device the Triton providers are benchmarked too.
 """
+
 import pytest
 import torch
 

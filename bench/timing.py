@@ -1,4 +1,5 @@
 """Timing helpers shared by the bench scripts: median wall time with device synchronisation."""
+
 from __future__ import annotations
 
 import statistics

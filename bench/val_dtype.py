@@ -5,6 +5,7 @@ and scores the same plan with a float32 and a bfloat16 `ValidationScorer`. Print
 their relative difference, the Spearman rank correlation of the two columns and the time ratio, measured in one run.
 Writes bench/results/val_dtype.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,11 +51,17 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     layers = default_layer_range(len(decoder_layers(model)))
-    key = cache_key(args.model, model, CandidatePool(["wiki", "news", "plays"], args.pool_size, 128, 0), layers, activations=True)
+    key = cache_key(
+        args.model, model, CandidatePool(["wiki", "news", "plays"], args.pool_size, 128, 0), layers, activations=True
+    )
     cache = load_or_build(model, tokenizer, key, cache_root() / "activations", 2**34)
     val = pool_windows(tokenizer, "wiki", 128, "val")[: args.val_windows]
     scorers = {dtype: ValidationScorer(model, val, layers.start, dtype) for dtype in ("float32", "bfloat16")}
-    setting, space, blocks = PruneSpec(args.ratio, layers=f"{layers.start}:{layers.stop}"), SearchSpace(), pool_blocks(cache, 4)
+    setting, space, blocks = (
+        PruneSpec(args.ratio, layers=f"{layers.start}:{layers.stop}"),
+        SearchSpace(),
+        pool_blocks(cache, 4),
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=args.seed))
     rows, records, seconds = [], [], {"float32": 0.0, "bfloat16": 0.0}
@@ -67,17 +74,38 @@ def main() -> None:
             ppl[dtype] = scorer.score(plan)
             seconds[dtype] += time.perf_counter() - start
         change = ppl["bfloat16"] / ppl["float32"] - 1
-        records.append({"metric": config.metric, "aggregation": config.aggregation, "samples": len(config.samples), **ppl})
-        rows.append([config.metric, config.aggregation, len(config.samples), ppl["float32"], ppl["bfloat16"], f"{100 * change:+.2f}%"])
+        records.append(
+            {"metric": config.metric, "aggregation": config.aggregation, "samples": len(config.samples), **ppl}
+        )
+        rows.append(
+            [
+                config.metric,
+                config.aggregation,
+                len(config.samples),
+                ppl["float32"],
+                ppl["bfloat16"],
+                f"{100 * change:+.2f}%",
+            ]
+        )
     rho = spearman([r["float32"] for r in records], [r["bfloat16"] for r in records])
     worst = max(abs(r["bfloat16"] / r["float32"] - 1) for r in records)
-    print(f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; {args.val_windows} validation windows")
+    print(
+        f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; {args.val_windows} validation windows"
+    )
     print(format_table(["metric", "agg", "samples", "val ppl fp32", "val ppl bf16", "bf16 vs fp32"], rows))
-    print(f"Spearman rank correlation {rho:.3f}; largest relative difference {100 * worst:.2f}%; "
-          f"bf16 validation vs fp32: {seconds['float32'] / seconds['bfloat16']:.1f}x faster")
+    print(
+        f"Spearman rank correlation {rho:.3f}; largest relative difference {100 * worst:.2f}%; "
+        f"bf16 validation vs fp32: {seconds['float32'] / seconds['bfloat16']:.1f}x faster"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": f"{platform.machine()} CPU", "args": vars(args), "spearman": rho, "max_relative_difference": worst,
-               "seconds": seconds, "trials": records}
+    payload = {
+        "machine": f"{platform.machine()} CPU",
+        "args": vars(args),
+        "spearman": rho,
+        "max_relative_difference": worst,
+        "seconds": seconds,
+        "trials": records,
+    }
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -1,13 +1,30 @@
 """The Triton kernel behind `channel_importance_triton` (imported lazily: triton is an optional dependency)."""
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
 def channel_importance_kernel(
-    w_ptr, g_ptr, f_ptr, a_ptr, out_ptr, C, K, K_CHUNK,
-    s_wc, s_wk, s_gc, s_gk, s_fc, s_fk, s_a,
-    METRIC: tl.constexpr, ACT_ON_REDUCED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    w_ptr,
+    g_ptr,
+    f_ptr,
+    a_ptr,
+    out_ptr,
+    C,
+    K,
+    K_CHUNK,
+    s_wc,
+    s_wk,
+    s_gc,
+    s_gk,
+    s_fc,
+    s_fk,
+    s_a,
+    METRIC: tl.constexpr,
+    ACT_ON_REDUCED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """out[c] += Σ_{k in chunk} e(W[c,k], G[c,k], F[c,k], a) for a channel block (program axis 0) and a chunk of
     K_CHUNK reduced indices (axis 1: split-K, partial sums meet by atomic add; out starts at zero).

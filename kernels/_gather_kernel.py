@@ -1,12 +1,23 @@
 """The Triton kernel behind `gather_triton` (imported lazily: triton is an optional dependency)."""
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
 def gather_kernel(
-    srcs, dsts, row_ids, col_ids, whole_cols, n_rows, n_cols, s_rows, s_cols,
-    N_TENSORS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    srcs,
+    dsts,
+    row_ids,
+    col_ids,
+    whole_cols,
+    n_rows,
+    n_cols,
+    s_rows,
+    s_cols,
+    N_TENSORS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Tensor t = program_id(2): dst_t[r, c] = src_t[row_ids_t[r], col_ids_t[c]] for one (BLOCK_R × BLOCK_C) tile.
     Where whole_cols_t is set, columns are read in place (c itself): contiguous, so the copy vectorises."""

@@ -13,6 +13,7 @@ Per-sample Fisher statistic, computed once when a cache is built (samples are co
     rows: f_sj = Σ_i W_ji² (G_s)_ji²     cols: f_si = Σ_j W_ji² (G_s)_ji²
 so that any subset S has taylor2 score ½ Σ_{s∈S} f_s / |S| (the empirical Fisher F = mean_s G_s²).
 """
+
 from __future__ import annotations
 
 import os
@@ -54,7 +55,9 @@ def cached_grad_importance_torch(
         element = (w * (dy[rows].float().t() @ x[rows].float())).abs()
     else:
         n = rows.numel() // seq_len
-        per_sample = torch.bmm(dy[rows].float().view(n, seq_len, -1).transpose(1, 2), x[rows].float().view(n, seq_len, -1))
+        per_sample = torch.bmm(
+            dy[rows].float().view(n, seq_len, -1).transpose(1, 2), x[rows].float().view(n, seq_len, -1)
+        )
         element = (w * per_sample.sum(0) - 0.5 * w.square() * per_sample.square().mean(0)).abs()
     return element.sum(1), element.sum(0)
 
@@ -85,8 +88,13 @@ def cached_grad_importance_bf16_cpu(
 
 
 def cached_grad_importance(
-    metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor,
-    seq_len: int | None = None, backend: Backend = "auto",
+    metric: str,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    rows: torch.Tensor,
+    seq_len: int | None = None,
+    backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(row scores, column scores) of `metric` for the token rows `rows` (`mix` needs `seq_len`).
 
@@ -100,8 +108,13 @@ def cached_grad_importance(
 
 
 def cached_grad_importance_triton(
-    metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor,
-    seq_len: int | None = None, **launch: int,
+    metric: str,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    rows: torch.Tensor,
+    seq_len: int | None = None,
+    **launch: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused path: tiles of G (and F) accumulate in registers over the chosen token rows, then reduce into the outputs
     (`launch`: see `_tiles`)."""
@@ -115,15 +128,35 @@ def cached_grad_importance_triton(
     mix = _with_fisher(metric)
     grid = (-(-out_features // block_m), -(-in_features // block_n))
     cached_grad_importance_kernel[grid](
-        weight, x, dy, rows, row_scores, col_scores,
-        out_features, in_features, rows.numel(), seq_len if mix else rows.numel(),
-        weight.stride(0), weight.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        MIX=mix, UPCAST=_interpreter_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t, **launch,
+        weight,
+        x,
+        dy,
+        rows,
+        row_scores,
+        col_scores,
+        out_features,
+        in_features,
+        rows.numel(),
+        seq_len if mix else rows.numel(),
+        weight.stride(0),
+        weight.stride(1),
+        x.stride(0),
+        x.stride(1),
+        dy.stride(0),
+        dy.stride(1),
+        MIX=mix,
+        UPCAST=_interpreter_upcast(x),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_T=block_t,
+        **launch,
     )
     return row_scores, col_scores
 
 
-def sample_fisher_stats_torch(weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_fisher_stats_torch(
+    weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: per sample s, G_s = dY_sᵀ X_s; returns (n × out row stats, n × in column stats) of W² G_s²."""
     _check(weight, x, dy)
     n = _n_samples(x.shape[0], seq_len)
@@ -137,7 +170,9 @@ def sample_fisher_stats_torch(weight: torch.Tensor, x: torch.Tensor, dy: torch.T
     return torch.stack(rows), torch.stack(cols)
 
 
-def sample_fisher_stats(weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def sample_fisher_stats(
+    weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int, backend: Backend = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample Fisher statistics (rows, cols); Triton on CUDA tensors."""
     if use_triton(weight, backend):
         return sample_fisher_stats_triton(weight, x, dy, seq_len)
@@ -145,7 +180,11 @@ def sample_fisher_stats(weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
 
 
 def sample_fisher_stats_triton(
-    weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seq_len: int, **launch: int,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    seq_len: int,
+    **launch: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused path: one program per (sample, row tile, column tile); per-sample G_s tiles stay in registers."""
     from adapruner.kernels._cached_gradient_kernels import sample_fisher_kernel
@@ -158,9 +197,25 @@ def sample_fisher_stats_triton(
     cols = torch.zeros(n, in_features, dtype=torch.float32, device=weight.device)
     grid = (n, -(-out_features // block_m), -(-in_features // block_n))
     sample_fisher_kernel[grid](
-        weight, x, dy, rows, cols, out_features, in_features, seq_len,
-        weight.stride(0), weight.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        UPCAST=_interpreter_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t, **launch,
+        weight,
+        x,
+        dy,
+        rows,
+        cols,
+        out_features,
+        in_features,
+        seq_len,
+        weight.stride(0),
+        weight.stride(1),
+        x.stride(0),
+        x.stride(1),
+        dy.stride(0),
+        dy.stride(1),
+        UPCAST=_interpreter_upcast(x),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_T=block_t,
+        **launch,
     )
     return rows, cols
 
@@ -177,8 +232,12 @@ def _tiles(x: torch.Tensor, given: dict[str, int]) -> tuple[tuple[int, ...], dic
         default_blocks, warps, stages = (64, 64, 32), 4, 2
     unknown = set(given) - {"block_m", "block_n", "block_t", "num_warps", "num_stages"}
     if unknown:
-        raise TypeError(f"unknown launch options {sorted(unknown)}: use block_m, block_n, block_t, num_warps, num_stages")
-    chosen = tuple(given.get(name) or default for name, default in zip(("block_m", "block_n", "block_t"), default_blocks))
+        raise TypeError(
+            f"unknown launch options {sorted(unknown)}: use block_m, block_n, block_t, num_warps, num_stages"
+        )
+    chosen = tuple(
+        given.get(name) or default for name, default in zip(("block_m", "block_n", "block_t"), default_blocks)
+    )
     return chosen, {"num_warps": given.get("num_warps") or warps, "num_stages": given.get("num_stages") or stages}
 
 
@@ -200,7 +259,9 @@ def _n_samples(n_tokens: int, seq_len: int) -> int:
     return n_tokens // seq_len
 
 
-def _check_importance_call(metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, seq_len: int | None) -> None:
+def _check_importance_call(
+    metric: str, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, seq_len: int | None
+) -> None:
     """The contract every cached-gradient importance path checks before it computes."""
     _check_metric(metric, rows, seq_len)
     _check(weight, x, dy)

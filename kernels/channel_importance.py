@@ -13,6 +13,7 @@ The per-element formulas live in `adapruner.metrics` (the registry); this module
 All arithmetic is in fp32, whatever the input dtype. The Triton kernel streams W (and G, F, a as the metric
 needs) once, tile by tile, and writes only the per-channel vector.
 """
+
 from __future__ import annotations
 
 import torch
@@ -89,7 +90,9 @@ def channel_importance_triton(
     block_c, block_k = launch.get("block_c") or default_c, launch.get("block_k") or default_k
     num_warps, split_k = launch.get("num_warps") or default_warps, launch.get("split_k")
     c_blocks = triton_cdiv(channels, block_c)
-    split_k = split_k or max(1, min(triton_cdiv(reduced, 4 * block_k), triton_cdiv(4 * _multiprocessors(weight.device), c_blocks)))
+    split_k = split_k or max(
+        1, min(triton_cdiv(reduced, 4 * block_k), triton_cdiv(4 * _multiprocessors(weight.device), c_blocks))
+    )
     k_chunk = triton_cdiv(triton_cdiv(reduced, split_k), block_k) * block_k
     out = torch.zeros(channels, dtype=torch.float32, device=weight.device)
     # absent inputs get the weight as a stand-in pointer; the METRIC constexpr never reads them
@@ -98,10 +101,26 @@ def channel_importance_triton(
     a = act_norm if act_norm is not None else weight
     grid = (c_blocks, triton_cdiv(reduced, k_chunk))
     channel_importance_kernel[grid](
-        weight, g, f, a, out, channels, reduced, k_chunk,
-        weight.stride(dim), weight.stride(1 - dim), g.stride(dim), g.stride(1 - dim), f.stride(dim), f.stride(1 - dim),
+        weight,
+        g,
+        f,
+        a,
+        out,
+        channels,
+        reduced,
+        k_chunk,
+        weight.stride(dim),
+        weight.stride(1 - dim),
+        g.stride(dim),
+        g.stride(1 - dim),
+        f.stride(dim),
+        f.stride(1 - dim),
         a.stride(0) if act_norm is not None else 0,
-        METRIC=METRICS[metric].kernel_code, ACT_ON_REDUCED=dim == 0, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
+        METRIC=METRICS[metric].kernel_code,
+        ACT_ON_REDUCED=dim == 0,
+        BLOCK_C=block_c,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     return out.abs_() if METRICS[metric].sum_then_abs else out
 

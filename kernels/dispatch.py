@@ -1,4 +1,5 @@
 """When the Triton kernels run: on CUDA tensors, or anywhere under `TRITON_INTERPRET=1` when asked explicitly."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,6 +45,9 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":  # torch's CPU feature probes are private; without them, assume no
-        probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+        probes = (
+            getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+            getattr(torch.cpu, "_is_amx_tile_supported", None),
+        )
         return any(probe is not None and probe() for probe in probes)
     return False

@@ -4,6 +4,7 @@ A layer's pruning is one call: q/k/v rows, o columns and their biases (or gate/u
 biases). `None` keeps a dimension whole; 1-D tensors (biases) take `rows` only. The copy is dtype-agnostic:
 the kernel moves 2- or 4-byte words, so bf16/fp16/fp32 all travel as raw bits.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,11 +23,17 @@ def _check(specs: Sequence[GatherSpec]) -> None:
     for src, rows, cols in specs:
         if src.dim() not in (1, 2) or (src.dim() == 1 and cols is not None):
             raise ValueError("gather takes 2-D tensors, or 1-D tensors (biases) with rows only")
-        bounded += [(index, size) for index, size in ((rows, src.shape[0]), (cols, src.shape[-1])) if index is not None and index.numel()]
+        bounded += [
+            (index, size)
+            for index, size in ((rows, src.shape[0]), (cols, src.shape[-1]))
+            if index is not None and index.numel()
+        ]
     if not bounded:
         return
     device = bounded[0][0].device
-    extremes = torch.stack([torch.stack([index.min(), index.max()]).to(device) for index, _ in bounded]).tolist()  # one host read
+    extremes = torch.stack(
+        [torch.stack([index.min(), index.max()]).to(device) for index, _ in bounded]
+    ).tolist()  # one host read
     for (low, high), (_, size) in zip(extremes, bounded):
         if low < 0 or high >= size:
             raise ValueError(f"gather index out of range [0, {size})")
@@ -50,7 +57,9 @@ def gather(specs: Sequence[GatherSpec], backend: Backend = "auto") -> list[torch
     return gather_torch(specs)
 
 
-def gather_triton(specs: Sequence[GatherSpec], block_r: int = 16, block_c: int = 256, num_warps: int = 4) -> list[torch.Tensor]:
+def gather_triton(
+    specs: Sequence[GatherSpec], block_r: int = 16, block_c: int = 256, num_warps: int = 4
+) -> list[torch.Tensor]:
     """Fused path: grid (row tiles, column tiles, tensors); each program copies one tile of one tensor.
     Tensors whose columns stay whole are read along contiguous columns (vector loads)."""
     from adapruner.kernels._gather_kernel import gather_kernel
@@ -76,8 +85,18 @@ def gather_triton(specs: Sequence[GatherSpec], block_r: int = 16, block_c: int =
         s_cols.append(matrix.stride(1))
     grid = (-(-max(n_rows) // block_r), -(-max(n_cols) // block_c), len(specs))
     gather_kernel[grid](
-        tuple(sources), tuple(o.view(BITS_AS[o.element_size()]) for o in outputs), tuple(row_ids), tuple(col_ids), tuple(whole_cols),
-        tuple(n_rows), tuple(n_cols), tuple(s_rows), tuple(s_cols),
-        N_TENSORS=len(specs), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        tuple(sources),
+        tuple(o.view(BITS_AS[o.element_size()]) for o in outputs),
+        tuple(row_ids),
+        tuple(col_ids),
+        tuple(whole_cols),
+        tuple(n_rows),
+        tuple(n_cols),
+        tuple(s_rows),
+        tuple(s_cols),
+        N_TENSORS=len(specs),
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return [out if src.dim() == 2 else out[:, 0] for out, (src, _, _) in zip(outputs, specs)]

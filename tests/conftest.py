@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random LLaMA-family models for unit tests, the real SmolLM2-135M once per session."""
+
 from __future__ import annotations
 
 import copy
@@ -11,16 +12,22 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU only in the inter
 
 TEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-import pytest
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+import pytest  # noqa: E402  (after TRITON_INTERPRET is set)
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 
 def tiny_llama(n_heads: int = 4, n_kv: int = 4, layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
     """A random LLaMA with head_dim 8, hidden 48, intermediate 24, vocab 97 (odd sizes on purpose)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=97, hidden_size=48, intermediate_size=24, num_hidden_layers=layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=8, max_position_embeddings=64,
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=24,
+        num_hidden_layers=layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=8,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
@@ -30,8 +37,14 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     """A random Qwen2 (q/k/v biases), GQA 6 query / 2 kv heads."""
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=97, hidden_size=48, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
     )
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # random biases so that a wrong bias slice shows in the logits

@@ -20,9 +20,38 @@ def write_pool(path, seed):
 
 
 def search_args(tmp_path, out, *extra):
-    return ["search", "--model", str(tmp_path / "model"), "--pools", str(tmp_path / "a.txt"), "--pool-size", "4", "--seq-len", "16",
-            "--layers", "all", "--metrics", "l2,vector,taylor1", "--sample-counts", "1,2", "--blocks-per-pool", "2", "--val-windows", "2",
-            "--trials", "2", "--batch-size", "2", "--cache-dtype", "float32", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *extra]
+    return [
+        "search",
+        "--model",
+        str(tmp_path / "model"),
+        "--pools",
+        str(tmp_path / "a.txt"),
+        "--pool-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--layers",
+        "all",
+        "--metrics",
+        "l2,vector,taylor1",
+        "--sample-counts",
+        "1,2",
+        "--blocks-per-pool",
+        "2",
+        "--val-windows",
+        "2",
+        "--trials",
+        "2",
+        "--batch-size",
+        "2",
+        "--cache-dtype",
+        "float32",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def run_cli(capsys, *argv):

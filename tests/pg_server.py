@@ -3,6 +3,7 @@
 The server binaries come from the system (`.ci/run` installs Debian's `postgresql` when `initdb` is missing). PostgreSQL
 refuses to run as root, so under root the cluster belongs to the `postgres` system user.
 """
+
 from __future__ import annotations
 
 import glob
@@ -37,7 +38,9 @@ def postgres_cluster():
     """Yield the SQLAlchemy URL prefix `postgresql+psycopg2://adapruner@127.0.0.1:PORT/` of a fresh cluster."""
     binaries = server_binaries()
     if binaries is None:
-        raise RuntimeError("PostgreSQL's initdb is not installed: run .ci/run (it installs Debian's postgresql) or apt-get install postgresql")
+        raise RuntimeError(
+            "PostgreSQL's initdb is not installed: run .ci/run (it installs Debian's postgresql) or apt-get install postgresql"
+        )
     root = Path(tempfile.mkdtemp(prefix="adapruner-pg-"))
     data, port = root / "data", _free_port()
     as_server_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -46,8 +49,17 @@ def postgres_cluster():
     run = lambda *argv: subprocess.run([*as_server_user, *argv], check=True, capture_output=True, text=True)  # noqa: E731
     try:
         run(str(binaries / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "--no-sync")
-        run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200", "start")
+        run(
+            str(binaries / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "start",
+        )
         try:
             yield f"postgresql+psycopg2://{USER}@127.0.0.1:{port}/"
         finally:

@@ -1,12 +1,13 @@
 """The activation cache: any subset's importance equals a fresh forward+backward on that subset."""
+
 import pytest
 import torch
 
-from adapruner.cache import ActivationCache, CachedImportance, build_cache, CandidatePool, cache_key, input_owner
+from adapruner.cache import ActivationCache, CachedImportance, CandidatePool, build_cache, cache_key
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance, needs
 from adapruner.statistics import collect_stats
-from adapruner.structure import attention_group, layer_info, mlp_group, prunable_linears
+from adapruner.structure import attention_group, input_owner, layer_info, mlp_group, prunable_linears
 
 SEQ = 11
 LAYERS = range(1, 3)
@@ -39,7 +40,9 @@ def test_cached_importance_equals_fresh_gradients(gqa_model, pool, metric, subse
     for group in groups(gqa_model):
         for member in group.members:
             expected = fresh.channel_scores(member)
-            torch.testing.assert_close(cached.channel_scores(member), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+            torch.testing.assert_close(
+                cached.channel_scores(member), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()
+            )
 
 
 def test_bf16_cache_stays_close(gqa_model, pool):
@@ -48,7 +51,10 @@ def test_bf16_cache_stays_close(gqa_model, pool):
     assert rounded.tensors["x/model.layers.1.self_attn.q_proj"].dtype == torch.bfloat16
     samples = torch.tensor([0, 3, 5])
     for group in groups(gqa_model):
-        a, b = CachedImportance(exact, "taylor1", "sum", samples)(group), CachedImportance(rounded, "taylor1", "sum", samples)(group)
+        a, b = (
+            CachedImportance(exact, "taylor1", "sum", samples)(group),
+            CachedImportance(rounded, "taylor1", "sum", samples)(group),
+        )
         torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-2 * a.abs().max().item())
 
 

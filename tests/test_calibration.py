@@ -1,4 +1,5 @@
 """Text pools, the fixed wiki split, addressed windows and their errors."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """The CLI: bad input → one line on stderr, exit 2, nothing written; end to end on the real SmolLM2-135M."""
+
 import json
 
 import pytest
@@ -7,18 +8,26 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from adapruner.calibration import pool_windows
-from adapruner.cli import build_parser, eval_options, lora_options, prune_eval_options, prune_options, run_options, search_options
+from adapruner.cli import (
+    build_parser,
+    eval_options,
+    lora_options,
+    prune_eval_options,
+    prune_options,
+    run_options,
+    search_options,
+)
 from adapruner.commands.eval import EvalOptions
-from adapruner.finetune import LoraOptions
 from adapruner.commands.run import RunOptions
 from adapruner.commands.search import SearchOptions
 from adapruner.evaluate import perplexity
-from adapruner.saving import save_pruned
-from adapruner.pruning import PruneOptions, prune_model
-from adapruner.structure import layer_info
+from adapruner.finetune import LoraOptions
 from adapruner.plan import PrunePlan
-from adapruner.validation import VAL_DTYPES, resolve_val_dtype
+from adapruner.pruning import PruneOptions, prune_model
+from adapruner.saving import save_pruned
 from adapruner.spec import PruneSpec
+from adapruner.structure import layer_info
+from adapruner.validation import VAL_DTYPES, resolve_val_dtype
 from tests.helpers import run_cli
 
 
@@ -27,7 +36,9 @@ from tests.helpers import run_cli
     [
         (["--model", "/no/such/model"], "does not exist"),
         (["--model", "smollm2", "--ratio", "1.5"], "outside (0, 1)"),
-        pytest.param(["--model", "smollm2", "--ratio", "0.95"], "would remove all 3 key/value groups", marks=pytest.mark.smollm2),
+        pytest.param(
+            ["--model", "smollm2", "--ratio", "0.95"], "would remove all 3 key/value groups", marks=pytest.mark.smollm2
+        ),
         pytest.param(["--model", "smollm2", "--calib", "wiki:100000"], "ask for at most", marks=pytest.mark.smollm2),
         (["--model", "smollm2", "--calib", "atlantis:4"], "unknown pool 'atlantis'"),
         pytest.param(["--model", "smollm2", "--target-params", "0.99"], "out of reach", marks=pytest.mark.smollm2),
@@ -35,7 +46,9 @@ from tests.helpers import run_cli
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, capsys, tmp_path):
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "prune", *argv, "--metric", "l2" if "--calib" not in argv else "taylor1", "--no-eval", "--out", str(out))
+    code, _, err = run_cli(
+        capsys, "prune", *argv, "--metric", "l2" if "--calib" not in argv else "taylor1", "--no-eval", "--out", str(out)
+    )
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
@@ -70,7 +83,10 @@ def test_cli_defaults_are_the_settings_objects_defaults():
         (["eval", "--model", "m", "--batch-size", "0"], "argument --batch-size: 0 is below its minimum 1"),
         (["prune", "--model", "m", "--damp", "0"], "argument --damp: 0.0 is below its minimum 1e-12"),
         (["search", "--min-keep", "1"], "argument --min-keep: 1.0 is outside [0, 1)"),
-        (["search", "--target-params", "0.2", "--ratio", "0.3"], "argument --ratio: not allowed with argument --target-params"),
+        (
+            ["search", "--target-params", "0.2", "--ratio", "0.3"],
+            "argument --ratio: not allowed with argument --target-params",
+        ),
         (["prune", "--model", "m", "--allocation", "magic"], "argument --allocation: invalid choice: 'magic'"),
     ],
 )
@@ -109,11 +125,29 @@ def test_smollm2_prune_save_reload(smollm2, tmp_path):
 
 def test_smollm2_uniform_cli_saves_a_stock_model(capsys, tmp_path, smollm2_loaded):
     out = tmp_path / "uniform"
-    code, stdout, _ = run_cli(capsys, "prune", "--model", "smollm2", "--ratio", "0.25", "--metric", "l2", "--uniform", "--max-eval-windows", "2", "--out", str(out))
+    code, stdout, _ = run_cli(
+        capsys,
+        "prune",
+        "--model",
+        "smollm2",
+        "--ratio",
+        "0.25",
+        "--metric",
+        "l2",
+        "--uniform",
+        "--max-eval-windows",
+        "2",
+        "--out",
+        str(out),
+    )
     assert code == 0 and "ppl wiki" in stdout
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(loaded) is LlamaForCausalLM
-    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads, loaded.config.intermediate_size) == (6, 2, 1152)
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads, loaded.config.intermediate_size) == (
+        6,
+        2,
+        1152,
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] == sum(p.numel() for p in loaded.parameters())
     code, stdout, _ = run_cli(capsys, "eval", "--model", str(out), "--max-eval-windows", "2")
@@ -155,9 +189,28 @@ def test_search_bad_input(argv, message, capsys, tmp_path):
 
 def test_smollm2_search_resume_mismatch_and_apply(capsys, tmp_path, smollm2_loaded):
     out, cache_dir = tmp_path / "search", tmp_path / "cache"
-    common = ["--model", "smollm2", "--pools", "wiki,news", "--pool-size", "2", "--metrics", "l2,vector,taylor2",
-              "--sample-counts", "1,2", "--blocks-per-pool", "2", "--val-windows", "1", "--cache-dtype", "float32",
-              "--cache-dir", str(cache_dir), "--out", str(out)]
+    common = [
+        "--model",
+        "smollm2",
+        "--pools",
+        "wiki,news",
+        "--pool-size",
+        "2",
+        "--metrics",
+        "l2,vector,taylor2",
+        "--sample-counts",
+        "1,2",
+        "--blocks-per-pool",
+        "2",
+        "--val-windows",
+        "1",
+        "--cache-dtype",
+        "float32",
+        "--cache-dir",
+        str(cache_dir),
+        "--out",
+        str(out),
+    ]
     code, stdout, _ = run_cli(capsys, "search", *common, "--trials", "2")
     assert code == 0 and "best trial" in stdout
     assert {"best.json", "history.png", "study.db", "trials.txt", "search.json"} <= {p.name for p in out.iterdir()}
@@ -170,20 +223,32 @@ def test_smollm2_search_resume_mismatch_and_apply(capsys, tmp_path, smollm2_load
     assert all(pool in ("wiki", "news") for pool, _ in best["addresses"])
 
     code, _, _ = run_cli(capsys, "search", *common, "--trials", "3")  # resume: one more trial, cache reused
-    assert code == 0 and len(optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}").trials) == 3
+    assert (
+        code == 0
+        and len(optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}").trials) == 3
+    )
     assert len(list(cache_dir.iterdir())) == 1
 
     code, _, err = run_cli(capsys, "search", *common, "--trials", "3", "--ratio", "0.3")
     assert code == 2 and "created with ratio=0.25, not 0.3" in err
-    resolved = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}").user_attrs["setup"]["val_dtype"]
+    resolved = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}").user_attrs["setup"][
+        "val_dtype"
+    ]
     assert resolved == resolve_val_dtype("auto", torch.device("cpu"))  # the study records what `auto` meant here
-    assert optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}").user_attrs["setup"]["cache_dtype"] == "float32"
+    assert (
+        optuna.load_study(study_name="adapruner", storage=f"sqlite:///{out / 'study.db'}").user_attrs["setup"][
+            "cache_dtype"
+        ]
+        == "float32"
+    )
     code, _, err = run_cli(capsys, "search", *common, "--trials", "3", "--val-dtype", "float16")
     assert code == 2 and f"created with val_dtype={resolved!r}, not 'float16'" in err
 
     pruned = tmp_path / "pruned"
     best = json.loads((out / "best.json").read_text())
-    code, _, _ = run_cli(capsys, "prune", "--model", "smollm2", "--from-study", str(out), "--no-eval", "--out", str(pruned))
+    code, _, _ = run_cli(
+        capsys, "prune", "--model", "smollm2", "--from-study", str(out), "--no-eval", "--out", str(pruned)
+    )
     assert code == 0
     report = json.loads((pruned / "report.json").read_text())
     assert report["options"]["spec"] == best["spec"]
@@ -195,26 +260,69 @@ def test_smollm2_delivered_model_is_the_scored_one(capsys, tmp_path, smollm2_loa
     """A taylor1 search with the default bf16 cache → `prune --from-study`: the saved model scores, the way the trial
     was scored, the best trial's val_ppl, and keeps exactly its plan; --recompute reports how far fp32 statistics move it."""
     out = tmp_path / "search"
-    code, _, _ = run_cli(capsys, "search", "--model", "smollm2", "--pools", "wiki", "--pool-size", "4", "--metrics", "taylor1",
-                         "--aggregations", "sum", "--sample-counts", "2,4", "--blocks-per-pool", "2", "--trials", "2", "--val-windows", "2",
-                         "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    code, _, _ = run_cli(
+        capsys,
+        "search",
+        "--model",
+        "smollm2",
+        "--pools",
+        "wiki",
+        "--pool-size",
+        "4",
+        "--metrics",
+        "taylor1",
+        "--aggregations",
+        "sum",
+        "--sample-counts",
+        "2,4",
+        "--blocks-per-pool",
+        "2",
+        "--trials",
+        "2",
+        "--val-windows",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    )
     assert code == 0
     best = json.loads((out / "best.json").read_text())
-    assert best["spec"]["metric"] == "taylor1" and json.loads((out / "search.json").read_text())["options"]["cache_dtype"] == "bfloat16"
+    assert (
+        best["spec"]["metric"] == "taylor1"
+        and json.loads((out / "search.json").read_text())["options"]["cache_dtype"] == "bfloat16"
+    )
     assert "1 start-up (random), 1 tpe" in (out / "trials.txt").read_text()  # --trials 2: one start-up trial, then TPE
-    code, _, _ = run_cli(capsys, "prune", "--model", "smollm2", "--from-study", str(out), "--no-eval", "--out", str(tmp_path / "p"))
+    code, _, _ = run_cli(
+        capsys, "prune", "--model", "smollm2", "--from-study", str(out), "--no-eval", "--out", str(tmp_path / "p")
+    )
     assert code == 0
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert report["plan"] == best["plan"] and report["plan_source"] == "study"
-    delivered = AutoModelForCausalLM.from_pretrained(tmp_path / "p", trust_remote_code=True, dtype=VAL_DTYPES[best["placement"]["val_dtype"]]).eval()
+    delivered = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "p", trust_remote_code=True, dtype=VAL_DTYPES[best["placement"]["val_dtype"]]
+    ).eval()
     val = load_file(str(out / "val.safetensors"))["windows"]
     assert perplexity(delivered, val, best["batch_size"], progress=False) == pytest.approx(best["val_ppl"], rel=1e-4)
 
-    code, stdout, _ = run_cli(capsys, "prune", "--model", "smollm2", "--from-study", str(out), "--recompute", "--no-eval", "--out", str(tmp_path / "p2"))
+    code, stdout, _ = run_cli(
+        capsys,
+        "prune",
+        "--model",
+        "smollm2",
+        "--from-study",
+        str(out),
+        "--recompute",
+        "--no-eval",
+        "--out",
+        str(tmp_path / "p2"),
+    )
     assert code == 0 and "units differ" in stdout
     recomputed = json.loads((tmp_path / "p2" / "report.json").read_text())
     assert recomputed["plan_source"] == "recomputed"
-    assert recomputed["units_differing_from_study"] == PrunePlan.from_dict(recomputed["plan"]).units_differing(PrunePlan.from_dict(best["plan"]))
+    assert recomputed["units_differing_from_study"] == PrunePlan.from_dict(recomputed["plan"]).units_differing(
+        PrunePlan.from_dict(best["plan"])
+    )
 
 
 def test_reports_of_another_version_are_refused(capsys, tmp_path):
@@ -224,5 +332,9 @@ def test_reports_of_another_version_are_refused(capsys, tmp_path):
     assert code == 2 and "another adapruner version" in err and err.count("\n") == 1
     (tmp_path / "study").mkdir()
     (tmp_path / "study" / "best.json").write_text(json.dumps({"model": "smollm2", "ratio": 0.25}))  # format 1: no plan
-    code, _, err = run_cli(capsys, "prune", "--model", "smollm2", "--from-study", str(tmp_path / "study"), "--out", str(tmp_path / "p"))
-    assert code == 2 and "another adapruner version" in err and "rerun the search" in err and not (tmp_path / "p").exists()
+    code, _, err = run_cli(
+        capsys, "prune", "--model", "smollm2", "--from-study", str(tmp_path / "study"), "--out", str(tmp_path / "p")
+    )
+    assert (
+        code == 2 and "another adapruner version" in err and "rerun the search" in err and not (tmp_path / "p").exists()
+    )

@@ -1,20 +1,19 @@
 """Compensation after removal: the bias keeps the output mean, lsq is least squares, compensated models save and
 reload, and the cache gives any subset's input moments as a fresh pass does (issue 12)."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapruner.cache import build_cache, CandidatePool, cache_key
-from adapruner.statistics import InputMoments
-from adapruner.compensation import compensated, compensation_updates, install
+from adapruner.cache import CandidatePool, build_cache, cache_key
+from adapruner.compensation import compensated, compensation_updates, install, output_inputs
 from adapruner.importance import Importance, LinearStats
-from adapruner.saving import save_pruned
 from adapruner.removal import apply_plan
+from adapruner.saving import save_pruned
 from adapruner.selection import plan_allocation
-from adapruner.compensation import output_inputs
-from adapruner.statistics import collect_input_moments
-from adapruner.structure import prunable_linears
 from adapruner.spec import PruneSpec
+from adapruner.statistics import InputMoments, collect_input_moments
+from adapruner.structure import prunable_linears
 
 SEQ = 9
 
@@ -26,7 +25,9 @@ def moments_of(x: torch.Tensor) -> InputMoments:
 def layer_inputs(device, tokens=4000, width=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(width, width, generator=g)
-    x = (torch.randn(tokens, width, generator=g) @ mix + torch.randn(width, generator=g)).to(device)  # correlated, non-zero mean
+    x = (torch.randn(tokens, width, generator=g) @ mix + torch.randn(width, generator=g)).to(
+        device
+    )  # correlated, non-zero mean
     w = torch.randn(5, width, generator=g).to(device)
     b = torch.randn(5, generator=g).to(device)
     return x, w, b
@@ -102,8 +103,12 @@ def test_cached_moments_of_any_subset_equal_a_fresh_pass(gqa_model):
             # and FLAP's fluctuation metric reads the same variance from either
             weight = linears[name].weight
             stats = {name: LinearStats(act_var=fresh[name].variance)}
-            torch.testing.assert_close(cache.channel_scores("fluct", name, weight.detach(), 1, torch.tensor(subset)),
-                                       Importance("fluct", stats=stats).channel_scores(_member(name, linears[name])), atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(
+                cache.channel_scores("fluct", name, weight.detach(), 1, torch.tensor(subset)),
+                Importance("fluct", stats=stats).channel_scores(_member(name, linears[name])),
+                atol=1e-6,
+                rtol=1e-4,
+            )
 
 
 def _member(name, linear):
@@ -119,7 +124,9 @@ def test_lsq_grams_in_passes_under_a_budget_equal_one_pass(gqa_model, monkeypatc
     model, ids = gqa_model, calibration_ids()
     plan = plan_allocation(model, Importance("l2"), PruneSpec(0.5, layers="0:3"))
     targets = output_inputs(model, plan)
-    assert [list(c) for c in pruner.gram_chunks(targets, 4 * 48**2 + 4 * 24**2)] == [list(targets)[i : i + 2] for i in (0, 2, 4)]
+    assert [list(c) for c in pruner.gram_chunks(targets, 4 * 48**2 + 4 * 24**2)] == [
+        list(targets)[i : i + 2] for i in (0, 2, 4)
+    ]
     assert len(pruner.gram_chunks(targets, None)) == 1
     whole = pruner.compensation_passes(model, plan, ids, "lsq", 1.0, gram_bytes=None, progress=False)
     passes = []

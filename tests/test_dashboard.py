@@ -1,4 +1,5 @@
 """`adapruner dashboard OUT`: optuna-dashboard on the study, answering on loopback; clean stop; one-line errors."""
+
 import json
 import os
 import signal
@@ -28,8 +29,13 @@ def test_dashboard_lists_the_study_and_stops_cleanly(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(search_args(tmp_path, out)) == 0
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "adapruner.cli", "dashboard", str(out), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "adapruner.cli", "dashboard", str(out), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     try:
         studies, deadline = None, time.time() + 60
         while studies is None and time.time() < deadline:

@@ -1,4 +1,5 @@
 """The model path on the test device, `--device/--dtype` on the CLI, and device errors as one-line errors."""
+
 import copy
 import json
 
@@ -6,14 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapruner.cache import build_cache, CandidatePool, cache_key
+from adapruner.cache import CandidatePool, build_cache, cache_key
 from adapruner.cli import main
 from adapruner.devices import Placement, device_errors, resolve_device, resolve_dtype
 from adapruner.errors import AdaPrunerError
 from adapruner.plan import PrunePlan
 from adapruner.search import TrialConfig, trial_plan
-from adapruner.validation import ValidationScorer
 from adapruner.spec import PruneSpec
+from adapruner.validation import ValidationScorer
 from tests.conftest import span
 from tests.helpers import masked_logits
 
@@ -22,7 +23,9 @@ METRICS = ("l2", "taylor1", "vector", "taylor2", "mix", "act")
 
 
 def cache_on(model, ids):
-    key = cache_key("tiny", model, CandidatePool(["a"], ids.shape[0], SEQ, 0), LAYERS, activations=True, dtype="float32")
+    key = cache_key(
+        "tiny", model, CandidatePool(["a"], ids.shape[0], SEQ, 0), LAYERS, activations=True, dtype="float32"
+    )
     return build_cache(model, key, ids, [("a", i) for i in range(ids.shape[0])], progress=False)
 
 
@@ -49,12 +52,16 @@ def test_a_cache_over_its_budget_is_staged_in_host_memory(gqa_model, device):
     key = cache_key("tiny", model, CandidatePool(["a"], 6, SEQ, 0), LAYERS, activations=True, dtype="float32")
     addresses = [("a", i) for i in range(6)]
     resident = build_cache(model, key, ids, addresses, batch_size=2, progress=False)
-    staged = build_cache(model, key, ids, addresses, batch_size=2, progress=False, device_budget_bytes=resident.nbytes // 2)
+    staged = build_cache(
+        model, key, ids, addresses, batch_size=2, progress=False, device_budget_bytes=resident.nbytes // 2
+    )
     assert resident.device.type == device.type and {t.device.type for t in staged.tensors.values()} == {"cpu"}
     for name, tensor in resident.tensors.items():
         torch.testing.assert_close(staged.tensors[name], tensor.cpu())
     config = TrialConfig([1, 4], "taylor1", "sum")  # a host cache scores on the model's device: rows staged per trial
-    assert trial_plan(model, staged, PruneSpec(0.5, layers=span(LAYERS)), config) == trial_plan(model, resident, PruneSpec(0.5, layers=span(LAYERS)), config)
+    assert trial_plan(model, staged, PruneSpec(0.5, layers=span(LAYERS)), config) == trial_plan(
+        model, resident, PruneSpec(0.5, layers=span(LAYERS)), config
+    )
 
 
 def test_cli_prune_and_search_in_bfloat16(gqa_model, tokenizer, tmp_path, capsys):
@@ -64,9 +71,29 @@ def test_cli_prune_and_search_in_bfloat16(gqa_model, tokenizer, tmp_path, capsys
     gqa_model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     common = ["--model", str(model_dir), "--ratio", "0.5", "--layers", "0:3", "--device", "cpu", "--dtype", "bfloat16"]
-    assert main(["prune", *common, "--metric", "taylor1", "--calib", "wiki:2", "--seq-len", "16", "--no-eval", "--out", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                *common,
+                "--metric",
+                "taylor1",
+                "--calib",
+                "wiki:2",
+                "--seq-len",
+                "16",
+                "--no-eval",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "p" / "report.json").read_text())
-    assert report["placement"] == {"device": "cpu", "dtype": "bfloat16"} and report["backends"] == {"importance": "torch", "gather": "torch"}
+    assert report["placement"] == {"device": "cpu", "dtype": "bfloat16"} and report["backends"] == {
+        "importance": "torch",
+        "gather": "torch",
+    }
     plan = PrunePlan.from_dict(report["plan"])
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "p", trust_remote_code=True, dtype=torch.bfloat16).eval()
     assert next(pruned.parameters()).dtype == torch.bfloat16
@@ -77,8 +104,26 @@ def test_cli_prune_and_search_in_bfloat16(gqa_model, tokenizer, tmp_path, capsys
     bound = 2 * 2**-8 * expected.abs().max().item()
     assert (got - expected).abs().max().item() <= bound
 
-    search = ["--pools", "wiki", "--pool-size", "2", "--seq-len", "16", "--metrics", "taylor1,l2", "--sample-counts", "1,2",
-              "--blocks-per-pool", "1", "--trials", "2", "--val-windows", "2", "--cache-dir", str(tmp_path / "cache")]
+    search = [
+        "--pools",
+        "wiki",
+        "--pool-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--metrics",
+        "taylor1,l2",
+        "--sample-counts",
+        "1,2",
+        "--blocks-per-pool",
+        "1",
+        "--trials",
+        "2",
+        "--val-windows",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(["search", *common, *search, "--out", str(tmp_path / "s")]) == 0
     best = json.loads((tmp_path / "s" / "best.json").read_text())
     assert best["placement"]["device"] == "cpu" and best["placement"]["dtype"] == "bfloat16"
@@ -97,7 +142,23 @@ def test_device_and_dtype_resolution():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
 def test_cuda_without_a_gpu_is_one_line(capsys, tmp_path):
-    assert main(["prune", "--model", "smollm2", "--device", "cuda", "--metric", "l2", "--no-eval", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                "smollm2",
+                "--device",
+                "cuda",
+                "--metric",
+                "l2",
+                "--no-eval",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pass --device cpu" in err and not (tmp_path / "o").exists()
 
@@ -113,7 +174,23 @@ def test_out_of_memory_becomes_a_one_line_error(monkeypatch, capsys, tmp_path):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr("adapruner.commands.prune.load_model", exhausted)
-    assert main(["prune", "--model", "smollm2", "--metric", "l2", "--no-eval", "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                "smollm2",
+                "--metric",
+                "l2",
+                "--no-eval",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--batch-size" in err and "--device cpu" in err and not (tmp_path / "o").exists()
     with pytest.raises(ValueError):  # other errors pass through untouched
@@ -126,8 +203,23 @@ def test_windows_longer_than_the_context_are_refused(gqa_model, tokenizer, tmp_p
     gqa_model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     capsys.readouterr()
-    code = main(["prune", "--model", str(model_dir), "--metric", "l2", "--seq-len", "100", "--no-eval", "--out", str(tmp_path / "p")])
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # besides the loader's progress bars
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(model_dir),
+            "--metric",
+            "l2",
+            "--seq-len",
+            "100",
+            "--no-eval",
+            "--out",
+            str(tmp_path / "p"),
+        ]
+    )
+    errors = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")
+    ]  # besides the loader's progress bars
     assert code == 2 and len(errors) == 1 and "--seq-len 100 exceeds the model's context of 64 tokens" in errors[0]
     assert not (tmp_path / "p").exists()
 
@@ -149,7 +241,9 @@ def test_a_pinned_cache_scores_as_the_resident_one(gqa_model, device, tmp_path):
         torch.testing.assert_close(rows_on(pinned.tensors[name], rows, device), resident.tensors[name][rows.to(device)])
     for metric in ("taylor1", "mix", "taylor2"):
         config = TrialConfig([1, 4, 5], metric, "sum")
-        assert trial_plan(model, pinned, PruneSpec(0.5, layers=span(LAYERS)), config) == trial_plan(model, resident, PruneSpec(0.5, layers=span(LAYERS)), config)
+        assert trial_plan(model, pinned, PruneSpec(0.5, layers=span(LAYERS)), config) == trial_plan(
+            model, resident, PruneSpec(0.5, layers=span(LAYERS)), config
+        )
     samples = torch.tensor([0, 3])
     gram_pinned = pinned.input_moments("model.layers.1.mlp.down_proj", samples, device, gram=True).gram
     gram_resident = resident.input_moments("model.layers.1.mlp.down_proj", samples, device, gram=True).gram

@@ -1,4 +1,5 @@
 """`auto` dispatch: CUDA tensors take the Triton kernels, CPU tensors the torch references (or the bf16 CPU path)."""
+
 from importlib import import_module
 
 import pytest
@@ -7,9 +8,13 @@ import torch
 from adapruner.kernels.dispatch import kernel_backend
 
 # the modules (the package re-exports a function named channel_importance)
-cached_gradient, channel_importance, gather = (import_module(f"adapruner.kernels.{name}") for name in ("cached_gradient", "channel_importance", "gather"))
+cached_gradient, channel_importance, gather = (
+    import_module(f"adapruner.kernels.{name}") for name in ("cached_gradient", "channel_importance", "gather")
+)
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)"
+)
 
 
 def spy(monkeypatch, module, name: str, calls: list[str]) -> None:
@@ -25,7 +30,10 @@ def spy(monkeypatch, module, name: str, calls: list[str]) -> None:
 def call_every_entry_point(device: torch.device) -> None:
     gen = torch.Generator().manual_seed(0)
     w, g = (torch.randn(24, 40, generator=gen).to(device, torch.bfloat16) for _ in range(2))
-    x, dy = torch.randn(18, 40, generator=gen).to(device, torch.bfloat16), torch.randn(18, 24, generator=gen).to(device, torch.bfloat16)
+    x, dy = (
+        torch.randn(18, 40, generator=gen).to(device, torch.bfloat16),
+        torch.randn(18, 24, generator=gen).to(device, torch.bfloat16),
+    )
     rows = torch.arange(18, device=device)
     channel_importance.channel_importance("taylor1", w, 0, g)
     cached_gradient.cached_grad_importance("mix", w, x, dy, rows, 9)
@@ -34,8 +42,10 @@ def call_every_entry_point(device: torch.device) -> None:
 
 
 ENTRY_POINTS = [
-    (channel_importance, "channel_importance"), (cached_gradient, "cached_grad_importance"),
-    (cached_gradient, "sample_fisher_stats"), (gather, "gather"),
+    (channel_importance, "channel_importance"),
+    (cached_gradient, "cached_grad_importance"),
+    (cached_gradient, "sample_fisher_stats"),
+    (gather, "gather"),
 ]
 
 

@@ -1,4 +1,5 @@
 """Perplexity = exp(mean token NLL) over all windows, independent of batch size."""
+
 import math
 
 import pytest
@@ -15,7 +16,6 @@ def test_perplexity_matches_hf_loss(mha_model, token_batch):
     assert perplexity(mha_model, token_batch, batch_size=3, progress=False) == pytest.approx(expected, rel=1e-5)
 
 
-
 def test_chunked_nll_equals_one_cross_entropy():
     from adapruner.evaluate import CE_ROWS, nll_sum
 
@@ -24,5 +24,7 @@ def test_chunked_nll_equals_one_cross_entropy():
     targets = torch.randint(0, 97, logits.shape[:2], generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         chosen = logits.to(dtype)
-        expected = torch.nn.functional.cross_entropy(chosen.double().reshape(-1, 97), targets.reshape(-1), reduction="sum").item()
+        expected = torch.nn.functional.cross_entropy(
+            chosen.double().reshape(-1, 97), targets.reshape(-1), reduction="sum"
+        ).item()
         assert nll_sum(chosen, targets) == pytest.approx(expected, rel=1e-6)

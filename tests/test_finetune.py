@@ -1,4 +1,5 @@
 """LoRA recovery: training lowers the loss, merging equals the adapter, Alpaca masking, clear errors."""
+
 import json
 
 import pytest

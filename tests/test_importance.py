@@ -1,4 +1,5 @@
 """Metrics on hand-computed cases, aggregation, and unit (head) sums."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Save/load round trips: remote-code save of layers of different sizes, stock save of uniform layers."""
+
 import json
 
 import pytest
@@ -7,9 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
-from adapruner.saving import save_pruned
 from adapruner.models import load_model
 from adapruner.removal import apply_plan
+from adapruner.saving import save_pruned
 from adapruner.selection import plan_pruning
 from adapruner.structure import layer_info
 
@@ -82,8 +83,10 @@ def test_failed_save_leaves_nothing(mha_model, tmp_path, tokenizer):
 
 def plant(path, marker) -> None:
     """A modeling file that leaves `marker` behind when Python runs it, then offers the stock class."""
-    path.write_text(f"import pathlib\nfrom transformers import LlamaForCausalLM\npathlib.Path({str(marker)!r}).write_text('ran')\n\n"
-                    "class PlantedForCausalLM(LlamaForCausalLM):\n    pass\n")
+    path.write_text(
+        f"import pathlib\nfrom transformers import LlamaForCausalLM\npathlib.Path({str(marker)!r}).write_text('ran')\n\n"
+        "class PlantedForCausalLM(LlamaForCausalLM):\n    pass\n"
+    )
 
 
 def test_code_shipped_with_a_model_runs_only_when_trusted(gqa_model, tokenizer, tmp_path):
@@ -104,7 +107,9 @@ def test_own_pruned_model_loads_without_trusting_the_file_beside_it(gqa_model, t
     model = prune(gqa_model, range(1, 2))
     out = save_pruned(model, tokenizer, tmp_path / "pruned")
     marker = tmp_path / "ran"
-    plant(out / "modeling_pruned.py", marker)  # whatever the directory's copy holds, the package's own code builds the model
+    plant(
+        out / "modeling_pruned.py", marker
+    )  # whatever the directory's copy holds, the package's own code builds the model
     loaded, _ = load_model(str(out))
     assert not marker.exists() and type(loaded).__name__ == "PrunedLlamaForCausalLM"
     assert max_logit_gap(model, loaded, token_batch) < 1e-5
@@ -114,7 +119,13 @@ def test_a_model_that_needs_its_own_code_asks_for_the_flag(gqa_model, tokenizer,
     model_dir = tmp_path / "custom"
     gqa_model.save_pretrained(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    config.update(model_type="planted", auto_map={"AutoConfig": "modeling_planted.PlantedConfig", "AutoModelForCausalLM": "modeling_planted.PlantedForCausalLM"})
+    config.update(
+        model_type="planted",
+        auto_map={
+            "AutoConfig": "modeling_planted.PlantedConfig",
+            "AutoModelForCausalLM": "modeling_planted.PlantedForCausalLM",
+        },
+    )
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(AdaPrunerError, match="pass --trust-remote-code"):
         load_model(str(model_dir))

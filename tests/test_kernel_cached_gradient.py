@@ -4,6 +4,7 @@ Tolerances: fp32 inputs rtol 1e-4 (ieee dot, different summation order); bf16/fp
 reference upcasts before the matmul, the kernel's tensor-core dot multiplies in the input precision and
 accumulates in fp32).
 """
+
 import pytest
 import torch
 
@@ -59,7 +60,7 @@ def test_bf16_cpu_path_matches_reference(metric, samples):
     wf = w.float()
     magnitude = wf.abs() * per_sample.abs().sum(0) + wf.square() * per_sample.square().mean(0)
     for dim, (g, e) in enumerate(zip(got, expected)):
-        assert ((g - e).abs() <= 2 ** -8 * magnitude.sum(1 - dim)).all()
+        assert ((g - e).abs() <= 2**-8 * magnitude.sum(1 - dim)).all()
     with pytest.raises(ValueError, match="takes bf16"):
         cached_grad_importance_bf16_cpu(metric, w, x.float(), dy.float(), rows, SEQ)
 
@@ -91,7 +92,9 @@ def test_strided_cache_views(device):
     x_view = torch.cat([x, x], 1)[:, ::2]  # column stride 2
     rows = token_rows([1, 2], device)
     expected = cached_grad_importance_torch("taylor1", w, x_view, dy, rows)
-    got = cached_grad_importance_triton("taylor1", w.t().contiguous().t(), x_view, dy, rows, block_m=32, block_n=32, block_t=16)
+    got = cached_grad_importance_triton(
+        "taylor1", w.t().contiguous().t(), x_view, dy, rows, block_m=32, block_n=32, block_t=16
+    )
     torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-3)
 
 

@@ -4,6 +4,7 @@ dimensions, odd sizes, strided inputs, fp32/bf16/fp16 inputs.
 Tolerances: fp32 inputs rtol 1e-5; bf16/fp16 inputs are upcast to fp32 in both paths, so only the summation
 order differs: rtol 1e-4. Absolute tolerance scales with the reduced length.
 """
+
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from adapruner.kernels.channel_importance import channel_importance, channel_imp
 from adapruner.metrics import KERNEL_METRICS
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+
 
 def inputs(shape, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -49,7 +51,9 @@ def test_default_launch_matches_reference(dim, device):
     w, g, f, a = inputs((37, 300), torch.bfloat16, device, seed=3)
     for metric in KERNEL_METRICS:
         expected = channel_importance_torch(metric, w, dim, g, f, a)
-        torch.testing.assert_close(channel_importance_triton(metric, w, dim, g, f, a), expected, rtol=1e-4, atol=1e-5 * w.shape[1 - dim])
+        torch.testing.assert_close(
+            channel_importance_triton(metric, w, dim, g, f, a), expected, rtol=1e-4, atol=1e-5 * w.shape[1 - dim]
+        )
 
 
 @pytest.mark.parametrize("metric", ["taylor1", "mix", "act"])

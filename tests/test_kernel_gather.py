@@ -1,4 +1,5 @@
 """Fused multi-tensor gather vs index_select (TRITON_INTERPRET=1 on CPU): exact copies for every dtype."""
+
 import pytest
 import torch
 
@@ -12,7 +13,14 @@ def layer_like(dtype, device):
     keep_q, keep_kv = (torch.tensor(ids, device=device) for ids in ([0, 1, 2, 3, 8, 9, 10, 11, 40, 47], [3, 4, 5, 15]))
     strided = (o.t(), torch.tensor([47, 0, 20], device=device), torch.tensor([36, 0, 5], device=device))
     strided_whole_columns = (o.t(), keep_kv, None)  # columns read in place with a column stride of 37
-    return [(q, keep_q, None), (k, keep_kv, None), (o, None, keep_q), (bias, keep_q, None), strided, strided_whole_columns]
+    return [
+        (q, keep_q, None),
+        (k, keep_kv, None),
+        (o, None, keep_q),
+        (bias, keep_q, None),
+        strided,
+        strided_whole_columns,
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -25,7 +33,13 @@ def test_gather_matches_index_select_exactly(dtype, device):
 
 def test_gather_keeps_whole_dimensions_and_biases(device):
     w = torch.arange(12.0, device=device).view(3, 4)
-    got = gather([(w, None, torch.tensor([3, 1], device=device)), (torch.arange(5.0, device=device), torch.tensor([4], device=device), None)], backend="triton")
+    got = gather(
+        [
+            (w, None, torch.tensor([3, 1], device=device)),
+            (torch.arange(5.0, device=device), torch.tensor([4], device=device), None),
+        ],
+        backend="triton",
+    )
     assert got[0].tolist() == [[3.0, 1.0], [7.0, 5.0], [11.0, 9.0]]
     assert got[1].tolist() == [4.0]
 

@@ -1,11 +1,12 @@
 """`search --plan`: the cache size derived from shapes alone is what a built cache holds; nothing is written."""
+
 import torch
 
-from adapruner.cache import build_cache, CandidatePool, cache_key, candidate_pool, planned_bytes
+from adapruner.cache import CandidatePool, build_cache, cache_key, candidate_pool, planned_bytes
 from adapruner.cli import main
+from adapruner.commands.search import SearchOptions, plan_search
 from adapruner.memory_plan import GIB
 from adapruner.models import load_shapes
-from adapruner.commands.search import SearchOptions, plan_search
 from adapruner.spec import PruneSpec
 from tests.helpers import save_tiny_model
 
@@ -15,8 +16,20 @@ def test_planned_cache_bytes_are_the_built_cache_s(smollm2, tmp_path):
     layers = range(4, 28)
     for activations, dtype in ((True, "bfloat16"), (False, "float32")):
         shapes = load_shapes("smollm2")
-        planned = planned_bytes(shapes, cache_key("smollm2", shapes, CandidatePool(["wiki", "news"], 2, 32, 0), layers, activations=activations, dtype=dtype))
-        key = cache_key("smollm2", model, CandidatePool(["wiki", "news"], 2, 32, 0), layers, activations=activations, dtype=dtype)
+        planned = planned_bytes(
+            shapes,
+            cache_key(
+                "smollm2",
+                shapes,
+                CandidatePool(["wiki", "news"], 2, 32, 0),
+                layers,
+                activations=activations,
+                dtype=dtype,
+            ),
+        )
+        key = cache_key(
+            "smollm2", model, CandidatePool(["wiki", "news"], 2, 32, 0), layers, activations=activations, dtype=dtype
+        )
         ids, addresses = candidate_pool(tokenizer, ["wiki", "news"], 2, 32, 0)
         cache = build_cache(model, key, ids, addresses, progress=False)
         cache.save(tmp_path / "c.safetensors")
@@ -27,19 +40,63 @@ def test_planned_cache_bytes_are_the_built_cache_s(smollm2, tmp_path):
 def test_search_plan_prints_and_writes_nothing(tmp_path, capsys):
     save_tiny_model(tmp_path / "model")
     out = tmp_path / "s"
-    code = main(["search", "--model", str(tmp_path / "model"), "--layers", "all", "--pools", "wiki", "--pool-size", "3", "--seq-len", "16",
-                 "--metrics", "taylor1", "--cache-dtype", "float32", "--cache-dir", str(tmp_path / "cache"), "--plan", "--out", str(out)])
+    code = main(
+        [
+            "search",
+            "--model",
+            str(tmp_path / "model"),
+            "--layers",
+            "all",
+            "--pools",
+            "wiki",
+            "--pool-size",
+            "3",
+            "--seq-len",
+            "16",
+            "--metrics",
+            "taylor1",
+            "--cache-dtype",
+            "float32",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--plan",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "activation cache" in printed and not out.exists() and not (tmp_path / "cache").exists()
-    plan = plan_search(SearchOptions(model=str(tmp_path / "model"), spec=PruneSpec(layers="all"), pools=["wiki"], pool_size=3, seq_len=16, metrics=("taylor1",),
-                                     cache_dtype="float32", cache_dir=str(tmp_path / "cache"), device="cpu", dtype="float32"))
+    plan = plan_search(
+        SearchOptions(
+            model=str(tmp_path / "model"),
+            spec=PruneSpec(layers="all"),
+            pools=["wiki"],
+            pool_size=3,
+            seq_len=16,
+            metrics=("taylor1",),
+            cache_dtype="float32",
+            cache_dir=str(tmp_path / "cache"),
+            device="cpu",
+            dtype="float32",
+        )
+    )
     # per layer, n = 3 windows, T = 48 tokens, fp32: 4 statistics of n rows per linear (2 of out, 2 of in columns),
     # act and xsum of n rows per distinct input (q, o, gate, down), dY of T rows per linear, X of T rows per distinct input
-    outs = {"q": 32, "k": 32, "v": 32, "o": 48, "gate": 24, "up": 24, "down": 48}  # 4 heads × head_dim 8; hidden 48; 24 channels
+    outs = {
+        "q": 32,
+        "k": 32,
+        "v": 32,
+        "o": 48,
+        "gate": 24,
+        "up": 24,
+        "down": 48,
+    }  # 4 heads × head_dim 8; hidden 48; 24 channels
     ins = {"q": 48, "k": 48, "v": 48, "o": 32, "gate": 48, "up": 48, "down": 24}
     owners = sum(ins[p] for p in ("q", "o", "gate", "down"))
     n, tokens = 3, 48
-    per_layer = 2 * n * (sum(outs.values()) + sum(ins.values())) + 2 * n * owners + tokens * (sum(outs.values()) + owners)
+    per_layer = (
+        2 * n * (sum(outs.values()) + sum(ins.values())) + 2 * n * owners + tokens * (sum(outs.values()) + owners)
+    )
     assert plan.cache_bytes == 3 * per_layer * 4  # 275,328 bytes
     assert f"{plan.cache_bytes / GIB:.3f} GiB" in printed and torch.device(plan.device).type == "cpu"
 
@@ -55,7 +112,9 @@ def test_the_cache_goes_to_the_first_tier_that_holds_it():
     assert cache_placement("cuda", 70 * gib, 8 * gib, 16 * gib, 75 * gib, 200 * gib) == "pinned"  # not beside the model
     assert cache_placement("cuda", 14 * gib, 8 * gib, 16 * gib, 80 * gib, 200 * gib, spread=True) == "pinned"
     assert cache_placement("cuda", 14 * gib, 120 * gib, 16 * gib, 80 * gib, 200 * gib) == "mapped"  # over half the host
-    assert cache_placement("cpu", 1 * gib, 30 * gib, 16 * gib, 200 * gib, 200 * gib) == "mapped"  # no pinning without CUDA
+    assert (
+        cache_placement("cpu", 1 * gib, 30 * gib, 16 * gib, 200 * gib, 200 * gib) == "mapped"
+    )  # no pinning without CUDA
     assert cache_placement("cpu", 1 * gib, 2 * gib, 16 * gib, 200 * gib, 200 * gib) == "device"
 
 
@@ -63,5 +122,9 @@ def test_a_spread_model_s_bytes_leave_less_host_memory_to_pin():
     from adapruner.memory_plan import cache_placement
 
     gib = 2**30
-    assert cache_placement("cuda", 150 * gib, 30 * gib, 16 * gib, 80 * gib, 200 * gib, spread=True) == "mapped"  # 2 · 30 > 200 − 150
-    assert cache_placement("cuda", 150 * gib, 30 * gib, 16 * gib, 80 * gib, 200 * gib) == "pinned"  # a model on its GPU takes no host memory
+    assert (
+        cache_placement("cuda", 150 * gib, 30 * gib, 16 * gib, 80 * gib, 200 * gib, spread=True) == "mapped"
+    )  # 2 · 30 > 200 − 150
+    assert (
+        cache_placement("cuda", 150 * gib, 30 * gib, 16 * gib, 80 * gib, 200 * gib) == "pinned"
+    )  # a model on its GPU takes no host memory

@@ -1,4 +1,5 @@
 """Every saved model directory carries a Hub model card whose header parses and whose table names the report's figures."""
+
 import json
 
 import yaml
@@ -17,15 +18,47 @@ def card_parts(path):
 def test_pruned_directory_card_names_the_report_figures(tmp_path, capsys):
     save_tiny_model(tmp_path / "model")
     out = tmp_path / "p"
-    code = main(["prune", "--model", str(tmp_path / "model"), "--layers", "all", "--target-params", "0.1", "--metric", "l2",
-                 "--allocation", "global", "--compensate", "bias", "--calib", "wiki:2", "--seq-len", "16", "--max-eval-windows", "2", "--out", str(out)])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tmp_path / "model"),
+            "--layers",
+            "all",
+            "--target-params",
+            "0.1",
+            "--metric",
+            "l2",
+            "--allocation",
+            "global",
+            "--compensate",
+            "bias",
+            "--calib",
+            "wiki:2",
+            "--seq-len",
+            "16",
+            "--max-eval-windows",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     header, body = card_parts(out)
     report = json.loads((out / "report.json").read_text())
-    assert header["library_name"] == "transformers" and "adapruner" in header["tags"] and "base_model" not in header  # a local base
-    for figure in (f"{report['params_after']:,}", f"{report['params_before']:,}", f"{100 * report['params_removed_fraction']:.2f}%",
-                   f"{report['ppl_wiki_before']:.3f} → {report['ppl_wiki_after']:.3f}", "l2 / sum", "| allocation | global |",
-                   "| compensation | bias |", f"| calibration windows | 2 (wiki:{report['calib_addresses'][0][1]}"):
+    assert (
+        header["library_name"] == "transformers" and "adapruner" in header["tags"] and "base_model" not in header
+    )  # a local base
+    for figure in (
+        f"{report['params_after']:,}",
+        f"{report['params_before']:,}",
+        f"{100 * report['params_removed_fraction']:.2f}%",
+        f"{report['ppl_wiki_before']:.3f} → {report['ppl_wiki_after']:.3f}",
+        "l2 / sum",
+        "| allocation | global |",
+        "| compensation | bias |",
+        f"| calibration windows | 2 (wiki:{report['calib_addresses'][0][1]}",
+    ):
         assert figure in body, figure
     assert "trust_remote_code=True" in body
 

@@ -1,6 +1,6 @@
 """`adapruner run` end to end on SmolLM2-135M (small settings), and the MACs count."""
-import json
 
+import json
 
 from adapruner.cli import main
 from adapruner.measure import macs
@@ -18,15 +18,47 @@ def test_macs_by_hand(mha_model):
 def test_run_writes_a_filled_report(tmp_path, capsys, monkeypatch, smollm2_loaded):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "run"
-    code = main(["run", "--model", "smollm2", "--pools", "wiki", "--pool-size", "2", "--trials", "2", "--val-windows", "1",
-                 "--metrics", "l2,taylor2", "--sample-counts", "1,2", "--blocks-per-pool", "1", "--max-eval-windows", "2",
-                 "--full-seq-len", "256", "--tasks", "adapruner_lastword", "--task-limit", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    code = main(
+        [
+            "run",
+            "--model",
+            "smollm2",
+            "--pools",
+            "wiki",
+            "--pool-size",
+            "2",
+            "--trials",
+            "2",
+            "--val-windows",
+            "1",
+            "--metrics",
+            "l2,taylor2",
+            "--sample-counts",
+            "1,2",
+            "--blocks-per-pool",
+            "1",
+            "--max-eval-windows",
+            "2",
+            "--full-seq-len",
+            "256",
+            "--tasks",
+            "adapruner_lastword",
+            "--task-limit",
+            "4",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     dense, pruned = report["rows"]
     assert dense["name"] == "dense" and pruned["params"] < dense["params"] and pruned["macs"] < dense["macs"]
     assert set(dense["ppl"]) == {"ppl@128", "ppl@256"} and pruned["ppl"]["ppl@128"] > dense["ppl"]["ppl@128"]
-    saved, tokenizer = load_model(str(out / "pruned"))  # the report's accuracy is the saved model's, through lm-eval again
+    saved, tokenizer = load_model(
+        str(out / "pruned")
+    )  # the report's accuracy is the saved model's, through lm-eval again
     again = evaluate_tasks(saved, tokenizer, ["adapruner_lastword"], cache_root() / "tasks", 8, 4)
     assert pruned["tasks"]["adapruner_lastword"]["acc"] == again["adapruner_lastword"]["acc"]
     assert set(report["stage_seconds"]) == {"search", "prune", "evaluate"}

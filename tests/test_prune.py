@@ -3,12 +3,11 @@
 import pytest
 import torch
 
+from adapruner.allocation import count_params, ratio_counts, removal_count, removed_by
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
-from adapruner.allocation import removal_count
 from adapruner.plan import PrunePlan
 from adapruner.removal import apply_plan
-from adapruner.allocation import count_params, ratio_counts, removed_by
 from adapruner.selection import plan_pruning, top_units
 from adapruner.structure import layer_info
 from tests.helpers import masked_logits
@@ -22,7 +21,10 @@ def test_pruned_model_equals_masked_dense_model(fixture, granularity, backend, r
     ratio = 0.5 if granularity == "kv" else 0.34
     plan = plan_pruning(model, Importance("l2"), ratio, range(0, 2), granularity)
     expected = masked_logits(model, plan, token_batch)
-    before, predicted = count_params(model), removed_by(model, ratio_counts(model, range(0, 2), ratio, granularity), granularity)
+    before, predicted = (
+        count_params(model),
+        removed_by(model, ratio_counts(model, range(0, 2), ratio, granularity), granularity),
+    )
     apply_plan(model, plan, backend)
     with torch.no_grad():
         got = model(input_ids=token_batch).logits

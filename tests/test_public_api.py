@@ -1,4 +1,5 @@
 """The package root is the public API: a user prunes, saves, searches and applies a study importing only `adapruner`."""
+
 import json
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def test_prune_search_and_apply_from_the_root_only(tmp_path):
     write_pool(tmp_path / "a.txt", seed=1)
     model, tokenizer = adapruner.load_model(str(tmp_path / "model"))
     before = adapruner.count_params(model)
-    options = adapruner.PruneOptions(adapruner.PruneSpec(None, target_params=0.1, metric="l2", allocation="global", layers="all"))
+    options = adapruner.PruneOptions(
+        adapruner.PruneSpec(None, target_params=0.1, metric="l2", allocation="global", layers="all")
+    )
     result = adapruner.prune_model(model, tokenizer, options, progress=False)
     assert isinstance(result.plan, adapruner.PrunePlan) and before - adapruner.count_params(model) >= 0.1 * before
     adapruner.save_pruned(model, tokenizer, tmp_path / "pruned")
@@ -34,11 +37,25 @@ def test_prune_search_and_apply_from_the_root_only(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5)
 
-    search = adapruner.SearchOptions(model=str(tmp_path / "model"), pools=[str(tmp_path / "a.txt")], pool_size=4, seq_len=16, spec=adapruner.PruneSpec(layers="all"),
-                                     metrics=("l2", "vector"), sample_counts=(1, 2), blocks_per_pool=2, val_windows=2, trials=2,
-                                     cache_dir=str(tmp_path / "cache"), cache_dtype="float32")
+    search = adapruner.SearchOptions(
+        model=str(tmp_path / "model"),
+        pools=[str(tmp_path / "a.txt")],
+        pool_size=4,
+        seq_len=16,
+        spec=adapruner.PruneSpec(layers="all"),
+        metrics=("l2", "vector"),
+        sample_counts=(1, 2),
+        blocks_per_pool=2,
+        val_windows=2,
+        trials=2,
+        cache_dir=str(tmp_path / "cache"),
+        cache_dtype="float32",
+    )
     best = adapruner.run_search(search, Path(tmp_path / "s"), progress=False)
-    assert isinstance(best, adapruner.BestTrial) and json.loads((tmp_path / "s" / "best.json").read_text())["trial"] == best.trial
+    assert (
+        isinstance(best, adapruner.BestTrial)
+        and json.loads((tmp_path / "s" / "best.json").read_text())["trial"] == best.trial
+    )
     dense, tokenizer = adapruner.load_model(str(tmp_path / "model"))
     applied = adapruner.apply_study_plan(dense, best, tokenizer)
     assert applied.plan == best.prune_plan

@@ -1,5 +1,6 @@
 """State is keyed by content, damaged files are rebuilt, one --out holds one study's files, bad files and paths are
 refused in one line before a model loads, and SIGTERM leaves no staging folder (issue 11)."""
+
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapruner.cache import ActivationCache, build_cache, CandidatePool, cache_key
+from adapruner.cache import ActivationCache, CandidatePool, build_cache, cache_key
 from adapruner.cli import main
 from adapruner.search import pool_blocks, short_names
 from tests.helpers import one_error_line, run_cli, save_tiny_model, search_args, write_pool
@@ -34,7 +35,11 @@ def test_content_changed_in_place_builds_a_new_cache_and_refuses_the_old_study(c
         save_tiny_model(tmp_path / "model", seed=3)  # same path, other weights
     code, _, err = run_cli(capsys, *search_args(tmp_path, tmp_path / "s1", "--trials", "3"))
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and ("another pool texts" if change == "pool" else "another model (weights") in errors[0]
+    assert (
+        code == 2
+        and len(errors) == 1
+        and ("another pool texts" if change == "pool" else "another model (weights") in errors[0]
+    )
     assert run_cli(capsys, *search_args(tmp_path, tmp_path / "s2"))[0] == 0
     caches = sorted((tmp_path / "cache").glob("*.safetensors"))
     assert len(caches) == 2  # the changed content got its own cache; the first is not reused
@@ -50,7 +55,9 @@ def test_a_truncated_cache_is_named_and_rebuilt(search_inputs, capsys):
     whole = {name: tensor.clone() for name, tensor in load_file(str(path)).items()}  # off the mapping before it is cut
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    code, out, _ = run_cli(capsys, *search_args(tmp_path, tmp_path / "s1", "--trials", "3"))  # resume over the damaged cache
+    code, out, _ = run_cli(
+        capsys, *search_args(tmp_path, tmp_path / "s1", "--trials", "3")
+    )  # resume over the damaged cache
     assert code == 0 and f"note: activation cache {path} is damaged" in out and "rebuilding it" in out
     rebuilt = load_file(str(path))  # the same tensors as the first build (same content, same seed)
     assert rebuilt.keys() == whole.keys()
@@ -67,11 +74,16 @@ def test_a_cache_missing_a_tensor_or_with_a_wrong_shape_is_refused(gqa_model):
 
     name = "dy/model.layers.1.mlp.down_proj"
     with pytest.raises(DamagedCache, match=f"tensor '{name}' is missing"):
-        ActivationCache(key, {k: v for k, v in cache.tensors.items() if k != name}, cache.addresses).check(gqa_model, key)
+        ActivationCache(key, {k: v for k, v in cache.tensors.items() if k != name}, cache.addresses).check(
+            gqa_model, key
+        )
     with pytest.raises(DamagedCache, match=f"tensor '{name}' is"):
         ActivationCache(key, {**cache.tensors, name: cache.tensors[name][:-1]}, cache.addresses).check(gqa_model, key)
     with pytest.raises(DamagedCache, match="key of another cache"):
-        cache.check(gqa_model, cache_key("tiny", gqa_model, CandidatePool(["a"], 4, 8, 1), range(0, 3), activations=True, dtype="float32"))
+        cache.check(
+            gqa_model,
+            cache_key("tiny", gqa_model, CandidatePool(["a"], 4, 8, 1), range(0, 3), activations=True, dtype="float32"),
+        )
 
 
 def test_a_second_study_in_one_out_gets_its_own_files(search_inputs, capsys):
@@ -93,26 +105,51 @@ def test_pools_with_one_file_name_in_two_folders_get_distinct_blocks(gqa_model):
     ids = torch.randint(0, 97, (6, 8), generator=torch.Generator().manual_seed(0))
     key = cache_key("tiny", gqa_model, CandidatePool(pools, 2, 8, 0), range(0, 3), activations=False, dtype="float32")
     cache = build_cache(gqa_model, key, ids, [(pool, i) for pool in pools for i in range(2)], progress=False)
-    assert pool_blocks(cache, 2) == {"notestxt1_0": [0], "notestxt1_1": [1], "notestxt2_0": [2], "notestxt2_1": [3], "wiki_0": [4], "wiki_1": [5]}
+    assert pool_blocks(cache, 2) == {
+        "notestxt1_0": [0],
+        "notestxt1_1": [1],
+        "notestxt2_0": [2],
+        "notestxt2_1": [3],
+        "wiki_0": [4],
+        "wiki_1": [5],
+    }
 
 
 def bad_inputs(tmp_path):
     """(argv, message) of bad files and paths that are refused before any model loads."""
     latin1 = tmp_path / "latin1.txt"
-    latin1.write_bytes("t1 t2 caf".encode() + "é t3".encode("latin-1"))
+    latin1.write_bytes(b"t1 t2 caf" + "é t3".encode("latin-1"))
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "bad.json").write_text("{not json")
     model = str(tmp_path / "model")
     return [
-        (["search", "--model", model, "--pools", str(latin1), "--out", str(tmp_path / "o")], f"{latin1} is not UTF-8 text (byte 9: 0xe9)"),
-        (["prune", "--model", model, "--calib", f"{latin1}:2", "--out", str(tmp_path / "o")], "is not UTF-8 text (byte 9"),
-        (["search", "--model", model, "--pools", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")], "holds no text"),
-        (["search", "--model", model, "--out", str(tmp_path / "a_file" / "o")], "pass a --out in a directory you can write to"),
-        (["prune", "--model", model, "--out", str(tmp_path / "a_file" / "o")], "pass a --out in a directory you can write to"),
+        (
+            ["search", "--model", model, "--pools", str(latin1), "--out", str(tmp_path / "o")],
+            f"{latin1} is not UTF-8 text (byte 9: 0xe9)",
+        ),
+        (
+            ["prune", "--model", model, "--calib", f"{latin1}:2", "--out", str(tmp_path / "o")],
+            "is not UTF-8 text (byte 9",
+        ),
+        (
+            ["search", "--model", model, "--pools", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")],
+            "holds no text",
+        ),
+        (
+            ["search", "--model", model, "--out", str(tmp_path / "a_file" / "o")],
+            "pass a --out in a directory you can write to",
+        ),
+        (
+            ["prune", "--model", model, "--out", str(tmp_path / "a_file" / "o")],
+            "pass a --out in a directory you can write to",
+        ),
         (["search", "--model", model, "--study", "../escape", "--out", str(tmp_path / "o")], "is not a study name"),
         (["eval", "--model", model, "--report", str(tmp_path / "bad.json")], "bad.json:1: not valid JSON"),
-        (["eval", "--model", model, "--report", str(tmp_path / "a_file" / "r.json")], "pass a --report in a directory you can write to"),
+        (
+            ["eval", "--model", model, "--report", str(tmp_path / "a_file" / "r.json")],
+            "pass a --report in a directory you can write to",
+        ),
     ]
 
 
@@ -134,10 +171,19 @@ def test_sigterm_during_run_leaves_no_staging_folder(search_inputs):
     """`run` stages its whole --out; SIGTERM mid-search unwinds like SIGINT: exit 143, nothing left beside --out."""
     tmp_path = search_inputs
     argv = [*search_args(tmp_path, tmp_path / "run", "--trials", "500", "--val-windows", "8")][1:]
-    process = subprocess.Popen([sys.executable, "-m", "adapruner.cli", "run", *argv, "--tasks", "", "--max-eval-windows", "1"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, env={**os.environ, "TQDM_DISABLE": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "adapruner.cli", "run", *argv, "--tasks", "", "--max-eval-windows", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     deadline = time.time() + 180
-    while time.time() < deadline and not any(tmp_path.glob(".run-*/search/best.json")) and not list(tmp_path.glob(".run-*/search/val.safetensors")):
+    while (
+        time.time() < deadline
+        and not any(tmp_path.glob(".run-*/search/best.json"))
+        and not list(tmp_path.glob(".run-*/search/val.safetensors"))
+    ):
         time.sleep(0.2)
     assert list(tmp_path.glob(".run-*/search/val.safetensors")), "the run never reached its search"
     time.sleep(1.0)  # inside the trials
@@ -147,8 +193,8 @@ def test_sigterm_during_run_leaves_no_staging_folder(search_inputs):
 
 
 def test_outputs_take_the_permissions_the_umask_gives(tmp_path, gqa_model, tokenizer):
-    from adapruner.saving import save_pruned
     from adapruner.report import write_json_atomic
+    from adapruner.saving import save_pruned
 
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
     key = cache_key("tiny", gqa_model, CandidatePool(["a"], 2, 8, 0), range(0, 3), activations=False, dtype="float32")
@@ -175,7 +221,9 @@ def test_an_interruption_a_library_turns_into_another_error_is_still_an_interrup
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
         finally:
-            raise UnboundLocalError("cannot access local variable 'updated_state'")  # what optuna 5's _run_trial raises then
+            raise UnboundLocalError(
+                "cannot access local variable 'updated_state'"
+            )  # what optuna 5's _run_trial raises then
 
     monkeypatch.setattr(adapruner.staging, "_received", [])
     monkeypatch.setattr(adapruner.cli, "run_dashboard", command)

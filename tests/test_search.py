@@ -1,4 +1,5 @@
 """The search: subset encoding, trial objective, resumable multi-worker studies, and their errors."""
+
 import multiprocessing
 import os
 import signal
@@ -12,17 +13,24 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapruner.evaluate import perplexity
-from adapruner.cache import build_cache, CandidatePool, cache_key
+from adapruner.cache import CandidatePool, build_cache, cache_key
 from adapruner.errors import AdaPrunerError
+from adapruner.evaluate import perplexity
 from adapruner.removal import apply_plan
-from adapruner.search import Objective, SearchSpace, TrialConfig, config_of, pool_blocks, round_robin, trial_plan
-from adapruner.search import WORKER_ATTR
+from adapruner.search import (
+    WORKER_ATTR,
+    Objective,
+    SearchSpace,
+    TrialConfig,
+    config_of,
+    pool_blocks,
+    round_robin,
+    trial_plan,
+)
+from adapruner.spec import PruneSpec
 from adapruner.study import WorkerSpec, open_storage, open_study, run_worker, run_workers
 from adapruner.validation import ValidationScorer, shared_copy
-from adapruner.spec import PruneSpec
 from tests.conftest import span
-
 
 SEQ = 11
 LAYERS = range(0, 3)
@@ -54,13 +62,17 @@ def test_objective_value_is_the_validation_ppl_of_the_trial_config(gqa_model):
     cache = tiny_cache(gqa_model)
     val = torch.randint(0, 97, (4, SEQ), generator=torch.Generator().manual_seed(9))
     setting = PruneSpec(0.5, layers=span(LAYERS))
-    objective = Objective(gqa_model, cache, setting, SPACE, ValidationScorer(gqa_model, val, LAYERS.start, batch_size=2))
+    objective = Objective(
+        gqa_model, cache, setting, SPACE, ValidationScorer(gqa_model, val, LAYERS.start, batch_size=2)
+    )
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, multivariate=True))
     study.optimize(objective, n_trials=6)
     for trial in study.trials:
         config = config_of(trial, cache, SPACE)
         assert config.samples == trial.user_attrs["samples"] and 1 <= len(config.samples) <= 4
-        assert trial.value == pytest.approx(perplexity(pruned_copy(gqa_model, cache, setting, config), val, progress=False), rel=1e-6)
+        assert trial.value == pytest.approx(
+            perplexity(pruned_copy(gqa_model, cache, setting, config), val, progress=False), rel=1e-6
+        )
     dense = perplexity(gqa_model, val, progress=False)
     assert all(t.value != pytest.approx(dense) for t in study.trials)  # the dense model itself is untouched
     assert perplexity(gqa_model, val, progress=False) == dense
@@ -85,7 +97,11 @@ def test_early_stop_prunes_trials_worse_than_the_median_at_a_batch(gqa_model, ea
     for trial in stopped:
         step = max(trial.intermediate_values)
         assert step < 3  # stopped before the last batch
-        done = [t.intermediate_values[step] for t in study.trials[: trial.number] if t.state == optuna.trial.TrialState.COMPLETE]
+        done = [
+            t.intermediate_values[step]
+            for t in study.trials[: trial.number]
+            if t.state == optuna.trial.TrialState.COMPLETE
+        ]
         assert min(trial.intermediate_values.values()) > statistics.median(done)  # optuna's median rule, minimising
 
 
@@ -124,12 +140,26 @@ def worker_files(tmp_path, model, tokenizer, n_val, storage=None):
     tokenizer.save_pretrained(model_dir)
     cache = tiny_cache(model)
     cache.save(tmp_path / "cache.safetensors")
-    save_file({"windows": torch.randint(0, 97, (n_val, SEQ), generator=torch.Generator().manual_seed(2))}, str(tmp_path / "val.safetensors"))
+    save_file(
+        {"windows": torch.randint(0, 97, (n_val, SEQ), generator=torch.Generator().manual_seed(2))},
+        str(tmp_path / "val.safetensors"),
+    )
     return WorkerSpec(
-        model=str(model_dir), cache_path=str(tmp_path / "cache.safetensors"), val_path=str(tmp_path / "val.safetensors"),
-        storage=storage or f"sqlite:///{tmp_path}/study.db", study="s", setup={"model": "tiny"}, spec=PruneSpec(0.5, layers="0:3"),
-        space=asdict(SPACE), n_trials=8, sampler="tpe", seed=0,
-        batch_size=4, threads=1, heartbeat_seconds=1, grace_seconds=2,
+        model=str(model_dir),
+        cache_path=str(tmp_path / "cache.safetensors"),
+        val_path=str(tmp_path / "val.safetensors"),
+        storage=storage or f"sqlite:///{tmp_path}/study.db",
+        study="s",
+        setup={"model": "tiny"},
+        spec=PruneSpec(0.5, layers="0:3"),
+        space=asdict(SPACE),
+        n_trials=8,
+        sampler="tpe",
+        seed=0,
+        batch_size=4,
+        threads=1,
+        heartbeat_seconds=1,
+        grace_seconds=2,
     )
 
 
@@ -155,7 +185,9 @@ def test_two_workers_share_one_study(tmp_path, gqa_model, tokenizer, storage_url
 
 
 def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_model, tokenizer, storage_url):
-    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=3000, storage=storage_url)  # ~1 s per trial, long enough to kill mid-trial
+    spec = worker_files(
+        tmp_path, gqa_model, tokenizer, n_val=3000, storage=storage_url
+    )  # ~1 s per trial, long enough to kill mid-trial
     spec.n_trials = 4
     worker = multiprocessing.get_context("spawn").Process(target=run_worker, args=(spec,))
     worker.start()
@@ -227,7 +259,11 @@ def test_a_helper_killed_mid_trial_has_its_trial_rerun_by_the_parent(tmp_path, g
     assert [t.number for t in failed] == [killed["number"]]
     retried = [t for t in complete if t.system_attrs.get("failed_trial") == killed["number"]]
     assert len(retried) == 1 and retried[0].params == failed[0].params
-    assert len(notes) == 1 and notes[0].startswith("note: worker 1 (pid") and f"its trial {killed['number']} runs again" in notes[0]
+    assert (
+        len(notes) == 1
+        and notes[0].startswith("note: worker 1 (pid")
+        and f"its trial {killed['number']} runs again" in notes[0]
+    )
 
 
 def _open_new_study(url):
@@ -255,7 +291,9 @@ def test_a_resumed_study_does_not_redraw_the_parameters_it_ran(tmp_path, gqa_mod
     run_worker(spec)  # resumes with a sampler seeded by the 3 trials it holds
     study = optuna.load_study(study_name=spec.study, storage=open_storage(spec.storage))
     drawn = [tuple(sorted(t.params.items())) for t in study.trials]
-    assert len(drawn) == 6 and all(first != resumed for first, resumed in zip(drawn[:3], drawn[3:]))  # no replay of the seed
+    assert len(drawn) == 6 and all(
+        first != resumed for first, resumed in zip(drawn[:3], drawn[3:])
+    )  # no replay of the seed
     ran = [d for d, t in zip(drawn, study.trials) if "repeat_of" not in t.user_attrs]
     assert len(set(ran)) == len(ran)  # no parameter set ran twice; a chance repeat takes the earlier result
     for trial in study.trials:

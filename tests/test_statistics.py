@@ -1,4 +1,5 @@
 """Calibration statistics against independent autograd: G = Σ_s g_s, F = mean_s g_s², a = ‖x‖₂ per input."""
+
 import torch
 
 from adapruner.statistics import collect_stats, sample_loss
@@ -37,7 +38,9 @@ def test_act_norm_is_input_feature_norm(mha_model, token_batch):
     linears = prunable_linears(mha_model, range(1, 2))
     name = "model.layers.1.mlp.down_proj"
     seen = []
-    handle = linears[name].register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach().reshape(-1, inputs[0].shape[-1])))
+    handle = linears[name].register_forward_hook(
+        lambda _m, inputs, _o: seen.append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]))
+    )
     stats = collect_stats(mha_model, linears, token_batch, frozenset({"act_norm"}), progress=False)
     handle.remove()
     torch.testing.assert_close(stats[name].act_norm, torch.cat(seen).norm(dim=0))
@@ -57,4 +60,6 @@ def test_batched_gradient_equals_the_sum_of_per_sample_gradients(gqa_model, toke
     names = list(linears)
     per_sample = per_sample_grads(gqa_model, token_batch, [linears[n].weight for n in names])
     for k, name in enumerate(names):
-        torch.testing.assert_close(stats[name].grad, torch.stack([sample[k] for sample in per_sample]).sum(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            stats[name].grad, torch.stack([sample[k] for sample in per_sample]).sum(0), rtol=1e-4, atol=1e-6
+        )

@@ -1,13 +1,14 @@
 """Pruning groups: GQA kv-group scores against a brute-force computation, layer ranges, unsupported models."""
+
 import pytest
 import torch
 from transformers import GPT2Config
 
 from adapruner.errors import AdaPrunerError
+from adapruner.families import check_supported
 from adapruner.importance import Importance
 from adapruner.structure import (
     attention_group,
-    check_supported,
     default_layer_range,
     layer_info,
     mlp_group,
@@ -44,7 +45,10 @@ def test_query_granularity_scores_each_query_head(gqa_model):
     info = layer_info(gqa_model, 0)
     a, hd = info.attn, info.head_dim
     got = Importance("l2", "sum")(attention_group(info, "query"))
-    expected = [a.q_proj.weight[q * hd : (q + 1) * hd].square().sum() + a.o_proj.weight[:, q * hd : (q + 1) * hd].square().sum() for q in range(6)]
+    expected = [
+        a.q_proj.weight[q * hd : (q + 1) * hd].square().sum() + a.o_proj.weight[:, q * hd : (q + 1) * hd].square().sum()
+        for q in range(6)
+    ]
     torch.testing.assert_close(got, torch.stack(expected))
 
 
@@ -53,7 +57,15 @@ def test_layer_info_reads_shapes_from_modules(gqa_model):
     assert (info.n_heads, info.n_kv_heads, info.head_dim, info.intermediate, info.heads_per_kv) == (6, 2, 8, 24, 3)
     assert mlp_group(info).n_units == 24
     names = prunable_linears(gqa_model, range(1, 2))
-    assert sorted(n.rsplit(".", 1)[1] for n in names) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted(n.rsplit(".", 1)[1] for n in names) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
 
 
 def test_default_layer_range_follows_llm_pruner():

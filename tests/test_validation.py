@@ -1,4 +1,5 @@
 """The trial scorer: prefix hidden states, shared-tensor copies and the validation dtype give the same perplexity."""
+
 import pytest
 import torch
 
@@ -42,7 +43,9 @@ def test_score_equals_a_full_forward_of_the_pruned_model(request, name, start):
 def test_inputs_embeds_path_matches_input_ids(gqa_model):
     val = windows()
     embeds = gqa_model.model.embed_tokens(val).detach()
-    assert perplexity(gqa_model, val, 2, progress=False, inputs_embeds=embeds) == pytest.approx(perplexity(gqa_model, val, 2, progress=False), rel=1e-6)
+    assert perplexity(gqa_model, val, 2, progress=False, inputs_embeds=embeds) == pytest.approx(
+        perplexity(gqa_model, val, 2, progress=False), rel=1e-6
+    )
 
 
 def test_scoring_leaves_the_dense_model_untouched_and_shares_its_tensors(gqa_model):
@@ -55,10 +58,14 @@ def test_scoring_leaves_the_dense_model_untouched_and_shares_its_tensors(gqa_mod
     pruned = scorer.pruned(plan)
     assert pruned.model.layers[0].self_attn.q_proj.weight is gqa_model.model.layers[0].self_attn.q_proj.weight
     assert pruned.model.embed_tokens.weight is gqa_model.model.embed_tokens.weight
-    assert pruned.model.layers[1].mlp.gate_proj.out_features == 12 < gqa_model.model.layers[1].mlp.gate_proj.out_features
+    assert (
+        pruned.model.layers[1].mlp.gate_proj.out_features == 12 < gqa_model.model.layers[1].mlp.gate_proj.out_features
+    )
     assert all(torch.equal(before[name], p) for name, p in gqa_model.state_dict().items())
     assert len(gqa_model.model.layers) == 3 and perplexity(gqa_model, val, 2, progress=False) == dense_ppl
-    assert len(scorer.base.model.layers) == 3 and scorer.base.model.layers[1].mlp.gate_proj.out_features == 24  # the next trial's base
+    assert (
+        len(scorer.base.model.layers) == 3 and scorer.base.model.layers[1].mlp.gate_proj.out_features == 24
+    )  # the next trial's base
 
 
 def test_bf16_scorer_is_close_to_fp32_and_casts_only_its_copy(gqa_model):
@@ -79,6 +86,8 @@ def test_a_plan_that_cuts_a_cached_layer_is_refused(gqa_model):
 
 def test_val_dtype_names():
     assert resolve_val_dtype("float32", torch.device("cpu")) == "float32"
-    assert resolve_val_dtype("auto", torch.device("cpu")) == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
+    assert resolve_val_dtype("auto", torch.device("cpu")) == (
+        "bfloat16" if native_bf16(torch.device("cpu")) else "float32"
+    )
     with pytest.raises(AdaPrunerError, match="unknown --val-dtype 'fp8'"):
         resolve_val_dtype("fp8", torch.device("cpu"))

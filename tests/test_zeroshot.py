@@ -1,4 +1,5 @@
 """Offline zero-shot tasks: deterministic construction from evaluation articles, and a run through lm-eval."""
+
 import json
 
 import pytest

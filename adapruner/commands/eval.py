@@ -1,4 +1,5 @@
 """`adapruner eval` as a library call: perplexity on held-out text and zero-shot tasks, merged into a report.json."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from adapruner.allocation import count_params
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.corpora import read_utf8
 from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.models import cache_root, load_model
-from adapruner.allocation import count_params
 from adapruner.report import REPORT_FORMAT, write_json_atomic
 from adapruner.staging import check_writable
 from adapruner.structure import check_context
@@ -61,18 +62,27 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
     if report is not None:
         check_writable(report, "--report")
     if merged.get("format") != REPORT_FORMAT:
-        raise AdaPrunerError(f"{report} was written by another adapruner version (format {merged.get('format')!r}): pass --report NEW.json")
+        raise AdaPrunerError(
+            f"{report} was written by another adapruner version (format {merged.get('format')!r}): pass --report NEW.json"
+        )
     started = time.perf_counter()
-    model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch)
+    model, tokenizer = load_model(
+        model_name, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
+    )
     check_context(model, options.seq_len)
     results: dict[str, dict] = {}
     if options.ppl is not None:
         windows = eval_windows(tokenizer, options.ppl, options.seq_len, options.max_windows)
-        results[f"ppl_{Path(options.ppl).name}_seq{options.seq_len}"] = {"ppl": perplexity(model, windows, options.batch_size), "windows": int(windows.shape[0])}
+        results[f"ppl_{Path(options.ppl).name}_seq{options.seq_len}"] = {
+            "ppl": perplexity(model, windows, options.batch_size),
+            "windows": int(windows.shape[0]),
+        }
     if options.tasks:
         from adapruner.zeroshot import evaluate_tasks
 
-        scores = evaluate_tasks(model, tokenizer, list(options.tasks), cache_root() / "tasks", options.batch_size, options.task_limit)
+        scores = evaluate_tasks(
+            model, tokenizer, list(options.tasks), cache_root() / "tasks", options.batch_size, options.task_limit
+        )
         results.update({f"task_{name}": values for name, values in scores.items()})
     if report is not None:
         merged.setdefault("eval", {}).update(results)

@@ -1,4 +1,5 @@
 """`adapruner prune` as a library call: checks → load → (perplexity) → prune → (perplexity) → save with report.json."""
+
 from __future__ import annotations
 
 import time
@@ -6,21 +7,24 @@ import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from adapruner.allocation import count_params
 from adapruner.best_trial import BestTrial
 from adapruner.calibration import parse_calib_spec
+from adapruner.commands.eval import EvalOptions, eval_windows
 from adapruner.corpora import check_pool
 from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
-from adapruner.commands.eval import EvalOptions, eval_windows
 from adapruner.evaluate import perplexity
-from adapruner.saving import save_pruned
-from adapruner.staging import check_out_dir
 from adapruner.kernels.dispatch import kernel_backend
 from adapruner.models import load_model
-from adapruner.allocation import count_params
 from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.report import REPORT_FORMAT
+from adapruner.saving import save_pruned
+from adapruner.staging import check_out_dir
 from adapruner.structure import check_context
+
+
+DEFAULT_EVAL = EvalOptions()  # perplexity on the held-out wiki windows before and after
 
 
 def read_best_trial(study_dir: str | Path, model: str) -> BestTrial:
@@ -32,8 +36,14 @@ def read_best_trial(study_dir: str | Path, model: str) -> BestTrial:
 
 
 def prune_and_save(
-    model_name: str, options: PruneOptions, out: str | Path, placement: Placement, evaluation: EvalOptions | None = EvalOptions(),
-    study: str | Path | None = None, recompute: bool = False, uniform: bool = False,
+    model_name: str,
+    options: PruneOptions,
+    out: str | Path,
+    placement: Placement,
+    evaluation: EvalOptions | None = DEFAULT_EVAL,
+    study: str | Path | None = None,
+    recompute: bool = False,
+    uniform: bool = False,
 ) -> dict:
     """Prune `model_name` as `options` say — or apply the plan a search scored (`study`; `recompute` re-derives it
     from statistics recomputed on the trial's windows and counts the units that differ) — and save it to the new
@@ -46,11 +56,15 @@ def prune_and_save(
     if uniform and spec.layers not in (None, "all"):
         raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
     if uniform and (spec.allocation != "uniform" or spec.compensation != "none" or spec.depth_slope):
-        raise AdaPrunerError("--uniform saves one size for every layer without biases: drop --allocation, --depth-slope and --compensate, or --uniform")
+        raise AdaPrunerError(
+            "--uniform saves one size for every layer without biases: drop --allocation, --depth-slope and --compensate, or --uniform"
+        )
     if recompute and study is None:
         raise AdaPrunerError("--recompute re-derives a search's plan: add --from-study DIR")
     if uniform and study is not None and not recompute:
-        raise AdaPrunerError("--uniform prunes every layer alike, which the study's plan does not: add --recompute or drop --uniform")
+        raise AdaPrunerError(
+            "--uniform prunes every layer alike, which the study's plan does not: add --recompute or drop --uniform"
+        )
     best = read_best_trial(study, model_name) if study is not None else None
     if best is not None:
         options = PruneOptions.from_best(best)
@@ -60,21 +74,35 @@ def prune_and_save(
         evaluation = None
 
     started = time.perf_counter()
-    model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch)
+    model, tokenizer = load_model(
+        model_name, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
+    )
     check_context(model, options.seq_len)
     if evaluation is not None:
         check_context(model, evaluation.seq_len)
-    windows = None if evaluation is None else eval_windows(tokenizer, evaluation.ppl, evaluation.seq_len, evaluation.max_windows)
+    windows = (
+        None
+        if evaluation is None
+        else eval_windows(tokenizer, evaluation.ppl, evaluation.seq_len, evaluation.max_windows)
+    )
     params_before = count_params(model)
     ppl_before = None if windows is None else perplexity(model, windows, evaluation.batch_size, desc="ppl dense")
     prune_started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("once")
-        result = apply_study_plan(model, best, tokenizer) if best is not None and not recompute else prune_model(model, tokenizer, options)
+        result = (
+            apply_study_plan(model, best, tokenizer)
+            if best is not None and not recompute
+            else prune_model(model, tokenizer, options)
+        )
     prune_seconds = time.perf_counter() - prune_started
     provenance = {}
     if best is not None:
-        provenance = {"plan_source": "recomputed" if recompute else "study", "study": str(study), "study_val_ppl": best.val_ppl}
+        provenance = {
+            "plan_source": "recomputed" if recompute else "study",
+            "study": str(study),
+            "study_val_ppl": best.val_ppl,
+        }
         if recompute:
             provenance["units_differing_from_study"] = result.plan.units_differing(best.prune_plan)
     params_after = count_params(model)

@@ -1,4 +1,5 @@
 """`adapruner run`: search → prune → (LoRA) → evaluate dense and pruned → report.md, report.json, plots."""
+
 from __future__ import annotations
 
 import json
@@ -10,20 +11,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapruner.allocation import count_params
 from adapruner.calibration import pool_windows
+from adapruner.commands.eval import EvalOptions, eval_windows
+from adapruner.commands.search import SearchOptions, resolved, run_search
 from adapruner.devices import Placement, dtype_name
 from adapruner.errors import AdaPrunerError
-from adapruner.commands.eval import EvalOptions, eval_windows
 from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions, finetune, merged
-from adapruner.saving import layer_sizes, save_pruned
-from adapruner.staging import check_out_dir, staged_dir
 from adapruner.measure import macs
 from adapruner.models import cache_root, load_model
-from adapruner.allocation import count_params
 from adapruner.pruning import apply_study_plan
 from adapruner.report import REPORT_FORMAT, write_json_atomic
-from adapruner.commands.search import SearchOptions, resolved, run_search
+from adapruner.saving import layer_sizes, save_pruned
+from adapruner.staging import check_out_dir, staged_dir
 from adapruner.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
 
 
@@ -57,12 +58,22 @@ class Row:
         return sum(accs) / len(accs) if accs else None
 
 
-def measure(name: str, model: nn.Module, tokenizer, options: RunOptions, windows: dict[str, torch.Tensor], manager) -> Row:
+def measure(
+    name: str, model: nn.Module, tokenizer, options: RunOptions, windows: dict[str, torch.Tensor], manager
+) -> Row:
     row = Row(name, count_params(model), macs(model, options.search.seq_len))
     for label, chosen in windows.items():
         row.ppl[label] = perplexity(model, chosen, options.batch_size, desc=f"{name} {label}")
     if options.tasks:
-        row.tasks = evaluate_tasks(model, tokenizer, list(options.tasks), cache_root() / "tasks", options.batch_size, options.task_limit, manager)
+        row.tasks = evaluate_tasks(
+            model,
+            tokenizer,
+            list(options.tasks),
+            cache_root() / "tasks",
+            options.batch_size,
+            options.task_limit,
+            manager,
+        )
     return row
 
 
@@ -72,8 +83,10 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     check_out_dir(out)
     placement = resolved(options.search)[1]
     if placement.dispatch is not None and options.finetune_steps:
-        raise AdaPrunerError("LoRA recovery does not train a model spread by --device-map: pass --finetune-steps 0, then "
-                             "`adapruner finetune` the pruned model on a device that holds it")
+        raise AdaPrunerError(
+            "LoRA recovery does not train a model spread by --device-map: pass --finetune-steps 0, then "
+            "`adapruner finetune` the pruned model on a device that holds it"
+        )
     # built once, before the search, so that unknown task names fail now
     manager = task_manager(list(options.tasks), cache_root() / "tasks") if options.tasks else None
     with staged_dir(out) as staging:
@@ -86,7 +99,9 @@ def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -
     best = run_search(options.search, out / "search")
     stage_seconds["search"] = time.perf_counter() - started
 
-    dense, tokenizer = load_model(options.search.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch)
+    dense, tokenizer = load_model(
+        options.search.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
+    )
     short = options.search.seq_len  # the search's window length, then the long one
     full = min(options.full_seq_len, getattr(dense.config, "max_position_embeddings", options.full_seq_len))
     windows = {f"ppl@{n}": eval_windows(tokenizer, "wiki", n, options.max_eval_windows) for n in (short, full)}
@@ -110,7 +125,17 @@ def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -
     if options.finetune_steps:
         started = time.perf_counter()
         val = pool_windows(tokenizer, "wiki", short, "val")[: options.search.val_windows]
-        result = finetune(pruned, tokenizer, options.finetune_data, LoraOptions(max_steps=options.finetune_steps, eval_every=max(1, options.finetune_steps // 4), dtype=dtype_name(placement.dtype)), val)
+        result = finetune(
+            pruned,
+            tokenizer,
+            options.finetune_data,
+            LoraOptions(
+                max_steps=options.finetune_steps,
+                eval_every=max(1, options.finetune_steps // 4),
+                dtype=dtype_name(placement.dtype),
+            ),
+            val,
+        )
         recovered = merged(result)
         stage_seconds["finetune"] = time.perf_counter() - started
         save_pruned(recovered, tokenizer, out / "pruned-lora", extra_json={"best.json": best_json})
@@ -121,9 +146,12 @@ def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -
 
     report = {
         "format": REPORT_FORMAT,
-        "options": json.loads(json.dumps(asdict(options))), "best": best_json, "stage_seconds": stage_seconds,
+        "options": json.loads(json.dumps(asdict(options))),
+        "best": best_json,
+        "stage_seconds": stage_seconds,
         "eval_windows": {label: int(w.shape[0]) for label, w in windows.items()},
-        "rows": [asdict(r) | {"average_acc": r.average} for r in rows], "finetune": history,
+        "rows": [asdict(r) | {"average_acc": r.average} for r in rows],
+        "finetune": history,
         "layers": {"dense": dense_sizes, "pruned": layer_sizes(pruned)},
     }
     shutil.copy(out / "search" / "history.png", out / "search_history.png")
@@ -138,27 +166,56 @@ def report_markdown(report: dict, rows: list[Row]) -> str:
     """The papers' table: params, MACs, perplexities, zero-shot accuracies, average, % of dense, stage times."""
     tasks = list(rows[0].tasks)
     ppl_labels = list(rows[0].ppl)
-    header = ["model", "params", f"MACs ({report['options']['search']['seq_len']} tok)", *ppl_labels, *tasks, "average acc", "% of dense"]
+    header = [
+        "model",
+        "params",
+        f"MACs ({report['options']['search']['seq_len']} tok)",
+        *ppl_labels,
+        *tasks,
+        "average acc",
+        "% of dense",
+    ]
     lines = ["# adapruner report", ""]
     best = report["best"]
     spec = best["spec"]
-    budget = f"target {spec['target_params']} of all parameters" if spec["target_params"] is not None else f"ratio {spec['ratio']}"
-    lines.append(f"Best configuration: `{spec['metric']}` / `{spec['aggregation']}`, {len(best['samples'])} samples "
-                 f"(blocks {', '.join(best['blocks'])}), allocation {spec['allocation']} (slope {spec['depth_slope']:.3f}), compensation "
-                 f"{spec['compensation']}, {budget} over layers {spec['layers']}: {100 * best['removed_fraction']:.1f}% of the parameters removed; "
-                 f"validation ppl {best['val_ppl']:.3f} (trial {best['trial']}).")
+    budget = (
+        f"target {spec['target_params']} of all parameters"
+        if spec["target_params"] is not None
+        else f"ratio {spec['ratio']}"
+    )
+    lines.append(
+        f"Best configuration: `{spec['metric']}` / `{spec['aggregation']}`, {len(best['samples'])} samples "
+        f"(blocks {', '.join(best['blocks'])}), allocation {spec['allocation']} (slope {spec['depth_slope']:.3f}), compensation "
+        f"{spec['compensation']}, {budget} over layers {spec['layers']}: {100 * best['removed_fraction']:.1f}% of the parameters removed; "
+        f"validation ppl {best['val_ppl']:.3f} (trial {best['trial']})."
+    )
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     dense_avg = rows[0].average
     for row in rows:
-        cells = [row.name, f"{row.params / 1e6:.2f}M", f"{row.macs / 1e9:.2f}G", *(f"{row.ppl[p]:.2f}" for p in ppl_labels),
-                 *(f"{row.tasks[t]['acc'] * 100:.1f}" for t in tasks),
-                 "-" if row.average is None else f"{row.average * 100:.1f}",
-                 "-" if row.average is None or not dense_avg else f"{100 * row.average / dense_avg:.1f}%"]
+        cells = [
+            row.name,
+            f"{row.params / 1e6:.2f}M",
+            f"{row.macs / 1e9:.2f}G",
+            *(f"{row.ppl[p]:.2f}" for p in ppl_labels),
+            *(f"{row.tasks[t]['acc'] * 100:.1f}" for t in tasks),
+            "-" if row.average is None else f"{row.average * 100:.1f}",
+            "-" if row.average is None or not dense_avg else f"{100 * row.average / dense_avg:.1f}%",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     windows = ", ".join(f"{label}: {n} windows" for label, n in report["eval_windows"].items())
-    lines += ["", f"Perplexity on the held-out wiki evaluation articles ({windows}); accuracies (acc, %) from lm-evaluation-harness.", "",
-              "| stage | seconds |", "|---|---:|", *(f"| {stage} | {seconds:.1f} |" for stage, seconds in report["stage_seconds"].items()),
-              "", "![search history](search_history.png)", "", "![kept heads and channels per layer](layers.png)", ""]
+    lines += [
+        "",
+        f"Perplexity on the held-out wiki evaluation articles ({windows}); accuracies (acc, %) from lm-evaluation-harness.",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *(f"| {stage} | {seconds:.1f} |" for stage, seconds in report["stage_seconds"].items()),
+        "",
+        "![search history](search_history.png)",
+        "",
+        "![kept heads and channels per layer](layers.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """`adapruner search`: cache → Optuna study (one or more worker processes) → best.json, table and plots."""
+
 from __future__ import annotations
 
 import json
@@ -11,21 +12,21 @@ from tqdm.auto import tqdm
 
 from adapruner.best_trial import BestTrial
 from adapruner.big_model import Dispatch
-from adapruner.metrics import ACTIVATION_METRICS
 from adapruner.cache import CandidatePool, cache_key, load_or_build, planned_bytes
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.errors import AdaPrunerError
+from adapruner.fingerprint import model_digest, text_digest
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
 from adapruner.memory_plan import GIB, MemoryPlan, memory_plan
+from adapruner.metrics import ACTIVATION_METRICS
 from adapruner.models import cache_root, load_model, load_shapes
 from adapruner.plan import PrunePlan
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import SearchSpace, config_of, trial_spec
 from adapruner.spec import PruneSpec
-from adapruner.structure import check_context, decoder_layers, parse_layer_range
-from adapruner.fingerprint import model_digest, text_digest
 from adapruner.staging import check_writable, staged_file
+from adapruner.structure import check_context, decoder_layers, parse_layer_range
 from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, pin_content, run_workers
 from adapruner.validation import resolve_val_dtype
 
@@ -44,7 +45,9 @@ class SearchOptions:
     part of the study's set-up (`study_setup`), and a run with another value of it is refused."""
 
     model: str = "smollm2"
-    spec: PruneSpec = field(default_factory=PruneSpec)  # budget, layers, granularity, modules, min-keep, damp; trials choose the rest
+    spec: PruneSpec = field(
+        default_factory=PruneSpec
+    )  # budget, layers, granularity, modules, min-keep, damp; trials choose the rest
     pools: list[str] = field(default_factory=lambda: ["wiki", "news", "plays"])
     pool_size: int = 32
     seq_len: int = DEFAULT_SEQ_LEN
@@ -72,7 +75,9 @@ class SearchOptions:
     device: str = how("auto")
     dtype: str = "auto"
     trust_remote_code: bool = how(False)  # run Python code shipped with the model (off unless asked)
-    device_map: str | None = how(None)  # spread the model with accelerate (`adapruner.big_model`): a strategy or a JSON file
+    device_map: str | None = how(
+        None
+    )  # spread the model with accelerate (`adapruner.big_model`): a strategy or a JSON file
     max_memory: str | None = how(None)  # with device_map: e.g. "0=70GiB,cpu=200GiB"
     offload_dir: str | None = how(None)  # with device_map: where weights put on disk go
 
@@ -99,13 +104,22 @@ def cache_folder(options: SearchOptions) -> Path:
 
 def resolved(options: SearchOptions) -> tuple[SearchOptions, Placement]:
     """The options with `auto` device, dtype and validation dtype resolved for this machine."""
-    placement = Placement.of(options.device, options.dtype, options.trust_remote_code, Dispatch.of(options.device_map, options.max_memory, options.offload_dir))
+    placement = Placement.of(
+        options.device,
+        options.dtype,
+        options.trust_remote_code,
+        Dispatch.of(options.device_map, options.max_memory, options.offload_dir),
+    )
     dtype = dtype_name(placement.dtype)
     if placement.dispatch is not None:  # trials share the spread model's tensors, so they validate in its dtype
         if options.val_dtype not in ("auto", dtype):
-            raise AdaPrunerError(f"a model spread by --device-map validates in its own dtype: drop --val-dtype or pass --val-dtype {dtype}")
+            raise AdaPrunerError(
+                f"a model spread by --device-map validates in its own dtype: drop --val-dtype or pass --val-dtype {dtype}"
+            )
         if options.workers > 1:
-            raise AdaPrunerError("--device-map spreads one model over this machine's devices: pass --workers 1 (more machines join with --storage)")
+            raise AdaPrunerError(
+                "--device-map spreads one model over this machine's devices: pass --workers 1 (more machines join with --storage)"
+            )
         val_dtype = dtype
     else:
         val_dtype = resolve_val_dtype(options.val_dtype, placement.device)
@@ -118,17 +132,32 @@ def plan_search(options: SearchOptions) -> MemoryPlan:
     shapes = load_shapes(options.model, DTYPES[options.dtype], options.trust_remote_code)
     check_context(shapes, options.seq_len)
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(shapes)))
-    key = cache_key(options.model, shapes, CandidatePool(options.pools, options.pool_size, options.seq_len, options.seed), layers, activations=needs_activations(options), dtype=options.cache_dtype)
+    key = cache_key(
+        options.model,
+        shapes,
+        CandidatePool(options.pools, options.pool_size, options.seq_len, options.seed),
+        layers,
+        activations=needs_activations(options),
+        dtype=options.cache_dtype,
+    )
     model_bytes = sum(p.numel() * p.element_size() for p in shapes.parameters())
-    return memory_plan(torch.device(options.device), model_bytes, planned_bytes(shapes, key), cache_folder(options), int(options.cache_mem_gb * GIB),
-                       options.device_map)
+    return memory_plan(
+        torch.device(options.device),
+        model_bytes,
+        planned_bytes(shapes, key),
+        cache_folder(options),
+        int(options.cache_mem_gb * GIB),
+        options.device_map,
+    )
 
 
 def check_search_out(out: Path) -> None:
     """A new directory, or one that holds an earlier search (resume); nothing else is written into."""
     earlier = (out / "search.json").is_file() or (out / STUDY_FILE).is_file()
     if out.exists() and any(out.iterdir()) and not earlier:
-        raise AdaPrunerError(f"output {out} exists and holds no earlier search: pass a new --out (or the same --out to resume)")
+        raise AdaPrunerError(
+            f"output {out} exists and holds no earlier search: pass a new --out (or the same --out to resume)"
+        )
     check_writable(out / STUDY_FILE)
 
 
@@ -158,7 +187,9 @@ def saved_val_windows(path: Path, tokenizer, seq_len: int, count: int) -> None:
     every run, so a damaged or stale file is never read."""
     windows = pool_windows(tokenizer, "wiki", seq_len, "val")
     if windows.shape[0] < count:
-        raise AdaPrunerError(f"the wiki validation split has {windows.shape[0]} windows of {seq_len} tokens: lower --val-windows to at most {windows.shape[0]}")
+        raise AdaPrunerError(
+            f"the wiki validation split has {windows.shape[0]} windows of {seq_len} tokens: lower --val-windows to at most {windows.shape[0]}"
+        )
     with staged_file(path) as tmp:
         save_file({"windows": windows[:count].contiguous()}, str(tmp))
 
@@ -171,9 +202,18 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         raise AdaPrunerError("--workers and --trials must be at least 1")
     if options.startup_trials is not None and not 0 <= options.startup_trials <= options.trials:
         raise AdaPrunerError(f"--startup-trials {options.startup_trials} must lie in [0, --trials {options.trials}]")
-    space = SearchSpace(options.metrics, options.aggregations, options.sample_counts, options.blocks_per_pool, options.depth_slope,
-                        options.allocations, options.compensations)
-    pool_digests = [text_digest(pool) for pool in options.pools]  # reads every pool: bad files are refused before the model loads
+    space = SearchSpace(
+        options.metrics,
+        options.aggregations,
+        options.sample_counts,
+        options.blocks_per_pool,
+        options.depth_slope,
+        options.allocations,
+        options.compensations,
+    )
+    pool_digests = [
+        text_digest(pool) for pool in options.pools
+    ]  # reads every pool: bad files are refused before the model loads
     files = study_dir(out, options.study)
     options, placement = resolved(options)
     plan = plan_search(options)
@@ -186,33 +226,83 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
     study = open_study(open_storage(storage_url), options.study, setup)
     files.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(options.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch)
+    model, tokenizer = load_model(
+        options.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
+    )
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(model)))
     content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": text_digest("wiki", "val")}
     pin_content(study, content)
-    key = replace(cache_key(options.model, model, CandidatePool(options.pools, options.pool_size, options.seq_len, options.seed), layers, activations=needs_activations(options), dtype=options.cache_dtype), model_digest=content["model"], pool_digests=tuple(content["pools"]))
+    key = replace(
+        cache_key(
+            options.model,
+            model,
+            CandidatePool(options.pools, options.pool_size, options.seq_len, options.seed),
+            layers,
+            activations=needs_activations(options),
+            dtype=options.cache_dtype,
+        ),
+        model_digest=content["model"],
+        pool_digests=tuple(content["pools"]),
+    )
     cache_dir = cache_folder(options)
     plan.check(cache_exists=(cache_dir / f"{key.digest()}.safetensors").is_file())
-    cache = load_or_build(model, tokenizer, key, cache_dir, int(options.cache_mem_gb * GIB) if plan.cache_on_device else 0, progress=progress,
-                          pin=plan.cache_place == "pinned")
+    cache = load_or_build(
+        model,
+        tokenizer,
+        key,
+        cache_dir,
+        int(options.cache_mem_gb * GIB) if plan.cache_on_device else 0,
+        progress=progress,
+        pin=plan.cache_place == "pinned",
+    )
     if progress:
-        where = (f"on {cache.device}" if cache.device.type != "cpu" or plan.cache_on_device
-                 else f"{'pinned' if cache.pinned else 'memory-mapped'} in host memory (see the memory plan)")
+        where = (
+            f"on {cache.device}"
+            if cache.device.type != "cpu" or plan.cache_on_device
+            else f"{'pinned' if cache.pinned else 'memory-mapped'} in host memory (see the memory plan)"
+        )
         on = f"spread by --device-map {options.device_map}" if placement.dispatch else f"on {options.device}"
         print(f"model {options.model} in {options.dtype} {on}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
     val_path = files / "val.safetensors"
     saved_val_windows(val_path, tokenizer, options.seq_len, options.val_windows)
-    write_json_atomic(files / "search.json", {"options": asdict(options), "storage": options.storage or f"{STUDY_FILE} in {out}", "content": content,
-                                              "cache": str(cache_dir / f"{key.digest()}.safetensors")})
+    write_json_atomic(
+        files / "search.json",
+        {
+            "options": asdict(options),
+            "storage": options.storage or f"{STUDY_FILE} in {out}",
+            "content": content,
+            "cache": str(cache_dir / f"{key.digest()}.safetensors"),
+        },
+    )
     base = WorkerSpec(
-        model=options.model, cache_path=str(cache_dir / f"{key.digest()}.safetensors"), val_path=str(val_path),
-        storage=storage_url, study=options.study, setup=setup, spec=options.spec.with_(layers=f"{layers.start}:{layers.stop}"),
-        space=asdict(space), n_trials=options.trials, sampler=options.sampler, seed=options.seed, startup_trials=startup_trials(options),
-        val_dtype=options.val_dtype, batch_size=options.batch_size, early_stop=options.early_stop, device=options.device, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
+        model=options.model,
+        cache_path=str(cache_dir / f"{key.digest()}.safetensors"),
+        val_path=str(val_path),
+        storage=storage_url,
+        study=options.study,
+        setup=setup,
+        spec=options.spec.with_(layers=f"{layers.start}:{layers.stop}"),
+        space=asdict(space),
+        n_trials=options.trials,
+        sampler=options.sampler,
+        seed=options.seed,
+        startup_trials=startup_trials(options),
+        val_dtype=options.val_dtype,
+        batch_size=options.batch_size,
+        early_stop=options.early_stop,
+        device=options.device,
+        dtype=options.dtype,
+        trust_remote_code=options.trust_remote_code,
         threads=max(1, torch.get_num_threads() // options.workers),
     )
     remaining = max(0, options.trials - finished(study))
-    bar = tqdm(total=options.trials, initial=options.trials - remaining, desc=f"search ({options.sampler})", unit="trial", disable=not progress)
+    bar = tqdm(
+        total=options.trials,
+        initial=options.trials - remaining,
+        desc=f"search ({options.sampler})",
+        unit="trial",
+        disable=not progress,
+    )
 
     def show(study, _trial):
         bar.n = finished(study)
@@ -246,23 +336,53 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
         raise AdaPrunerError(f"study {options.study!r} has no finished trial: see the failed trials' errors in {out}")
     config = config_of(best, cache, space)
     if not {"plan", "removed_fraction"} <= set(best.user_attrs):
-        raise AdaPrunerError(f"study {options.study!r} was made by an older adapruner: its trials hold no plan; run the search with a new --out")
+        raise AdaPrunerError(
+            f"study {options.study!r} was made by an older adapruner: its trials hold no plan; run the search with a new --out"
+        )
     layers = cache.key.layers
     spec = trial_spec(options.spec.with_(layers=f"{layers[0]}:{layers[1]}"), config)
     summary = BestTrial(
-        model=options.model, spec=spec.to_dict(), seq_len=options.seq_len, val_ppl=best.value, trial=best.number,
-        sampler=options.sampler, seed=options.seed, samples=config.samples, blocks=config.blocks,
+        model=options.model,
+        spec=spec.to_dict(),
+        seq_len=options.seq_len,
+        val_ppl=best.value,
+        trial=best.number,
+        sampler=options.sampler,
+        seed=options.seed,
+        samples=config.samples,
+        blocks=config.blocks,
         addresses=[list(cache.addresses[i]) for i in config.samples],
-        placement={"device": options.device, "dtype": options.dtype, "val_dtype": options.val_dtype, **({"device_map": options.device_map} if options.device_map else {})}, backends=backends(torch.device(options.device), cache.key.dtype),
-        val_windows=options.val_windows, batch_size=options.batch_size, plan=PrunePlan.decode(best.user_attrs["plan"]).to_dict(),
+        placement={
+            "device": options.device,
+            "dtype": options.dtype,
+            "val_dtype": options.val_dtype,
+            **({"device_map": options.device_map} if options.device_map else {}),
+        },
+        backends=backends(torch.device(options.device), cache.key.dtype),
+        val_windows=options.val_windows,
+        batch_size=options.batch_size,
+        plan=PrunePlan.decode(best.user_attrs["plan"]).to_dict(),
         removed_fraction=best.user_attrs["removed_fraction"],
     )
     summary.write(out / "best.json")
     trials = sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: (t.value is None, t.value or 0.0))
-    rows = [[t.number, t.user_attrs.get("sampled_by", "-"), t.params.get("metric"), t.params.get("aggregation"),
-             t.params.get("allocation", space.allocations[0]), t.params.get("compensation", space.compensations[0]), len(t.user_attrs.get("samples", [])),
-             t.user_attrs.get("removed_fraction", "-"), t.value if t.value is not None else "-"] for t in trials[:10]]
-    table = format_table(["trial", "sampled by", "metric", "agg", "allocation", "compensation", "samples", "removed", "val ppl"], rows)
+    rows = [
+        [
+            t.number,
+            t.user_attrs.get("sampled_by", "-"),
+            t.params.get("metric"),
+            t.params.get("aggregation"),
+            t.params.get("allocation", space.allocations[0]),
+            t.params.get("compensation", space.compensations[0]),
+            len(t.user_attrs.get("samples", [])),
+            t.user_attrs.get("removed_fraction", "-"),
+            t.value if t.value is not None else "-",
+        ]
+        for t in trials[:10]
+    ]
+    table = format_table(
+        ["trial", "sampled by", "metric", "agg", "allocation", "compensation", "samples", "removed", "val ppl"], rows
+    )
     phases = [t.user_attrs.get("sampled_by") for t in sorted(trials, key=lambda t: t.number)]  # in the order they ran
     table += f"\n{len(trials)} finished trials: " + ", ".join(f"{phases.count(p)} {p}" for p in dict.fromkeys(phases))
     (out / "trials.txt").write_text(table + "\n")

@@ -12,6 +12,7 @@ scaled by its `normalizer`, exactly as its built-in `GroupMagnitudeImportance` d
 embeddings) are skipped: adapruner scores linears. `fluct` reads input columns only (o_proj, down_proj), as in
 adapruner; `random` is not offered (Torch-Pruning has `RandomImportance`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -22,21 +23,29 @@ from torch import nn
 from adapruner.big_model import weights
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import LinearStats, needs
-from adapruner.metrics import metric as registered
 from adapruner.kernels.channel_importance import channel_importance
+from adapruner.metrics import DEFAULT_METRIC
+from adapruner.metrics import metric as registered
 
 try:
     import torch_pruning as tp
     from torch_pruning.pruner import function
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("adapruner.integrations.torch_pruning needs Torch-Pruning: pip install 'adapruner[torch-pruning]'") from exc
+    raise ImportError(
+        "adapruner.integrations.torch_pruning needs Torch-Pruning: pip install 'adapruner[torch-pruning]'"
+    ) from exc
 
 
 class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
     """Torch-Pruning `Importance` over adapruner's metrics (`adapruner.metrics`, all but `random`)."""
 
-    def __init__(self, metric: str = "taylor1", group_reduction: str = "mean", normalizer: str | None = "mean",
-                 stats: Mapping[nn.Module, LinearStats] | None = None):
+    def __init__(
+        self,
+        metric: str = DEFAULT_METRIC,
+        group_reduction: str = "mean",
+        normalizer: str | None = "mean",
+        stats: Mapping[nn.Module, LinearStats] | None = None,
+    ):
         if registered(metric).element is None:
             raise AdaPrunerError(f"metric {metric!r} is Torch-Pruning's RandomImportance: use that")
         super().__init__(p=2, group_reduction=group_reduction, normalizer=normalizer, target_types=[nn.Linear])
@@ -48,11 +57,21 @@ class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
         from adapruner.statistics import collect_input_moments, collect_stats
 
         head = model.get_output_embeddings()
-        linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head}
+        linears = {
+            name: module
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head
+        }
         required = needs(self.metric)
-        by_name = collect_stats(model, linears, input_ids, required - {"act_var"}, progress, batch_size) if required - {"act_var"} else {}
+        by_name = (
+            collect_stats(model, linears, input_ids, required - {"act_var"}, progress, batch_size)
+            if required - {"act_var"}
+            else {}
+        )
         if "act_var" in required:
-            for name, moments in collect_input_moments(model, linears, input_ids, batch_size=batch_size, progress=progress).items():
+            for name, moments in collect_input_moments(
+                model, linears, input_ids, batch_size=batch_size, progress=progress
+            ).items():
                 by_name.setdefault(name, LinearStats()).act_var = moments.variance
         self.stats.update({linears[name]: entry for name, entry in by_name.items()})
 
@@ -66,7 +85,9 @@ class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
             weight = layer.weight.detach()
             if registered(self.metric).columns_only and dim == 0:
                 return None
-            return channel_importance(self.metric, weight, dim, stats.grad, stats.fisher, stats.act_norm, act_var=stats.act_var)
+            return channel_importance(
+                self.metric, weight, dim, stats.grad, stats.fisher, stats.act_norm, act_var=stats.act_var
+            )
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:

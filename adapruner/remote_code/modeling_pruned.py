@@ -5,6 +5,7 @@ The config adds `num_attention_heads_per_layer`, `num_key_value_heads_per_layer`
 those sizes. `output_bias: true` gives every o_proj and down_proj a bias (compensation after pruning writes them). Load with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
 This file imports only torch and transformers so that it works without adapruner installed.
 """
+
 from torch import nn
 from transformers import (
     LlamaConfig,
@@ -19,7 +20,9 @@ from transformers import (
 def _resize_layers(model, config) -> None:
     """Replace every layer's projections with linears of that layer's head and channel counts."""
     head_dim, hidden = config.head_dim, config.hidden_size
-    sizes = zip(config.num_attention_heads_per_layer, config.num_key_value_heads_per_layer, config.intermediate_size_per_layer)
+    sizes = zip(
+        config.num_attention_heads_per_layer, config.num_key_value_heads_per_layer, config.intermediate_size_per_layer
+    )
     for layer, (n_heads, n_kv, inter) in zip(model.model.layers, sizes):
         attn, mlp = layer.self_attn, layer.mlp
         output_bias = getattr(config, "output_bias", False)
