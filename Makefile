@@ -24,6 +24,8 @@ demo: setup
 		--tasks adapruner_cloze,adapruner_lastword --task-limit 40 --finetune-steps 10 --out $(DEMO_OUT)
 
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 bench-quality: setup

@@ -237,7 +237,8 @@ def global_counts(
     if removed < target:
         total = count_params(model)
         raise AdaPrunerError(
-            f"--target-params {target / total:.3f} is out of reach with --min-keep {min_keep}: at most {removed / total:.3f}; "
+            f"--target-params {target / total:.3f} is out of reach with --min-keep {min_keep}: "
+            f"at most {removed / total:.3f}; "
             "lower --min-keep or the target, or widen --layers"
         )
     return {index: (a, m) for index, (a, m) in counts.items()}

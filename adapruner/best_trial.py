@@ -67,6 +67,7 @@ class BestTrial:
         names = {f.name for f in fields(cls)}
         if data.get("format") != BEST_FORMAT or set(data) != names:
             raise AdaPrunerError(
-                f"{path} was written by another adapruner version (format {data.get('format')!r}, this one reads {BEST_FORMAT!r}): rerun the search"
+                f"{path} was written by another adapruner version (format {data.get('format')!r}, "
+                f"this one reads {BEST_FORMAT!r}): rerun the search"
             )
         return cls(**data)

@@ -34,7 +34,8 @@ _DEVICE_NAME = re.compile(r"cpu|disk|cuda(:\d+)?|\d+")
 
 @dataclass(frozen=True)
 class Dispatch:
-    """How to spread a model: a strategy name or a JSON device-map file, memory per device (bytes), an offload folder."""
+    """How to spread a model: a strategy name or a JSON device-map file, memory per device (bytes),
+    an offload folder."""
 
     device_map: str
     max_memory: tuple[tuple[str, int], ...] = ()
@@ -86,7 +87,8 @@ class Dispatch:
         wrong = next((n for n in named if n.isdigit() and int(n) >= visible), None)
         if wrong is not None:
             raise AdaPrunerError(
-                f"--device-map/--max-memory name GPU {wrong} and {visible} are visible here: use cpu (and disk) entries or fewer GPUs"
+                f"--device-map/--max-memory name GPU {wrong} and {visible} are visible here: "
+                "use cpu (and disk) entries or fewer GPUs"
             )
 
     def describe(self) -> dict:
@@ -99,7 +101,8 @@ def read_device_map(path: str) -> dict:
         mapping = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise AdaPrunerError(
-            f"--device-map {path!r} is neither {', '.join(STRATEGIES)} nor a readable JSON file ({exc.__class__.__name__})"
+            f"--device-map {path!r} is neither {', '.join(STRATEGIES)} nor a readable JSON file "
+            f"({exc.__class__.__name__})"
         ) from None
     if (
         not isinstance(mapping, dict)
@@ -122,7 +125,8 @@ def parse_max_memory(text: str) -> dict[str, int]:
         device = device.strip()
         if not (device.isdigit() or device == "cpu") or not size:
             raise AdaPrunerError(
-                f"--max-memory entry {entry!r}: write DEVICE=SIZE with DEVICE a GPU index or cpu, e.g. 0=70GiB,cpu=200GiB"
+                f"--max-memory entry {entry!r}: write DEVICE=SIZE with DEVICE a GPU index or cpu, "
+                "e.g. 0=70GiB,cpu=200GiB"
             )
         try:
             limits[device] = convert_file_size_to_int(size.strip())
@@ -196,7 +200,8 @@ def rebind_forward(clone: nn.Module, original: nn.Module) -> None:
         or not isinstance(original.forward, functools.partial)
     ):
         raise AdaPrunerError(
-            f"{type(original).__name__} has a forward of its own that is not accelerate's hook: a trial's copy of it cannot run its own children"
+            f"{type(original).__name__} has a forward of its own that is not accelerate's hook: "
+            "a trial's copy of it cannot run its own children"
         )
     clone._old_forward = types.MethodType(bound.__func__, clone)
     clone.forward = functools.update_wrapper(functools.partial(original.forward.func, clone), clone._old_forward)

@@ -101,7 +101,8 @@ class ActivationCache:
         if source == "activations":
             if not self.key.activations:
                 raise AdaPrunerError(
-                    f"metric {metric!r} needs cached activations: rebuild the cache with {'/'.join(sorted(ACTIVATION_METRICS))} in --metrics"
+                    f"metric {metric!r} needs cached activations: "
+                    f"rebuild the cache with {'/'.join(sorted(ACTIVATION_METRICS))} in --metrics"
                 )
             x, dy = self.tensors[f"x/{input_owner(name)}"], self.tensors[f"dy/{name}"]
             rows = self.token_rows(samples).to(x.device)
@@ -125,7 +126,8 @@ class ActivationCache:
             return InputMoments(mean, square_mean)
         if not self.key.activations:
             raise AdaPrunerError(
-                "lsq compensation needs cached inputs: rebuild the cache with lsq in --compensations (or taylor1/mix in --metrics)"
+                "lsq compensation needs cached inputs: "
+                "rebuild the cache with lsq in --compensations (or taylor1/mix in --metrics)"
             )
         x = self.tensors[f"x/{owner}"]
         rows = rows_on(x, self.token_rows(samples).to(x.device), torch.device(device)).float()

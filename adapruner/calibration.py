@@ -70,7 +70,8 @@ def seeded_draw(
 
 
 def calibration_samples(tokenizer: PreTrainedTokenizerBase, spec: str, seq_len: int, seed: int = 0) -> Samples:
-    """Draw the windows named by `spec` (without replacement within a pool), reproducibly for `seed`; sorted per pool."""
+    """Draw the windows named by `spec` (without replacement within a pool), reproducibly for `seed`;
+    sorted per pool."""
     rows, addresses = [], []
     for pool, count in parse_calib_spec(spec):
         chosen, drawn = seeded_draw(tokenizer, pool, count, seq_len, seed, "ask for at most {n} or shorten --seq-len")
@@ -88,7 +89,8 @@ def windows_at(tokenizer: PreTrainedTokenizerBase, addresses: list[tuple[str, in
         windows = pool_windows(tokenizer, pool, seq_len, "calib")
         if not 0 <= index < windows.shape[0]:
             raise AdaPrunerError(
-                f"pool {pool!r} has no window {index} at seq_len {seq_len}: the addresses come from another seq_len or corpus version"
+                f"pool {pool!r} has no window {index} at seq_len {seq_len}: "
+                "the addresses come from another seq_len or corpus version"
             )
         rows.append(windows[index])
     return Samples(torch.stack(rows), tuple((pool, int(index)) for pool, index in addresses))

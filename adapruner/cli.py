@@ -31,12 +31,18 @@ RATIO_HELP = (
     "fraction of each pruned layer's attention units and MLP channels to remove (LLM-Pruner's meaning: "
     "0.25 on LLaMA-7B layers 4..29 removes about 20%% of all parameters)"
 )
-TARGET_HELP = "fraction of the whole model's parameters to remove, a budget every allocation meets within one MLP channel (instead of --ratio)"
+TARGET_HELP = (
+    "fraction of the whole model's parameters to remove, a budget every allocation meets within one MLP "
+    "channel (instead of --ratio)"
+)
 ALLOCATION_HELP = (
     "uniform: every layer loses the same fraction; depth: a fraction growing (slope > 0) or shrinking with depth; "
     "global: standardised scores ranked across all layers and modules under one parameter budget"
 )
-MIN_KEEP_HELP = "allocation global: each layer keeps at least this fraction of its attention units and of its MLP channels (at least one)"
+MIN_KEEP_HELP = (
+    "allocation global: each layer keeps at least this fraction of its attention units and of its MLP "
+    "channels (at least one)"
+)
 COMPENSATE_HELP = (
     "after removal, repair o_proj/down_proj outputs from calibration inputs: bias adds the removed channels' mean "
     "contribution; lsq refits the kept columns by damped least squares"
@@ -214,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--recompute",
         action="store_true",
-        help="with --from-study: re-derive the plan from statistics recomputed on the trial's windows and report the units that differ",
+        help=(
+            "with --from-study: re-derive the plan from statistics recomputed on the trial's windows and "
+            "report the units that differ"
+        ),
     )
     _add_placement_args(prune)
     _add_dispatch_args(prune)
@@ -312,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--tasks",
         default=",".join(EVAL.tasks),
-        help="zero-shot tasks through lm-eval, comma-separated: adapruner_cloze, adapruner_lastword, or standard names (boolq, piqa, …) cached offline",
+        help=(
+            "zero-shot tasks through lm-eval, comma-separated: adapruner_cloze, adapruner_lastword, or "
+            "standard names (boolq, piqa, …) cached offline"
+        ),
     )
     evaluate.add_argument(
         "--limit", type=COUNT, default=EVAL.task_limit, help="items per zero-shot task (default: all)"
@@ -337,7 +349,9 @@ def _add_placement_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help="run Python code shipped with the model (its modeling_*.py); adapruner's own pruned models load without it",
+        help=(
+            "run Python code shipped with the model (its modeling_*.py); adapruner's own pruned models load without it"
+        ),
     )
 
 
@@ -419,7 +433,9 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
         "--val-dtype",
         default=s.val_dtype,
         choices=("auto", *VAL_DTYPES),
-        help="dtype of the trials' validation forward (auto: bf16 where the hardware multiplies it natively, else fp32)",
+        help=(
+            "dtype of the trials' validation forward (auto: bf16 where the hardware multiplies it natively, else fp32)"
+        ),
     )
     parser.add_argument("--batch-size", type=COUNT, default=s.batch_size)
     parser.add_argument("--workers", type=COUNT, default=s.workers, help="worker processes sharing the study")
@@ -597,10 +613,12 @@ def run_search_command(args: argparse.Namespace) -> int:
     files = study_dir(Path(args.out), args.study)
     spec = best.prune_spec
     print(
-        f"best trial {best.trial}: {spec.metric}/{spec.aggregation}, {len(best.samples)} samples, val ppl {best.val_ppl:.3f}"
+        f"best trial {best.trial}: {spec.metric}/{spec.aggregation}, {len(best.samples)} samples, val ppl "
+        f"{best.val_ppl:.3f}"
     )
     print(
-        f"wrote {files}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study {files} --out DIR"
+        f"wrote {files}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study "
+        f"{files} --out DIR"
     )
     return 0
 

@@ -7,7 +7,7 @@ mean μ = mean_t x_t, Gram C = XᵀX / T and covariance Σ = C − μμᵀ:
           b'   = b + W μ − W'_K μ_K
           the minimiser of mean_t ‖(W x_t + b) − (W'_K x_t,K + b')‖² + λ ‖W'_K − W[:, K]‖²: the kept columns
           reproduce the dense output as well as an affine map of x_K can, damped toward the trained weights
-          (not toward zero; see DESIGN.md). damp → 0⁺ is ordinary least squares with an intercept.
+          (not toward zero, which measured worse on SmolLM2: docs/design.md, "Compensation"). damp → 0⁺ is ordinary least squares with an intercept.
 Both read only μ (bias) or μ and C (lsq) of each o_proj / down_proj input, which are sums over samples: the search
 forms them for any sample subset from the activation cache.
 """
@@ -57,7 +57,8 @@ def compensated(
         )
     if damp <= 0:
         raise AdaPrunerError(
-            f"--damp {damp} must be positive (Σ_KK is singular with fewer tokens than kept channels): pass e.g. {DEFAULT_DAMP}"
+            f"--damp {damp} must be positive (Σ_KK is singular with fewer tokens than kept channels): "
+            f"pass e.g. {DEFAULT_DAMP}"
         )
     cov = moments.gram.to(w.device).float() - torch.outer(mu, mu)
     cov_kk = cov[kept][:, kept]

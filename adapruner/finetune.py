@@ -118,7 +118,8 @@ def finetune(
 
 
 def merged(result: FinetuneResult) -> nn.Module:
-    """The base model with the LoRA deltas added into its weights (peft's merge_and_unload), in the dtype it trained in."""
+    """The base model with the LoRA deltas added into its weights (peft's merge_and_unload),
+    in the dtype it trained in."""
     return result.model.merge_and_unload().eval()
 
 

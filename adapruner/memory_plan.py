@@ -4,8 +4,8 @@ Order (docs/design.md): model weights on `--device` → the activation cache (it
 in the first place that holds it (`cache_placement`):
     device   at most `--cache-mem` and fits beside the model (never for a model spread by `--device-map`, which fills
              the devices);
-    pinned   beside a CUDA device, in page-locked host memory when twice its size (pinned blocks are rounded up to powers
-             of two) fits in the available host memory, less a spread model's bytes (some of them may be there):
+    pinned   beside a CUDA device, in page-locked host memory when twice its size (pinned blocks are rounded up to
+             powers of two) fits in the available host memory, less a spread model's bytes (some of them may be there):
              a trial gathers its subset's rows there and copies them over asynchronously, while the device works on
              the previous linear;
     mapped   memory-mapped from its file (pages read on first touch, shared by the workers of one machine), rows
@@ -84,11 +84,13 @@ class MemoryPlan:
                 else "pass --device-map auto --offload-dir DIR (or a smaller model)"
             )
             raise AdaPrunerError(
-                f"the model needs {self.model_bytes / GIB:.2f} GiB and {self.device} has {self.device_free_bytes / GIB:.2f} GiB free: {fix}"
+                f"the model needs {self.model_bytes / GIB:.2f} GiB and {self.device} has "
+                f"{self.device_free_bytes / GIB:.2f} GiB free: {fix}"
             )
         if not cache_exists and self.cache_bytes > self.disk_free_bytes:
             raise AdaPrunerError(
-                f"the activation cache needs {self.cache_bytes / GIB:.2f} GiB and its folder has {self.disk_free_bytes / GIB:.2f} GiB free: "
+                f"the activation cache needs {self.cache_bytes / GIB:.2f} GiB and its folder has "
+                f"{self.disk_free_bytes / GIB:.2f} GiB free: "
                 "pass a --cache-dir with room, or lower --pool-size or --cache-dtype"
             )
 

@@ -88,7 +88,10 @@ def model_card(params: int, facts: Mapping[str, dict], remote_code: bool) -> str
     ]
     if remote_code:
         lines += [
-            "`trust_remote_code=True` runs the `modeling_pruned.py` saved here (it imports only torch and transformers);",
+            (
+                "`trust_remote_code=True` runs the `modeling_pruned.py` saved here "
+                "(it imports only torch and transformers);"
+            ),
             "adapruner itself loads this directory without it.",
             "",
         ]

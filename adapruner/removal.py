@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from contextlib import ExitStack
 
 import torch
@@ -28,19 +29,30 @@ def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> 
         specs = []
         with ExitStack() as loaded:  # offloaded weights are read on their execution device, one layer at a time
             for owner, name, rows, cols in cuts:
-                linear = loaded.enter_context(weights(getattr(owner, name)))
-                device = linear.weight.device
+                module = loaded.enter_context(weights(getattr(owner, name)))
+                device = module.weight.device
                 rows, cols = (None if t is None else t.to(device) for t in (rows, cols))
-                specs.append((linear.weight.detach(), rows, cols))
-                if linear.bias is not None:
-                    specs.append((linear.bias.detach(), rows, None))
+                specs.append((module.weight.detach(), rows, cols))
+                if getattr(module, "bias", None) is not None:
+                    specs.append((module.bias.detach(), rows, None))
             gathered = iter(gather(specs, backend))
         for owner, name, _rows, _cols in cuts:
             old = getattr(owner, name)
             weight = next(gathered)
-            bias = next(gathered) if old.bias is not None else None
-            setattr(owner, name, place_like(_linear_from(weight, bias), old))
+            bias = next(gathered) if getattr(old, "bias", None) is not None else None
+            setattr(owner, name, place_like(_module_from(old, weight, bias), old))
         resize_modules(layer_info(model, index))
+
+
+def _module_from(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A linear like `old` owning the gathered `weight` and `bias`; for a norm (1-D weight), a copy of it with
+    `weight`."""
+    if isinstance(old, nn.Linear):
+        return _linear_from(weight, bias)
+    norm = copy.copy(old)
+    norm._parameters = dict(old._parameters)
+    norm.weight = nn.Parameter(weight, requires_grad=True)
+    return norm
 
 
 def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

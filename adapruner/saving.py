@@ -19,12 +19,10 @@ from transformers import PreTrainedTokenizerBase
 from adapruner.allocation import count_params
 from adapruner.compensation import give_output_biases
 from adapruner.errors import AdaPrunerError
-from adapruner.families import FAMILIES
+from adapruner.families import REMOTE_CODE, Family, family_of, text_config
 from adapruner.model_card import model_card
 from adapruner.staging import staged_dir
 from adapruner.structure import decoder_layers, layer_info
-
-REMOTE_CODE = Path(__file__).with_name("remote_code") / "modeling_pruned.py"
 
 
 def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
@@ -58,16 +56,21 @@ def save_pruned(
     output_bias = give_output_biases(model)
     if uniform and output_bias:
         raise AdaPrunerError(
-            "--uniform saves a stock config, which has no o_proj/down_proj biases for compensation: drop --uniform or --compensate"
+            "--uniform saves a stock config, which has no o_proj/down_proj biases for compensation: "
+            "drop --uniform or --compensate"
         )
     with staged_dir(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
         config = json.loads(config_path.read_text())
-        config.update(
-            _uniform_config(sizes, model) if uniform else _remote_code_config(config, sizes, model, output_bias)
-        )
+        family = family_of(model.config)
+        text = config["text_config"] if family.text_config else config  # where the decoder's sizes live
+        if uniform:
+            text.update(_uniform_config(sizes, model))
+        else:
+            config.update(_remote_code_config(family, sizes, output_bias))
+            text["head_dim"] = _head_dim(model)
         if not uniform:
             shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -95,10 +98,11 @@ def _head_dim(model: nn.Module) -> int:
 
 
 def _uniform_config(sizes: dict[str, list[int]], model: nn.Module) -> dict:
-    hidden, heads = model.config.hidden_size, sizes["num_attention_heads_per_layer"][0]
+    hidden, heads = text_config(model.config).hidden_size, sizes["num_attention_heads_per_layer"][0]
     if hidden % heads:
         raise AdaPrunerError(
-            f"--uniform: transformers' config wants hidden_size {hidden} divisible by the {heads} heads left: drop --uniform (remote-code save) or pick another ratio"
+            f"--uniform: transformers' config wants hidden_size {hidden} divisible by the {heads} heads left: "
+            "drop --uniform (remote-code save) or pick another ratio"
         )
     return {
         "num_attention_heads": sizes["num_attention_heads_per_layer"][0],
@@ -108,19 +112,17 @@ def _uniform_config(sizes: dict[str, list[int]], model: nn.Module) -> dict:
     }
 
 
-def _remote_code_config(config: dict, sizes: dict[str, list[int]], model: nn.Module, output_bias: bool = False) -> dict:
+def _remote_code_config(family: Family, sizes: dict[str, list[int]], output_bias: bool = False) -> dict:
     """Config keys that point at `modeling_pruned.py`, the modeling file shipped beside the weights."""
-    base_type = config.get("base_model_type") or config["model_type"]
-    family = FAMILIES[base_type].class_prefix
+    config_class, model_class = f"Pruned{family.config_class}", f"Pruned{family.model_class}"
     return {
         **sizes,
         "output_bias": output_bias,
-        "model_type": f"pruned_{base_type}",
-        "base_model_type": base_type,
-        "architectures": [f"Pruned{family}ForCausalLM"],
-        "head_dim": _head_dim(model),
+        "model_type": f"pruned_{family.model_type}",
+        "base_model_type": family.model_type,
+        "architectures": [model_class],
         "auto_map": {
-            "AutoConfig": f"modeling_pruned.Pruned{family}Config",
-            "AutoModelForCausalLM": f"modeling_pruned.Pruned{family}ForCausalLM",
+            "AutoConfig": f"modeling_pruned.{config_class}",
+            "AutoModelForCausalLM": f"modeling_pruned.{model_class}",
         },
     }

@@ -62,7 +62,8 @@ def plan_pruning(
             _check_attention_removal(info, per_layer[index], n_attn, granularity)
         if prune_mlp and n_mlp >= info.intermediate:
             raise AdaPrunerError(
-                f"ratio {per_layer[index]} would remove all {info.intermediate} MLP channels of layer {index}: use a smaller --ratio"
+                f"ratio {per_layer[index]} would remove all {info.intermediate} MLP channels of layer {index}: "
+                "use a smaller --ratio"
             )
     every = {index: (prune_attention, prune_mlp) for index in layers}
     return plan_from_counts(model, score_layers(model, importance, every, granularity), counts, granularity)
@@ -145,8 +146,10 @@ def _check_attention_removal(info: LayerInfo, ratio: float, n_remove: int, granu
         )
     if n_remove == 0:
         warnings.warn(
-            f"ratio {ratio} removes no attention unit ({unit_total} per layer at granularity {granularity!r}): attention stays whole; "
-            f"raise --ratio{', use --attn-granularity query,' if granularity == 'kv' else ''} or use --target-params to move the budget to the MLP",
+            f"ratio {ratio} removes no attention unit ({unit_total} per layer at granularity {granularity!r}): "
+            "attention stays whole; "
+            f"raise --ratio{', use --attn-granularity query,' if granularity == 'kv' else ''} "
+            "or use --target-params to move the budget to the MLP",
             stacklevel=4,
         )
 

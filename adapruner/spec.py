@@ -98,7 +98,8 @@ def check_ratio(ratio: float | None) -> None:
 def check_target_params(target_params: float) -> None:
     if not 0.0 < target_params < 1.0:
         raise AdaPrunerError(
-            f"--target-params {target_params} is outside (0, 1): pass the fraction of all parameters to remove, e.g. 0.2"
+            f"--target-params {target_params} is outside (0, 1): "
+            "pass the fraction of all parameters to remove, e.g. 0.2"
         )
 
 

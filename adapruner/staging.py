@@ -1,5 +1,6 @@
 """Outputs appear whole or not at all: staged beside their final path, renamed on success, removed on any error,
-SIGINT or SIGTERM; made with the permissions the user's umask gives; their parent checked writable before work starts."""
+SIGINT or SIGTERM; made with the permissions the user's umask gives; their parent checked writable before work
+starts."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from adapruner.errors import AdaPrunerError
-from adapruner.families import FAMILIES, Family, family_of
+from adapruner.families import FAMILIES, Family, family_of, shipped_modeling
 from adapruner.spec import AttnGranularity
 
 # linears that read another one's input (k/v read q's, up reads gate's): the cache stores that input once
@@ -27,7 +27,7 @@ SHARED_INPUT = {
     for inputs in (family.attention_inputs, family.mlp_inputs)
     for leaf in inputs[1:]
 }
-Cut = tuple[nn.Module, str, "torch.Tensor | None", "torch.Tensor | None"]  # owner, linear name, kept rows, kept columns
+Cut = tuple[nn.Module, str, "torch.Tensor | None", "torch.Tensor | None"]  # owner, module name, kept rows, kept columns
 
 
 @dataclass(frozen=True)
@@ -264,8 +264,9 @@ def head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
 def layer_cuts(
     info: LayerInfo, kept_heads: tuple[list[int], list[int]] | None, channels: list[int] | None
 ) -> list[Cut]:
-    """(owner, linear name, kept rows, kept columns) of every linear that keeping the query and kv heads `kept_heads`
-    and the MLP `channels` shrinks (None: that block stays whole); a fused linear's slots are kept in its order."""
+    """(owner, module name, kept rows, kept columns) of every linear (and norm spanning the heads: rows of its weight)
+    that keeping the query and kv heads `kept_heads` and the MLP `channels` shrinks (None: that block stays whole);
+    a fused linear's slots are kept in its order."""
     kept: dict[tuple[nn.Module, str], list[list[torch.Tensor]]] = {}
 
     def keep(owner: nn.Module, slot: tuple[str, int, int], indices: torch.Tensor) -> None:
@@ -277,6 +278,8 @@ def layer_cuts(
         q_rows, kv_rows = (head_channels(heads, info.head_dim) for heads in kept_heads)
         for role, indices in (("q", q_rows), ("k", kv_rows), ("v", kv_rows), ("o", q_rows)):
             keep(info.attn, slots[role], indices)
+        for norm, indices in zip(info.family.head_norms or (), (q_rows, kv_rows)):  # norms spanning all heads
+            keep(info.attn, (norm, 0, 0), indices)
     if channels is not None and len(channels) < info.intermediate:
         kept_channels = torch.tensor(channels, dtype=torch.long)
         for slot in _mlp_slots(info).values():
@@ -288,9 +291,10 @@ def layer_cuts(
 
 
 def resize_modules(info: LayerInfo) -> None:
-    """Set the attributes the attention and MLP forwards read from their modules to the layer's new sizes."""
-    info.attn.num_key_value_groups = info.heads_per_kv
-    info.mlp.intermediate_size = info.intermediate
+    """Set the attributes the attention and MLP forwards read to the layer's new sizes (the shipped modeling file's
+    `fit_layer`, so that the pruned model in memory runs as the saved one will)."""
+    fit = shipped_modeling().fit_layer
+    fit(info.attn, info.mlp, info.n_heads, info.n_kv_heads, info.intermediate, info.family.layer_config)
 
 
 def unit_params(info: LayerInfo) -> tuple[int, int, int]:

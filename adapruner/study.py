@@ -67,7 +67,8 @@ def _storage(url: str, heartbeat_seconds: int, grace_seconds: int):
 
 
 def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
-    """Enqueues a failed trial again with its parameters (system attribute `failed_trial`), at most `MAX_RETRY` times."""
+    """Enqueues a failed trial again with its parameters (system attribute `failed_trial`),
+    at most `MAX_RETRY` times."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
@@ -75,7 +76,8 @@ def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
 
 def _refuse(url: str, exc: Exception):
     raise AdaPrunerError(
-        f"cannot open storage {url!r} ({first_line(exc)}): pass a URL like sqlite:///path/study.db or journal:path/study.log"
+        f"cannot open storage {url!r} ({first_line(exc)}): "
+        "pass a URL like sqlite:///path/study.db or journal:path/study.log"
     ) from None
 
 
@@ -118,7 +120,8 @@ def pin_content(study: optuna.Study, content: dict) -> None:
             "validation": "validation text",
         }.get(changed, changed)
         raise AdaPrunerError(
-            f"study {study.study_name!r} was run on another {what}: digest {existing.get(changed)}, now {content[changed]}; "
+            f"study {study.study_name!r} was run on another {what}: "
+            f"digest {existing.get(changed)}, now {content[changed]}; "
             "pass a new --study or --out"
         )
 
@@ -284,7 +287,8 @@ def run_workers(
     if dead and finished(study) < base.n_trials:
         names = ", ".join(f"worker {k} (exit code {process.exitcode})" for k, process in dead)
         raise AdaPrunerError(
-            f"the study holds {finished(study)} of {base.n_trials} finished trials ({names}): run the same command again to resume"
+            f"the study holds {finished(study)} of {base.n_trials} finished trials ({names}): "
+            "run the same command again to resume"
         )
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
     if (

@@ -6,7 +6,8 @@
 - Copy: a trial's model is new module objects only along the path to the linears it cuts (model → layers → layer →
   attention / MLP); every other module and tensor is the base model's, so a trial pays for the gather alone.
 - Dtype: trials run in `dtype` — `auto` is bf16 where the hardware multiplies bf16 natively (CUDA with bf16, CPUs
-  with AVX512-BF16/AMX), else fp32. Importance always reads the fp32 weights; only the validation forward changes.
+  with AVX512-BF16/AMX), else fp32. Only the validation forward changes dtype: importance reads the weights in the
+  model's own dtype (`--dtype`: fp32 on the CPU, bf16 on CUDA by default), with fp32 arithmetic in the kernels.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class ValidationScorer:
         ):  # its tensors stay where the device map put them: trials copy the path to each cut only
             if next(model.parameters()).dtype != VAL_DTYPES[dtype]:
                 raise AdaPrunerError(
-                    f"a model spread by --device-map validates in its own dtype: pass --val-dtype {dtype_name(next(model.parameters()).dtype)}"
+                    "a model spread by --device-map validates in its own dtype: "
+                    f"pass --val-dtype {dtype_name(next(model.parameters()).dtype)}"
                 )
             self.base = model
         else:
@@ -146,7 +148,8 @@ class ValidationScorer:
     def score(
         self, plan: PrunePlan, report: Callable[[int, float], None] | None = None, updates: dict | None = None
     ) -> float:
-        """Validation perplexity of the base model pruned by `plan` (and compensated by `updates`; only layers `start`… run)."""
+        """Validation perplexity of the base model pruned by `plan` (and compensated by `updates`;
+        only layers `start`… run)."""
         if any(index < self.start for index in (*plan.attention, *plan.mlp)):
             raise AdaPrunerError(f"the plan prunes a layer before {self.start}, whose output the scorer has cached")
         model = self.pruned(plan, updates)

@@ -83,7 +83,8 @@ def providers(device: torch.device, torch_fn, triton_fn, use_compile: bool, swee
 
 
 def bench_group_importance(device, dtype, shape, use_compile, repeat, dim, sweep):
-    """taylor1 scores of rows (dim 0: q/k/v/gate/up) or columns (dim 1: o/down): reads W and G once, writes one fp32 vector."""
+    """taylor1 scores of rows (dim 0: q/k/v/gate/up) or columns (dim 1: o/down):
+    reads W and G once, writes one fp32 vector."""
     w = torch.randn(shape, device=device, dtype=dtype)
     g = torch.randn(shape, device=device, dtype=dtype)
     n_bytes = 2 * w.numel() * w.element_size() + shape[dim] * 4

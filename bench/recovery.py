@@ -63,7 +63,8 @@ def main() -> None:
     ]
     print(format_table(["model", "params", "wiki eval ppl"], rows))
     print(
-        f"LoRA: {len(result.losses)} steps × {args.batch_size} × {args.cutoff} tokens of {args.data!r} in {seconds:.0f} s; validation ppl {result.val_ppl}"
+        f"LoRA: {len(result.losses)} steps × {args.batch_size} × {args.cutoff} tokens of {args.data!r} "
+        f"in {seconds:.0f} s; validation ppl {result.val_ppl}"
     )
     payload = {
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",

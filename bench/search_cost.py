@@ -81,7 +81,9 @@ def main() -> None:
     parser.add_argument(
         "--out",
         default=None,
-        help="JSON file (default bench/results/search_cost.json for smollm2 on CPU, else search_cost-SHAPE-DEVICE.json)",
+        help=(
+            "JSON file (default bench/results/search_cost.json for smollm2 on CPU, else search_cost-SHAPE-DEVICE.json)"
+        ),
     )
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
@@ -134,7 +136,8 @@ def main() -> None:
                 }
             )
             print(
-                f"{metric:8s} {count:3d} samples: cached {sum(records[-1]['cached'].values()):.2f} s, recompute {sum(records[-1]['recompute'].values()):.2f} s",
+                f"{metric:8s} {count:3d} samples: cached {sum(records[-1]['cached'].values()):.2f} s, "
+                f"recompute {sum(records[-1]['recompute'].values()):.2f} s",
                 flush=True,
             )
 
@@ -174,15 +177,19 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     projected = t_build + PROJECTED_TRIALS * mean(records, "cached")
     print(
-        f"machine: {machine}; shape {args.shape} ({n_params / 1e9:.2f}B parameters, {dtype_name(placement.dtype)}) built in {t_load:.1f} s; "
+        f"machine: {machine}; shape {args.shape} ({n_params / 1e9:.2f}B parameters, "
+        f"{dtype_name(placement.dtype)}) built in {t_load:.1f} s; "
         f"importance by {scoring_backend(device, key.dtype)}, gather by {kernel_backend(device)}"
     )
     print(
-        f"cache pass: {cache.n_samples} samples × {args.seq_len} tokens ({cache.nbytes / 2**30:.2f} GiB) in {t_build:.1f} s; "
-        f"validation: {args.val_windows} windows in {val_dtype}, prefix (layers 0-{layers.start - 1}) computed once in {t_prefix:.2f} s"
+        f"cache pass: {cache.n_samples} samples × {args.seq_len} tokens ({cache.nbytes / 2**30:.2f} GiB) "
+        f"in {t_build:.1f} s; "
+        f"validation: {args.val_windows} windows in {val_dtype}, "
+        f"prefix (layers 0-{layers.start - 1}) computed once in {t_prefix:.2f} s"
     )
     print(
-        f"trials: metrics {', '.join(metrics)} × sample counts {', '.join(map(str, counts))}; times are means in seconds"
+        f"trials: metrics {', '.join(metrics)} × sample counts {', '.join(map(str, counts))}; "
+        "times are means in seconds"
     )
     print(
         format_table(
@@ -201,11 +208,13 @@ def main() -> None:
     )
     print(format_table(["samples", "trial cached", "trial recompute", "trial ratio"], by_count))
     print(
-        f"mean trial: cached {mean(records, 'cached'):.2f} s (validation {mean(records, 'cached', 'validation'):.2f} s), "
+        f"mean trial: cached {mean(records, 'cached'):.2f} s "
+        f"(validation {mean(records, 'cached', 'validation'):.2f} s), "
         f"recompute {mean(records, 'recompute'):.2f} s; cached trial vs recompute: {overall:.1f}x"
     )
     print(
-        f"projected {PROJECTED_TRIALS}-trial search: cache pass {t_build:.1f} s + {PROJECTED_TRIALS} × {mean(records, 'cached'):.2f} s = {projected:.0f} s "
+        f"projected {PROJECTED_TRIALS}-trial search: cache pass {t_build:.1f} s + "
+        f"{PROJECTED_TRIALS} × {mean(records, 'cached'):.2f} s = {projected:.0f} s "
         f"({projected / 60:.1f} min; without the cache: {PROJECTED_TRIALS * mean(records, 'recompute') / 60:.1f} min)"
     )
     default_out = (

@@ -69,7 +69,8 @@ def cached_grad_importance_kernel(
     BLOCK_T: tl.constexpr,
 ):
     """Tile (m, n) over the T chosen token rows, in segments of L rows (one sample each for MIX):
-    G = Σ_seg G_seg; F = mean_seg G_seg² (MIX); e = |W G| or |W G − ½ W² F|; row_out[m] += Σ_n e, col_out[n] += Σ_m e."""
+    G = Σ_seg G_seg; F = mean_seg G_seg² (MIX); e = |W G| or |W G − ½ W² F|;
+    row_out[m] += Σ_n e, col_out[n] += Σ_m e."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     grad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -129,7 +130,8 @@ def sample_fisher_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """Sample s, tile (m, n): G_s = dY_sᵀ X_s over its L token rows; e = W² G_s²; row_out[s, m] += Σ_n e, col_out[s, n] += Σ_m e."""
+    """Sample s, tile (m, n): G_s = dY_sᵀ X_s over its L token rows; e = W² G_s²;
+    row_out[s, m] += Σ_n e, col_out[s, n] += Σ_m e."""
     s = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)

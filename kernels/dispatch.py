@@ -41,7 +41,8 @@ def scoring_backend(device: torch.device, cache_dtype: str) -> str:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively (faster than fp32) on `device`: CUDA with bf16, CPUs with AVX512-BF16 or AMX."""
+    """Whether bf16 matmuls run natively (faster than fp32) on `device`: CUDA with bf16,
+    CPUs with AVX512-BF16 or AMX."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":  # torch's CPU feature probes are private; without them, assume no

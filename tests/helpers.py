@@ -77,3 +77,87 @@ def masked_logits(model, plan, tokens):
             for channel in set(range(info.intermediate)) - set(keep):
                 info.mlp.down_proj.weight[:, channel] = 0
         return masked(input_ids=tokens).logits
+
+
+FAMILY_KWARGS = {  # per model_type, beside TINY_BASE: what its config needs to build a tiny model
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {"query_pre_attn_scalar": 8, "sliding_window": 4},
+    "gemma3_text": {"query_pre_attn_scalar": 8, "sliding_window": 4},
+    "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "granite": {
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.25,
+        "logits_scaling": 2.0,
+    },
+    "smollm3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "glm4": {"pad_token_id": 0, "eos_token_id": 2},
+    "olmo2": {"pad_token_id": 0, "eos_token_id": 2},
+}
+TINY_BASE = {
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "intermediate_size": 24,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+}
+FAMILY_TYPES = (*FAMILY_KWARGS, "gemma3")
+
+
+def tiny_family(model_type: str, seed: int = 0):
+    """A random 4-layer GQA model of `model_type` (4 query / 2 kv heads of 8, hidden 32, 24 MLP channels), with
+    random biases and norm weights so that a wrong slice of either shows in the logits; `gemma3` is the multimodal
+    checkpoint whose language model holds the layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if model_type == "gemma3":
+        text = {"model_type": "gemma3_text", **TINY_BASE, **FAMILY_KWARGS["gemma3_text"]}
+        vision = {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 4,
+        }
+        config = AutoConfig.for_model(
+            "gemma3",
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            image_token_index=96,
+            boi_token_index=94,
+            eoi_token_index=95,
+        )
+    else:
+        config = AutoConfig.for_model(model_type, **TINY_BASE, **FAMILY_KWARGS[model_type])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.1)
+            elif name.endswith("norm") and getattr(module, "weight", None) is not None:
+                module.weight.normal_(1, 0.1)
+    return model
+
+
+def byte_level_tokenizer():
+    """A 97-token byte-level BPE tokenizer (one token per character of "t0 … t96" text): transformers 5 reads some
+    families' tokenizers with their own byte-level class (Qwen2's), which a word-level vocabulary does not survive."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["t", *"0123456789", "Ġ"]
+    vocab = {**{c: i for i, c in enumerate(chars)}, **{f"<x{i}>": i for i in range(len(chars), 97)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<x96>")

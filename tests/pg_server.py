@@ -39,7 +39,8 @@ def postgres_cluster():
     binaries = server_binaries()
     if binaries is None:
         raise RuntimeError(
-            "PostgreSQL's initdb is not installed: run .ci/run (it installs Debian's postgresql) or apt-get install postgresql"
+            "PostgreSQL's initdb is not installed: "
+            "run .ci/run (it installs Debian's postgresql) or apt-get install postgresql"
         )
     root = Path(tempfile.mkdtemp(prefix="adapruner-pg-"))
     data, port = root / "data", _free_port()

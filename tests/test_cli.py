@@ -258,7 +258,8 @@ def test_smollm2_search_resume_mismatch_and_apply(capsys, tmp_path, smollm2_load
 
 def test_smollm2_delivered_model_is_the_scored_one(capsys, tmp_path, smollm2_loaded):
     """A taylor1 search with the default bf16 cache → `prune --from-study`: the saved model scores, the way the trial
-    was scored, the best trial's val_ppl, and keeps exactly its plan; --recompute reports how far fp32 statistics move it."""
+    was scored, the best trial's val_ppl, and keeps exactly its plan; --recompute reports how far fp32 statistics
+    move it."""
     out = tmp_path / "search"
     code, _, _ = run_cli(
         capsys,
@@ -326,7 +327,8 @@ def test_smollm2_delivered_model_is_the_scored_one(capsys, tmp_path, smollm2_loa
 
 
 def test_reports_of_another_version_are_refused(capsys, tmp_path):
-    """best.json and report.json carry their format; a file of another one is a one-line error before any model loads."""
+    """best.json and report.json carry their format;
+    a file of another one is a one-line error before any model loads."""
     (tmp_path / "report.json").write_text(json.dumps({"format": "adapruner.report/0", "eval": {}}))
     code, _, err = run_cli(capsys, "eval", "--model", "smollm2", "--report", str(tmp_path / "report.json"))
     assert code == 2 and "another adapruner version" in err and err.count("\n") == 1

@@ -84,7 +84,8 @@ def test_failed_save_leaves_nothing(mha_model, tmp_path, tokenizer):
 def plant(path, marker) -> None:
     """A modeling file that leaves `marker` behind when Python runs it, then offers the stock class."""
     path.write_text(
-        f"import pathlib\nfrom transformers import LlamaForCausalLM\npathlib.Path({str(marker)!r}).write_text('ran')\n\n"
+        "import pathlib\nfrom transformers import LlamaForCausalLM\n"
+        f"pathlib.Path({str(marker)!r}).write_text('ran')\n\n"
         "class PlantedForCausalLM(LlamaForCausalLM):\n    pass\n"
     )
 

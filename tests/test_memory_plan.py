@@ -81,7 +81,8 @@ def test_search_plan_prints_and_writes_nothing(tmp_path, capsys):
         )
     )
     # per layer, n = 3 windows, T = 48 tokens, fp32: 4 statistics of n rows per linear (2 of out, 2 of in columns),
-    # act and xsum of n rows per distinct input (q, o, gate, down), dY of T rows per linear, X of T rows per distinct input
+    # act and xsum of n rows per distinct input (q, o, gate, down), dY of T rows per linear,
+    # X of T rows per distinct input
     outs = {
         "q": 32,
         "k": 32,

@@ -1,4 +1,5 @@
-"""Every saved model directory carries a Hub model card whose header parses and whose table names the report's figures."""
+"""Every saved model directory carries a Hub model card whose header parses and whose table names the
+report's figures."""
 
 import json
 

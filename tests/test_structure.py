@@ -18,7 +18,8 @@ from adapruner.structure import (
 
 
 def brute_force_kv_scores(info) -> list[float]:
-    """l1 score of kv group h: |q rows of query heads h·r…h·r+r-1| + |k, v rows of head h| + |o columns of those heads|."""
+    """l1 score of kv group h: |q rows of query heads h·r…h·r+r-1| + |k, v rows of head h|
+    + |o columns of those heads|."""
     a, hd, r = info.attn, info.head_dim, info.heads_per_kv
     scores = []
     for h in range(info.n_kv_heads):

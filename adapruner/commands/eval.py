@@ -63,7 +63,8 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
         check_writable(report, "--report")
     if merged.get("format") != REPORT_FORMAT:
         raise AdaPrunerError(
-            f"{report} was written by another adapruner version (format {merged.get('format')!r}): pass --report NEW.json"
+            f"{report} was written by another adapruner version (format {merged.get('format')!r}): "
+            "pass --report NEW.json"
         )
     started = time.perf_counter()
     model, tokenizer = load_model(

@@ -1,4 +1,5 @@
-"""`adapruner finetune` as a library call: load → validation perplexity → LoRA → save merged (or the adapter) with report.json."""
+"""`adapruner finetune` as a library call: load → validation perplexity → LoRA → save merged (or the adapter)
+with report.json."""
 
 from __future__ import annotations
 

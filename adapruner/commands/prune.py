@@ -23,7 +23,6 @@ from adapruner.saving import save_pruned
 from adapruner.staging import check_out_dir
 from adapruner.structure import check_context
 
-
 DEFAULT_EVAL = EvalOptions()  # perplexity on the held-out wiki windows before and after
 
 
@@ -57,7 +56,8 @@ def prune_and_save(
         raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
     if uniform and (spec.allocation != "uniform" or spec.compensation != "none" or spec.depth_slope):
         raise AdaPrunerError(
-            "--uniform saves one size for every layer without biases: drop --allocation, --depth-slope and --compensate, or --uniform"
+            "--uniform saves one size for every layer without biases: "
+            "drop --allocation, --depth-slope and --compensate, or --uniform"
         )
     if recompute and study is None:
         raise AdaPrunerError("--recompute re-derives a search's plan: add --from-study DIR")

@@ -185,8 +185,9 @@ def report_markdown(report: dict, rows: list[Row]) -> str:
     )
     lines.append(
         f"Best configuration: `{spec['metric']}` / `{spec['aggregation']}`, {len(best['samples'])} samples "
-        f"(blocks {', '.join(best['blocks'])}), allocation {spec['allocation']} (slope {spec['depth_slope']:.3f}), compensation "
-        f"{spec['compensation']}, {budget} over layers {spec['layers']}: {100 * best['removed_fraction']:.1f}% of the parameters removed; "
+        f"(blocks {', '.join(best['blocks'])}), allocation {spec['allocation']} "
+        f"(slope {spec['depth_slope']:.3f}), compensation {spec['compensation']}, {budget} over layers "
+        f"{spec['layers']}: {100 * best['removed_fraction']:.1f}% of the parameters removed; "
         f"validation ppl {best['val_ppl']:.3f} (trial {best['trial']})."
     )
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -205,7 +206,10 @@ def report_markdown(report: dict, rows: list[Row]) -> str:
     windows = ", ".join(f"{label}: {n} windows" for label, n in report["eval_windows"].items())
     lines += [
         "",
-        f"Perplexity on the held-out wiki evaluation articles ({windows}); accuracies (acc, %) from lm-evaluation-harness.",
+        (
+            f"Perplexity on the held-out wiki evaluation articles ({windows}); "
+            "accuracies (acc, %) from lm-evaluation-harness."
+        ),
         "",
         "| stage | seconds |",
         "|---|---:|",

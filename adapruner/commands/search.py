@@ -114,11 +114,13 @@ def resolved(options: SearchOptions) -> tuple[SearchOptions, Placement]:
     if placement.dispatch is not None:  # trials share the spread model's tensors, so they validate in its dtype
         if options.val_dtype not in ("auto", dtype):
             raise AdaPrunerError(
-                f"a model spread by --device-map validates in its own dtype: drop --val-dtype or pass --val-dtype {dtype}"
+                "a model spread by --device-map validates in its own dtype: "
+                f"drop --val-dtype or pass --val-dtype {dtype}"
             )
         if options.workers > 1:
             raise AdaPrunerError(
-                "--device-map spreads one model over this machine's devices: pass --workers 1 (more machines join with --storage)"
+                "--device-map spreads one model over this machine's devices: "
+                "pass --workers 1 (more machines join with --storage)"
             )
         val_dtype = dtype
     else:
@@ -188,7 +190,8 @@ def saved_val_windows(path: Path, tokenizer, seq_len: int, count: int) -> None:
     windows = pool_windows(tokenizer, "wiki", seq_len, "val")
     if windows.shape[0] < count:
         raise AdaPrunerError(
-            f"the wiki validation split has {windows.shape[0]} windows of {seq_len} tokens: lower --val-windows to at most {windows.shape[0]}"
+            f"the wiki validation split has {windows.shape[0]} windows of {seq_len} tokens: "
+            f"lower --val-windows to at most {windows.shape[0]}"
         )
     with staged_file(path) as tmp:
         save_file({"windows": windows[:count].contiguous()}, str(tmp))
@@ -337,7 +340,8 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
     config = config_of(best, cache, space)
     if not {"plan", "removed_fraction"} <= set(best.user_attrs):
         raise AdaPrunerError(
-            f"study {options.study!r} was made by an older adapruner: its trials hold no plan; run the search with a new --out"
+            f"study {options.study!r} was made by an older adapruner: its trials hold no plan; "
+            "run the search with a new --out"
         )
     layers = cache.key.layers
     spec = trial_spec(options.spec.with_(layers=f"{layers[0]}:{layers[1]}"), config)

@@ -1,45 +1,133 @@
-"""Remote code for models pruned by adapruner: a stock LLaMA/Mistral/Qwen2 model whose layers differ in size.
+"""Remote code for models pruned by adapruner: a stock transformers decoder whose layers differ in size.
 
-The config adds `num_attention_heads_per_layer`, `num_key_value_heads_per_layer` and
-`intermediate_size_per_layer`; the model builds the stock architecture, then gives each layer's projections
-those sizes. `output_bias: true` gives every o_proj and down_proj a bias (compensation after pruning writes them). Load with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
-This file imports only torch and transformers so that it works without adapruner installed.
+The config adds `num_attention_heads_per_layer`, `num_key_value_heads_per_layer` and `intermediate_size_per_layer`
+(and `head_dim`); the model builds the stock architecture of its family (`base_model_type`), then gives each layer's
+projections those sizes. `output_bias: true` gives every attention and MLP output projection a bias (compensation
+after pruning writes them). Load with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+This file imports only torch and transformers so that it works without adapruner installed; adapruner reads its
+`fit_layer` too, so an in-memory pruned model and a reloaded one run the same way.
 """
 
+import copy
+
+import torch
+import transformers
 from torch import nn
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+
+# model_type → (config class, model class, path to the decoder layers, fused qkv, fused gate_up,
+#               norms spanning all heads, attention reads its head count from the config)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "model.layers", None, None, None, False),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "model.layers", None, None, None, False),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "model.layers", None, None, None, False),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "model.layers", None, None, None, False),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "model.layers", None, None, None, False),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", "model.layers", None, None, None, False),
+    "gemma3": (
+        "Gemma3Config",
+        "Gemma3ForConditionalGeneration",
+        "model.language_model.layers",
+        None,
+        None,
+        None,
+        False,
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "model.layers", "qkv_proj", "gate_up_proj", None, True),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", "model.layers", None, None, None, False),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "model.layers", None, None, None, False),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", "model.layers", None, "gate_up_proj", None, False),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "model.layers", None, None, ("q_norm", "k_norm"), False),
+}
 
 
-def _resize_layers(model, config) -> None:
-    """Replace every layer's projections with linears of that layer's head and channel counts."""
-    head_dim, hidden = config.head_dim, config.hidden_size
+class LayerConfig:
+    """The shared config as one pruned layer's attention sees it: its own head counts, everything else (read or
+    written, e.g. the attention implementation) passed through to the shared config."""
+
+    def __init__(self, shared, **own):
+        object.__setattr__(self, "_shared", shared)
+        object.__setattr__(self, "_own", own)
+
+    def __getattr__(self, name):
+        own = object.__getattribute__(self, "_own")
+        return own[name] if name in own else getattr(object.__getattribute__(self, "_shared"), name)
+
+    def __setattr__(self, name, value):
+        if name in self._own:
+            self._own[name] = value
+        else:
+            setattr(self._shared, name, value)
+
+    def __deepcopy__(self, memo):
+        return LayerConfig(copy.deepcopy(self._shared, memo), **self._own)
+
+    def __copy__(self):
+        return LayerConfig(self._shared, **self._own)
+
+
+def fit_layer(attn, mlp, n_heads, n_kv, intermediate, layer_config=False):
+    """Set the attributes a layer's forwards read to its sizes: the GQA ratio, the kv head count, the MLP width, and
+    for families whose attention reads the head count from the config, a per-layer view of it."""
+    attn.num_key_value_groups = n_heads // n_kv
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = n_kv
+    mlp.intermediate_size = intermediate
+    if layer_config:
+        shared = attn.config._shared if isinstance(attn.config, LayerConfig) else attn.config
+        attn.config = LayerConfig(shared, num_attention_heads=n_heads, num_key_value_heads=n_kv)
+
+
+def _layers(model, path):
+    for part in path.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def _linear(old, in_features, out_features, bias):
+    return nn.Linear(in_features, out_features, bias=bias, dtype=old.weight.dtype, device=old.weight.device)
+
+
+def _norm(old, size):
+    norm = copy.copy(old)
+    norm._parameters = dict(old._parameters)
+    norm.weight = nn.Parameter(torch.ones(size, dtype=old.weight.dtype, device=old.weight.device))
+    return norm
+
+
+def _resize_layers(model, config, family):
+    """Replace every layer's projections (and norms spanning its heads) with ones of that layer's sizes."""
+    _, _, path, qkv, gate_up, head_norms, layer_config = FAMILIES[family]
+    text = config.get_text_config()
+    head_dim, hidden = text.head_dim, text.hidden_size
+    output_bias = getattr(config, "output_bias", False)
     sizes = zip(
         config.num_attention_heads_per_layer, config.num_key_value_heads_per_layer, config.intermediate_size_per_layer
     )
-    for layer, (n_heads, n_kv, inter) in zip(model.model.layers, sizes):
+    for layer, (n_heads, n_kv, inter) in zip(_layers(model, path), sizes):
         attn, mlp = layer.self_attn, layer.mlp
-        output_bias = getattr(config, "output_bias", False)
-        qkv_bias, o_bias = attn.q_proj.bias is not None, attn.o_proj.bias is not None or output_bias
-        attn.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
-        attn.k_proj = nn.Linear(hidden, n_kv * head_dim, bias=qkv_bias)
-        attn.v_proj = nn.Linear(hidden, n_kv * head_dim, bias=qkv_bias)
-        attn.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
-        attn.num_key_value_groups = n_heads // n_kv
-        mlp_bias = mlp.gate_proj.bias is not None
-        mlp.gate_proj = nn.Linear(hidden, inter, bias=mlp_bias)
-        mlp.up_proj = nn.Linear(hidden, inter, bias=mlp_bias)
-        mlp.down_proj = nn.Linear(inter, hidden, bias=mlp.down_proj.bias is not None or output_bias)
-        mlp.intermediate_size = inter
+        q_rows, kv_rows = n_heads * head_dim, n_kv * head_dim
+        if qkv:
+            old = getattr(attn, qkv)
+            setattr(attn, qkv, _linear(old, hidden, q_rows + 2 * kv_rows, old.bias is not None))
+        else:
+            for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+                old = getattr(attn, name)
+                setattr(attn, name, _linear(old, hidden, rows, old.bias is not None))
+        attn.o_proj = _linear(attn.o_proj, q_rows, hidden, attn.o_proj.bias is not None or output_bias)
+        for name, rows in zip(head_norms or (), (q_rows, kv_rows)):
+            setattr(attn, name, _norm(getattr(attn, name), rows))
+        if gate_up:
+            old = getattr(mlp, gate_up)
+            setattr(mlp, gate_up, _linear(old, hidden, 2 * inter, old.bias is not None))
+        else:
+            for name in ("gate_proj", "up_proj"):
+                old = getattr(mlp, name)
+                setattr(mlp, name, _linear(old, hidden, inter, old.bias is not None))
+        mlp.down_proj = _linear(mlp.down_proj, inter, hidden, mlp.down_proj.bias is not None or output_bias)
+        fit_layer(attn, mlp, n_heads, n_kv, inter, layer_config)
 
 
-def _pruned_config(base, model_type: str, base_type: str):
+def _pruned_config(base, model_type, base_type):
     def __init__(
         self,
         num_attention_heads_per_layer=None,
@@ -50,30 +138,44 @@ def _pruned_config(base, model_type: str, base_type: str):
     ):
         kwargs.pop("base_model_type", None)
         base.__init__(self, **kwargs)
-        layers = self.num_hidden_layers
-        self.num_attention_heads_per_layer = list(num_attention_heads_per_layer or [self.num_attention_heads] * layers)
-        self.num_key_value_heads_per_layer = list(num_key_value_heads_per_layer or [self.num_key_value_heads] * layers)
-        self.intermediate_size_per_layer = list(intermediate_size_per_layer or [self.intermediate_size] * layers)
+        text = self.get_text_config()
+        layers = text.num_hidden_layers
+        self.num_attention_heads_per_layer = list(num_attention_heads_per_layer or [text.num_attention_heads] * layers)
+        self.num_key_value_heads_per_layer = list(num_key_value_heads_per_layer or [text.num_key_value_heads] * layers)
+        self.intermediate_size_per_layer = list(intermediate_size_per_layer or [text.intermediate_size] * layers)
         self.base_model_type = base_type
         self.output_bias = output_bias
-        if getattr(self, "head_dim", None) is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        if getattr(text, "head_dim", None) is None:
+            text.head_dim = text.hidden_size // text.num_attention_heads
 
     return type(f"Pruned{base.__name__}", (base,), {"model_type": model_type, "__init__": __init__})
 
 
-def _pruned_model(base, config_class):
+def _pruned_model(base, config_class, family):
     def __init__(self, config):
         base.__init__(self, config)
-        _resize_layers(self, config)
+        _resize_layers(self, config, family)
         self.post_init()
 
     return type(f"Pruned{base.__name__}", (base,), {"config_class": config_class, "__init__": __init__})
 
 
-PrunedLlamaConfig = _pruned_config(LlamaConfig, "pruned_llama", "llama")
-PrunedMistralConfig = _pruned_config(MistralConfig, "pruned_mistral", "mistral")
-PrunedQwen2Config = _pruned_config(Qwen2Config, "pruned_qwen2", "qwen2")
-PrunedLlamaForCausalLM = _pruned_model(LlamaForCausalLM, PrunedLlamaConfig)
-PrunedMistralForCausalLM = _pruned_model(MistralForCausalLM, PrunedMistralConfig)
-PrunedQwen2ForCausalLM = _pruned_model(Qwen2ForCausalLM, PrunedQwen2Config)
+def _pruned_classes(family):
+    """(config class, model class) of a pruned model of `family`, made once."""
+    if family not in _MADE:
+        config_name, model_name = FAMILIES[family][:2]
+        config_class = _pruned_config(getattr(transformers, config_name), f"pruned_{family}", family)
+        _MADE[family] = config_class, _pruned_model(getattr(transformers, model_name), config_class, family)
+    return _MADE[family]
+
+
+_MADE = {}
+_BY_NAME = {f"Pruned{names[k]}": (family, k) for family, names in FAMILIES.items() for k in (0, 1)}
+
+
+def __getattr__(name):
+    """`PrunedLlamaConfig`, `PrunedLlamaForCausalLM`, … made on first use (transformers' `auto_map` asks by name)."""
+    if name in _BY_NAME:
+        family, k = _BY_NAME[name]
+        return _pruned_classes(family)[k]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
