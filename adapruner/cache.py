@@ -272,7 +272,7 @@ class CachedImportance(Importance):
         self.cache, self.samples = cache, samples
 
     def channel_scores(self, member: Member) -> torch.Tensor:
-        if self.spec.cached == "weights":
+        if self.spec.cached == "weights" or member.weights_only:
             return super().channel_scores(member)
         if self.spec.columns_only and member.dim == 0:
             raise AdaPrunerError(f"{self.metric} scores input columns only (the output projections)")

@@ -7,7 +7,8 @@ mean μ = mean_t x_t, Gram C = XᵀX / T and covariance Σ = C − μμᵀ:
           b'   = b + W μ − W'_K μ_K
           the minimiser of mean_t ‖(W x_t + b) − (W'_K x_t,K + b')‖² + λ ‖W'_K − W[:, K]‖²: the kept columns
           reproduce the dense output as well as an affine map of x_K can, damped toward the trained weights
-          (not toward zero, which measured worse on SmolLM2: docs/design.md, "Compensation"). damp → 0⁺ is ordinary least squares with an intercept.
+          (not toward zero, which measured worse on SmolLM2: docs/design.md, "Compensation"). damp → 0⁺ is ordinary
+          least squares with an intercept.
 Both read only μ (bias) or μ and C (lsq) of each o_proj / down_proj input, which are sums over samples: the search
 forms them for any sample subset from the activation cache.
 """
@@ -79,10 +80,12 @@ def output_linears(model: nn.Module, plan: PrunePlan) -> dict[str, tuple[nn.Line
     found = {}
     for index in sorted(set(plan.attention) | set(plan.mlp)):
         info = layer_info(model, index)
-        (o_name, o_proj), (down_name, down_proj) = output_projections(model, [index]).items()
+        outputs = list(output_projections(model, [index]).items())  # a MoE layer's experts have none to refit
         if index in plan.attention and len(plan.attention[index][0]) < info.n_heads:
+            o_name, o_proj = outputs[0]
             found[o_name] = (o_proj, head_channels(plan.attention[index][0], info.head_dim))
-        if index in plan.mlp and len(plan.mlp[index]) < info.intermediate:
+        if index in plan.mlp and len(plan.mlp[index]) < info.intermediate and info.experts is None:
+            down_name, down_proj = outputs[1]
             found[down_name] = (down_proj, torch.tensor(plan.mlp[index], dtype=torch.long))
     return found
 

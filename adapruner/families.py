@@ -9,6 +9,10 @@ rebuilding each family's layers at their pruned sizes.
 Norms that ride with the heads: `q_norm`/`k_norm` over `head_dim` (Qwen3, Gemma-3) are shared by all heads and stay
 as they are; OLMo-2's span all heads (`head_norms="sliced"`) and lose the removed heads' entries — its RMS is then
 taken over the kept heads only, so removing an OLMo-2 head is not the same as zeroing it.
+
+MoE families (Mixtral, Qwen3-MoE, Qwen2-MoE) keep their experts as 3-D parameters: MLP channels are cut inside every
+expert, each expert keeping its own channels and every expert of a layer the same number (the tensors stay 3-D);
+the router, the expert count and Qwen2-MoE's shared expert stay whole.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ class Family:
     projection's name where the family fuses them (then `q, k, v` / `gate, up` are unused); `head_norms`: norms of
     the attention whose weights span all heads and are cut with them (`q_norm`, `k_norm`); `layer_config`: the
     attention forward reads the head count from the config (Phi-3), so each pruned layer gets a view of the config
-    with its own count."""
+    with its own count; `experts`: the MLP's submodule holding every expert's weights as 3-D parameters
+    (`gate_up_proj` [E, 2I, H] with gate rows first, `down_proj` [E, H, I]), `expert_size` the config key of I."""
 
     model_type: str
     config_class: str
@@ -53,6 +58,8 @@ class Family:
     gate_up: str | None = None
     head_norms: tuple[str, str] | None = None
     layer_config: bool = False
+    experts: str | None = None
+    expert_size: str = "intermediate_size"
 
     @property
     def attention_inputs(self) -> tuple[str, ...]:
@@ -82,6 +89,13 @@ FAMILIES: dict[str, Family] = {
         Family("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM"),
         Family("glm4", "Glm4Config", "Glm4ForCausalLM", gate_up="gate_up_proj"),
         Family("olmo2", "Olmo2Config", "Olmo2ForCausalLM", head_norms=("q_norm", "k_norm")),
+        Family("mixtral", "MixtralConfig", "MixtralForCausalLM", experts="experts"),
+        Family(
+            "qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", experts="experts", expert_size="moe_intermediate_size"
+        ),
+        Family(
+            "qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", experts="experts", expert_size="moe_intermediate_size"
+        ),
     )
 }
 SUPPORTED_TYPES = tuple(FAMILIES)

@@ -59,6 +59,19 @@ def unit_scores(channel_scores: torch.Tensor, block: int) -> torch.Tensor:
     return channel_scores.view(-1, block).sum(1)
 
 
+EXPERTS_BY_WEIGHT = (
+    "metric {metric!r} reads calibration statistics, which do not reach MoE experts: adapruner scores MoE experts from "
+    "their weights (l1, l2, random); pass one of those, or --no-mlp to prune attention alone"
+)
+
+
+def check_expert_metrics(metrics, prune_mlp: bool, moe: bool) -> None:
+    """Refuse, in one line, metrics that need statistics when MoE experts are to be pruned."""
+    data = [m for m in metrics if registered(m).needs]
+    if moe and prune_mlp and data:
+        raise AdaPrunerError(EXPERTS_BY_WEIGHT.format(metric=data[0]))
+
+
 class Importance:
     """`Importance(metric, aggregation, stats)(group)` → fp32 (or fp64 for `prod`) score per unit of `group`.
 
@@ -83,6 +96,8 @@ class Importance:
             digest = hashlib.sha256(f"{self.seed}:{member.name}".encode()).digest()
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
             return torch.rand(weight.shape[member.dim], generator=generator).to(weight.device)
+        if member.weights_only and self.spec.needs:
+            raise AdaPrunerError(EXPERTS_BY_WEIGHT.format(metric=self.metric))
         stats = self.stats.get(member.name, LinearStats())
         missing = [n for n in needs(self.metric) if getattr(stats, n) is None]
         if missing:

@@ -11,13 +11,13 @@ from adapruner.best_trial import BestTrial
 from adapruner.calibration import DEFAULT_SEQ_LEN, calibration_samples, windows_at
 from adapruner.compensation import compensation_passes, give_output_biases, install
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance, LinearStats, needs
+from adapruner.importance import Importance, LinearStats, check_expert_metrics, needs
 from adapruner.plan import PrunePlan
 from adapruner.removal import apply_plan
 from adapruner.selection import plan_allocation
 from adapruner.spec import PruneSpec
 from adapruner.statistics import collect_input_moments, collect_stats
-from adapruner.structure import decoder_layers, output_projections, parse_layer_range, prunable_linears
+from adapruner.structure import decoder_layers, has_experts, output_projections, parse_layer_range, prunable_linears
 
 
 @dataclass
@@ -89,6 +89,7 @@ def prune_model(
     """Prune `model` in place as `options` say and return what was done."""
     spec = options.spec.check()
     layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
+    check_expert_metrics([spec.metric], spec.prune_mlp, has_experts(model, layers))
     required = needs(spec.metric)
     linears = prunable_linears(model, layers)
     outputs = output_projections(model, layers)

@@ -13,7 +13,7 @@ from adapruner.big_model import place_like, weights
 from adapruner.kernels.dispatch import Backend
 from adapruner.kernels.gather import gather
 from adapruner.plan import PrunePlan
-from adapruner.structure import layer_cuts, layer_info, resize_modules
+from adapruner.structure import expert_cuts, layer_cuts, layer_info, resize_modules
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> None:
@@ -24,7 +24,14 @@ def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> 
     for index in sorted(set(plan.attention) | set(plan.mlp)):
         info = layer_info(model, index)
         cuts = layer_cuts(info, plan.attention.get(index), plan.mlp.get(index))
+        for experts, name, dim, kept in expert_cuts(info, plan.mlp.get(index)):
+            weight = getattr(experts, name).detach()
+            index_shape = list(weight.shape)
+            index_shape[dim] = kept.shape[1]
+            view = kept.to(weight.device).unsqueeze(2 if dim == 1 else 1).expand(index_shape)
+            setattr(experts, name, nn.Parameter(torch.gather(weight, dim, view), requires_grad=True))
         if not cuts:
+            resize_modules(layer_info(model, index))
             continue
         specs = []
         with ExitStack() as loaded:  # offloaded weights are read on their execution device, one layer at a time
@@ -75,6 +82,6 @@ def plan_removed(model: nn.Module, plan: PrunePlan) -> int:
             keep_q, keep_kv = plan.attention[index]
             dropped_kv = info.n_kv_heads - len(keep_kv)
             removed += dropped_kv * kv_unit + (info.n_heads - len(keep_q) - dropped_kv * info.heads_per_kv) * q_head
-        if index in plan.mlp:
-            removed += (info.intermediate - len(plan.mlp[index])) * channel
+        if index in plan.mlp:  # a MoE layer: every expert loses (units − kept) / experts channels
+            removed += (info.mlp_units - len(plan.mlp[index])) * channel // max(1, info.n_experts)
     return removed

@@ -107,8 +107,19 @@ def _uniform_config(sizes: dict[str, list[int]], model: nn.Module) -> dict:
     return {
         "num_attention_heads": sizes["num_attention_heads_per_layer"][0],
         "num_key_value_heads": sizes["num_key_value_heads_per_layer"][0],
-        "intermediate_size": sizes["intermediate_size_per_layer"][0],
+        **{key: sizes["intermediate_size_per_layer"][0] for key in _mlp_size_keys(model)},
         "head_dim": _head_dim(model),
+    }
+
+
+def _mlp_size_keys(model: nn.Module) -> set[str]:
+    """The config keys of the MLP width: `intermediate_size` for dense layers, the family's expert size for MoE ones."""
+    layers = range(len(decoder_layers(model)))
+    moe = [layer_info(model, i).experts is not None for i in layers]
+    return {
+        key
+        for key, present in (("intermediate_size", not all(moe)), (family_of(model.config).expert_size, any(moe)))
+        if present
     }
 
 

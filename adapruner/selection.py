@@ -121,12 +121,22 @@ def plan_from_counts(
                 raise AdaPrunerError(
                     f"the plan would remove all {info.intermediate} MLP channels of layer {index}: prune less"
                 )
-            plan.mlp[index] = (
-                top_units(scores[(index, "mlp")], info.intermediate - n_mlp)
-                if n_mlp
-                else list(range(info.intermediate))
-            )
+            plan.mlp[index] = _kept_channels(info, scores[(index, "mlp")], n_mlp)
     return plan
+
+
+def _kept_channels(info: LayerInfo, scores: torch.Tensor, n_remove: int) -> list[int]:
+    """The best `I − n_remove` channels; in a MoE layer the best of each expert's own channels (units e·I + c)."""
+    if not n_remove:
+        return list(range(info.mlp_units))
+    inter = info.intermediate
+    if info.experts is None:
+        return top_units(scores, inter - n_remove)
+    return [
+        e * inter + c
+        for e in range(info.n_experts)
+        for c in top_units(scores[e * inter : (e + 1) * inter], inter - n_remove)
+    ]
 
 
 def depth_profile(ratio: float, layers: range, slope: float) -> dict[int, float]:

@@ -28,6 +28,17 @@ SHARED_INPUT = {
     for leaf in inputs[1:]
 }
 Cut = tuple[nn.Module, str, "torch.Tensor | None", "torch.Tensor | None"]  # owner, module name, kept rows, kept columns
+ExpertCut = tuple[nn.Module, str, int, torch.Tensor]  # experts module, parameter name, cut dim, kept indices (E × K)
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # every expert's [gate | up] rows (E × 2I × H) and down (E × H × I)
+
+
+@dataclass(frozen=True)
+class ExpertRows:
+    """One role of every expert of a layer as a 2-D weight (unit u = e·I + c: expert e's channel c), for importance:
+    the gate or up rows (E·I × H), or the down columns (H × E·I)."""
+
+    weight: torch.Tensor
+    bias: None = None
 
 
 @dataclass(frozen=True)
@@ -36,11 +47,12 @@ class Member:
     (`span` channels in all: the group's units times `block`)."""
 
     name: str
-    linear: nn.Linear
+    linear: nn.Linear | ExpertRows
     dim: int
     block: int
     offset: int = 0
     span: int | None = None  # None: the whole dimension
+    weights_only: bool = False  # MoE experts: no calibration statistics reach them, weight metrics score them
 
     def channels(self, scores: torch.Tensor) -> torch.Tensor:
         """The member's part of a score vector over the linear's whole dimension."""
@@ -68,12 +80,19 @@ class LayerInfo:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    intermediate: int
+    intermediate: int  # MLP channels (of each expert in a MoE layer)
     family: Family
+    experts: nn.Module | None = None  # a MoE layer's experts (3-D weights), None for a dense MLP
+    n_experts: int = 0
 
     @property
     def heads_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def mlp_units(self) -> int:
+        """MLP units of the layer: channels, or every expert's channels (unit e·I + c)."""
+        return self.intermediate * max(1, self.n_experts)
 
     @property
     def attn_prefix(self) -> str:
@@ -110,7 +129,9 @@ def layer_info(model: nn.Module, index: int) -> LayerInfo:
     family = family_of(model.config)
     layer = decoder_layers(model)[index]
     attn, mlp = getattr(layer, family.attention, None), getattr(layer, family.mlp, None)
-    for owner, names in ((attn, (*family.attention_inputs, family.o)), (mlp, (*family.mlp_inputs, family.down))):
+    experts = getattr(mlp, family.experts, None) if family.experts else None
+    mlp_names = () if experts is not None else (*family.mlp_inputs, family.down)
+    for owner, names in ((attn, (*family.attention_inputs, family.o)), (mlp, mlp_names)):
         missing = [n for n in names if not isinstance(getattr(owner, n, None), nn.Linear)]
         if missing:
             raise AdaPrunerError(f"layer {index} lacks {', '.join(missing)}: not a {family.model_type} decoder layer")
@@ -128,8 +149,10 @@ def layer_info(model: nn.Module, index: int) -> LayerInfo:
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
-        intermediate=getattr(mlp, family.down).in_features,
+        intermediate=getattr(mlp, family.down).in_features if experts is None else experts.down_proj.shape[2],
         family=family,
+        experts=experts,
+        n_experts=0 if experts is None else experts.down_proj.shape[0],
     )
 
 
@@ -217,9 +240,31 @@ def attention_group(info: LayerInfo, granularity: AttnGranularity = "kv") -> Gro
 
 
 def mlp_group(info: LayerInfo) -> Group:
-    """MLP channel j: row j of gate and up, column j of down."""
+    """MLP channel j: row j of gate and up, column j of down; in a MoE layer unit e·I + c is expert e's channel c
+    (its gate and up rows, its down column), read from the experts' weights."""
+    if info.experts is not None:
+        return _expert_group(info)
     slots, n = _mlp_slots(info), info.intermediate
     return Group(info.index, "mlp", tuple(_member(info.mlp, info.mlp_prefix, slots[r], 1, n) for r in slots), n)
+
+
+def _expert_group(info: LayerInfo) -> Group:
+    n_experts, inter = info.n_experts, info.intermediate
+    gate_up, down = (getattr(info.experts, name).detach() for name in EXPERT_WEIGHTS)
+    prefix = f"{info.mlp_prefix}.{info.family.experts}"
+    rows = {"gate": gate_up[:, :inter], "up": gate_up[:, inter:]}
+    members = [
+        Member(f"{prefix}.{role}", ExpertRows(weight.reshape(n_experts * inter, -1)), 0, 1, weights_only=True)
+        for role, weight in rows.items()
+    ]
+    columns = ExpertRows(down.permute(1, 0, 2).reshape(down.shape[1], n_experts * inter))
+    members.append(Member(f"{prefix}.down", columns, 1, 1, weights_only=True))
+    return Group(info.index, "mlp", tuple(members), info.mlp_units)
+
+
+def has_experts(model: nn.Module, layers) -> bool:
+    """Whether any of `layers` keeps its MLP channels in MoE experts."""
+    return any(layer_info(model, index).experts is not None for index in layers)
 
 
 def output_projections(model: nn.Module, layers) -> dict[str, nn.Linear]:
@@ -230,7 +275,8 @@ def output_projections(model: nn.Module, layers) -> dict[str, nn.Linear]:
         info = layer_info(model, index)
         f = info.family
         found[f"{info.attn_prefix}.{f.o}"] = getattr(info.attn, f.o)
-        found[f"{info.mlp_prefix}.{f.down}"] = getattr(info.mlp, f.down)
+        if info.experts is None:  # experts' down weights are 3-D parameters, not linears
+            found[f"{info.mlp_prefix}.{f.down}"] = getattr(info.mlp, f.down)
     return found
 
 
@@ -240,7 +286,7 @@ def prunable_linears(model: nn.Module, layers: range) -> dict[str, nn.Linear]:
     for index in layers:
         info = layer_info(model, index)
         for group in (attention_group(info, "kv"), mlp_group(info)):
-            found.update({m.name: m.linear for m in group.members})
+            found.update({m.name: m.linear for m in group.members if not m.weights_only})
     return found
 
 
@@ -280,7 +326,7 @@ def layer_cuts(
             keep(info.attn, slots[role], indices)
         for norm, indices in zip(info.family.head_norms or (), (q_rows, kv_rows)):  # norms spanning all heads
             keep(info.attn, (norm, 0, 0), indices)
-    if channels is not None and len(channels) < info.intermediate:
+    if channels is not None and len(channels) < info.intermediate and info.experts is None:
         kept_channels = torch.tensor(channels, dtype=torch.long)
         for slot in _mlp_slots(info).values():
             keep(info.mlp, slot, kept_channels)
@@ -288,6 +334,16 @@ def layer_cuts(
         (owner, name, torch.cat(rows) if rows else None, torch.cat(cols) if cols else None)
         for (owner, name), (rows, cols) in kept.items()
     ]
+
+
+def expert_cuts(info: LayerInfo, channels: list[int] | None) -> list[ExpertCut]:
+    """(experts, parameter name, cut dim, kept indices E × K) of a MoE layer keeping the flat units `channels`
+    (e·I + c, each expert the same count): gate rows c and up rows I + c along dim 1, down columns c along dim 2."""
+    if info.experts is None or channels is None or len(channels) == info.mlp_units:
+        return []
+    kept = torch.tensor(channels, dtype=torch.long).view(info.n_experts, -1) % info.intermediate
+    gate_up, down = EXPERT_WEIGHTS
+    return [(info.experts, gate_up, 1, torch.cat([kept, kept + info.intermediate], 1)), (info.experts, down, 2, kept)]
 
 
 def resize_modules(info: LayerInfo) -> None:
@@ -306,6 +362,8 @@ def unit_params(info: LayerInfo) -> tuple[int, int, int]:
     hidden = q.in_features
     q_head = hd * (2 * hidden + (q.bias is not None))
     kv_head = 2 * hd * (hidden + (k.bias is not None))
+    if info.experts is not None:  # one unit: a channel of every expert
+        return q_head, kv_head, 3 * hidden * info.n_experts
     mlp = _mlp_slots(info)
     gate, up = getattr(info.mlp, mlp["gate"][0]), getattr(info.mlp, mlp["up"][0])
     channel = 3 * hidden + (gate.bias is not None) + (up.bias is not None)

@@ -78,6 +78,9 @@ def pruned_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
         layers[index] = _shallow(layers[index])
         for block in (family.attention, family.mlp):
             setattr(layers[index], block, _shallow(getattr(layers[index], block)))
+        mlp = getattr(layers[index], family.mlp)
+        if family.experts and hasattr(mlp, family.experts):  # a MoE layer's experts lose channels too
+            setattr(mlp, family.experts, _shallow(getattr(mlp, family.experts)))
     setattr(owner, leaf, layers)
     apply_plan(copied, plan)
     return copied

@@ -1,6 +1,9 @@
 """Helpers shared by the test modules: tiny saved models and pools, CLI runs, the masked-dense reference."""
 
 import copy
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -108,6 +111,17 @@ TINY_BASE = {
     "max_position_embeddings": 64,
 }
 FAMILY_TYPES = (*FAMILY_KWARGS, "gemma3")
+MOE_KWARGS = {  # 4 experts of 24 channels, 2 per token
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 24,
+        "shared_expert_intermediate_size": 16,
+    },
+}
+MOE_TYPES = tuple(MOE_KWARGS)
 
 
 def tiny_family(model_type: str, seed: int = 0):
@@ -138,9 +152,12 @@ def tiny_family(model_type: str, seed: int = 0):
             eoi_token_index=95,
         )
     else:
-        config = AutoConfig.for_model(model_type, **TINY_BASE, **FAMILY_KWARGS[model_type])
+        config = AutoConfig.for_model(model_type, **TINY_BASE, **{**FAMILY_KWARGS, **MOE_KWARGS}[model_type])
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                param.normal_(0, 0.1)  # from_config leaves 3-D expert weights uninitialised
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0, 0.1)
@@ -161,3 +178,19 @@ def byte_level_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<x96>")
+
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Call `condition` every `interval` seconds until it returns a truthy value, and return that value; raise
+    AssertionError naming `what` (what the caller waited for) if none came within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

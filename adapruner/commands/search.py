@@ -17,6 +17,7 @@ from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.fingerprint import model_digest, text_digest
+from adapruner.importance import check_expert_metrics
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
 from adapruner.memory_plan import GIB, MemoryPlan, memory_plan
 from adapruner.metrics import ACTIVATION_METRICS
@@ -26,7 +27,7 @@ from adapruner.report import format_table, write_json_atomic
 from adapruner.search import SearchSpace, config_of, trial_spec
 from adapruner.spec import PruneSpec
 from adapruner.staging import check_writable, staged_file
-from adapruner.structure import check_context, decoder_layers, parse_layer_range
+from adapruner.structure import check_context, decoder_layers, has_experts, parse_layer_range
 from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, pin_content, run_workers
 from adapruner.validation import resolve_val_dtype
 
@@ -134,6 +135,7 @@ def plan_search(options: SearchOptions) -> MemoryPlan:
     shapes = load_shapes(options.model, DTYPES[options.dtype], options.trust_remote_code)
     check_context(shapes, options.seq_len)
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(shapes)))
+    check_expert_metrics(options.metrics, options.spec.prune_mlp, has_experts(shapes, layers))
     key = cache_key(
         options.model,
         shapes,

@@ -37,6 +37,9 @@ FAMILIES = {
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "model.layers", None, None, None, False),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", "model.layers", None, "gate_up_proj", None, False),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "model.layers", None, None, ("q_norm", "k_norm"), False),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "model.layers", None, None, None, False),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "model.layers", None, None, None, False),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "model.layers", None, None, None, False),
 }
 
 
@@ -72,6 +75,12 @@ def fit_layer(attn, mlp, n_heads, n_kv, intermediate, layer_config=False):
     if hasattr(attn, "num_key_value_heads"):
         attn.num_key_value_heads = n_kv
     mlp.intermediate_size = intermediate
+    experts = getattr(mlp, "experts", None)
+    if experts is not None:  # MoE: every expert keeps `intermediate` channels
+        experts.intermediate_dim = intermediate
+        shared = experts.config._shared if isinstance(experts.config, LayerConfig) else experts.config
+        # grouped_mm needs 16-byte strides (8 channels in bf16): narrower widths run the per-expert loop
+        experts.config = shared if intermediate % 8 == 0 else LayerConfig(shared, _experts_implementation="eager")
     if layer_config:
         shared = attn.config._shared if isinstance(attn.config, LayerConfig) else attn.config
         attn.config = LayerConfig(shared, num_attention_heads=n_heads, num_key_value_heads=n_kv)
@@ -116,14 +125,21 @@ def _resize_layers(model, config, family):
         attn.o_proj = _linear(attn.o_proj, q_rows, hidden, attn.o_proj.bias is not None or output_bias)
         for name, rows in zip(head_norms or (), (q_rows, kv_rows)):
             setattr(attn, name, _norm(getattr(attn, name), rows))
-        if gate_up:
+        experts = getattr(mlp, "experts", None)
+        if experts is not None:  # MoE: 3-D expert weights, the router and any shared expert stay
+            n_experts, like = experts.gate_up_proj.shape[0], experts.gate_up_proj
+            shape = {"gate_up_proj": (n_experts, 2 * inter, hidden), "down_proj": (n_experts, hidden, inter)}
+            for name, size in shape.items():
+                setattr(experts, name, nn.Parameter(torch.empty(size, dtype=like.dtype, device=like.device)))
+        elif gate_up:
             old = getattr(mlp, gate_up)
             setattr(mlp, gate_up, _linear(old, hidden, 2 * inter, old.bias is not None))
         else:
             for name in ("gate_proj", "up_proj"):
                 old = getattr(mlp, name)
                 setattr(mlp, name, _linear(old, hidden, inter, old.bias is not None))
-        mlp.down_proj = _linear(mlp.down_proj, inter, hidden, mlp.down_proj.bias is not None or output_bias)
+        if experts is None:
+            mlp.down_proj = _linear(mlp.down_proj, inter, hidden, mlp.down_proj.bias is not None or output_bias)
         fit_layer(attn, mlp, n_heads, n_kv, inter, layer_config)
 
 
@@ -142,7 +158,8 @@ def _pruned_config(base, model_type, base_type):
         layers = text.num_hidden_layers
         self.num_attention_heads_per_layer = list(num_attention_heads_per_layer or [text.num_attention_heads] * layers)
         self.num_key_value_heads_per_layer = list(num_key_value_heads_per_layer or [text.num_key_value_heads] * layers)
-        self.intermediate_size_per_layer = list(intermediate_size_per_layer or [text.intermediate_size] * layers)
+        width = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+        self.intermediate_size_per_layer = list(intermediate_size_per_layer or [width] * layers)
         self.base_model_type = base_type
         self.output_bias = output_bias
         if getattr(text, "head_dim", None) is None:
@@ -163,10 +180,26 @@ def _pruned_model(base, config_class, family):
 def _pruned_classes(family):
     """(config class, model class) of a pruned model of `family`, made once."""
     if family not in _MADE:
+        _share_checkpoint_conversion(family)
         config_name, model_name = FAMILIES[family][:2]
         config_class = _pruned_config(getattr(transformers, config_name), f"pruned_{family}", family)
         _MADE[family] = config_class, _pruned_model(getattr(transformers, model_name), config_class, family)
     return _MADE[family]
+
+
+def _share_checkpoint_conversion(family):
+    """Let a pruned model read its checkpoint as the family's stock class does (MoE experts are saved one tensor per
+    expert and fused into 3-D weights on load); custom classes get no conversion unless registered."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # a transformers without checkpoint conversions saves what it loads
+        return
+    mapping = get_checkpoint_conversion_mapping(family)
+    if mapping:
+        register_checkpoint_conversion_mapping(f"pruned_{family}", mapping, overwrite=True)
 
 
 _MADE = {}
