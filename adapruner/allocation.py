@@ -191,6 +191,8 @@ def candidate_costs(scores: torch.Tensor, info: LayerInfo, module: str, granular
     z = (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
     if module == "attn" and granularity == "query":  # the k-th candidate: every kv group's k-th weakest head
         return z.view(info.n_kv_heads, info.heads_per_kv).sort(1).values.mean(0)
+    if module == "mlp" and info.experts is not None:  # the k-th candidate: every expert's k-th weakest channel
+        return z.view(info.n_experts, info.intermediate).sort(1).values.mean(0)
     return z.sort().values
 
 

@@ -143,3 +143,23 @@ def test_data_metrics_on_experts_are_one_line_errors(model_type, tmp_path):
     )
     with pytest.raises(AdaPrunerError, match="scores MoE experts from their weights"):
         run_search(options, Path(tmp_path / "s"), progress=False)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_moe_budgets_are_met_within_one_channel_of_every_expert(allocation):
+    from adapruner.allocation import count_params, prices
+    from adapruner.removal import plan_removed
+    from adapruner.selection import plan_allocation
+
+    model = tiny_family("qwen3_moe", seed=4)
+    spec = PruneSpec(None, target_params=0.2, layers="all", allocation=allocation, metric="l2")
+    plan = plan_allocation(model, Importance("l2"), spec)
+    target, removed = 0.2 * count_params(model), plan_removed(model, plan)
+    channel = prices(layer_info(model, 0), "kv")[1]  # one channel of every expert
+    assert target <= removed < target + channel
+    for kept in plan.mlp.values():
+        per_expert = [sum(1 for unit in kept if unit // CHANNELS == e) for e in range(EXPERTS)]
+        assert len(set(per_expert)) == 1  # every expert of a layer keeps as many channels
+    before = count_params(model)
+    apply_plan(model, plan)
+    assert before - count_params(model) == removed
