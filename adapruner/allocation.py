@@ -31,7 +31,7 @@ from torch import nn
 
 from adapruner.big_model import unique_tensors
 from adapruner.errors import AdaPrunerError
-from adapruner.spec import AttnGranularity, check_target_params
+from adapruner.spec import AttnGranularity, PruneSpec, check_target_params
 from adapruner.structure import LayerInfo, layer_info, unit_params
 
 Counts = dict[int, tuple[int, int]]
@@ -73,8 +73,10 @@ def ratio_counts(
     granularity: AttnGranularity,
     prune_attention: bool = True,
     prune_mlp: bool = True,
+    align: int = 1,
 ) -> Counts:
-    """round(r_l · n) per group (LLM-Pruner's meaning of a ratio); `ratio` is one ratio or one per layer."""
+    """round(r_l · n) per group (LLM-Pruner's meaning of a ratio); `ratio` is one ratio or one per layer. With `align`
+    the MLP loses round(r_l · I / align) blocks of `align` channels."""
     per_layer = {index: ratio for index in layers} if isinstance(ratio, (int, float)) else ratio
     counts = {}
     for index in layers:
@@ -82,7 +84,7 @@ def ratio_counts(
         r = per_layer[index]
         counts[index] = (
             removal_count(attention_units(info, granularity), r) if prune_attention else 0,
-            removal_count(info.intermediate, r) if prune_mlp else 0,
+            removal_count(info.intermediate // align, r) * align if prune_mlp else 0,
         )
     return counts
 
@@ -105,20 +107,16 @@ def target_count(model: nn.Module, target_params: float) -> int:
 
 
 def budget_counts(
-    model: nn.Module,
-    layers: range,
-    target: int,
-    weights: Mapping[int, float],
-    granularity: AttnGranularity,
-    prune_attention: bool = True,
-    prune_mlp: bool = True,
-    same_size: bool = False,
+    model: nn.Module, layers: range, target: int, weights: Mapping[int, float], spec: PruneSpec
 ) -> Counts:
-    """uniform/depth under a budget of `target` parameters (see the module docstring). `same_size` (uniform weights,
-    for a stock-config save): units are given back from every layer at once, so all layers keep one size."""
+    """uniform/depth under a budget of `target` parameters (see the module docstring), as `spec` prunes (granularity,
+    modules, `align`: MLP units are blocks of that many channels). `same_size` (uniform weights, for a stock-config
+    save): units are given back from every layer at once, so all layers keep one size."""
+    granularity, same_size, align = spec.granularity, spec.same_size, spec.align
+    prune_attention, prune_mlp = spec.prune_attention, spec.prune_mlp
     infos = {index: layer_info(model, index) for index in layers}
-    price = {index: prices(info, granularity) for index, info in infos.items()}
-    units = {index: (attention_units(info, granularity), info.intermediate) for index, info in infos.items()}
+    price = {index: _aligned(prices(info, granularity), align) for index, info in infos.items()}
+    units = {index: (attention_units(info, granularity), info.intermediate // align) for index, info in infos.items()}
     on = (prune_attention, prune_mlp)
     capacity = sum(w * sum(units[i][k] * price[i][k] for k in (0, 1) if on[k]) for i, w in weights.items())
     ratio = target / capacity  # the base ratio if units could be cut in fractions
@@ -173,7 +171,12 @@ def budget_counts(
             for i in open_layers if same_size else [least]:
                 counts[i][0] += 1
         give_back(0)
-    return {i: (a, m) for i, (a, m) in counts.items()}
+    return {i: (a, m * align) for i, (a, m) in counts.items()}
+
+
+def _aligned(unit_prices: tuple[int, int], align: int) -> tuple[int, int]:
+    """(attention unit, MLP block of `align` channels) prices."""
+    return unit_prices[0], unit_prices[1] * align
 
 
 def _out_of_reach(model: nn.Module, target: int, reachable: int, layers: range):
@@ -184,29 +187,28 @@ def _out_of_reach(model: nn.Module, target: int, reachable: int, layers: range):
     )
 
 
-def candidate_costs(scores: torch.Tensor, info: LayerInfo, module: str, granularity: AttnGranularity) -> torch.Tensor:
-    """Standardised scores of a module's removal candidates, ascending (see the module docstring)."""
+def candidate_costs(
+    scores: torch.Tensor, info: LayerInfo, module: str, granularity: AttnGranularity, align: int = 1
+) -> torch.Tensor:
+    """Standardised scores of a module's removal candidates, ascending (see the module docstring); MLP candidates are
+    blocks of `align` channels, each at the mean z of its channels (the weakest `align`, the next `align`, …)."""
     s = scores.double().cpu()
     std = s.std() if s.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
     z = (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
     if module == "attn" and granularity == "query":  # the k-th candidate: every kv group's k-th weakest head
         return z.view(info.n_kv_heads, info.heads_per_kv).sort(1).values.mean(0)
     if module == "mlp" and info.experts is not None:  # the k-th candidate: every expert's k-th weakest channel
-        return z.view(info.n_experts, info.intermediate).sort(1).values.mean(0)
-    return z.sort().values
+        costs = z.view(info.n_experts, info.intermediate).sort(1).values.mean(0)
+    else:
+        costs = z.sort().values
+    return costs.view(-1, align).mean(1) if module == "mlp" else costs
 
 
-def global_counts(
-    model: nn.Module,
-    scores: Scores,
-    layers: range,
-    target: int,
-    granularity: AttnGranularity,
-    min_keep: float,
-    prune_attention: bool = True,
-    prune_mlp: bool = True,
-) -> Counts:
-    """`global` allocation under a budget of `target` parameters (see the module docstring)."""
+def global_counts(model: nn.Module, scores: Scores, layers: range, target: int, spec: PruneSpec) -> Counts:
+    """`global` allocation under a budget of `target` parameters (see the module docstring), as `spec` prunes
+    (granularity, modules, `min_keep`, `align`)."""
+    granularity, min_keep, align = spec.granularity, spec.min_keep, spec.align
+    prune_attention, prune_mlp = spec.prune_attention, spec.prune_mlp
     if not 0.0 <= min_keep < 1.0:
         raise AdaPrunerError(
             f"--min-keep {min_keep} is outside [0, 1): pass the fraction of each module a layer keeps at least"
@@ -214,17 +216,17 @@ def global_counts(
     candidates = []  # (z, layer, module index, price)
     for index in layers:
         info = layer_info(model, index)
-        attention, channel = prices(info, granularity)
+        attention, channel = _aligned(prices(info, granularity), align)
         for slot, (module, units, price, on) in enumerate(
             (
                 ("attn", attention_units(info, granularity), attention, prune_attention),
-                ("mlp", info.intermediate, channel, prune_mlp),
+                ("mlp", info.intermediate // align, channel, prune_mlp),
             )
         ):
             if not on:
                 continue
             keep = max(1, math.ceil(min_keep * units))
-            costs = candidate_costs(scores[(index, module)], info, module, granularity)[: units - keep]
+            costs = candidate_costs(scores[(index, module)], info, module, granularity, align)[: units - keep]
             candidates += [(float(z), index, slot, price) for z in costs]
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
     counts = {index: [0, 0] for index in layers}
@@ -243,4 +245,4 @@ def global_counts(
             f"at most {removed / total:.3f}; "
             "lower --min-keep or the target, or widen --layers"
         )
-    return {index: (a, m) for index, (a, m) in counts.items()}
+    return {index: (a, m * align) for index, (a, m) in counts.items()}

@@ -13,9 +13,8 @@ from adapruner.plan import PrunePlan
 from adapruner.report import write_json_atomic
 from adapruner.spec import PruneSpec
 
-BEST_FORMAT = (
-    "adapruner.best/4"  # /2: the scored plan; /3: budget, allocation, compensation; /4: the pruning spec whole
-)
+# /2: the scored plan; /3: budget, allocation, compensation; /4: the pruning spec whole; /5: its MLP alignment
+BEST_FORMAT = "adapruner.best/5"
 
 
 @dataclass

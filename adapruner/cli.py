@@ -19,6 +19,7 @@ from adapruner.commands.run import RunOptions
 from adapruner.commands.search import SearchOptions
 from adapruner.devices import DEVICE_PATTERN, DTYPE_CHOICES, Placement, device_errors
 from adapruner.errors import AdaPrunerError
+from adapruner.export import OUTTYPES
 from adapruner.finetune import LoraOptions
 from adapruner.metrics import METRIC_NAMES
 from adapruner.metrics import metric as registered
@@ -48,6 +49,10 @@ COMPENSATE_HELP = (
     "contribution; lsq refits the kept columns by damped least squares"
 )
 DAMP_HELP = "lsq compensation: damping toward the trained weights, times the mean input variance"
+ALIGN_HELP = (
+    "keep every pruned layer's MLP width a multiple of N channels (of each expert in a MoE layer): hardware-friendly "
+    "matmul shapes; budgets are met within one block of N"
+)
 DEVICE_HELP = "where the model runs: auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
 DTYPE_HELP = "model weight dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"
 DEVICE_MAP_HELP = (
@@ -199,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=SPEC.min_keep, help=MIN_KEEP_HELP)
     prune.add_argument("--compensate", default=SPEC.compensation, choices=COMPENSATIONS, help=COMPENSATE_HELP)
     prune.add_argument("--damp", type=POSITIVE, default=SPEC.damp, help=DAMP_HELP)
+    prune.add_argument("--align", type=COUNT, default=SPEC.align, help=ALIGN_HELP)
     prune.add_argument(
         "--uniform", action="store_true", help="prune every layer alike and save a stock config (no remote code)"
     )
@@ -272,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=run_default("full_seq_len"),
         help="the long perplexity window (capped at the model's context)",
     )
+    run.add_argument(
+        "--speed", action="store_true", help="add the prefill and decode tokens/s of every model to the report"
+    )
     run.add_argument("--out", required=True, help="new directory for every stage's output and the report")
     _add_placement_args(run)
     _add_dispatch_args(run)
@@ -312,6 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("out", help="the --out directory of an `adapruner search`")
     dashboard.add_argument("--port", type=within_ports, default=8080, help="port on 127.0.0.1")
 
+    export = commands.add_parser("export", help="write a (pruned) model as a GGUF file for llama.cpp")
+    export.add_argument("model", help="a pruned model directory, an HF model directory or hub id, or 'smollm2'")
+    export.add_argument(
+        "--gguf", required=True, help="the new .gguf file (per-layer widths go out as llama.cpp's deci)"
+    )
+    export.add_argument(
+        "--outtype", default="f32", choices=OUTTYPES, help="tensor type of the 2-D weights (norms stay f32)"
+    )
+    export.add_argument(
+        "--trust-remote-code", action="store_true", help="run Python code shipped with the model (its modeling_*.py)"
+    )
+
     evaluate = commands.add_parser("eval", help="measure a model's perplexity and zero-shot accuracy")
     evaluate.add_argument("--model", required=True, help="a pruned model directory, an HF model, or 'smollm2'")
     evaluate.add_argument(
@@ -330,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=COUNT, default=EVAL.task_limit, help="items per zero-shot task (default: all)"
     )
     evaluate.add_argument("--no-ppl", action="store_true", help="skip perplexity (tasks only)")
+    evaluate.add_argument(
+        "--speed",
+        action="store_true",
+        help="measure prefill tokens/s (batch 1 and 8, 512 tokens) and decode tokens/s (batch 1, 128 new tokens)",
+    )
     evaluate.add_argument(
         "--max-eval-windows",
         type=COUNT,
@@ -395,6 +421,7 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=s.spec.min_keep, help=MIN_KEEP_HELP)
     parser.add_argument("--damp", type=POSITIVE, default=s.spec.damp, help=DAMP_HELP)
+    parser.add_argument("--align", type=COUNT, default=s.spec.align, help=ALIGN_HELP)
     parser.add_argument("--metrics", default=",".join(s.metrics), help="metrics the search may choose")
     parser.add_argument("--aggregations", default=",".join(s.aggregations), help="aggregations the search may choose")
     parser.add_argument(
@@ -481,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "prune": run_prune,
             "eval": run_eval,
+            "export": run_export,
             "search": run_search_command,
             "finetune": run_finetune,
             "run": run_pipeline_command,
@@ -525,6 +553,7 @@ def spec_of(args: argparse.Namespace, **choices) -> PruneSpec:
         prune_mlp=not args.no_mlp,
         min_keep=args.min_keep,
         damp=args.damp,
+        align=args.align,
         **choices,
     )
 
@@ -657,6 +686,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         max_eval_windows=args.max_eval_windows,
         full_seq_len=args.full_seq_len,
         batch_size=args.batch_size,
+        speed=args.speed,
     )
 
 
@@ -720,6 +750,7 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
         batch_size=args.batch_size,
         tasks=_names(args.tasks),
         task_limit=args.limit,
+        speed=args.speed,
     )
 
 
@@ -731,13 +762,27 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     measured = evaluate_model(args.model, eval_options(args), placement_of(args), report_path)
     rows = [
-        [name, ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "windows")]
+        [
+            name,
+            ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items() if k != "windows"
+            ),
+        ]
         for name, values in measured["results"].items()
     ]
     print(f"{args.model}: {measured['params']:,} params, {measured['seconds']:.1f} s")
     print(format_table(["measure", "value"], rows))
     if report_path is not None:
         print(f"wrote {report_path}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from adapruner.commands.export import export_model
+
+    placement = Placement.of("cpu", "float32", args.trust_remote_code)
+    written = export_model(args.model, args.gguf, args.outtype, placement)
+    print(f"wrote {written['gguf']} ({written['bytes'] / 2**20:.1f} MiB, {written['outtype']})")
     return 0
 
 

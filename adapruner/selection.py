@@ -47,15 +47,19 @@ def plan_pruning(
     granularity: AttnGranularity = "kv",
     prune_attention: bool = True,
     prune_mlp: bool = True,
+    align: int = 1,
 ) -> PrunePlan:
     """Score every group of `layers` and keep the best units; raise if a group would be emptied.
 
-    `ratio` is one ratio for every layer or a ratio per layer index (a depth profile).
+    `ratio` is one ratio for every layer or a ratio per layer index (a depth profile); MLP widths are kept in
+    multiples of `align` channels.
     """
     per_layer = {index: ratio for index in layers} if isinstance(ratio, (int, float)) else dict(ratio)
     for layer_ratio in per_layer.values():
         check_ratio(layer_ratio)
-    counts = ratio_counts(model, layers, per_layer, granularity, prune_attention, prune_mlp)
+    if prune_mlp:
+        check_align(model, layers, align)
+    counts = ratio_counts(model, layers, per_layer, granularity, prune_attention, prune_mlp, align)
     for index, (n_attn, n_mlp) in counts.items():
         info = layer_info(model, index)
         if prune_attention:
@@ -78,19 +82,31 @@ def plan_allocation(model: nn.Module, importance: Importance, spec: PruneSpec) -
     granularity, attention, mlp = spec.granularity, spec.prune_attention, spec.prune_mlp
     if spec.target_params is None and spec.allocation != "global":
         per_layer = depth_profile(spec.ratio, layers, spec.slope) if spec.slope else spec.ratio
-        return plan_pruning(model, importance, per_layer, layers, granularity, attention, mlp)
+        return plan_pruning(model, importance, per_layer, layers, granularity, attention, mlp, spec.align)
+    if mlp:
+        check_align(model, layers, spec.align)
     every = {index: (attention, mlp) for index in layers}
     if spec.target_params is not None:
         target = target_count(model, spec.target_params)
     else:
-        target = removed_by(model, ratio_counts(model, layers, spec.ratio, granularity, attention, mlp), granularity)
+        counts = ratio_counts(model, layers, spec.ratio, granularity, attention, mlp, spec.align)
+        target = removed_by(model, counts, granularity)
     scores = score_layers(model, importance, every, granularity)
     if spec.allocation == "global":
-        counts = global_counts(model, scores, layers, target, granularity, spec.min_keep, attention, mlp)
+        counts = global_counts(model, scores, layers, target, spec)
     else:
-        weights = depth_weights(layers, spec.slope)
-        counts = budget_counts(model, layers, target, weights, granularity, attention, mlp, spec.same_size)
+        counts = budget_counts(model, layers, target, depth_weights(layers, spec.slope), spec)
     return plan_from_counts(model, scores, counts, granularity)
+
+
+def check_align(model: nn.Module, layers: range, align: int) -> None:
+    """`align` must divide every pruned layer's MLP width (of each expert in a MoE layer): one line otherwise."""
+    for index in layers:
+        width = layer_info(model, index).intermediate
+        if width % align:
+            raise AdaPrunerError(
+                f"--align {align} does not divide layer {index}'s {width} MLP channels: pass a divisor of it (e.g. 64)"
+            )
 
 
 def score_layers(

@@ -45,6 +45,7 @@ class PruneSpec:
     compensation: str = "none"
     damp: float = DEFAULT_DAMP  # lsq: damping toward the trained weights, times the mean input variance
     same_size: bool = False  # every pruned layer keeps one size (a stock-config save, `--uniform`)
+    align: int = 1  # every pruned layer keeps a multiple of this many MLP channels (of each expert in a MoE layer)
 
     def check(self) -> PruneSpec:
         """Every field in range, or a one-line error naming the flag; returns self."""
@@ -63,6 +64,8 @@ class PruneSpec:
             raise AdaPrunerError(f"--depth-slope {self.depth_slope} is outside (-1, 1)")
         if not 0.0 <= self.min_keep < 1.0:
             raise AdaPrunerError(f"--min-keep {self.min_keep} is outside [0, 1)")
+        if not (isinstance(self.align, int) and self.align >= 1):
+            raise AdaPrunerError(f"--align {self.align}: pass a whole number of channels, at least 1")
         if self.compensation == "lsq" and not self.damp > 0:
             raise AdaPrunerError(f"--damp {self.damp}: lsq compensation needs a damping above 0")
         return self

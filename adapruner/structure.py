@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from adapruner.errors import AdaPrunerError
-from adapruner.families import FAMILIES, Family, family_of, shipped_modeling
+from adapruner.families import FAMILIES, Family, family_of, shipped_modeling, text_config
 from adapruner.spec import AttnGranularity
 
 # linears that read another one's input (k/v read q's, up reads gate's): the cache stores that input once
@@ -158,7 +158,7 @@ def layer_info(model: nn.Module, index: int) -> LayerInfo:
 
 def check_context(model: nn.Module, seq_len: int, flag: str = "--seq-len") -> None:
     """Refuse windows longer than the model's context (`max_position_embeddings`), in one line."""
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = getattr(text_config(model.config), "max_position_embeddings", None)
     if context is not None and seq_len > context:
         raise AdaPrunerError(f"{flag} {seq_len} exceeds the model's context of {context} tokens: use at most {context}")
 
@@ -360,8 +360,9 @@ def unit_params(info: LayerInfo) -> tuple[int, int, int]:
     q = getattr(info.attn, slots["q"][0])
     k = getattr(info.attn, slots["k"][0])
     hidden = q.in_features
-    q_head = hd * (2 * hidden + (q.bias is not None))
-    kv_head = 2 * hd * (hidden + (k.bias is not None))
+    norms = hd if info.family.head_norms else 0  # q_norm / k_norm entries spanning the heads go with them
+    q_head = hd * (2 * hidden + (q.bias is not None)) + norms
+    kv_head = 2 * hd * (hidden + (k.bias is not None)) + norms
     if info.experts is not None:  # one unit: a channel of every expert
         return q_head, kv_head, 3 * hidden * info.n_experts
     mlp = _mlp_slots(info)

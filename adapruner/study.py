@@ -11,7 +11,7 @@ import copy
 import multiprocessing
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -88,6 +88,13 @@ def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSam
         storage=storage, study_name=name, direction="minimize", sampler=sampler, load_if_exists=True
     )
     existing = study.user_attrs.get("setup")
+    if existing is not None and "spec" in setup and "spec" not in existing and "ratio" in existing:
+        raise AdaPrunerError(
+            f"study {name!r} was made by an older adapruner (its set-up holds no pruning spec): "
+            "run the search with a new --out or --study"
+        )
+    if existing is not None and isinstance(existing.get("spec"), dict):  # spec fields added later hold their defaults
+        existing = {**existing, "spec": {**asdict(PruneSpec()), **existing["spec"]}}
     if existing is None:
         study.set_user_attr("setup", setup)
     elif existing != setup:

@@ -87,10 +87,14 @@ def pruned_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
 
 
 def drop_leading_layers(model: nn.Module, start: int) -> None:
-    """Remove decoder layers [0, start) in place; the model then expects the hidden states entering layer `start`."""
+    """Remove decoder layers [0, start) in place; the model then expects the hidden states entering layer `start`
+    (as `inputs_embeds`: a base model that scales its input embeddings in its forward, Granite's
+    `embedding_multiplier`, must not scale them again)."""
     layers = decoder_layers(model)
     base, leaf = layers_owner(model)
     setattr(base, leaf, nn.ModuleList(list(layers)[start:]))
+    if hasattr(base, "embedding_multiplier"):
+        base.embedding_multiplier = 1.0
     base.config = copy.copy(base.config)
     base.config.num_hidden_layers = len(layers) - start
     if getattr(base.config, "layer_types", None) is not None:

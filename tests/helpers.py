@@ -167,14 +167,15 @@ def tiny_family(model_type: str, seed: int = 0):
 
 
 def byte_level_tokenizer():
-    """A 97-token byte-level BPE tokenizer (one token per character of "t0 … t96" text): transformers 5 reads some
-    families' tokenizers with their own byte-level class (Qwen2's), which a word-level vocabulary does not survive."""
+    """A 97-token byte-level BPE tokenizer (a token per character of "t0 … t96" text, and "Ġt" from one merge):
+    transformers 5 reads some families' tokenizers with their own byte-level class (Qwen2's), which a word-level
+    vocabulary does not survive, and llama.cpp wants at least one merge."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = ["t", *"0123456789", "Ġ"]
+    chars = ["t", *"0123456789", "Ġ", "Ġt"]
     vocab = {**{c: i for i, c in enumerate(chars)}, **{f"<x{i}>": i for i in range(len(chars), 97)}}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<x96>")

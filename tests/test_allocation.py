@@ -42,7 +42,9 @@ def test_budgeted_uniform_and_depth_land_within_one_unit_of_the_budget(model, sl
     for fraction in (0.05, 0.12, 0.2):
         target = target_count(model, fraction)
         try:
-            counts = budget_counts(model, LAYERS, target, depth_weights(LAYERS, slope), "kv", attention, mlp)
+            counts = budget_counts(
+                model, LAYERS, target, depth_weights(LAYERS, slope), PruneSpec(prune_attention=attention, prune_mlp=mlp)
+            )
         except AdaPrunerError as exc:  # attention alone cannot give 20% without emptying a layer: said so, in one line
             assert not mlp and "out of reach" in str(exc)
             continue
@@ -56,7 +58,13 @@ def test_budgeted_uniform_and_depth_land_within_one_unit_of_the_budget(model, sl
         ):  # uniform: layers lose as many attention units and MLP channels, within one unit of each other
             for kind in (0, 1):
                 assert max(c[kind] for c in counts.values()) - min(c[kind] for c in counts.values()) <= 1
-        same = budget_counts(model, LAYERS, target, depth_weights(LAYERS, 0.0), "kv", attention, mlp, same_size=True)
+        same = budget_counts(
+            model,
+            LAYERS,
+            target,
+            depth_weights(LAYERS, 0.0),
+            PruneSpec(prune_attention=attention, prune_mlp=mlp, same_size=True),
+        )
         assert (
             len(set(same.values())) == 1 and removed_by(model, same, "kv") >= target
         )  # one size for a stock-config save
@@ -79,7 +87,7 @@ def random_scores(model, seed=0):
 def test_global_ranks_standardised_scores_under_the_budget_and_floor(model, min_keep):
     scores = random_scores(model)
     target = target_count(model, 0.15)
-    counts = global_counts(model, scores, LAYERS, target, "kv", min_keep)
+    counts = global_counts(model, scores, LAYERS, target, PruneSpec(min_keep=min_keep))
     _attn_price, channel = prices(layer_info(model, 0), "kv")
     removed = removed_by(model, counts, "kv")
     assert (
@@ -103,7 +111,7 @@ def test_global_ranks_standardised_scores_under_the_budget_and_floor(model, min_
 
 def test_global_budget_out_of_reach_names_min_keep(model):
     with pytest.raises(AdaPrunerError, match="lower --min-keep"):
-        global_counts(model, random_scores(model), LAYERS, target_count(model, 0.6), "kv", 0.9)
+        global_counts(model, random_scores(model), LAYERS, target_count(model, 0.6), PruneSpec(min_keep=0.9))
 
 
 def test_every_trial_of_a_budget_removes_the_same_count(model):

@@ -6,13 +6,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from adapruner.cli import main
-from tests.helpers import one_error_line, save_tiny_model, search_args, write_pool
+from tests.helpers import one_error_line, save_tiny_model, search_args, wait_for, write_pool
 
 pytest.importorskip("optuna_dashboard")
 
@@ -29,6 +28,14 @@ def test_dashboard_lists_the_study_and_stops_cleanly(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(search_args(tmp_path, out)) == 0
     port = free_port()
+
+    def listed_studies():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:  # not listening yet
+            return None
+
     server = subprocess.Popen(
         [sys.executable, "-m", "adapruner.cli", "dashboard", str(out), "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -37,14 +44,7 @@ def test_dashboard_lists_the_study_and_stops_cleanly(tmp_path, capsys):
         env={**os.environ, "TQDM_DISABLE": "1"},
     )
     try:
-        studies, deadline = None, time.time() + 60
-        while studies is None and time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
-                    studies = json.loads(response.read())
-            except OSError:
-                time.sleep(0.3)
-        assert studies is not None, "the dashboard never answered"
+        studies = wait_for(listed_studies, 60, f"the dashboard to answer on port {port}", interval=0.3)
         assert [s["study_name"] for s in studies["study_summaries"]] == ["adapruner"]
     finally:
         server.send_signal(signal.SIGTERM)

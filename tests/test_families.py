@@ -145,3 +145,18 @@ def test_a_search_runs_on_every_family(model_type, tmp_path):
     result = apply_study_plan(dense, best, tokenizer, progress=False)
     assert result.plan == best.prune_plan
     assert [layer_info(dense, i).intermediate for i in range(len(decoder_layers(dense)))] == [12] * 4
+
+
+@pytest.mark.parametrize("model_type", [*FAMILY_TYPES, *MOE_TYPES])
+def test_a_trial_scores_what_a_full_forward_of_the_model_gives(model_type):
+    """The validation scorer's prefix (layers before the first pruned one, run once) joins the rest of every family
+    exactly: an unpruned trial's perplexity is the full model's (Granite scales its input embeddings in the model's
+    forward: the prefix must not be scaled twice)."""
+    from adapruner.evaluate import perplexity
+    from adapruner.plan import PrunePlan
+    from adapruner.validation import ValidationScorer
+
+    model = tiny_family(model_type, seed=5)
+    windows = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(6))
+    scorer = ValidationScorer(model, windows, start=2, batch_size=2)
+    assert scorer.score(PrunePlan()) == pytest.approx(perplexity(model, windows, 2, progress=False), rel=1e-5)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,7 +16,8 @@ from safetensors.torch import load_file
 from adapruner.cache import ActivationCache, CandidatePool, build_cache, cache_key
 from adapruner.cli import main
 from adapruner.search import pool_blocks, short_names
-from tests.helpers import one_error_line, run_cli, save_tiny_model, search_args, write_pool
+from adapruner.study import open_storage
+from tests.helpers import one_error_line, run_cli, save_tiny_model, search_args, wait_for, write_pool
 
 
 @pytest.fixture
@@ -167,6 +169,13 @@ def test_bad_files_and_paths_are_one_line_errors_before_the_model_loads(tmp_path
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+def trials_begun(db) -> int:
+    """How many trials the studies in the SQLite file `db` hold, read through optuna as another worker would (the
+    schema is whole: the search creates its study before its validation windows)."""
+    storage = open_storage(f"sqlite:///{db}")
+    return sum(summary.n_trials for summary in optuna.get_all_study_summaries(storage, include_best_trial=False))
+
+
 def test_sigterm_during_run_leaves_no_staging_folder(search_inputs):
     """`run` stages its whole --out; SIGTERM mid-search unwinds like SIGINT: exit 143, nothing left beside --out."""
     tmp_path = search_inputs
@@ -178,16 +187,14 @@ def test_sigterm_during_run_leaves_no_staging_folder(search_inputs):
         cwd=tmp_path,
         env={**os.environ, "TQDM_DISABLE": "1"},
     )
-    deadline = time.time() + 180
-    while (
-        time.time() < deadline
-        and not any(tmp_path.glob(".run-*/search/best.json"))
-        and not list(tmp_path.glob(".run-*/search/val.safetensors"))
-    ):
-        time.sleep(0.2)
-    assert list(tmp_path.glob(".run-*/search/val.safetensors")), "the run never reached its search"
-    time.sleep(1.0)  # inside the trials
-    process.send_signal(signal.SIGTERM)
+    [val] = wait_for(
+        lambda: list(tmp_path.glob(".run-*/search/val.safetensors")),
+        180,
+        "the run to reach its search (.run-*/search/val.safetensors)",
+        interval=0.2,
+    )
+    wait_for(lambda: trials_begun(val.parent / "study.db"), 120, "the run's first trial in its study.db", interval=0.2)
+    process.send_signal(signal.SIGTERM)  # inside the trials: 500 of them, a few began
     assert process.wait(timeout=60) == 143, process.stderr.read().decode()[-2000:]
     assert not list(tmp_path.glob(".run-*")) and not (tmp_path / "run").exists()
 
@@ -219,7 +226,7 @@ def test_an_interruption_a_library_turns_into_another_error_is_still_an_interrup
     def command(_args):
         try:
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
+            time.sleep(5)  # the work the signal lands in: its handler raises SystemExit(143) before this returns
         finally:
             raise UnboundLocalError(
                 "cannot access local variable 'updated_state'"

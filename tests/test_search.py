@@ -1,12 +1,13 @@
 """The search: subset encoding, trial objective, resumable multi-worker studies, and their errors."""
 
+import math
 import multiprocessing
 import os
 import signal
 import statistics
 import threading
-import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import optuna
 import pytest
@@ -31,6 +32,7 @@ from adapruner.spec import PruneSpec
 from adapruner.study import WorkerSpec, open_storage, open_study, run_worker, run_workers
 from adapruner.validation import ValidationScorer, shared_copy
 from tests.conftest import span
+from tests.helpers import wait_for
 
 SEQ = 11
 LAYERS = range(0, 3)
@@ -184,31 +186,62 @@ def test_two_workers_share_one_study(tmp_path, gqa_model, tokenizer, storage_url
     assert len({t.datetime_start for t in study.trials}) == 8
 
 
+def trials_so_far(spec) -> list:
+    """The study's trials as another process sees them; [] while the study does not exist yet."""
+    if spec.storage.startswith("sqlite:///") and not Path(spec.storage.removeprefix("sqlite:///")).exists():
+        return []  # opening it here would create the file and race the worker's schema creation
+    try:
+        study, _ = states(spec)
+    except (KeyError, AdaPrunerError, optuna.exceptions.StorageInternalError):  # study not created yet
+        return []
+    return study.get_trials(deepcopy=False)
+
+
+def mid_scoring(trial, spec, n_val: int) -> bool:
+    """`trial` is RUNNING and has scored its first validation batch but not half of them: it holds all its parameters
+    (a retry reruns them all) and a SIGKILL sent now lands inside its work, not after it."""
+    batches = math.ceil(n_val / spec.batch_size)
+    return trial.state == optuna.trial.TrialState.RUNNING and 1 <= len(trial.intermediate_values) <= batches // 2
+
+
+def stale_trial_numbers(spec) -> list[int]:
+    """The RUNNING trials whose heartbeat is older than the grace period, judged by the storage's own check, the one
+    the next worker makes before it starts a trial."""
+    storage = open_storage(spec.storage, spec.heartbeat_seconds, spec.grace_seconds)
+    study_id = storage.get_study_id_from_name(spec.study)
+    stale = set(storage._get_stale_trial_ids(study_id))
+    return [t.number for t in storage.get_all_trials(study_id, deepcopy=False) if t._trial_id in stale]
+
+
 def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_model, tokenizer, storage_url):
-    spec = worker_files(
-        tmp_path, gqa_model, tokenizer, n_val=3000, storage=storage_url
-    )  # ~1 s per trial, long enough to kill mid-trial
+    n_val = 3000  # ~1 s per trial, long enough to kill mid-trial
+    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=n_val, storage=storage_url)
     spec.n_trials = 4
     worker = multiprocessing.get_context("spawn").Process(target=run_worker, args=(spec,))
     worker.start()
-    deadline = time.time() + 240
-    killed_number = None
-    while time.time() < deadline and killed_number is None:
-        time.sleep(0.2)
-        if spec.storage.startswith("sqlite") and not (tmp_path / "study.db").exists():
-            continue
-        try:
-            study, trial_states = states(spec)
-        except (KeyError, AdaPrunerError, optuna.exceptions.StorageInternalError):  # study not created yet
-            continue
-        running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
-        if optuna.trial.TrialState.COMPLETE in trial_states and running:
-            time.sleep(0.3)
-            os.kill(worker.pid, signal.SIGKILL)
-            killed_number = running[0].number
-    worker.join()
-    assert killed_number is not None, "the worker never ran a second trial"
-    time.sleep(spec.grace_seconds + 1.5)  # let its heartbeat go stale
+
+    def second_trial_mid_scoring():
+        trials = trials_so_far(spec)
+        if any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+            return next((t for t in trials if mid_scoring(t, spec, n_val)), None)
+        return None
+
+    try:
+        target = wait_for(
+            second_trial_mid_scoring, 240, "a trial after the first running with half its batches left", interval=0.2
+        )
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join()
+    killed_number = target.number
+    running = [t.number for t in trials_so_far(spec) if t.state == optuna.trial.TrialState.RUNNING]
+    assert running == [killed_number], f"the kill did not land inside trial {killed_number}: running {running}"
+    wait_for(
+        lambda: stale_trial_numbers(spec) == [killed_number],
+        spec.grace_seconds + 60,
+        f"the heartbeat of trial {killed_number} to go stale ({spec.grace_seconds} s grace)",
+        interval=0.2,
+    )
     run_worker(spec)
     study, _ = states(spec)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -222,25 +255,30 @@ def test_killed_worker_loses_nothing_and_its_trial_is_retried(tmp_path, gqa_mode
 def test_a_helper_killed_mid_trial_has_its_trial_rerun_by_the_parent(tmp_path, gqa_model, tokenizer, storage_url):
     """Two workers; the helper is SIGKILLed while it runs a trial: no grace period, the search still ends with
     the asked number of finished trials, the killed trial is FAIL and rerun once with its parameters."""
-    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=3000, storage=storage_url)  # ~1 s per trial
+    n_val = 3000  # ~1 s per trial
+    spec = worker_files(tmp_path, gqa_model, tokenizer, n_val=n_val, storage=storage_url)
     spec.n_trials, spec.heartbeat_seconds, spec.grace_seconds = 6, 60, 600  # only the parent's check can retry it
-    killed = {}
+    killed, searched = {}, threading.Event()
+
+    def helper_trial_mid_scoring():
+        if searched.is_set():
+            raise AssertionError("the search ended before the helper ran a trial with half its batches left")
+        for trial in trials_so_far(spec):
+            pid = int(trial.user_attrs.get(WORKER_ATTR, "-:0").rsplit(":", 1)[1])
+            if pid and pid != os.getpid() and trial.number >= 1 and mid_scoring(trial, spec, n_val):
+                return trial.number, pid
+        return None
 
     def kill_the_helper_mid_trial():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            time.sleep(0.1)
-            try:
-                study, _ = states(spec)
-            except (KeyError, AdaPrunerError, optuna.exceptions.StorageInternalError):
-                continue
-            for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                pid = int(trial.user_attrs.get(WORKER_ATTR, "-:0").rsplit(":", 1)[1])
-                if pid and pid != os.getpid() and trial.number >= 1:
-                    time.sleep(0.2)
-                    os.kill(pid, signal.SIGKILL)
-                    killed["number"] = trial.number
-                    return
+        try:
+            number, pid = wait_for(
+                helper_trial_mid_scoring, 240, "a helper's trial running with half its batches left", interval=0.2
+            )
+        except Exception as exc:  # reported by the assertion below, not lost in this thread
+            killed["error"] = f"{type(exc).__name__}: {exc}"
+            return
+        os.kill(pid, signal.SIGKILL)
+        killed["number"] = number
 
     threads = torch.get_num_threads()
     watcher = threading.Thread(target=kill_the_helper_mid_trial)
@@ -249,9 +287,10 @@ def test_a_helper_killed_mid_trial_has_its_trial_rerun_by_the_parent(tmp_path, g
     try:
         run_workers(spec, 2, report=notes.append)
     finally:
+        searched.set()
         watcher.join()
         torch.set_num_threads(threads)
-    assert "number" in killed, "the helper never ran a trial"
+    assert "number" in killed, killed.get("error")
     study, _ = states(spec)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))

@@ -12,7 +12,7 @@ import torch
 from adapruner.allocation import count_params
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.corpora import read_utf8
-from adapruner.devices import Placement
+from adapruner.devices import Placement, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
 from adapruner.models import cache_root, load_model
@@ -31,6 +31,7 @@ class EvalOptions:
     batch_size: int = 8
     tasks: tuple[str, ...] = ()
     task_limit: int | None = None  # items per task (None: all)
+    speed: bool = False  # prefill and decode tokens/s (adapruner.speed)
 
 
 def eval_windows(tokenizer, pool: str, seq_len: int, max_windows: int | None) -> torch.Tensor:
@@ -56,8 +57,8 @@ def read_report(path: Path) -> dict:
 
 def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, report: Path | None = None) -> dict:
     """{measure: values} for `model_name`; with `report`, the results are merged into that report.json (atomically)."""
-    if options.ppl is None and not options.tasks:
-        raise AdaPrunerError("--no-ppl without --tasks measures nothing: drop --no-ppl or name --tasks")
+    if options.ppl is None and not options.tasks and not options.speed:
+        raise AdaPrunerError("--no-ppl without --tasks or --speed measures nothing: drop --no-ppl or name --tasks")
     merged = read_report(report) if report is not None and report.is_file() else {"format": REPORT_FORMAT}
     if report is not None:
         check_writable(report, "--report")
@@ -70,7 +71,8 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
     model, tokenizer = load_model(
         model_name, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
     )
-    check_context(model, options.seq_len)
+    if options.ppl is not None:
+        check_context(model, options.seq_len)
     results: dict[str, dict] = {}
     if options.ppl is not None:
         windows = eval_windows(tokenizer, options.ppl, options.seq_len, options.max_windows)
@@ -85,6 +87,10 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
             model, tokenizer, list(options.tasks), cache_root() / "tasks", options.batch_size, options.task_limit
         )
         results.update({f"task_{name}": values for name, values in scores.items()})
+    if options.speed:
+        from adapruner.speed import measure_speed
+
+        results["speed"] = {**measure_speed(model), "device": str(model_device(model))}
     if report is not None:
         merged.setdefault("eval", {}).update(results)
         write_json_atomic(report, merged)

@@ -18,12 +18,14 @@ from adapruner.commands.search import SearchOptions, resolved, run_search
 from adapruner.devices import Placement, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
+from adapruner.families import text_config
 from adapruner.finetune import LoraOptions, finetune, merged
 from adapruner.measure import macs
 from adapruner.models import cache_root, load_model
 from adapruner.pruning import apply_study_plan
 from adapruner.report import REPORT_FORMAT, write_json_atomic
 from adapruner.saving import layer_sizes, save_pruned
+from adapruner.speed import measure_speed
 from adapruner.staging import check_out_dir, staged_dir
 from adapruner.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
 
@@ -40,6 +42,7 @@ class RunOptions:
     max_eval_windows: int | None = EvalOptions.max_windows
     full_seq_len: int = 1024
     batch_size: int = EvalOptions.batch_size
+    speed: bool = False  # prefill/decode tokens/s of every model in the report (adapruner.speed)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Row:
     macs: int
     ppl: dict[str, float] = field(default_factory=dict)
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    speed: dict[str, float] = field(default_factory=dict)  # tokens/s by measure
 
     @property
     def average(self) -> float | None:
@@ -74,6 +78,8 @@ def measure(
             options.task_limit,
             manager,
         )
+    if options.speed:
+        row.speed = measure_speed(model)
     return row
 
 
@@ -103,7 +109,8 @@ def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -
         options.search.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
     )
     short = options.search.seq_len  # the search's window length, then the long one
-    full = min(options.full_seq_len, getattr(dense.config, "max_position_embeddings", options.full_seq_len))
+    context = getattr(text_config(dense.config), "max_position_embeddings", options.full_seq_len)
+    full = min(options.full_seq_len, context)
     windows = {f"ppl@{n}": eval_windows(tokenizer, "wiki", n, options.max_eval_windows) for n in (short, full)}
 
     started = time.perf_counter()
@@ -214,6 +221,7 @@ def report_markdown(report: dict, rows: list[Row]) -> str:
         "| stage | seconds |",
         "|---|---:|",
         *(f"| {stage} | {seconds:.1f} |" for stage, seconds in report["stage_seconds"].items()),
+        *speed_table(rows),
         "",
         "![search history](search_history.png)",
         "",
@@ -221,6 +229,18 @@ def report_markdown(report: dict, rows: list[Row]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def speed_table(rows: list[Row]) -> list[str]:
+    """Markdown lines: tokens/s of every measured model and its ratio to the dense one (none without --speed)."""
+    if not rows[0].speed:
+        return []
+    dense = rows[0].speed
+    lines = ["", "| model | " + " | ".join(dense) + " |", "|---|" + "---:|" * len(dense)]
+    for row in rows:
+        cells = [f"{row.speed[m]:.1f} ({row.speed[m] / dense[m]:.2f}x)" for m in dense]
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return [*lines, "", "Tokens/s on the run's device (ratio to dense); see `adapruner.speed` for what is timed."]
 
 
 def plot_layers(layers: dict, path: Path) -> None:
