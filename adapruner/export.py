@@ -135,6 +135,8 @@ def _write_tokenizer(writer, tokenizer: PreTrainedTokenizerBase, rows: int) -> N
                 "GGUF export writes byte-level BPE tokenizers (GPT-2, Llama-3, SmolLM style); this model's is "
                 "SentencePiece-style or another kind, which adapruner does not write yet"
             )
+        if not model.get("merges"):
+            raise AdaPrunerError("GGUF export: the BPE tokenizer has no merges, which llama.cpp needs to load it")
         vocab = tokenizer.get_vocab()
         by_id = {index: token for token, index in vocab.items()}
         if max(by_id) >= rows:

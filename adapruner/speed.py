@@ -60,10 +60,10 @@ def measure_speed(model: nn.Module, shape: SpeedShape = DEFAULT_SHAPE, seed: int
 def _decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> None:
     """Greedy decoding of `new_tokens` tokens with the KV cache (the prompt's prefill is part of the first step)."""
     out = model(input_ids=prompt, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
 
 
 def _median_seconds(run, repeats: int, device: torch.device) -> float:

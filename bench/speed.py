@@ -5,7 +5,8 @@ GGUF, in llama.cpp — tokens/s and the pruned/dense ratio of each, beside the i
 
 Rows per shape and runtime: prefill tokens/s at batch 1 (and 8 in transformers; llama-cpp-python evaluates one
 sequence) over 512 tokens, decode tokens/s at batch 1 over 128 new tokens with the KV cache, each the median of
-`--repeats` runs after a warm-up, on this machine's CPU in fp32 (f32 GGUF). The pruned model comes from the `global`
+`--repeats` runs after a warm-up, on this machine's CPU in fp32 (f32 GGUF). Each shape's rows come from one run; the
+results file keeps the rows of (shape, align) pairs not measured this time. The pruned model comes from the `global`
 allocation scored by `l2` (speed depends on the widths, not on which units were kept). Writes
 bench/results/speed.json.
 """
@@ -40,9 +41,9 @@ def filler_tokenizer(vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = ["Ġ", *"abcdefghijklmnopqrstuvwxyz0123456789"]
+    chars = ["Ġ", *"abcdefghijklmnopqrstuvwxyz0123456789", "Ġa"]
     entries = {**{c: i for i, c in enumerate(chars)}, **{f"<x{i}>": i for i in range(len(chars), vocab)}}
-    backend = Tokenizer(models.BPE(vocab=entries, merges=[]))
+    backend = Tokenizer(models.BPE(vocab=entries, merges=[("Ġ", "a")]))  # llama.cpp wants at least one merge
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=f"<x{vocab - 1}>")
@@ -146,8 +147,13 @@ def main() -> None:
             f"pruned {row['pruned']:9.1f}  speed-up {row['speedup']:.2f}x  (ideal {row['ideal']:.2f}x)"
         )
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, fp32"
+    measured = {(row["shape"], row["align"]) for row in rows}  # rows of other (shape, align) runs are kept
+    kept = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    rows = [row for row in kept if (row["shape"], row["align"]) not in measured] + [
+        {**row, "machine": machine} for row in rows
+    ]
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    RESULTS.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     print(f"wrote {RESULTS} ({machine})")
 
 
