@@ -68,7 +68,8 @@ def one_error_line(err: str, message: str) -> bool:
 
 
 def masked_logits(model, plan, tokens):
-    """Logits of the dense model with every removed head's o_proj columns and MLP channel's down_proj column zeroed."""
+    """Logits of the dense model with every removed head's o_proj columns and MLP channel's down_proj column (of a MoE
+    layer, every removed expert channel's down column) zeroed."""
     masked = copy.deepcopy(model)
     with torch.no_grad():
         for index, (keep_q, _keep_kv) in plan.attention.items():
@@ -77,9 +78,41 @@ def masked_logits(model, plan, tokens):
                 info.attn.o_proj.weight[:, q * info.head_dim : (q + 1) * info.head_dim] = 0
         for index, keep in plan.mlp.items():
             info = layer_info(masked, index)
-            for channel in set(range(info.intermediate)) - set(keep):
-                info.mlp.down_proj.weight[:, channel] = 0
+            for unit in set(range(info.mlp_units)) - set(keep):
+                if info.experts is None:
+                    info.mlp.down_proj.weight[:, unit] = 0
+                else:  # unit e·I + c: expert e's channel c
+                    info.experts.down_proj[unit // info.intermediate, :, unit % info.intermediate] = 0
         return masked(input_ids=tokens).logits
+
+
+def tiny_search(tmp_path, model, **options):
+    """Run a 3-trial search on `model` saved with the byte-level tokenizer and a random pool; returns the best
+    trial. `options` override the SearchOptions (spec: ratio 0.5 over all layers; metrics l2, taylor1, vector)."""
+    from pathlib import Path
+
+    from adapruner.commands.search import SearchOptions, run_search
+    from adapruner.spec import PruneSpec
+
+    model.save_pretrained(tmp_path / "model")
+    byte_level_tokenizer().save_pretrained(tmp_path / "model")
+    write_pool(tmp_path / "a.txt", seed=1)
+    settings = {
+        "model": str(tmp_path / "model"),
+        "spec": PruneSpec(0.5, layers="all"),
+        "pools": [str(tmp_path / "a.txt")],
+        "pool_size": 4,
+        "seq_len": 16,
+        "metrics": ("l2", "taylor1", "vector"),
+        "sample_counts": (1, 2),
+        "blocks_per_pool": 2,
+        "val_windows": 2,
+        "trials": 3,
+        "cache_dir": str(tmp_path / "cache"),
+        "cache_dtype": "float32",
+        **options,
+    }
+    return run_search(SearchOptions(**settings), Path(tmp_path / "s"), progress=False)
 
 
 FAMILY_KWARGS = {  # per model_type, beside TINY_BASE: what its config needs to build a tiny model

@@ -3,13 +3,10 @@ model (in memory, reloaded with its modeling file, or saved `--uniform` and load
 the dense model's logits; with random weights it computes the logits of the dense model with the removed units
 masked; a search runs on it end to end."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapruner.commands.search import SearchOptions, run_search
 from adapruner.families import FAMILIES, family_of
 from adapruner.importance import Importance
 from adapruner.models import load_model
@@ -17,10 +14,9 @@ from adapruner.pruning import apply_study_plan
 from adapruner.removal import apply_plan
 from adapruner.saving import save_pruned
 from adapruner.selection import plan_from_counts, plan_pruning, score_layers
-from adapruner.spec import PruneSpec
 from adapruner.structure import attention_group, decoder_layers, layer_info, mlp_group
 from tests.conftest import word_level_tokenizer
-from tests.helpers import FAMILY_TYPES, MOE_TYPES, byte_level_tokenizer, masked_logits, tiny_family, write_pool
+from tests.helpers import FAMILY_TYPES, MOE_TYPES, masked_logits, tiny_family, tiny_search
 
 TOKENS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
 NORM_SPANS_HEADS = {t for t, f in FAMILIES.items() if f.head_norms}  # removing a head renormalises the kept ones
@@ -121,25 +117,7 @@ def test_a_uniform_save_loads_with_the_stock_class(model_type, tmp_path):
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
 def test_a_search_runs_on_every_family(model_type, tmp_path):
-    tiny_family(model_type).save_pretrained(tmp_path / "model")
-    byte_level_tokenizer().save_pretrained(tmp_path / "model")
-    write_pool(tmp_path / "a.txt", seed=1)
-    options = SearchOptions(
-        model=str(tmp_path / "model"),
-        spec=PruneSpec(0.5, layers="all"),
-        pools=[str(tmp_path / "a.txt")],
-        pool_size=4,
-        seq_len=16,
-        metrics=("l2", "taylor1", "vector"),
-        sample_counts=(1, 2),
-        blocks_per_pool=2,
-        val_windows=2,
-        trials=3,
-        compensations=("none", "lsq"),
-        cache_dir=str(tmp_path / "cache"),
-        cache_dtype="float32",
-    )
-    best = run_search(options, Path(tmp_path / "s"), progress=False)
+    best = tiny_search(tmp_path, tiny_family(model_type), compensations=("none", "lsq"))
     assert (tmp_path / "s" / "best.json").is_file() and 0 < best.removed_fraction < 1
     dense, tokenizer = load_model(str(tmp_path / "model"))
     result = apply_study_plan(dense, best, tokenizer, progress=False)

@@ -2,7 +2,6 @@
 inside every expert (each expert keeps its own channels, one count per layer, so the stored tensors stay 3-D),
 attention as for dense models, the router and the number of experts untouched."""
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from adapruner.selection import plan_from_counts, plan_pruning, score_layers
 from adapruner.spec import PruneSpec
 from adapruner.structure import layer_info
 from tests.conftest import word_level_tokenizer
-from tests.helpers import MOE_TYPES, byte_level_tokenizer, tiny_family, write_pool
+from tests.helpers import MOE_TYPES, byte_level_tokenizer, masked_logits, tiny_family, tiny_search
 
 TOKENS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
 EXPERTS, CHANNELS = 4, 24
@@ -39,21 +38,6 @@ def assert_same_logits(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 def experts_of(model, layer: int):
     return layer_info(model, layer).mlp.experts
-
-
-def masked_moe_logits(model, plan) -> torch.Tensor:
-    """The dense model with every removed head's o_proj columns and every removed expert channel's down column
-    zeroed."""
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for index, (keep_q, _keep_kv) in plan.attention.items():
-            info = layer_info(masked, index)
-            for q in set(range(info.n_heads)) - set(keep_q):
-                info.attn.o_proj.weight[:, q * info.head_dim : (q + 1) * info.head_dim] = 0
-        for index, kept in plan.mlp.items():
-            for unit in set(range(EXPERTS * CHANNELS)) - set(kept):
-                experts_of(masked, index).down_proj[unit // CHANNELS, :, unit % CHANNELS] = 0
-        return logits(masked)
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
@@ -85,7 +69,7 @@ def test_pruned_moe_equals_the_dense_model_with_the_units_masked(model_type):
     model = tiny_family(model_type, seed=1)
     plan = plan_pruning(model, Importance("l2"), 0.5, range(0, 4), "kv")
     router = layer_info(model, 2).mlp.gate.weight.detach().clone()
-    expected = masked_moe_logits(model, plan)
+    expected = masked_logits(model, plan, TOKENS)
     apply_plan(model, plan)
     assert_same_logits(logits(model), expected)
     assert all(layer_info(model, i).intermediate == CHANNELS // 2 for i in range(4))
@@ -106,25 +90,7 @@ def test_a_uniform_moe_save_loads_with_the_stock_class(model_type, tmp_path):
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
 def test_a_search_runs_on_moe_families(model_type, tmp_path):
-    tiny_family(model_type).save_pretrained(tmp_path / "model")
-    byte_level_tokenizer().save_pretrained(tmp_path / "model")
-    write_pool(tmp_path / "a.txt", seed=1)
-    options = SearchOptions(
-        model=str(tmp_path / "model"),
-        spec=PruneSpec(0.5, layers="all"),
-        pools=[str(tmp_path / "a.txt")],
-        pool_size=4,
-        seq_len=16,
-        metrics=("l1", "l2"),
-        sample_counts=(1, 2),
-        blocks_per_pool=2,
-        val_windows=2,
-        trials=3,
-        compensations=("none", "lsq"),
-        cache_dir=str(tmp_path / "cache"),
-        cache_dtype="float32",
-    )
-    best = run_search(options, Path(tmp_path / "s"), progress=False)
+    best = tiny_search(tmp_path, tiny_family(model_type), metrics=("l1", "l2"), compensations=("none", "lsq"))
     dense, tokenizer = load_model(str(tmp_path / "model"))
     assert apply_study_plan(dense, best, tokenizer, progress=False).plan == best.prune_plan
     assert [experts_of(dense, i).down_proj.shape for i in range(4)] == [(EXPERTS, 32, CHANNELS // 2)] * 4
