@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one command on a machine with one CUDA GPU (H100/H200), about 5 minutes (4.8 on an H200;
-# the step limits below add up to 12).
+# The prepared GPU check: one command on a machine with one CUDA GPU (H100/H200), about 5 minutes (4.8 on an H200
+# before the speed step, which is new and not yet timed there; the step limits below add up to 14.5).
 #   bash bench/gpu_check.sh OUTDIR
 # Runs, each step under its own time limit, writing everything under OUTDIR (log, JSON, plots):
 #   1. the device-aware kernel and model-path tests on CUDA (compiled Triton, no interpreter)
 #   2. bench.kernels --device cuda --sweep (Triton vs torch eager / torch.compile, 7B shapes) and its plot
 #   3. bench.search_cost --device cuda on the llama-7b and smollm2-135m shapes (random bf16 weights)
-#   4. the rest of the suite without the embedded-model tests: pytest -m "not smollm2"
+#   4. bench.speed --device cuda: dense vs 20%-pruned prefill/decode tokens/s (SmolLM2, tinyllama-1b shape, bf16)
+#   5. the rest of the suite without the embedded-model tests: pytest -m "not smollm2"
 # A failing step is reported and the next one runs; the exit status is the number of failed steps.
 # Needs: this repo installed (pip install -e ".[test]") in a Python whose torch sees the GPU.
 set -uo pipefail
@@ -39,6 +40,8 @@ step "search cost, llama-7b shape" 180 $python -m bench.search_cost --device cud
   --out "$out/search_cost-llama-7b-cuda.json"
 step "search cost, smollm2-135m shape" 75 $python -m bench.search_cost --device cuda --shape smollm2-135m --pool-size 32 \
   --out "$out/search_cost-smollm2-135m-cuda.json"
+step "speed: dense vs 20% pruned, transformers on the GPU" 150 $python -m bench.speed --device cuda --dtype bfloat16 \
+  --shapes smollm2,tinyllama-1b --large-batches 1,8 --no-llama-cpp --out "$out/speed-cuda.json"
 step "suite without smollm2" 180 $python -m pytest -q -p no:cacheprovider -m "not smollm2" "${device_tests[@]/#/--ignore=}"
 echo "gpu_check: $failed step(s) failed"
 exit "$failed"

@@ -91,7 +91,7 @@ def _median(run, repeats: int) -> float:
 
 
 def bench_shape(name: str, args, shape: SpeedShape) -> list[dict]:
-    model, tokenizer = load_shape(name, torch.device("cpu"), torch.float32)
+    model, tokenizer = load_shape(name, torch.device(args.device), getattr(torch, args.dtype))
     tokenizer = tokenizer or filler_tokenizer(model.get_input_embeddings().weight.shape[0])
     vocab = model.get_input_embeddings().weight.shape[0]
     rows, speeds = [], {}
@@ -136,6 +136,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large-batches", default="1", help="prefill batches for the 1B shape (batch 8 takes minutes)")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
+    parser.add_argument("--device", default="cpu", help="where transformers runs (cuda in bench/gpu_check.sh)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON (rows of other runs in it are kept)")
     args = parser.parse_args()
     rows = []
     for name in args.shapes.split(","):
@@ -146,15 +149,18 @@ def main() -> None:
             f"{row['shape']:>13} {row['runtime']:>12} {row['measure']:>18}: dense {row['dense']:9.1f}  "
             f"pruned {row['pruned']:9.1f}  speed-up {row['speedup']:.2f}x  (ideal {row['ideal']:.2f}x)"
         )
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, fp32"
+    if args.device.startswith("cuda"):
+        machine = f"{torch.cuda.get_device_name(torch.device(args.device))}, {args.dtype}"
+    else:
+        machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, {args.dtype}"
     measured = {(row["shape"], row["align"]) for row in rows}  # rows of other (shape, align) runs are kept
-    kept = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    kept = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
     rows = [row for row in kept if (row["shape"], row["align"]) not in measured] + [
         {**row, "machine": machine} for row in rows
     ]
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    print(f"wrote {RESULTS} ({machine})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out} ({machine})")
 
 
 if __name__ == "__main__":
