@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from adapruner.errors import AdaPrunerError
 from adapruner.families import family_of, text_config
 from adapruner.staging import staged_file
-from adapruner.structure import decoder_layers, layer_info
+from adapruner.structure import decoder_layers, layer_info, layers_owner
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 LLAMA_LAYOUT = ("llama", "mistral")  # families whose layers llama.cpp's llama/deci graphs compute
@@ -228,11 +228,10 @@ def _rope_factors(config, head_dim: int):
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
-    owner = decoder_layers(model)
-    for module in model.modules():
-        if hasattr(module, "layers") and module.layers is owner:
-            return module.norm
-    raise AdaPrunerError("GGUF export: the model has no final norm beside its layers")
+    owner, _ = layers_owner(model)
+    if not isinstance(getattr(owner, "norm", None), nn.Module):
+        raise AdaPrunerError("GGUF export: the model has no final norm beside its layers")
+    return owner.norm
 
 
 def _rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from adapruner.errors import AdaPrunerError
+
 CacheSource = Literal["weights", "sample_products", "sample_fisher", "input_squares", "input_moments", "activations"]
 Element = Callable[..., torch.Tensor]  # element(w, grad=, fisher=, act_norm=, act_var=) → per-element fp32 score
 
@@ -94,8 +96,6 @@ INPUT_STATS = ("act_norm", "act_var")  # statistics of a linear's input features
 
 def metric(name: str) -> Metric:
     """The registered metric `name`; an unknown name is a one-line error listing the metrics."""
-    from adapruner.errors import AdaPrunerError
-
     if name not in METRICS:
         raise AdaPrunerError(f"unknown metric {name!r}: use one of {', '.join(METRIC_NAMES)}")
     return METRICS[name]

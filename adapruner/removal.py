@@ -30,25 +30,28 @@ def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> 
             index_shape[dim] = kept.shape[1]
             view = kept.to(weight.device).unsqueeze(2 if dim == 1 else 1).expand(index_shape)
             setattr(experts, name, nn.Parameter(torch.gather(weight, dim, view), requires_grad=True))
-        if not cuts:
-            resize_modules(layer_info(model, index))
-            continue
-        specs = []
-        with ExitStack() as loaded:  # offloaded weights are read on their execution device, one layer at a time
-            for owner, name, rows, cols in cuts:
-                module = loaded.enter_context(weights(getattr(owner, name)))
-                device = module.weight.device
-                rows, cols = (None if t is None else t.to(device) for t in (rows, cols))
-                specs.append((module.weight.detach(), rows, cols))
-                if getattr(module, "bias", None) is not None:
-                    specs.append((module.bias.detach(), rows, None))
-            gathered = iter(gather(specs, backend))
-        for owner, name, _rows, _cols in cuts:
-            old = getattr(owner, name)
-            weight = next(gathered)
-            bias = next(gathered) if getattr(old, "bias", None) is not None else None
-            setattr(owner, name, place_like(_module_from(old, weight, bias), old))
+        if cuts:
+            _cut(cuts, backend)
         resize_modules(layer_info(model, index))
+
+
+def _cut(cuts: list, backend: Backend) -> None:
+    """Replace every cut module with one holding its kept rows and columns: one fused gather for all of them."""
+    specs = []
+    with ExitStack() as loaded:  # offloaded weights are read on their execution device, one layer at a time
+        for owner, name, rows, cols in cuts:
+            module = loaded.enter_context(weights(getattr(owner, name)))
+            device = module.weight.device
+            rows, cols = (None if t is None else t.to(device) for t in (rows, cols))
+            specs.append((module.weight.detach(), rows, cols))
+            if getattr(module, "bias", None) is not None:
+                specs.append((module.bias.detach(), rows, None))
+        gathered = iter(gather(specs, backend))
+    for owner, name, _rows, _cols in cuts:
+        old = getattr(owner, name)
+        weight = next(gathered)
+        bias = next(gathered) if getattr(old, "bias", None) is not None else None
+        setattr(owner, name, place_like(_module_from(old, weight, bias), old))
 
 
 def _module_from(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,10 +50,10 @@ def measure_speed(model: nn.Module, shape: SpeedShape = DEFAULT_SHAPE, seed: int
     with torch.no_grad():
         for batch in shape.batches:
             ids = torch.randint(0, vocab, (batch, shape.prefill_len), generator=generator).to(device)
-            seconds = _median_seconds(lambda ids=ids: model(input_ids=ids, use_cache=False), shape.repeats, device)
+            seconds = median_seconds(lambda ids=ids: model(input_ids=ids, use_cache=False), device, shape.repeats)
             speeds[f"prefill_b{batch}_tok_s"] = batch * shape.prefill_len / seconds
         prompt = torch.randint(0, vocab, (1, shape.prompt_len), generator=generator).to(device)
-        seconds = _median_seconds(lambda: _decode(model, prompt, shape.new_tokens), shape.repeats, device)
+        seconds = median_seconds(lambda: _decode(model, prompt, shape.new_tokens), device, shape.repeats)
         speeds["decode_b1_tok_s"] = shape.new_tokens / seconds
     return speeds
 
@@ -66,19 +67,23 @@ def _decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> None:
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
 
 
-def _median_seconds(run, repeats: int, device: torch.device) -> float:
-    run()  # warm-up: allocations, kernel selection
+def median_seconds(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `repeat` calls of `fn` after `warmup` untimed ones (allocations, kernel selection), the
+    device synchronised around each timed call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
     times = []
-    for _ in range(repeats):
-        _synchronize(device)
+    for _ in range(repeat):
         started = time.perf_counter()
-        run()
-        _synchronize(device)
+        fn()
+        sync(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def _synchronize(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -105,21 +105,20 @@ class LayerInfo:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a `*ForCausalLM`, where its family keeps them (`model.layers` for most)."""
-    family = family_of(model.config)
-    layers = model
-    for part in family.layers.split("."):
-        layers = getattr(layers, part, None)
-    if not isinstance(layers, nn.ModuleList):
-        raise AdaPrunerError(f"{type(model).__name__} has no {family.layers}: not a {family.model_type} decoder")
-    return layers
+    owner, leaf = layers_owner(model)
+    return getattr(owner, leaf)
 
 
 def layers_owner(model: nn.Module) -> tuple[nn.Module, str]:
-    """(the module holding the decoder layers, the attribute they sit under): `(model.model, "layers")` for most."""
-    *path, leaf = family_of(model.config).layers.split(".")
+    """(the module holding the decoder layers, the attribute they sit under): `(model.model, "layers")` for most;
+    a model without them there is a one-line error."""
+    family = family_of(model.config)
+    *path, leaf = family.layers.split(".")
     owner = model
     for part in path:
-        owner = getattr(owner, part)
+        owner = getattr(owner, part, None)
+    if not isinstance(getattr(owner, leaf, None), nn.ModuleList):
+        raise AdaPrunerError(f"{type(model).__name__} has no {family.layers}: not a {family.model_type} decoder")
     return owner, leaf
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from adapruner.importance import Importance
 from adapruner.removal import apply_plan
 from adapruner.selection import plan_allocation
 from adapruner.spec import PruneSpec
-from adapruner.speed import SpeedShape, measure_speed, speedups
+from adapruner.speed import SpeedShape, measure_speed, median_seconds, speedups
 from bench.shapes import load_shape
 
 RESULTS = Path(__file__).with_name("results") / "speed.json"
@@ -75,19 +73,9 @@ def llama_cpp_speed(path: Path, shape: SpeedShape, vocab: int, threads: int) -> 
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
 
     return {
-        "prefill_b1_tok_s": shape.prefill_len / _median(prefill, shape.repeats),
-        "decode_b1_tok_s": shape.new_tokens / _median(decode, shape.repeats),
+        "prefill_b1_tok_s": shape.prefill_len / median_seconds(prefill, torch.device("cpu"), shape.repeats),
+        "decode_b1_tok_s": shape.new_tokens / median_seconds(decode, torch.device("cpu"), shape.repeats),
     }
-
-
-def _median(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def bench_shape(name: str, args, shape: SpeedShape) -> list[dict]:

@@ -1,31 +1,13 @@
-"""Timing helpers shared by the bench scripts: median wall time with device synchronisation."""
+"""Timing helpers shared by the bench scripts: median wall time with device synchronisation (the same as
+`adapruner.speed` times inference with), and the device's name."""
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
-
 import torch
 
+from adapruner.speed import median_seconds, sync
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 1) -> float:
-    """Median of `repeat` timed calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+__all__ = ["device_name", "median_seconds", "sync"]
 
 
 def device_name(device: torch.device) -> str:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from adapruner.best_trial import BestTrial
 from adapruner.big_model import Dispatch
-from adapruner.cache import CandidatePool, cache_key, load_or_build, planned_bytes
+from adapruner.cache import CacheKey, CandidatePool, cache_key, load_or_build, planned_bytes
 from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.errors import AdaPrunerError
@@ -129,6 +129,15 @@ def resolved(options: SearchOptions) -> tuple[SearchOptions, Placement]:
     return replace(options, device=str(placement.device), dtype=dtype, val_dtype=val_dtype), placement
 
 
+def search_cache_key(options: SearchOptions, model: torch.nn.Module, layers: range) -> CacheKey:
+    """The key of the cache a search of `options` builds on `model` (its shapes suffice; content digests are added
+    by the caller that read them)."""
+    pool = CandidatePool(options.pools, options.pool_size, options.seq_len, options.seed)
+    return cache_key(
+        options.model, model, pool, layers, activations=needs_activations(options), dtype=options.cache_dtype
+    )
+
+
 def plan_search(options: SearchOptions) -> MemoryPlan:
     """The memory plan of a search, from the model's shapes alone (no weights read; see `adapruner.memory_plan`);
     the model's depth and context are checked against --layers and --seq-len on the way."""
@@ -136,14 +145,7 @@ def plan_search(options: SearchOptions) -> MemoryPlan:
     check_context(shapes, options.seq_len)
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(shapes)))
     check_expert_metrics(options.metrics, options.spec.prune_mlp, has_experts(shapes, layers))
-    key = cache_key(
-        options.model,
-        shapes,
-        CandidatePool(options.pools, options.pool_size, options.seq_len, options.seed),
-        layers,
-        activations=needs_activations(options),
-        dtype=options.cache_dtype,
-    )
+    key = search_cache_key(options, shapes, layers)
     model_bytes = sum(p.numel() * p.element_size() for p in shapes.parameters())
     return memory_plan(
         torch.device(options.device),
@@ -238,14 +240,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": text_digest("wiki", "val")}
     pin_content(study, content)
     key = replace(
-        cache_key(
-            options.model,
-            model,
-            CandidatePool(options.pools, options.pool_size, options.seq_len, options.seed),
-            layers,
-            activations=needs_activations(options),
-            dtype=options.cache_dtype,
-        ),
+        search_cache_key(options, model, layers),
         model_digest=content["model"],
         pool_digests=tuple(content["pools"]),
     )
