@@ -18,11 +18,16 @@ Budget mode (`target_params` p): T = ⌈p·N⌉ parameters of the model's N go, 
         over all layers and modules until T is reached, each module keeping ⌈min_keep·n⌉ units (at least one); a
         candidate that would pass T by more than the cheapest unit (an MLP channel) is passed over, so the plan
         ends within one MLP channel of T.
-        With query granularity the k-th candidate of a layer is every kv group's k-th weakest head, at their mean z.
+        With query granularity the k-th candidate of a layer is every kv group's k-th weakest head, at their mean z;
+    error: each module's greedy OBS removal (`adapruner.obs`, in the metric's order) gives its relative output error
+        e(k) after the damped refit with k units gone (over the output's energy tr(W H Wᵀ)); units go one at a time
+        where the next one adds the least error per parameter, Δe / price, over all layers and modules, until T is
+        reached (same floor and finish as global).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 
@@ -202,6 +207,42 @@ def candidate_costs(
     else:
         costs = z.sort().values
     return costs.view(-1, align).mean(1) if module == "mlp" else costs
+
+
+def error_counts(
+    model: nn.Module, curves: Mapping[tuple[int, str], torch.Tensor], layers: range, target: int, spec: PruneSpec
+) -> Counts:
+    """`error` allocation under a budget of `target` parameters (see the module docstring): `curves[(layer, module)]`
+    holds the error after k removal units (MLP: blocks of `spec.align` channels), k = 0 … the most it may lose."""
+    price = {}
+    for index in layers:
+        attention, channel = _aligned(prices(layer_info(model, index), spec.granularity), spec.align)
+        price[(index, "attn")], price[(index, "mlp")] = attention, channel
+    counts = {key: 0 for key in curves}
+    finest = min((price[key] for key in curves), default=0)
+
+    def next_cost(key: tuple[int, str]) -> float:
+        k, curve = counts[key], curves[key]
+        return (float(curve[k + 1] - curve[k]) / price[key], key[0], key[1]) if k + 1 < len(curve) else None
+
+    removed = 0
+    heap = [(cost, key) for key in curves if (cost := next_cost(key)) is not None]
+    heapq.heapify(heap)
+    while heap and removed < target:
+        _cost, key = heapq.heappop(heap)
+        if removed + price[key] > target + finest:  # passes the budget by more than the finest unit: cheaper ones fill
+            continue
+        counts[key] += 1
+        removed += price[key]
+        if (cost := next_cost(key)) is not None:
+            heapq.heappush(heap, (cost, key))
+    if removed < target:
+        total = count_params(model)
+        raise AdaPrunerError(
+            f"--target-params {target / total:.3f} is out of reach with --min-keep {spec.min_keep}: "
+            f"at most {removed / total:.3f}; lower --min-keep or the target, or widen --layers"
+        )
+    return {i: (counts.get((i, "attn"), 0), counts.get((i, "mlp"), 0) * spec.align) for i in layers}
 
 
 def global_counts(model: nn.Module, scores: Scores, layers: range, target: int, spec: PruneSpec) -> Counts:

@@ -34,6 +34,7 @@ from adapruner.importance import Importance
 from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fisher_stats
 from adapruner.kernels.channel_importance import channel_importance
 from adapruner.metrics import ACTIVATION_METRICS, METRICS
+from adapruner.spec import DEFAULT_OBS_DAMP
 from adapruner.staging import staged_file
 from adapruner.statistics import InputMoments, linear_io, sample_loss
 from adapruner.structure import Member, decoder_layers, input_owner, prunable_linears
@@ -126,8 +127,8 @@ class ActivationCache:
             return InputMoments(mean, square_mean)
         if not self.key.activations:
             raise AdaPrunerError(
-                "lsq compensation needs cached inputs: "
-                "rebuild the cache with lsq in --compensations (or taylor1/mix in --metrics)"
+                "lsq compensation and the obs metric need cached inputs: "
+                "rebuild the cache with lsq in --compensations (or obs/taylor1/mix in --metrics)"
             )
         x = self.tensors[f"x/{owner}"]
         rows = rows_on(x, self.token_rows(samples).to(x.device), torch.device(device)).float()
@@ -267,9 +268,22 @@ class DamagedCache(AdaPrunerError):
 class CachedImportance(Importance):
     """`Importance` whose data metrics read an `ActivationCache` for a sample subset instead of live gradients."""
 
-    def __init__(self, cache: ActivationCache, metric: str, aggregation: str, samples: torch.Tensor, seed: int = 0):
-        super().__init__(metric, aggregation, seed=seed)
+    def __init__(
+        self,
+        cache: ActivationCache,
+        metric: str,
+        aggregation: str,
+        samples: torch.Tensor,
+        seed: int = 0,
+        damp: float = DEFAULT_OBS_DAMP,
+    ):
+        super().__init__(metric, aggregation, seed=seed, damp=damp)
         self.cache, self.samples = cache, samples
+
+    def covariance(self, member: Member) -> torch.Tensor:
+        with weights(member.linear) as linear:
+            device = linear.weight.device
+        return self.cache.input_moments(member.name, self.samples, device, gram=True).covariance
 
     def channel_scores(self, member: Member) -> torch.Tensor:
         if self.spec.cached == "weights" or member.weights_only:

@@ -25,6 +25,7 @@ from adapruner.metrics import METRIC_NAMES
 from adapruner.metrics import metric as registered
 from adapruner.pruning import PruneOptions
 from adapruner.report import format_table
+from adapruner.sequential import check_sequential
 from adapruner.spec import AGGREGATIONS, ALLOCATIONS, COMPENSATIONS, GRANULARITIES, PruneSpec
 from adapruner.staging import interrupted_by, terminate_as_exit
 
@@ -49,6 +50,11 @@ COMPENSATE_HELP = (
     "contribution; lsq refits the kept columns by damped least squares"
 )
 DAMP_HELP = "lsq compensation: damping toward the trained weights, times the mean input variance"
+OBS_DAMP_HELP = "metric obs: the damping its greedy selection assumes, times the mean input variance"
+SEQUENTIAL_HELP = (
+    "prune layer by layer, each layer's statistics from the outputs of the pruned and refit layers before it "
+    "(metrics obs, act, fluct and the weight metrics)"
+)
 ALIGN_HELP = (
     "keep every pruned layer's MLP width a multiple of N channels (of each expert in a MoE layer): hardware-friendly "
     "matmul shapes; budgets are met within one block of N"
@@ -204,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=SPEC.min_keep, help=MIN_KEEP_HELP)
     prune.add_argument("--compensate", default=SPEC.compensation, choices=COMPENSATIONS, help=COMPENSATE_HELP)
     prune.add_argument("--damp", type=POSITIVE, default=SPEC.damp, help=DAMP_HELP)
+    prune.add_argument("--obs-damp", type=POSITIVE, default=SPEC.obs_damp, help=OBS_DAMP_HELP)
+    prune.add_argument("--sequential", action="store_true", help=SEQUENTIAL_HELP)
     prune.add_argument("--align", type=COUNT, default=SPEC.align, help=ALIGN_HELP)
     prune.add_argument(
         "--uniform", action="store_true", help="prune every layer alike and save a stock config (no remote code)"
@@ -421,6 +429,12 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=s.spec.min_keep, help=MIN_KEEP_HELP)
     parser.add_argument("--damp", type=POSITIVE, default=s.spec.damp, help=DAMP_HELP)
+    parser.add_argument("--obs-damp", type=POSITIVE, default=s.spec.obs_damp, help=OBS_DAMP_HELP)
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help=SEQUENTIAL_HELP + "; trials score from the cache as ever, the best one is re-applied layer by layer",
+    )
     parser.add_argument("--align", type=COUNT, default=s.spec.align, help=ALIGN_HELP)
     parser.add_argument("--metrics", default=",".join(s.metrics), help="metrics the search may choose")
     parser.add_argument("--aggregations", default=",".join(s.aggregations), help="aggregations the search may choose")
@@ -553,6 +567,8 @@ def spec_of(args: argparse.Namespace, **choices) -> PruneSpec:
         prune_mlp=not args.no_mlp,
         min_keep=args.min_keep,
         damp=args.damp,
+        obs_damp=args.obs_damp,
+        sequential=args.sequential,
         align=args.align,
         **choices,
     )
@@ -567,6 +583,8 @@ def prune_options(args: argparse.Namespace) -> PruneOptions:
         depth_slope=args.depth_slope,
         compensation=args.compensate,
     )
+    if spec.sequential:
+        check_sequential(spec)
     return PruneOptions(spec=spec, calib=args.calib, seq_len=args.seq_len, seed=args.seed)
 
 
@@ -622,12 +640,16 @@ SEARCH_FLAGS = {  # SearchOptions field → the flag's dest, where they differ o
 
 def search_options(args: argparse.Namespace) -> SearchOptions:
     """Every SearchOptions field from the flag of the same name (or its entry in `SEARCH_FLAGS`)."""
-    return SearchOptions(
+    options = SearchOptions(
         **{
             f.name: SEARCH_FLAGS[f.name](args) if f.name in SEARCH_FLAGS else getattr(args, f.name)
             for f in fields(SearchOptions)
         }
     )
+    if options.spec.sequential:  # the best trial is re-applied layer by layer: every metric must allow it
+        for metric in options.metrics:
+            check_sequential(options.spec.with_(metric=metric))
+    return options
 
 
 def run_search_command(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ from adapruner.big_model import weights
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.channel_importance import channel_importance
 from adapruner.metrics import metric as registered
-from adapruner.spec import check_aggregation
+from adapruner.obs import Removal, greedy_removal, inverse_hessian, unit_costs
+from adapruner.spec import DEFAULT_OBS_DAMP, check_aggregation
 from adapruner.structure import Group, Member
 
 
@@ -26,13 +27,18 @@ class LinearStats:
 
     grad: G = ∂(Σ_s L_s)/∂W (out × in); fisher: F = mean_s (∂L_s/∂W)² (out × in);
     act_norm: a_i = ‖x_i‖₂ over all calibration tokens of input feature i (in,);
-    act_var: v_i = mean x_i² − (mean x_i)² over the calibration tokens (in,).
+    act_var: v_i = mean x_i² − (mean x_i)² over the calibration tokens (in,);
+    act_cov: Σ = mean x xᵀ − μμᵀ over the calibration tokens (in × in; the output projections, for `obs`).
     """
 
     grad: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
     act_norm: torch.Tensor | None = None
     act_var: torch.Tensor | None = None
+    act_cov: torch.Tensor | None = None
+
+
+COLLECTED_STATS = frozenset({"grad", "fisher", "act_norm"})  # what `statistics.collect_stats` gathers
 
 
 def needs(metric: str) -> frozenset[str]:
@@ -76,15 +82,24 @@ class Importance:
     """`Importance(metric, aggregation, stats)(group)` → fp32 (or fp64 for `prod`) score per unit of `group`.
 
     `stats` maps member module names to `LinearStats`; data-free metrics (`l1`, `l2`, `random`) ignore it.
-    `random` draws uniform scores, reproducible from `seed` and the member's name.
+    `random` draws uniform scores, reproducible from `seed` and the member's name. `obs` scores a unit by the output
+    error of removing it alone after the damped refit (`adapruner.obs`, damping `damp`), and `removal` gives the
+    greedy order that refits between steps.
     """
 
     def __init__(
-        self, metric: str, aggregation: str = "sum", stats: Mapping[str, LinearStats] | None = None, seed: int = 0
+        self,
+        metric: str,
+        aggregation: str = "sum",
+        stats: Mapping[str, LinearStats] | None = None,
+        seed: int = 0,
+        damp: float = DEFAULT_OBS_DAMP,
     ):
         self.spec = registered(metric)
         check_aggregation(aggregation)
         self.metric, self.aggregation, self.stats, self.seed = metric, aggregation, stats or {}, seed
+        self.damp = damp
+        self._inverse_hessians: dict[str, torch.Tensor] = {}
 
     def channel_scores(self, member: Member) -> torch.Tensor:
         """Scores of every channel along the member's pruned dimension (subclasses change where data comes from)."""
@@ -92,7 +107,7 @@ class Importance:
             return self._weight_scores(member, linear.weight.detach())
 
     def _weight_scores(self, member: Member, weight: torch.Tensor) -> torch.Tensor:
-        if self.spec.element is None:  # random
+        if self.spec.element is None and not self.spec.needs:  # random
             digest = hashlib.sha256(f"{self.seed}:{member.name}".encode()).digest()
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
             return torch.rand(weight.shape[member.dim], generator=generator).to(weight.device)
@@ -110,7 +125,33 @@ class Importance:
 
     def member_scores(self, member: Member) -> torch.Tensor:
         """Unit scores of one member, shape (units,)."""
+        if self.spec.surgeon:
+            with weights(member.linear) as linear:
+                return unit_costs(linear.weight.detach(), self.inverse_hessian(member), member.block).float()
         return unit_scores(member.channels(self.channel_scores(member)).float(), member.block)
+
+    def covariance(self, member: Member) -> torch.Tensor:
+        """Σ of the member's calibration inputs (an output projection's), from the live statistics."""
+        stats = self.stats.get(member.name, LinearStats())
+        if stats.act_cov is None:
+            raise AdaPrunerError(f"{self.metric} needs the input covariance of {member.name}: pass calibration data")
+        return stats.act_cov
+
+    def inverse_hessian(self, member: Member) -> torch.Tensor:
+        """(Σ + λI)⁻¹ of the member's inputs (`obs.inverse_hessian`), computed once per member."""
+        if member.name not in self._inverse_hessians:
+            self._inverse_hessians[member.name] = inverse_hessian(self.covariance(member), self.damp)
+        return self._inverse_hessians[member.name]
+
+    def removal(self, group: Group, n_remove: int, groups: int = 1, batch: int = 1) -> Removal:
+        """Greedy OBS removal of `n_remove` units (steps of one unit per group with `groups` > 1, else of `batch`
+        units) from the group's output projection, in the order of the OBS costs (`obs`) or of this metric's scores
+        (any other), each step costed by OBS: the error the removal adds after the refit."""
+        member = next(m for m in group.members if m.dim == 1)
+        priority = None if self.spec.surgeon else self(group)
+        with weights(member.linear) as linear:
+            weight = linear.weight.detach()
+            return greedy_removal(weight, self.inverse_hessian(member), member.block, n_remove, batch, groups, priority)
 
     def __call__(self, group: Group) -> torch.Tensor:
         members = [m for m in group.members if m.dim == 1] if self.spec.columns_only else group.members

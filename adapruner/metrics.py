@@ -17,7 +17,9 @@ import torch
 
 from adapruner.errors import AdaPrunerError
 
-CacheSource = Literal["weights", "sample_products", "sample_fisher", "input_squares", "input_moments", "activations"]
+CacheSource = Literal[
+    "weights", "sample_products", "sample_fisher", "input_squares", "input_moments", "input_gram", "activations"
+]
 Element = Callable[..., torch.Tensor]  # element(w, grad=, fisher=, act_norm=, act_var=) → per-element fp32 score
 
 
@@ -25,8 +27,9 @@ Element = Callable[..., torch.Tensor]  # element(w, grad=, fisher=, act_norm=, a
 class Metric:
     """One importance metric: `needs` ⊆ {grad, fisher, act_norm, act_var}; `cached`: which cache rows a trial reads
     (weights: none; sample_products: per-sample Σ w·g; sample_fisher: per-sample Σ w²g²; input_squares: Σ x²;
-    input_moments: Σ x and Σ x²; activations: X and dY); `columns_only`: scores input columns only (o_proj,
-    down_proj); `searched`: in the search's default space."""
+    input_moments: Σ x and Σ x²; input_gram: Σ x and X for XᵀX; activations: X and dY); `columns_only`: scores input
+    columns only (o_proj, down_proj); `surgeon`: scores whole units by the OBS cost (`adapruner.obs`), not per
+    element; `searched`: in the search's default space."""
 
     name: str
     needs: frozenset[str]
@@ -35,6 +38,7 @@ class Metric:
     element: Element | None = None
     sum_then_abs: bool = False
     columns_only: bool = False
+    surgeon: bool = False
     searched: bool = True
 
 
@@ -84,14 +88,15 @@ METRICS: dict[str, Metric] = {
             columns_only=True,
             searched=False,
         ),
+        Metric("obs", frozenset({"act_cov"}), "input_gram", columns_only=True, surgeon=True, searched=False),
     )
 }
 METRIC_NAMES = tuple(METRICS)
 KERNEL_METRICS = tuple(name for name, m in METRICS.items() if m.kernel_code is not None)
-ACTIVATION_METRICS = frozenset(name for name, m in METRICS.items() if m.cached == "activations")
+ACTIVATION_METRICS = frozenset(name for name, m in METRICS.items() if m.cached in ("activations", "input_gram"))
 SEARCHED_METRICS = tuple(name for name, m in METRICS.items() if m.searched)
-DEFAULT_METRIC = "taylor1"  # LLM-Pruner's element-wise first-order Taylor
 INPUT_STATS = ("act_norm", "act_var")  # statistics of a linear's input features, shape (in,)
+DEFAULT_METRIC = "taylor1"  # LLM-Pruner's element-wise first-order Taylor
 
 
 def metric(name: str) -> Metric:

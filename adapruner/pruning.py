@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from adapruner.best_trial import BestTrial
 from adapruner.calibration import DEFAULT_SEQ_LEN, calibration_samples, windows_at
-from adapruner.compensation import compensation_passes, give_output_biases, install
+from adapruner.compensation import compensation_passes, compensation_updates, give_output_biases, install
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance, LinearStats, check_expert_metrics, needs
+from adapruner.importance import COLLECTED_STATS, Importance, LinearStats, check_expert_metrics, needs
 from adapruner.plan import PrunePlan
 from adapruner.removal import apply_plan
-from adapruner.selection import plan_allocation
+from adapruner.selection import allocate, plan_allocation, scoreless_counts
+from adapruner.sequential import check_sequential, prune_sequential
 from adapruner.spec import PruneSpec
-from adapruner.statistics import collect_input_moments, collect_stats
+from adapruner.statistics import InputMoments, collect_input_moments, collect_stats
 from adapruner.structure import decoder_layers, has_experts, output_projections, parse_layer_range, prunable_linears
 
 
@@ -61,7 +63,10 @@ def apply_study_plan(
 ) -> PruneResult:
     """Prune `model` in place by the plan a search scored (`best.json` of `adapruner search`): no importance
     statistics; a compensated trial's output linears are refit from the input moments of the trial's own windows
-    (one forward pass over them, fp32, where the search read the cache)."""
+    (one forward pass over them, fp32, where the search read the cache). A sequential study's best recipe is applied
+    layer by layer on the trial's windows instead (`prune_model`): its plan then differs from the scored one."""
+    if best.prune_spec.sequential:
+        return prune_model(model, tokenizer, PruneOptions.from_best(best), progress)
     plan = best.prune_plan
     updates = {}
     spec = best.prune_spec
@@ -86,35 +91,65 @@ def apply_study_plan(
 def prune_model(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: PruneOptions, progress: bool = True
 ) -> PruneResult:
-    """Prune `model` in place as `options` say and return what was done."""
+    """Prune `model` in place as `options` say and return what was done: from the dense model's statistics, or
+    layer by layer from the pruned layers' outputs (`spec.sequential`, `adapruner.sequential`)."""
     spec = options.spec.check()
     layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
     check_expert_metrics([spec.metric], spec.prune_mlp, has_experts(model, layers))
+    if spec.sequential:
+        check_sequential(spec)
     required = needs(spec.metric)
-    linears = prunable_linears(model, layers)
-    outputs = output_projections(model, layers)
-    addresses: list[tuple[str, int]] = []
-    stats, moments = {}, {}
-    if required or spec.compensation != "none":
+    gram = "act_cov" in required or spec.allocation == "error"  # obs and the error allocation read Σ of the outputs
+    samples = None
+    if required or gram or spec.compensation != "none" or spec.sequential:
         if options.calib_addresses:
             samples = windows_at(tokenizer, options.calib_addresses, options.seq_len)
         else:
             samples = calibration_samples(tokenizer, options.calib, options.seq_len, options.seed)
-        addresses = list(samples.addresses)
-        if required - {"act_var"}:
-            stats = collect_stats(model, linears, samples.input_ids, required - {"act_var"}, progress)
-        if "act_var" in required:
-            moments = collect_input_moments(model, outputs, samples.input_ids, progress=progress)
-    for name, moment in moments.items():
-        stats.setdefault(name, LinearStats()).act_var = moment.variance
-    importance = Importance(spec.metric, spec.aggregation, stats, seed=options.seed)
+    addresses = list(samples.addresses) if samples is not None else []
+    counts = scoreless_counts(model, spec, layers) if spec.sequential else None
+    stats, moments = {}, {}
+    if samples is not None and counts is None:
+        stats, moments = dense_statistics(model, layers, samples.input_ids, required, gram, progress)
+    importance = Importance(spec.metric, spec.aggregation, stats, seed=options.seed, damp=spec.obs_damp)
+    if spec.sequential:
+        counts = counts if counts is not None else allocate(model, importance, spec)[0]
+        plan, refit = prune_sequential(model, samples.input_ids, spec, counts, progress=progress)
+    else:
+        plan, refit = _prune_at_once(model, importance, spec, (samples, moments), progress)
+    give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will
+    return PruneResult(spec.ratio if spec.target_params is None else None, list(layers), plan, addresses, refit)
+
+
+def _prune_at_once(
+    model: nn.Module, importance: Importance, spec: PruneSpec, data: tuple, progress: bool
+) -> tuple[PrunePlan, list[str]]:
+    """Plan from the dense statistics, refit the output linears (from `data` = (calibration samples, the output
+    projections' moments)), cut; the plan and the linears refit."""
+    samples, moments = data
     plan = plan_allocation(model, importance, spec)
     updates = {}
-    if spec.compensation != "none":
+    if spec.compensation != "none" and any(m.gram is not None for m in moments.values()):
+        updates = compensation_updates(model, plan, moments.__getitem__, spec.compensation, spec.damp)  # no 2nd pass
+    elif spec.compensation != "none":
         updates = compensation_passes(model, plan, samples.input_ids, spec.compensation, spec.damp, progress=progress)
     apply_plan(model, plan)
     install(model, updates)
-    give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will
-    return PruneResult(
-        spec.ratio if spec.target_params is None else None, list(layers), plan, addresses, sorted(updates)
-    )
+    return plan, sorted(updates)
+
+
+def dense_statistics(
+    model: nn.Module, layers: range, input_ids: torch.Tensor, required: frozenset[str], gram: bool, progress: bool
+) -> tuple[dict[str, LinearStats], dict[str, InputMoments]]:
+    """The `LinearStats` a metric needs (`required`) of every prunable linear of `layers`, and the output projections'
+    input moments (with their Grams and Σ in the stats where `gram`), from passes over `input_ids`."""
+    stats, moments = {}, {}
+    if required & COLLECTED_STATS:
+        stats = collect_stats(model, prunable_linears(model, layers), input_ids, required & COLLECTED_STATS, progress)
+    if "act_var" in required or gram:
+        moments = collect_input_moments(model, output_projections(model, layers), input_ids, gram, progress=progress)
+    for name, moment in moments.items():
+        stats.setdefault(name, LinearStats()).act_var = moment.variance
+        if gram:
+            stats[name].act_cov = moment.covariance
+    return stats, moments

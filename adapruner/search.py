@@ -159,7 +159,8 @@ def trial_plan(
     """What one trial configuration keeps of `model` (the study's spec with the trial's choices), scored from the
     cache rows of its samples (the model is only read)."""
     spec = trial_spec(study, config)
-    importance = CachedImportance(cache, spec.metric, spec.aggregation, torch.tensor(config.samples), seed)
+    samples = torch.tensor(config.samples)
+    importance = CachedImportance(cache, spec.metric, spec.aggregation, samples, seed, spec.obs_damp)
     return plan_allocation(model, importance, spec)
 
 

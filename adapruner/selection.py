@@ -8,6 +8,7 @@ heads inside every kv group) of attention, channels of the MLP — in every laye
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -16,9 +17,11 @@ from torch import nn
 
 from adapruner.allocation import (
     Counts,
+    Scores,
     attention_units,
     budget_counts,
     depth_weights,
+    error_counts,
     global_counts,
     ratio_counts,
     removed_by,
@@ -26,6 +29,7 @@ from adapruner.allocation import (
 )
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
+from adapruner.obs import Removal, greedy_batch
 from adapruner.plan import PrunePlan
 from adapruner.spec import AttnGranularity, PruneSpec, check_ratio
 from adapruner.structure import LayerInfo, attention_group, decoder_layers, layer_info, mlp_group, parse_layer_range
@@ -54,6 +58,22 @@ def plan_pruning(
     `ratio` is one ratio for every layer or a ratio per layer index (a depth profile); MLP widths are kept in
     multiples of `align` channels.
     """
+    counts = checked_ratio_counts(model, ratio, layers, granularity, prune_attention, prune_mlp, align)
+    every = {index: (prune_attention, prune_mlp) for index in layers}
+    scores = score_layers(model, importance, every, granularity)
+    return plan_from_counts(model, surgeon_ranks(model, importance, counts, scores, granularity), counts, granularity)
+
+
+def checked_ratio_counts(
+    model: nn.Module,
+    ratio: float | Mapping[int, float],
+    layers: range,
+    granularity: AttnGranularity,
+    prune_attention: bool,
+    prune_mlp: bool,
+    align: int,
+) -> Counts:
+    """`allocation.ratio_counts`, refusing in one line a ratio that would empty a group."""
     per_layer = {index: ratio for index in layers} if isinstance(ratio, (int, float)) else dict(ratio)
     for layer_ratio in per_layer.values():
         check_ratio(layer_ratio)
@@ -69,34 +89,123 @@ def plan_pruning(
                 f"ratio {per_layer[index]} would remove all {info.intermediate} MLP channels of layer {index}: "
                 "use a smaller --ratio"
             )
-    every = {index: (prune_attention, prune_mlp) for index in layers}
-    return plan_from_counts(model, score_layers(model, importance, every, granularity), counts, granularity)
+    return counts
 
 
 def plan_allocation(model: nn.Module, importance: Importance, spec: PruneSpec) -> PrunePlan:
     """The plan of `spec`'s allocation (see `adapruner.allocation`) over its layers: by ratio (LLM-Pruner's meaning;
-    `global` then removes as many parameters as `uniform` would) or under the budget `target_params`; `same_size`
-    keeps every pruned layer one size (uniform allocation only: a stock-config save)."""
+    `global` and `error` then remove as many parameters as `uniform` would) or under the budget `target_params`;
+    `same_size` keeps every pruned layer one size (uniform allocation only: a stock-config save)."""
+    counts, scores = allocate(model, importance, spec)
+    return plan_from_counts(model, scores, counts, spec.granularity)
+
+
+def allocate(model: nn.Module, importance: Importance, spec: PruneSpec) -> tuple[Counts, Scores]:
+    """The units each layer loses under `spec`'s allocation, and the unit scores that choose them (for `obs`: the
+    greedy removal orders, `surgeon_ranks`)."""
     spec.check()
     layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
-    granularity, attention, mlp = spec.granularity, spec.prune_attention, spec.prune_mlp
-    if spec.target_params is None and spec.allocation != "global":
-        per_layer = depth_profile(spec.ratio, layers, spec.slope) if spec.slope else spec.ratio
-        return plan_pruning(model, importance, per_layer, layers, granularity, attention, mlp, spec.align)
-    if mlp:
-        check_align(model, layers, spec.align)
-    every = {index: (attention, mlp) for index in layers}
-    if spec.target_params is not None:
-        target = target_count(model, spec.target_params)
-    else:
-        counts = ratio_counts(model, layers, spec.ratio, granularity, attention, mlp, spec.align)
-        target = removed_by(model, counts, granularity)
+    granularity = spec.granularity
+    every = {index: (spec.prune_attention, spec.prune_mlp) for index in layers}
+    counts = scoreless_counts(model, spec, layers)
     scores = score_layers(model, importance, every, granularity)
+    if counts is not None:
+        return counts, surgeon_ranks(model, importance, counts, scores, granularity)
+    target = allocation_target(model, spec, layers)
     if spec.allocation == "global":
         counts = global_counts(model, scores, layers, target, spec)
-    else:
-        counts = budget_counts(model, layers, target, depth_weights(layers, spec.slope), spec)
-    return plan_from_counts(model, scores, counts, granularity)
+        return counts, surgeon_ranks(model, importance, counts, scores, granularity)
+    removals = error_removals(model, importance, every, spec)
+    counts = error_counts(model, removal_curves(removals, spec.align), layers, target, spec)
+    if importance.spec.surgeon:  # the greedy orders just run: their first steps are the plan
+        return counts, {key: removal.ranks(len(scores[key])) for key, removal in removals.items()}
+    return counts, scores
+
+
+def scoreless_counts(model: nn.Module, spec: PruneSpec, layers: range) -> Counts | None:
+    """The counts of the `uniform` and `depth` allocations, which read no score (None for `global` and `error`)."""
+    if spec.allocation not in ("uniform", "depth"):
+        return None
+    granularity, attention, mlp = spec.granularity, spec.prune_attention, spec.prune_mlp
+    if spec.target_params is None:
+        per_layer = depth_profile(spec.ratio, layers, spec.slope) if spec.slope else spec.ratio
+        return checked_ratio_counts(model, per_layer, layers, granularity, attention, mlp, spec.align)
+    if mlp:
+        check_align(model, layers, spec.align)
+    target = target_count(model, spec.target_params)
+    return budget_counts(model, layers, target, depth_weights(layers, spec.slope), spec)
+
+
+def allocation_target(model: nn.Module, spec: PruneSpec, layers: range) -> int:
+    """Parameters a scored allocation removes: the budget, or what `uniform` removes at the ratio."""
+    if spec.prune_mlp:
+        check_align(model, layers, spec.align)
+    if spec.target_params is not None:
+        return target_count(model, spec.target_params)
+    counts = ratio_counts(model, layers, spec.ratio, spec.granularity, spec.prune_attention, spec.prune_mlp, spec.align)
+    return removed_by(model, counts, spec.granularity)
+
+
+def surgeon_ranks(
+    model: nn.Module, importance: Importance, counts: Counts, scores: Scores, granularity: AttnGranularity
+) -> Scores:
+    """`scores` as they are for a per-unit metric; for `obs`, each module's greedy removal order (OBS with the refit
+    between steps, `Removal.ranks`) of as many units as `counts` removes, so the plan keeps the rest."""
+    if not importance.spec.surgeon:
+        return scores
+    ranked = {}
+    for (index, module), unit_scores in scores.items():
+        n_remove = counts[index][0 if module == "attn" else 1]
+        removal = _removal(layer_info(model, index), importance, module, granularity, n_remove)
+        ranked[(index, module)] = removal.ranks(len(unit_scores))
+    return ranked
+
+
+def _removal(info: LayerInfo, importance: Importance, module: str, granularity: AttnGranularity, n: int) -> Removal:
+    """The greedy OBS removal of `n` units (allocation units: kv groups, query heads per kv group, MLP channels)."""
+    if module == "attn":
+        groups = info.n_kv_heads if granularity == "query" else 1
+        return importance.removal(attention_group(info, granularity), n, groups)
+    return importance.removal(mlp_group(info), n, batch=greedy_batch(info.intermediate))
+
+
+def error_removals(
+    model: nn.Module, importance: Importance, which: Mapping[int, tuple[bool, bool]], spec: PruneSpec
+) -> dict[tuple[int, str], Removal]:
+    """Per module of `which`, the greedy OBS removal (in `importance`'s order) of every unit it may lose: all but
+    ⌈min_keep · n⌉ (at least one; MLP channels in whole blocks of `align`)."""
+    removals = {}
+    for index, (attention, mlp) in which.items():
+        info = layer_info(model, index)
+        if mlp and info.experts is not None:
+            raise AdaPrunerError(
+                "--allocation error reads the output projections' inputs, which MoE experts do not keep: "
+                "use uniform, depth or global"
+            )
+        if attention:
+            units = attention_units(info, spec.granularity)
+            n = units - max(1, math.ceil(spec.min_keep * units))
+            removals[(index, "attn")] = _removal(info, importance, "attn", spec.granularity, n)
+        if mlp:
+            blocks = info.intermediate // spec.align
+            n = (blocks - max(1, math.ceil(spec.min_keep * blocks))) * spec.align
+            removals[(index, "mlp")] = _removal(info, importance, "mlp", spec.granularity, n)
+    return removals
+
+
+def removal_curves(removals: Mapping[tuple[int, str], Removal], align: int = 1) -> dict[tuple[int, str], torch.Tensor]:
+    """Relative error after k removal units, k = 0 …: the cumulative OBS cost over the module's output energy
+    `Removal.energy` (a step of m units adds its cost in m equal parts; MLP units are blocks of `align` channels)."""
+    curves = {}
+    for (index, module), removal in removals.items():
+        if module == "attn":  # one step per attention unit (a kv group, or one head of every kv group)
+            increments = removal.costs
+        else:
+            increments = [c / len(units) for units, c in zip(removal.steps, removal.costs) for _ in units]
+        curve = torch.cumsum(torch.tensor([0.0, *increments], dtype=torch.float64), 0)
+        curve = curve / removal.energy  # relative: the fraction of the module's output variance lost
+        curves[(index, module)] = curve[::align] if module == "mlp" else curve
+    return curves
 
 
 def check_align(model: nn.Module, layers: range, align: int) -> None:

@@ -11,7 +11,7 @@ are independent, sample s's gradient is G_s = dY_sᵀ X_s over its own token row
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -38,6 +38,11 @@ class InputMoments:
     def variance(self) -> torch.Tensor:
         """Per input channel: mean x² − (mean x)², clamped at 0 (FLAP's fluctuation)."""
         return (self.square_mean - self.mean.square()).clamp_min(0.0)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Σ = C − μμᵀ (needs the Gram)."""
+        return self.gram - torch.outer(self.mean, self.mean)
 
 
 def sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -189,7 +194,18 @@ def collect_input_moments(
 ) -> dict:
     """`InputMoments` (mean, mean square, and with `gram` XᵀX/T) of every listed linear's inputs over all tokens of
     `input_ids`, from forward passes alone."""
+    with input_moment_sums(linears, linears if gram else ()) as moments:
+        for start in tqdm(
+            range(0, input_ids.shape[0], batch_size), desc="input moments", unit="batch", disable=not progress
+        ):
+            model(input_ids=input_ids[start : start + batch_size].to(model_device(model)))
+    return moments
 
+
+@contextmanager
+def input_moment_sums(linears: dict[str, nn.Linear], gram_of: Collection[str] = ()):
+    """While active, hooks add up the inputs of every listed linear (tokens, Σx, Σx², and XᵀX for those named in
+    `gram_of`); on exit the yielded dict holds their `InputMoments`."""
     sums = {name: [0, 0.0, 0.0, None] for name in linears}  # tokens, Σx, Σx², XᵀX
 
     def hook(name: str):
@@ -199,18 +215,17 @@ def collect_input_moments(
             entry[0] += x.shape[0]
             entry[1] = entry[1] + x.sum(0)
             entry[2] = entry[2] + x.square().sum(0)
-            if gram:
+            if name in gram_of:
                 entry[3] = x.t() @ x if entry[3] is None else entry[3].addmm_(x.t(), x)
 
         return record
 
+    moments: dict[str, InputMoments] = {}
     handles = [linear.register_forward_hook(hook(name)) for name, linear in linears.items()]
     try:
-        for start in tqdm(
-            range(0, input_ids.shape[0], batch_size), desc="input moments", unit="batch", disable=not progress
-        ):
-            model(input_ids=input_ids[start : start + batch_size].to(model_device(model)))
+        yield moments
     finally:
         for handle in handles:
             handle.remove()
-    return {name: InputMoments(s / n, sq / n, None if g is None else g / n) for name, (n, s, sq, g) in sums.items()}
+    for name, (n, s, sq, g) in sums.items():
+        moments[name] = InputMoments(s / n, sq / n, None if g is None else g / n)

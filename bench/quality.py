@@ -5,10 +5,13 @@ channel), without fine-tuning:
   llm-pruner   LLM-Pruner's recipe: taylor1, sum, uniform allocation, whole kv groups, no compensation;
   flap         FLAP's recipe from our parts: fluct metric, global allocation (standardised scores), bias compensation;
   METRIC/ALLOCATION/COMPENSATION   each point of the grid (`--metrics` × `--allocations` × `--compensations`);
+  the named recipes of `--recipes` (issue 22: OBS selection, error allocation, sequential pruning; see RECIPES);
   searched     `adapruner search` under the same budget (`--trials` trials over samples, metric, aggregation,
                allocation, compensation), its best trial's plan applied and compensated as it was scored.
-Fixed recipes calibrate on `--calib` (seeded); every model is scored on the same held-out wiki *evaluation*
-windows, which neither calibration nor the search's validation saw. Writes bench/results/quality.json.
+Fixed recipes calibrate on `--calib` (seeded) unless the recipe names its own; every model is scored on the same
+held-out wiki *evaluation* windows, which neither calibration nor the search's validation saw. Writes
+bench/results/quality.json, keeping the rows of (target, method) pairs not measured this time (`--metrics ''` and
+`--trials 0` measure the named recipes alone).
 """
 
 from __future__ import annotations
@@ -32,11 +35,18 @@ from adapruner.evaluate import perplexity
 from adapruner.models import load_model
 from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.report import format_table
-from adapruner.spec import PruneSpec
+from adapruner.spec import DEFAULT_DAMP, PruneSpec
 
-RECIPES = {
+PEERS = {
     "llm-pruner": dict(metric="taylor1", allocation="uniform", compensation="none", granularity="kv"),
     "flap": dict(metric="fluct", allocation="global", compensation="bias"),
+}
+RECIPES = {  # issue 22's recipes, by name (`--recipes`); calib: wiki windows where not `--calib`
+    "obs": dict(metric="obs", allocation="uniform", compensation="lsq"),
+    "obs/error": dict(metric="obs", allocation="error", compensation="lsq"),
+    "obs/sequential": dict(metric="obs", allocation="uniform", compensation="lsq", sequential=True),
+    "obs/256": dict(metric="obs", allocation="uniform", compensation="lsq", calib=256, damp=0.3),
+    "fluct/256": dict(metric="fluct", allocation="uniform", compensation="lsq", calib=256, damp=0.3),  # the control
 }
 
 
@@ -63,10 +73,17 @@ def main() -> None:
         choices=("kv", "query"),
         help="attention units of the grid, FLAP and the search",
     )
-    parser.add_argument("--metrics", default="taylor2,act,fluct")
+    parser.add_argument("--metrics", default="taylor2,act,fluct", help="the grid's metrics ('': no grid)")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"named recipes ({', '.join(RECIPES)}; '': none)")
+    parser.add_argument("--peers", default=",".join(PEERS), help="the published recipes ('': none)")
     parser.add_argument("--allocations", default="uniform,global")
     parser.add_argument("--compensations", default="none,bias,lsq")
     parser.add_argument("--trials", type=int, default=30, help="the search's trial budget (0: no search)")
+    parser.add_argument("--search-metrics", default="taylor2,act,fluct,obs", help="metrics the search may choose")
+    parser.add_argument(
+        "--search-allocations", default="uniform,depth,global,error", help="allocations the search may choose"
+    )
+    parser.add_argument("--search-samples", default="8,16,32", help="sample counts the search may choose")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--max-eval-windows", type=int, default=200, help="the first N evaluation windows (all: 1116)")
     parser.add_argument("--seed", type=int, default=0)
@@ -82,11 +99,12 @@ def main() -> None:
     grid = {
         f"{m}/{a}/{c}": dict(metric=m, allocation=a, compensation=c)
         for m, a, c in itertools.product(
-            args.metrics.split(","), args.allocations.split(","), args.compensations.split(",")
+            names(args.metrics), args.allocations.split(","), args.compensations.split(",")
         )
     }
+    chosen = {name: PEERS[name] for name in names(args.peers)} | {name: RECIPES[name] for name in names(args.recipes)}
     for target in map(float, args.targets.split(",")):
-        for name, recipe in {**RECIPES, **grid}.items():
+        for name, recipe in {**chosen, **grid}.items():
             model, started = copy.deepcopy(dense), time.perf_counter()
             spec = PruneSpec(
                 None,
@@ -95,12 +113,15 @@ def main() -> None:
                 metric=recipe["metric"],
                 allocation=recipe["allocation"],
                 compensation=recipe["compensation"],
+                sequential=recipe.get("sequential", False),
+                damp=recipe.get("damp", DEFAULT_DAMP),
             )
-            options = PruneOptions(spec, calib=args.calib, seq_len=args.seq_len, seed=args.seed)
+            calib = f"wiki:{recipe['calib']}" if "calib" in recipe else args.calib
+            options = PruneOptions(spec, calib=calib, seq_len=args.seq_len, seed=args.seed)
             prune_model(model, tokenizer, options, progress=False)
-            rows.append(
-                measure(name, model, dense_params, windows, time.perf_counter() - started, target=target, **recipe)
-            )
+            seconds = time.perf_counter() - started
+            config = {key: value for key, value in recipe.items() if key != "calib"}
+            rows.append(measure(name, model, dense_params, windows, seconds, target=target, calib=calib, **config))
             print(f"{target} {name}: ppl {rows[-1]['ppl']:.2f}", flush=True)
         if args.trials:
             work = Path(args.work) / f"target-{target}"
@@ -111,10 +132,10 @@ def main() -> None:
                 spec=PruneSpec(None, target_params=target, granularity=args.granularity),
                 seq_len=args.seq_len,
                 seed=args.seed,
-                metrics=tuple(args.metrics.split(",")),
+                metrics=tuple(args.search_metrics.split(",")),
                 aggregations=("sum", "mean", "max"),
-                sample_counts=(8, 16, 32),
-                allocations=("uniform", "depth", "global"),
+                sample_counts=tuple(int(n) for n in args.search_samples.split(",")),
+                allocations=tuple(args.search_allocations.split(",")),
                 compensations=tuple(args.compensations.split(",")),
                 trials=args.trials,
             )
@@ -142,7 +163,15 @@ def main() -> None:
         write(args, windows, rows)  # after every target: a long run keeps what it measured
 
 
+def names(listed: str) -> list[str]:
+    return [name for name in listed.split(",") if name]
+
+
 def write(args: argparse.Namespace, windows: torch.Tensor, rows: list[dict]) -> None:
+    measured = {(row["target"], row["method"]) for row in rows}  # rows of other (target, method) pairs are kept
+    kept = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).is_file() else []
+    rows = [row for row in kept if (row["target"], row["method"]) not in measured] + rows
+    rows.sort(key=lambda row: -row["target"] if row["target"] else -1.0)
     dense_ppl = rows[0]["ppl"]
     print(
         format_table(

@@ -95,8 +95,13 @@ def startup_trials(options: SearchOptions) -> int:
 
 
 def needs_activations(options: SearchOptions) -> bool:
-    """The cache stores X and dY when a metric needs them (taylor1, mix) or lsq compensation needs X's Gram."""
-    return bool(ACTIVATION_METRICS & set(options.metrics)) or "lsq" in options.compensations
+    """The cache stores X and dY when a metric needs them (taylor1, mix; obs: X's Gram), lsq compensation or the error
+    allocation needs X's Gram."""
+    return (
+        bool(ACTIVATION_METRICS & set(options.metrics))
+        or "lsq" in options.compensations
+        or "error" in options.allocations
+    )
 
 
 def cache_folder(options: SearchOptions) -> Path:

@@ -1,0 +1,123 @@
+"""Structured Optimal Brain Surgeon on an output projection (SlimGPT's selection, damped as the lsq refit).
+
+An output linear W (out × in) loses its input columns in units of `block` consecutive columns (a head's block of
+o_proj columns, an MLP channel's down_proj column). With the calibration inputs' covariance Σ = C − μμᵀ and
+H = Σ + λI, λ = damp · mean diag Σ, removing the unit set B costs
+    cost(B) = tr(W_B [(H⁻¹)_BB]⁻¹ W_Bᵀ) = min over W' with W'_B = 0 of  mean_t ‖(W − W')(x_t − μ)‖² + λ ‖W − W'‖²_F
+— the output error after the best damped refit of the kept columns (the bias absorbs the mean; the refit is
+W − W_B [(H⁻¹)_BB]⁻¹ (H⁻¹)_B:, the one `compensation.compensated` computes in closed form).
+Greedy removal in steps: score every remaining unit alone, remove the `batch` cheapest (one per group where units
+come in groups: query heads inside kv groups), then update
+    W ← W − W_B [(H⁻¹)_BB]⁻¹ (H⁻¹)_B:        H⁻¹ ← H⁻¹ − (H⁻¹)_:B [(H⁻¹)_BB]⁻¹ (H⁻¹)_B:
+so the next step scores the units as they are after the refit; the step costs add up to cost(all removed).
+Arithmetic in fp64 (H⁻¹ loses precision in fp32 as units go).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adapruner.errors import AdaPrunerError
+
+GREEDY_STEPS = 128  # a module's units go in steps of n/128 (SlimGPT's batched greedy; 1 at ≤ 255 units)
+
+
+def greedy_batch(n_units: int) -> int:
+    """Units removed per greedy step in a module of `n_units`: max(1, n_units // GREEDY_STEPS)."""
+    return max(1, n_units // GREEDY_STEPS)
+
+
+@dataclass
+class Removal:
+    """A greedy removal: the units each step removed and the error each step added (fp64 sums)."""
+
+    steps: list[list[int]]  # each step's units, cheapest first (one per group, groups in order, with groups)
+    costs: list[float]
+    energy: float = 1.0  # tr(W Σ Wᵀ): the output's variance, the error of removing every unit with no refit
+
+    def ranks(self, n_units: int) -> torch.Tensor:
+        """A score per unit for `selection.top_units`: its place in the removal order (a step's units in the order
+        of their costs), `n_units` for units that stay; keeping the highest ranks drops the first ones removed."""
+        rank = torch.full((n_units,), float(n_units))
+        order = torch.tensor([u for units in self.steps for u in units], dtype=torch.long)
+        rank[order] = torch.arange(order.numel(), dtype=rank.dtype)
+        return rank
+
+
+def damping(covariance: torch.Tensor, damp: float) -> torch.Tensor:
+    """λ = damp · mean diag Σ (fp64)."""
+    if not damp > 0:
+        raise AdaPrunerError(f"--obs-damp {damp}: the obs metric needs a damping above 0")
+    return damp * covariance.double().diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def inverse_hessian(covariance: torch.Tensor, damp: float) -> torch.Tensor:
+    """(Σ + λI)⁻¹, λ = damp · mean diag Σ, in fp64; a singular damped Σ is a one-line error."""
+    cov = covariance.double()
+    lam = damping(cov, damp)
+    try:
+        return torch.cholesky_inverse(torch.linalg.cholesky(cov + lam * torch.eye(cov.shape[0], device=cov.device)))
+    except torch.linalg.LinAlgError:
+        raise AdaPrunerError(
+            f"the damped input covariance is singular at --damp {damp}: raise --damp or use more calibration windows"
+        ) from None
+
+
+def unit_costs(weight: torch.Tensor, hinv: torch.Tensor, block: int, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """cost({u}) = tr(W_u [(H⁻¹)_uu]⁻¹ W_uᵀ) of every unit u (`block` columns each) alone; +inf where not `alive`."""
+    w = weight.double()
+    n = w.shape[1] // block
+    diag = hinv.double().view(n, block, n, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # n × block × block
+    if alive is not None:
+        diag = torch.where(alive[:, None, None], diag, torch.eye(block, dtype=diag.dtype, device=diag.device))
+    columns = w.view(w.shape[0], n, block).permute(1, 2, 0)  # n × block × out
+    costs = (columns * torch.linalg.solve(diag, columns)).sum((1, 2))
+    return costs if alive is None else costs.masked_fill(~alive, float("inf"))
+
+
+def greedy_removal(
+    weight: torch.Tensor,
+    hinv: torch.Tensor,
+    block: int,
+    n_remove: int,
+    batch: int = 1,
+    groups: int = 1,
+    priority: torch.Tensor | None = None,
+) -> Removal:
+    """Remove `n_remove` units greedily (see the module docstring): `batch` units a step, or with `groups` > 1 one
+    unit of each of the `groups` equal runs of units a step, `n_remove` steps. `priority` (one score per unit, lower
+    goes first) replaces the current OBS cost as the order — another metric's ranking, still costed by OBS."""
+    w, h = weight.detach().double().clone(), hinv.double().clone()
+    n = w.shape[1] // block
+    if groups > 1 and batch != 1:
+        raise AdaPrunerError("a greedy step removes one unit of each group: pass batch 1 with groups")
+    if n_remove * (groups if groups > 1 else 1) > n:
+        raise AdaPrunerError(f"cannot remove {n_remove} of {n} units")
+    alive = torch.ones(n, dtype=torch.bool, device=w.device)
+    removal = Removal([], [], float((w @ torch.linalg.inv(h) * w).sum()))
+    left = n_remove
+    while left > 0:
+        scores = unit_costs(w, h, block, alive) if priority is None else _masked(priority, alive)
+        if groups > 1:
+            chosen = (
+                scores.view(groups, -1).argmin(1) + torch.arange(groups, device=w.device) * (n // groups)
+            ).tolist()
+            left -= 1
+        else:
+            chosen = scores.topk(min(batch, left), largest=False).indices.tolist()
+            left -= len(chosen)
+        columns = torch.tensor([u * block + k for u in chosen for k in range(block)], device=w.device)
+        h_bb = h[columns][:, columns]
+        update = torch.linalg.solve(h_bb, h[columns])  # [(H⁻¹)_BB]⁻¹ (H⁻¹)_B:
+        removal.costs.append(float((w[:, columns] * torch.linalg.solve(h_bb, w[:, columns].t()).t()).sum()))
+        removal.steps.append(chosen)
+        w -= w[:, columns] @ update
+        h -= h[:, columns] @ update
+        alive[chosen] = False
+    return removal
+
+
+def _masked(priority: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    return priority.double().to(alive.device).masked_fill(~alive, float("inf"))
