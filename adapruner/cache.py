@@ -127,8 +127,8 @@ class ActivationCache:
             return InputMoments(mean, square_mean)
         if not self.key.activations:
             raise AdaPrunerError(
-                "lsq compensation and the obs metric need cached inputs: "
-                "rebuild the cache with lsq in --compensations (or obs/taylor1/mix in --metrics)"
+                "lsq compensation, the obs metric and the error allocation need cached inputs: rebuild the cache "
+                "with lsq in --compensations (or obs/taylor1/mix in --metrics, error in --allocations)"
             )
         x = self.tensors[f"x/{owner}"]
         rows = rows_on(x, self.token_rows(samples).to(x.device), torch.device(device)).float()

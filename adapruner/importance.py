@@ -71,11 +71,27 @@ EXPERTS_BY_WEIGHT = (
 )
 
 
-def check_expert_metrics(metrics, prune_mlp: bool, moe: bool) -> None:
-    """Refuse, in one line, metrics that need statistics when MoE experts are to be pruned."""
+EXPERTS_BY_ERROR = (
+    "--allocation error reads the output projections' inputs, which MoE experts do not keep: "
+    "use uniform, depth or global, or --no-mlp"
+)
+EXPERTS_SEQUENTIAL = "--sequential reads each layer's linears, which MoE experts are not: drop it, or pass --no-mlp"
+
+
+def check_expert_metrics(
+    metrics, prune_mlp: bool, moe: bool, allocations: tuple[str, ...] = (), sequential: bool = False
+) -> None:
+    """Refuse, in one line, what MoE experts cannot be pruned by: metrics that need statistics, the error
+    allocation, sequential pruning."""
+    if not (moe and prune_mlp):
+        return
     data = [m for m in metrics if registered(m).needs]
-    if moe and prune_mlp and data:
+    if data:
         raise AdaPrunerError(EXPERTS_BY_WEIGHT.format(metric=data[0]))
+    if "error" in allocations:
+        raise AdaPrunerError(EXPERTS_BY_ERROR)
+    if sequential:
+        raise AdaPrunerError(EXPERTS_SEQUENTIAL)
 
 
 class Importance:
@@ -99,7 +115,6 @@ class Importance:
         check_aggregation(aggregation)
         self.metric, self.aggregation, self.stats, self.seed = metric, aggregation, stats or {}, seed
         self.damp = damp
-        self._inverse_hessians: dict[str, torch.Tensor] = {}
 
     def channel_scores(self, member: Member) -> torch.Tensor:
         """Scores of every channel along the member's pruned dimension (subclasses change where data comes from)."""
@@ -138,10 +153,8 @@ class Importance:
         return stats.act_cov
 
     def inverse_hessian(self, member: Member) -> torch.Tensor:
-        """(Σ + λI)⁻¹ of the member's inputs (`obs.inverse_hessian`), computed once per member."""
-        if member.name not in self._inverse_hessians:
-            self._inverse_hessians[member.name] = inverse_hessian(self.covariance(member), self.damp)
-        return self._inverse_hessians[member.name]
+        """(Σ + λI)⁻¹ of the member's inputs (`obs.inverse_hessian`; not kept: a 7B model's would fill a GPU)."""
+        return inverse_hessian(self.covariance(member), self.damp)
 
     def removal(self, group: Group, n_remove: int, groups: int = 1, batch: int = 1) -> Removal:
         """Greedy OBS removal of `n_remove` units (steps of one unit per group with `groups` > 1, else of `batch`

@@ -21,6 +21,7 @@ from transformers import (
 
 from adapruner.big_model import Dispatch
 from adapruner.errors import AdaPrunerError, first_line
+from adapruner.model_checks import check_config, check_finite, check_shapes, check_tokenizer, weight_headers
 from adapruner.staging import umask_mode
 
 EMBEDDED = "smollm2"
@@ -51,6 +52,10 @@ def load_model(
     spread = {} if dispatch is None else dispatch.load_kwargs()
     with _load_errors(path, "load"):
         config, own_class = _read_config(path, trust_remote_code)
+        if Path(path).is_dir():  # a local directory: whole files, the config's shapes, a tokenizer
+            shapes = weight_headers(Path(path))
+            check_tokenizer(Path(path))
+            check_shapes(_meta_model(config, own_class, trust_remote_code), shapes, Path(path))
         if own_class is not None:
             model = own_class.from_pretrained(path, config=config, dtype=dtype, **spread)
         else:
@@ -58,6 +63,7 @@ def load_model(
                 path, dtype=dtype, trust_remote_code=trust_remote_code, **spread
             )
         tokenizer = AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
+    check_finite(model.named_parameters(), path)
     return (model if dispatch is not None else model.to(device)).eval(), tokenizer
 
 
@@ -80,13 +86,15 @@ def load_shapes(
     path = model_path(name_or_path)
     with _load_errors(path, "read the config of"):
         config, own_class = _read_config(path, trust_remote_code)
-        with torch.device("meta"):
-            model = (
-                own_class(config)
-                if own_class is not None
-                else AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-            )
-        return model.to(dtype)
+        return _meta_model(config, own_class, trust_remote_code).to(dtype)
+
+
+def _meta_model(config: PretrainedConfig, own_class: type | None, trust_remote_code: bool) -> PreTrainedModel:
+    """The model `config` describes, on the meta device."""
+    with torch.device("meta"):
+        if own_class is not None:
+            return own_class(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def _read_config(path: str, trust_remote_code: bool) -> tuple[PretrainedConfig, type | None]:
@@ -95,11 +103,18 @@ def _read_config(path: str, trust_remote_code: bool) -> tuple[PretrainedConfig, 
     from adapruner.families import check_supported
 
     config_dict = PretrainedConfig.get_config_dict(path)[0]  # reads config.json, runs nothing
+    where = f"{path}/config.json" if Path(path).is_dir() else f"the config of {path}"
+    check_config(config_dict, where)
     own_classes = _own_pruned_classes(config_dict)
-    if own_classes is not None:
-        config = own_classes[0].from_dict(config_dict)
-    else:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        if own_classes is not None:
+            config = own_classes[0].from_dict(config_dict)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (TypeError, ValueError) as exc:  # transformers' own validation of the values (strict dataclasses)
+        if "trust_remote_code" in str(exc) or "model_type" in str(exc):
+            raise  # an unknown architecture or remote code: `_load_errors` words these
+        raise AdaPrunerError(f"{where}: {first_line(exc)}: fix the config") from None
     check_supported(config)
     return config, None if own_classes is None else own_classes[1]
 

@@ -35,7 +35,7 @@ class Removal:
 
     steps: list[list[int]]  # each step's units, cheapest first (one per group, groups in order, with groups)
     costs: list[float]
-    energy: float = 1.0  # tr(W Σ Wᵀ): the output's variance, the error of removing every unit with no refit
+    energy: float = 1.0  # tr(W H Wᵀ) = the output's variance + λ‖W‖²: the cost of removing every unit
 
     def ranks(self, n_units: int) -> torch.Tensor:
         """A score per unit for `selection.top_units`: its place in the removal order (a step's units in the order
@@ -61,7 +61,7 @@ def inverse_hessian(covariance: torch.Tensor, damp: float) -> torch.Tensor:
         return torch.cholesky_inverse(torch.linalg.cholesky(cov + lam * torch.eye(cov.shape[0], device=cov.device)))
     except torch.linalg.LinAlgError:
         raise AdaPrunerError(
-            f"the damped input covariance is singular at --damp {damp}: raise --damp or use more calibration windows"
+            f"the damped input covariance is singular at --obs-damp {damp}: raise it or use more calibration windows"
         ) from None
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from adapruner.allocation import Counts
 from adapruner.best_trial import BestTrial
 from adapruner.calibration import DEFAULT_SEQ_LEN, calibration_samples, windows_at
 from adapruner.compensation import compensation_passes, compensation_updates, give_output_biases, install
@@ -66,6 +67,8 @@ def apply_study_plan(
     (one forward pass over them, fp32, where the search read the cache). A sequential study's best recipe is applied
     layer by layer on the trial's windows instead (`prune_model`): its plan then differs from the scored one."""
     if best.prune_spec.sequential:
+        if tokenizer is None:
+            raise AdaPrunerError("the study is sequential: pass the tokenizer to re-read its best trial's windows")
         return prune_model(model, tokenizer, PruneOptions.from_best(best), progress)
     plan = best.prune_plan
     updates = {}
@@ -95,27 +98,25 @@ def prune_model(
     layer by layer from the pruned layers' outputs (`spec.sequential`, `adapruner.sequential`)."""
     spec = options.spec.check()
     layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
-    check_expert_metrics([spec.metric], spec.prune_mlp, has_experts(model, layers))
+    moe = has_experts(model, layers)
+    check_expert_metrics([spec.metric], spec.prune_mlp, moe, (spec.allocation,), spec.sequential)
     if spec.sequential:
         check_sequential(spec)
-    required = needs(spec.metric)
-    gram = "act_cov" in required or spec.allocation == "error"  # obs and the error allocation read Σ of the outputs
     samples = None
-    if required or gram or spec.compensation != "none" or spec.sequential:
+    if needs(spec.metric) or spec.allocation == "error" or spec.compensation != "none" or spec.sequential:
         if options.calib_addresses:
             samples = windows_at(tokenizer, options.calib_addresses, options.seq_len)
         else:
             samples = calibration_samples(tokenizer, options.calib, options.seq_len, options.seed)
     addresses = list(samples.addresses) if samples is not None else []
-    counts = scoreless_counts(model, spec, layers) if spec.sequential else None
-    stats, moments = {}, {}
-    if samples is not None and counts is None:
-        stats, moments = dense_statistics(model, layers, samples.input_ids, required, gram, progress)
-    importance = Importance(spec.metric, spec.aggregation, stats, seed=options.seed, damp=spec.obs_damp)
     if spec.sequential:
-        counts = counts if counts is not None else allocate(model, importance, spec)[0]
-        plan, refit = prune_sequential(model, samples.input_ids, spec, counts, progress=progress)
+        counts = scoreless_counts(model, spec, layers) or _scored_counts(model, spec, samples.input_ids, progress)
+        plan, refit = prune_sequential(model, samples.input_ids, spec, counts, options.seed, progress=progress)
     else:
+        stats, moments = {}, {}
+        if samples is not None:
+            stats, moments = dense_statistics(model, spec, layers, samples.input_ids, progress)
+        importance = Importance(spec.metric, spec.aggregation, stats, seed=options.seed, damp=spec.obs_damp)
         plan, refit = _prune_at_once(model, importance, spec, (samples, moments), progress)
     give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will
     return PruneResult(spec.ratio if spec.target_params is None else None, list(layers), plan, addresses, refit)
@@ -129,8 +130,14 @@ def _prune_at_once(
     samples, moments = data
     plan = plan_allocation(model, importance, spec)
     updates = {}
-    if spec.compensation != "none" and any(m.gram is not None for m in moments.values()):
-        updates = compensation_updates(model, plan, moments.__getitem__, spec.compensation, spec.damp)  # no 2nd pass
+    covariances = {name: stats.act_cov for name, stats in importance.stats.items() if stats.act_cov is not None}
+    if spec.compensation != "none" and covariances:  # Σ at hand: no second pass, one Gram C = Σ + μμᵀ at a time
+
+        def moments_of(name: str) -> InputMoments:
+            mean = moments[name].mean
+            return replace(moments[name], gram=covariances[name] + torch.outer(mean, mean))
+
+        updates = compensation_updates(model, plan, moments_of, spec.compensation, spec.damp)
     elif spec.compensation != "none":
         updates = compensation_passes(model, plan, samples.input_ids, spec.compensation, spec.damp, progress=progress)
     apply_plan(model, plan)
@@ -139,17 +146,30 @@ def _prune_at_once(
 
 
 def dense_statistics(
-    model: nn.Module, layers: range, input_ids: torch.Tensor, required: frozenset[str], gram: bool, progress: bool
+    model: nn.Module, spec: PruneSpec, layers: range, input_ids: torch.Tensor, progress: bool
 ) -> tuple[dict[str, LinearStats], dict[str, InputMoments]]:
-    """The `LinearStats` a metric needs (`required`) of every prunable linear of `layers`, and the output projections'
-    input moments (with their Grams and Σ in the stats where `gram`), from passes over `input_ids`."""
+    """The `LinearStats` the spec's metric needs of every prunable linear of `layers`, and the input moments of the
+    output projections it prunes; `obs` and the `error` allocation also get their inputs' covariance Σ (kept once, in
+    the stats: the moments hold no Gram), from passes over `input_ids`."""
+    required = needs(spec.metric)
+    gram = "act_cov" in required or spec.allocation == "error"
     stats, moments = {}, {}
     if required & COLLECTED_STATS:
         stats = collect_stats(model, prunable_linears(model, layers), input_ids, required & COLLECTED_STATS, progress)
     if "act_var" in required or gram:
-        moments = collect_input_moments(model, output_projections(model, layers), input_ids, gram, progress=progress)
+        outputs = output_projections(model, layers, spec.prune_attention, spec.prune_mlp)
+        moments = collect_input_moments(model, outputs, input_ids, gram, progress=progress)
     for name, moment in moments.items():
         stats.setdefault(name, LinearStats()).act_var = moment.variance
         if gram:
             stats[name].act_cov = moment.covariance
+            moments[name] = replace(moment, gram=None)
     return stats, moments
+
+
+def _scored_counts(model: nn.Module, spec: PruneSpec, input_ids: torch.Tensor, progress: bool) -> Counts:
+    """The counts of a scored allocation (global, error) from the dense model's statistics, which go with the call."""
+    stats, _moments = dense_statistics(
+        model, spec, parse_layer_range(spec.layers, len(decoder_layers(model))), input_ids, progress
+    )
+    return allocate(model, Importance(spec.metric, spec.aggregation, stats, damp=spec.obs_damp), spec)[0]

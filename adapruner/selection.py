@@ -28,7 +28,7 @@ from adapruner.allocation import (
     target_count,
 )
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance
+from adapruner.importance import EXPERTS_BY_ERROR, Importance
 from adapruner.obs import Removal, greedy_batch
 from adapruner.plan import PrunePlan
 from adapruner.spec import AttnGranularity, PruneSpec, check_ratio
@@ -178,10 +178,7 @@ def error_removals(
     for index, (attention, mlp) in which.items():
         info = layer_info(model, index)
         if mlp and info.experts is not None:
-            raise AdaPrunerError(
-                "--allocation error reads the output projections' inputs, which MoE experts do not keep: "
-                "use uniform, depth or global"
-            )
+            raise AdaPrunerError(EXPERTS_BY_ERROR)
         if attention:
             units = attention_units(info, spec.granularity)
             n = units - max(1, math.ceil(spec.min_keep * units))

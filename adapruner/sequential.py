@@ -60,11 +60,13 @@ def prune_sequential(
     input_ids: torch.Tensor,
     spec: PruneSpec,
     counts: Counts,
+    seed: int = 0,
     observe: Observer | None = None,
     progress: bool = True,
 ) -> tuple[PrunePlan, list[str]]:
-    """Prune `model` in place layer by layer (see the module docstring), each layer losing `counts[layer]` units;
-    returns the plan (units of the dense layers) and the output linears given compensated weights."""
+    """Prune `model` in place layer by layer (see the module docstring), each layer losing `counts[layer]` units
+    (`seed`: the `random` metric's); returns the plan (units of the dense layers) and the output linears given
+    compensated weights. `observe` is told the moments each output projection was chosen and refit from."""
     check_sequential(spec)
     layers = sorted(counts)
     hidden, arguments = _layer_arguments(model, input_ids, layers)
@@ -74,7 +76,8 @@ def prune_sequential(
         run = _Run(decoder_layers(model)[index], hidden, arguments[index])
         for slot, (module, on) in enumerate((("attn", spec.prune_attention), ("mlp", spec.prune_mlp))):
             if on:
-                part, updated = _prune_part(model, (index, module), counts[index][slot], spec, run, tokens, observe)
+                where = (index, module, counts[index][slot])
+                part, updated = _prune_part(model, where, spec, (seed, tokens), run, observe)
                 plan.attention.update(part.attention)
                 plan.mlp.update(part.mlp)
                 refit += updated
@@ -84,23 +87,24 @@ def prune_sequential(
 
 def _prune_part(
     model: nn.Module,
-    where: tuple[int, str],
-    n_remove: int,
+    where: tuple[int, str, int],
     spec: PruneSpec,
+    seed_tokens: tuple[int, int],
     run: _Run,
-    tokens: int,
     observe: Observer | None,
 ) -> tuple[PrunePlan, list[str]]:
-    """Choose, refit and cut one layer's attention or MLP (`where`: (layer, "attn" | "mlp")) from the moments of its
-    inputs as they are now; the part's plan and the output linears refit."""
-    index, module = where
+    """Choose, refit and cut one layer's attention or MLP (`where`: (layer, "attn" | "mlp", units to remove)) from
+    the moments of its inputs over their `tokens` tokens as they are now; the part's plan and the output linears
+    refit."""
+    index, module, n_remove = where
+    seed, tokens = seed_tokens
     info = layer_info(model, index)
     group = attention_group(info, spec.granularity) if module == "attn" else mlp_group(info)
     output = next(m.name for m in group.members if m.dim == 1)
     gram = registered(spec.metric).surgeon or spec.compensation == "lsq"
     with input_moment_sums({m.name: m.linear for m in group.members}, (output,) if gram else ()) as moments:
         run.outputs()
-    importance = Importance(spec.metric, spec.aggregation, _stats(moments, tokens), damp=spec.obs_damp)
+    importance = Importance(spec.metric, spec.aggregation, _stats(moments, tokens), seed, spec.obs_damp)
     scores = score_layers(model, importance, {index: (module == "attn", module == "mlp")}, spec.granularity)
     counts = {index: (n_remove, 0) if module == "attn" else (0, n_remove)}
     ranks = surgeon_ranks(model, importance, counts, scores, spec.granularity)
@@ -128,12 +132,14 @@ def _stats(moments: dict[str, InputMoments], tokens: int) -> dict[str, LinearSta
 class _Run:
     """One decoder layer over the recorded batches of hidden states with their keyword arguments."""
 
-    def __init__(self, layer: nn.Module, hidden: list[torch.Tensor], arguments: list[dict]):
+    def __init__(self, layer: nn.Module, hidden: list[torch.Tensor], arguments: list[tuple[tuple, dict]]):
         self.layer, self.hidden, self.arguments = layer, hidden, arguments
 
     def outputs(self) -> list[torch.Tensor]:
         """The layer's outputs, batch by batch (hooks on its modules see every batch)."""
-        return [_first(self.layer(states, **kwargs)) for states, kwargs in zip(self.hidden, self.arguments)]
+        return [
+            _first(self.layer(states, *args, **kwargs)) for states, (args, kwargs) in zip(self.hidden, self.arguments)
+        ]
 
 
 def _first(out) -> torch.Tensor:
@@ -143,20 +149,20 @@ def _first(out) -> torch.Tensor:
 
 def _layer_arguments(
     model: nn.Module, input_ids: torch.Tensor, layers: list[int], batch_size: int = 8
-) -> tuple[list[torch.Tensor], dict[int, list[dict]]]:
-    """The hidden states entering the first of `layers` and each layer's keyword arguments, per batch of windows,
-    from one dense pass that stops after the last of them."""
+) -> tuple[list[torch.Tensor], dict[int, list[tuple[tuple, dict]]]]:
+    """The hidden states entering the first of `layers` and each layer's other arguments (positional, keyword), per
+    batch of windows, from one dense pass that stops as the last of them is entered."""
     hidden: list[torch.Tensor] = []
-    arguments: dict[int, list[dict]] = {index: [] for index in layers}
+    arguments: dict[int, list[tuple[tuple, dict]]] = {index: [] for index in layers}
     blocks = decoder_layers(model)
 
     def recorder(index: int):
         def record(_module, args, kwargs):
             kwargs = dict(kwargs)
-            states = args[0] if args else kwargs.pop("hidden_states")
+            states, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
             if index == layers[0]:
                 hidden.append(states.detach())
-            arguments[index].append({**kwargs, "use_cache": False})
+            arguments[index].append((rest, kwargs))
             if index == layers[-1]:
                 raise _Captured
 

@@ -266,15 +266,16 @@ def has_experts(model: nn.Module, layers) -> bool:
     return any(layer_info(model, index).experts is not None for index in layers)
 
 
-def output_projections(model: nn.Module, layers) -> dict[str, nn.Linear]:
-    """The attention and MLP output linears of `layers` by module name: the ones whose *input* channels pruning
-    removes (and compensation refits)."""
+def output_projections(model: nn.Module, layers, attention: bool = True, mlp: bool = True) -> dict[str, nn.Linear]:
+    """The attention and MLP output linears of `layers` (of those pruned: `attention`, `mlp`) by module name: the
+    ones whose *input* channels pruning removes (and compensation refits)."""
     found: dict[str, nn.Linear] = {}
     for index in layers:
         info = layer_info(model, index)
         f = info.family
-        found[f"{info.attn_prefix}.{f.o}"] = getattr(info.attn, f.o)
-        if info.experts is None:  # experts' down weights are 3-D parameters, not linears
+        if attention:
+            found[f"{info.attn_prefix}.{f.o}"] = getattr(info.attn, f.o)
+        if mlp and info.experts is None:  # experts' down weights are 3-D parameters, not linears
             found[f"{info.mlp_prefix}.{f.down}"] = getattr(info.mlp, f.down)
     return found
 

@@ -169,7 +169,10 @@ def names(listed: str) -> list[str]:
 
 def write(args: argparse.Namespace, windows: torch.Tensor, rows: list[dict]) -> None:
     measured = {(row["target"], row["method"]) for row in rows}  # rows of other (target, method) pairs are kept
-    kept = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).is_file() else []
+    earlier = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    same = earlier.get("model") == args.model and earlier.get("eval_windows") == int(windows.shape[0])
+    same = same and earlier.get("args", {}).get("seq_len") == args.seq_len  # rows of one evaluation only
+    kept = earlier["rows"] if same else []
     rows = [row for row in kept if (row["target"], row["method"]) not in measured] + rows
     rows.sort(key=lambda row: -row["target"] if row["target"] else -1.0)
     dense_ppl = rows[0]["ppl"]

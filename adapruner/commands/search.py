@@ -149,7 +149,8 @@ def plan_search(options: SearchOptions) -> MemoryPlan:
     shapes = load_shapes(options.model, DTYPES[options.dtype], options.trust_remote_code)
     check_context(shapes, options.seq_len)
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(shapes)))
-    check_expert_metrics(options.metrics, options.spec.prune_mlp, has_experts(shapes, layers))
+    moe = has_experts(shapes, layers)
+    check_expert_metrics(options.metrics, options.spec.prune_mlp, moe, options.allocations, options.spec.sequential)
     key = search_cache_key(options, shapes, layers)
     model_bytes = sum(p.numel() * p.element_size() for p in shapes.parameters())
     return memory_plan(
@@ -233,14 +234,14 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     if progress:
         print(plan.table())
     setup = study_setup(options)
+    model, tokenizer = load_model(  # before OUT is made: a damaged model leaves nothing behind
+        options.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
+    )
     if options.storage is None:
         out.mkdir(parents=True, exist_ok=True)
     storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
     study = open_study(open_storage(storage_url), options.study, setup)
     files.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(
-        options.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
-    )
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(model)))
     content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": text_digest("wiki", "val")}
     pin_content(study, content)
