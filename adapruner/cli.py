@@ -468,7 +468,15 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
         "--val-windows",
         type=COUNT,
         default=s.val_windows,
-        help="validation windows per trial (wiki validation articles)",
+        help="validation windows per trial (wiki validation articles, or --val-data)",
+    )
+    parser.add_argument(
+        "--val-data",
+        default=s.val_data,
+        help=(
+            "score trials on your own text (a .txt/.jsonl file or a saved dataset, read as --pools reads it) instead "
+            "of the wiki validation articles; where it is also a pool, on windows the pool did not draw"
+        ),
     )
     parser.add_argument(
         "--val-dtype",
@@ -543,7 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + interrupted_by()
 
 
-INTERRUPTED = "error: interrupted: no partial output was left (`search` resumes from its study with the same command)"
+INTERRUPTED = (
+    "error: interrupted: no partial output was left (`search` and `run` resume what they finished with the same "
+    "command)"
+)
 
 
 def placement_of(args: argparse.Namespace) -> Placement:

@@ -14,10 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from adapruner.cache import ActivationCache, CandidatePool, build_cache, cache_key
+from adapruner.calibration import pool_windows, seeded_draw
 from adapruner.cli import main
+from adapruner.commands.run import UNFINISHED
+from adapruner.evaluate import perplexity
+from adapruner.models import load_model
+from adapruner.pruning import apply_study_plan
 from adapruner.search import pool_blocks, short_names
 from adapruner.study import open_storage
-from tests.helpers import one_error_line, run_cli, save_tiny_model, search_args, wait_for, write_pool
+from tests.conftest import tiny_llama
+from tests.helpers import one_error_line, run_cli, save_tiny_model, search_args, tiny_search, wait_for, write_pool
 
 
 @pytest.fixture
@@ -176,8 +182,9 @@ def trials_begun(db) -> int:
     return sum(summary.n_trials for summary in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
 
-def test_sigterm_during_run_leaves_no_staging_folder(search_inputs):
-    """`run` stages its whole --out; SIGTERM mid-search unwinds like SIGINT: exit 143, nothing left beside --out."""
+def test_sigterm_during_run_keeps_the_unfinished_search(search_inputs):
+    """SIGTERM mid-search unwinds like SIGINT: exit 143; --out keeps the study so far, marked unfinished, and no
+    staging folder is left beside it."""
     tmp_path = search_inputs
     argv = [*search_args(tmp_path, tmp_path / "run", "--trials", "500", "--val-windows", "8")][1:]
     process = subprocess.Popen(
@@ -188,15 +195,16 @@ def test_sigterm_during_run_leaves_no_staging_folder(search_inputs):
         env={**os.environ, "TQDM_DISABLE": "1"},
     )
     [val] = wait_for(
-        lambda: list(tmp_path.glob(".run-*/search/val.safetensors")),
+        lambda: list(tmp_path.glob("run/search/val.safetensors")),
         180,
-        "the run to reach its search (.run-*/search/val.safetensors)",
+        "the run to reach its search (run/search/val.safetensors)",
         interval=0.2,
     )
     wait_for(lambda: trials_begun(val.parent / "study.db"), 120, "the run's first trial in its study.db", interval=0.2)
     process.send_signal(signal.SIGTERM)  # inside the trials: 500 of them, a few began
     assert process.wait(timeout=60) == 143, process.stderr.read().decode()[-2000:]
-    assert not list(tmp_path.glob(".run-*")) and not (tmp_path / "run").exists()
+    assert not list(tmp_path.glob(".run-*")) and (tmp_path / "run" / UNFINISHED).is_file()
+    assert trials_begun(tmp_path / "run" / "search" / "study.db") >= 1 and not (tmp_path / "run" / "report.md").exists()
 
 
 def test_outputs_take_the_permissions_the_umask_gives(tmp_path, gqa_model, tokenizer):
@@ -236,3 +244,69 @@ def test_an_interruption_a_library_turns_into_another_error_is_still_an_interrup
     monkeypatch.setattr(adapruner.cli, "run_dashboard", command)
     assert main(["dashboard", str(tmp_path)]) == 143
     assert capsys.readouterr().err.strip().startswith("error: interrupted")
+
+
+def test_run_interrupted_after_its_search_resumes_without_a_new_trial(search_inputs, capsys, monkeypatch):
+    """A run stopped after its search (here: in the pruned model's evaluation) keeps the study, best.json and the
+    pruned model in --out; the same command then finishes without running a single new trial."""
+    import adapruner.commands.run as run_module
+
+    tmp_path = search_inputs
+    argv = ["run", *search_args(tmp_path, tmp_path / "run")[1:], "--tasks", "", "--max-eval-windows", "1"]
+    measure = run_module.measure
+
+    def stop_at_the_pruned_model(name, *args):
+        if name == "pruned":
+            raise KeyboardInterrupt
+        return measure(name, *args)
+
+    monkeypatch.setattr(run_module, "measure", stop_at_the_pruned_model)
+    assert run_cli(capsys, *argv)[0] == 130
+    out = tmp_path / "run"
+    assert (out / UNFINISHED).is_file() and (out / "search" / "best.json").is_file() and (out / "pruned").is_dir()
+    trials = trials_begun(out / "search" / "study.db")
+    assert trials == 2 and not (out / "report.md").exists()
+    monkeypatch.setattr(run_module, "measure", measure)
+    code, _, err = run_cli(capsys, *argv, "--trials", "2")
+    assert code == 0, err[-800:]
+    assert trials_begun(out / "search" / "study.db") == trials and not (out / UNFINISHED).exists()
+    assert (out / "report.md").is_file() and json.loads((out / "report.json").read_text())["rows"][1][
+        "name"
+    ] == "pruned"
+    code, _, err = run_cli(capsys, *argv)  # finished: a second run into it is refused as ever
+    assert code == 2 and one_error_line(err, "already exists")
+
+
+def test_an_unfinished_run_with_other_options_is_refused(search_inputs, capsys, monkeypatch):
+    import adapruner.commands.run as run_module
+
+    tmp_path = search_inputs
+    argv = ["run", *search_args(tmp_path, tmp_path / "run")[1:], "--tasks", "", "--max-eval-windows", "1"]
+
+    def marked_then_stopped(*_args, before_writing, **_kwargs):
+        before_writing()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run_search", marked_then_stopped)
+    assert run_cli(capsys, *argv)[0] == 130
+    code, _, err = run_cli(capsys, *argv[:-2], "--max-eval-windows", "2")
+    assert code == 2 and one_error_line(err, "holds an unfinished run with other options (max_eval_windows)")
+
+
+def test_val_data_scores_trials_on_the_users_text(tmp_path):
+    """--val-data: the best trial's validation perplexity is a direct evaluation of its plan on the file's first
+    windows; where the file is also a pool, the validation windows are none of the ones the pool drew."""
+    write_pool(tmp_path / "mine.txt", seed=7)
+    best = tiny_search(
+        tmp_path, tiny_llama(6, 2), metrics=("l2",), val_data=str(tmp_path / "mine.txt"), val_dtype="float32"
+    )
+    model, tokenizer = load_model(str(tmp_path / "model"))
+    apply_study_plan(model, best, tokenizer, progress=False)
+    windows = pool_windows(tokenizer, str(tmp_path / "mine.txt"), 16)[:2]
+    assert best.val_ppl == pytest.approx(perplexity(model, windows, desc="direct"), rel=1e-5)
+
+    pool = str(tmp_path / "a.txt")  # the search's own pool serves as --val-data too
+    tiny_search(tmp_path / "again", tiny_llama(6, 2), metrics=("l2",), pools=[pool], val_data=pool)
+    saved = load_file(tmp_path / "again" / "s" / "val.safetensors")["windows"]
+    drawn = seeded_draw(tokenizer, pool, 4, 16, 0, "")[1]
+    assert saved.shape[0] == 2 and not any(torch.equal(v, d) for v in saved for d in drawn)

@@ -26,7 +26,7 @@ from adapruner.pruning import apply_study_plan
 from adapruner.report import REPORT_FORMAT, write_json_atomic
 from adapruner.saving import layer_sizes, save_pruned
 from adapruner.speed import measure_speed
-from adapruner.staging import check_out_dir, staged_dir
+from adapruner.staging import check_out_dir, staged_file
 from adapruner.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
 
 
@@ -83,10 +83,17 @@ def measure(
     return row
 
 
+UNFINISHED = "run.unfinished.json"  # in OUT until the reports are written: the options that started the run
+
+
 def run_pipeline(options: RunOptions, out: Path) -> dict:
-    """Every stage's output goes under `out` (which must be new), staged: `out` appears once the reports are
-    written, and an error or interruption leaves nothing."""
-    check_out_dir(out)
+    """Every stage's output goes under `out`, which is new or holds an unfinished run of the same options: what a
+    stage finished stays there when a later one fails or is interrupted (`UNFINISHED` marks the folder), and the
+    same command resumes from the first stage that did not finish — the search's study (a finished search runs no
+    trial), the pruned model, the LoRA-recovered one. The reports appear last."""
+    recorded = json.loads(json.dumps(asdict(options)))
+    if not check_unfinished(out, recorded):
+        check_out_dir(out)
     placement = resolved(options.search)[1]
     if placement.dispatch is not None and options.finetune_steps:
         raise AdaPrunerError(
@@ -95,14 +102,40 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
         )
     # built once, before the search, so that unknown task names fail now
     manager = task_manager(list(options.tasks), cache_root() / "tasks") if options.tasks else None
-    with staged_dir(out) as staging:
-        return _run_stages(options, staging, placement, manager)
+
+    def mark_unfinished() -> None:  # once the model has loaded: a model that cannot load leaves no folder
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / UNFINISHED, recorded)
+
+    report = _run_stages(options, out, placement, (manager, mark_unfinished))
+    (out / UNFINISHED).unlink()
+    return report
 
 
-def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -> dict:
+def check_unfinished(out: Path, recorded: dict) -> bool:
+    """True where `out` holds an unfinished run of these options (resume it); an unfinished run of other options is
+    a one-line error."""
+    marker = out / UNFINISHED
+    if not marker.is_file():
+        return False
+    try:
+        earlier = json.loads(marker.read_text())
+    except ValueError:
+        raise AdaPrunerError(f"{marker} is damaged: remove {out} and run again") from None
+    if earlier != recorded:
+        changed = sorted(k for k in recorded if earlier.get(k) != recorded[k])
+        raise AdaPrunerError(
+            f"{out} holds an unfinished run with other options ({', '.join(changed) or 'format'}): "
+            "pass the same flags to resume it, or a new --out"
+        )
+    return True
+
+
+def _run_stages(options: RunOptions, out: Path, placement: Placement, hooks: tuple) -> dict:
+    manager, mark_unfinished = hooks
     stage_seconds: dict[str, float] = {}
     started = time.perf_counter()
-    best = run_search(options.search, out / "search")
+    best = run_search(options.search, out / "search", before_writing=mark_unfinished)
     stage_seconds["search"] = time.perf_counter() - started
 
     dense, tokenizer = load_model(
@@ -120,16 +153,20 @@ def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -
 
     started = time.perf_counter()
     pruned = dense  # pruned in place: one copy of the model in memory
-    apply_study_plan(pruned, best, tokenizer)  # the plan the best trial scored
+    apply_study_plan(pruned, best, tokenizer)  # the plan the best trial scored (deterministic: a resume re-derives it)
     stage_seconds["prune"] = time.perf_counter() - started
     best_json = asdict(best)
-    save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": best_json})
+    if not (out / "pruned").is_dir():  # save_pruned stages: a folder there is whole
+        save_pruned(pruned, tokenizer, out / "pruned", extra_json={"best.json": best_json})
 
     started = time.perf_counter()
     rows.append(measure("pruned", pruned, tokenizer, options, windows, manager))
     stage_seconds["evaluate"] += time.perf_counter() - started
     history = None
-    if options.finetune_steps:
+    if options.finetune_steps and (out / "pruned-lora").is_dir():  # recovered before an interruption: reused
+        recovered = load_model(str(out / "pruned-lora"), placement.dtype, placement.device)[0]
+        history = json.loads((out / "pruned-lora" / "finetune.json").read_text())
+    elif options.finetune_steps:
         started = time.perf_counter()
         val = pool_windows(tokenizer, "wiki", short, "val")[: options.search.val_windows]
         result = finetune(
@@ -145,11 +182,13 @@ def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -
         )
         recovered = merged(result)
         stage_seconds["finetune"] = time.perf_counter() - started
-        save_pruned(recovered, tokenizer, out / "pruned-lora", extra_json={"best.json": best_json})
+        history = {"val_ppl": result.val_ppl, "stopped": result.stopped}
+        extra = {"best.json": best_json, "finetune.json": history}
+        save_pruned(recovered, tokenizer, out / "pruned-lora", extra_json=extra)
+    if options.finetune_steps:
         started = time.perf_counter()
         rows.append(measure("pruned + LoRA", recovered, tokenizer, options, windows, manager))
         stage_seconds["evaluate"] += time.perf_counter() - started
-        history = {"val_ppl": result.val_ppl, "stopped": result.stopped}
 
     report = {
         "format": REPORT_FORMAT,
@@ -164,8 +203,8 @@ def _run_stages(options: RunOptions, out: Path, placement: Placement, manager) -
     shutil.copy(out / "search" / "history.png", out / "search_history.png")
     plot_layers(report["layers"], out / "layers.png")
     write_json_atomic(out / "report.json", report)
-    markdown = report_markdown(report, rows)
-    (out / "report.md").write_text(markdown)
+    with staged_file(out / "report.md") as tmp:
+        tmp.write_text(report_markdown(report, rows))
     return report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 from adapruner.best_trial import BestTrial
 from adapruner.big_model import Dispatch
 from adapruner.cache import CacheKey, CandidatePool, cache_key, load_or_build, planned_bytes
-from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
+from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows, seeded_draw
 from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.fingerprint import model_digest, text_digest
@@ -64,6 +65,7 @@ class SearchOptions:
     sampler: str = how("tpe")
     seed: int = 0
     val_windows: int = 16
+    val_data: str | None = None  # the trials' validation text (a pool spec: file/dataset path); None: wiki's split
     val_dtype: str = "auto"
     batch_size: int = how(8)
     workers: int = how(1)
@@ -194,21 +196,35 @@ def search_record(folder: Path, fix: str) -> dict:
         raise AdaPrunerError(f"{record} is not a search record adapruner wrote: {fix}") from None
 
 
-def saved_val_windows(path: Path, tokenizer, seq_len: int, count: int) -> None:
-    """The first `count` wiki validation windows, written (atomically) to `path` for the workers; written anew on
-    every run, so a damaged or stale file is never read."""
-    windows = pool_windows(tokenizer, "wiki", seq_len, "val")
+def saved_val_windows(path: Path, tokenizer, options: SearchOptions) -> None:
+    """The trials' `val_windows` validation windows, written (atomically) to `path` for the workers; written anew on
+    every run, so a damaged or stale file is never read. They are the first windows of wiki's validation articles,
+    or of `--val-data`; where that file is also a candidate pool, the first of its windows the pool did not draw
+    (validation never scores on calibration text)."""
+    count, seq_len, source = options.val_windows, options.seq_len, options.val_data
+    if source is None:
+        windows, what = pool_windows(tokenizer, "wiki", seq_len, "val"), "the wiki validation split"
+    else:
+        windows, what = pool_windows(tokenizer, source, seq_len, "calib"), f"--val-data {source}"
+        if source in options.pools:
+            drawn = seeded_draw(tokenizer, source, options.pool_size, seq_len, options.seed, "")[0]
+            free = torch.ones(windows.shape[0], dtype=torch.bool)
+            free[drawn] = False
+            windows, what = windows[free], f"--val-data {source}, less the {options.pool_size} windows --pools drew,"
     if windows.shape[0] < count:
         raise AdaPrunerError(
-            f"the wiki validation split has {windows.shape[0]} windows of {seq_len} tokens: "
-            f"lower --val-windows to at most {windows.shape[0]}"
+            f"{what} has {windows.shape[0]} windows of {seq_len} tokens: lower --val-windows to at most "
+            f"{windows.shape[0]}{' (or --pool-size)' if source in options.pools else ''}"
         )
     with staged_file(path) as tmp:
         save_file({"windows": windows[:count].contiguous()}, str(tmp))
 
 
-def run_search(options: SearchOptions, out: Path, progress: bool = True) -> BestTrial:
-    """Build or reuse the cache, run the study to `options.trials` finished trials, write the outputs."""
+def run_search(
+    options: SearchOptions, out: Path, progress: bool = True, before_writing: Callable[[], None] | None = None
+) -> BestTrial:
+    """Build or reuse the cache, run the study to `options.trials` finished trials, write the outputs.
+    `before_writing` runs once the model has loaded, before anything is written (`run` marks its folder there)."""
     check_search_out(out)
     options.spec.check()
     if options.workers < 1 or options.trials < 1:
@@ -224,9 +240,10 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         options.allocations,
         options.compensations,
     )
-    pool_digests = [
+    pool_digests = [  # reads every pool and --val-data: bad files are refused before the model loads
         text_digest(pool) for pool in options.pools
-    ]  # reads every pool: bad files are refused before the model loads
+    ]
+    val_digest = text_digest("wiki", "val") if options.val_data is None else text_digest(options.val_data)
     files = study_dir(out, options.study)
     options, placement = resolved(options)
     plan = plan_search(options)
@@ -234,16 +251,20 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
     if progress:
         print(plan.table())
     setup = study_setup(options)
-    model, tokenizer = load_model(  # before OUT is made: a damaged model leaves nothing behind
+    storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
+    existing = options.storage is not None or (out / STUDY_FILE).is_file()  # checked before the model loads
+    study = open_study(open_storage(storage_url), options.study, setup) if existing else None
+    model, tokenizer = load_model(  # before a new OUT is made: a damaged model leaves nothing behind
         options.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
     )
-    if options.storage is None:
+    if before_writing is not None:
+        before_writing()
+    if study is None:
         out.mkdir(parents=True, exist_ok=True)
-    storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
-    study = open_study(open_storage(storage_url), options.study, setup)
+        study = open_study(open_storage(storage_url), options.study, setup)
     files.mkdir(parents=True, exist_ok=True)
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(model)))
-    content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": text_digest("wiki", "val")}
+    content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": val_digest}
     pin_content(study, content)
     key = replace(
         search_cache_key(options, model, layers),
@@ -270,7 +291,7 @@ def run_search(options: SearchOptions, out: Path, progress: bool = True) -> Best
         on = f"spread by --device-map {options.device_map}" if placement.dispatch else f"on {options.device}"
         print(f"model {options.model} in {options.dtype} {on}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
     val_path = files / "val.safetensors"
-    saved_val_windows(val_path, tokenizer, options.seq_len, options.val_windows)
+    saved_val_windows(val_path, tokenizer, options)
     write_json_atomic(
         files / "search.json",
         {
