@@ -110,7 +110,7 @@ def prune_model(
             samples = calibration_samples(tokenizer, options.calib, options.seq_len, options.seed)
     addresses = list(samples.addresses) if samples is not None else []
     if spec.sequential:
-        counts = scoreless_counts(model, spec, layers) or _scored_counts(model, spec, samples.input_ids, progress)
+        counts = scoreless_counts(model, spec, layers) or _scored_counts(model, options, samples.input_ids, progress)
         plan, refit = prune_sequential(model, samples.input_ids, spec, counts, options.seed, progress=progress)
     else:
         stats, moments = {}, {}
@@ -167,9 +167,10 @@ def dense_statistics(
     return stats, moments
 
 
-def _scored_counts(model: nn.Module, spec: PruneSpec, input_ids: torch.Tensor, progress: bool) -> Counts:
+def _scored_counts(model: nn.Module, options: PruneOptions, input_ids: torch.Tensor, progress: bool) -> Counts:
     """The counts of a scored allocation (global, error) from the dense model's statistics, which go with the call."""
-    stats, _moments = dense_statistics(
-        model, spec, parse_layer_range(spec.layers, len(decoder_layers(model))), input_ids, progress
-    )
-    return allocate(model, Importance(spec.metric, spec.aggregation, stats, damp=spec.obs_damp), spec)[0]
+    spec = options.spec
+    layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
+    stats, _moments = dense_statistics(model, spec, layers, input_ids, progress)
+    importance = Importance(spec.metric, spec.aggregation, stats, seed=options.seed, damp=spec.obs_damp)
+    return allocate(model, importance, spec)[0]

@@ -47,6 +47,10 @@ RECIPES = {  # issue 22's recipes, by name (`--recipes`); calib: wiki windows wh
     "obs/sequential": dict(metric="obs", allocation="uniform", compensation="lsq", sequential=True),
     "obs/256": dict(metric="obs", allocation="uniform", compensation="lsq", calib=256, damp=0.3),
     "fluct/256": dict(metric="fluct", allocation="uniform", compensation="lsq", calib=256, damp=0.3),  # the control
+    "obs/error/512": dict(metric="obs", allocation="error", compensation="lsq", calib=512, damp=0.3),
+    "obs/error/sequential/512": dict(
+        metric="obs", allocation="error", compensation="lsq", sequential=True, calib=512, damp=0.3
+    ),
 }
 
 
