@@ -5,6 +5,7 @@ names), weight shapes that are the config's, a tokenizer beside the model, and (
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -16,6 +17,7 @@ SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediat
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "moe_intermediate_size", "num_experts", "num_local_experts")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 INDEX = "model.safetensors.index.json"
+LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def check_config(config: Mapping, where: str) -> None:
@@ -80,12 +82,10 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], directory: Path) -> None:
-    """The weights' shapes are those of the model the config describes (tensors both name), and every weight that
-    model needs is stored (under one of its tied names; MoE experts, which load through a conversion, aside)."""
-    state = model.state_dict(keep_vars=True)
-    aliases: dict[int, list[str]] = {}
-    for name, tensor in state.items():
-        aliases.setdefault(id(tensor), []).append(name)
+    """The weights' shapes are those of the model the config describes (tensors both name), and the weights hold every
+    decoder layer the config counts. (Names are compared only where both sides use one: transformers renames some
+    on load — MoE experts and routers, multimodal towers.)"""
+    state = model.state_dict()
     for name, tensor in state.items():
         stored = shapes.get(name)
         if stored is not None and stored != tuple(tensor.shape):
@@ -93,11 +93,17 @@ def check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], directory
                 f"{directory}: weight {name} is {list(stored)} but the config makes it {list(tensor.shape)}: "
                 "the config does not belong to these weights"
             )
-        if stored is None and ".experts." not in name and not any(a in shapes for a in aliases[id(tensor)]):
-            raise AdaPrunerError(
-                f"{directory} has no weight {name}, which the config's model needs: the config does not belong to "
-                "these weights, or a weight file is missing"
-            )
+    needed, stored = _layer_indices(state), _layer_indices(shapes)
+    if stored and needed - stored:
+        raise AdaPrunerError(
+            f"{directory} has no weights for decoder layer {min(needed - stored)} (it holds {len(stored)} layers, the "
+            "config counts more): the config does not belong to these weights, or a weight file is missing"
+        )
+
+
+def _layer_indices(names: Iterable[str]) -> set[int]:
+    """The decoder-layer indices that weight names mention (`….layers.<i>.…`)."""
+    return {int(match.group(1)) for name in names if (match := LAYER_NAME.search(name))}
 
 
 def check_tokenizer(directory: Path) -> None:

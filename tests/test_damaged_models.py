@@ -101,7 +101,7 @@ CORRUPTIONS = {  # name: (corruption, words the one error line must hold)
     "head_dim disagrees with the weights": (edit_config(head_dim=16), "the config does not belong to these weights"),
     "intermediate size disagrees": (edit_config(intermediate_size=32), "the config does not belong to these weights"),
     "vocab size disagrees": (edit_config(vocab_size=101), "the config does not belong to these weights"),
-    "more layers than weights": (edit_config(num_hidden_layers=4), "has no weight model.layers.3"),
+    "more layers than weights": (edit_config(num_hidden_layers=4), "has no weights for decoder layer 3"),
     "unknown architecture": (edit_config(model_type="gpt2"), "unsupported architecture"),
     "no tokenizer": (drop_tokenizer, "has no tokenizer"),
     "a NaN weight": (poison(float("nan")), "model.layers.1.mlp.down_proj.weight holds NaN or infinite"),
