@@ -289,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--speed", action="store_true", help="add the prefill and decode tokens/s of every model to the report"
     )
-    run.add_argument("--out", required=True, help="new directory for every stage's output and the report")
+    run.add_argument(
+        "--out",
+        required=True,
+        help="new directory for every stage's output and the report (or an unfinished run's, to resume it)",
+    )
     _add_placement_args(run)
     _add_dispatch_args(run)
 
