@@ -61,7 +61,7 @@ def compensated(
             f"--damp {damp} must be positive (Σ_KK is singular with fewer tokens than kept channels): "
             f"pass e.g. {DEFAULT_DAMP}"
         )
-    cov = moments.gram.to(w.device).float() - torch.outer(mu, mu)
+    cov = moments.covariance.to(w.device).float()
     cov_kk = cov[kept][:, kept]
     lam = damp * cov_kk.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
     eye = torch.eye(kept.numel(), device=w.device)

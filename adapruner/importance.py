@@ -16,7 +16,7 @@ from adapruner.big_model import weights
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.channel_importance import channel_importance
 from adapruner.metrics import metric as registered
-from adapruner.obs import Removal, greedy_removal, inverse_hessian, unit_costs
+from adapruner.obs import Removal, greedy_removal, inverse_hessian, output_energy, unit_costs
 from adapruner.spec import DEFAULT_OBS_DAMP, check_aggregation
 from adapruner.structure import Group, Member
 
@@ -156,15 +156,23 @@ class Importance:
         """(Σ + λI)⁻¹ of the member's inputs (`obs.inverse_hessian`; not kept: a 7B model's would fill a GPU)."""
         return inverse_hessian(self.covariance(member), self.damp)
 
-    def removal(self, group: Group, n_remove: int, groups: int = 1, batch: int = 1) -> Removal:
+    def removal(
+        self, group: Group, n_remove: int, groups: int = 1, batch: int = 1, priority: torch.Tensor | None = None
+    ) -> Removal:
         """Greedy OBS removal of `n_remove` units (steps of one unit per group with `groups` > 1, else of `batch`
         units) from the group's output projection, in the order of the OBS costs (`obs`) or of this metric's scores
-        (any other), each step costed by OBS: the error the removal adds after the refit."""
+        (any other; `priority` where they are at hand), each step costed by OBS: the error the removal adds after the
+        refit. The removal's `energy` is the output's, `obs.output_energy`."""
         member = next(m for m in group.members if m.dim == 1)
-        priority = None if self.spec.surgeon else self(group)
+        if priority is None and not self.spec.surgeon:
+            priority = self(group)
+        covariance = self.covariance(member)
+        hinv = inverse_hessian(covariance, self.damp)
         with weights(member.linear) as linear:
             weight = linear.weight.detach()
-            return greedy_removal(weight, self.inverse_hessian(member), member.block, n_remove, batch, groups, priority)
+            removal = greedy_removal(weight, hinv, member.block, n_remove, batch, groups, priority)
+            removal.energy = output_energy(weight, covariance, self.damp)
+        return removal
 
     def __call__(self, group: Group) -> torch.Tensor:
         members = [m for m in group.members if m.dim == 1] if self.spec.columns_only else group.members

@@ -31,16 +31,17 @@ def greedy_batch(n_units: int) -> int:
 
 @dataclass
 class Removal:
-    """A greedy removal: the units each step removed and the error each step added (fp64 sums)."""
+    """A greedy removal: the units each step removed and the error each step added (fp64 sums), out of `n_units`."""
 
     steps: list[list[int]]  # each step's units, cheapest first (one per group, groups in order, with groups)
     costs: list[float]
-    energy: float = 1.0  # tr(W H Wᵀ) = the output's variance + λ‖W‖²: the cost of removing every unit
+    n_units: int
+    energy: float = 1.0  # tr(W H Wᵀ) = the output's variance + λ‖W‖² (`output_energy`): the cost of removing all
 
-    def ranks(self, n_units: int) -> torch.Tensor:
+    def ranks(self) -> torch.Tensor:
         """A score per unit for `selection.top_units`: its place in the removal order (a step's units in the order
         of their costs), `n_units` for units that stay; keeping the highest ranks drops the first ones removed."""
-        rank = torch.full((n_units,), float(n_units))
+        rank = torch.full((self.n_units,), float(self.n_units))
         order = torch.tensor([u for units in self.steps for u in units], dtype=torch.long)
         rank[order] = torch.arange(order.numel(), dtype=rank.dtype)
         return rank
@@ -51,6 +52,12 @@ def damping(covariance: torch.Tensor, damp: float) -> torch.Tensor:
     if not damp > 0:
         raise AdaPrunerError(f"--obs-damp {damp}: the obs metric needs a damping above 0")
     return damp * covariance.double().diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def output_energy(weight: torch.Tensor, covariance: torch.Tensor, damp: float) -> float:
+    """tr(W H Wᵀ) = tr(W Σ Wᵀ) + λ‖W‖², H = Σ + λI: the error of removing every unit (fp64)."""
+    w = weight.double()
+    return float(((w @ covariance.double()) * w).sum() + damping(covariance, damp) * w.square().sum())
 
 
 def inverse_hessian(covariance: torch.Tensor, damp: float) -> torch.Tensor:
@@ -96,7 +103,7 @@ def greedy_removal(
     if n_remove * (groups if groups > 1 else 1) > n:
         raise AdaPrunerError(f"cannot remove {n_remove} of {n} units")
     alive = torch.ones(n, dtype=torch.bool, device=w.device)
-    removal = Removal([], [], float((w @ torch.linalg.inv(h) * w).sum()))
+    removal = Removal([], [], n)
     left = n_remove
     while left > 0:
         scores = unit_costs(w, h, block, alive) if priority is None else _masked(priority, alive)

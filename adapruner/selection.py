@@ -60,8 +60,7 @@ def plan_pruning(
     """
     counts = checked_ratio_counts(model, ratio, layers, granularity, prune_attention, prune_mlp, align)
     every = {index: (prune_attention, prune_mlp) for index in layers}
-    scores = score_layers(model, importance, every, granularity)
-    return plan_from_counts(model, surgeon_ranks(model, importance, counts, scores, granularity), counts, granularity)
+    return plan_from_counts(model, choosing_scores(model, importance, every, counts, granularity), counts, granularity)
 
 
 def checked_ratio_counts(
@@ -101,25 +100,25 @@ def plan_allocation(model: nn.Module, importance: Importance, spec: PruneSpec) -
 
 
 def allocate(model: nn.Module, importance: Importance, spec: PruneSpec) -> tuple[Counts, Scores]:
-    """The units each layer loses under `spec`'s allocation, and the unit scores that choose them (for `obs`: the
-    greedy removal orders, `surgeon_ranks`)."""
+    """The units each layer loses under `spec`'s allocation, and the unit scores that choose them
+    (`choosing_scores`)."""
     spec.check()
     layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
     granularity = spec.granularity
     every = {index: (spec.prune_attention, spec.prune_mlp) for index in layers}
     counts = scoreless_counts(model, spec, layers)
-    scores = score_layers(model, importance, every, granularity)
     if counts is not None:
-        return counts, surgeon_ranks(model, importance, counts, scores, granularity)
+        return counts, choosing_scores(model, importance, every, counts, granularity)
     target = allocation_target(model, spec, layers)
+    surgeon = importance.spec.surgeon
     if spec.allocation == "global":
+        scores = score_layers(model, importance, every, granularity)
         counts = global_counts(model, scores, layers, target, spec)
-        return counts, surgeon_ranks(model, importance, counts, scores, granularity)
-    removals = error_removals(model, importance, every, spec)
+        return counts, surgeon_ranks(model, importance, every, counts, granularity) if surgeon else scores
+    scores = None if surgeon else score_layers(model, importance, every, granularity)  # obs: the orders below choose
+    removals = error_removals(model, importance, every, spec, scores)
     counts = error_counts(model, removal_curves(removals, spec.align), layers, target, spec)
-    if importance.spec.surgeon:  # the greedy orders just run: their first steps are the plan
-        return counts, {key: removal.ranks(len(scores[key])) for key, removal in removals.items()}
-    return counts, scores
+    return counts, scores if scores is not None else {key: removal.ranks() for key, removal in removals.items()}
 
 
 def scoreless_counts(model: nn.Module, spec: PruneSpec, layers: range) -> Counts | None:
@@ -146,34 +145,64 @@ def allocation_target(model: nn.Module, spec: PruneSpec, layers: range) -> int:
     return removed_by(model, counts, spec.granularity)
 
 
-def surgeon_ranks(
-    model: nn.Module, importance: Importance, counts: Counts, scores: Scores, granularity: AttnGranularity
+def choosing_scores(
+    model: nn.Module,
+    importance: Importance,
+    which: Mapping[int, tuple[bool, bool]],
+    counts: Counts,
+    granularity: AttnGranularity,
 ) -> Scores:
-    """`scores` as they are for a per-unit metric; for `obs`, each module's greedy removal order (OBS with the refit
-    between steps, `Removal.ranks`) of as many units as `counts` removes, so the plan keeps the rest."""
-    if not importance.spec.surgeon:
-        return scores
+    """The scores that choose the units of the modules `which` names once `counts` are known: the metric's unit
+    scores (`score_layers`), or for `obs` the greedy removal orders (`surgeon_ranks`)."""
+    if importance.spec.surgeon:
+        return surgeon_ranks(model, importance, which, counts, granularity)
+    return score_layers(model, importance, which, granularity)
+
+
+def surgeon_ranks(
+    model: nn.Module,
+    importance: Importance,
+    which: Mapping[int, tuple[bool, bool]],
+    counts: Counts,
+    granularity: AttnGranularity,
+) -> Scores:
+    """Each module's greedy OBS removal order (the refit between steps, `Removal.ranks`) of as many units as
+    `counts` removes, so the plan keeps the rest."""
     ranked = {}
-    for (index, module), unit_scores in scores.items():
-        n_remove = counts[index][0 if module == "attn" else 1]
-        removal = _removal(layer_info(model, index), importance, module, granularity, n_remove)
-        ranked[(index, module)] = removal.ranks(len(unit_scores))
+    for index, on in which.items():
+        info = layer_info(model, index)
+        for slot, module in enumerate(("attn", "mlp")):
+            if on[slot]:
+                removal = _removal(info, importance, (module, counts[index][slot]), granularity)
+                ranked[(index, module)] = removal.ranks()
     return ranked
 
 
-def _removal(info: LayerInfo, importance: Importance, module: str, granularity: AttnGranularity, n: int) -> Removal:
-    """The greedy OBS removal of `n` units (allocation units: kv groups, query heads per kv group, MLP channels)."""
+def _removal(
+    info: LayerInfo,
+    importance: Importance,
+    what: tuple[str, int],
+    granularity: AttnGranularity,
+    priority: torch.Tensor | None = None,
+) -> Removal:
+    """The greedy OBS removal of `what` = (module, n units) (allocation units: kv groups, query heads per kv group,
+    MLP channels), in the order of `priority` where given (see `Importance.removal`)."""
+    module, n = what
     if module == "attn":
         groups = info.n_kv_heads if granularity == "query" else 1
-        return importance.removal(attention_group(info, granularity), n, groups)
-    return importance.removal(mlp_group(info), n, batch=greedy_batch(info.intermediate))
+        return importance.removal(attention_group(info, granularity), n, groups, priority=priority)
+    return importance.removal(mlp_group(info), n, batch=greedy_batch(info.intermediate), priority=priority)
 
 
 def error_removals(
-    model: nn.Module, importance: Importance, which: Mapping[int, tuple[bool, bool]], spec: PruneSpec
+    model: nn.Module,
+    importance: Importance,
+    which: Mapping[int, tuple[bool, bool]],
+    spec: PruneSpec,
+    scores: Scores | None = None,
 ) -> dict[tuple[int, str], Removal]:
-    """Per module of `which`, the greedy OBS removal (in `importance`'s order) of every unit it may lose: all but
-    ⌈min_keep · n⌉ (at least one; MLP channels in whole blocks of `align`)."""
+    """Per module of `which`, the greedy OBS removal (in `importance`'s order: its `scores` where at hand) of every
+    unit it may lose: all but ⌈min_keep · n⌉ (at least one; MLP channels in whole blocks of `align`)."""
     removals = {}
     for index, (attention, mlp) in which.items():
         info = layer_info(model, index)
@@ -182,11 +211,13 @@ def error_removals(
         if attention:
             units = attention_units(info, spec.granularity)
             n = units - max(1, math.ceil(spec.min_keep * units))
-            removals[(index, "attn")] = _removal(info, importance, "attn", spec.granularity, n)
+            priority = None if scores is None else scores[(index, "attn")]
+            removals[(index, "attn")] = _removal(info, importance, ("attn", n), spec.granularity, priority)
         if mlp:
             blocks = info.intermediate // spec.align
             n = (blocks - max(1, math.ceil(spec.min_keep * blocks))) * spec.align
-            removals[(index, "mlp")] = _removal(info, importance, "mlp", spec.granularity, n)
+            priority = None if scores is None else scores[(index, "mlp")]
+            removals[(index, "mlp")] = _removal(info, importance, ("mlp", n), spec.granularity, priority)
     return removals
 
 

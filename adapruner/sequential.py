@@ -31,7 +31,7 @@ from adapruner.importance import Importance, LinearStats
 from adapruner.metrics import metric as registered
 from adapruner.plan import PrunePlan
 from adapruner.removal import apply_plan
-from adapruner.selection import plan_from_counts, score_layers, surgeon_ranks
+from adapruner.selection import choosing_scores, plan_from_counts
 from adapruner.spec import PruneSpec
 from adapruner.statistics import InputMoments, input_moment_sums
 from adapruner.structure import attention_group, decoder_layers, layer_info, mlp_group
@@ -70,14 +70,13 @@ def prune_sequential(
     check_sequential(spec)
     layers = sorted(counts)
     hidden, arguments = _layer_arguments(model, input_ids, layers)
-    tokens = sum(math.prod(states.shape[:-1]) for states in hidden)
     plan, refit = PrunePlan(), []
     for index in tqdm(layers, desc="sequential", unit="layer", disable=not progress):
         run = _Run(decoder_layers(model)[index], hidden, arguments[index])
         for slot, (module, on) in enumerate((("attn", spec.prune_attention), ("mlp", spec.prune_mlp))):
             if on:
                 where = (index, module, counts[index][slot])
-                part, updated = _prune_part(model, where, spec, (seed, tokens), run, observe)
+                part, updated = _prune_part(model, where, spec, run, seed, observe)
                 plan.attention.update(part.attention)
                 plan.mlp.update(part.mlp)
                 refit += updated
@@ -89,26 +88,25 @@ def _prune_part(
     model: nn.Module,
     where: tuple[int, str, int],
     spec: PruneSpec,
-    seed_tokens: tuple[int, int],
     run: _Run,
+    seed: int,
     observe: Observer | None,
 ) -> tuple[PrunePlan, list[str]]:
     """Choose, refit and cut one layer's attention or MLP (`where`: (layer, "attn" | "mlp", units to remove)) from
-    the moments of its inputs over their `tokens` tokens as they are now; the part's plan and the output linears
-    refit."""
+    the moments of its inputs as they are now; the part's plan and the output linears refit."""
     index, module, n_remove = where
-    seed, tokens = seed_tokens
     info = layer_info(model, index)
     group = attention_group(info, spec.granularity) if module == "attn" else mlp_group(info)
     output = next(m.name for m in group.members if m.dim == 1)
     gram = registered(spec.metric).surgeon or spec.compensation == "lsq"
     with input_moment_sums({m.name: m.linear for m in group.members}, (output,) if gram else ()) as moments:
         run.outputs()
-    importance = Importance(spec.metric, spec.aggregation, _stats(moments, tokens), seed, spec.obs_damp)
-    scores = score_layers(model, importance, {index: (module == "attn", module == "mlp")}, spec.granularity)
+    importance = Importance(spec.metric, spec.aggregation, _stats(moments, run.tokens), seed, spec.obs_damp)
+    which = {index: (module == "attn", module == "mlp")}
     counts = {index: (n_remove, 0) if module == "attn" else (0, n_remove)}
-    ranks = surgeon_ranks(model, importance, counts, scores, spec.granularity)
-    part = plan_from_counts(model, ranks, counts, spec.granularity)
+    part = plan_from_counts(
+        model, choosing_scores(model, importance, which, counts, spec.granularity), counts, spec.granularity
+    )
     if observe is not None:
         observe(output, moments[output])
     updates = compensation_updates(model, part, moments.__getitem__, spec.compensation, spec.damp)
@@ -134,6 +132,11 @@ class _Run:
 
     def __init__(self, layer: nn.Module, hidden: list[torch.Tensor], arguments: list[tuple[tuple, dict]]):
         self.layer, self.hidden, self.arguments = layer, hidden, arguments
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of all batches."""
+        return sum(math.prod(states.shape[:-1]) for states in self.hidden)
 
     def outputs(self) -> list[torch.Tensor]:
         """The layer's outputs, batch by batch (hooks on its modules see every batch)."""

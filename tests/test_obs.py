@@ -98,7 +98,7 @@ def test_batched_greedy_costs_add_up_and_a_priority_orders_it():
     ordered = greedy_removal(w, hinv, 1, 4, priority=priority)
     assert ordered.steps == [[11], [10], [9], [8]]
     assert sum(ordered.costs) == pytest.approx(refit_error([8, 9, 10, 11]), rel=1e-7)
-    ranks = ordered.ranks(12)
+    ranks = ordered.ranks()
     assert ranks[11] == 0 and ranks[8] == 3 and ranks[0] == 12  # kept units rank above every removed one
 
 
@@ -273,7 +273,7 @@ def test_batched_ranks_drop_exactly_the_first_units_removed():
     w, cov, _ = layer_case(1, units=12)
     removal = greedy_removal(w, inverse_hessian(cov, DAMP), 1, 10, batch=4)
     order = [u for step in removal.steps for u in step]
-    ranks = removal.ranks(12)
+    ranks = removal.ranks()
     for n_remove in (3, 5, 10):  # mid-step counts too: a step's units in the order of their costs
         assert sorted(set(range(12)) - set(top_units(ranks, 12 - n_remove))) == sorted(order[:n_remove])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / UNFINISHED, recorded)
 
-    report = _run_stages(options, out, placement, (manager, mark_unfinished))
+    report = _run_stages(options, out, placement, manager, mark_unfinished)
     (out / UNFINISHED).unlink()
     return report
 
@@ -131,8 +132,9 @@ def check_unfinished(out: Path, recorded: dict) -> bool:
     return True
 
 
-def _run_stages(options: RunOptions, out: Path, placement: Placement, hooks: tuple) -> dict:
-    manager, mark_unfinished = hooks
+def _run_stages(
+    options: RunOptions, out: Path, placement: Placement, manager, mark_unfinished: Callable[[], None]
+) -> dict:
     stage_seconds: dict[str, float] = {}
     started = time.perf_counter()
     best = run_search(options.search, out / "search", before_writing=mark_unfinished)
