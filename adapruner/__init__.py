@@ -3,6 +3,7 @@
 The public API, importable from the package root (loaded on first use, so `import adapruner` stays light):
 
     model, tokenizer = adapruner.load_model("smollm2")                     # HF directory, hub id or "smollm2"
+    options = adapruner.recipe_prune_options("best", target_params=0.2)    # what `adapruner prune` does by default
     spec = adapruner.PruneSpec(target_params=0.2, metric="act", allocation="global", compensation="lsq")
     result = adapruner.prune_model(model, tokenizer, adapruner.PruneOptions(spec))
     adapruner.save_pruned(model, tokenizer, "out/pruned")
@@ -44,6 +45,8 @@ _PUBLIC = {  # name → the module that defines it
     "RunOptions": "adapruner.commands.run",
     "run_pipeline": "adapruner.commands.run",
     "collect_stats": "adapruner.statistics",
+    "recipe_prune_options": "adapruner.recipes",
+    "recipe_search_options": "adapruner.recipes",
 }
 __all__ = ["AdaPrunerError", "__version__", *_PUBLIC]
 

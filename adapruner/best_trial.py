@@ -13,8 +13,9 @@ from adapruner.plan import PrunePlan
 from adapruner.report import write_json_atomic
 from adapruner.spec import PruneSpec
 
-# /2: the scored plan; /3: budget, allocation, compensation; /4: the pruning spec whole; /5: its MLP alignment
-BEST_FORMAT = "adapruner.best/5"
+# /2: the scored plan; /3: budget, allocation, compensation; /4: the pruning spec whole; /5: its MLP alignment;
+# /6: the refit pool
+BEST_FORMAT = "adapruner.best/6"
 
 
 @dataclass
@@ -37,11 +38,24 @@ class BestTrial:
     batch_size: int
     plan: dict  # `PrunePlan.to_dict()` of the scored plan
     removed_fraction: float  # of all the model's parameters, by the plan (compensation biases not counted)
+    refit_calib: str | None = None  # the refit pool's windows (drawn with `seed`, `seq_len` tokens); None: none
+    statistics: str = "subset"  # where the units were scored: the `samples`, or the refit pool
     format: str = field(default=BEST_FORMAT)
 
     @property
     def prune_spec(self) -> PruneSpec:
         return PruneSpec.from_dict(self.spec)
+
+    @property
+    def scored_on(self) -> str:
+        """Where the best trial's units were scored, and its refit windows, in words."""
+        where = (
+            f"the refit pool ({self.refit_calib})"
+            if self.statistics == "refit"
+            else f"{len(self.samples)} samples (blocks {', '.join(self.blocks)})"
+        )
+        refit = self.prune_spec.compensation != "none" and self.refit_calib and self.statistics != "refit"
+        return where + (f", refit on {self.refit_calib}" if refit else "")
 
     @property
     def prune_plan(self) -> PrunePlan:

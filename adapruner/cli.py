@@ -13,6 +13,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from adapruner.calibration import parse_calib_spec
 from adapruner.commands.eval import EvalOptions
 from adapruner.commands.finetune import VAL_WINDOWS
 from adapruner.commands.run import RunOptions
@@ -24,7 +25,9 @@ from adapruner.finetune import LoraOptions
 from adapruner.metrics import METRIC_NAMES
 from adapruner.metrics import metric as registered
 from adapruner.pruning import PruneOptions
+from adapruner.recipes import DEFAULT_RECIPE, RECIPES, recipe, search_recipe
 from adapruner.report import format_table
+from adapruner.search import STATISTICS
 from adapruner.sequential import check_sequential
 from adapruner.spec import AGGREGATIONS, ALLOCATIONS, COMPENSATIONS, GRANULARITIES, PruneSpec
 from adapruner.staging import interrupted_by, terminate_as_exit
@@ -67,9 +70,73 @@ DEVICE_MAP_HELP = (
 )
 MAX_MEMORY_HELP = "with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (GPU index or cpu = size)"
 OFFLOAD_HELP = "with --device-map: folder for the weights the map puts on disk"
+REFIT_CALIB_HELP = (
+    "lsq/bias compensation refits on these windows (POOL:N[,POOL:N], seeded) instead of the --calib ones: "
+    "hundreds of windows refit far better than the few that score well"
+)
 LAYERS_HELP = "layers to prune as START:STOP or 'all' (default: keep the first 4/32 and last 2/32 of the layers whole)"
+RECIPE_HELP = "; ".join(f"{name}: {r.about}" for name, r in RECIPES.items()) + " (flags override it)"
+WHY = {  # one line per default of the best recipe: the bench.quality rows it came from (README, "Defaults")
+    "metric": "fluct/256 is the best fixed row at 20% and 12% removed (51.96, 42.03); obs/256 is within 1%",
+    "aggregation": "fluct scores one member per unit (the output columns): nothing to aggregate",
+    "calib": "256 windows: the refit and the scores improve with data (fluct/uniform/lsq 58.36 on 32 windows)",
+    "granularity": "a SmolLM2 kv group is a third of its attention: query heads cut finer (all rows but LLM-Pruner's)",
+    "allocation": "with lsq, uniform beat global at 20% (fluct 58.36 vs 61.67) and was within 1% at 12%",
+    "compensation": "lsq beat bias and none in every row (fluct/uniform at 20%: 58.36, 71.35, 91.88)",
+    "damp": "with 256 windows 0.3 refits better than 1 (README, Beyond the published methods)",
+    "metrics": "act and fluct give the best rows; obs never beat them, gradient metrics never won a compensated row",
+    "allocations": "uniform wins at 20%, global and error at 12% (act/global 44.22, obs/error 42.16)",
+    "compensations": "lsq won every row",
+    "aggregations": "prod and first never won a compensated search",
+    "sample_counts": "with --statistics subset: lsq and the moment metrics want windows, 4 never won",
+    "statistics": "the 256-window pool scores better than any 32-window subset (fluct 51.96 vs 54.38 at 20%)",
+    "refit_calib": "a trial refit on 256 windows instead of its subset: ~10% lower perplexity at 20%",
+}
 PRUNE, SEARCH, LORA, EVAL = PruneOptions(), SearchOptions(), LoraOptions(), EvalOptions()
 SPEC = PRUNE.spec
+
+
+def by_recipe(text: str, field: str, search: bool = False) -> str:
+    """A flag's help with the best recipe's value for it and why that is the default."""
+    best = RECIPES[DEFAULT_RECIPE]
+    value = (best.search if search else best.prune)[field]
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return f"{text} [default: {shown} from --recipe; {WHY[field]}]".replace("%", "%%")  # argparse formats with %
+
+
+def apply_recipe(args: argparse.Namespace) -> None:
+    """Fill every recipe-controlled flag the command line left out (None) from `--recipe`."""
+    if args.command == "prune":
+        values = recipe(args.recipe).prune
+        flags = {
+            "metric": "metric",
+            "agg": "aggregation",
+            "calib": "calib",
+            "attn_granularity": "granularity",
+            "allocation": "allocation",
+            "compensate": "compensation",
+            "damp": "damp",
+        }
+    elif args.command in ("search", "run"):
+        values = search_recipe(args.recipe)
+        flags = {
+            "attn_granularity": "granularity",
+            "allocations": "allocations",
+            "compensations": "compensations",
+            "damp": "damp",
+            "metrics": "metrics",
+            "statistics": "statistics",
+            "aggregations": "aggregations",
+            "sample_counts": "sample_counts",
+        }
+        if not hasattr(args, "refit_calib"):  # not given (`none` gives None)
+            args.refit_calib = values["refit_calib"]
+    else:
+        return
+    for dest, field in flags.items():
+        if getattr(args, dest) is None:
+            value = values[field]
+            setattr(args, dest, ",".join(map(str, value)) if isinstance(value, tuple) else value)
 
 
 class Parser(argparse.ArgumentParser):
@@ -107,6 +174,17 @@ def within(low: float, high: float, closed_low: bool = False):
         return value
 
     return parse
+
+
+def calib_arg(text: str) -> str:
+    """A calibration spec POOL:N[,POOL:N] (checked at parse time; the pools are read before the model loads)."""
+    _as_argument_error(parse_calib_spec, text)
+    return text
+
+
+def refit_arg(text: str) -> str | None:
+    """--refit-calib: a calibration spec, or `none` (no refit pool)."""
+    return None if text == "none" else calib_arg(text)
 
 
 def study_name(text: str) -> str:
@@ -174,33 +252,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="prune a model and save it (HF-loadable)")
     prune.add_argument("--model", required=True, help="HF model directory, hub id, or 'smollm2' (embedded, offline)")
+    prune.add_argument("--recipe", default=DEFAULT_RECIPE, choices=tuple(RECIPES), help=RECIPE_HELP)
     budget = prune.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=FRACTION, help=f"{RATIO_HELP} [default {SPEC.ratio}]")
     budget.add_argument("--target-params", type=FRACTION, help=TARGET_HELP)
     prune.add_argument(
-        "--metric", default=SPEC.metric, choices=METRIC_NAMES, help="importance metric (docs/metrics.md)"
+        "--metric", choices=METRIC_NAMES, help=by_recipe("importance metric (docs/metrics.md)", "metric")
     )
     prune.add_argument(
-        "--agg", default=SPEC.aggregation, choices=AGGREGATIONS, help="aggregation over a group's members"
+        "--agg", choices=AGGREGATIONS, help=by_recipe("aggregation over a group's members", "aggregation")
     )
     prune.add_argument(
         "--calib",
-        default=PRUNE.calib,
-        help="calibration samples as POOL:N[,POOL:N] (pools: wiki, news, plays, or a .txt/.jsonl path)",
+        type=calib_arg,
+        help=by_recipe("calibration samples as POOL:N[,POOL:N] (wiki, news, plays, or a .txt/.jsonl path)", "calib"),
     )
+    prune.add_argument("--refit-calib", type=refit_arg, default=PRUNE.refit_calib, help=REFIT_CALIB_HELP)
     prune.add_argument(
         "--seq-len", type=WINDOW, default=PRUNE.seq_len, help="tokens per calibration and evaluation window"
     )
     prune.add_argument("--layers", default=SPEC.layers, help=LAYERS_HELP)
     prune.add_argument(
         "--attn-granularity",
-        default=SPEC.granularity,
         choices=GRANULARITIES,
-        help="remove whole kv groups, or query heads inside every kv group",
+        help=by_recipe("remove whole kv groups, or query heads inside every kv group", "granularity"),
     )
     prune.add_argument("--no-attention", action="store_true", help="prune the MLP only")
     prune.add_argument("--no-mlp", action="store_true", help="prune attention only")
-    prune.add_argument("--allocation", default=SPEC.allocation, choices=ALLOCATIONS, help=ALLOCATION_HELP)
+    prune.add_argument("--allocation", choices=ALLOCATIONS, help=by_recipe(ALLOCATION_HELP, "allocation"))
     prune.add_argument(
         "--depth-slope",
         type=within(0, 1, closed_low=True),
@@ -208,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="allocation depth: per-layer ratios r·(1 + S·(2p − 1))",
     )
     prune.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=SPEC.min_keep, help=MIN_KEEP_HELP)
-    prune.add_argument("--compensate", default=SPEC.compensation, choices=COMPENSATIONS, help=COMPENSATE_HELP)
-    prune.add_argument("--damp", type=POSITIVE, default=SPEC.damp, help=DAMP_HELP)
+    prune.add_argument("--compensate", choices=COMPENSATIONS, help=by_recipe(COMPENSATE_HELP, "compensation"))
+    prune.add_argument("--damp", type=POSITIVE, help=by_recipe(DAMP_HELP, "damp"))
     prune.add_argument("--obs-damp", type=POSITIVE, default=SPEC.obs_damp, help=OBS_DAMP_HELP)
     prune.add_argument("--sequential", action="store_true", help=SEQUENTIAL_HELP)
     prune.add_argument("--align", type=COUNT, default=SPEC.align, help=ALIGN_HELP)
@@ -404,6 +483,12 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
 
     s = SEARCH
     parser.add_argument("--model", default=s.model, help="HF model directory, hub id, or 'smollm2'")
+    parser.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        choices=tuple(n for n, r in RECIPES.items() if r.search is not None),
+        help=RECIPE_HELP,
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=FRACTION, default=s.spec.ratio, help=RATIO_HELP)
     budget.add_argument(
@@ -418,21 +503,21 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool-size", type=COUNT, default=s.pool_size, help="cached candidate windows per pool")
     parser.add_argument("--seq-len", type=WINDOW, default=s.seq_len)
     parser.add_argument("--layers", default=s.spec.layers, help=LAYERS_HELP)
-    parser.add_argument("--attn-granularity", default=s.spec.granularity, choices=GRANULARITIES)
+    parser.add_argument(
+        "--attn-granularity", choices=GRANULARITIES, help=by_recipe("kv groups or query heads", "granularity", True)
+    )
     parser.add_argument("--no-attention", action="store_true", help="prune the MLP only")
     parser.add_argument("--no-mlp", action="store_true", help="prune attention only")
     parser.add_argument(
         "--allocations",
-        default=",".join(s.allocations),
-        help=f"allocations the search may choose ({', '.join(ALLOCATIONS)}): {ALLOCATION_HELP}",
+        help=by_recipe(f"allocations the search may choose ({', '.join(ALLOCATIONS)})", "allocations", search=True),
     )
     parser.add_argument(
         "--compensations",
-        default=",".join(s.compensations),
-        help=f"compensations the search may choose ({', '.join(COMPENSATIONS)}): {COMPENSATE_HELP}",
+        help=by_recipe(f"compensations the search may choose ({', '.join(COMPENSATIONS)})", "compensations", True),
     )
     parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=s.spec.min_keep, help=MIN_KEEP_HELP)
-    parser.add_argument("--damp", type=POSITIVE, default=s.spec.damp, help=DAMP_HELP)
+    parser.add_argument("--damp", type=POSITIVE, help=by_recipe(DAMP_HELP, "damp", search=True))
     parser.add_argument("--obs-damp", type=POSITIVE, default=s.spec.obs_damp, help=OBS_DAMP_HELP)
     parser.add_argument(
         "--sequential",
@@ -440,12 +525,33 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
         help=SEQUENTIAL_HELP + "; trials score from the cache as ever, the best one is re-applied layer by layer",
     )
     parser.add_argument("--align", type=COUNT, default=s.spec.align, help=ALIGN_HELP)
-    parser.add_argument("--metrics", default=",".join(s.metrics), help="metrics the search may choose")
-    parser.add_argument("--aggregations", default=",".join(s.aggregations), help="aggregations the search may choose")
+    parser.add_argument("--metrics", help=by_recipe("metrics the search may choose", "metrics", search=True))
+    parser.add_argument(
+        "--refit-calib",
+        type=refit_arg,
+        default=argparse.SUPPRESS,
+        help=by_recipe(
+            "the refit pool: windows (POOL:N[,POOL:N], seeded; none: no pool) every compensated trial refits on, "
+            "and that --statistics refit scores act/fluct/obs on (one forward pass, saved beside the cache)",
+            "refit_calib",
+            search=True,
+        ),
+    )
+    parser.add_argument(
+        "--statistics",
+        help=by_recipe(
+            "where trials of act, fluct and obs take their statistics: subset (a sample subset of the cached "
+            "pool), refit (the whole refit pool), or both for the search to choose; gradient metrics score subsets",
+            "statistics",
+            search=True,
+        ),
+    )
+    parser.add_argument(
+        "--aggregations", help=by_recipe("aggregations the search may choose", "aggregations", search=True)
+    )
     parser.add_argument(
         "--sample-counts",
-        default=",".join(map(str, s.sample_counts)),
-        help="calibration sample counts the search may choose",
+        help=by_recipe("calibration sample counts the search may choose", "sample_counts", search=True),
     )
     parser.add_argument(
         "--blocks-per-pool",
@@ -529,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exited:  # a refused flag (one line already printed), or --help
         return exited.code if isinstance(exited.code, int) else 2
+    apply_recipe(args)
     terminate_as_exit()  # SIGTERM unwinds like SIGINT: staging folders are removed on the way out
     try:
         commands = {
@@ -600,7 +707,9 @@ def prune_options(args: argparse.Namespace) -> PruneOptions:
     )
     if spec.sequential:
         check_sequential(spec)
-    return PruneOptions(spec=spec, calib=args.calib, seq_len=args.seq_len, seed=args.seed)
+    if spec.sequential and args.refit_calib:
+        raise AdaPrunerError("--sequential refits each layer on the --calib windows: drop --refit-calib")
+    return PruneOptions(spec=spec, calib=args.calib, seq_len=args.seq_len, seed=args.seed, refit_calib=args.refit_calib)
 
 
 def prune_eval_options(args: argparse.Namespace) -> EvalOptions | None:
@@ -648,6 +757,7 @@ SEARCH_FLAGS = {  # SearchOptions field → the flag's dest, where they differ o
     "sample_counts": lambda a: _int_list(a.sample_counts, "--sample-counts"),
     "allocations": lambda a: _choices(a.allocations, ALLOCATIONS, "--allocations"),
     "compensations": lambda a: _choices(a.compensations, COMPENSATIONS, "--compensations"),
+    "statistics": lambda a: _choices(a.statistics, STATISTICS, "--statistics"),
     "cache_mem_gb": lambda a: a.cache_mem,
     "spec": lambda a: spec_of(a),
 }
@@ -678,10 +788,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     best = run_search(search_options(args), Path(args.out))
     files = study_dir(Path(args.out), args.study)
     spec = best.prune_spec
-    print(
-        f"best trial {best.trial}: {spec.metric}/{spec.aggregation}, {len(best.samples)} samples, val ppl "
-        f"{best.val_ppl:.3f}"
-    )
+    print(f"best trial {best.trial}: {spec.metric}/{spec.aggregation} on {best.scored_on}, val ppl {best.val_ppl:.3f}")
     print(
         f"wrote {files}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study "
         f"{files} --out DIR"

@@ -62,6 +62,7 @@ def model_card(params: int, facts: Mapping[str, dict], remote_code: bool) -> str
         if isinstance(source.get("layers"), list)
         else spec.get("layers"),
         "calibration windows": _addresses(report.get("calib_addresses", best.get("addresses"))),
+        "refit windows": (report.get("options") or {}).get("refit_calib") or best.get("refit_calib"),
         "search": f"best of a study, trial {best['trial']}, validation perplexity {best['val_ppl']:.3f}"
         if "trial" in best
         else None,

@@ -61,15 +61,17 @@ def output_energy(weight: torch.Tensor, covariance: torch.Tensor, damp: float) -
 
 
 def inverse_hessian(covariance: torch.Tensor, damp: float) -> torch.Tensor:
-    """(Σ + λI)⁻¹, λ = damp · mean diag Σ, in fp64; a singular damped Σ is a one-line error."""
+    """(Σ + λI)⁻¹, λ = damp · mean diag Σ, in fp64. Σ = C − μμᵀ formed in fp32 can come out slightly indefinite
+    (cancellation where the mean dwarfs the spread); where Cholesky fails, Σ is first projected onto the PSD cone
+    (negative eigenvalues set to 0, the nearest covariance)."""
     cov = covariance.double()
     lam = damping(cov, damp)
     try:
         return torch.cholesky_inverse(torch.linalg.cholesky(cov + lam * torch.eye(cov.shape[0], device=cov.device)))
     except torch.linalg.LinAlgError:
-        raise AdaPrunerError(
-            f"the damped input covariance is singular at --obs-damp {damp}: raise it or use more calibration windows"
-        ) from None
+        pass
+    values, vectors = torch.linalg.eigh((cov + cov.t()) / 2)
+    return (vectors / (values.clamp_min(0) + lam)) @ vectors.t()
 
 
 def unit_costs(weight: torch.Tensor, hinv: torch.Tensor, block: int, alive: torch.Tensor | None = None) -> torch.Tensor:

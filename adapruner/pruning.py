@@ -32,11 +32,21 @@ class PruneOptions:
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0
     calib_addresses: list[tuple[str, int]] | None = None  # exact (pool, index) windows, e.g. from a search
+    refit_calib: str | None = None  # the windows compensation refits on (POOL:N, seeded); None: the calibration's
 
     @classmethod
     def from_best(cls, best: BestTrial) -> PruneOptions:
-        """The recipe of a search's best trial: re-deriving its plan with fp32 statistics on its windows."""
-        return cls(spec=best.prune_spec, seq_len=best.seq_len, calib_addresses=[tuple(a) for a in best.addresses])
+        """The recipe of a search's best trial: re-deriving its plan with fp32 statistics on its windows (the refit
+        pool's, for a trial scored there) and refitting on the refit pool where the search had one."""
+        if best.statistics == "refit":
+            return cls(spec=best.prune_spec, calib=best.refit_calib, seq_len=best.seq_len, seed=best.seed)
+        return cls(
+            spec=best.prune_spec,
+            seq_len=best.seq_len,
+            seed=best.seed,
+            calib_addresses=[tuple(a) for a in best.addresses],
+            refit_calib=best.refit_calib,
+        )
 
 
 @dataclass
@@ -76,7 +86,11 @@ def apply_study_plan(
     if spec.compensation != "none":
         if tokenizer is None:
             raise AdaPrunerError("the study's best trial is compensated: pass the tokenizer to re-read its windows")
-        samples = windows_at(tokenizer, [tuple(a) for a in best.addresses], best.seq_len)
+        samples = (
+            calibration_samples(tokenizer, best.refit_calib, best.seq_len, best.seed)
+            if best.refit_calib
+            else windows_at(tokenizer, [tuple(a) for a in best.addresses], best.seq_len)
+        )
         updates = compensation_passes(model, plan, samples.input_ids, spec.compensation, spec.damp, progress=progress)
     apply_plan(model, plan)
     install(model, updates)
@@ -102,8 +116,13 @@ def prune_model(
     check_expert_metrics([spec.metric], spec.prune_mlp, moe, (spec.allocation,), spec.sequential)
     if spec.sequential:
         check_sequential(spec)
+        if options.refit_calib:
+            raise AdaPrunerError("--sequential refits each layer on the --calib windows: drop --refit-calib")
+    refit = options.refit_calib if spec.compensation != "none" else None
     samples = None
-    if needs(spec.metric) or spec.allocation == "error" or spec.compensation != "none" or spec.sequential:
+    refit_on_calib = spec.compensation == "lsq" and not refit
+    refit_here = spec.compensation != "none" and not refit
+    if needs(spec.metric) or spec.allocation == "error" or refit_here or spec.sequential:
         if options.calib_addresses:
             samples = windows_at(tokenizer, options.calib_addresses, options.seq_len)
         else:
@@ -111,15 +130,18 @@ def prune_model(
     addresses = list(samples.addresses) if samples is not None else []
     if spec.sequential:
         counts = scoreless_counts(model, spec, layers) or _scored_counts(model, options, samples.input_ids, progress)
-        plan, refit = prune_sequential(model, samples.input_ids, spec, counts, options.seed, progress=progress)
+        plan, refitted = prune_sequential(model, samples.input_ids, spec, counts, options.seed, progress=progress)
     else:
         stats, moments = {}, {}
         if samples is not None:
-            stats, moments = dense_statistics(model, spec, layers, samples.input_ids, progress)
+            stats, moments = dense_statistics(model, spec, layers, samples.input_ids, progress, refit_on_calib)
         importance = Importance(spec.metric, spec.aggregation, stats, seed=options.seed, damp=spec.obs_damp)
-        plan, refit = _prune_at_once(model, importance, spec, (samples, moments), progress)
+        if refit:
+            samples = calibration_samples(tokenizer, refit, options.seq_len, options.seed)
+            moments = {}  # the refit's moments come from its own windows
+        plan, refitted = _prune_at_once(model, importance, spec, (samples, moments), progress)
     give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will
-    return PruneResult(spec.ratio if spec.target_params is None else None, list(layers), plan, addresses, refit)
+    return PruneResult(spec.ratio if spec.target_params is None else None, list(layers), plan, addresses, refitted)
 
 
 def _prune_at_once(
@@ -131,7 +153,7 @@ def _prune_at_once(
     plan = plan_allocation(model, importance, spec)
     updates = {}
     covariances = {name: stats.act_cov for name, stats in importance.stats.items() if stats.act_cov is not None}
-    if spec.compensation != "none" and covariances:  # Σ at hand: no second pass, one Gram C = Σ + μμᵀ at a time
+    if spec.compensation != "none" and covariances and moments:  # Σ at hand: no second pass; C = Σ + μμᵀ one at a time
 
         def moments_of(name: str) -> InputMoments:
             mean = moments[name].mean
@@ -146,13 +168,18 @@ def _prune_at_once(
 
 
 def dense_statistics(
-    model: nn.Module, spec: PruneSpec, layers: range, input_ids: torch.Tensor, progress: bool
+    model: nn.Module,
+    spec: PruneSpec,
+    layers: range,
+    input_ids: torch.Tensor,
+    progress: bool,
+    covariance: bool = False,
 ) -> tuple[dict[str, LinearStats], dict[str, InputMoments]]:
     """The `LinearStats` the spec's metric needs of every prunable linear of `layers`, and the input moments of the
-    output projections it prunes; `obs` and the `error` allocation also get their inputs' covariance Σ (kept once, in
-    the stats: the moments hold no Gram), from passes over `input_ids`."""
+    output projections it prunes; `obs`, the `error` allocation and `covariance` (an lsq refit on these windows) also
+    get their inputs' covariance Σ (kept once, in the stats: the moments hold no Gram), from passes over `input_ids`."""
     required = needs(spec.metric)
-    gram = "act_cov" in required or spec.allocation == "error"
+    gram = "act_cov" in required or spec.allocation == "error" or covariance
     stats, moments = {}, {}
     if required & COLLECTED_STATS:
         stats = collect_stats(model, prunable_linears(model, layers), input_ids, required & COLLECTED_STATS, progress)

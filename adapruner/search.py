@@ -1,9 +1,12 @@
 """AdaPruner's search: Optuna TPE over calibration subsets and importance metrics, scored on cached tensors.
 
-A trial chooses (1) which samples — the candidate pool of each text pool is cut into `blocks_per_pool` blocks,
-each included or not, and the first `n_samples` of the included blocks are taken round-robin — (2) the metric,
-(3) the aggregation and, optionally, (4) a depth slope of the per-layer ratio (same mean ratio). Its value is the
-validation perplexity of the model pruned that way (validation articles are disjoint from evaluation ones).
+A trial chooses (1) the metric, (2) for a metric of input moments (act, fluct, obs) where the search has a refit
+pool, whether it is scored on the whole refit pool or on a sample subset, (3) for a subset, which samples — the
+candidate pool of each text pool is cut into `blocks_per_pool` blocks, each included or not, and the first
+`n_samples` of the included blocks are taken round-robin — (4) the aggregation and, where offered, the allocation
+(with a depth slope of the per-layer ratio: same mean ratio) and the compensation. A compensated trial refits from
+the refit pool where the search has one (`adapruner.refit_pool`), else from its subset. Its value is the validation
+perplexity of the model pruned that way (validation articles are disjoint from evaluation ones).
 
 Why blocks: TPE models each parameter's good and bad densities; 12 binary block switches plus a count give it
 a space it can learn from in tens of trials (which pools and which groups of windows help), whereas one switch
@@ -25,15 +28,18 @@ from adapruner.cache import ActivationCache, CachedImportance
 from adapruner.compensation import compensation_updates
 from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
+from adapruner.importance import Importance
 from adapruner.metrics import SEARCHED_METRICS
 from adapruner.metrics import metric as registered
 from adapruner.plan import PrunePlan
+from adapruner.refit_pool import RefitPool, scored_by_moments
 from adapruner.removal import plan_removed
 from adapruner.selection import plan_allocation
 from adapruner.spec import AGGREGATIONS, PruneSpec, check_aggregation, check_allocation, check_compensation
 from adapruner.validation import ValidationScorer
 
 DEFAULT_SAMPLE_COUNTS = (4, 8, 16, 32)
+STATISTICS = ("subset", "refit")  # where a moment metric's statistics come from: a sample subset, or the refit pool
 WORKER_ATTR = "worker"  # user attribute of a trial: which process runs it (host:pid)
 
 
@@ -53,6 +59,7 @@ class SearchSpace:
     depth_slope: float = 0.5  # trials of the `depth` allocation draw a slope in [-depth_slope, depth_slope]
     allocations: tuple[str, ...] = ("uniform",)
     compensations: tuple[str, ...] = ("none",)
+    statistics: tuple[str, ...] = ("subset",)  # of moment metrics ("refit" needs the refit pool); others: subsets
 
     def __post_init__(self):
         for metric in self.metrics:
@@ -65,12 +72,14 @@ class SearchSpace:
             check_compensation(compensation)
         if not 0.0 <= self.depth_slope < 1.0:
             raise AdaPrunerError(f"--depth-slope {self.depth_slope} is outside [0, 1)")
+        if not self.statistics or not set(self.statistics) <= set(STATISTICS):
+            raise AdaPrunerError(f"--statistics {','.join(self.statistics)}: use subset, refit or both")
 
 
 @dataclass
 class TrialConfig:
-    """One point of the space: the sample subset (indices into the cache's pool), metric, aggregation, allocation
-    (with its depth slope), compensation."""
+    """One point of the space: the sample subset (indices into the cache's pool; none where the refit pool scores),
+    metric, aggregation, allocation (with its depth slope), compensation, and where the statistics come from."""
 
     samples: list[int]
     metric: str
@@ -79,6 +88,7 @@ class TrialConfig:
     blocks: list[str] = field(default_factory=list)
     allocation: str = "uniform"
     compensation: str = "none"
+    statistics: str = "subset"
 
 
 def pool_blocks(cache: ActivationCache, blocks_per_pool: int) -> dict[str, list[int]]:
@@ -112,12 +122,24 @@ def round_robin(blocks: list[list[int]], n: int) -> list[int]:
 
 
 def suggest(trial, space: SearchSpace, blocks: dict[str, list[int]]) -> TrialConfig:
-    """Draw a `TrialConfig` from an Optuna trial (parameters: block_*, n_samples, metric, aggregation, and where the
-    space offers a choice: allocation, slope (depth trials), compensation)."""
-    included = [name for name in blocks if trial.suggest_categorical(f"block_{name}", [True, False])]
-    n = trial.suggest_categorical("n_samples", list(space.sample_counts))
+    """Draw a `TrialConfig` from an Optuna trial (parameters: metric, statistics (moment metrics, where the space
+    offers both), block_* and n_samples (subset trials), aggregation (metrics of several members), and where the
+    space offers a choice:
+    allocation, slope (depth trials), compensation)."""
     metric = trial.suggest_categorical("metric", list(space.metrics))
-    aggregation = trial.suggest_categorical("aggregation", list(space.aggregations))
+    statistics = _choice(trial, "statistics", space.statistics) if scored_by_moments(metric) else "subset"
+    if statistics == "refit":
+        samples, chosen_blocks = [], []
+    else:
+        included = [name for name in blocks if trial.suggest_categorical(f"block_{name}", [True, False])]
+        n = trial.suggest_categorical("n_samples", list(space.sample_counts))
+        chosen_blocks = included or list(blocks)  # no block switched on: use them all
+        samples = round_robin([blocks[b] for b in chosen_blocks], n)
+    aggregation = (  # a metric of the output projections' columns alone scores one member: nothing to aggregate
+        space.aggregations[0]
+        if registered(metric).columns_only
+        else trial.suggest_categorical("aggregation", list(space.aggregations))
+    )
     allocation = _choice(trial, "allocation", space.allocations)
     slope = (
         trial.suggest_float("slope", -space.depth_slope, space.depth_slope)
@@ -125,16 +147,7 @@ def suggest(trial, space: SearchSpace, blocks: dict[str, list[int]]) -> TrialCon
         else 0.0
     )
     compensation = _choice(trial, "compensation", space.compensations)
-    chosen_blocks = included or list(blocks)  # no block switched on: use them all
-    return TrialConfig(
-        round_robin([blocks[b] for b in chosen_blocks], n),
-        metric,
-        aggregation,
-        slope,
-        chosen_blocks,
-        allocation,
-        compensation,
-    )
+    return TrialConfig(samples, metric, aggregation, slope, chosen_blocks, allocation, compensation, statistics)
 
 
 def _choice(trial, name: str, options: tuple[str, ...]) -> str:
@@ -154,21 +167,40 @@ def trial_spec(study: PruneSpec, config: TrialConfig) -> PruneSpec:
 
 
 def trial_plan(
-    model: nn.Module, cache: ActivationCache, study: PruneSpec, config: TrialConfig, seed: int = 0
+    model: nn.Module,
+    cache: ActivationCache,
+    study: PruneSpec,
+    config: TrialConfig,
+    seed: int = 0,
+    refit: RefitPool | None = None,
 ) -> PrunePlan:
     """What one trial configuration keeps of `model` (the study's spec with the trial's choices), scored from the
-    cache rows of its samples (the model is only read)."""
+    cache rows of its samples, or from the refit pool's moments (the model is only read)."""
     spec = trial_spec(study, config)
-    samples = torch.tensor(config.samples)
-    importance = CachedImportance(cache, spec.metric, spec.aggregation, samples, seed, spec.obs_damp)
+    if config.statistics == "refit":
+        if refit is None:
+            raise AdaPrunerError("a trial scored on the refit pool needs the search's refit pool (--refit-calib)")
+        stats = refit.stats(spec.metric, model_device(model), covariance=spec.allocation == "error")
+        importance = Importance(spec.metric, spec.aggregation, stats, seed=seed, damp=spec.obs_damp)
+    else:
+        samples = torch.tensor(config.samples)
+        importance = CachedImportance(cache, spec.metric, spec.aggregation, samples, seed, spec.obs_damp)
     return plan_allocation(model, importance, spec)
 
 
 def trial_updates(
-    model: nn.Module, cache: ActivationCache, study: PruneSpec, config: TrialConfig, plan: PrunePlan
+    model: nn.Module,
+    cache: ActivationCache,
+    study: PruneSpec,
+    config: TrialConfig,
+    plan: PrunePlan,
+    refit: RefitPool | None = None,
 ) -> dict:
-    """The compensated output linears of a trial's plan, from the moments of its samples' cached inputs."""
+    """The compensated output linears of a trial's plan, from the refit pool's moments where the search has one,
+    else from the moments of its samples' cached inputs."""
     spec = trial_spec(study, config)
+    if refit is not None:
+        return compensation_updates(model, plan, refit.moments_of, spec.compensation, spec.damp)
     samples, device = torch.tensor(config.samples), model_device(model)
     lsq = spec.compensation == "lsq"
     return compensation_updates(
@@ -188,9 +220,13 @@ class Objective:
         scorer: ValidationScorer,
         early_stop: bool = False,
         startup_trials: int = 0,
+        refit: RefitPool | None = None,
     ):
         self.model, self.cache, self.spec, self.space = model, cache, spec, space
         self.scorer, self.early_stop, self.startup_trials = scorer, early_stop, startup_trials
+        self.refit = refit
+        if "refit" in space.statistics and refit is None:
+            raise AdaPrunerError("--statistics refit scores trials on the refit pool: pass --refit-calib")
         self.blocks = pool_blocks(cache, space.blocks_per_pool)
 
     def __call__(self, trial) -> float:
@@ -213,10 +249,10 @@ class Objective:
             return earlier.value
         trial.set_user_attr("samples", config.samples)
         trial.set_user_attr("addresses", [list(self.cache.addresses[i]) for i in config.samples])
-        plan = trial_plan(self.model, self.cache, self.spec, config)
+        plan = trial_plan(self.model, self.cache, self.spec, config, refit=self.refit)
         trial.set_user_attr("plan", plan.encode())  # what this trial scored is what `prune --from-study` delivers
         trial.set_user_attr("removed_fraction", plan_removed(self.model, plan) / count_params(self.model))
-        updates = trial_updates(self.model, self.cache, self.spec, config, plan)
+        updates = trial_updates(self.model, self.cache, self.spec, config, plan, self.refit)
 
         def report(step: int, value: float) -> None:
             trial.report(value, step)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from adapruner.cache import ActivationCache, DamagedCache
 from adapruner.errors import AdaPrunerError, first_line
+from adapruner.refit_pool import RefitPool
 from adapruner.search import WORKER_ATTR, Objective, SearchSpace, worker_name
 from adapruner.spec import PruneSpec
 from adapruner.structure import decoder_layers, parse_layer_range
@@ -169,14 +170,19 @@ class WorkerSpec:
     grace_seconds: int = GRACE_SECONDS
     worker_index: int = 0
     share: int | None = None  # trials this worker runs at most (None: until the study holds n_trials)
+    refit_path: str | None = None  # the search's refit pool (`adapruner.refit_pool`), if it has one
 
 
 def run_worker(
-    spec: WorkerSpec, callbacks: list | None = None, model=None, cache: ActivationCache | None = None
+    spec: WorkerSpec,
+    callbacks: list | None = None,
+    model=None,
+    cache: ActivationCache | None = None,
+    refit: RefitPool | None = None,
 ) -> optuna.Study:
     """Run up to `share` trials, stopping early once the study holds `n_trials` finished ones (every worker's).
 
-    A caller that holds the model and cache already passes them; a spawned worker loads them (the cache
+    A caller that holds the model, cache and refit pool already passes them; a spawned worker loads them (the cache
     memory-mapped, so workers on one machine share its pages).
     """
     from adapruner.devices import DTYPES
@@ -196,11 +202,13 @@ def run_worker(
             raise AdaPrunerError(
                 f"activation cache {spec.cache_path} is damaged ({exc}): run the search again to rebuild it"
             ) from None
+    if refit is None and spec.refit_path is not None:
+        refit = RefitPool.load(Path(spec.refit_path))
     val_windows = load_file(spec.val_path)["windows"]
     start = parse_layer_range(spec.spec.layers, len(decoder_layers(model))).start
     scorer = ValidationScorer(model, val_windows, start, spec.val_dtype, spec.batch_size)
     objective = Objective(
-        model, cache, spec.spec, SearchSpace(**spec.space), scorer, spec.early_stop, spec.startup_trials
+        model, cache, spec.spec, SearchSpace(**spec.space), scorer, spec.early_stop, spec.startup_trials, refit
     )
     storage = open_storage(spec.storage, spec.heartbeat_seconds, spec.grace_seconds)
     study = open_study(storage, spec.study, spec.setup)
@@ -255,6 +263,7 @@ def run_workers(
     model=None,
     cache: ActivationCache | None = None,
     report=print,
+    refit: RefitPool | None = None,
 ) -> optuna.Study:
     """Run the study to `base.n_trials` finished trials with `workers` processes: this one and `workers - 1`
     spawned helpers, sharing the remaining trials. A helper that exits non-zero has its running trial failed and
@@ -274,7 +283,7 @@ def run_workers(
     for process in helpers:
         process.start()
     try:
-        study = run_worker(replace(base, share=shares[0]), callbacks, model, cache)
+        study = run_worker(replace(base, share=shares[0]), callbacks, model, cache, refit)
         for process in helpers:
             process.join()
     finally:  # this process stopped early (error, SIGINT/SIGTERM): take the helpers down with it
@@ -290,7 +299,7 @@ def run_workers(
             f"{'its trial ' + ', '.join(map(str, retried)) + ' runs again' if retried else 'it held no running trial'}"
         )
     if dead and finished(study) < base.n_trials:
-        study = run_worker(replace(base, share=None), callbacks, model, cache)
+        study = run_worker(replace(base, share=None), callbacks, model, cache, refit)
     if dead and finished(study) < base.n_trials:
         names = ", ".join(f"worker {k} (exit code {process.exitcode})" for k, process in dead)
         raise AdaPrunerError(

@@ -2,12 +2,14 @@
 
 For each `--targets` fraction p of all parameters removed (every method removes the same count, within one MLP
 channel), without fine-tuning:
-  llm-pruner   LLM-Pruner's recipe: taylor1, sum, uniform allocation, whole kv groups, no compensation;
-  flap         FLAP's recipe from our parts: fluct metric, global allocation (standardised scores), bias compensation;
+  best, paper, llm-pruner, flap   the named recipes of `adapruner.recipes` (`--peers`): best is what `adapruner prune`
+               does with no flag; paper is AdaPruner's plain method; llm-pruner (taylor1, sum, uniform, whole kv groups,
+               no compensation) and flap (fluct, global allocation of standardised scores, bias) the published peers;
   METRIC/ALLOCATION/COMPENSATION   each point of the grid (`--metrics` × `--allocations` × `--compensations`);
   the named recipes of `--recipes` (issue 22: OBS selection, error allocation, sequential pruning; see RECIPES);
-  searched     `adapruner search` under the same budget (`--trials` trials over samples, metric, aggregation,
-               allocation, compensation), its best trial's plan applied and compensated as it was scored.
+  searched     `adapruner search` under the same budget (`--trials` trials in the space of `--search-recipe`, the
+               CLI's default space unless told; `--search-*` flags override it), its best trial's plan applied and
+               compensated as it was scored.
 Fixed recipes calibrate on `--calib` (seeded) unless the recipe names its own; every model is scored on the same
 held-out wiki *evaluation* windows, which neither calibration nor the search's validation saw. Writes
 bench/results/quality.json, keeping the rows of (target, method) pairs not measured this time (`--metrics ''` and
@@ -24,6 +26,7 @@ import platform
 import shutil
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,13 +37,11 @@ from adapruner.commands.search import SearchOptions, run_search
 from adapruner.evaluate import perplexity
 from adapruner.models import load_model
 from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
+from adapruner.recipes import RECIPES as NAMED
+from adapruner.recipes import recipe_prune_options, search_recipe
 from adapruner.report import format_table
 from adapruner.spec import DEFAULT_DAMP, PruneSpec
 
-PEERS = {
-    "llm-pruner": dict(metric="taylor1", allocation="uniform", compensation="none", granularity="kv"),
-    "flap": dict(metric="fluct", allocation="global", compensation="bias"),
-}
 RECIPES = {  # issue 22's recipes, by name (`--recipes`); calib: wiki windows where not `--calib`
     "obs": dict(metric="obs", allocation="uniform", compensation="lsq"),
     "obs/error": dict(metric="obs", allocation="error", compensation="lsq"),
@@ -79,15 +80,18 @@ def main() -> None:
     )
     parser.add_argument("--metrics", default="taylor2,act,fluct", help="the grid's metrics ('': no grid)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"named recipes ({', '.join(RECIPES)}; '': none)")
-    parser.add_argument("--peers", default=",".join(PEERS), help="the published recipes ('': none)")
+    parser.add_argument("--peers", default=",".join(NAMED), help="recipes of adapruner.recipes ('': none)")
     parser.add_argument("--allocations", default="uniform,global")
     parser.add_argument("--compensations", default="none,bias,lsq")
     parser.add_argument("--trials", type=int, default=30, help="the search's trial budget (0: no search)")
-    parser.add_argument("--search-metrics", default="taylor2,act,fluct,obs", help="metrics the search may choose")
-    parser.add_argument(
-        "--search-allocations", default="uniform,depth,global,error", help="allocations the search may choose"
-    )
-    parser.add_argument("--search-samples", default="8,16,32", help="sample counts the search may choose")
+    parser.add_argument("--search-recipe", default="best", help="the search space's recipe (adapruner.recipes)")
+    parser.add_argument("--search-metrics", default=None, help="metrics the search may choose")
+    parser.add_argument("--search-allocations", default=None, help="allocations the search may choose")
+    parser.add_argument("--search-samples", default="", help="sample counts the search may choose ('': the recipe's)")
+    parser.add_argument("--search-compensations", default=None, help="compensations the search may choose")
+    parser.add_argument("--search-refit", default=None, help="the search's refit pool (--refit-calib; none: none)")
+    parser.add_argument("--search-statistics", default=None, help="the search's --statistics choices")
+    parser.add_argument("--search-damp", type=float, default=None, help="the search's lsq damping")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--max-eval-windows", type=int, default=200, help="the first N evaluation windows (all: 1116)")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,8 +110,18 @@ def main() -> None:
             names(args.metrics), args.allocations.split(","), args.compensations.split(",")
         )
     }
-    chosen = {name: PEERS[name] for name in names(args.peers)} | {name: RECIPES[name] for name in names(args.recipes)}
     for target in map(float, args.targets.split(",")):
+        for name in names(args.peers):
+            model, started = copy.deepcopy(dense), time.perf_counter()
+            options = replace(recipe_prune_options(name, ratio=None, target_params=target), seed=args.seed)
+            options = replace(options, seq_len=args.seq_len)
+            prune_model(model, tokenizer, options, progress=False)
+            seconds = time.perf_counter() - started
+            recipe = {k: getattr(options.spec, k) for k in ("metric", "allocation", "compensation", "granularity")}
+            row = measure(name, model, dense_params, windows, seconds, target=target, calib=options.calib, **recipe)
+            rows.append({**row, "damp": options.spec.damp})
+            print(f"{target} {name}: ppl {rows[-1]['ppl']:.2f}", flush=True)
+        chosen = {name: RECIPES[name] for name in names(args.recipes)}
         for name, recipe in {**chosen, **grid}.items():
             model, started = copy.deepcopy(dense), time.perf_counter()
             spec = PruneSpec(
@@ -131,16 +145,25 @@ def main() -> None:
             work = Path(args.work) / f"target-{target}"
             shutil.rmtree(work, ignore_errors=True)
             started = time.perf_counter()
+            space = search_recipe(args.search_recipe)
+            refit = space["refit_calib"] if args.search_refit is None else args.search_refit
             search = SearchOptions(
                 model=args.model,
-                spec=PruneSpec(None, target_params=target, granularity=args.granularity),
+                spec=PruneSpec(
+                    None,
+                    target_params=target,
+                    granularity=space["granularity"],
+                    damp=args.search_damp or space["damp"],
+                ),
                 seq_len=args.seq_len,
                 seed=args.seed,
-                metrics=tuple(args.search_metrics.split(",")),
-                aggregations=("sum", "mean", "max"),
-                sample_counts=tuple(int(n) for n in args.search_samples.split(",")),
-                allocations=tuple(args.search_allocations.split(",")),
-                compensations=tuple(args.compensations.split(",")),
+                metrics=listed(args.search_metrics, space["metrics"]),
+                aggregations=space["aggregations"],
+                sample_counts=tuple(int(n) for n in names(args.search_samples)) or space["sample_counts"],
+                allocations=listed(args.search_allocations, space["allocations"]),
+                compensations=listed(args.search_compensations, space["compensations"]),
+                statistics=listed(args.search_statistics, space["statistics"]),
+                refit_calib=None if refit == "none" else refit,
                 trials=args.trials,
             )
             best = run_search(search, work)
@@ -160,7 +183,8 @@ def main() -> None:
                     allocation=best.prune_spec.allocation,
                     compensation=best.prune_spec.compensation,
                     slope=best.prune_spec.depth_slope,
-                    samples=len(best.samples),
+                    samples=len(best.samples) if best.statistics == "subset" else best.refit_calib,
+                    refit=best.refit_calib,
                 )
             )
             print(f"{target} searched: ppl {rows[-1]['ppl']:.2f}", flush=True)
@@ -169,6 +193,11 @@ def main() -> None:
 
 def names(listed: str) -> list[str]:
     return [name for name in listed.split(",") if name]
+
+
+def listed(flag: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A --search-* flag's choices, or the recipe's."""
+    return tuple(names(flag)) if flag is not None else tuple(default)
 
 
 def write(args: argparse.Namespace, windows: torch.Tensor, rows: list[dict]) -> None:

@@ -23,10 +23,13 @@ def write_pool(path, seed):
 
 
 def search_args(tmp_path, out, *extra):
+    """A tiny CLI search of the paper's space (no refit pool: its cache folder holds the activation cache alone)."""
     return [
         "search",
         "--model",
         str(tmp_path / "model"),
+        "--recipe",
+        "paper",
         "--pools",
         str(tmp_path / "a.txt"),
         "--pool-size",

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from adapruner.calibration import pool_windows
 from adapruner.cli import (
+    apply_recipe,
     build_parser,
     eval_options,
     lora_options,
@@ -24,6 +25,7 @@ from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions
 from adapruner.plan import PrunePlan
 from adapruner.pruning import PruneOptions, prune_model
+from adapruner.recipes import recipe_prune_options, recipe_search_options
 from adapruner.saving import save_pruned
 from adapruner.spec import PruneSpec
 from adapruner.structure import layer_info
@@ -47,7 +49,16 @@ from tests.helpers import run_cli
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, capsys, tmp_path):
     out = tmp_path / "out"
     code, _, err = run_cli(
-        capsys, "prune", *argv, "--metric", "l2" if "--calib" not in argv else "taylor1", "--no-eval", "--out", str(out)
+        capsys,
+        "prune",
+        *argv,
+        "--recipe",
+        "paper",
+        "--metric",
+        "l2" if "--calib" not in argv else "taylor1",
+        "--no-eval",
+        "--out",
+        str(out),
     )
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -55,15 +66,29 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, capsys, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_defaults_are_the_settings_objects_defaults():
-    """One place to change a default: every flag's default is its settings object's."""
-    parser = build_parser()
-    assert search_options(parser.parse_args(["search", "--out", "o"])) == SearchOptions()
-    assert run_options(parser.parse_args(["run", "--out", "o"])) == RunOptions(SearchOptions())
-    prune = parser.parse_args(["prune", "--model", "m", "--out", "o"])
-    assert prune_options(prune) == PruneOptions() and prune_eval_options(prune) == EvalOptions()
-    assert lora_options(parser.parse_args(["finetune", "--model", "m", "--out", "o"])) == LoraOptions()
-    assert eval_options(parser.parse_args(["eval", "--model", "m"])) == EvalOptions()
+def parsed(*argv: str):
+    """The namespace `main` hands a command: flags parsed, then the rest filled from --recipe."""
+    args = build_parser().parse_args(argv)
+    apply_recipe(args)
+    return args
+
+
+def test_cli_defaults_are_the_best_recipe_and_the_paper_is_the_settings_objects():
+    """No flag gives the measured best recipe; `--recipe paper` gives the settings objects' own (plain) defaults, so
+    each default is written once: in the object, or in the recipe."""
+    assert search_options(parsed("search", "--out", "o")) == recipe_search_options("best")
+    assert run_options(parsed("run", "--out", "o")) == RunOptions(recipe_search_options("best"))
+    prune = parsed("prune", "--model", "m", "--out", "o")
+    assert prune_options(prune) == recipe_prune_options("best") and prune_eval_options(prune) == EvalOptions()
+    assert search_options(parsed("search", "--recipe", "paper", "--out", "o")) == SearchOptions()
+    assert run_options(parsed("run", "--recipe", "paper", "--out", "o")) == RunOptions(SearchOptions())
+    assert prune_options(parsed("prune", "--recipe", "paper", "--model", "m", "--out", "o")) == PruneOptions()
+    flap = prune_options(parsed("prune", "--recipe", "flap", "--metric", "act", "--model", "m", "--out", "o"))
+    assert flap == recipe_prune_options("flap", metric="act")  # a flag overrides its recipe's value
+    none = search_options(parsed("search", "--refit-calib", "none", "--statistics", "subset", "--out", "o"))
+    assert none == recipe_search_options("best", refit_calib=None, statistics=("subset",))
+    assert lora_options(parsed("finetune", "--model", "m", "--out", "o")) == LoraOptions()
+    assert eval_options(parsed("eval", "--model", "m")) == EvalOptions()
 
 
 @pytest.mark.parametrize(
@@ -130,6 +155,8 @@ def test_smollm2_uniform_cli_saves_a_stock_model(capsys, tmp_path, smollm2_loade
         "prune",
         "--model",
         "smollm2",
+        "--recipe",
+        "paper",
         "--ratio",
         "0.25",
         "--metric",
@@ -192,6 +219,8 @@ def test_smollm2_search_resume_mismatch_and_apply(capsys, tmp_path, smollm2_load
     common = [
         "--model",
         "smollm2",
+        "--recipe",
+        "paper",
         "--pools",
         "wiki,news",
         "--pool-size",
@@ -266,6 +295,8 @@ def test_smollm2_delivered_model_is_the_scored_one(capsys, tmp_path, smollm2_loa
         "search",
         "--model",
         "smollm2",
+        "--recipe",
+        "paper",
         "--pools",
         "wiki",
         "--pool-size",

@@ -70,7 +70,8 @@ def test_cli_prune_and_search_in_bfloat16(gqa_model, tokenizer, tmp_path, capsys
     model_dir = tmp_path / "tiny"
     gqa_model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    common = ["--model", str(model_dir), "--ratio", "0.5", "--layers", "0:3", "--device", "cpu", "--dtype", "bfloat16"]
+    common = ["--model", str(model_dir), "--recipe", "paper", "--ratio", "0.5", "--layers", "0:3", "--device", "cpu"]
+    common += ["--dtype", "bfloat16"]
     assert (
         main(
             [

@@ -303,3 +303,18 @@ def test_sequential_refuses_moe_experts_in_one_line():
     options = PruneOptions(PruneSpec(0.25, layers="all", metric="l2", sequential=True), calib="news:2")
     with pytest.raises(AdaPrunerError, match="--sequential reads each layer's linears"):
         prune_model(model, byte_level_tokenizer(), options, progress=False)
+
+
+def test_a_slightly_indefinite_covariance_is_projected_onto_the_psd_cone():
+    """Σ = C − μμᵀ in fp32 can lose its PSD-ness to cancellation: the inverse is that of the nearest PSD Σ, damped."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    cov = x.t() @ x / 4 - 1e-3 * torch.eye(6, dtype=torch.float64)  # rank 4 less a little: two negative eigenvalues
+    damp = 1e-6
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(cov + damp * cov.diagonal().mean() * torch.eye(6, dtype=torch.float64))
+    values, vectors = torch.linalg.eigh(cov)
+    nearest = vectors @ torch.diag(values.clamp_min(0)) @ vectors.t()
+    lam = damp * cov.diagonal().mean()
+    expected = torch.linalg.inv(nearest + lam * torch.eye(6, dtype=torch.float64))
+    torch.testing.assert_close(inverse_hessian(cov, damp), expected)

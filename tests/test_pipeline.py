@@ -23,6 +23,8 @@ def test_run_writes_a_filled_report(tmp_path, capsys, monkeypatch, smollm2_loade
             "run",
             "--model",
             "smollm2",
+            "--recipe",
+            "paper",  # the published method's space: ratio 0.25 over whole kv groups
             "--pools",
             "wiki",
             "--pool-size",

@@ -162,6 +162,9 @@ def bad_inputs(tmp_path):
 
 
 def test_bad_files_and_paths_are_one_line_errors_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import adapruner.commands.eval
+    import adapruner.commands.prune
+    import adapruner.commands.run  # imported before the patch: none binds the patched loader for later tests
     import adapruner.models
 
     def no_loading(*_args, **_kwargs):

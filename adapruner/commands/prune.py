@@ -49,7 +49,7 @@ def prune_and_save(
     directory `out` with report.json. `evaluation` (None, or ppl None: skip) measures perplexity on its `ppl` pool's
     evaluation windows before and after (zero-shot tasks run through `eval_job.evaluate_model`). Returns the report."""
     check_out_dir(out)
-    for pool, _count in parse_calib_spec(options.calib):
+    for pool, _count in parse_calib_spec(options.calib) + parse_calib_spec(options.refit_calib or options.calib):
         check_pool(pool)
     spec = options.spec.check()
     if uniform and spec.layers not in (None, "all"):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from adapruner.allocation import count_params
+from adapruner.best_trial import BestTrial
 from adapruner.calibration import pool_windows
 from adapruner.commands.eval import EvalOptions, eval_windows
 from adapruner.commands.search import SearchOptions, resolved, run_search
@@ -232,8 +233,8 @@ def report_markdown(report: dict, rows: list[Row]) -> str:
         else f"ratio {spec['ratio']}"
     )
     lines.append(
-        f"Best configuration: `{spec['metric']}` / `{spec['aggregation']}`, {len(best['samples'])} samples "
-        f"(blocks {', '.join(best['blocks'])}), allocation {spec['allocation']} "
+        f"Best configuration: `{spec['metric']}` / `{spec['aggregation']}` on {BestTrial(**best).scored_on}, "
+        f"allocation {spec['allocation']} "
         f"(slope {spec['depth_slope']:.3f}), compensation {spec['compensation']}, {budget} over layers "
         f"{spec['layers']}: {100 * best['removed_fraction']:.1f}% of the parameters removed; "
         f"validation ppl {best['val_ppl']:.3f} (trial {best['trial']})."

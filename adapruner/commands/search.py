@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from adapruner.best_trial import BestTrial
 from adapruner.big_model import Dispatch
 from adapruner.cache import CacheKey, CandidatePool, cache_key, load_or_build, planned_bytes
-from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows, seeded_draw
+from adapruner.calibration import DEFAULT_SEQ_LEN, parse_calib_spec, pool_windows, seeded_draw
 from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.fingerprint import model_digest, text_digest
@@ -24,6 +24,7 @@ from adapruner.memory_plan import GIB, MemoryPlan, memory_plan
 from adapruner.metrics import ACTIVATION_METRICS
 from adapruner.models import cache_root, load_model, load_shapes
 from adapruner.plan import PrunePlan
+from adapruner.refit_pool import load_or_collect, refit_key
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import SearchSpace, config_of, trial_spec
 from adapruner.spec import PruneSpec
@@ -60,6 +61,8 @@ class SearchOptions:
     depth_slope: float = SearchSpace.depth_slope
     allocations: tuple[str, ...] = SearchSpace.allocations
     compensations: tuple[str, ...] = SearchSpace.compensations
+    statistics: tuple[str, ...] = SearchSpace.statistics
+    refit_calib: str | None = None  # the refit pool's windows (POOL:N[,POOL:N]); None: trials refit on their subset
     trials: int = how(40)
     startup_trials: int | None = how(None)  # TPE's random start-up trials; None: a quarter of `trials` (at least 1)
     sampler: str = how("tpe")
@@ -239,10 +242,15 @@ def run_search(
         options.depth_slope,
         options.allocations,
         options.compensations,
+        options.statistics,
     )
-    pool_digests = [  # reads every pool and --val-data: bad files are refused before the model loads
+    if "refit" in space.statistics and options.refit_calib is None:
+        raise AdaPrunerError("--statistics refit scores trials on the refit pool: pass --refit-calib (e.g. wiki:256)")
+    pool_digests = [  # reads every pool, --refit-calib's and --val-data: bad files are refused before the model loads
         text_digest(pool) for pool in options.pools
     ]
+    refit_pools = parse_calib_spec(options.refit_calib) if options.refit_calib else []
+    refit_digests = [text_digest(pool) for pool, _n in refit_pools]
     val_digest = text_digest("wiki", "val") if options.val_data is None else text_digest(options.val_data)
     files = study_dir(out, options.study)
     options, placement = resolved(options)
@@ -265,6 +273,8 @@ def run_search(
     files.mkdir(parents=True, exist_ok=True)
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(model)))
     content = {"model": model_digest(model, tokenizer), "pools": pool_digests, "validation": val_digest}
+    if refit_digests:
+        content["refit"] = refit_digests
     pin_content(study, content)
     key = replace(
         search_cache_key(options, model, layers),
@@ -290,6 +300,12 @@ def run_search(
         )
         on = f"spread by --device-map {options.device_map}" if placement.dispatch else f"on {options.device}"
         print(f"model {options.model} in {options.dtype} {on}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
+    refit = refit_path = None
+    if options.refit_calib is not None:
+        refit_path = cache_dir / refit_key(content["model"], options.refit_calib, options.seq_len, options.seed, layers)
+        refit = load_or_collect(
+            model, tokenizer, options.refit_calib, options.seq_len, options.seed, layers, refit_path, progress
+        )
     val_path = files / "val.safetensors"
     saved_val_windows(val_path, tokenizer, options)
     write_json_atomic(
@@ -321,6 +337,7 @@ def run_search(
         dtype=options.dtype,
         trust_remote_code=options.trust_remote_code,
         threads=max(1, torch.get_num_threads() // options.workers),
+        refit_path=None if refit_path is None else str(refit_path),
     )
     remaining = max(0, options.trials - finished(study))
     bar = tqdm(
@@ -338,7 +355,9 @@ def run_search(
         bar.refresh()
 
     try:
-        study = run_workers(base, options.workers, callbacks=[show], model=model, cache=cache, report=tqdm.write)
+        study = run_workers(
+            base, options.workers, callbacks=[show], model=model, cache=cache, report=tqdm.write, refit=refit
+        )
     finally:
         bar.close()
     return write_outputs(study, cache, space, files, options)
@@ -391,6 +410,8 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
         batch_size=options.batch_size,
         plan=PrunePlan.decode(best.user_attrs["plan"]).to_dict(),
         removed_fraction=best.user_attrs["removed_fraction"],
+        refit_calib=options.refit_calib,
+        statistics=config.statistics,
     )
     summary.write(out / "best.json")
     trials = sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: (t.value is None, t.value or 0.0))
@@ -402,7 +423,7 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
             t.params.get("aggregation"),
             t.params.get("allocation", space.allocations[0]),
             t.params.get("compensation", space.compensations[0]),
-            len(t.user_attrs.get("samples", [])),
+            "refit" if t.params.get("statistics") == "refit" else len(t.user_attrs.get("samples", [])),
             t.user_attrs.get("removed_fraction", "-"),
             t.value if t.value is not None else "-",
         ]

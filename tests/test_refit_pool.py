@@ -1,0 +1,174 @@
+"""The refit pool: one forward pass gives the moments every trial refits on (and that act/fluct/obs trials may score
+on); what a trial scored from it is what `prune` delivers on the same windows."""
+
+import copy
+
+import optuna
+import pytest
+import torch
+
+from adapruner.calibration import calibration_samples
+from adapruner.compensation import compensation_passes
+from adapruner.errors import AdaPrunerError
+from adapruner.importance import Importance
+from adapruner.models import load_model
+from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
+from adapruner.refit_pool import RefitPool, collect_refit_pool, load_or_collect, refit_key, scored_by_moments
+from adapruner.search import SearchSpace, TrialConfig, suggest, trial_plan, trial_updates
+from adapruner.selection import plan_allocation
+from adapruner.spec import PruneSpec
+from adapruner.structure import output_projections
+from tests.helpers import (
+    byte_level_tokenizer,
+    one_error_line,
+    run_cli,
+    search_args,
+    tiny_family,
+    tiny_search,
+    write_pool,
+)
+
+
+@pytest.fixture
+def pooled(tmp_path):
+    """A tiny llama, the byte-level tokenizer and a text pool of ≥ 6 windows of 16 tokens."""
+    write_pool(tmp_path / "a.txt", seed=1)
+    return tiny_family("llama"), byte_level_tokenizer(), f"{tmp_path / 'a.txt'}:6"
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "error"])
+@pytest.mark.parametrize("metric", ["act", "fluct", "obs"])
+def test_a_plan_scored_on_the_pool_is_a_fresh_prune_on_its_windows(pooled, metric, allocation):
+    model, tokenizer, calib = pooled
+    pool = collect_refit_pool(model, tokenizer, calib, 16, 0, range(4), progress=False)
+    spec = PruneSpec(0.5, layers="all", granularity="query", metric=metric, allocation=allocation)
+    config = TrialConfig([], metric, "sum", allocation=allocation, statistics="refit")
+    scored = trial_plan(model, None, spec, config, refit=pool)
+    fresh = prune_model(copy.deepcopy(model), tokenizer, PruneOptions(spec, calib, seq_len=16), progress=False)
+    assert scored == fresh.plan and scored.mlp[0] != list(range(12))
+
+
+def test_the_pool_refit_is_the_refit_from_its_windows(pooled):
+    model, tokenizer, calib = pooled
+    pool = collect_refit_pool(model, tokenizer, calib, 16, 0, range(4), progress=False)
+    spec = PruneSpec(0.5, layers="all", metric="l2", compensation="lsq", damp=0.3)
+    plan = plan_allocation(model, Importance("l2"), spec)
+    updates = trial_updates(model, None, spec, TrialConfig([], "l2", "sum", compensation="lsq"), plan, pool)
+    windows = calibration_samples(tokenizer, calib, 16).input_ids
+    reference = compensation_passes(model, plan, windows, "lsq", 0.3, progress=False)
+    assert updates.keys() == reference.keys() == output_projections(model, range(4)).keys()
+    for name, (weight, bias) in updates.items():
+        torch.testing.assert_close(weight, reference[name][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bias, reference[name][1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_saved_pool_reads_back_whole_and_a_damaged_one_is_one_line(pooled, tmp_path):
+    model, tokenizer, calib = pooled
+    path = tmp_path / refit_key("digest", calib, 16, 0, range(4))
+    pool = load_or_collect(model, tokenizer, calib, 16, 0, range(4), path, progress=False)
+    again = RefitPool.load(path)
+    assert (again.calib, again.seq_len, again.seed, again.tokens) == (calib, 16, 0, 6 * 16)
+    assert again.moments.keys() == pool.moments.keys()
+    for name, m in pool.moments.items():
+        read = again.moments[name]
+        assert torch.equal(read.mean, m.mean) and torch.equal(read.square_mean, m.square_mean)
+        assert (m.gram is None) == (name not in output_projections(model, range(4)))
+        assert m.gram is None or torch.equal(read.gram, m.gram)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(AdaPrunerError, match="is damaged .*delete it"):
+        RefitPool.load(path)
+
+
+def test_suggest_draws_only_the_parameters_a_trial_uses():
+    blocks = {"a_0": [0, 1], "a_1": [2, 3]}
+    space = SearchSpace(("taylor2", "fluct", "act"), ("sum", "max"), (1, 2), statistics=("subset", "refit"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        config = suggest(trial, space, blocks)
+        params = set(trial.params)
+        seen.add((config.metric, config.statistics))
+        assert ("statistics" in params) == scored_by_moments(config.metric)
+        assert ("aggregation" in params) == (config.metric != "fluct")  # fluct scores the output columns alone
+        subset = config.statistics == "subset"
+        assert ("n_samples" in params) == subset and any(p.startswith("block_") for p in params) == subset
+        assert (config.samples == []) == (not subset)
+        study.tell(trial, 1.0)
+    assert {("taylor2", "subset"), ("fluct", "refit"), ("act", "refit"), ("act", "subset")} <= seen
+
+
+def test_a_search_on_the_refit_pool_delivers_what_it_scored(tmp_path):
+    """Trials score act/fluct/obs on the refit pool and refit on it; `prune --from-study` (plan as scored) and a
+    fresh prune of the recipe (`PruneOptions.from_best`) give the same plan and the same refit weights."""
+    write_pool(tmp_path / "a.txt", seed=1)
+    calib = f"{tmp_path / 'a.txt'}:6"
+    best = tiny_search(
+        tmp_path,
+        tiny_family("llama"),
+        spec=PruneSpec(None, target_params=0.2, layers="all", granularity="query", damp=0.3),
+        metrics=("act", "fluct", "obs"),
+        compensations=("lsq",),
+        statistics=("refit",),
+        refit_calib=calib,
+        trials=2,
+    )
+    assert (best.statistics, best.samples, best.refit_calib) == ("refit", [], calib)
+    loaded, tokenizer = load_model(str(tmp_path / "model"))
+    applied, fresh = copy.deepcopy(loaded), copy.deepcopy(loaded)
+    assert apply_study_plan(applied, best, tokenizer, progress=False).plan == best.prune_plan
+    assert prune_model(fresh, tokenizer, PruneOptions.from_best(best), progress=False).plan == best.prune_plan
+    for name, linear in output_projections(applied, range(4)).items():
+        torch.testing.assert_close(linear.weight, fresh.get_submodule(name).weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(linear.bias, fresh.get_submodule(name).bias, rtol=1e-4, atol=1e-5)
+
+
+def test_subset_trials_refit_on_the_pool_and_prune_does_the_same(tmp_path):
+    write_pool(tmp_path / "a.txt", seed=1)
+    calib = f"{tmp_path / 'a.txt'}:6"
+    best = tiny_search(
+        tmp_path,
+        tiny_family("llama"),
+        spec=PruneSpec(0.5, layers="all", damp=0.3),
+        metrics=("l2", "taylor1"),
+        compensations=("lsq",),
+        refit_calib=calib,
+        trials=2,
+    )
+    assert best.statistics == "subset" and best.samples and best.refit_calib == calib
+    loaded, tokenizer = load_model(str(tmp_path / "model"))
+    applied, fresh = copy.deepcopy(loaded), copy.deepcopy(loaded)
+    plan = apply_study_plan(applied, best, tokenizer, progress=False).plan
+    options = PruneOptions.from_best(best)
+    assert options.refit_calib == calib and options.calib_addresses == [tuple(a) for a in best.addresses]
+    assert prune_model(fresh, tokenizer, options, progress=False).plan == plan == best.prune_plan
+    refit = compensation_passes(
+        loaded, plan, calibration_samples(tokenizer, calib, 16).input_ids, "lsq", 0.3, progress=False
+    )
+    for name, (weight, bias) in refit.items():
+        torch.testing.assert_close(applied.get_submodule(name).weight, weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fresh.get_submodule(name).bias, bias, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--statistics", "refit", "--metrics", "act,fluct", "--refit-calib", "none"], "pass --refit-calib"),
+        (["--refit-calib", "wiki:x"], "bad calibration spec 'wiki:x'"),
+        (["--statistics", "some"], "--statistics: unknown choice 'some'"),
+    ],
+)
+def test_refit_flags_are_refused_in_one_line_before_anything_is_written(tmp_path, capsys, extra, message):
+    code, _, err = run_cli(capsys, *search_args(tmp_path, tmp_path / "out", *extra))
+    assert code == 2 and one_error_line(err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_refuses_a_bad_refit_spec_and_sequential_with_a_refit_pool(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    code, _, err = run_cli(capsys, "prune", "--model", "smollm2", "--refit-calib", "wiki", "--out", out)
+    assert code == 2 and "bad calibration spec 'wiki'" in err and "Traceback" not in err
+    argv = ["prune", "--model", "smollm2", "--sequential", "--metric", "obs", "--refit-calib", "wiki:8", "--out", out]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and one_error_line(err, "drop --refit-calib")
+    assert list(tmp_path.iterdir()) == []
