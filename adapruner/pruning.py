@@ -15,6 +15,7 @@ from adapruner.compensation import compensation_passes, compensation_updates, gi
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import COLLECTED_STATS, Importance, LinearStats, check_expert_metrics, needs
 from adapruner.plan import PrunePlan
+from adapruner.refit_pool import RefitPool
 from adapruner.removal import apply_plan
 from adapruner.selection import allocate, plan_allocation, scoreless_counts
 from adapruner.sequential import check_sequential, prune_sequential
@@ -70,7 +71,11 @@ class PruneResult:
 
 
 def apply_study_plan(
-    model: nn.Module, best: BestTrial, tokenizer: PreTrainedTokenizerBase | None = None, progress: bool = True
+    model: nn.Module,
+    best: BestTrial,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    progress: bool = True,
+    refit_pool: RefitPool | None = None,
 ) -> PruneResult:
     """Prune `model` in place by the plan a search scored (`best.json` of `adapruner search`): no importance
     statistics; a compensated trial's output linears are refit from the input moments of the trial's own windows
@@ -83,7 +88,14 @@ def apply_study_plan(
     plan = best.prune_plan
     updates = {}
     spec = best.prune_spec
-    if spec.compensation != "none":
+    saved = refit_pool is not None and (refit_pool.calib, refit_pool.seq_len, refit_pool.seed) == (
+        best.refit_calib,
+        best.seq_len,
+        best.seed,
+    )
+    if spec.compensation != "none" and saved:
+        updates = compensation_updates(model, plan, refit_pool.moments_of, spec.compensation, spec.damp)
+    elif spec.compensation != "none":
         if tokenizer is None:
             raise AdaPrunerError("the study's best trial is compensated: pass the tokenizer to re-read its windows")
         samples = (

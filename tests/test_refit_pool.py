@@ -2,6 +2,8 @@
 on); what a trial scored from it is what `prune` delivers on the same windows."""
 
 import copy
+import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -114,13 +116,19 @@ def test_a_search_on_the_refit_pool_delivers_what_it_scored(tmp_path):
         trials=2,
     )
     assert (best.statistics, best.samples, best.refit_calib) == ("refit", [], calib)
+    best_row = (tmp_path / "s" / "trials.txt").read_text().splitlines()[2].split()
+    assert best.prune_spec.metric in best_row and "refit" in best_row  # the table says where it scored
     loaded, tokenizer = load_model(str(tmp_path / "model"))
     applied, fresh = copy.deepcopy(loaded), copy.deepcopy(loaded)
+    saved = copy.deepcopy(loaded)
     assert apply_study_plan(applied, best, tokenizer, progress=False).plan == best.prune_plan
     assert prune_model(fresh, tokenizer, PruneOptions.from_best(best), progress=False).plan == best.prune_plan
+    pool_file = json.loads((tmp_path / "s" / "search.json").read_text())["refit_pool"]
+    apply_study_plan(saved, best, tokenizer, progress=False, refit_pool=RefitPool.load(Path(pool_file)))
     for name, linear in output_projections(applied, range(4)).items():
-        torch.testing.assert_close(linear.weight, fresh.get_submodule(name).weight, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(linear.bias, fresh.get_submodule(name).bias, rtol=1e-4, atol=1e-5)
+        for other in (fresh, saved):  # a fresh prune, and the plan refit from the search's saved pool
+            torch.testing.assert_close(linear.weight, other.get_submodule(name).weight, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(linear.bias, other.get_submodule(name).bias, rtol=1e-4, atol=1e-5)
 
 
 def test_subset_trials_refit_on_the_pool_and_prune_does_the_same(tmp_path):

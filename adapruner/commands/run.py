@@ -25,6 +25,7 @@ from adapruner.finetune import LoraOptions, finetune, merged
 from adapruner.measure import macs
 from adapruner.models import cache_root, load_model
 from adapruner.pruning import apply_study_plan
+from adapruner.refit_pool import RefitPool
 from adapruner.report import REPORT_FORMAT, write_json_atomic
 from adapruner.saving import layer_sizes, save_pruned
 from adapruner.speed import measure_speed
@@ -156,7 +157,9 @@ def _run_stages(
 
     started = time.perf_counter()
     pruned = dense  # pruned in place: one copy of the model in memory
-    apply_study_plan(pruned, best, tokenizer)  # the plan the best trial scored (deterministic: a resume re-derives it)
+    saved_pool = json.loads((out / "search" / "search.json").read_text()).get("refit_pool")
+    pool = RefitPool.load(Path(saved_pool)) if saved_pool and Path(saved_pool).is_file() else None
+    apply_study_plan(pruned, best, tokenizer, refit_pool=pool)  # the plan the best trial scored, refit as scored
     stage_seconds["prune"] = time.perf_counter() - started
     best_json = asdict(best)
     if not (out / "pruned").is_dir():  # save_pruned stages: a folder there is whole

@@ -24,7 +24,7 @@ from adapruner.memory_plan import GIB, MemoryPlan, memory_plan
 from adapruner.metrics import ACTIVATION_METRICS
 from adapruner.models import cache_root, load_model, load_shapes
 from adapruner.plan import PrunePlan
-from adapruner.refit_pool import load_or_collect, refit_key
+from adapruner.refit_pool import load_or_collect, refit_key, scored_by_moments
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import SearchSpace, config_of, trial_spec
 from adapruner.spec import PruneSpec
@@ -315,6 +315,7 @@ def run_search(
             "storage": options.storage or f"{STUDY_FILE} in {out}",
             "content": content,
             "cache": str(cache_dir / f"{key.digest()}.safetensors"),
+            "refit_pool": None if refit_path is None else str(refit_path),
         },
     )
     base = WorkerSpec(
@@ -423,7 +424,7 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
             t.params.get("aggregation"),
             t.params.get("allocation", space.allocations[0]),
             t.params.get("compensation", space.compensations[0]),
-            "refit" if t.params.get("statistics") == "refit" else len(t.user_attrs.get("samples", [])),
+            "refit" if _scored_on_pool(t.params, space) else len(t.user_attrs.get("samples", [])),
             t.user_attrs.get("removed_fraction", "-"),
             t.value if t.value is not None else "-",
         ]
@@ -438,6 +439,11 @@ def write_outputs(study, cache, space: SearchSpace, out: Path, options: SearchOp
     print(table)
     _plots(study, out)
     return summary
+
+
+def _scored_on_pool(params: dict, space: SearchSpace) -> bool:
+    """Whether a trial of these parameters scored its units on the refit pool (a parameter only where offered)."""
+    return scored_by_moments(params["metric"]) and params.get("statistics", space.statistics[0]) == "refit"
 
 
 def _plots(study, out: Path) -> None:
