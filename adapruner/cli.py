@@ -131,6 +131,8 @@ def apply_recipe(args: argparse.Namespace) -> None:
         }
         if not hasattr(args, "refit_calib"):  # not given (`none` gives None)
             args.refit_calib = values["refit_calib"]
+        elif args.refit_calib is None and args.statistics is None:  # `--refit-calib none`: no pool to score on
+            args.statistics = "subset"
     else:
         return
     for dest, field in flags.items():

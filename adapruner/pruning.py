@@ -12,8 +12,10 @@ from adapruner.allocation import Counts
 from adapruner.best_trial import BestTrial
 from adapruner.calibration import DEFAULT_SEQ_LEN, calibration_samples, windows_at
 from adapruner.compensation import compensation_passes, compensation_updates, give_output_biases, install
+from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import COLLECTED_STATS, Importance, LinearStats, check_expert_metrics, needs
+from adapruner.memory_plan import device_free_bytes
 from adapruner.plan import PrunePlan
 from adapruner.refit_pool import RefitPool
 from adapruner.removal import apply_plan
@@ -46,7 +48,7 @@ class PruneOptions:
             seq_len=best.seq_len,
             seed=best.seed,
             calib_addresses=[tuple(a) for a in best.addresses],
-            refit_calib=best.refit_calib,
+            refit_calib=None if best.prune_spec.sequential else best.refit_calib,  # sequential refits on its windows
         )
 
 
@@ -132,7 +134,8 @@ def prune_model(
             raise AdaPrunerError("--sequential refits each layer on the --calib windows: drop --refit-calib")
     refit = options.refit_calib if spec.compensation != "none" else None
     samples = None
-    refit_on_calib = spec.compensation == "lsq" and not refit
+    grams = 4 * sum(linear.in_features**2 for linear in output_projections(model, layers).values())
+    refit_on_calib = spec.compensation == "lsq" and not refit and grams <= device_free_bytes(model_device(model)) // 2
     refit_here = spec.compensation != "none" and not refit
     if needs(spec.metric) or spec.allocation == "error" or refit_here or spec.sequential:
         if options.calib_addresses:

@@ -99,9 +99,9 @@ class RefitPool:
             raise AdaPrunerError(f"refit pool {path} is damaged ({exc}): delete it and run again") from None
 
 
-def refit_key(model_digest: str, calib: str, seq_len: int, seed: int, layers: range) -> str:
-    """The file name of a pool: a digest of what determines its content."""
-    what = [model_digest, calib, seq_len, seed, layers.start, layers.stop]
+def refit_key(model_digest: str, calib: str, seq_len: int, seed: int, layers: range, texts: list[str]) -> str:
+    """The file name of a pool: a digest of what determines its content (`texts`: the digests of its pools' text)."""
+    what = [model_digest, calib, seq_len, seed, layers.start, layers.stop, texts]
     return "refit-" + hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24] + ".safetensors"
 
 

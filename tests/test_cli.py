@@ -87,6 +87,7 @@ def test_cli_defaults_are_the_best_recipe_and_the_paper_is_the_settings_objects(
     assert flap == recipe_prune_options("flap", metric="act")  # a flag overrides its recipe's value
     none = search_options(parsed("search", "--refit-calib", "none", "--statistics", "subset", "--out", "o"))
     assert none == recipe_search_options("best", refit_calib=None, statistics=("subset",))
+    assert search_options(parsed("search", "--refit-calib", "none", "--out", "o")) == none  # no pool: subsets
     assert lora_options(parsed("finetune", "--model", "m", "--out", "o")) == LoraOptions()
     assert eval_options(parsed("eval", "--model", "m")) == EvalOptions()
 

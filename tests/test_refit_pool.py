@@ -3,6 +3,7 @@ on); what a trial scored from it is what `prune` delivers on the same windows.""
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -66,7 +67,8 @@ def test_the_pool_refit_is_the_refit_from_its_windows(pooled):
 
 def test_a_saved_pool_reads_back_whole_and_a_damaged_one_is_one_line(pooled, tmp_path):
     model, tokenizer, calib = pooled
-    path = tmp_path / refit_key("digest", calib, 16, 0, range(4))
+    path = tmp_path / refit_key("digest", calib, 16, 0, range(4), ["text"])
+    assert path.name != refit_key("digest", calib, 16, 0, range(4), ["edited text"])  # the pool's text is in the key
     pool = load_or_collect(model, tokenizer, calib, 16, 0, range(4), path, progress=False)
     again = RefitPool.load(path)
     assert (again.calib, again.seq_len, again.seed, again.tokens) == (calib, 16, 0, 6 * 16)
@@ -149,6 +151,8 @@ def test_subset_trials_refit_on_the_pool_and_prune_does_the_same(tmp_path):
     plan = apply_study_plan(applied, best, tokenizer, progress=False).plan
     options = PruneOptions.from_best(best)
     assert options.refit_calib == calib and options.calib_addresses == [tuple(a) for a in best.addresses]
+    sequential = replace(best, spec=best.prune_spec.with_(sequential=True).to_dict())
+    assert PruneOptions.from_best(sequential).refit_calib is None  # sequential refits each layer on its windows
     assert prune_model(fresh, tokenizer, options, progress=False).plan == plan == best.prune_plan
     refit = compensation_passes(
         loaded, plan, calibration_samples(tokenizer, calib, 16).input_ids, "lsq", 0.3, progress=False

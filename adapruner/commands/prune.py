@@ -49,8 +49,6 @@ def prune_and_save(
     directory `out` with report.json. `evaluation` (None, or ppl None: skip) measures perplexity on its `ppl` pool's
     evaluation windows before and after (zero-shot tasks run through `eval_job.evaluate_model`). Returns the report."""
     check_out_dir(out)
-    for pool, _count in parse_calib_spec(options.calib) + parse_calib_spec(options.refit_calib or options.calib):
-        check_pool(pool)
     spec = options.spec.check()
     if uniform and spec.layers not in (None, "all"):
         raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
@@ -68,6 +66,8 @@ def prune_and_save(
     best = read_best_trial(study, model_name) if study is not None else None
     if best is not None:
         options = PruneOptions.from_best(best)
+    for pool, _count in parse_calib_spec(options.calib) + parse_calib_spec(options.refit_calib or options.calib):
+        check_pool(pool)  # the study's windows too: before the model loads
     if uniform:
         options = replace(options, spec=options.spec.with_(layers="all", same_size=True))
     if evaluation is not None and evaluation.ppl is None:

@@ -302,7 +302,9 @@ def run_search(
         print(f"model {options.model} in {options.dtype} {on}; activation cache {cache.nbytes / 2**30:.2f} GiB {where}")
     refit = refit_path = None
     if options.refit_calib is not None:
-        refit_path = cache_dir / refit_key(content["model"], options.refit_calib, options.seq_len, options.seed, layers)
+        refit_path = cache_dir / refit_key(
+            content["model"], options.refit_calib, options.seq_len, options.seed, layers, refit_digests
+        )
         refit = load_or_collect(
             model, tokenizer, options.refit_calib, options.seq_len, options.seed, layers, refit_path, progress
         )
