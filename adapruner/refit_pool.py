@@ -20,14 +20,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from adapruner.calibration import calibration_samples
-from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import LinearStats, needs
 from adapruner.staging import staged_file
-from adapruner.statistics import InputMoments, input_moment_sums
+from adapruner.statistics import InputMoments, collect_input_moments
 from adapruner.structure import output_projections, prunable_linears
 
 REFIT_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what the pool's moments give a metric
@@ -105,7 +103,6 @@ def refit_key(model_digest: str, calib: str, seq_len: int, seed: int, layers: ra
     return "refit-" + hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24] + ".safetensors"
 
 
-@torch.no_grad()
 def collect_refit_pool(
     model: nn.Module, tokenizer, calib: str, seq_len: int, seed: int, layers: range, progress: bool = True
 ) -> RefitPool:
@@ -114,9 +111,7 @@ def collect_refit_pool(
     input_ids = calibration_samples(tokenizer, calib, seq_len, seed).input_ids
     linears = prunable_linears(model, layers)
     outputs = output_projections(model, layers)
-    with input_moment_sums(linears | outputs, gram_of=outputs) as moments:
-        for start in tqdm(range(0, input_ids.shape[0], 8), desc="refit pool", unit="batch", disable=not progress):
-            model(input_ids=input_ids[start : start + 8].to(model_device(model)))
+    moments = collect_input_moments(model, linears | outputs, input_ids, progress=progress, gram_of=outputs)
     return RefitPool(calib, seq_len, seed, input_ids.numel(), moments)
 
 

@@ -191,10 +191,11 @@ def collect_input_moments(
     gram: bool = False,
     batch_size: int = 8,
     progress: bool = True,
+    gram_of: Collection[str] = (),
 ) -> dict:
     """`InputMoments` (mean, mean square, and with `gram` XᵀX/T) of every listed linear's inputs over all tokens of
-    `input_ids`, from forward passes alone."""
-    with input_moment_sums(linears, linears if gram else ()) as moments:
+    `input_ids`, from forward passes alone; `gram_of` names the linears that get XᵀX/T without `gram`."""
+    with input_moment_sums(linears, linears if gram else gram_of) as moments:
         for start in tqdm(
             range(0, input_ids.shape[0], batch_size), desc="input moments", unit="batch", disable=not progress
         ):
