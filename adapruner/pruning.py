@@ -134,9 +134,9 @@ def prune_model(
             raise AdaPrunerError("--sequential refits each layer on the --calib windows: drop --refit-calib")
     refit = options.refit_calib if spec.compensation != "none" else None
     samples = None
-    grams = 4 * sum(linear.in_features**2 for linear in output_projections(model, layers).values())
-    refit_on_calib = spec.compensation == "lsq" and not refit and grams <= device_free_bytes(model_device(model)) // 2
     refit_here = spec.compensation != "none" and not refit
+    grams = 4 * sum(linear.in_features**2 for linear in output_projections(model, layers).values())
+    refit_on_calib = refit_here and spec.compensation == "lsq" and grams <= device_free_bytes(model_device(model)) // 2
     if needs(spec.metric) or spec.allocation == "error" or refit_here or spec.sequential:
         if options.calib_addresses:
             samples = windows_at(tokenizer, options.calib_addresses, options.seq_len)
