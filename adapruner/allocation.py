@@ -1,5 +1,6 @@
 """How many units each pruned layer loses: `uniform` (one ratio), `depth` (a ratio that grows or shrinks with
-depth) or `global` (one ranking of standardised scores across layers and modules under a parameter budget).
+depth), `global` (one ranking of standardised scores across layers and modules under a parameter budget), `error`
+or `loss` (the refit's output error, or the loss increase it costs, per parameter).
 
 Counts are {layer: (attention units removed, MLP channels removed)}. An attention unit is a kv group (granularity
 `kv`: its r query heads, its k/v heads) or one query head inside every kv group (`query`). Prices, the parameters a
@@ -22,7 +23,11 @@ Budget mode (`target_params` p): T = ⌈p·N⌉ parameters of the model's N go, 
     error: each module's greedy OBS removal (`adapruner.obs`, in the metric's order) gives its relative output error
         e(k) after the damped refit with k units gone (over the output's energy tr(W H Wᵀ)); units go one at a time
         where the next one adds the least error per parameter, Δe / price, over all layers and modules, until T is
-        reached (same floor and finish as global).
+        reached (same floor and finish as global);
+    loss: as error, but each module's error is weighted by the loss's sensitivity to its outputs and not normalised:
+        e(k) = Σ_r f_r δ_r² with f_r = mean (∂L/∂y_r)² over the calibration tokens (the output Fisher,
+        `statistics.collect_output_fisher`), twice the loss increase to second order — so units go where the
+        *estimated loss* per parameter grows least, across layers whose outputs matter unequally.
 """
 
 from __future__ import annotations

@@ -134,6 +134,17 @@ class ActivationCache:
         rows = rows_on(x, self.token_rows(samples).to(x.device), torch.device(device)).float()
         return InputMoments(mean, square_mean, rows.t() @ rows / tokens)
 
+    def output_fisher(self, name: str, samples: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """The output Fisher of linear `name` over the sample subset, Σ_{s∈S} Σ_{t∈s} dY_t² / |S| (the one
+        `statistics.collect_output_fisher` forms live; dY rows of s hold ∂L_s/∂Y_s)."""
+        if not self.key.activations:
+            raise AdaPrunerError(
+                "the loss allocation needs cached output gradients: rebuild the cache with loss in --allocations"
+            )
+        dy = self.tensors[f"dy/{name}"]
+        rows = rows_on(dy, self.token_rows(samples).to(dy.device), torch.device(device)).float()
+        return rows.square().sum(0) / samples.numel()
+
     def _sample_sum(self, name: str, samples: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Σ over the subset's rows of a per-sample statistic, on `device`."""
         stats = self.tensors[name]
@@ -284,6 +295,11 @@ class CachedImportance(Importance):
         with weights(member.linear) as linear:
             device = linear.weight.device
         return self.cache.input_moments(member.name, self.samples, device, gram=True).covariance
+
+    def output_fisher(self, member: Member) -> torch.Tensor:
+        with weights(member.linear) as linear:
+            device = linear.weight.device
+        return self.cache.output_fisher(member.name, self.samples, device)
 
     def channel_scores(self, member: Member) -> torch.Tensor:
         if self.spec.cached == "weights" or member.weights_only:

@@ -17,7 +17,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.kernels.channel_importance import channel_importance
 from adapruner.metrics import metric as registered
 from adapruner.obs import Removal, greedy_removal, inverse_hessian, output_energy, unit_costs
-from adapruner.spec import DEFAULT_OBS_DAMP, check_aggregation
+from adapruner.spec import DEFAULT_OBS_DAMP, ERROR_ALLOCATIONS, check_aggregation
 from adapruner.structure import Group, Member
 
 
@@ -28,7 +28,9 @@ class LinearStats:
     grad: G = ∂(Σ_s L_s)/∂W (out × in); fisher: F = mean_s (∂L_s/∂W)² (out × in);
     act_norm: a_i = ‖x_i‖₂ over all calibration tokens of input feature i (in,);
     act_var: v_i = mean x_i² − (mean x_i)² over the calibration tokens (in,);
-    act_cov: Σ = mean x xᵀ − μμᵀ over the calibration tokens (in × in; the output projections, for `obs`).
+    act_cov: Σ = mean x xᵀ − μμᵀ over the calibration tokens (in × in; the output projections, for `obs`);
+    out_fisher: f_r = mean_s Σ_{t∈s} (∂L_s/∂y_tr)² of the outputs (out,; the output projections, for the `loss`
+    allocation, `statistics.collect_output_fisher`).
     """
 
     grad: torch.Tensor | None = None
@@ -36,6 +38,7 @@ class LinearStats:
     act_norm: torch.Tensor | None = None
     act_var: torch.Tensor | None = None
     act_cov: torch.Tensor | None = None
+    out_fisher: torch.Tensor | None = None
 
 
 COLLECTED_STATS = frozenset({"grad", "fisher", "act_norm"})  # what `statistics.collect_stats` gathers
@@ -72,7 +75,7 @@ EXPERTS_BY_WEIGHT = (
 
 
 EXPERTS_BY_ERROR = (
-    "--allocation error reads the output projections' inputs, which MoE experts do not keep: "
+    "--allocation error and loss read the output projections' inputs, which MoE experts do not keep: "
     "use uniform, depth or global, or --no-mlp"
 )
 EXPERTS_SEQUENTIAL = "--sequential reads each layer's linears, which MoE experts are not: drop it, or pass --no-mlp"
@@ -88,7 +91,7 @@ def check_expert_metrics(
     data = [m for m in metrics if registered(m).needs]
     if data:
         raise AdaPrunerError(EXPERTS_BY_WEIGHT.format(metric=data[0]))
-    if "error" in allocations:
+    if set(allocations) & set(ERROR_ALLOCATIONS):
         raise AdaPrunerError(EXPERTS_BY_ERROR)
     if sequential:
         raise AdaPrunerError(EXPERTS_SEQUENTIAL)
@@ -156,13 +159,30 @@ class Importance:
         """(Σ + λI)⁻¹ of the member's inputs (`obs.inverse_hessian`; not kept: a 7B model's would fill a GPU)."""
         return inverse_hessian(self.covariance(member), self.damp)
 
+    def output_fisher(self, member: Member) -> torch.Tensor:
+        """f (out,) of the member's outputs (an output projection's), from the live statistics."""
+        stats = self.stats.get(member.name, LinearStats())
+        if stats.out_fisher is None:
+            raise AdaPrunerError(
+                f"the loss allocation needs the output Fisher of {member.name}: pass calibration data (--calib)"
+            )
+        return stats.out_fisher
+
     def removal(
-        self, group: Group, n_remove: int, groups: int = 1, batch: int = 1, priority: torch.Tensor | None = None
+        self,
+        group: Group,
+        n_remove: int,
+        groups: int = 1,
+        batch: int = 1,
+        priority: torch.Tensor | None = None,
+        loss_weighted: bool = False,
     ) -> Removal:
         """Greedy OBS removal of `n_remove` units (steps of one unit per group with `groups` > 1, else of `batch`
         units) from the group's output projection, in the order of the OBS costs (`obs`) or of this metric's scores
         (any other; `priority` where they are at hand), each step costed by OBS: the error the removal adds after the
-        refit. The removal's `energy` is the output's, `obs.output_energy`."""
+        refit. `loss_weighted`: every output row r weighs f_r (`output_fisher`), i.e. OBS on diag(√f) W — the refit
+        is row by row, so the same refit, costed as Σ_r f_r δ_r²: twice the loss increase to second order. The
+        removal's `energy` is the (weighted) output's, `obs.output_energy`."""
         member = next(m for m in group.members if m.dim == 1)
         if priority is None and not self.spec.surgeon:
             priority = self(group)
@@ -170,6 +190,8 @@ class Importance:
         hinv = inverse_hessian(covariance, self.damp)
         with weights(member.linear) as linear:
             weight = linear.weight.detach()
+            if loss_weighted:
+                weight = weight * self.output_fisher(member).to(weight.device).sqrt()[:, None]
             removal = greedy_removal(weight, hinv, member.block, n_remove, batch, groups, priority)
             removal.energy = output_energy(weight, covariance, self.damp)
         return removal

@@ -21,8 +21,14 @@ from adapruner.refit_pool import RefitPool
 from adapruner.removal import apply_plan
 from adapruner.selection import allocate, plan_allocation, scoreless_counts
 from adapruner.sequential import check_sequential, prune_sequential
-from adapruner.spec import PruneSpec
-from adapruner.statistics import InputMoments, collect_input_moments, collect_stats
+from adapruner.spec import ERROR_ALLOCATIONS, PruneSpec
+from adapruner.statistics import (
+    LOSS_WINDOWS,
+    InputMoments,
+    collect_input_moments,
+    collect_output_fisher,
+    collect_stats,
+)
 from adapruner.structure import decoder_layers, has_experts, output_projections, parse_layer_range, prunable_linears
 
 
@@ -137,7 +143,7 @@ def prune_model(
     refit_here = spec.compensation != "none" and not refit
     grams = 4 * sum(linear.in_features**2 for linear in output_projections(model, layers).values())
     refit_on_calib = refit_here and spec.compensation == "lsq" and grams <= device_free_bytes(model_device(model)) // 2
-    if needs(spec.metric) or spec.allocation == "error" or refit_here or spec.sequential:
+    if needs(spec.metric) or spec.allocation in ERROR_ALLOCATIONS or refit_here or spec.sequential:
         if options.calib_addresses:
             samples = windows_at(tokenizer, options.calib_addresses, options.seq_len)
         else:
@@ -191,10 +197,11 @@ def dense_statistics(
     covariance: bool = False,
 ) -> tuple[dict[str, LinearStats], dict[str, InputMoments]]:
     """The `LinearStats` the spec's metric needs of every prunable linear of `layers`, and the input moments of the
-    output projections it prunes; `obs`, the `error` allocation and `covariance` (an lsq refit on these windows) also
-    get their inputs' covariance Σ (kept once, in the stats: the moments hold no Gram), from passes over `input_ids`."""
+    output projections it prunes; `obs`, the `error`/`loss` allocations and `covariance` (an lsq refit on these
+    windows) also get their inputs' covariance Σ (kept once, in the stats: the moments hold no Gram), the `loss`
+    allocation their output Fisher (over the first `LOSS_WINDOWS` windows), from passes over `input_ids`."""
     required = needs(spec.metric)
-    gram = "act_cov" in required or spec.allocation == "error" or covariance
+    gram = "act_cov" in required or spec.allocation in ERROR_ALLOCATIONS or covariance
     stats, moments = {}, {}
     if required & COLLECTED_STATS:
         stats = collect_stats(model, prunable_linears(model, layers), input_ids, required & COLLECTED_STATS, progress)
@@ -206,6 +213,10 @@ def dense_statistics(
         if gram:
             stats[name].act_cov = moment.covariance
             moments[name] = replace(moment, gram=None)
+    if spec.allocation == "loss":
+        outputs = output_projections(model, layers, spec.prune_attention, spec.prune_mlp)
+        for name, fisher in collect_output_fisher(model, outputs, input_ids[:LOSS_WINDOWS], progress).items():
+            stats[name].out_fisher = fisher
     return stats, moments
 
 

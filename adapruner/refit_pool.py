@@ -6,6 +6,8 @@ from ~60 to ~54, and scoring fluct/act/obs from the same 256 windows took it to 
 methods"). The moments add up over tokens, so one forward pass of the dense model gives them for every trial:
     every prunable linear   T, μ = mean x, mean x²        (act: ‖x_i‖₂ = sqrt(T · mean x_i²); fluct: var x_i)
     every output projection C = XᵀX / T                    (lsq refit; obs: Σ = C − μμᵀ)
+and, where the search offers the `loss` allocation, the output projections' output Fisher f over the first
+`LOSS_WINDOWS` windows (one forward+backward over those: `statistics.collect_output_fisher`, as `prune` computes it).
 They are saved beside the activation cache (fp32 safetensors, keyed by model, windows and layers) and reused.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ from adapruner.calibration import calibration_samples
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import LinearStats, needs
 from adapruner.staging import staged_file
-from adapruner.statistics import InputMoments, collect_input_moments
+from adapruner.statistics import LOSS_WINDOWS, InputMoments, collect_input_moments, collect_output_fisher
 from adapruner.structure import output_projections, prunable_linears
 
 REFIT_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what the pool's moments give a metric
@@ -45,14 +47,20 @@ class RefitPool:
     seed: int
     tokens: int
     moments: dict[str, InputMoments]  # by linear name; output projections carry the Gram
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # output projections' output Fisher, if collected
 
     def moments_of(self, name: str) -> InputMoments:
         """An output projection's μ and C (what `compensation.compensated` reads)."""
         return self.moments[name]
 
-    def stats(self, metric: str, device: torch.device, covariance: bool = False) -> dict[str, LinearStats]:
+    def stats(
+        self, metric: str, device: torch.device, covariance: bool = False, fisher: bool = False
+    ) -> dict[str, LinearStats]:
         """The `LinearStats` a moment metric reads (act_norm, act_var, act_cov), on `device`; with `covariance` the
-        output projections' Σ whatever the metric (the `error` allocation reads it)."""
+        output projections' Σ whatever the metric (the `error` and `loss` allocations read it), with `fisher` their
+        output Fisher (`loss`)."""
+        if fisher and not self.fisher:
+            raise AdaPrunerError("the refit pool holds no output Fisher: collect it with fisher=True (loss allocation)")
         required = needs(metric) | ({"act_cov"} if covariance else set())
         if not scored_by_moments(metric):
             raise AdaPrunerError(f"metric {metric!r} reads gradients, which the refit pool does not hold")
@@ -65,6 +73,8 @@ class RefitPool:
                 entry.act_var = m.variance.to(device)
             if "act_cov" in required and m.gram is not None:
                 entry.act_cov = m.covariance.to(device)
+            if fisher and name in self.fisher:
+                entry.out_fisher = self.fisher[name].to(device)
             stats[name] = entry
         return stats
 
@@ -74,6 +84,8 @@ class RefitPool:
             tensors[f"{name}/mean"], tensors[f"{name}/square_mean"] = m.mean, m.square_mean
             if m.gram is not None:
                 tensors[f"{name}/gram"] = m.gram
+        for name, f in self.fisher.items():
+            tensors[f"{name}/out_fisher"] = f
         about = {"calib": self.calib, "seq_len": str(self.seq_len), "seed": str(self.seed), "tokens": str(self.tokens)}
         with staged_file(path) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=about)
@@ -92,7 +104,8 @@ class RefitPool:
                 n: InputMoments(tensors[f"{n}/mean"], tensors[f"{n}/square_mean"], tensors.get(f"{n}/gram"))
                 for n in names
             }
-            return cls(about["calib"], int(about["seq_len"]), int(about["seed"]), int(about["tokens"]), moments)
+            fisher = {n: tensors[f"{n}/out_fisher"] for n in names if f"{n}/out_fisher" in tensors}
+            return cls(about["calib"], int(about["seq_len"]), int(about["seed"]), int(about["tokens"]), moments, fisher)
         except (OSError, SafetensorError, KeyError, ValueError) as exc:
             raise AdaPrunerError(f"refit pool {path} is damaged ({exc}): delete it and run again") from None
 
@@ -104,25 +117,43 @@ def refit_key(model_digest: str, calib: str, seq_len: int, seed: int, layers: ra
 
 
 def collect_refit_pool(
-    model: nn.Module, tokenizer, calib: str, seq_len: int, seed: int, layers: range, progress: bool = True
+    model: nn.Module,
+    tokenizer,
+    calib: str,
+    seq_len: int,
+    seed: int,
+    layers: range,
+    progress: bool = True,
+    fisher: bool = False,
 ) -> RefitPool:
     """One forward pass of the dense `model` over the windows of `calib`: the moments of every prunable linear of
-    `layers`, with the Gram of their output projections."""
+    `layers`, with the Gram of their output projections; with `fisher`, their output Fisher over the first
+    `LOSS_WINDOWS` windows too."""
     input_ids = calibration_samples(tokenizer, calib, seq_len, seed).input_ids
     linears = prunable_linears(model, layers)
     outputs = output_projections(model, layers)
     moments = collect_input_moments(model, linears | outputs, input_ids, progress=progress, gram_of=outputs)
-    return RefitPool(calib, seq_len, seed, input_ids.numel(), moments)
+    fisher_of = collect_output_fisher(model, outputs, input_ids[:LOSS_WINDOWS], progress) if fisher else {}
+    return RefitPool(calib, seq_len, seed, input_ids.numel(), moments, fisher_of)
 
 
 def load_or_collect(
-    model: nn.Module, tokenizer, calib: str, seq_len: int, seed: int, layers: range, path: Path, progress: bool = True
+    model: nn.Module,
+    tokenizer,
+    calib: str,
+    seq_len: int,
+    seed: int,
+    layers: range,
+    path: Path,
+    progress: bool = True,
+    fisher: bool = False,
 ) -> RefitPool:
-    """The pool saved at `path` when it is the one asked for; else collected and saved there."""
+    """The pool saved at `path` when it is the one asked for (with its output Fisher where `fisher`); else collected
+    and saved there."""
     if path.is_file():
         pool = RefitPool.load(path)
-        if (pool.calib, pool.seq_len, pool.seed) == (calib, seq_len, seed):
+        if (pool.calib, pool.seq_len, pool.seed) == (calib, seq_len, seed) and (pool.fisher or not fisher):
             return pool
-    pool = collect_refit_pool(model, tokenizer, calib, seq_len, seed, layers, progress)
+    pool = collect_refit_pool(model, tokenizer, calib, seq_len, seed, layers, progress, fisher)
     pool.save(path)
     return pool

@@ -35,7 +35,14 @@ from adapruner.plan import PrunePlan
 from adapruner.refit_pool import RefitPool, scored_by_moments
 from adapruner.removal import plan_removed
 from adapruner.selection import plan_allocation
-from adapruner.spec import AGGREGATIONS, PruneSpec, check_aggregation, check_allocation, check_compensation
+from adapruner.spec import (
+    AGGREGATIONS,
+    ERROR_ALLOCATIONS,
+    PruneSpec,
+    check_aggregation,
+    check_allocation,
+    check_compensation,
+)
 from adapruner.validation import ValidationScorer
 
 DEFAULT_SAMPLE_COUNTS = (4, 8, 16, 32)
@@ -180,7 +187,8 @@ def trial_plan(
     if config.statistics == "refit":
         if refit is None:
             raise AdaPrunerError("a trial scored on the refit pool needs the search's refit pool (--refit-calib)")
-        stats = refit.stats(spec.metric, model_device(model), covariance=spec.allocation == "error")
+        device, loss = model_device(model), spec.allocation == "loss"
+        stats = refit.stats(spec.metric, device, covariance=spec.allocation in ERROR_ALLOCATIONS, fisher=loss)
         importance = Importance(spec.metric, spec.aggregation, stats, seed=seed, damp=spec.obs_damp)
     else:
         samples = torch.tensor(config.samples)

@@ -117,7 +117,8 @@ def allocate(model: nn.Module, importance: Importance, spec: PruneSpec) -> tuple
         return counts, surgeon_ranks(model, importance, every, counts, granularity) if surgeon else scores
     scores = None if surgeon else score_layers(model, importance, every, granularity)  # obs: the orders below choose
     removals = error_removals(model, importance, every, spec, scores)
-    counts = error_counts(model, removal_curves(removals, spec.align), layers, target, spec)
+    curves = removal_curves(removals, spec.align, relative=spec.allocation == "error")
+    counts = error_counts(model, curves, layers, target, spec)
     return counts, scores if scores is not None else {key: removal.ranks() for key, removal in removals.items()}
 
 
@@ -184,14 +185,18 @@ def _removal(
     what: tuple[str, int],
     granularity: AttnGranularity,
     priority: torch.Tensor | None = None,
+    loss_weighted: bool = False,
 ) -> Removal:
     """The greedy OBS removal of `what` = (module, n units) (allocation units: kv groups, query heads per kv group,
     MLP channels), in the order of `priority` where given (see `Importance.removal`)."""
     module, n = what
     if module == "attn":
         groups = info.n_kv_heads if granularity == "query" else 1
-        return importance.removal(attention_group(info, granularity), n, groups, priority=priority)
-    return importance.removal(mlp_group(info), n, batch=greedy_batch(info.intermediate), priority=priority)
+        return importance.removal(
+            attention_group(info, granularity), n, groups, priority=priority, loss_weighted=loss_weighted
+        )
+    batch = greedy_batch(info.intermediate)
+    return importance.removal(mlp_group(info), n, batch=batch, priority=priority, loss_weighted=loss_weighted)
 
 
 def error_removals(
@@ -202,8 +207,9 @@ def error_removals(
     scores: Scores | None = None,
 ) -> dict[tuple[int, str], Removal]:
     """Per module of `which`, the greedy OBS removal (in `importance`'s order: its `scores` where at hand) of every
-    unit it may lose: all but ⌈min_keep · n⌉ (at least one; MLP channels in whole blocks of `align`)."""
-    removals = {}
+    unit it may lose: all but ⌈min_keep · n⌉ (at least one; MLP channels in whole blocks of `align`); loss-weighted
+    (`Importance.removal`) under `spec.allocation` `loss`."""
+    removals, loss = {}, spec.allocation == "loss"
     for index, (attention, mlp) in which.items():
         info = layer_info(model, index)
         if mlp and info.experts is not None:
@@ -212,17 +218,19 @@ def error_removals(
             units = attention_units(info, spec.granularity)
             n = units - max(1, math.ceil(spec.min_keep * units))
             priority = None if scores is None else scores[(index, "attn")]
-            removals[(index, "attn")] = _removal(info, importance, ("attn", n), spec.granularity, priority)
+            removals[(index, "attn")] = _removal(info, importance, ("attn", n), spec.granularity, priority, loss)
         if mlp:
             blocks = info.intermediate // spec.align
             n = (blocks - max(1, math.ceil(spec.min_keep * blocks))) * spec.align
             priority = None if scores is None else scores[(index, "mlp")]
-            removals[(index, "mlp")] = _removal(info, importance, ("mlp", n), spec.granularity, priority)
+            removals[(index, "mlp")] = _removal(info, importance, ("mlp", n), spec.granularity, priority, loss)
     return removals
 
 
-def removal_curves(removals: Mapping[tuple[int, str], Removal], align: int = 1) -> dict[tuple[int, str], torch.Tensor]:
-    """Relative error after k removal units, k = 0 …: the cumulative OBS cost over the module's output energy
+def removal_curves(
+    removals: Mapping[tuple[int, str], Removal], align: int = 1, relative: bool = True
+) -> dict[tuple[int, str], torch.Tensor]:
+    """Error after k removal units, k = 0 …: the cumulative OBS cost, `relative` over the module's output energy
     `Removal.energy` (a step of m units adds its cost in m equal parts; MLP units are blocks of `align` channels)."""
     curves = {}
     for (index, module), removal in removals.items():
@@ -231,7 +239,8 @@ def removal_curves(removals: Mapping[tuple[int, str], Removal], align: int = 1) 
         else:
             increments = [c / len(units) for units, c in zip(removal.steps, removal.costs) for _ in units]
         curve = torch.cumsum(torch.tensor([0.0, *increments], dtype=torch.float64), 0)
-        curve = curve / removal.energy  # relative: the fraction of the module's output variance lost
+        if relative:  # the fraction of the module's output variance lost
+            curve = curve / removal.energy
         curves[(index, module)] = curve[::align] if module == "mlp" else curve
     return curves
 

@@ -8,8 +8,8 @@ layer and every pruned layer's keyword arguments (masks, rotary tables). Then, l
      (`--compensation`), and the cut applied;
   2. MLP: the layer runs again, its attention now pruned; the channels are chosen, refit and cut likewise;
   3. the layer runs a third time: its outputs are the next layer's inputs.
-How many units each layer loses comes first, from the spec's allocation (`global` and `error` score the dense model
-for it); only the choice of units and the refit see the pruned inputs. Memory: the calibration hidden states
+How many units each layer loses comes first, from the spec's allocation (`global`, `error` and `loss` score the dense
+model for it); only the choice of units and the refit see the pruned inputs. Memory: the calibration hidden states
 (windows × seq_len × hidden) and one layer's statistics. Metrics are those a layer's own inputs give (`obs`, `act`,
 `fluct`, the weight metrics); the gradient metrics need the whole model's backward and are refused.
 """

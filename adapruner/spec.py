@@ -17,7 +17,8 @@ from adapruner.metrics import metric as registered
 AttnGranularity = Literal["kv", "query"]
 GRANULARITIES = ("kv", "query")
 AGGREGATIONS = ("sum", "mean", "max", "prod", "first")
-ALLOCATIONS = ("uniform", "depth", "global", "error")
+ALLOCATIONS = ("uniform", "depth", "global", "error", "loss")
+ERROR_ALLOCATIONS = ("error", "loss")  # allocations that cost removals by the refit error (`allocation.error_counts`)
 COMPENSATIONS = ("none", "bias", "lsq")
 DEFAULT_RATIO = 0.25  # LLM-Pruner's usual ratio: ~20% of LLaMA-7B's parameters over layers 4..29
 DEFAULT_MIN_KEEP = 0.25  # global: the fewest units of a module a layer keeps, as a fraction of the dense count

@@ -4,6 +4,7 @@ For samples s with per-sample loss L_s (mean next-token cross-entropy over the w
     grad    G = Σ_s ∂L_s/∂W                (the gradient of the loss summed over samples)
     fisher  F = (1/n) Σ_s (∂L_s/∂W)²       (empirical Fisher diagonal, from per-sample gradients)
     act     a_i = sqrt(Σ_tokens x_i²)       (input-feature norm over all calibration tokens)
+    output Fisher  f_r = (1/n) Σ_s Σ_{t∈s} (∂L_s/∂y_tr)²   (of a linear's outputs y: the loss's sensitivity to each)
 Samples go through in batches of `batch_size`. G alone is the summed loss's weight gradient. F needs per-sample
 gradients: hooks take each linear's input X and output gradient dY of the batch, and since the samples of a batch
 are independent, sample s's gradient is G_s = dY_sᵀ X_s over its own token rows (no weight gradient is formed).
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 from adapruner.big_model import execution_device, is_offloaded, reload_offloaded_in_backward
 from adapruner.devices import model_device
 from adapruner.importance import LinearStats
+
+LOSS_WINDOWS = 64  # the `loss` allocation's output Fisher reads the first 64 calibration windows (README, "loss")
 
 
 @dataclass
@@ -117,6 +120,29 @@ def collect_stats(
         if name in act_sq:
             entry.act_norm = act_sq[name].sqrt()
     return stats
+
+
+def collect_output_fisher(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    input_ids: torch.Tensor,
+    progress: bool = True,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """The output Fisher f (out,) of every listed linear (module docstring): the diagonal of E[(∂L/∂y)(∂L/∂y)ᵀ] that
+    turns an output error δ into the loss increase it costs to second order, ½ Σ_r f_r δ_r² (the `loss` allocation).
+    One forward+backward per batch; no weight gradient is formed."""
+    sums = {name: torch.zeros(linear.out_features, device=execution_device(linear)) for name, linear in linears.items()}
+
+    def on_grad(name: str, dy: torch.Tensor) -> None:
+        sums[name].add_(dy.square().sum(0))
+
+    with linear_io(model, linears, lambda _name, _x: None, on_grad):
+        for start in tqdm(
+            range(0, input_ids.shape[0], batch_size), desc="output fisher", unit="batch", disable=not progress
+        ):
+            sample_loss(model, input_ids[start : start + batch_size]).sum().backward()
+    return {name: total / input_ids.shape[0] for name, total in sums.items()}
 
 
 @contextmanager

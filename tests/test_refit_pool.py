@@ -39,16 +39,16 @@ def pooled(tmp_path):
     return tiny_family("llama"), byte_level_tokenizer(), f"{tmp_path / 'a.txt'}:6"
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "error"])
+@pytest.mark.parametrize("allocation", ["uniform", "error", "loss"])
 @pytest.mark.parametrize("metric", ["act", "fluct", "obs"])
 def test_a_plan_scored_on_the_pool_is_a_fresh_prune_on_its_windows(pooled, metric, allocation):
     model, tokenizer, calib = pooled
-    pool = collect_refit_pool(model, tokenizer, calib, 16, 0, range(4), progress=False)
-    spec = PruneSpec(0.5, layers="all", granularity="query", metric=metric, allocation=allocation)
+    pool = collect_refit_pool(model, tokenizer, calib, 16, 0, range(4), progress=False, fisher=allocation == "loss")
+    spec = PruneSpec(0.4, layers="all", granularity="query", metric=metric, allocation=allocation)
     config = TrialConfig([], metric, "sum", allocation=allocation, statistics="refit")
     scored = trial_plan(model, None, spec, config, refit=pool)
     fresh = prune_model(copy.deepcopy(model), tokenizer, PruneOptions(spec, calib, seq_len=16), progress=False)
-    assert scored == fresh.plan and scored.mlp[0] != list(range(12))
+    assert scored == fresh.plan and scored.mlp[0] != list(range(len(scored.mlp[0])))
 
 
 def test_the_pool_refit_is_the_refit_from_its_windows(pooled):
@@ -78,6 +78,10 @@ def test_a_saved_pool_reads_back_whole_and_a_damaged_one_is_one_line(pooled, tmp
         assert torch.equal(read.mean, m.mean) and torch.equal(read.square_mean, m.square_mean)
         assert (m.gram is None) == (name not in output_projections(model, range(4)))
         assert m.gram is None or torch.equal(read.gram, m.gram)
+    assert again.fisher == {}
+    fisher = load_or_collect(model, tokenizer, calib, 16, 0, range(4), path, progress=False, fisher=True).fisher
+    assert fisher.keys() == output_projections(model, range(4)).keys()  # a pool without it was collected again
+    assert all(torch.equal(RefitPool.load(path).fisher[name], f) for name, f in fisher.items())
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(AdaPrunerError, match="is damaged .*delete it"):
         RefitPool.load(path)
@@ -102,9 +106,11 @@ def test_suggest_draws_only_the_parameters_a_trial_uses():
     assert {("taylor2", "subset"), ("fluct", "refit"), ("act", "refit"), ("act", "subset")} <= seen
 
 
-def test_a_search_on_the_refit_pool_delivers_what_it_scored(tmp_path):
-    """Trials score act/fluct/obs on the refit pool and refit on it; `prune --from-study` (plan as scored) and a
-    fresh prune of the recipe (`PruneOptions.from_best`) give the same plan and the same refit weights."""
+@pytest.mark.parametrize("allocations", [("uniform",), ("loss",)])
+def test_a_search_on_the_refit_pool_delivers_what_it_scored(tmp_path, allocations):
+    """Trials score act/fluct/obs on the refit pool (loss: weighted by its output Fisher) and refit on it; `prune
+    --from-study` (plan as scored) and a fresh prune of the recipe (`PruneOptions.from_best`) give the same plan and
+    the same refit weights."""
     write_pool(tmp_path / "a.txt", seed=1)
     calib = f"{tmp_path / 'a.txt'}:6"
     best = tiny_search(
@@ -112,12 +118,14 @@ def test_a_search_on_the_refit_pool_delivers_what_it_scored(tmp_path):
         tiny_family("llama"),
         spec=PruneSpec(None, target_params=0.2, layers="all", granularity="query", damp=0.3),
         metrics=("act", "fluct", "obs"),
+        allocations=allocations,
         compensations=("lsq",),
         statistics=("refit",),
         refit_calib=calib,
         trials=2,
     )
     assert (best.statistics, best.samples, best.refit_calib) == ("refit", [], calib)
+    assert best.prune_spec.allocation == allocations[0]
     best_row = (tmp_path / "s" / "trials.txt").read_text().splitlines()[2].split()
     assert best.prune_spec.metric in best_row and "refit" in best_row  # the table says where it scored
     loaded, tokenizer = load_model(str(tmp_path / "model"))

@@ -27,7 +27,7 @@ from adapruner.plan import PrunePlan
 from adapruner.refit_pool import load_or_collect, refit_key, scored_by_moments
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import SearchSpace, config_of, trial_spec
-from adapruner.spec import PruneSpec
+from adapruner.spec import ERROR_ALLOCATIONS, PruneSpec
 from adapruner.staging import check_writable, staged_file
 from adapruner.structure import check_context, decoder_layers, has_experts, parse_layer_range
 from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, pin_content, run_workers
@@ -100,12 +100,12 @@ def startup_trials(options: SearchOptions) -> int:
 
 
 def needs_activations(options: SearchOptions) -> bool:
-    """The cache stores X and dY when a metric needs them (taylor1, mix; obs: X's Gram), lsq compensation or the error
-    allocation needs X's Gram."""
+    """The cache stores X and dY when a metric needs them (taylor1, mix; obs: X's Gram), lsq compensation or the
+    error/loss allocations need X's Gram (loss: dY's squares too)."""
     return (
         bool(ACTIVATION_METRICS & set(options.metrics))
         or "lsq" in options.compensations
-        or "error" in options.allocations
+        or bool(set(ERROR_ALLOCATIONS) & set(options.allocations))
     )
 
 
@@ -305,8 +305,9 @@ def run_search(
         refit_path = cache_dir / refit_key(
             content["model"], options.refit_calib, options.seq_len, options.seed, layers, refit_digests
         )
+        fisher = "loss" in options.allocations and "refit" in options.statistics  # pool trials weigh by it
         refit = load_or_collect(
-            model, tokenizer, options.refit_calib, options.seq_len, options.seed, layers, refit_path, progress
+            model, tokenizer, options.refit_calib, options.seq_len, options.seed, layers, refit_path, progress, fisher
         )
     val_path = files / "val.safetensors"
     saved_val_windows(val_path, tokenizer, options)
