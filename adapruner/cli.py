@@ -42,10 +42,12 @@ TARGET_HELP = (
 )
 ALLOCATION_HELP = (
     "uniform: every layer loses the same fraction; depth: a fraction growing (slope > 0) or shrinking with depth; "
-    "global: standardised scores ranked across all layers and modules under one parameter budget"
+    "global: standardised scores ranked across all layers and modules under one parameter budget; error: the "
+    "refit's relative output error per parameter, least first across layers and modules; loss: that error weighted "
+    "by each output's Fisher (the estimated loss increase) per parameter"
 )
 MIN_KEEP_HELP = (
-    "allocation global: each layer keeps at least this fraction of its attention units and of its MLP "
+    "allocations global, error and loss: each layer keeps at least this fraction of its attention units and MLP "
     "channels (at least one)"
 )
 COMPENSATE_HELP = (
@@ -74,18 +76,22 @@ REFIT_CALIB_HELP = (
     "lsq/bias compensation refits on these windows (POOL:N[,POOL:N], seeded) instead of the --calib ones: "
     "hundreds of windows refit far better than the few that score well"
 )
-LAYERS_HELP = "layers to prune as START:STOP or 'all' (default: keep the first 4/32 and last 2/32 of the layers whole)"
+LAYERS_HELP = (
+    "layers to prune as START:STOP or 'all' (recipes paper, llm-pruner and flap keep the first 4/32 and the last "
+    "2/32 of the layers whole)"
+)
 RECIPE_HELP = "; ".join(f"{name}: {r.about}" for name, r in RECIPES.items()) + " (flags override it)"
 WHY = {  # one line per default of the best recipe: the bench.quality rows it came from (README, "Defaults")
     "metric": "fluct/256 is the best fixed row at 20% and 12% removed (51.96, 42.03); obs/256 is within 1%",
     "aggregation": "fluct scores one member per unit (the output columns): nothing to aggregate",
     "calib": "256 windows: the refit and the scores improve with data (fluct/uniform/lsq 58.36 on 32 windows)",
     "granularity": "a SmolLM2 kv group is a third of its attention: query heads cut finer (all rows but LLM-Pruner's)",
-    "allocation": "with lsq, uniform beat global at 20% (fluct 58.36 vs 61.67) and was within 1% at 12%",
+    "allocation": "loss beat uniform at both budgets (fluct/256, every layer: 50.19 vs 51.96 at 20%, 39.54 vs 42.03)",
+    "layers": "with the loss allocation, every layer beat LLM-Pruner's range (50.19 vs 50.68 at 20%, 39.54 vs 39.85)",
     "compensation": "lsq beat bias and none in every row (fluct/uniform at 20%: 58.36, 71.35, 91.88)",
     "damp": "with 256 windows 0.3 refits better than 1 (README, Beyond the published methods)",
     "metrics": "act and fluct give the best rows; obs never beat them, gradient metrics never won a compensated row",
-    "allocations": "uniform wins at 20%, global and error at 12% (act/global 44.22, obs/error 42.16)",
+    "allocations": "loss is the best fixed allocation at both budgets; uniform and global won earlier searches",
     "compensations": "lsq won every row",
     "aggregations": "prod and first never won a compensated search",
     "sample_counts": "with --statistics subset: lsq and the moment metrics want windows, 4 never won",
@@ -116,6 +122,7 @@ def apply_recipe(args: argparse.Namespace) -> None:
             "allocation": "allocation",
             "compensate": "compensation",
             "damp": "damp",
+            "layers": "layers",
         }
     elif args.command in ("search", "run"):
         values = search_recipe(args.recipe)
@@ -128,6 +135,7 @@ def apply_recipe(args: argparse.Namespace) -> None:
             "statistics": "statistics",
             "aggregations": "aggregations",
             "sample_counts": "sample_counts",
+            "layers": "layers",
         }
         if not hasattr(args, "refit_calib"):  # not given (`none` gives None)
             args.refit_calib = values["refit_calib"]
@@ -273,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--seq-len", type=WINDOW, default=PRUNE.seq_len, help="tokens per calibration and evaluation window"
     )
-    prune.add_argument("--layers", default=SPEC.layers, help=LAYERS_HELP)
+    prune.add_argument("--layers", help=by_recipe(LAYERS_HELP, "layers"))
     prune.add_argument(
         "--attn-granularity",
         choices=GRANULARITIES,
@@ -504,7 +512,7 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pool-size", type=COUNT, default=s.pool_size, help="cached candidate windows per pool")
     parser.add_argument("--seq-len", type=WINDOW, default=s.seq_len)
-    parser.add_argument("--layers", default=s.spec.layers, help=LAYERS_HELP)
+    parser.add_argument("--layers", help=by_recipe(LAYERS_HELP, "layers", search=True))
     parser.add_argument(
         "--attn-granularity", choices=GRANULARITIES, help=by_recipe("kv groups or query heads", "granularity", True)
     )

@@ -2,11 +2,12 @@
 peers, each one `--recipe` away.
 
 A recipe fixes the choices that decide quality: for `prune` the metric, aggregation, allocation, compensation with its
-damping, attention granularity and calibration windows; for `search` and `run` the space the trials draw from (and
-the study's fixed damping and granularity). A flag given on the command line overrides the recipe's value. Every
-value of `best` comes from a row of `python -m bench.quality` (bench/results/quality.json; README, "Defaults").
-The library's dataclasses (`PruneSpec`, `PruneOptions`, `SearchOptions`) keep the plain values, so that a library
-call says what it does; `recipe_prune_options` and `recipe_search_options` give a recipe to a library caller.
+damping, attention granularity, pruned layers and calibration windows; for `search` and `run` the space the trials
+draw from (and the study's fixed damping, granularity and layers). A flag given on the command line overrides the
+recipe's value. Every value of `best` comes from a row of `python -m bench.quality` (bench/results/quality.json;
+README, "Defaults"). The library's dataclasses (`PruneSpec`, `PruneOptions`, `SearchOptions`) keep the plain values,
+so that a library call says what it does; `recipe_prune_options` and `recipe_search_options` give a recipe to a
+library caller.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ DEFAULT_RECIPE = "best"
 
 @dataclass(frozen=True)
 class Recipe:
-    """`prune`: PruneSpec fields and `calib`; `search`: SearchOptions space fields, `damp` and `granularity` (None: a
-    fixed recipe that has no search)."""
+    """`prune`: PruneSpec fields and `calib`; `search`: SearchOptions space fields, `damp`, `granularity` and `layers`
+    (None: a fixed recipe that has no search)."""
 
     about: str
     prune: dict
@@ -35,27 +36,29 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "best": Recipe(
-        "the measured best: fluct on 256 wiki windows, uniform, lsq refit (damp 0.3), query heads; the search chooses "
-        "act or fluct and the allocation, scored and refit on the 256-window pool",
+        "the measured best: fluct on 256 wiki windows, the loss allocation over every layer, lsq refit (damp 0.3), "
+        "query heads; the search chooses act or fluct and the allocation, scored and refit on the 256-window pool",
         prune=dict(
             metric="fluct",
             aggregation="sum",
-            allocation="uniform",
+            allocation="loss",
             compensation="lsq",
             damp=0.3,
             granularity="query",
+            layers="all",
             calib="wiki:256",
         ),
         search=dict(
             metrics=("act", "fluct"),
             aggregations=("sum", "mean", "max"),
             sample_counts=(8, 16, 32),
-            allocations=("uniform", "global", "error"),
+            allocations=("uniform", "global", "loss"),
             compensations=("lsq",),
             statistics=("refit",),
             refit_calib="wiki:256",
             damp=0.3,
             granularity="query",
+            layers="all",
         ),
     ),
     "paper": Recipe(
@@ -68,6 +71,7 @@ RECIPES: dict[str, Recipe] = {
             compensation="none",
             damp=1.0,
             granularity="kv",
+            layers=None,
             calib="wiki:16",
         ),
         search=dict(
@@ -80,6 +84,7 @@ RECIPES: dict[str, Recipe] = {
             refit_calib=None,
             damp=1.0,
             granularity="kv",
+            layers=None,
         ),
     ),
     "llm-pruner": Recipe(
@@ -91,6 +96,7 @@ RECIPES: dict[str, Recipe] = {
             compensation="none",
             damp=1.0,
             granularity="kv",
+            layers=None,
             calib="wiki:32",
         ),
         search=None,
@@ -104,6 +110,7 @@ RECIPES: dict[str, Recipe] = {
             compensation="bias",
             damp=1.0,
             granularity="query",
+            layers=None,
             calib="wiki:32",
         ),
         search=None,
@@ -129,10 +136,10 @@ def search_recipe(name: str) -> dict:
 
 def recipe_search_options(name: str = DEFAULT_RECIPE, **fields) -> SearchOptions:
     """The `SearchOptions` of recipe `name`'s space (its damping and granularity in the study's spec), updated with
-    `fields` (e.g. spec=..., trials=30; a given spec takes the recipe's damping and granularity)."""
+    `fields` (e.g. spec=..., trials=30; a given spec takes the recipe's damping, granularity and layers)."""
     space = dict(search_recipe(name))
-    damp, granularity = space.pop("damp"), space.pop("granularity")
-    spec = fields.pop("spec", SearchOptions().spec).with_(damp=damp, granularity=granularity)
+    damp, granularity, layers = space.pop("damp"), space.pop("granularity"), space.pop("layers")
+    spec = fields.pop("spec", SearchOptions().spec).with_(damp=damp, granularity=granularity, layers=layers)
     return SearchOptions(spec=spec, **(space | fields))
 
 

@@ -52,6 +52,10 @@ RECIPES = {  # issue 22's recipes, by name (`--recipes`); calib: wiki windows wh
     "obs/error/sequential/512": dict(
         metric="obs", allocation="error", compensation="lsq", sequential=True, calib=512, damp=0.3
     ),
+    "fluct/loss/256": dict(metric="fluct", allocation="loss", compensation="lsq", calib=256, damp=0.3),
+    "fluct/loss/all/256": dict(
+        metric="fluct", allocation="loss", compensation="lsq", calib=256, damp=0.3, layers="all"
+    ),
 }
 
 
@@ -117,7 +121,9 @@ def main() -> None:
             options = replace(options, seq_len=args.seq_len)
             prune_model(model, tokenizer, options, progress=False)
             seconds = time.perf_counter() - started
-            recipe = {k: getattr(options.spec, k) for k in ("metric", "allocation", "compensation", "granularity")}
+            recipe = {
+                k: getattr(options.spec, k) for k in ("metric", "allocation", "compensation", "granularity", "layers")
+            }
             row = measure(name, model, dense_params, windows, seconds, target=target, calib=options.calib, **recipe)
             rows.append({**row, "damp": options.spec.damp})
             print(f"{target} {name}: ppl {rows[-1]['ppl']:.2f}", flush=True)
@@ -133,6 +139,7 @@ def main() -> None:
                 compensation=recipe["compensation"],
                 sequential=recipe.get("sequential", False),
                 damp=recipe.get("damp", DEFAULT_DAMP),
+                layers=recipe.get("layers"),
             )
             calib = f"wiki:{recipe['calib']}" if "calib" in recipe else args.calib
             options = PruneOptions(spec, calib=calib, seq_len=args.seq_len, seed=args.seed)
@@ -154,6 +161,7 @@ def main() -> None:
                     target_params=target,
                     granularity=space["granularity"],
                     damp=args.search_damp or space["damp"],
+                    layers=space["layers"],
                 ),
                 seq_len=args.seq_len,
                 seed=args.seed,
