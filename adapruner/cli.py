@@ -82,7 +82,7 @@ LAYERS_HELP = (
 )
 RECIPE_HELP = "; ".join(f"{name}: {r.about}" for name, r in RECIPES.items()) + " (flags override it)"
 WHY = {  # one line per default of the best recipe: the bench.quality rows it came from (README, "Defaults")
-    "metric": "fluct/256 is the best fixed row at 20% and 12% removed (51.96, 42.03); obs/256 is within 1%",
+    "metric": "with uniform, fluct/256 beat obs/256 at both budgets (51.96 vs 52.41, 42.03 vs 42.20) and costs less",
     "aggregation": "fluct scores one member per unit (the output columns): nothing to aggregate",
     "calib": "256 windows: the refit and the scores improve with data (fluct/uniform/lsq 58.36 on 32 windows)",
     "granularity": "a SmolLM2 kv group is a third of its attention: query heads cut finer (all rows but LLM-Pruner's)",

@@ -140,20 +140,18 @@ def collect_refit_pool(
 def load_or_collect(
     model: nn.Module,
     tokenizer,
-    calib: str,
-    seq_len: int,
-    seed: int,
+    windows: tuple[str, int, int],
     layers: range,
     path: Path,
     progress: bool = True,
     fisher: bool = False,
 ) -> RefitPool:
-    """The pool saved at `path` when it is the one asked for (with its output Fisher where `fisher`); else collected
-    and saved there."""
+    """The pool of `windows` = (calib, seq_len, seed) saved at `path` when it is the one asked for (with its output
+    Fisher where `fisher`); else collected and saved there."""
     if path.is_file():
         pool = RefitPool.load(path)
-        if (pool.calib, pool.seq_len, pool.seed) == (calib, seq_len, seed) and (pool.fisher or not fisher):
+        if (pool.calib, pool.seq_len, pool.seed) == tuple(windows) and (pool.fisher or not fisher):
             return pool
-    pool = collect_refit_pool(model, tokenizer, calib, seq_len, seed, layers, progress, fisher)
+    pool = collect_refit_pool(model, tokenizer, *windows, layers, progress, fisher)
     pool.save(path)
     return pool

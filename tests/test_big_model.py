@@ -131,6 +131,8 @@ def test_cli_search_and_prune_with_a_device_map_equal_the_plain_run(model_dir, t
         "taylor1,act",
         "--compensations",
         "none,bias",
+        "--allocations",
+        "uniform,global",
         "--sample-counts",
         "2,4",
         "--blocks-per-pool",
@@ -191,6 +193,8 @@ def test_cli_search_and_prune_with_a_device_map_equal_the_plain_run(model_dir, t
                     "wiki:3",
                     "--compensate",
                     "lsq",
+                    "--allocation",
+                    "uniform",
                     *extra,
                     "--out",
                     str(tmp_path / f"q-{name}"),
@@ -274,6 +278,8 @@ def test_disk_entries_read_a_safetensors_checkpoint_in_place(model_dir, tmp_path
         "--seq-len",
         "16",
         "--no-eval",
+        "--allocation",
+        "uniform",
     ]
     assert (
         main(
@@ -360,6 +366,8 @@ def test_run_and_eval_with_a_device_map_equal_the_plain_ones(model_dir, tmp_path
         "2",
         "--metrics",
         "l2,act",
+        "--allocations",
+        "uniform,global",
         "--sample-counts",
         "1,2",
         "--blocks-per-pool",

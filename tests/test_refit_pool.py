@@ -69,7 +69,7 @@ def test_a_saved_pool_reads_back_whole_and_a_damaged_one_is_one_line(pooled, tmp
     model, tokenizer, calib = pooled
     path = tmp_path / refit_key("digest", calib, 16, 0, range(4), ["text"])
     assert path.name != refit_key("digest", calib, 16, 0, range(4), ["edited text"])  # the pool's text is in the key
-    pool = load_or_collect(model, tokenizer, calib, 16, 0, range(4), path, progress=False)
+    pool = load_or_collect(model, tokenizer, (calib, 16, 0), range(4), path, progress=False)
     again = RefitPool.load(path)
     assert (again.calib, again.seq_len, again.seed, again.tokens) == (calib, 16, 0, 6 * 16)
     assert again.moments.keys() == pool.moments.keys()
@@ -79,7 +79,7 @@ def test_a_saved_pool_reads_back_whole_and_a_damaged_one_is_one_line(pooled, tmp
         assert (m.gram is None) == (name not in output_projections(model, range(4)))
         assert m.gram is None or torch.equal(read.gram, m.gram)
     assert again.fisher == {}
-    fisher = load_or_collect(model, tokenizer, calib, 16, 0, range(4), path, progress=False, fisher=True).fisher
+    fisher = load_or_collect(model, tokenizer, (calib, 16, 0), range(4), path, progress=False, fisher=True).fisher
     assert fisher.keys() == output_projections(model, range(4)).keys()  # a pool without it was collected again
     assert all(torch.equal(RefitPool.load(path).fisher[name], f) for name, f in fisher.items())
     path.write_bytes(path.read_bytes()[:100])

@@ -306,9 +306,8 @@ def run_search(
             content["model"], options.refit_calib, options.seq_len, options.seed, layers, refit_digests
         )
         fisher = "loss" in options.allocations and "refit" in options.statistics  # pool trials weigh by it
-        refit = load_or_collect(
-            model, tokenizer, options.refit_calib, options.seq_len, options.seed, layers, refit_path, progress, fisher
-        )
+        windows = (options.refit_calib, options.seq_len, options.seed)
+        refit = load_or_collect(model, tokenizer, windows, layers, refit_path, progress, fisher)
     val_path = files / "val.safetensors"
     saved_val_windows(val_path, tokenizer, options)
     write_json_atomic(
