@@ -30,7 +30,7 @@ from adapruner.saving import save_pruned
 from adapruner.spec import PruneSpec
 from adapruner.structure import layer_info
 from adapruner.validation import VAL_DTYPES, resolve_val_dtype
-from tests.helpers import run_cli
+from tests.helpers import one_error_line, run_cli
 
 
 @pytest.mark.parametrize(
@@ -63,6 +63,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, capsys, 
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uniform_under_the_default_recipe_names_the_flags_to_pass(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "prune", "--model", "smollm2", "--uniform", "--out", str(tmp_path / "out"))
+    assert code == 2 and one_error_line(err, "pass --allocation uniform --compensate none (or --recipe paper)")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -54,8 +54,8 @@ def prune_and_save(
         raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
     if uniform and (spec.allocation != "uniform" or spec.compensation != "none" or spec.depth_slope):
         raise AdaPrunerError(
-            "--uniform saves one size for every layer without biases: "
-            "drop --allocation, --depth-slope and --compensate, or --uniform"
+            "--uniform saves one size for every layer without biases: pass --allocation uniform --compensate none "
+            "(or --recipe paper) and no --depth-slope, or drop --uniform"
         )
     if recompute and study is None:
         raise AdaPrunerError("--recompute re-derives a search's plan: add --from-study DIR")
