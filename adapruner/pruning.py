@@ -205,8 +205,8 @@ def dense_statistics(
     stats, moments = {}, {}
     if required & COLLECTED_STATS:
         stats = collect_stats(model, prunable_linears(model, layers), input_ids, required & COLLECTED_STATS, progress)
+    outputs = output_projections(model, layers, spec.prune_attention, spec.prune_mlp)
     if "act_var" in required or gram:
-        outputs = output_projections(model, layers, spec.prune_attention, spec.prune_mlp)
         moments = collect_input_moments(model, outputs, input_ids, gram, progress=progress)
     for name, moment in moments.items():
         stats.setdefault(name, LinearStats()).act_var = moment.variance
@@ -214,14 +214,14 @@ def dense_statistics(
             stats[name].act_cov = moment.covariance
             moments[name] = replace(moment, gram=None)
     if spec.allocation == "loss":
-        outputs = output_projections(model, layers, spec.prune_attention, spec.prune_mlp)
         for name, fisher in collect_output_fisher(model, outputs, input_ids[:LOSS_WINDOWS], progress).items():
             stats[name].out_fisher = fisher
     return stats, moments
 
 
 def _scored_counts(model: nn.Module, options: PruneOptions, input_ids: torch.Tensor, progress: bool) -> Counts:
-    """The counts of a scored allocation (global, error) from the dense model's statistics, which go with the call."""
+    """The counts of a scored allocation (global, error, loss) from the dense model's statistics, which go with the
+    call."""
     spec = options.spec
     layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
     stats, _moments = dense_statistics(model, spec, layers, input_ids, progress)

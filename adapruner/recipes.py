@@ -34,6 +34,16 @@ class Recipe:
     search: dict | None
 
 
+PLAIN = dict(  # the prune choices the paper and its peers share: LLM-Pruner's set-up, no refit to damp
+    metric="taylor1",
+    aggregation="sum",
+    allocation="uniform",
+    compensation="none",
+    damp=1.0,
+    granularity="kv",
+    layers=None,
+)
+
 RECIPES: dict[str, Recipe] = {
     "best": Recipe(
         "the measured best: fluct on 256 wiki windows, the loss allocation over every layer, lsq refit (damp 0.3), "
@@ -64,16 +74,7 @@ RECIPES: dict[str, Recipe] = {
     "paper": Recipe(
         "AdaPruner as published: no compensation, uniform allocation, whole kv groups; the search draws samples, "
         "metric and aggregation",
-        prune=dict(
-            metric="taylor1",
-            aggregation="sum",
-            allocation="uniform",
-            compensation="none",
-            damp=1.0,
-            granularity="kv",
-            layers=None,
-            calib="wiki:16",
-        ),
+        prune=PLAIN | dict(calib="wiki:16"),
         search=dict(
             metrics=SEARCHED_METRICS,
             aggregations=AGGREGATIONS,
@@ -89,30 +90,13 @@ RECIPES: dict[str, Recipe] = {
     ),
     "llm-pruner": Recipe(
         "LLM-Pruner: element-wise first-order Taylor, sum, uniform, whole kv groups, no compensation",
-        prune=dict(
-            metric="taylor1",
-            aggregation="sum",
-            allocation="uniform",
-            compensation="none",
-            damp=1.0,
-            granularity="kv",
-            layers=None,
-            calib="wiki:32",
-        ),
+        prune=PLAIN | dict(calib="wiki:32"),
         search=None,
     ),
     "flap": Recipe(
         "FLAP: fluctuation metric, global allocation of standardised scores, bias compensation",
-        prune=dict(
-            metric="fluct",
-            aggregation="sum",
-            allocation="global",
-            compensation="bias",
-            damp=1.0,
-            granularity="query",
-            layers=None,
-            calib="wiki:32",
-        ),
+        prune=PLAIN
+        | dict(metric="fluct", allocation="global", compensation="bias", granularity="query", calib="wiki:32"),
         search=None,
     ),
 }
