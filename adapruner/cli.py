@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard on a search's study, on 127.0.0.1")
     dashboard.add_argument("out", help="the --out directory of an `adapruner search`")
     dashboard.add_argument("--port", type=within_ports, default=8080, help="port on 127.0.0.1")
+    dashboard.add_argument(
+        "--storage", default=None, help="the search's storage URL (default: its search.json's, which has no password)"
+    )
 
     export = commands.add_parser("export", help="write a (pruned) model as a GGUF file for llama.cpp")
     export.add_argument("model", help="a pruned model directory, an HF model directory or hub id, or 'smollm2'")
@@ -943,7 +946,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_dashboard(args: argparse.Namespace) -> int:
     from adapruner.dashboard import serve
 
-    serve(Path(args.out), args.port)
+    serve(Path(args.out), args.port, args.storage)
     return 0
 
 

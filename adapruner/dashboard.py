@@ -6,23 +6,27 @@ from __future__ import annotations
 import importlib.util
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from adapruner.commands.search import STUDY_FILE, search_record
 from adapruner.errors import AdaPrunerError
-from adapruner.study import open_storage
+from adapruner.study import MASK, open_storage
 
 DEFAULT_PORT = 8080
 
 
-def storage_of(out: Path) -> str:
-    """The storage URL of the search in `out` (its search.json; the default SQLite file when none was named)."""
+def storage_of(out: Path, storage_url: str | None = None) -> str:
+    """The storage URL of the search in `out`: `storage_url` where given, else its search.json's (the default SQLite
+    file when none was named). search.json holds a URL without its password: such a storage must be passed again."""
     if not (out / "search.json").is_file():
         raise AdaPrunerError(f"{out} holds no search (no search.json): pass the --out of an `adapruner search`")
+    if storage_url is not None:
+        return storage_url
     root = out.parent.parent if out.parent.name == "studies" else out  # a second study's files live in OUT/studies/NAME
-    return (
-        search_record(out, "pass the --out of an `adapruner search`")["storage"]
-        or f"sqlite:///{(root / STUDY_FILE).resolve()}"
-    )
+    recorded = search_record(out, "pass the --out of an `adapruner search`")["storage"]
+    if recorded and urlsplit(recorded).password == MASK:
+        raise AdaPrunerError(f"the search's storage {recorded!r} needs its password: pass --storage URL")
+    return recorded or f"sqlite:///{(root / STUDY_FILE).resolve()}"
 
 
 def check_port_free(port: int) -> None:
@@ -34,11 +38,11 @@ def check_port_free(port: int) -> None:
             raise AdaPrunerError(f"port {port} on 127.0.0.1 is busy: pass another --port") from None
 
 
-def serve(out: Path, port: int = DEFAULT_PORT) -> None:
+def serve(out: Path, port: int = DEFAULT_PORT, storage_url: str | None = None) -> None:
     """Serve the dashboard of `out`'s study storage at http://127.0.0.1:PORT/ (prints the address) until stopped."""
     if importlib.util.find_spec("optuna_dashboard") is None:
         raise AdaPrunerError("the dashboard needs optuna-dashboard: pip install 'adapruner[dashboard]'")
-    storage = open_storage(storage_of(out))
+    storage = open_storage(storage_of(out, storage_url))
     if not storage.get_all_studies():
         raise AdaPrunerError(f"the storage of {out} holds no study yet: run the search first")
     check_port_free(port)

@@ -8,11 +8,15 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from adapruner.errors import AdaPrunerError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def process_umask() -> int:
@@ -87,18 +91,71 @@ def staged_file(path: str | Path) -> Iterator[Path]:
 
 
 _received: list[int] = []  # the SIGINT/SIGTERM this process received, if any
+_pending: list[int] = []  # those received while deferred and not raised yet
+_deferring: list[bool] = []  # non-empty inside `interrupts_deferred` (and outside `interrupts_raised`)
+
+
+def _interruption(signum: int) -> BaseException:
+    return SystemExit(128 + signum) if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def terminate_as_exit() -> None:
     """Make SIGTERM raise SystemExit(143) like SIGINT raises KeyboardInterrupt, so staging folders are removed; both
-    are recorded for `interrupted_by`."""
+    are recorded for `interrupted_by`. Inside `interrupts_deferred` they are recorded and raised later."""
 
     def stop(signum, _frame):
         _received.append(signum)
-        raise SystemExit(128 + signum) if signum == signal.SIGTERM else KeyboardInterrupt
+        if _deferring:
+            _pending.append(signum)
+            return
+        raise _interruption(signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+
+def raise_pending(*_ignored) -> None:
+    """Raise the interruption of a signal deferred so far, if any (also an optuna callback: after each trial)."""
+    if _pending:
+        signum = _pending.pop(0)
+        _pending.clear()
+        raise _interruption(signum)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Run code that is not safe against an exception at any bytecode — optuna's trial bookkeeping: a heartbeat
+    thread started but not yet owned by its `with` is never stopped, and the interpreter waits for it forever at
+    exit — with SIGINT/SIGTERM recorded instead of raised; they are raised inside `interrupts_raised`, by
+    `raise_pending`, or on leaving."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    raise_pending()
+
+
+@contextmanager
+def interrupts_raised() -> Iterator[None]:
+    """Inside `interrupts_deferred`: our own work (a trial's objective), where a signal raises at once again."""
+    saved = list(_deferring)
+    _deferring.clear()
+    try:
+        raise_pending()
+        yield
+    finally:
+        _deferring.extend(saved)
+
+
+def interruptible(objective: Callable[[T], R]) -> Callable[[T], R]:
+    """`objective` run inside `interrupts_raised`."""
+
+    def run(trial: T) -> R:
+        with interrupts_raised():
+            return objective(trial)
+
+    return run
 
 
 def interrupted_by() -> int | None:

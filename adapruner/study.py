@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +24,7 @@ from adapruner.errors import AdaPrunerError, first_line
 from adapruner.refit_pool import RefitPool
 from adapruner.search import WORKER_ATTR, Objective, SearchSpace, worker_name
 from adapruner.spec import PruneSpec
+from adapruner.staging import interruptible, interrupts_deferred, raise_pending
 from adapruner.structure import decoder_layers, parse_layer_range
 from adapruner.validation import ValidationScorer
 
@@ -30,16 +32,23 @@ HEARTBEAT_SECONDS = 5
 GRACE_SECONDS = 20
 MAX_RETRY = 3
 OPEN_ATTEMPTS = 5
+MASK = "***"  # what a password is shown as (SQLAlchemy's rendering)
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_seconds: int = GRACE_SECONDS):
-    """An Optuna storage for `url`; a one-line error when it cannot be opened.
+    """An Optuna storage for `url`; a one-line error when it cannot be opened (the URL shown by `shown_url`).
 
     Workers that open one new database at the same moment race to create its schema; the loser retries.
     """
     from sqlalchemy.exc import DBAPIError
 
+    missing = missing_driver(url)
+    if missing is not None:
+        raise AdaPrunerError(
+            f"cannot open storage {shown_url(url)!r}: its database driver {missing!r} is not installed "
+            f"(for PostgreSQL: pip install 'adapruner[postgres]'; or name an installed driver, e.g. postgresql+psycopg2://)"
+        )
     for attempt in range(OPEN_ATTEMPTS):
         try:
             return _storage(url, heartbeat_seconds, grace_seconds)
@@ -50,6 +59,46 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_sec
             _refuse(url, exc)
         except Exception as exc:  # optuna/sqlalchemy raise many types for a bad URL
             _refuse(url, exc)
+
+
+def shown_url(url: str) -> str:
+    """`url` as it may be printed or written anywhere: its password replaced by `***`, as SQLAlchemy renders it."""
+    from sqlalchemy.engine import make_url
+
+    if url.startswith("journal:"):
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: mask whatever stands between "user:" and "@"
+        return re.sub(r"(//[^/@:]*:)[^@]*@", rf"\1{MASK}@", url)
+
+
+def shown_options(values: dict) -> dict:
+    """A settings dict (`asdict` of the options) as it may be written: every `storage` URL in it through `shown_url`."""
+    return {
+        key: shown_options(value)
+        if isinstance(value, dict)
+        else shown_url(value)
+        if key == "storage" and isinstance(value, str)
+        else value
+        for key, value in values.items()
+    }
+
+
+def missing_driver(url: str) -> str | None:
+    """The Python module the database driver of an RDB `url` needs where it is not installed, else None (SQLAlchemy
+    2.1 reads a plain `postgresql://` with psycopg 3, `postgresql+psycopg2://` with psycopg2)."""
+    from sqlalchemy.engine import make_url
+
+    if url.startswith("journal:"):
+        return None
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except ModuleNotFoundError as exc:
+        return exc.name
+    except Exception:  # not a parseable URL or an unknown dialect: `open_storage` refuses it as it stands
+        return None
+    return None
 
 
 def _storage(url: str, heartbeat_seconds: int, grace_seconds: int):
@@ -76,10 +125,24 @@ def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
 
 
 def _refuse(url: str, exc: Exception):
+    reason = first_line(exc)
+    for secret in _passwords(url):
+        reason = reason.replace(secret, MASK)
     raise AdaPrunerError(
-        f"cannot open storage {url!r} ({first_line(exc)}): "
+        f"cannot open storage {shown_url(url)!r} ({reason}): "
         "pass a URL like sqlite:///path/study.db or journal:path/study.log"
     ) from None
+
+
+def _passwords(url: str) -> set[str]:
+    """The password of `url` as written and as decoded (an error message may quote either)."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        written = urlsplit(url).password
+    except ValueError:
+        return set()
+    return {written, unquote(written)} if written else set()
 
 
 def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
@@ -220,7 +283,15 @@ def run_worker(
     remaining = spec.n_trials - finished(study)
     if remaining > 0:
         n = remaining if spec.share is None else min(spec.share, remaining)
-        study.optimize(objective, n_trials=n, callbacks=[limit, *(callbacks or [])], catch=(AdaPrunerError,))
+        # a signal waits while optuna starts, records and ends a trial (see `interrupts_deferred`); it stops the
+        # objective at once, or the loop right after a trial
+        with interrupts_deferred():
+            study.optimize(
+                interruptible(objective),
+                n_trials=n,
+                callbacks=[limit, *(callbacks or []), raise_pending],
+                catch=(AdaPrunerError,),
+            )
     return study
 
 

@@ -35,7 +35,8 @@ def _free_port() -> int:
 
 @contextmanager
 def postgres_cluster():
-    """Yield the SQLAlchemy URL prefix `postgresql+psycopg2://adapruner@127.0.0.1:PORT/` of a fresh cluster."""
+    """Yield the URL prefix `postgresql://adapruner@127.0.0.1:PORT/` of a fresh cluster: no driver suffix, as users
+    write it (SQLAlchemy 2.1 reads it with psycopg 3). Loopback connections are trusted: any password is accepted."""
     binaries = server_binaries()
     if binaries is None:
         raise RuntimeError(
@@ -62,7 +63,7 @@ def postgres_cluster():
             "start",
         )
         try:
-            yield f"postgresql+psycopg2://{USER}@127.0.0.1:{port}/"
+            yield f"postgresql://{USER}@127.0.0.1:{port}/"
         finally:
             run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
     finally:

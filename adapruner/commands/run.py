@@ -30,6 +30,7 @@ from adapruner.report import REPORT_FORMAT, write_json_atomic
 from adapruner.saving import layer_sizes, save_pruned
 from adapruner.speed import measure_speed
 from adapruner.staging import check_out_dir, staged_file
+from adapruner.study import shown_options
 from adapruner.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
 
 
@@ -94,7 +95,7 @@ def run_pipeline(options: RunOptions, out: Path) -> dict:
     stage finished stays there when a later one fails or is interrupted (`UNFINISHED` marks the folder), and the
     same command resumes from the first stage that did not finish — the search's study (a finished search runs no
     trial), the pruned model, the LoRA-recovered one. The reports appear last."""
-    recorded = json.loads(json.dumps(asdict(options)))
+    recorded = json.loads(json.dumps(shown_options(asdict(options))))
     if not check_unfinished(out, recorded):
         check_out_dir(out)
     placement = resolved(options.search)[1]
@@ -198,7 +199,7 @@ def _run_stages(
 
     report = {
         "format": REPORT_FORMAT,
-        "options": json.loads(json.dumps(asdict(options))),
+        "options": json.loads(json.dumps(shown_options(asdict(options)))),
         "best": best_json,
         "stage_seconds": stage_seconds,
         "eval_windows": {label: int(w.shape[0]) for label, w in windows.items()},

@@ -30,7 +30,17 @@ from adapruner.search import SearchSpace, config_of, trial_spec
 from adapruner.spec import ERROR_ALLOCATIONS, PruneSpec
 from adapruner.staging import check_writable, staged_file
 from adapruner.structure import check_context, decoder_layers, has_experts, parse_layer_range
-from adapruner.study import COUNTED, WorkerSpec, finished, open_storage, open_study, pin_content, run_workers
+from adapruner.study import (
+    COUNTED,
+    WorkerSpec,
+    finished,
+    open_storage,
+    open_study,
+    pin_content,
+    run_workers,
+    shown_options,
+    shown_url,
+)
 from adapruner.validation import resolve_val_dtype
 
 STUDY_FILE = "study.db"
@@ -313,8 +323,8 @@ def run_search(
     write_json_atomic(
         files / "search.json",
         {
-            "options": asdict(options),
-            "storage": options.storage or f"{STUDY_FILE} in {out}",
+            "options": shown_options(asdict(options)),
+            "storage": shown_url(options.storage) if options.storage else f"{STUDY_FILE} in {out}",
             "content": content,
             "cache": str(cache_dir / f"{key.digest()}.safetensors"),
             "refit_pool": None if refit_path is None else str(refit_path),
