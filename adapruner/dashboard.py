@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import socket
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from adapruner.commands.search import STUDY_FILE, search_record
 from adapruner.errors import AdaPrunerError
@@ -24,7 +23,7 @@ def storage_of(out: Path, storage_url: str | None = None) -> str:
         return storage_url
     root = out.parent.parent if out.parent.name == "studies" else out  # a second study's files live in OUT/studies/NAME
     recorded = search_record(out, "pass the --out of an `adapruner search`")["storage"]
-    if recorded and urlsplit(recorded).password == MASK:
+    if recorded and MASK in recorded:  # written through `shown_url`
         raise AdaPrunerError(f"the search's storage {recorded!r} needs its password: pass --storage URL")
     return recorded or f"sqlite:///{(root / STUDY_FILE).resolve()}"
 

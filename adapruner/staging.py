@@ -92,7 +92,8 @@ def staged_file(path: str | Path) -> Iterator[Path]:
 
 _received: list[int] = []  # the SIGINT/SIGTERM this process received, if any
 _pending: list[int] = []  # those received while deferred and not raised yet
-_deferring: list[bool] = []  # non-empty inside `interrupts_deferred` (and outside `interrupts_raised`)
+_deferred = 0  # how many `interrupts_deferred` hold now (0 inside `interrupts_raised`); set by assignment only, which
+# a signal handler cannot split (Python runs handlers at calls and jumps), so no signal leaves it half restored
 
 
 def _interruption(signum: int) -> BaseException:
@@ -105,7 +106,7 @@ def terminate_as_exit() -> None:
 
     def stop(signum, _frame):
         _received.append(signum)
-        if _deferring:
+        if _deferred:
             _pending.append(signum)
             return
         raise _interruption(signum)
@@ -114,7 +115,7 @@ def terminate_as_exit() -> None:
     signal.signal(signal.SIGINT, stop)
 
 
-def raise_pending(*_ignored) -> None:
+def raise_pending(*_callback_args: object) -> None:
     """Raise the interruption of a signal deferred so far, if any (also an optuna callback: after each trial)."""
     if _pending:
         signum = _pending.pop(0)
@@ -127,25 +128,34 @@ def interrupts_deferred() -> Iterator[None]:
     """Run code that is not safe against an exception at any bytecode — optuna's trial bookkeeping: a heartbeat
     thread started but not yet owned by its `with` is never stopped, and the interpreter waits for it forever at
     exit — with SIGINT/SIGTERM recorded instead of raised; they are raised inside `interrupts_raised`, by
-    `raise_pending`, or on leaving."""
-    _deferring.append(True)
+    `raise_pending`, or on leaving the outermost. Where the body raises, that error goes out and the deferred signal
+    is dropped (`interrupted_by` still names it)."""
+    global _deferred
+    outer = _deferred
+    _deferred = outer + 1
     try:
         yield
+    except BaseException:
+        if not outer:
+            _pending.clear()
+        raise
     finally:
-        _deferring.pop()
-    raise_pending()
+        _deferred = outer
+    if not outer:
+        raise_pending()
 
 
 @contextmanager
 def interrupts_raised() -> Iterator[None]:
     """Inside `interrupts_deferred`: our own work (a trial's objective), where a signal raises at once again."""
-    saved = list(_deferring)
-    _deferring.clear()
+    global _deferred
+    outer = _deferred
+    _deferred = 0
     try:
         raise_pending()
         yield
     finally:
-        _deferring.extend(saved)
+        _deferred = outer
 
 
 def interruptible(objective: Callable[[T], R]) -> Callable[[T], R]:

@@ -45,9 +45,10 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_sec
 
     missing = missing_driver(url)
     if missing is not None:
+        install = "pip install 'adapruner[postgres]'" if url.startswith("postgresql") else "install it"
         raise AdaPrunerError(
-            f"cannot open storage {shown_url(url)!r}: its database driver {missing!r} is not installed "
-            f"(for PostgreSQL: pip install 'adapruner[postgres]'; or name an installed driver, e.g. postgresql+psycopg2://)"
+            f"cannot open storage {shown_url(url)!r}: its database driver {missing!r} is not installed: {install}, "
+            "or name an installed driver in the URL (e.g. postgresql+psycopg2://)"
         )
     for attempt in range(OPEN_ATTEMPTS):
         try:
@@ -61,28 +62,40 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_sec
             _refuse(url, exc)
 
 
-def shown_url(url: str) -> str:
-    """`url` as it may be printed or written anywhere: its password replaced by `***`, as SQLAlchemy renders it."""
-    from sqlalchemy.engine import make_url
+PASSWORD_PARAMS = re.compile(r"([?&](?:password|sslpassword)=)([^&#]*)")  # libpq also reads a password from these
 
+
+def shown_url(url: str) -> str:
+    """`url` as it may be printed or written anywhere: the password of its user part (everything between `user:` and
+    the host's `@`, which may itself hold an unescaped `@`) and of its `password=` parameters shown as `***`."""
     if url.startswith("journal:"):
         return url
+    userinfo = _userinfo(url)
+    if ":" in userinfo:
+        url = url.replace(f"//{userinfo}@", f"//{userinfo.split(':', 1)[0]}:{MASK}@", 1)
+    return PASSWORD_PARAMS.sub(rf"\1{MASK}", url)
+
+
+def _userinfo(url: str) -> str:
+    """The `user:password` part of `url` (before the last `@` of its network location, as urllib splits it)."""
+    from urllib.parse import urlsplit
+
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: mask whatever stands between "user:" and "@"
-        return re.sub(r"(//[^/@:]*:)[^@]*@", rf"\1{MASK}@", url)
+        return urlsplit(url).netloc.rpartition("@")[0]
+    except ValueError:
+        return ""
 
 
 def shown_options(values: dict) -> dict:
     """A settings dict (`asdict` of the options) as it may be written: every `storage` URL in it through `shown_url`."""
-    return {
-        key: shown_options(value)
-        if isinstance(value, dict)
-        else shown_url(value)
-        if key == "storage" and isinstance(value, str)
-        else value
-        for key, value in values.items()
-    }
+    shown = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = shown_options(value)
+        elif key == "storage" and isinstance(value, str):
+            value = shown_url(value)
+        shown[key] = value
+    return shown
 
 
 def missing_driver(url: str) -> str | None:
@@ -97,7 +110,7 @@ def missing_driver(url: str) -> str | None:
     except ModuleNotFoundError as exc:
         return exc.name
     except Exception:  # not a parseable URL or an unknown dialect: `open_storage` refuses it as it stands
-        return None
+        pass
     return None
 
 
@@ -135,14 +148,15 @@ def _refuse(url: str, exc: Exception):
 
 
 def _passwords(url: str) -> set[str]:
-    """The password of `url` as written and as decoded (an error message may quote either)."""
-    from urllib.parse import unquote, urlsplit
+    """The passwords of `url` (its user part's, its `password=` parameters') as written and as decoded: an error
+    message may quote either."""
+    from urllib.parse import unquote
 
-    try:
-        written = urlsplit(url).password
-    except ValueError:
-        return set()
-    return {written, unquote(written)} if written else set()
+    written = [match[1] for match in PASSWORD_PARAMS.findall(url)]
+    userinfo = _userinfo(url)
+    if ":" in userinfo:
+        written.append(userinfo.split(":", 1)[1])
+    return {form for secret in written if secret for form in (secret, unquote(secret))}
 
 
 def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:

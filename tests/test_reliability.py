@@ -357,3 +357,35 @@ def test_val_data_scores_trials_on_the_users_text(tmp_path):
     saved = load_file(tmp_path / "again" / "s" / "val.safetensors")["windows"]
     drawn = seeded_draw(tokenizer, pool, 4, 16, 0, "")[1]
     assert saved.shape[0] == 2 and not any(torch.equal(v, d) for v in saved for d in drawn)
+
+
+def test_deferred_signals_wait_for_the_outermost_block_and_die_with_its_error(monkeypatch):
+    """A signal inside nested `interrupts_deferred` blocks is raised on leaving the outermost, at once inside
+    `interrupts_raised`; a block that ends in its own error drops it (nothing stale for the next block)."""
+    import adapruner.staging as staging
+
+    monkeypatch.setattr(staging, "_received", [])
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    staging.terminate_as_exit()
+    try:
+        left = []
+        with pytest.raises(SystemExit) as stopped:
+            with staging.interrupts_deferred():
+                with staging.interrupts_deferred():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.01)
+                left.append("inner")  # the inner block did not raise it
+        assert stopped.value.code == 143 and left == ["inner"]
+        with pytest.raises(KeyboardInterrupt), staging.interrupts_deferred(), staging.interrupts_raised():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler raises before this returns
+        with pytest.raises(ValueError), staging.interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            raise ValueError("the block's own error")
+        with staging.interrupts_deferred():
+            pass  # nothing left over to raise
+        assert staging._deferred == 0 and staging.interrupted_by() == signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])

@@ -72,3 +72,19 @@ def test_a_missing_driver_is_named_without_the_password(tmp_path, capsys):
     assert code == 2 and one_error_line(err, "its database driver 'MySQLdb' is not installed")
     assert "mysql://user:***@127.0.0.1/db" in err and PASSWORD not in out + err
     assert files_holding(tmp_path, PASSWORD) == []
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://u:se%40cret@h:5/db", "postgresql://u:***@h:5/db"),
+        ("postgresql://u:p@ss@host/db", "postgresql://u:***@host/db"),  # an unescaped @: libpq splits at the last
+        ("postgresql://host/db?password=sekret&x=1", "postgresql://host/db?password=***&x=1"),
+        ("postgresql://u@h/db?sslmode=a&sslpassword=zz", "postgresql://u@h/db?sslmode=a&sslpassword=***"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("sqlite:////tmp/a.db", "sqlite:////tmp/a.db"),
+        ("journal:/tmp/s.log", "journal:/tmp/s.log"),
+    ],
+)
+def test_shown_url_masks_every_password_form(url, shown):
+    assert shown_url(url) == shown
