@@ -189,6 +189,19 @@ def _aligned(unit_prices: tuple[int, int], align: int) -> tuple[int, int]:
     return unit_prices[0], unit_prices[1] * align
 
 
+def kept_at_least(units: int, min_keep: float) -> int:
+    """The fewest of a module's `units` a layer keeps under a scored allocation: ⌈min_keep · units⌉, at least one."""
+    return max(1, math.ceil(min_keep * units))
+
+
+def _short_of_target(model: nn.Module, target: int, removed: int, min_keep: float):
+    total = count_params(model)
+    raise AdaPrunerError(
+        f"--target-params {target / total:.3f} is out of reach with --min-keep {min_keep}: "
+        f"at most {removed / total:.3f}; lower --min-keep or the target, or widen --layers"
+    )
+
+
 def _out_of_reach(model: nn.Module, target: int, reachable: int, layers: range):
     total = count_params(model)
     raise AdaPrunerError(
@@ -242,11 +255,7 @@ def error_counts(
         if (cost := next_cost(key)) is not None:
             heapq.heappush(heap, (cost, key))
     if removed < target:
-        total = count_params(model)
-        raise AdaPrunerError(
-            f"--target-params {target / total:.3f} is out of reach with --min-keep {spec.min_keep}: "
-            f"at most {removed / total:.3f}; lower --min-keep or the target, or widen --layers"
-        )
+        _short_of_target(model, target, removed, spec.min_keep)
     return {i: (counts.get((i, "attn"), 0), counts.get((i, "mlp"), 0) * spec.align) for i in layers}
 
 
@@ -271,8 +280,8 @@ def global_counts(model: nn.Module, scores: Scores, layers: range, target: int, 
         ):
             if not on:
                 continue
-            keep = max(1, math.ceil(min_keep * units))
-            costs = candidate_costs(scores[(index, module)], info, module, granularity, align)[: units - keep]
+            costs = candidate_costs(scores[(index, module)], info, module, granularity, align)
+            costs = costs[: units - kept_at_least(units, min_keep)]
             candidates += [(float(z), index, slot, price) for z in costs]
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
     counts = {index: [0, 0] for index in layers}
@@ -285,10 +294,5 @@ def global_counts(model: nn.Module, scores: Scores, layers: range, target: int, 
         counts[index][slot] += 1
         removed += price
     if removed < target:
-        total = count_params(model)
-        raise AdaPrunerError(
-            f"--target-params {target / total:.3f} is out of reach with --min-keep {min_keep}: "
-            f"at most {removed / total:.3f}; "
-            "lower --min-keep or the target, or widen --layers"
-        )
+        _short_of_target(model, target, removed, min_keep)
     return {index: (a, m * align) for index, (a, m) in counts.items()}

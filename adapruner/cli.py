@@ -13,11 +13,12 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from adapruner.allocation_rules import ALLOCATIONS, names_where
+from adapruner.allocation_rules import help_text as allocation_help_text
 from adapruner.calibration import parse_calib_spec
 from adapruner.commands.eval import EvalOptions
 from adapruner.commands.finetune import VAL_WINDOWS
 from adapruner.commands.run import RunOptions
-from adapruner.commands.search import SearchOptions
 from adapruner.devices import DEVICE_PATTERN, DTYPE_CHOICES, Placement, device_errors
 from adapruner.errors import AdaPrunerError
 from adapruner.export import OUTTYPES
@@ -28,8 +29,9 @@ from adapruner.pruning import PruneOptions
 from adapruner.recipes import DEFAULT_RECIPE, RECIPES, recipe, search_recipe
 from adapruner.report import format_table
 from adapruner.search import STATISTICS
+from adapruner.search_options import SearchOptions
 from adapruner.sequential import check_sequential
-from adapruner.spec import AGGREGATIONS, ALLOCATIONS, COMPENSATIONS, GRANULARITIES, PruneSpec
+from adapruner.spec import AGGREGATIONS, COMPENSATIONS, GRANULARITIES, PruneSpec
 from adapruner.staging import interrupted_by, terminate_as_exit
 
 RATIO_HELP = (
@@ -40,15 +42,10 @@ TARGET_HELP = (
     "fraction of the whole model's parameters to remove, a budget every allocation meets within one MLP "
     "channel (instead of --ratio)"
 )
-ALLOCATION_HELP = (
-    "uniform: every layer loses the same fraction; depth: a fraction growing (slope > 0) or shrinking with depth; "
-    "global: standardised scores ranked across all layers and modules under one parameter budget; error: the "
-    "refit's relative output error per parameter, least first across layers and modules; loss: that error weighted "
-    "by each output's Fisher (the estimated loss increase) per parameter"
-)
+ALLOCATION_HELP = allocation_help_text()
 MIN_KEEP_HELP = (
-    "allocations global, error and loss: each layer keeps at least this fraction of its attention units and MLP "
-    "channels (at least one)"
+    f"allocations {', '.join(names_where(lambda a: a.scored))}: each layer keeps at least this fraction of its "
+    "attention units and MLP channels (at least one)"
 )
 COMPENSATE_HELP = (
     "after removal, repair o_proj/down_proj outputs from calibration inputs: bias adds the removed channels' mean "
@@ -81,7 +78,7 @@ LAYERS_HELP = (
     "2/32 of the layers whole)"
 )
 RECIPE_HELP = "; ".join(f"{name}: {r.about}" for name, r in RECIPES.items()) + " (flags override it)"
-WHY = {  # one line per default of the best recipe: the bench.quality rows it came from (README, "Defaults")
+WHY = {  # one line per default of the best recipe: the bench.quality rows it came from (docs/results.md, "Defaults")
     "metric": "with uniform, fluct/256 beat obs/256 at both budgets (51.96 vs 52.41, 42.03 vs 42.20) and costs less",
     "aggregation": "fluct scores one member per unit (the output columns): nothing to aggregate",
     "calib": "256 windows: the refit and the scores improve with data (fluct/uniform/lsq 58.36 on 32 windows)",
@@ -89,7 +86,7 @@ WHY = {  # one line per default of the best recipe: the bench.quality rows it ca
     "allocation": "loss beat uniform at both budgets (fluct/256, every layer: 50.19 vs 51.96 at 20%, 39.54 vs 42.03)",
     "layers": "with the loss allocation, every layer beat LLM-Pruner's range (50.19 vs 50.68 at 20%, 39.54 vs 39.85)",
     "compensation": "lsq beat bias and none in every row (fluct/uniform at 20%: 58.36, 71.35, 91.88)",
-    "damp": "with 256 windows 0.3 refits better than 1 (README, Beyond the published methods)",
+    "damp": "with 256 windows 0.3 refits better than 1 (docs/results.md, Beyond the published methods)",
     "metrics": "act and fluct give the best rows; obs never beat them, gradient metrics never won a compensated row",
     "allocations": "loss is the best fixed allocation at both budgets; uniform and global won earlier searches",
     "compensations": "lsq won every row",

@@ -7,8 +7,8 @@ import importlib.util
 import socket
 from pathlib import Path
 
-from adapruner.commands.search import STUDY_FILE, search_record
 from adapruner.errors import AdaPrunerError
+from adapruner.search_options import STUDY_FILE, search_record
 from adapruner.study import MASK, open_storage
 
 DEFAULT_PORT = 8080

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from adapruner.allocation_rules import any_refit_error, names_where
 from adapruner.big_model import weights
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.channel_importance import channel_importance
 from adapruner.metrics import metric as registered
 from adapruner.obs import Removal, greedy_removal, inverse_hessian, output_energy, unit_costs
-from adapruner.spec import DEFAULT_OBS_DAMP, ERROR_ALLOCATIONS, check_aggregation
+from adapruner.spec import DEFAULT_OBS_DAMP, check_aggregation
 from adapruner.structure import Group, Member
 
 
@@ -75,8 +76,8 @@ EXPERTS_BY_WEIGHT = (
 
 
 EXPERTS_BY_ERROR = (
-    "--allocation error and loss read the output projections' inputs, which MoE experts do not keep: "
-    "use uniform, depth or global, or --no-mlp"
+    f"--allocation {' and '.join(names_where(lambda a: a.refit_error))} read the output projections' inputs, which "
+    f"MoE experts do not keep: use {', '.join(names_where(lambda a: not a.refit_error))}, or --no-mlp"
 )
 EXPERTS_SEQUENTIAL = "--sequential reads each layer's linears, which MoE experts are not: drop it, or pass --no-mlp"
 
@@ -91,7 +92,7 @@ def check_expert_metrics(
     data = [m for m in metrics if registered(m).needs]
     if data:
         raise AdaPrunerError(EXPERTS_BY_WEIGHT.format(metric=data[0]))
-    if set(allocations) & set(ERROR_ALLOCATIONS):
+    if any_refit_error(allocations):
         raise AdaPrunerError(EXPERTS_BY_ERROR)
     if sequential:
         raise AdaPrunerError(EXPERTS_SEQUENTIAL)

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from adapruner.allocation import Counts
+from adapruner.allocation_rules import allocation
 from adapruner.best_trial import BestTrial
 from adapruner.calibration import DEFAULT_SEQ_LEN, calibration_samples, windows_at
 from adapruner.compensation import compensation_passes, compensation_updates, give_output_biases, install
@@ -21,7 +22,7 @@ from adapruner.refit_pool import RefitPool
 from adapruner.removal import apply_plan
 from adapruner.selection import allocate, plan_allocation, scoreless_counts
 from adapruner.sequential import check_sequential, prune_sequential
-from adapruner.spec import ERROR_ALLOCATIONS, PruneSpec
+from adapruner.spec import PruneSpec
 from adapruner.statistics import (
     LOSS_WINDOWS,
     InputMoments,
@@ -143,7 +144,7 @@ def prune_model(
     refit_here = spec.compensation != "none" and not refit
     grams = 4 * sum(linear.in_features**2 for linear in output_projections(model, layers).values())
     refit_on_calib = refit_here and spec.compensation == "lsq" and grams <= device_free_bytes(model_device(model)) // 2
-    if needs(spec.metric) or spec.allocation in ERROR_ALLOCATIONS or refit_here or spec.sequential:
+    if needs(spec.metric) or allocation(spec.allocation).refit_error or refit_here or spec.sequential:
         if options.calib_addresses:
             samples = windows_at(tokenizer, options.calib_addresses, options.seq_len)
         else:
@@ -201,7 +202,7 @@ def dense_statistics(
     windows) also get their inputs' covariance Σ (kept once, in the stats: the moments hold no Gram), the `loss`
     allocation their output Fisher (over the first `LOSS_WINDOWS` windows), from passes over `input_ids`."""
     required = needs(spec.metric)
-    gram = "act_cov" in required or spec.allocation in ERROR_ALLOCATIONS or covariance
+    gram = "act_cov" in required or allocation(spec.allocation).refit_error or covariance
     stats, moments = {}, {}
     if required & COLLECTED_STATS:
         stats = collect_stats(model, prunable_linears(model, layers), input_ids, required & COLLECTED_STATS, progress)
@@ -213,7 +214,7 @@ def dense_statistics(
         if gram:
             stats[name].act_cov = moment.covariance
             moments[name] = replace(moment, gram=None)
-    if spec.allocation == "loss":
+    if allocation(spec.allocation).output_fisher:
         for name, fisher in collect_output_fisher(model, outputs, input_ids[:LOSS_WINDOWS], progress).items():
             stats[name].out_fisher = fisher
     return stats, moments

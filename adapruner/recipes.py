@@ -5,20 +5,20 @@ A recipe fixes the choices that decide quality: for `prune` the metric, aggregat
 damping, attention granularity, pruned layers and calibration windows; for `search` and `run` the space the trials
 draw from (and the study's fixed damping, granularity and layers). A flag given on the command line overrides the
 recipe's value. Every value of `best` comes from a row of `python -m bench.quality` (bench/results/quality.json;
-README, "Defaults"). The library's dataclasses (`PruneSpec`, `PruneOptions`, `SearchOptions`) keep the plain values,
-so that a library call says what it does; `recipe_prune_options` and `recipe_search_options` give a recipe to a
-library caller.
+docs/results.md, "Defaults"). The library's dataclasses (`PruneSpec`, `PruneOptions`, `SearchOptions`) keep the
+plain values, so that a library call says what it does; `recipe_prune_options` and `recipe_search_options` give a
+recipe to a library caller.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from adapruner.commands.search import SearchOptions
 from adapruner.errors import AdaPrunerError
 from adapruner.metrics import SEARCHED_METRICS
 from adapruner.pruning import PruneOptions
 from adapruner.search import DEFAULT_SAMPLE_COUNTS
+from adapruner.search_options import SearchOptions
 from adapruner.spec import AGGREGATIONS
 
 DEFAULT_RECIPE = "best"

@@ -2,8 +2,8 @@
 
 A search trial picks its units from a few cached windows, but the least-squares refit that follows wants hundreds:
 on SmolLM2 at 20% removed, refitting from 256 wiki windows instead of the trial's 32 took the evaluation perplexity
-from ~60 to ~54, and scoring fluct/act/obs from the same 256 windows took it to ~52 (README, "Beyond the published
-methods"). The moments add up over tokens, so one forward pass of the dense model gives them for every trial:
+from ~60 to ~54, and scoring fluct/act/obs from the same 256 windows took it to ~52 (docs/results.md, "Beyond the
+published methods"). The moments add up over tokens, so one forward pass of the dense model gives them for every trial:
     every prunable linear   T, μ = mean x, mean x²        (act: ‖x_i‖₂ = sqrt(T · mean x_i²); fluct: var x_i)
     every output projection C = XᵀX / T                    (lsq refit; obs: Σ = C − μμᵀ)
 and, where the search offers the `loss` allocation, the output projections' output Fisher f over the first

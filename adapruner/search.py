@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from adapruner.allocation import count_params
+from adapruner.allocation_rules import DEFAULT_ALLOCATION
+from adapruner.allocation_rules import allocation as allocation_rule
 from adapruner.cache import ActivationCache, CachedImportance
 from adapruner.compensation import compensation_updates
 from adapruner.devices import model_device
@@ -37,7 +39,6 @@ from adapruner.removal import plan_removed
 from adapruner.selection import plan_allocation
 from adapruner.spec import (
     AGGREGATIONS,
-    ERROR_ALLOCATIONS,
     PruneSpec,
     check_aggregation,
     check_allocation,
@@ -64,7 +65,7 @@ class SearchSpace:
     sample_counts: tuple[int, ...] = DEFAULT_SAMPLE_COUNTS
     blocks_per_pool: int = 4
     depth_slope: float = 0.5  # trials of the `depth` allocation draw a slope in [-depth_slope, depth_slope]
-    allocations: tuple[str, ...] = ("uniform",)
+    allocations: tuple[str, ...] = (DEFAULT_ALLOCATION,)
     compensations: tuple[str, ...] = ("none",)
     statistics: tuple[str, ...] = ("subset",)  # of moment metrics ("refit" needs the refit pool); others: subsets
 
@@ -93,7 +94,7 @@ class TrialConfig:
     aggregation: str
     slope: float = 0.0
     blocks: list[str] = field(default_factory=list)
-    allocation: str = "uniform"
+    allocation: str = DEFAULT_ALLOCATION
     compensation: str = "none"
     statistics: str = "subset"
 
@@ -150,7 +151,7 @@ def suggest(trial, space: SearchSpace, blocks: dict[str, list[int]]) -> TrialCon
     allocation = _choice(trial, "allocation", space.allocations)
     slope = (
         trial.suggest_float("slope", -space.depth_slope, space.depth_slope)
-        if allocation == "depth" and space.depth_slope > 0
+        if allocation_rule(allocation).sloped and space.depth_slope > 0
         else 0.0
     )
     compensation = _choice(trial, "compensation", space.compensations)
@@ -187,8 +188,8 @@ def trial_plan(
     if config.statistics == "refit":
         if refit is None:
             raise AdaPrunerError("a trial scored on the refit pool needs the search's refit pool (--refit-calib)")
-        device, loss = model_device(model), spec.allocation == "loss"
-        stats = refit.stats(spec.metric, device, covariance=spec.allocation in ERROR_ALLOCATIONS, fisher=loss)
+        chosen, device = allocation_rule(spec.allocation), model_device(model)
+        stats = refit.stats(spec.metric, device, covariance=chosen.refit_error, fisher=chosen.output_fisher)
         importance = Importance(spec.metric, spec.aggregation, stats, seed=seed, damp=spec.obs_damp)
     else:
         samples = torch.tensor(config.samples)

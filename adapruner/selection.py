@@ -8,7 +8,6 @@ heads inside every kv group) of attention, channels of the MLP — in every laye
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 
@@ -23,10 +22,12 @@ from adapruner.allocation import (
     depth_weights,
     error_counts,
     global_counts,
+    kept_at_least,
     ratio_counts,
     removed_by,
     target_count,
 )
+from adapruner.allocation_rules import allocation
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import EXPERTS_BY_ERROR, Importance
 from adapruner.obs import Removal, greedy_batch
@@ -111,20 +112,21 @@ def allocate(model: nn.Module, importance: Importance, spec: PruneSpec) -> tuple
         return counts, choosing_scores(model, importance, every, counts, granularity)
     target = allocation_target(model, spec, layers)
     surgeon = importance.spec.surgeon
-    if spec.allocation == "global":
+    rule = allocation(spec.allocation)
+    if rule.counts == "ranked":
         scores = score_layers(model, importance, every, granularity)
         counts = global_counts(model, scores, layers, target, spec)
         return counts, surgeon_ranks(model, importance, every, counts, granularity) if surgeon else scores
     scores = None if surgeon else score_layers(model, importance, every, granularity)  # obs: the orders below choose
     removals = error_removals(model, importance, every, spec, scores)
-    curves = removal_curves(removals, spec.align, relative=spec.allocation == "error")
+    curves = removal_curves(removals, spec.align, relative=rule.relative)
     counts = error_counts(model, curves, layers, target, spec)
     return counts, scores if scores is not None else {key: removal.ranks() for key, removal in removals.items()}
 
 
 def scoreless_counts(model: nn.Module, spec: PruneSpec, layers: range) -> Counts | None:
     """The counts of the `uniform` and `depth` allocations, which read no score (None for `global` and `error`)."""
-    if spec.allocation not in ("uniform", "depth"):
+    if allocation(spec.allocation).scored:
         return None
     granularity, attention, mlp = spec.granularity, spec.prune_attention, spec.prune_mlp
     if spec.target_params is None:
@@ -209,19 +211,19 @@ def error_removals(
     """Per module of `which`, the greedy OBS removal (in `importance`'s order: its `scores` where at hand) of every
     unit it may lose: all but ⌈min_keep · n⌉ (at least one; MLP channels in whole blocks of `align`); loss-weighted
     (`Importance.removal`) under `spec.allocation` `loss`."""
-    removals, loss = {}, spec.allocation == "loss"
+    removals, loss = {}, allocation(spec.allocation).output_fisher
     for index, (attention, mlp) in which.items():
         info = layer_info(model, index)
         if mlp and info.experts is not None:
             raise AdaPrunerError(EXPERTS_BY_ERROR)
         if attention:
             units = attention_units(info, spec.granularity)
-            n = units - max(1, math.ceil(spec.min_keep * units))
+            n = units - kept_at_least(units, spec.min_keep)
             priority = None if scores is None else scores[(index, "attn")]
             removals[(index, "attn")] = _removal(info, importance, ("attn", n), spec.granularity, priority, loss)
         if mlp:
             blocks = info.intermediate // spec.align
-            n = (blocks - max(1, math.ceil(spec.min_keep * blocks))) * spec.align
+            n = (blocks - kept_at_least(blocks, spec.min_keep)) * spec.align
             priority = None if scores is None else scores[(index, "mlp")]
             removals[(index, "mlp")] = _removal(info, importance, ("mlp", n), spec.granularity, priority, loss)
     return removals

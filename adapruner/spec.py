@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
+from adapruner.allocation_rules import DEFAULT_ALLOCATION, allocation
 from adapruner.errors import AdaPrunerError
 from adapruner.metrics import DEFAULT_METRIC
 from adapruner.metrics import metric as registered
@@ -17,14 +18,12 @@ from adapruner.metrics import metric as registered
 AttnGranularity = Literal["kv", "query"]
 GRANULARITIES = ("kv", "query")
 AGGREGATIONS = ("sum", "mean", "max", "prod", "first")
-ALLOCATIONS = ("uniform", "depth", "global", "error", "loss")
-ERROR_ALLOCATIONS = ("error", "loss")  # allocations that cost removals by the refit error (`allocation.error_counts`)
 COMPENSATIONS = ("none", "bias", "lsq")
 DEFAULT_RATIO = 0.25  # LLM-Pruner's usual ratio: ~20% of LLaMA-7B's parameters over layers 4..29
 DEFAULT_MIN_KEEP = 0.25  # global: the fewest units of a module a layer keeps, as a fraction of the dense count
-DEFAULT_OBS_DAMP = 0.01  # measured on SmolLM2 at 20% removed (README, bench.quality): 0.01 chose better than 1
+DEFAULT_OBS_DAMP = 0.01  # measured on SmolLM2 at 20% removed (docs/results.md, bench.quality): 0.01 chose better than 1
 DEFAULT_DAMP = (
-    1.0  # measured on SmolLM2 at 20% removed (README, bench.quality): 1 beat 0.1 and 0.5, and 3 was no better
+    1.0  # measured on SmolLM2 at 20% removed (docs/results.md, bench.quality): 1 beat 0.1 and 0.5, and 3 was no better
 )
 
 
@@ -41,7 +40,7 @@ class PruneSpec:
     prune_mlp: bool = True
     metric: str = DEFAULT_METRIC
     aggregation: str = "sum"
-    allocation: str = "uniform"
+    allocation: str = DEFAULT_ALLOCATION
     depth_slope: float = 0.0  # allocation `depth`: per-layer ratios r·(1 + slope·(2p − 1))
     min_keep: float = DEFAULT_MIN_KEEP  # allocation `global`: the fewest units of a module a layer keeps
     compensation: str = "none"
@@ -79,7 +78,7 @@ class PruneSpec:
     @property
     def slope(self) -> float:
         """The depth slope the allocation uses (0 unless the allocation is `depth`)."""
-        return self.depth_slope if self.allocation == "depth" else 0.0
+        return self.depth_slope if allocation(self.allocation).sloped else 0.0
 
     def with_(self, **changes) -> PruneSpec:
         """A copy with `changes` (a trial's choices, a study's plan)."""
@@ -117,8 +116,8 @@ def check_aggregation(aggregation: str) -> None:
     _check_choice(aggregation, AGGREGATIONS, "aggregation")
 
 
-def check_allocation(allocation: str) -> None:
-    _check_choice(allocation, ALLOCATIONS, "allocation")
+def check_allocation(name: str) -> None:
+    allocation(name)  # an unknown name is a one-line error
 
 
 def check_compensation(mode: str) -> None:

@@ -25,7 +25,7 @@ from adapruner.big_model import execution_device, is_offloaded, reload_offloaded
 from adapruner.devices import model_device
 from adapruner.importance import LinearStats
 
-LOSS_WINDOWS = 64  # the `loss` allocation's output Fisher reads the first 64 calibration windows (README, "loss")
+LOSS_WINDOWS = 64  # the `loss` allocation's output Fisher reads the first 64 calibration windows (docs/results.md)
 
 
 @dataclass

@@ -33,13 +33,14 @@ import torch
 
 from adapruner.allocation import count_params
 from adapruner.calibration import pool_windows
-from adapruner.commands.search import SearchOptions, run_search
+from adapruner.commands.search import run_search
 from adapruner.evaluate import perplexity
 from adapruner.models import load_model
 from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.recipes import RECIPES as NAMED
 from adapruner.recipes import recipe_prune_options, search_recipe
 from adapruner.report import format_table
+from adapruner.search_options import SearchOptions
 from adapruner.spec import DEFAULT_DAMP, PruneSpec
 
 RECIPES = {  # issue 22's recipes, by name (`--recipes`); calib: wiki windows where not `--calib`

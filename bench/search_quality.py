@@ -23,11 +23,12 @@ import torch
 
 from adapruner.allocation import count_params
 from adapruner.calibration import pool_windows
-from adapruner.commands.search import SearchOptions, run_search
+from adapruner.commands.search import run_search
 from adapruner.evaluate import perplexity
 from adapruner.models import load_model
 from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.report import format_table
+from adapruner.search_options import SearchOptions
 from adapruner.spec import PruneSpec
 from adapruner.validation import VAL_DTYPES, resolve_val_dtype, shared_copy
 

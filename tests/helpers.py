@@ -94,7 +94,8 @@ def tiny_search(tmp_path, model, **options):
     trial. `options` override the SearchOptions (spec: ratio 0.5 over all layers; metrics l2, taylor1, vector)."""
     from pathlib import Path
 
-    from adapruner.commands.search import SearchOptions, run_search
+    from adapruner.commands.search import run_search
+    from adapruner.search_options import SearchOptions
     from adapruner.spec import PruneSpec
 
     model.save_pretrained(tmp_path / "model")

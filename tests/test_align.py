@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from adapruner.allocation import count_params, prices
-from adapruner.commands.search import SearchOptions, run_search
+from adapruner.commands.search import run_search
 from adapruner.errors import AdaPrunerError
 from adapruner.importance import Importance
 from adapruner.removal import apply_plan, plan_removed
+from adapruner.search_options import SearchOptions
 from adapruner.selection import plan_allocation, plan_pruning
 from adapruner.spec import PruneSpec
 from adapruner.structure import layer_info

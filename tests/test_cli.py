@@ -20,13 +20,13 @@ from adapruner.cli import (
 )
 from adapruner.commands.eval import EvalOptions
 from adapruner.commands.run import RunOptions
-from adapruner.commands.search import SearchOptions
 from adapruner.evaluate import perplexity
 from adapruner.finetune import LoraOptions
 from adapruner.plan import PrunePlan
 from adapruner.pruning import PruneOptions, prune_model
 from adapruner.recipes import recipe_prune_options, recipe_search_options
 from adapruner.saving import save_pruned
+from adapruner.search_options import SearchOptions
 from adapruner.spec import PruneSpec
 from adapruner.structure import layer_info
 from adapruner.validation import VAL_DTYPES, resolve_val_dtype

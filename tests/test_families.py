@@ -138,3 +138,20 @@ def test_a_trial_scores_what_a_full_forward_of_the_model_gives(model_type):
     windows = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(6))
     scorer = ValidationScorer(model, windows, start=2, batch_size=2)
     assert scorer.score(PrunePlan()) == pytest.approx(perplexity(model, windows, 2, progress=False), rel=1e-5)
+
+
+def test_the_shipped_modeling_file_reads_the_family_table():
+    """`remote_code/modeling_pruned.py` runs without adapruner, so it keeps its own copy of the family table: the
+    same families, each with the same classes, layer path, fused projections, sliced norms and config view."""
+    import importlib.util
+
+    from adapruner.families import FAMILIES, REMOTE_CODE
+
+    loader = importlib.util.spec_from_file_location("shipped_modeling_pruned", REMOTE_CODE)
+    shipped = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(shipped)
+    ours = {
+        name: (f.config_class, f.model_class, f.layers, f.qkv, f.gate_up, f.head_norms, f.layer_config)
+        for name, f in FAMILIES.items()
+    }
+    assert shipped.FAMILIES == ours

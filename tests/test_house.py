@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from adapruner.allocation_rules import ALLOCATIONS
 from adapruner.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,18 @@ def test_each_metric_is_named_in_the_registry_alone(metric):
     assert sorted(set(naming) - cited) == ["adapruner.metrics"], naming
 
 
+ALLOCATION_OTHER_MEANINGS = {"uniform": {"adapruner.cli", "adapruner.commands.prune"}}  # --uniform: the stock save
+
+
+@pytest.mark.parametrize("name", ALLOCATIONS)
+def test_each_allocation_is_named_in_the_registry_alone(name):
+    """Code asks an allocation's rule (`adapruner.allocation_rules`) what it reads and how it counts; a recipe is a
+    measured choice of allocation."""
+    naming = [module for module, tree in TREES.items() if name in _code_strings(tree)]
+    cited = ALLOCATION_OTHER_MEANINGS.get(name, set()) | {"adapruner.recipes"}
+    assert sorted(set(naming) - cited) == ["adapruner.allocation_rules"], naming
+
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
 FAMILY_LAYER = {"adapruner.families", "adapruner.structure"}
 
@@ -116,3 +129,15 @@ def test_projections_are_named_in_the_family_layer_alone():
         if found and module not in FAMILY_LAYER and not module.startswith("adapruner.remote_code"):
             naming[module] = found
     assert not naming, naming
+
+
+def test_no_library_module_imports_a_command():
+    """Commands sit on top of the library: only the CLI and the commands themselves import `adapruner.commands`."""
+    importing = sorted(
+        module
+        for module, tree in TREES.items()
+        if not module.startswith("adapruner.commands")
+        and module not in ("adapruner.cli", "adapruner.__main__")
+        and any(name.startswith("adapruner.commands") for name in imported_modules(module, tree))
+    )
+    assert importing == [], importing

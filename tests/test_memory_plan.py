@@ -4,9 +4,10 @@ import torch
 
 from adapruner.cache import CandidatePool, build_cache, cache_key, candidate_pool, planned_bytes
 from adapruner.cli import main
-from adapruner.commands.search import SearchOptions, plan_search
+from adapruner.commands.search import plan_search
 from adapruner.memory_plan import GIB
 from adapruner.models import load_shapes
+from adapruner.search_options import SearchOptions
 from adapruner.spec import PruneSpec
 from tests.helpers import save_tiny_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapruner.commands.search import SearchOptions, run_search
+from adapruner.commands.search import run_search
 from adapruner.errors import AdaPrunerError
 from adapruner.families import family_of
 from adapruner.importance import Importance
@@ -16,6 +16,7 @@ from adapruner.models import load_model
 from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.removal import apply_plan
 from adapruner.saving import save_pruned
+from adapruner.search_options import SearchOptions
 from adapruner.selection import plan_from_counts, plan_pruning, score_layers
 from adapruner.spec import PruneSpec
 from adapruner.structure import layer_info

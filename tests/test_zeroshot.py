@@ -29,6 +29,6 @@ def test_dense_smollm2_beats_chance_through_lm_eval(smollm2_loaded, tmp_path, mo
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model, tokenizer = smollm2_loaded
     scores = evaluate_tasks(model, tokenizer, ["adapruner_lastword"], tmp_path, batch_size=16, limit=24)
-    assert scores["adapruner_lastword"]["acc"] >= 0.6  # chance is 0.25; the full task scores ~0.9 (README)
+    assert scores["adapruner_lastword"]["acc"] >= 0.6  # chance is 0.25; the full task scores ~0.9 (docs/results.md)
     with pytest.raises(AdaPrunerError, match="unknown task 'no_such_task'"):
         evaluate_tasks(model, tokenizer, ["no_such_task"], tmp_path)

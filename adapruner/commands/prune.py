@@ -8,6 +8,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from adapruner.allocation import count_params
+from adapruner.allocation_rules import allocation
 from adapruner.best_trial import BestTrial
 from adapruner.calibration import parse_calib_spec
 from adapruner.commands.eval import EvalOptions, eval_windows
@@ -52,7 +53,7 @@ def prune_and_save(
     spec = options.spec.check()
     if uniform and spec.layers not in (None, "all"):
         raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
-    if uniform and (spec.allocation != "uniform" or spec.compensation != "none" or spec.depth_slope):
+    if uniform and (allocation(spec.allocation).scored or spec.compensation != "none" or spec.depth_slope):
         raise AdaPrunerError(
             "--uniform saves one size for every layer without biases: pass --allocation uniform --compensate none "
             "(or --recipe paper) and no --depth-slope, or drop --uniform"

@@ -16,7 +16,7 @@ from adapruner.allocation import count_params
 from adapruner.best_trial import BestTrial
 from adapruner.calibration import pool_windows
 from adapruner.commands.eval import EvalOptions, eval_windows
-from adapruner.commands.search import SearchOptions, resolved, run_search
+from adapruner.commands.search import resolved, run_search
 from adapruner.devices import Placement, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluate import perplexity
@@ -28,6 +28,7 @@ from adapruner.pruning import apply_study_plan
 from adapruner.refit_pool import RefitPool
 from adapruner.report import REPORT_FORMAT, write_json_atomic
 from adapruner.saving import layer_sizes, save_pruned
+from adapruner.search_options import SearchOptions
 from adapruner.speed import measure_speed
 from adapruner.staging import check_out_dir, staged_file
 from adapruner.study import shown_options

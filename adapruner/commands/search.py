@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from adapruner.allocation_rules import any_output_fisher, any_refit_error
 from adapruner.best_trial import BestTrial
 from adapruner.big_model import Dispatch
 from adapruner.cache import CacheKey, CandidatePool, cache_key, load_or_build, planned_bytes
-from adapruner.calibration import DEFAULT_SEQ_LEN, parse_calib_spec, pool_windows, seeded_draw
+from adapruner.calibration import parse_calib_spec, pool_windows, seeded_draw
 from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.fingerprint import model_digest, text_digest
@@ -27,7 +27,7 @@ from adapruner.plan import PrunePlan
 from adapruner.refit_pool import load_or_collect, refit_key, scored_by_moments
 from adapruner.report import format_table, write_json_atomic
 from adapruner.search import SearchSpace, config_of, trial_spec
-from adapruner.spec import ERROR_ALLOCATIONS, PruneSpec
+from adapruner.search_options import STUDY_FILE, SearchOptions, search_record, startup_trials, study_setup
 from adapruner.staging import check_writable, staged_file
 from adapruner.structure import check_context, decoder_layers, has_experts, parse_layer_range
 from adapruner.study import (
@@ -43,71 +43,6 @@ from adapruner.study import (
 )
 from adapruner.validation import resolve_val_dtype
 
-STUDY_FILE = "study.db"
-
-
-def how(default):
-    """A field that says how a search runs, not what it searches: left out of the study's set-up, so a study
-    resumes with other values of it."""
-    return field(default=default, metadata={"setup": False})
-
-
-@dataclass
-class SearchOptions:
-    """Every setting of a search. Fields made with `how` may change between runs of one study; any other field is
-    part of the study's set-up (`study_setup`), and a run with another value of it is refused."""
-
-    model: str = "smollm2"
-    spec: PruneSpec = field(
-        default_factory=PruneSpec
-    )  # budget, layers, granularity, modules, min-keep, damp; trials choose the rest
-    pools: list[str] = field(default_factory=lambda: ["wiki", "news", "plays"])
-    pool_size: int = 32
-    seq_len: int = DEFAULT_SEQ_LEN
-    metrics: tuple[str, ...] = SearchSpace.metrics
-    aggregations: tuple[str, ...] = SearchSpace.aggregations
-    sample_counts: tuple[int, ...] = SearchSpace.sample_counts
-    blocks_per_pool: int = SearchSpace.blocks_per_pool
-    depth_slope: float = SearchSpace.depth_slope
-    allocations: tuple[str, ...] = SearchSpace.allocations
-    compensations: tuple[str, ...] = SearchSpace.compensations
-    statistics: tuple[str, ...] = SearchSpace.statistics
-    refit_calib: str | None = None  # the refit pool's windows (POOL:N[,POOL:N]); None: trials refit on their subset
-    trials: int = how(40)
-    startup_trials: int | None = how(None)  # TPE's random start-up trials; None: a quarter of `trials` (at least 1)
-    sampler: str = how("tpe")
-    seed: int = 0
-    val_windows: int = 16
-    val_data: str | None = None  # the trials' validation text (a pool spec: file/dataset path); None: wiki's split
-    val_dtype: str = "auto"
-    batch_size: int = how(8)
-    workers: int = how(1)
-    early_stop: bool = False
-    storage: str | None = how(None)
-    study: str = how("adapruner")
-    cache_dir: str | None = how(None)
-    cache_dtype: str = "bfloat16"
-    cache_mem_gb: float = how(8.0)
-    device: str = how("auto")
-    dtype: str = "auto"
-    trust_remote_code: bool = how(False)  # run Python code shipped with the model (off unless asked)
-    device_map: str | None = how(
-        None
-    )  # spread the model with accelerate (`adapruner.big_model`): a strategy or a JSON file
-    max_memory: str | None = how(None)  # with device_map: e.g. "0=70GiB,cpu=200GiB"
-    offload_dir: str | None = how(None)  # with device_map: where weights put on disk go
-
-
-def study_setup(options: SearchOptions) -> dict:
-    """The fields that define the study (all but the `how` ones), as the storage returns them (tuples → lists)."""
-    values = asdict(options)
-    return json.loads(json.dumps({f.name: values[f.name] for f in fields(options) if f.metadata.get("setup", True)}))
-
-
-def startup_trials(options: SearchOptions) -> int:
-    """TPE's random start-up trials: as given, else a quarter of the budget (at least one)."""
-    return options.startup_trials if options.startup_trials is not None else max(1, options.trials // 4)
-
 
 def needs_activations(options: SearchOptions) -> bool:
     """The cache stores X and dY when a metric needs them (taylor1, mix; obs: X's Gram), lsq compensation or the
@@ -115,7 +50,7 @@ def needs_activations(options: SearchOptions) -> bool:
     return (
         bool(ACTIVATION_METRICS & set(options.metrics))
         or "lsq" in options.compensations
-        or bool(set(ERROR_ALLOCATIONS) & set(options.allocations))
+        or any_refit_error(options.allocations)
     )
 
 
@@ -194,19 +129,6 @@ def study_dir(out: Path, study: str) -> Path:
     if not (out / "search.json").is_file():
         return out
     return out if search_record(out, "pass a new --out")["study"] == study else out / "studies" / study
-
-
-def search_record(folder: Path, fix: str) -> dict:
-    """The options a search recorded in `folder/search.json`; a file adapruner did not write is a one-line error
-    ending in `fix`."""
-    record = folder / "search.json"
-    try:
-        options = json.loads(record.read_text(encoding="utf-8"))["options"]
-        if not isinstance(options, dict):
-            raise TypeError
-        return options
-    except (ValueError, KeyError, TypeError):
-        raise AdaPrunerError(f"{record} is not a search record adapruner wrote: {fix}") from None
 
 
 def saved_val_windows(path: Path, tokenizer, options: SearchOptions) -> None:
@@ -315,7 +237,7 @@ def run_search(
         refit_path = cache_dir / refit_key(
             content["model"], options.refit_calib, options.seq_len, options.seed, layers, refit_digests
         )
-        fisher = "loss" in options.allocations and "refit" in options.statistics  # pool trials weigh by it
+        fisher = any_output_fisher(options.allocations) and "refit" in options.statistics  # pool trials weigh by it
         windows = (options.refit_calib, options.seq_len, options.seed)
         refit = load_or_collect(model, tokenizer, windows, layers, refit_path, progress, fisher)
     val_path = files / "val.safetensors"
