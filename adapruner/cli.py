@@ -13,25 +13,25 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from adapruner.allocation_rules import ALLOCATIONS, names_where
-from adapruner.allocation_rules import help_text as allocation_help_text
-from adapruner.calibration import parse_calib_spec
+from adapruner.choosing.allocation_rules import ALLOCATIONS, names_where
+from adapruner.choosing.allocation_rules import help_text as allocation_help_text
+from adapruner.choosing.spec import AGGREGATIONS, COMPENSATIONS, GRANULARITIES, PruneSpec
 from adapruner.commands.eval import EvalOptions
 from adapruner.commands.finetune import VAL_WINDOWS
 from adapruner.commands.run import RunOptions
+from adapruner.cutting.pruning import PruneOptions
+from adapruner.cutting.sequential import check_sequential
+from adapruner.data.calibration import parse_calib_spec
 from adapruner.devices import DEVICE_PATTERN, DTYPE_CHOICES, Placement, device_errors
 from adapruner.errors import AdaPrunerError
-from adapruner.export import OUTTYPES
-from adapruner.finetune import LoraOptions
-from adapruner.metrics import METRIC_NAMES
-from adapruner.metrics import metric as registered
-from adapruner.pruning import PruneOptions
+from adapruner.evaluation.finetune import LoraOptions
+from adapruner.output.export import OUTTYPES
+from adapruner.output.report import format_table
 from adapruner.recipes import DEFAULT_RECIPE, RECIPES, recipe, search_recipe
-from adapruner.report import format_table
-from adapruner.search import STATISTICS
-from adapruner.search_options import SearchOptions
-from adapruner.sequential import check_sequential
-from adapruner.spec import AGGREGATIONS, COMPENSATIONS, GRANULARITIES, PruneSpec
+from adapruner.scoring.metrics import METRIC_NAMES
+from adapruner.scoring.metrics import metric as registered
+from adapruner.searching.search import STATISTICS
+from adapruner.searching.search_options import SearchOptions
 from adapruner.staging import interrupted_by, terminate_as_exit
 
 RATIO_HELP = (
@@ -224,7 +224,7 @@ def device_arg(text: str) -> str:
 
 def device_map_arg(text: str) -> str:
     """argparse type for --device-map: a strategy name, or a JSON file mapping module names to devices."""
-    from adapruner.big_model import STRATEGIES, read_device_map
+    from adapruner.model.big_model import STRATEGIES, read_device_map
 
     if text not in STRATEGIES:
         _as_argument_error(read_device_map, text)
@@ -233,7 +233,7 @@ def device_map_arg(text: str) -> str:
 
 def max_memory_arg(text: str) -> str:
     """argparse type for --max-memory: the text, once `parse_max_memory` reads it."""
-    from adapruner.big_model import parse_max_memory
+    from adapruner.model.big_model import parse_max_memory
 
     _as_argument_error(parse_max_memory, text)
     return text
@@ -489,7 +489,7 @@ def _add_dispatch_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_search_args(parser: argparse.ArgumentParser) -> None:
-    from adapruner.validation import VAL_DTYPES
+    from adapruner.searching.validation import VAL_DTYPES
 
     s = SEARCH
     parser.add_argument("--model", default=s.model, help="HF model directory, hub id, or 'smollm2'")
@@ -679,7 +679,7 @@ INTERRUPTED = (
 
 
 def placement_of(args: argparse.Namespace) -> Placement:
-    from adapruner.big_model import Dispatch
+    from adapruner.model.big_model import Dispatch
 
     dispatch = Dispatch.of(
         getattr(args, "device_map", None), getattr(args, "max_memory", None), getattr(args, "offload_dir", None)
@@ -941,7 +941,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    from adapruner.dashboard import serve
+    from adapruner.searching.dashboard import serve
 
     serve(Path(args.out), args.port, args.storage)
     return 0

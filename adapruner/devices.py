@@ -17,7 +17,7 @@ import torch
 from adapruner.errors import AdaPrunerError
 
 if TYPE_CHECKING:
-    from adapruner.big_model import Dispatch
+    from adapruner.model.big_model import Dispatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -65,7 +65,7 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     trust_remote_code: bool = False
-    dispatch: Dispatch | None = None  # spread over devices, host memory and disk (`adapruner.big_model`)
+    dispatch: Dispatch | None = None  # spread over devices, host memory and disk (`adapruner.model.big_model`)
 
     @classmethod
     def of(
@@ -89,7 +89,7 @@ class Placement:
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model's inputs go (every tensor a model step creates goes there): the execution device of its input
     embeddings — a dispatched model's first device — else the device of its first parameter."""
-    from adapruner.big_model import execution_device
+    from adapruner.model.big_model import execution_device
 
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return execution_device(embeddings) if embeddings is not None else next(model.parameters()).device

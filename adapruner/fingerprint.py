@@ -16,8 +16,8 @@ import json
 import torch
 from torch import nn
 
-from adapruner.big_model import unique_tensors, weights
-from adapruner.corpora import Split, pool_documents
+from adapruner.data.corpora import Split, pool_documents
+from adapruner.model.big_model import unique_tensors, weights
 
 UNHASHED_CONFIG = frozenset(
     {"transformers_version", "_name_or_path", "_attn_implementation", "_commit_hash", "dtype", "torch_dtype"}

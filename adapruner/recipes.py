@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from adapruner.choosing.spec import AGGREGATIONS
+from adapruner.cutting.pruning import PruneOptions
 from adapruner.errors import AdaPrunerError
-from adapruner.metrics import SEARCHED_METRICS
-from adapruner.pruning import PruneOptions
-from adapruner.search import DEFAULT_SAMPLE_COUNTS
-from adapruner.search_options import SearchOptions
-from adapruner.spec import AGGREGATIONS
+from adapruner.scoring.metrics import SEARCHED_METRICS
+from adapruner.searching.search import DEFAULT_SAMPLE_COUNTS
+from adapruner.searching.search_options import SearchOptions
 
 DEFAULT_RECIPE = "best"
 

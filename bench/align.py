@@ -6,8 +6,8 @@ run on this machine.
 
 Each row prunes a fresh copy with one recipe (`--metric`, `--allocation`, `--compensate`, calibration `wiki:16` at
 128 tokens), evaluates the first `--windows` evaluation windows of 128 tokens, and times the model as
-`adapruner.speed` does (prefill 512 tokens at batch 1 and 8, decode 128 tokens). Writes bench/results/align.json.
-"""
+`adapruner.evaluation.speed` does (prefill 512 tokens at batch 1 and 8, decode 128 tokens). Writes
+bench/results/align.json."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from adapruner.allocation import count_params
+from adapruner.choosing.allocation import count_params
+from adapruner.choosing.spec import PruneSpec
 from adapruner.commands.eval import eval_windows
-from adapruner.evaluate import perplexity
-from adapruner.models import load_model
-from adapruner.pruning import PruneOptions, prune_model
-from adapruner.spec import PruneSpec
-from adapruner.speed import SpeedShape, measure_speed, speedups
-from adapruner.structure import decoder_layers, layer_info
+from adapruner.cutting.pruning import PruneOptions, prune_model
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.evaluation.speed import SpeedShape, measure_speed, speedups
+from adapruner.model.models import load_model
+from adapruner.model.structure import decoder_layers, layer_info
 
 RESULTS = Path(__file__).with_name("results") / "align.json"
 

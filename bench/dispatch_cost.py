@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from adapruner.big_model import Dispatch
-from adapruner.cache import CandidatePool, build_cache, cache_key, candidate_pool
-from adapruner.calibration import pool_windows
-from adapruner.models import load_model
-from adapruner.report import format_table
-from adapruner.search import TrialConfig, trial_plan, trial_updates
-from adapruner.spec import PruneSpec
-from adapruner.structure import decoder_layers, default_layer_range
-from adapruner.validation import ValidationScorer
+from adapruner.choosing.spec import PruneSpec
+from adapruner.data.calibration import pool_windows
+from adapruner.model.big_model import Dispatch
+from adapruner.model.models import load_model
+from adapruner.model.structure import decoder_layers, default_layer_range
+from adapruner.output.report import format_table
+from adapruner.scoring.cache import CandidatePool, build_cache, cache_key, candidate_pool
+from adapruner.searching.search import TrialConfig, trial_plan, trial_updates
+from adapruner.searching.validation import ValidationScorer
 
 TRIALS = (
     TrialConfig(list(range(8)), "taylor2", "sum"),

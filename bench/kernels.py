@@ -26,7 +26,7 @@ from adapruner.kernels.cached_gradient import (
 from adapruner.kernels.channel_importance import channel_importance_torch, channel_importance_triton
 from adapruner.kernels.dispatch import native_bf16
 from adapruner.kernels.gather import gather_torch, gather_triton
-from adapruner.report import format_table
+from adapruner.output.report import format_table
 from bench.timing import device_name, median_seconds
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))

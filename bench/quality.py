@@ -31,17 +31,17 @@ from pathlib import Path
 
 import torch
 
-from adapruner.allocation import count_params
-from adapruner.calibration import pool_windows
+from adapruner.choosing.allocation import count_params
+from adapruner.choosing.spec import DEFAULT_DAMP, PruneSpec
 from adapruner.commands.search import run_search
-from adapruner.evaluate import perplexity
-from adapruner.models import load_model
-from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
+from adapruner.cutting.pruning import PruneOptions, apply_study_plan, prune_model
+from adapruner.data.calibration import pool_windows
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.model.models import load_model
+from adapruner.output.report import format_table
 from adapruner.recipes import RECIPES as NAMED
 from adapruner.recipes import recipe_prune_options, search_recipe
-from adapruner.report import format_table
-from adapruner.search_options import SearchOptions
-from adapruner.spec import DEFAULT_DAMP, PruneSpec
+from adapruner.searching.search_options import SearchOptions
 
 RECIPES = {  # issue 22's recipes, by name (`--recipes`); calib: wiki windows where not `--calib`
     "obs": dict(metric="obs", allocation="uniform", compensation="lsq"),

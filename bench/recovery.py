@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from adapruner.allocation import count_params
-from adapruner.calibration import pool_windows
-from adapruner.evaluate import perplexity
-from adapruner.finetune import LoraOptions, finetune, merged
-from adapruner.models import load_model
-from adapruner.pruning import PruneOptions, prune_model
-from adapruner.report import format_table
-from adapruner.spec import PruneSpec
+from adapruner.choosing.allocation import count_params
+from adapruner.choosing.spec import PruneSpec
+from adapruner.cutting.pruning import PruneOptions, prune_model
+from adapruner.data.calibration import pool_windows
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.evaluation.finetune import LoraOptions, finetune, merged
+from adapruner.model.models import load_model
+from adapruner.output.report import format_table
 
 
 def main() -> None:

@@ -23,20 +23,20 @@ from pathlib import Path
 
 import torch
 
-from adapruner.cache import CandidatePool, build_cache, cache_key
-from adapruner.calibration import DEFAULT_SEQ_LEN
+from adapruner.choosing.selection import plan_pruning
+from adapruner.choosing.spec import DEFAULT_RATIO, PruneSpec
 from adapruner.cli import DEVICE_HELP, DTYPE_HELP, device_arg
+from adapruner.data.calibration import DEFAULT_SEQ_LEN
 from adapruner.devices import DTYPE_CHOICES, Placement, dtype_name
-from adapruner.importance import Importance, needs
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
-from adapruner.metrics import SEARCHED_METRICS as DEFAULT_METRICS
-from adapruner.report import format_table
-from adapruner.search import DEFAULT_SAMPLE_COUNTS, TrialConfig, pool_blocks, round_robin, trial_plan
-from adapruner.selection import plan_pruning
-from adapruner.spec import DEFAULT_RATIO, PruneSpec
-from adapruner.statistics import collect_stats
-from adapruner.structure import decoder_layers, default_layer_range, prunable_linears
-from adapruner.validation import ValidationScorer, resolve_val_dtype
+from adapruner.model.structure import decoder_layers, default_layer_range, prunable_linears
+from adapruner.output.report import format_table
+from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
+from adapruner.scoring.importance import Importance, needs
+from adapruner.scoring.metrics import SEARCHED_METRICS as DEFAULT_METRICS
+from adapruner.scoring.statistics import collect_stats
+from adapruner.searching.search import DEFAULT_SAMPLE_COUNTS, TrialConfig, pool_blocks, round_robin, trial_plan
+from adapruner.searching.validation import ValidationScorer, resolve_val_dtype
 from bench.shapes import SHAPES, bench_windows, load_shape
 from bench.timing import device_name, sync
 

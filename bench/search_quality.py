@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from adapruner.allocation import count_params
-from adapruner.calibration import pool_windows
+from adapruner.choosing.allocation import count_params
+from adapruner.choosing.spec import PruneSpec
 from adapruner.commands.search import run_search
-from adapruner.evaluate import perplexity
-from adapruner.models import load_model
-from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
-from adapruner.report import format_table
-from adapruner.search_options import SearchOptions
-from adapruner.spec import PruneSpec
-from adapruner.validation import VAL_DTYPES, resolve_val_dtype, shared_copy
+from adapruner.cutting.pruning import PruneOptions, apply_study_plan, prune_model
+from adapruner.data.calibration import pool_windows
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.model.models import load_model
+from adapruner.output.report import format_table
+from adapruner.searching.search_options import SearchOptions
+from adapruner.searching.validation import VAL_DTYPES, resolve_val_dtype, shared_copy
 
 
 def search_val_ppl(model, val, dtype: str) -> float:

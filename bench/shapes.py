@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from adapruner.cache import candidate_pool
-from adapruner.calibration import pool_windows
+from adapruner.data.calibration import pool_windows
+from adapruner.scoring.cache import candidate_pool
 
 # hidden, layers, query heads, kv heads, MLP width, vocabulary
 RANDOM_SHAPES = {
@@ -43,7 +43,7 @@ def random_llama(shape: str, device: torch.device, dtype: torch.dtype, seed: int
 def load_shape(shape: str, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer or None) for `shape`."""
     if shape == "smollm2":
-        from adapruner.models import load_model
+        from adapruner.model.models import load_model
 
         return load_model("smollm2", dtype, device)
     return random_llama(shape, device, dtype), None

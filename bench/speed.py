@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapruner.allocation import count_params
-from adapruner.export import export_gguf
-from adapruner.importance import Importance
-from adapruner.removal import apply_plan
-from adapruner.selection import plan_allocation
-from adapruner.spec import PruneSpec
-from adapruner.speed import SpeedShape, measure_speed, median_seconds, speedups
+from adapruner.choosing.allocation import count_params
+from adapruner.choosing.selection import plan_allocation
+from adapruner.choosing.spec import PruneSpec
+from adapruner.cutting.removal import apply_plan
+from adapruner.evaluation.speed import SpeedShape, measure_speed, median_seconds, speedups
+from adapruner.output.export import export_gguf
+from adapruner.scoring.importance import Importance
 from bench.shapes import load_shape
 
 RESULTS = Path(__file__).with_name("results") / "speed.json"
@@ -48,7 +48,7 @@ def filler_tokenizer(vocab: int):
 
 
 def llama_cpp_speed(path: Path, shape: SpeedShape, vocab: int, threads: int) -> dict[str, float]:
-    """Prefill (batch 1) and decode tokens/s of a GGUF file in llama.cpp, timed like `adapruner.speed`."""
+    """Prefill (batch 1) and decode tokens/s of a GGUF file in llama.cpp, timed like `adapruner.evaluation.speed`."""
     import llama_cpp
 
     llm = llama_cpp.Llama(

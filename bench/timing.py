@@ -1,11 +1,11 @@
 """Timing helpers shared by the bench scripts: median wall time with device synchronisation (the same as
-`adapruner.speed` times inference with), and the device's name."""
+`adapruner.evaluation.speed` times inference with), and the device's name."""
 
 from __future__ import annotations
 
 import torch
 
-from adapruner.speed import median_seconds, sync
+from adapruner.evaluation.speed import median_seconds, sync
 
 __all__ = ["device_name", "median_seconds", "sync"]
 

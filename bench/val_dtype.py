@@ -17,14 +17,14 @@ from pathlib import Path
 import optuna
 import torch
 
-from adapruner.cache import CandidatePool, cache_key, load_or_build
-from adapruner.calibration import pool_windows
-from adapruner.models import cache_root, load_model
-from adapruner.report import format_table
-from adapruner.search import SearchSpace, pool_blocks, suggest, trial_plan
-from adapruner.spec import PruneSpec
-from adapruner.structure import decoder_layers, default_layer_range
-from adapruner.validation import ValidationScorer
+from adapruner.choosing.spec import PruneSpec
+from adapruner.data.calibration import pool_windows
+from adapruner.model.models import cache_root, load_model
+from adapruner.model.structure import decoder_layers, default_layer_range
+from adapruner.output.report import format_table
+from adapruner.scoring.cache import CandidatePool, cache_key, load_or_build
+from adapruner.searching.search import SearchSpace, pool_blocks, suggest, trial_plan
+from adapruner.searching.validation import ValidationScorer
 
 
 def ranks(values: list[float]) -> torch.Tensor:

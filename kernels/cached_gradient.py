@@ -21,7 +21,7 @@ import os
 import torch
 
 from adapruner.kernels.dispatch import Backend, native_bf16, use_triton
-from adapruner.metrics import ACTIVATION_METRICS, METRICS
+from adapruner.scoring.metrics import ACTIVATION_METRICS, METRICS
 
 
 def _with_fisher(metric: str) -> bool:

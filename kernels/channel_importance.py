@@ -8,7 +8,7 @@ channel j of dimension `dim` (0: row j, 1: column j) sums the per-element score 
     taylor2  Σ ½ W² ⊙ F         mix     Σ |W ⊙ G − ½ W² ⊙ F|
     act      Σ |W| ⊙ a          fluct   Σ W² ⊙ v   (a, v: input-feature norms / variances, broadcast along rows)
 
-The per-element formulas live in `adapruner.metrics` (the registry); this module reduces them.
+The per-element formulas live in `adapruner.scoring.metrics` (the registry); this module reduces them.
 
 All arithmetic is in fp32, whatever the input dtype. The Triton kernel streams W (and G, F, a as the metric
 needs) once, tile by tile, and writes only the per-channel vector.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from adapruner.kernels.dispatch import Backend, use_triton
-from adapruner.metrics import INPUT_STATS, KERNEL_METRICS, METRICS
+from adapruner.scoring.metrics import INPUT_STATS, KERNEL_METRICS, METRICS
 
 
 def channel_importance_torch(

@@ -104,7 +104,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def smollm2_loaded():
-    from adapruner.models import load_model
+    from adapruner.model.models import load_model
 
     return load_model("smollm2")
 

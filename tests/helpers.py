@@ -8,7 +8,7 @@ from typing import TypeVar
 import torch
 
 from adapruner.cli import main
-from adapruner.structure import layer_info
+from adapruner.model.structure import layer_info
 from tests.conftest import tiny_llama, word_level_tokenizer
 
 
@@ -94,9 +94,9 @@ def tiny_search(tmp_path, model, **options):
     trial. `options` override the SearchOptions (spec: ratio 0.5 over all layers; metrics l2, taylor1, vector)."""
     from pathlib import Path
 
+    from adapruner.choosing.spec import PruneSpec
     from adapruner.commands.search import run_search
-    from adapruner.search_options import SearchOptions
-    from adapruner.spec import PruneSpec
+    from adapruner.searching.search_options import SearchOptions
 
     model.save_pretrained(tmp_path / "model")
     byte_level_tokenizer().save_pretrained(tmp_path / "model")

@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapruner.allocation import count_params, prices
+from adapruner.choosing.allocation import count_params, prices
+from adapruner.choosing.selection import plan_allocation, plan_pruning
+from adapruner.choosing.spec import PruneSpec
 from adapruner.commands.search import run_search
+from adapruner.cutting.removal import apply_plan, plan_removed
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance
-from adapruner.removal import apply_plan, plan_removed
-from adapruner.search_options import SearchOptions
-from adapruner.selection import plan_allocation, plan_pruning
-from adapruner.spec import PruneSpec
-from adapruner.structure import layer_info
+from adapruner.model.structure import layer_info
+from adapruner.scoring.importance import Importance
+from adapruner.searching.search_options import SearchOptions
 from tests.conftest import tiny_llama
 from tests.helpers import save_tiny_model, write_pool
 

@@ -8,7 +8,7 @@ import optuna
 import pytest
 import torch
 
-from adapruner.allocation import (
+from adapruner.choosing.allocation import (
     budget_counts,
     candidate_costs,
     count_params,
@@ -18,13 +18,13 @@ from adapruner.allocation import (
     removed_by,
     target_count,
 )
-from adapruner.cache import CandidatePool, build_cache, cache_key
+from adapruner.choosing.spec import PruneSpec
 from adapruner.cli import main
+from adapruner.cutting.removal import plan_removed
 from adapruner.errors import AdaPrunerError
-from adapruner.removal import plan_removed
-from adapruner.search import TrialConfig, trial_plan
-from adapruner.spec import PruneSpec
-from adapruner.structure import layer_info
+from adapruner.model.structure import layer_info
+from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
+from adapruner.searching.search import TrialConfig, trial_plan
 from tests.conftest import span, tiny_llama
 from tests.helpers import save_tiny_model, search_args, write_pool
 

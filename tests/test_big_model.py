@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapruner.big_model import Dispatch, is_dispatched, is_offloaded
-from adapruner.cache import CandidatePool, build_cache, cache_key
+from adapruner.choosing.spec import PruneSpec
 from adapruner.cli import main
-from adapruner.models import load_model
-from adapruner.search import TrialConfig, trial_plan, trial_updates
-from adapruner.spec import PruneSpec
-from adapruner.validation import ValidationScorer
+from adapruner.model.big_model import Dispatch, is_dispatched, is_offloaded
+from adapruner.model.models import load_model
+from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
+from adapruner.searching.search import TrialConfig, trial_plan, trial_updates
+from adapruner.searching.validation import ValidationScorer
 from tests.conftest import span, tiny_llama, word_level_tokenizer
 
 # layers 1 and 2 and the head on disk, the rest in host memory (accelerate runs the disk ones on the CPU)
@@ -244,12 +244,12 @@ SEARCH_ONLY = [
 def test_dispatch_misuse_is_one_line_before_any_model_loads(
     command, flags, message, model_dir, tmp_path, capsys, monkeypatch
 ):
-    import adapruner.models
+    import adapruner.model.models
 
     def no_load(*_args, **_kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(adapruner.models.AutoModelForCausalLM, "from_pretrained", no_load)
+    monkeypatch.setattr(adapruner.model.models.AutoModelForCausalLM, "from_pretrained", no_load)
     (tmp_path / "FILE").write_text("not a folder")
     flags = [str(tmp_path / "map.json") if f == "MAP" else str(tmp_path / "FILE") if f == "FILE" else f for f in flags]
     args = {
@@ -427,8 +427,8 @@ def test_run_and_eval_with_a_device_map_equal_the_plain_ones(model_dir, tmp_path
 def test_the_backward_reloads_offloaded_weights_instead_of_keeping_them(model_dir, tmp_path):
     """Autograd keeps a reference to each offloaded weight the forward used (layers 1-2: 7 linears and 2 norms each,
     and the head: 19) and loads it again in the backward, which gives the plain model's input gradient."""
-    from adapruner.big_model import reload_offloaded_in_backward
-    from adapruner.statistics import sample_loss
+    from adapruner.model.big_model import reload_offloaded_in_backward
+    from adapruner.scoring.statistics import sample_loss
 
     ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(5))
     grads, counts = [], []
@@ -455,7 +455,7 @@ def test_a_tied_model_offloaded_whole_counts_and_digests_as_the_plain_one(tmp_pa
     run; the parameter count and the model digest still count the tied weight once."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from adapruner.allocation import count_params
+    from adapruner.choosing.allocation import count_params
     from adapruner.fingerprint import model_digest
 
     torch.manual_seed(0)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from adapruner.cache import ActivationCache, CachedImportance, CandidatePool, build_cache, cache_key
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance, needs
-from adapruner.statistics import collect_stats
-from adapruner.structure import attention_group, input_owner, layer_info, mlp_group, prunable_linears
+from adapruner.model.structure import attention_group, input_owner, layer_info, mlp_group, prunable_linears
+from adapruner.scoring.cache import ActivationCache, CachedImportance, CandidatePool, build_cache, cache_key
+from adapruner.scoring.importance import Importance, needs
+from adapruner.scoring.statistics import collect_stats
 
 SEQ = 11
 LAYERS = range(1, 3)

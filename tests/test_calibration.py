@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from adapruner.calibration import calibration_samples, parse_calib_spec, pool_windows
-from adapruner.corpora import pool_documents, wiki_articles, wiki_split
+from adapruner.data.calibration import calibration_samples, parse_calib_spec, pool_windows
+from adapruner.data.corpora import pool_documents, wiki_articles, wiki_split
 from adapruner.errors import AdaPrunerError
 
 

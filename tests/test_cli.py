@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from adapruner.calibration import pool_windows
+from adapruner.choosing.plan import PrunePlan
+from adapruner.choosing.spec import PruneSpec
 from adapruner.cli import (
     apply_recipe,
     build_parser,
@@ -20,16 +21,15 @@ from adapruner.cli import (
 )
 from adapruner.commands.eval import EvalOptions
 from adapruner.commands.run import RunOptions
-from adapruner.evaluate import perplexity
-from adapruner.finetune import LoraOptions
-from adapruner.plan import PrunePlan
-from adapruner.pruning import PruneOptions, prune_model
+from adapruner.cutting.pruning import PruneOptions, prune_model
+from adapruner.data.calibration import pool_windows
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.evaluation.finetune import LoraOptions
+from adapruner.model.structure import layer_info
+from adapruner.output.saving import save_pruned
 from adapruner.recipes import recipe_prune_options, recipe_search_options
-from adapruner.saving import save_pruned
-from adapruner.search_options import SearchOptions
-from adapruner.spec import PruneSpec
-from adapruner.structure import layer_info
-from adapruner.validation import VAL_DTYPES, resolve_val_dtype
+from adapruner.searching.search_options import SearchOptions
+from adapruner.searching.validation import VAL_DTYPES, resolve_val_dtype
 from tests.helpers import one_error_line, run_cli
 
 
@@ -367,7 +367,7 @@ def test_smollm2_delivered_model_is_the_scored_one(capsys, tmp_path, smollm2_loa
 def test_reports_of_another_version_are_refused(capsys, tmp_path):
     """best.json and report.json carry their format;
     a file of another one is a one-line error before any model loads."""
-    (tmp_path / "report.json").write_text(json.dumps({"format": "adapruner.report/0", "eval": {}}))
+    (tmp_path / "report.json").write_text(json.dumps({"format": "adapruner.output.report/0", "eval": {}}))
     code, _, err = run_cli(capsys, "eval", "--model", "smollm2", "--report", str(tmp_path / "report.json"))
     assert code == 2 and "another adapruner version" in err and err.count("\n") == 1
     (tmp_path / "study").mkdir()

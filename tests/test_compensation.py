@@ -5,15 +5,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapruner.cache import CandidatePool, build_cache, cache_key
-from adapruner.compensation import compensated, compensation_updates, install, output_inputs
-from adapruner.importance import Importance, LinearStats
-from adapruner.removal import apply_plan
-from adapruner.saving import save_pruned
-from adapruner.selection import plan_allocation
-from adapruner.spec import PruneSpec
-from adapruner.statistics import InputMoments, collect_input_moments
-from adapruner.structure import prunable_linears
+from adapruner.choosing.selection import plan_allocation
+from adapruner.choosing.spec import PruneSpec
+from adapruner.cutting.compensation import compensated, compensation_updates, install, output_inputs
+from adapruner.cutting.removal import apply_plan
+from adapruner.model.structure import prunable_linears
+from adapruner.output.saving import save_pruned
+from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
+from adapruner.scoring.importance import Importance, LinearStats
+from adapruner.scoring.statistics import InputMoments, collect_input_moments
 
 SEQ = 9
 
@@ -112,14 +112,14 @@ def test_cached_moments_of_any_subset_equal_a_fresh_pass(gqa_model):
 
 
 def _member(name, linear):
-    from adapruner.structure import Member
+    from adapruner.model.structure import Member
 
     return Member(name, linear, 1, 1)
 
 
 def test_lsq_grams_in_passes_under_a_budget_equal_one_pass(gqa_model, monkeypatch):
     """A Gram budget of one o_proj Gram (48² fp32) makes one pass per output linear; the refit is the one-pass refit."""
-    import adapruner.compensation as pruner
+    import adapruner.cutting.compensation as pruner
 
     model, ids = gqa_model, calibration_ids()
     plan = plan_allocation(model, Importance("l2"), PruneSpec(0.5, layers="0:3"))

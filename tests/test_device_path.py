@@ -7,14 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapruner.cache import CandidatePool, build_cache, cache_key
+from adapruner.choosing.plan import PrunePlan
+from adapruner.choosing.spec import PruneSpec
 from adapruner.cli import main
 from adapruner.devices import Placement, device_errors, resolve_device, resolve_dtype
 from adapruner.errors import AdaPrunerError
-from adapruner.plan import PrunePlan
-from adapruner.search import TrialConfig, trial_plan
-from adapruner.spec import PruneSpec
-from adapruner.validation import ValidationScorer
+from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
+from adapruner.searching.search import TrialConfig, trial_plan
+from adapruner.searching.validation import ValidationScorer
 from tests.conftest import span
 from tests.helpers import masked_logits
 
@@ -229,7 +229,7 @@ def test_windows_longer_than_the_context_are_refused(gqa_model, tokenizer, tmp_p
 def test_a_pinned_cache_scores_as_the_resident_one(gqa_model, device, tmp_path):
     """The pinned tier: rows gathered into pinned buffers and copied without blocking give the resident cache's
     plans and compensation moments."""
-    from adapruner.cache import ActivationCache, rows_on
+    from adapruner.scoring.cache import ActivationCache, rows_on
 
     ids = torch.randint(0, 97, (6, SEQ), generator=torch.Generator().manual_seed(3))
     model = gqa_model.to(device)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adapruner.evaluate import perplexity
+from adapruner.evaluation.evaluate import perplexity
 
 
 def test_perplexity_matches_hf_loss(mha_model, token_batch):
@@ -17,7 +17,7 @@ def test_perplexity_matches_hf_loss(mha_model, token_batch):
 
 
 def test_chunked_nll_equals_one_cross_entropy():
-    from adapruner.evaluate import CE_ROWS, nll_sum
+    from adapruner.evaluation.evaluate import CE_ROWS, nll_sum
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 2 * CE_ROWS + 7, 97, generator=gen)  # per window two whole chunks and a ragged one

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from adapruner.choosing.selection import plan_allocation
+from adapruner.choosing.spec import PruneSpec
 from adapruner.cli import main
 from adapruner.commands.export import export_model
-from adapruner.export import export_gguf
-from adapruner.importance import Importance
-from adapruner.pruning import PruneOptions, prune_model
-from adapruner.removal import apply_plan
-from adapruner.saving import save_pruned
-from adapruner.selection import plan_allocation
-from adapruner.spec import PruneSpec
+from adapruner.cutting.pruning import PruneOptions, prune_model
+from adapruner.cutting.removal import apply_plan
+from adapruner.output.export import export_gguf
+from adapruner.output.saving import save_pruned
+from adapruner.scoring.importance import Importance
 from tests.conftest import tiny_llama
 from tests.helpers import byte_level_tokenizer, one_error_line
 

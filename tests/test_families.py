@@ -7,14 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapruner.families import FAMILIES, family_of
-from adapruner.importance import Importance
-from adapruner.models import load_model
-from adapruner.pruning import apply_study_plan
-from adapruner.removal import apply_plan
-from adapruner.saving import save_pruned
-from adapruner.selection import plan_from_counts, plan_pruning, score_layers
-from adapruner.structure import attention_group, decoder_layers, layer_info, mlp_group
+from adapruner.choosing.selection import plan_from_counts, plan_pruning, score_layers
+from adapruner.cutting.pruning import apply_study_plan
+from adapruner.cutting.removal import apply_plan
+from adapruner.model.families import FAMILIES, family_of
+from adapruner.model.models import load_model
+from adapruner.model.structure import attention_group, decoder_layers, layer_info, mlp_group
+from adapruner.output.saving import save_pruned
+from adapruner.scoring.importance import Importance
 from tests.conftest import word_level_tokenizer
 from tests.helpers import FAMILY_TYPES, MOE_TYPES, masked_logits, tiny_family, tiny_search
 
@@ -130,9 +130,9 @@ def test_a_trial_scores_what_a_full_forward_of_the_model_gives(model_type):
     """The validation scorer's prefix (layers before the first pruned one, run once) joins the rest of every family
     exactly: an unpruned trial's perplexity is the full model's (Granite scales its input embeddings in the model's
     forward: the prefix must not be scaled twice)."""
-    from adapruner.evaluate import perplexity
-    from adapruner.plan import PrunePlan
-    from adapruner.validation import ValidationScorer
+    from adapruner.choosing.plan import PrunePlan
+    from adapruner.evaluation.evaluate import perplexity
+    from adapruner.searching.validation import ValidationScorer
 
     model = tiny_family(model_type, seed=5)
     windows = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(6))
@@ -145,7 +145,7 @@ def test_the_shipped_modeling_file_reads_the_family_table():
     same families, each with the same classes, layer path, fused projections, sliced norms and config view."""
     import importlib.util
 
-    from adapruner.families import FAMILIES, REMOTE_CODE
+    from adapruner.model.families import FAMILIES, REMOTE_CODE
 
     loader = importlib.util.spec_from_file_location("shipped_modeling_pruned", REMOTE_CODE)
     shipped = importlib.util.module_from_spec(loader)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapruner.finetune import LoraOptions, finetune, merged
-from adapruner.importance import Importance
-from adapruner.removal import apply_plan
-from adapruner.saving import save_pruned
-from adapruner.selection import plan_pruning
-from adapruner.structure import layer_info, mlp_group, projection_names
+from adapruner.choosing.selection import plan_pruning
+from adapruner.cutting.removal import apply_plan
+from adapruner.evaluation.finetune import LoraOptions, finetune, merged
+from adapruner.model.structure import layer_info, mlp_group, projection_names
+from adapruner.output.saving import save_pruned
+from adapruner.scoring.importance import Importance
 from tests.conftest import word_level_tokenizer
 from tests.helpers import tiny_family
 

@@ -7,10 +7,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from adapruner.data.finetune_data import IGNORE, collate, load_train_examples
 from adapruner.errors import AdaPrunerError
-from adapruner.finetune import LoraOptions, finetune, merged
-from adapruner.finetune_data import IGNORE, collate, load_train_examples
-from adapruner.saving import save_adapter, save_pruned
+from adapruner.evaluation.finetune import LoraOptions, finetune, merged
+from adapruner.output.saving import save_adapter, save_pruned
 
 
 @pytest.fixture

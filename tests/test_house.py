@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from adapruner.allocation_rules import ALLOCATIONS
-from adapruner.metrics import METRICS
+from adapruner.choosing.allocation_rules import ALLOCATIONS
+from adapruner.scoring.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {
@@ -92,14 +92,14 @@ def _code_strings(tree: ast.Module) -> set[str]:
     }
 
 
-OTHER_MEANINGS = {"random": {"adapruner.cli", "adapruner.study"}}  # Optuna's random sampler, not the metric
+OTHER_MEANINGS = {"random": {"adapruner.cli", "adapruner.searching.study"}}  # Optuna's random sampler, not the metric
 
 
 @pytest.mark.parametrize("metric", list(METRICS))
 def test_each_metric_is_named_in_the_registry_alone(metric):
     naming = [module for module, tree in TREES.items() if metric in _code_strings(tree)]
     cited = OTHER_MEANINGS.get(metric, set()) | {"adapruner.recipes"}  # a recipe is a measured choice of metric
-    assert sorted(set(naming) - cited) == ["adapruner.metrics"], naming
+    assert sorted(set(naming) - cited) == ["adapruner.scoring.metrics"], naming
 
 
 ALLOCATION_OTHER_MEANINGS = {"uniform": {"adapruner.cli", "adapruner.commands.prune"}}  # --uniform: the stock save
@@ -107,15 +107,15 @@ ALLOCATION_OTHER_MEANINGS = {"uniform": {"adapruner.cli", "adapruner.commands.pr
 
 @pytest.mark.parametrize("name", ALLOCATIONS)
 def test_each_allocation_is_named_in_the_registry_alone(name):
-    """Code asks an allocation's rule (`adapruner.allocation_rules`) what it reads and how it counts; a recipe is a
-    measured choice of allocation."""
+    """Code asks an allocation's rule (`adapruner.choosing.allocation_rules`) what it reads and how it counts; a recipe
+    is a measured choice of allocation."""
     naming = [module for module, tree in TREES.items() if name in _code_strings(tree)]
     cited = ALLOCATION_OTHER_MEANINGS.get(name, set()) | {"adapruner.recipes"}
-    assert sorted(set(naming) - cited) == ["adapruner.allocation_rules"], naming
+    assert sorted(set(naming) - cited) == ["adapruner.choosing.allocation_rules"], naming
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
-FAMILY_LAYER = {"adapruner.families", "adapruner.structure"}
+FAMILY_LAYER = {"adapruner.model.families", "adapruner.model.structure"}
 
 
 def test_projections_are_named_in_the_family_layer_alone():
@@ -141,3 +141,14 @@ def test_no_library_module_imports_a_command():
         and any(name.startswith("adapruner.commands") for name in imported_modules(module, tree))
     )
     assert importing == [], importing
+
+
+def test_no_folder_of_the_package_holds_more_than_fifteen_modules():
+    """The package is grouped by stage (model, data, scoring, choosing, cutting, searching, output, evaluation)."""
+    folders = {p for p in (ROOT / "adapruner").rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    crowded = {
+        folder.relative_to(ROOT).as_posix(): count
+        for folder in folders | {ROOT / "adapruner"}
+        if (count := len([p for p in folder.glob("*.py") if p.name != "__init__.py"])) > 15
+    }
+    assert len(folders) >= 8 and not crowded, crowded

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance, LinearStats, aggregate, unit_scores
 from adapruner.kernels.channel_importance import channel_importance_torch
-from adapruner.structure import Group, Member
+from adapruner.model.structure import Group, Member
+from adapruner.scoring.importance import Importance, LinearStats, aggregate, unit_scores
 
 W = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
 G = torch.tensor([[0.5, 1.0, -1.0], [2.0, -1.0, 0.5]])

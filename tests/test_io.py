@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from adapruner.choosing.selection import plan_pruning
+from adapruner.cutting.removal import apply_plan
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance
-from adapruner.models import load_model
-from adapruner.removal import apply_plan
-from adapruner.saving import save_pruned
-from adapruner.selection import plan_pruning
-from adapruner.structure import layer_info
+from adapruner.model.models import load_model
+from adapruner.model.structure import layer_info
+from adapruner.output.saving import save_pruned
+from adapruner.scoring.importance import Importance
 
 
 def prune(model, layers, granularity="kv", ratio=0.5):

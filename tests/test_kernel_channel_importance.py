@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapruner.kernels.channel_importance import channel_importance, channel_importance_torch, channel_importance_triton
-from adapruner.metrics import KERNEL_METRICS
+from adapruner.scoring.metrics import KERNEL_METRICS
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 

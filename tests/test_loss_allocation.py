@@ -6,15 +6,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adapruner.allocation import target_count
-from adapruner.cache import CachedImportance, CandidatePool, build_cache, cache_key
+from adapruner.choosing.allocation import target_count
+from adapruner.choosing.selection import plan_allocation
+from adapruner.choosing.spec import PruneSpec
+from adapruner.cutting.removal import plan_removed
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance, LinearStats
-from adapruner.removal import plan_removed
-from adapruner.selection import plan_allocation
-from adapruner.spec import PruneSpec
-from adapruner.statistics import collect_input_moments, collect_output_fisher, sample_loss
-from adapruner.structure import layer_info, mlp_group, output_projections
+from adapruner.model.structure import layer_info, mlp_group, output_projections
+from adapruner.scoring.cache import CachedImportance, CandidatePool, build_cache, cache_key
+from adapruner.scoring.importance import Importance, LinearStats
+from adapruner.scoring.statistics import collect_input_moments, collect_output_fisher, sample_loss
 from tests.helpers import tiny_family
 
 DAMP = 0.3

@@ -2,13 +2,13 @@
 
 import torch
 
-from adapruner.cache import CandidatePool, build_cache, cache_key, candidate_pool, planned_bytes
+from adapruner.choosing.spec import PruneSpec
 from adapruner.cli import main
 from adapruner.commands.search import plan_search
-from adapruner.memory_plan import GIB
-from adapruner.models import load_shapes
-from adapruner.search_options import SearchOptions
-from adapruner.spec import PruneSpec
+from adapruner.model.models import load_shapes
+from adapruner.scoring.cache import CandidatePool, build_cache, cache_key, candidate_pool, planned_bytes
+from adapruner.searching.memory_plan import GIB
+from adapruner.searching.search_options import SearchOptions
 from tests.helpers import save_tiny_model
 
 
@@ -106,7 +106,7 @@ def test_search_plan_prints_and_writes_nothing(tmp_path, capsys):
 def test_the_cache_goes_to_the_first_tier_that_holds_it():
     """device (under --cache-mem and beside the model) → pinned host memory (CUDA, at most half the host's
     available memory) → memory-mapped; a spread model's cache never goes on the device."""
-    from adapruner.memory_plan import cache_placement
+    from adapruner.searching.memory_plan import cache_placement
 
     gib = 2**30
     assert cache_placement("cuda", 14 * gib, 8 * gib, 16 * gib, 80 * gib, 200 * gib) == "device"
@@ -121,7 +121,7 @@ def test_the_cache_goes_to_the_first_tier_that_holds_it():
 
 
 def test_a_spread_model_s_bytes_leave_less_host_memory_to_pin():
-    from adapruner.memory_plan import cache_placement
+    from adapruner.searching.memory_plan import cache_placement
 
     gib = 2**30
     assert (

@@ -6,7 +6,7 @@ import json
 import yaml
 
 from adapruner.cli import main
-from adapruner.model_card import EMBEDDED_HUB_ID, hub_id
+from adapruner.output.model_card import EMBEDDED_HUB_ID, hub_id
 from tests.helpers import save_tiny_model
 
 

@@ -8,18 +8,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from adapruner.choosing.selection import plan_from_counts, plan_pruning, score_layers
+from adapruner.choosing.spec import PruneSpec
 from adapruner.commands.search import run_search
+from adapruner.cutting.pruning import PruneOptions, apply_study_plan, prune_model
+from adapruner.cutting.removal import apply_plan
 from adapruner.errors import AdaPrunerError
-from adapruner.families import family_of
-from adapruner.importance import Importance
-from adapruner.models import load_model
-from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
-from adapruner.removal import apply_plan
-from adapruner.saving import save_pruned
-from adapruner.search_options import SearchOptions
-from adapruner.selection import plan_from_counts, plan_pruning, score_layers
-from adapruner.spec import PruneSpec
-from adapruner.structure import layer_info
+from adapruner.model.families import family_of
+from adapruner.model.models import load_model
+from adapruner.model.structure import layer_info
+from adapruner.output.saving import save_pruned
+from adapruner.scoring.importance import Importance
+from adapruner.searching.search_options import SearchOptions
 from tests.conftest import word_level_tokenizer
 from tests.helpers import MOE_TYPES, byte_level_tokenizer, masked_logits, tiny_family, tiny_search
 
@@ -114,9 +114,9 @@ def test_data_metrics_on_experts_are_one_line_errors(model_type, tmp_path):
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_moe_budgets_are_met_within_one_channel_of_every_expert(allocation):
-    from adapruner.allocation import count_params, prices
-    from adapruner.removal import plan_removed
-    from adapruner.selection import plan_allocation
+    from adapruner.choosing.allocation import count_params, prices
+    from adapruner.choosing.selection import plan_allocation
+    from adapruner.cutting.removal import plan_removed
 
     model = tiny_family("qwen3_moe", seed=4)
     spec = PruneSpec(None, target_params=0.2, layers="all", allocation=allocation, metric="l2")

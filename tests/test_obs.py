@@ -6,20 +6,20 @@ import copy
 import pytest
 import torch
 
-from adapruner.allocation import error_counts, target_count
-from adapruner.cache import CachedImportance, CandidatePool, build_cache, cache_key
-from adapruner.calibration import windows_at
+from adapruner.choosing.allocation import error_counts, target_count
+from adapruner.choosing.selection import plan_allocation, scoreless_counts, top_units
+from adapruner.choosing.spec import PruneSpec
+from adapruner.cutting.pruning import PruneOptions, apply_study_plan, prune_model
+from adapruner.cutting.removal import plan_removed
+from adapruner.cutting.sequential import check_sequential, prune_sequential
+from adapruner.data.calibration import windows_at
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance, LinearStats
-from adapruner.models import load_model
-from adapruner.obs import greedy_removal, inverse_hessian, unit_costs
-from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
-from adapruner.removal import plan_removed
-from adapruner.selection import plan_allocation, scoreless_counts, top_units
-from adapruner.sequential import check_sequential, prune_sequential
-from adapruner.spec import PruneSpec
-from adapruner.statistics import collect_input_moments
-from adapruner.structure import head_channels, layer_info, mlp_group, output_projections
+from adapruner.model.models import load_model
+from adapruner.model.structure import head_channels, layer_info, mlp_group, output_projections
+from adapruner.scoring.cache import CachedImportance, CandidatePool, build_cache, cache_key
+from adapruner.scoring.importance import Importance, LinearStats
+from adapruner.scoring.obs import greedy_removal, inverse_hessian, unit_costs
+from adapruner.scoring.statistics import collect_input_moments
 from tests.helpers import byte_level_tokenizer, one_error_line, run_cli, tiny_family, tiny_search
 
 DAMP = 0.3

@@ -3,9 +3,9 @@
 import json
 
 from adapruner.cli import main
-from adapruner.measure import macs
-from adapruner.models import cache_root, load_model
-from adapruner.zeroshot import evaluate_tasks
+from adapruner.evaluation.zeroshot import evaluate_tasks
+from adapruner.model.measure import macs
+from adapruner.model.models import cache_root, load_model
 
 
 def test_macs_by_hand(mha_model):

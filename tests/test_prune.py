@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from adapruner.allocation import count_params, ratio_counts, removal_count, removed_by
+from adapruner.choosing.allocation import count_params, ratio_counts, removal_count, removed_by
+from adapruner.choosing.plan import PrunePlan
+from adapruner.choosing.selection import plan_pruning, top_units
+from adapruner.cutting.removal import apply_plan
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance
-from adapruner.plan import PrunePlan
-from adapruner.removal import apply_plan
-from adapruner.selection import plan_pruning, top_units
-from adapruner.structure import layer_info
+from adapruner.model.structure import layer_info
+from adapruner.scoring.importance import Importance
 from tests.helpers import masked_logits
 
 

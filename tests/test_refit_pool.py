@@ -10,17 +10,17 @@ import optuna
 import pytest
 import torch
 
-from adapruner.calibration import calibration_samples
-from adapruner.compensation import compensation_passes
+from adapruner.choosing.selection import plan_allocation
+from adapruner.choosing.spec import PruneSpec
+from adapruner.cutting.compensation import compensation_passes
+from adapruner.cutting.pruning import PruneOptions, apply_study_plan, prune_model
+from adapruner.data.calibration import calibration_samples
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import Importance
-from adapruner.models import load_model
-from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
-from adapruner.refit_pool import RefitPool, collect_refit_pool, load_or_collect, refit_key, scored_by_moments
-from adapruner.search import SearchSpace, TrialConfig, suggest, trial_plan, trial_updates
-from adapruner.selection import plan_allocation
-from adapruner.spec import PruneSpec
-from adapruner.structure import output_projections
+from adapruner.model.models import load_model
+from adapruner.model.structure import output_projections
+from adapruner.scoring.importance import Importance
+from adapruner.scoring.refit_pool import RefitPool, collect_refit_pool, load_or_collect, refit_key, scored_by_moments
+from adapruner.searching.search import SearchSpace, TrialConfig, suggest, trial_plan, trial_updates
 from tests.helpers import (
     byte_level_tokenizer,
     one_error_line,

@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapruner.cache import ActivationCache, CandidatePool, build_cache, cache_key
-from adapruner.calibration import pool_windows, seeded_draw
 from adapruner.cli import main
 from adapruner.commands.run import UNFINISHED
-from adapruner.evaluate import perplexity
-from adapruner.models import load_model
-from adapruner.pruning import apply_study_plan
-from adapruner.search import pool_blocks, short_names
-from adapruner.study import open_storage
+from adapruner.cutting.pruning import apply_study_plan
+from adapruner.data.calibration import pool_windows, seeded_draw
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.model.models import load_model
+from adapruner.scoring.cache import ActivationCache, CandidatePool, build_cache, cache_key
+from adapruner.searching.search import pool_blocks, short_names
+from adapruner.searching.study import open_storage
 from tests.conftest import tiny_llama
 from tests.helpers import one_error_line, run_cli, save_tiny_model, search_args, tiny_search, wait_for, write_pool
 
@@ -78,7 +78,7 @@ def test_a_cache_missing_a_tensor_or_with_a_wrong_shape_is_refused(gqa_model):
     key = cache_key("tiny", gqa_model, CandidatePool(["a"], 4, 8, 0), range(0, 3), activations=True, dtype="float32")
     cache = build_cache(gqa_model, key, ids, [("a", i) for i in range(4)], progress=False)
     cache.check(gqa_model, key)  # a whole cache passes
-    from adapruner.cache import DamagedCache
+    from adapruner.scoring.cache import DamagedCache
 
     name = "dy/model.layers.1.mlp.down_proj"
     with pytest.raises(DamagedCache, match=f"tensor '{name}' is missing"):
@@ -165,12 +165,12 @@ def test_bad_files_and_paths_are_one_line_errors_before_the_model_loads(tmp_path
     import adapruner.commands.eval
     import adapruner.commands.prune
     import adapruner.commands.run  # imported before the patch: none binds the patched loader for later tests
-    import adapruner.models
+    import adapruner.model.models
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(adapruner.models, "load_model", no_loading)
+    monkeypatch.setattr(adapruner.model.models, "load_model", no_loading)
     for argv, message in bad_inputs(tmp_path):
         before = sorted(p.name for p in tmp_path.iterdir())
         code, _, err = run_cli(capsys, *argv)
@@ -255,8 +255,8 @@ def test_sigterm_as_optuna_starts_a_trial_heartbeat_still_exits(search_inputs):
 
 
 def test_outputs_take_the_permissions_the_umask_gives(tmp_path, gqa_model, tokenizer):
-    from adapruner.report import write_json_atomic
-    from adapruner.saving import save_pruned
+    from adapruner.output.report import write_json_atomic
+    from adapruner.output.saving import save_pruned
 
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
     key = cache_key("tiny", gqa_model, CandidatePool(["a"], 2, 8, 0), range(0, 3), activations=False, dtype="float32")

@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapruner.cache import CandidatePool, build_cache, cache_key
+from adapruner.choosing.spec import PruneSpec
+from adapruner.cutting.removal import apply_plan
 from adapruner.errors import AdaPrunerError
-from adapruner.evaluate import perplexity
-from adapruner.removal import apply_plan
-from adapruner.search import (
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
+from adapruner.searching.search import (
     WORKER_ATTR,
     Objective,
     SearchSpace,
@@ -28,9 +29,8 @@ from adapruner.search import (
     round_robin,
     trial_plan,
 )
-from adapruner.spec import PruneSpec
-from adapruner.study import WorkerSpec, open_storage, open_study, run_worker, run_workers
-from adapruner.validation import ValidationScorer, shared_copy
+from adapruner.searching.study import WorkerSpec, open_storage, open_study, run_worker, run_workers
+from adapruner.searching.validation import ValidationScorer, shared_copy
 from tests.conftest import span
 from tests.helpers import wait_for
 

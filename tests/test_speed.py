@@ -3,7 +3,7 @@
 
 import json
 
-from adapruner.speed import SpeedShape, measure_speed, speedups
+from adapruner.evaluation.speed import SpeedShape, measure_speed, speedups
 from tests.conftest import tiny_llama
 
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from adapruner.statistics import collect_stats, sample_loss
-from adapruner.structure import prunable_linears
+from adapruner.model.structure import prunable_linears
+from adapruner.scoring.statistics import collect_stats, sample_loss
 
 
 def per_sample_grads(model, batch, weights):

@@ -5,9 +5,8 @@ import torch
 from transformers import GPT2Config
 
 from adapruner.errors import AdaPrunerError
-from adapruner.families import check_supported
-from adapruner.importance import Importance
-from adapruner.structure import (
+from adapruner.model.families import check_supported
+from adapruner.model.structure import (
     attention_group,
     default_layer_range,
     layer_info,
@@ -15,6 +14,7 @@ from adapruner.structure import (
     parse_layer_range,
     prunable_linears,
 )
+from adapruner.scoring.importance import Importance
 
 
 def brute_force_kv_scores(info) -> list[float]:

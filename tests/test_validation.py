@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from adapruner.choosing.selection import plan_pruning
+from adapruner.cutting.removal import apply_plan
 from adapruner.errors import AdaPrunerError
-from adapruner.evaluate import perplexity
-from adapruner.importance import Importance
+from adapruner.evaluation.evaluate import perplexity
 from adapruner.kernels.dispatch import native_bf16
-from adapruner.removal import apply_plan
-from adapruner.selection import plan_pruning
-from adapruner.validation import ValidationScorer, resolve_val_dtype, shared_copy
+from adapruner.scoring.importance import Importance
+from adapruner.searching.validation import ValidationScorer, resolve_val_dtype, shared_copy
 
 SEQ = 11
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from adapruner.corpora import wiki_split
+from adapruner.data.corpora import wiki_split
 from adapruner.errors import AdaPrunerError
-from adapruner.zeroshot import OFFLINE_TASKS, build_offline_tasks, evaluate_tasks
+from adapruner.evaluation.zeroshot import OFFLINE_TASKS, build_offline_tasks, evaluate_tasks
 
 
 def test_task_data_is_deterministic_and_well_formed(tmp_path):

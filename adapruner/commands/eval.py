@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-from adapruner.allocation import count_params
-from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
-from adapruner.corpora import read_utf8
+from adapruner.choosing.allocation import count_params
+from adapruner.data.calibration import DEFAULT_SEQ_LEN, pool_windows
+from adapruner.data.corpora import read_utf8
 from adapruner.devices import Placement, model_device
 from adapruner.errors import AdaPrunerError
-from adapruner.evaluate import perplexity
-from adapruner.models import cache_root, load_model
-from adapruner.report import REPORT_FORMAT, write_json_atomic
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.model.models import cache_root, load_model
+from adapruner.model.structure import check_context
+from adapruner.output.report import REPORT_FORMAT, write_json_atomic
 from adapruner.staging import check_writable
-from adapruner.structure import check_context
 
 
 @dataclass
@@ -31,7 +31,7 @@ class EvalOptions:
     batch_size: int = 8
     tasks: tuple[str, ...] = ()
     task_limit: int | None = None  # items per task (None: all)
-    speed: bool = False  # prefill and decode tokens/s (adapruner.speed)
+    speed: bool = False  # prefill and decode tokens/s (adapruner.evaluation.speed)
 
 
 def eval_windows(tokenizer, pool: str, seq_len: int, max_windows: int | None) -> torch.Tensor:
@@ -81,14 +81,14 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
             "windows": int(windows.shape[0]),
         }
     if options.tasks:
-        from adapruner.zeroshot import evaluate_tasks
+        from adapruner.evaluation.zeroshot import evaluate_tasks
 
         scores = evaluate_tasks(
             model, tokenizer, list(options.tasks), cache_root() / "tasks", options.batch_size, options.task_limit
         )
         results.update({f"task_{name}": values for name, values in scores.items()})
     if options.speed:
-        from adapruner.speed import measure_speed
+        from adapruner.evaluation.speed import measure_speed
 
         results["speed"] = {**measure_speed(model), "device": str(model_device(model))}
     if report is not None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
-from adapruner.export import OUTTYPES, export_gguf
-from adapruner.models import load_model
+from adapruner.model.models import load_model
+from adapruner.output.export import OUTTYPES, export_gguf
 from adapruner.staging import check_writable
 
 

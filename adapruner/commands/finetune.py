@@ -6,15 +6,15 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from adapruner.calibration import DEFAULT_SEQ_LEN, pool_windows
+from adapruner.data.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.devices import Placement, dtype_name
-from adapruner.evaluate import perplexity
-from adapruner.finetune import LoraOptions, finetune, mean_loss, merged
-from adapruner.models import load_model
-from adapruner.report import REPORT_FORMAT
-from adapruner.saving import save_adapter, save_pruned
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.evaluation.finetune import LoraOptions, finetune, mean_loss, merged
+from adapruner.model.models import load_model
+from adapruner.model.structure import check_context
+from adapruner.output.report import REPORT_FORMAT
+from adapruner.output.saving import save_adapter, save_pruned
 from adapruner.staging import check_out_dir
-from adapruner.structure import check_context
 
 VAL_WINDOWS = 16  # wiki validation windows per evaluation
 

@@ -7,22 +7,22 @@ import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from adapruner.allocation import count_params
-from adapruner.allocation_rules import allocation
-from adapruner.best_trial import BestTrial
-from adapruner.calibration import parse_calib_spec
+from adapruner.choosing.allocation import count_params
+from adapruner.choosing.allocation_rules import allocation
 from adapruner.commands.eval import EvalOptions, eval_windows
-from adapruner.corpora import check_pool
+from adapruner.cutting.pruning import PruneOptions, apply_study_plan, prune_model
+from adapruner.data.calibration import parse_calib_spec
+from adapruner.data.corpora import check_pool
 from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
-from adapruner.evaluate import perplexity
+from adapruner.evaluation.evaluate import perplexity
 from adapruner.kernels.dispatch import kernel_backend
-from adapruner.models import load_model
-from adapruner.pruning import PruneOptions, apply_study_plan, prune_model
-from adapruner.report import REPORT_FORMAT
-from adapruner.saving import save_pruned
+from adapruner.model.models import load_model
+from adapruner.model.structure import check_context
+from adapruner.output.report import REPORT_FORMAT
+from adapruner.output.saving import save_pruned
+from adapruner.searching.best_trial import BestTrial
 from adapruner.staging import check_out_dir
-from adapruner.structure import check_context
 
 DEFAULT_EVAL = EvalOptions()  # perplexity on the held-out wiki windows before and after
 

@@ -12,27 +12,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapruner.allocation import count_params
-from adapruner.best_trial import BestTrial
-from adapruner.calibration import pool_windows
+from adapruner.choosing.allocation import count_params
 from adapruner.commands.eval import EvalOptions, eval_windows
 from adapruner.commands.search import resolved, run_search
+from adapruner.cutting.pruning import apply_study_plan
+from adapruner.data.calibration import pool_windows
 from adapruner.devices import Placement, dtype_name
 from adapruner.errors import AdaPrunerError
-from adapruner.evaluate import perplexity
-from adapruner.families import text_config
-from adapruner.finetune import LoraOptions, finetune, merged
-from adapruner.measure import macs
-from adapruner.models import cache_root, load_model
-from adapruner.pruning import apply_study_plan
-from adapruner.refit_pool import RefitPool
-from adapruner.report import REPORT_FORMAT, write_json_atomic
-from adapruner.saving import layer_sizes, save_pruned
-from adapruner.search_options import SearchOptions
-from adapruner.speed import measure_speed
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.evaluation.finetune import LoraOptions, finetune, merged
+from adapruner.evaluation.speed import measure_speed
+from adapruner.evaluation.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
+from adapruner.model.families import text_config
+from adapruner.model.measure import macs
+from adapruner.model.models import cache_root, load_model
+from adapruner.output.report import REPORT_FORMAT, write_json_atomic
+from adapruner.output.saving import layer_sizes, save_pruned
+from adapruner.scoring.refit_pool import RefitPool
+from adapruner.searching.best_trial import BestTrial
+from adapruner.searching.search_options import SearchOptions
+from adapruner.searching.study import shown_options
 from adapruner.staging import check_out_dir, staged_file
-from adapruner.study import shown_options
-from adapruner.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
 
 
 @dataclass
@@ -47,7 +47,7 @@ class RunOptions:
     max_eval_windows: int | None = EvalOptions.max_windows
     full_seq_len: int = 1024
     batch_size: int = EvalOptions.batch_size
-    speed: bool = False  # prefill/decode tokens/s of every model in the report (adapruner.speed)
+    speed: bool = False  # prefill/decode tokens/s of every model in the report (adapruner.evaluation.speed)
 
 
 @dataclass
@@ -287,7 +287,11 @@ def speed_table(rows: list[Row]) -> list[str]:
     for row in rows:
         cells = [f"{row.speed[m]:.1f} ({row.speed[m] / dense[m]:.2f}x)" for m in dense]
         lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
-    return [*lines, "", "Tokens/s on the run's device (ratio to dense); see `adapruner.speed` for what is timed."]
+    return [
+        *lines,
+        "",
+        "Tokens/s on the run's device (ratio to dense); see `adapruner.evaluation.speed` for what is timed.",
+    ]
 
 
 def plot_layers(layers: dict, path: Path) -> None:

@@ -10,27 +10,26 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from adapruner.allocation_rules import any_output_fisher, any_refit_error
-from adapruner.best_trial import BestTrial
-from adapruner.big_model import Dispatch
-from adapruner.cache import CacheKey, CandidatePool, cache_key, load_or_build, planned_bytes
-from adapruner.calibration import parse_calib_spec, pool_windows, seeded_draw
+from adapruner.choosing.allocation_rules import any_output_fisher, any_refit_error
+from adapruner.choosing.plan import PrunePlan
+from adapruner.data.calibration import parse_calib_spec, pool_windows, seeded_draw
 from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.fingerprint import model_digest, text_digest
-from adapruner.importance import check_expert_metrics
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
-from adapruner.memory_plan import GIB, MemoryPlan, memory_plan
-from adapruner.metrics import ACTIVATION_METRICS
-from adapruner.models import cache_root, load_model, load_shapes
-from adapruner.plan import PrunePlan
-from adapruner.refit_pool import load_or_collect, refit_key, scored_by_moments
-from adapruner.report import format_table, write_json_atomic
-from adapruner.search import SearchSpace, config_of, trial_spec
-from adapruner.search_options import STUDY_FILE, SearchOptions, search_record, startup_trials, study_setup
-from adapruner.staging import check_writable, staged_file
-from adapruner.structure import check_context, decoder_layers, has_experts, parse_layer_range
-from adapruner.study import (
+from adapruner.model.big_model import Dispatch
+from adapruner.model.models import cache_root, load_model, load_shapes
+from adapruner.model.structure import check_context, decoder_layers, has_experts, parse_layer_range
+from adapruner.output.report import format_table, write_json_atomic
+from adapruner.scoring.cache import CacheKey, CandidatePool, cache_key, load_or_build, planned_bytes
+from adapruner.scoring.importance import check_expert_metrics
+from adapruner.scoring.metrics import ACTIVATION_METRICS
+from adapruner.scoring.refit_pool import load_or_collect, refit_key, scored_by_moments
+from adapruner.searching.best_trial import BestTrial
+from adapruner.searching.memory_plan import GIB, MemoryPlan, memory_plan
+from adapruner.searching.search import SearchSpace, config_of, trial_spec
+from adapruner.searching.search_options import STUDY_FILE, SearchOptions, search_record, startup_trials, study_setup
+from adapruner.searching.study import (
     COUNTED,
     WorkerSpec,
     finished,
@@ -41,7 +40,8 @@ from adapruner.study import (
     shown_options,
     shown_url,
 )
-from adapruner.validation import resolve_val_dtype
+from adapruner.searching.validation import resolve_val_dtype
+from adapruner.staging import check_writable, staged_file
 
 
 def needs_activations(options: SearchOptions) -> bool:
@@ -94,8 +94,9 @@ def search_cache_key(options: SearchOptions, model: torch.nn.Module, layers: ran
 
 
 def plan_search(options: SearchOptions) -> MemoryPlan:
-    """The memory plan of a search, from the model's shapes alone (no weights read; see `adapruner.memory_plan`);
-    the model's depth and context are checked against --layers and --seq-len on the way."""
+    """The memory plan of a search, from the model's shapes alone (no weights read; see
+    `adapruner.searching.memory_plan`); the model's depth and context are checked against --layers and --seq-len on the
+    way."""
     shapes = load_shapes(options.model, DTYPES[options.dtype], options.trust_remote_code)
     check_context(shapes, options.seq_len)
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(shapes)))

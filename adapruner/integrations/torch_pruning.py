@@ -20,12 +20,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from adapruner.big_model import weights
 from adapruner.errors import AdaPrunerError
-from adapruner.importance import LinearStats, needs
 from adapruner.kernels.channel_importance import channel_importance
-from adapruner.metrics import DEFAULT_METRIC
-from adapruner.metrics import metric as registered
+from adapruner.model.big_model import weights
+from adapruner.scoring.importance import LinearStats, needs
+from adapruner.scoring.metrics import DEFAULT_METRIC
+from adapruner.scoring.metrics import metric as registered
 
 try:
     import torch_pruning as tp
@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 
 class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
-    """Torch-Pruning `Importance` over adapruner's metrics (`adapruner.metrics`, all but `random`)."""
+    """Torch-Pruning `Importance` over adapruner's metrics (`adapruner.scoring.metrics`, all but `random`)."""
 
     def __init__(
         self,
@@ -53,8 +53,8 @@ class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
 
     def calibrate(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = False) -> None:
         """Collect the statistics the metric needs (gradients, Fisher, input norms or moments) for every Linear of
-        `model` but its head, from a forward(+backward) over `input_ids` (see `adapruner.statistics`)."""
-        from adapruner.statistics import collect_input_moments, collect_stats
+        `model` but its head, from a forward(+backward) over `input_ids` (see `adapruner.scoring.statistics`)."""
+        from adapruner.scoring.statistics import collect_input_moments, collect_stats
 
         head = model.get_output_embeddings()
         linears = {

@@ -1,0 +1,1 @@
+"""Which units go: the prune settings, the allocation rules and counts, unit selection, the plan."""

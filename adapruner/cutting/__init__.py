@@ -1,0 +1,1 @@
+"""Cutting the model: the prune pipeline, unit removal, compensation, sequential pruning."""

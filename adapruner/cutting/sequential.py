@@ -1,0 +1,184 @@
+"""Sequential layer-wise pruning: each layer's statistics from the inputs that the already-pruned layers before it
+produce (SparseGPT's calibration order), one decoder layer in memory at a time.
+
+The calibration windows run once through the dense model, which records the hidden states entering the first pruned
+layer and every pruned layer's keyword arguments (masks, rotary tables). Then, layer by layer:
+  1. attention: the layer runs on its inputs while hooks add up the moments of its projections' inputs; its heads are
+     chosen from them (the metric's scores, or the greedy OBS order for `obs`), its output projection refit from them
+     (`--compensation`), and the cut applied;
+  2. MLP: the layer runs again, its attention now pruned; the channels are chosen, refit and cut likewise;
+  3. the layer runs a third time: its outputs are the next layer's inputs.
+How many units each layer loses comes first, from the spec's allocation (`global`, `error` and `loss` score the dense
+model for it); only the choice of units and the refit see the pruned inputs. Memory: the calibration hidden states
+(windows × seq_len × hidden) and one layer's statistics. Metrics are those a layer's own inputs give (`obs`, `act`,
+`fluct`, the weight metrics); the gradient metrics need the whole model's backward and are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from adapruner.choosing.allocation import Counts
+from adapruner.choosing.plan import PrunePlan
+from adapruner.choosing.selection import choosing_scores, plan_from_counts
+from adapruner.choosing.spec import PruneSpec
+from adapruner.cutting.compensation import compensation_updates, install
+from adapruner.cutting.removal import apply_plan
+from adapruner.devices import model_device
+from adapruner.errors import AdaPrunerError
+from adapruner.model.structure import attention_group, decoder_layers, layer_info, mlp_group
+from adapruner.scoring.importance import Importance, LinearStats
+from adapruner.scoring.metrics import metric as registered
+from adapruner.scoring.statistics import InputMoments, input_moment_sums
+
+LAYER_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what a layer's own inputs give
+Observer = Callable[[str, InputMoments], None]  # told the moments each output projection was chosen and refit from
+
+
+class _Captured(Exception):
+    """Stops the dense pass once every pruned layer's arguments are recorded."""
+
+
+def check_sequential(spec: PruneSpec) -> None:
+    """Sequential pruning reads layer inputs only: a gradient metric is a one-line error."""
+    needed = registered(spec.metric).needs - LAYER_STATS
+    if needed:
+        raise AdaPrunerError(
+            f"--sequential scores each layer from its own inputs; metric {spec.metric!r} needs the whole model's "
+            "gradients: use obs, act, fluct or a weight metric"
+        )
+
+
+@torch.no_grad()
+def prune_sequential(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    spec: PruneSpec,
+    counts: Counts,
+    seed: int = 0,
+    observe: Observer | None = None,
+    progress: bool = True,
+) -> tuple[PrunePlan, list[str]]:
+    """Prune `model` in place layer by layer (see the module docstring), each layer losing `counts[layer]` units
+    (`seed`: the `random` metric's); returns the plan (units of the dense layers) and the output linears given
+    compensated weights. `observe` is told the moments each output projection was chosen and refit from."""
+    check_sequential(spec)
+    layers = sorted(counts)
+    hidden, arguments = _layer_arguments(model, input_ids, layers)
+    plan, refit = PrunePlan(), []
+    for index in tqdm(layers, desc="sequential", unit="layer", disable=not progress):
+        run = _Run(decoder_layers(model)[index], hidden, arguments[index])
+        for slot, (module, on) in enumerate((("attn", spec.prune_attention), ("mlp", spec.prune_mlp))):
+            if on:
+                where = (index, module, counts[index][slot])
+                part, updated = _prune_part(model, where, spec, run, seed, observe)
+                plan.attention.update(part.attention)
+                plan.mlp.update(part.mlp)
+                refit += updated
+        hidden = run.outputs()
+    return plan, refit
+
+
+def _prune_part(
+    model: nn.Module,
+    where: tuple[int, str, int],
+    spec: PruneSpec,
+    run: _Run,
+    seed: int,
+    observe: Observer | None,
+) -> tuple[PrunePlan, list[str]]:
+    """Choose, refit and cut one layer's attention or MLP (`where`: (layer, "attn" | "mlp", units to remove)) from
+    the moments of its inputs as they are now; the part's plan and the output linears refit."""
+    index, module, n_remove = where
+    info = layer_info(model, index)
+    group = attention_group(info, spec.granularity) if module == "attn" else mlp_group(info)
+    output = next(m.name for m in group.members if m.dim == 1)
+    gram = registered(spec.metric).surgeon or spec.compensation == "lsq"
+    with input_moment_sums({m.name: m.linear for m in group.members}, (output,) if gram else ()) as moments:
+        run.outputs()
+    importance = Importance(spec.metric, spec.aggregation, _stats(moments, run.tokens), seed, spec.obs_damp)
+    which = {index: (module == "attn", module == "mlp")}
+    counts = {index: (n_remove, 0) if module == "attn" else (0, n_remove)}
+    part = plan_from_counts(
+        model, choosing_scores(model, importance, which, counts, spec.granularity), counts, spec.granularity
+    )
+    if observe is not None:
+        observe(output, moments[output])
+    updates = compensation_updates(model, part, moments.__getitem__, spec.compensation, spec.damp)
+    apply_plan(model, part)
+    install(model, updates)
+    return part, sorted(updates)
+
+
+def _stats(moments: dict[str, InputMoments], tokens: int) -> dict[str, LinearStats]:
+    """`LinearStats` from input moments over `tokens` tokens: ‖x_i‖₂, the variance and (where a Gram is) Σ."""
+    return {
+        name: LinearStats(
+            act_norm=(m.square_mean * tokens).sqrt(),
+            act_var=m.variance,
+            act_cov=None if m.gram is None else m.covariance,
+        )
+        for name, m in moments.items()
+    }
+
+
+class _Run:
+    """One decoder layer over the recorded batches of hidden states with their keyword arguments."""
+
+    def __init__(self, layer: nn.Module, hidden: list[torch.Tensor], arguments: list[tuple[tuple, dict]]):
+        self.layer, self.hidden, self.arguments = layer, hidden, arguments
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of all batches."""
+        return sum(math.prod(states.shape[:-1]) for states in self.hidden)
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The layer's outputs, batch by batch (hooks on its modules see every batch)."""
+        return [
+            _first(self.layer(states, *args, **kwargs)) for states, (args, kwargs) in zip(self.hidden, self.arguments)
+        ]
+
+
+def _first(out) -> torch.Tensor:
+    """A decoder layer's hidden states (older families return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _layer_arguments(
+    model: nn.Module, input_ids: torch.Tensor, layers: list[int], batch_size: int = 8
+) -> tuple[list[torch.Tensor], dict[int, list[tuple[tuple, dict]]]]:
+    """The hidden states entering the first of `layers` and each layer's other arguments (positional, keyword), per
+    batch of windows, from one dense pass that stops as the last of them is entered."""
+    hidden: list[torch.Tensor] = []
+    arguments: dict[int, list[tuple[tuple, dict]]] = {index: [] for index in layers}
+    blocks = decoder_layers(model)
+
+    def recorder(index: int):
+        def record(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            states, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+            if index == layers[0]:
+                hidden.append(states.detach())
+            arguments[index].append((rest, kwargs))
+            if index == layers[-1]:
+                raise _Captured
+
+        return record
+
+    handles = [blocks[index].register_forward_pre_hook(recorder(index), with_kwargs=True) for index in layers]
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids=input_ids[start : start + batch_size].to(model_device(model)), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hidden, arguments

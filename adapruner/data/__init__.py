@@ -1,0 +1,1 @@
+"""Text: the corpora, calibration windows and their addresses, fine-tuning data."""

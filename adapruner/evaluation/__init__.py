@@ -1,0 +1,1 @@
+"""Recovery and evaluation: LoRA fine-tuning, perplexity, zero-shot tasks, tokens/s."""

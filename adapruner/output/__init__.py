@@ -1,0 +1,1 @@
+"""What leaves the tool: saved models, GGUF export, model cards, reports."""

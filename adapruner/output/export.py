@@ -1,0 +1,254 @@
+"""Export a (pruned) model to GGUF for llama.cpp, written with the `gguf` package.
+
+Layers of one size go out as llama.cpp's `llama` architecture; per-layer widths (or compensation biases) as `deci`,
+whose loader reads `head_count`, `head_count_kv` and `feed_forward_length` as per-layer arrays and takes optional
+`attn_output.bias` / `ffn_down.bias`. q and k rows are permuted from transformers' rotate-half RoPE layout to the
+interleaved pairs llama.cpp rotates: per head, rows (i, i + d/2) become rows (2i, 2i + 1). The tokenizer (byte-level
+BPE vocabulary, merges, special tokens, chat template) goes into the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from adapruner.errors import AdaPrunerError
+from adapruner.model.families import family_of, text_config
+from adapruner.model.structure import decoder_layers, layer_info, layers_owner
+from adapruner.staging import staged_file
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+LLAMA_LAYOUT = ("llama", "mistral")  # families whose layers llama.cpp's llama/deci graphs compute
+
+
+def export_gguf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, outtype: str = "f32") -> Path:
+    """Write `model` to the new file `out` (staged: nothing is left behind on an error). Returns `out`."""
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise AdaPrunerError(f"unknown --outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    config, infos = _checked_layout(model)
+    deci = len({(i.n_heads, i.n_kv_heads, i.intermediate) for i in infos}) > 1 or _has_output_biases(infos)
+    arch = gguf.MODEL_ARCH.DECI if deci else gguf.MODEL_ARCH.LLAMA
+    with staged_file(Path(out)) as staging:
+        writer = gguf.GGUFWriter(str(staging), gguf.MODEL_ARCH_NAMES[arch])
+        _write_hparams(writer, config, infos, deci, outtype)
+        _write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+        for name, tensor in [*_tensors(model, infos, config), *_rope_factors(config, infos[0].head_dim)]:
+            data, qtype = _encoded(tensor, outtype)
+            quantized = qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            writer.add_tensor(name, data, raw_dtype=qtype if quantized else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return Path(out)
+
+
+def _checked_layout(model: nn.Module) -> tuple:
+    """(the config with the decoder's sizes, every layer's `LayerInfo`); what llama.cpp cannot hold is a one-line
+    error."""
+    family = family_of(model.config)
+    if family.model_type not in LLAMA_LAYOUT:
+        raise AdaPrunerError(
+            f"GGUF export writes llama-layout decoders ({', '.join(LLAMA_LAYOUT)}); {family.model_type} needs its own "
+            "llama.cpp architecture, which adapruner does not write yet"
+        )
+    config = text_config(model.config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in ("default", "llama3"):
+        raise AdaPrunerError(
+            f"GGUF export: RoPE scaling {rope.get('rope_type')!r} is not written yet (default, llama3)"
+        )
+    if getattr(config, "sliding_window", None):
+        raise AdaPrunerError("GGUF export: llama.cpp's llama/deci graphs have no sliding-window attention")
+    infos = [layer_info(model, i) for i in range(len(decoder_layers(model)))]
+    for info in infos:
+        attn, mlp, f = info.attn, info.mlp, info.family
+        if any(getattr(attn, n).bias is not None for n in (f.q, f.k, f.v)):
+            raise AdaPrunerError("GGUF export: llama.cpp's llama/deci graphs have no q/k/v biases")
+        if any(getattr(mlp, n).bias is not None for n in (f.gate, f.up)):
+            raise AdaPrunerError("GGUF export: llama.cpp's llama/deci graphs read no gate/up biases")
+        if info.n_heads % info.n_kv_heads:
+            raise AdaPrunerError(
+                f"GGUF export: layer {info.index} has {info.n_heads} heads for {info.n_kv_heads} kv heads"
+            )
+    return config, infos
+
+
+def _has_output_biases(infos) -> bool:
+    return any(
+        getattr(i.attn, i.family.o).bias is not None or getattr(i.mlp, i.family.down).bias is not None for i in infos
+    )
+
+
+def _per_layer(values: list[int]) -> int | list[int]:
+    return values[0] if len(set(values)) == 1 else values
+
+
+def _write_hparams(writer, config, infos, deci: bool, outtype: str) -> None:
+    import gguf
+
+    head_dim = infos[0].head_dim
+    sizes = [[i.n_heads for i in infos], [i.n_kv_heads for i in infos], [i.intermediate for i in infos]]
+    heads, kv_heads, ffn = (values if deci else values[0] for values in sizes)
+    writer.add_name(getattr(config, "_name_or_path", "") or "adapruner-pruned")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(len(infos))
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base((config.rope_parameters or {}).get("rope_theta", 10000.0))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
+    writer.add_file_type(file_types[outtype])
+
+
+def _write_tokenizer(writer, tokenizer: PreTrainedTokenizerBase, rows: int) -> None:
+    """Byte-level BPE vocabulary (ids in order, padded to the embedding's `rows` with unused entries), token types,
+    merges, special ids and chat template."""
+    import gguf
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        backend = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
+        model = backend.get("model") or {}
+        if model.get("type") != "BPE" or model.get("byte_fallback") or "Metaspace" in json.dumps(backend):
+            raise AdaPrunerError(
+                "GGUF export writes byte-level BPE tokenizers (GPT-2, Llama-3, SmolLM style); this model's is "
+                "SentencePiece-style or another kind, which adapruner does not write yet"
+            )
+        if not model.get("merges"):
+            raise AdaPrunerError("GGUF export: the BPE tokenizer has no merges, which llama.cpp needs to load it")
+        vocab = tokenizer.get_vocab()
+        by_id = {index: token for token, index in vocab.items()}
+        if max(by_id) >= rows:
+            raise AdaPrunerError(f"GGUF export: the tokenizer has ids up to {max(by_id)} for {rows} embedding rows")
+        special = {t["content"] for t in backend.get("added_tokens", []) if t.get("special")}
+        added = {t["content"] for t in backend.get("added_tokens", [])}
+        tokens, types = [], []
+        for index in range(rows):
+            token = by_id.get(index, f"[PAD{index}]")
+            tokens.append(token)
+            kind = (
+                gguf.TokenType.CONTROL
+                if token in special
+                else gguf.TokenType.USER_DEFINED
+                if token in added
+                else gguf.TokenType.NORMAL
+            )
+            types.append(kind if index in by_id else gguf.TokenType.UNUSED)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer(backend.get("pre_tokenizer") or {}))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+LLAMA3_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"  # Llama-3's split regex opens so
+)
+
+
+def _pre_tokenizer(pre: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer: GPT-2's byte-level regex (`gpt-2`) or Llama-3's split
+    regex before a byte-level step (`llama-bpe`); another one is a one-line error (llama.cpp would split text
+    differently from transformers)."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    patterns = [s.get("pattern", {}).get("Regex", "") for s in steps if s.get("type") == "Split"]
+    if patterns and patterns[0].startswith(LLAMA3_SPLIT) and steps[-1].get("type") == "ByteLevel":
+        return "llama-bpe"
+    raise AdaPrunerError(
+        "GGUF export knows GPT-2's and Llama-3's byte-level pre-tokenizers; this tokenizer splits text another way"
+    )
+
+
+def _tensors(model: nn.Module, infos, config):
+    """(GGUF name, tensor) of every weight, q/k rows permuted for llama.cpp's RoPE."""
+    base = model.get_input_embeddings()
+    yield "token_embd.weight", base.weight
+    yield "output_norm.weight", _final_norm(model).weight
+    if not getattr(config, "tie_word_embeddings", False):
+        yield "output.weight", model.get_output_embeddings().weight
+    for info in infos:
+        layer, f, b = decoder_layers(model)[info.index], info.family, f"blk.{info.index}"
+        q, k, v, o = (getattr(info.attn, name) for name in (f.q, f.k, f.v, f.o))
+        gate, up, down = (getattr(info.mlp, name) for name in (f.gate, f.up, f.down))
+        yield f"{b}.attn_norm.weight", layer.input_layernorm.weight
+        yield f"{b}.attn_q.weight", _rope_rows(q.weight, info.n_heads)
+        yield f"{b}.attn_k.weight", _rope_rows(k.weight, info.n_kv_heads)
+        yield f"{b}.attn_v.weight", v.weight
+        yield f"{b}.attn_output.weight", o.weight
+        if o.bias is not None:
+            yield f"{b}.attn_output.bias", o.bias
+        yield f"{b}.ffn_norm.weight", layer.post_attention_layernorm.weight
+        yield f"{b}.ffn_gate.weight", gate.weight
+        yield f"{b}.ffn_up.weight", up.weight
+        yield f"{b}.ffn_down.weight", down.weight
+        if down.bias is not None:
+            yield f"{b}.ffn_down.bias", down.bias
+
+
+def _rope_factors(config, head_dim: int):
+    """Llama-3's RoPE scaling as llama.cpp reads it: `rope_freqs.weight`, one divisor per frequency pair —
+    1 for short wavelengths, `factor` for long ones, a smooth blend between (Llama 3.1's published rule)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "llama3":
+        return []
+    base, factor = rope.get("rope_theta", 10000.0), rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    context = rope.get("original_max_position_embeddings", 8192)
+    wavelength = 2 * math.pi * base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    smooth = (context / wavelength - low) / (high - low)
+    divisors = torch.where(
+        wavelength < context / high,
+        1.0,
+        torch.where(wavelength > context / low, factor, 1 / ((1 - smooth) / factor + smooth)),
+    )
+    return [("rope_freqs.weight", divisors.float())]
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    owner, _ = layers_owner(model)
+    if not isinstance(getattr(owner, "norm", None), nn.Module):
+        raise AdaPrunerError("GGUF export: the model has no final norm beside its layers")
+    return owner.norm
+
+
+def _rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of each head reordered from rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1)."""
+    rows, cols = weight.shape
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _encoded(tensor: torch.Tensor, outtype: str):
+    """(numpy data, GGML type): 1-D tensors (norms, biases) stay f32, as llama.cpp expects; Q8_0 needs rows of whole
+    32-blocks, other rows go out as f16."""
+    import gguf
+
+    data = tensor.detach().float().cpu().numpy()
+    if outtype == "f32" or data.ndim == 1:
+        return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if outtype == "f16" or (outtype == "q8_0" and data.shape[-1] % 32):
+        return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    qtype = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(data, qtype), qtype

@@ -1,0 +1,139 @@
+"""Save pruned models in a format transformers loads: safetensors weights, tokenizer, config, modeling file.
+
+Layers of different sizes → `config.json` holds per-layer head and channel counts and `auto_map` points to
+`modeling_pruned.py` (copied beside the weights), loadable with `trust_remote_code=True`. Layers of one size
+(`uniform=True`) → a stock config that loads without remote code. Everything is written to a temporary
+directory next to `out_dir`, then renamed: a failed save leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from adapruner.choosing.allocation import count_params
+from adapruner.cutting.compensation import give_output_biases
+from adapruner.errors import AdaPrunerError
+from adapruner.model.families import REMOTE_CODE, Family, family_of, text_config
+from adapruner.model.structure import decoder_layers, layer_info
+from adapruner.output.model_card import model_card
+from adapruner.staging import staged_dir
+
+
+def layer_sizes(model: nn.Module) -> dict[str, list[int]]:
+    """Per-layer query heads, kv heads and MLP channels of the model as it is now."""
+    infos = [layer_info(model, i) for i in range(len(decoder_layers(model)))]
+    return {
+        "num_attention_heads_per_layer": [i.n_heads for i in infos],
+        "num_key_value_heads_per_layer": [i.n_kv_heads for i in infos],
+        "intermediate_size_per_layer": [i.intermediate for i in infos],
+    }
+
+
+def _write_json_files(directory: Path, extra_json: Mapping[str, dict] | None) -> None:
+    for name, payload in (extra_json or {}).items():
+        (directory / name).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def save_pruned(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    uniform: bool = False,
+    extra_json: Mapping[str, dict] | None = None,
+) -> Path:
+    """Write the model to `out_dir` (which must not hold anything), with `extra_json` files (name → dict) beside it."""
+    sizes = layer_sizes(model)
+    if uniform and any(len(set(values)) > 1 for values in sizes.values()):
+        raise AdaPrunerError(
+            "--uniform needs equal sizes in every layer: prune all layers (--layers all) with one ratio"
+        )
+    output_bias = give_output_biases(model)
+    if uniform and output_bias:
+        raise AdaPrunerError(
+            "--uniform saves a stock config, which has no o_proj/down_proj biases for compensation: "
+            "drop --uniform or --compensate"
+        )
+    with staged_dir(out_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        family = family_of(model.config)
+        text = config["text_config"] if family.text_config else config  # where the decoder's sizes live
+        if uniform:
+            text.update(_uniform_config(sizes, model))
+        else:
+            config.update(_remote_code_config(family, sizes, output_bias))
+            text["head_dim"] = _head_dim(model)
+        if not uniform:
+            shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_json_files(staging, extra_json)
+        (staging / "README.md").write_text(model_card(count_params(model), extra_json or {}, remote_code=not uniform))
+    return Path(out_dir)
+
+
+def save_adapter(
+    peft_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    extra_json: Mapping[str, dict] | None = None,
+) -> Path:
+    """Write a LoRA adapter in peft's own format (`PeftModel.from_pretrained(base, out_dir)` loads it)."""
+    with staged_dir(out_dir) as staging:
+        peft_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _write_json_files(staging, extra_json)
+    return Path(out_dir)
+
+
+def _head_dim(model: nn.Module) -> int:
+    return layer_info(model, 0).head_dim
+
+
+def _uniform_config(sizes: dict[str, list[int]], model: nn.Module) -> dict:
+    hidden, heads = text_config(model.config).hidden_size, sizes["num_attention_heads_per_layer"][0]
+    if hidden % heads:
+        raise AdaPrunerError(
+            f"--uniform: transformers' config wants hidden_size {hidden} divisible by the {heads} heads left: "
+            "drop --uniform (remote-code save) or pick another ratio"
+        )
+    return {
+        "num_attention_heads": sizes["num_attention_heads_per_layer"][0],
+        "num_key_value_heads": sizes["num_key_value_heads_per_layer"][0],
+        **{key: sizes["intermediate_size_per_layer"][0] for key in _mlp_size_keys(model)},
+        "head_dim": _head_dim(model),
+    }
+
+
+def _mlp_size_keys(model: nn.Module) -> set[str]:
+    """The config keys of the MLP width: `intermediate_size` for dense layers, the family's expert size for MoE ones."""
+    layers = range(len(decoder_layers(model)))
+    moe = [layer_info(model, i).experts is not None for i in layers]
+    return {
+        key
+        for key, present in (("intermediate_size", not all(moe)), (family_of(model.config).expert_size, any(moe)))
+        if present
+    }
+
+
+def _remote_code_config(family: Family, sizes: dict[str, list[int]], output_bias: bool = False) -> dict:
+    """Config keys that point at `modeling_pruned.py`, the modeling file shipped beside the weights."""
+    config_class, model_class = f"Pruned{family.config_class}", f"Pruned{family.model_class}"
+    return {
+        **sizes,
+        "output_bias": output_bias,
+        "model_type": f"pruned_{family.model_type}",
+        "base_model_type": family.model_type,
+        "architectures": [model_class],
+        "auto_map": {
+            "AutoConfig": f"modeling_pruned.{config_class}",
+            "AutoModelForCausalLM": f"modeling_pruned.{model_class}",
+        },
+    }

@@ -1,0 +1,157 @@
+"""The refit pool: input moments of the pruned layers' linears over one fixed, large set of calibration windows.
+
+A search trial picks its units from a few cached windows, but the least-squares refit that follows wants hundreds:
+on SmolLM2 at 20% removed, refitting from 256 wiki windows instead of the trial's 32 took the evaluation perplexity
+from ~60 to ~54, and scoring fluct/act/obs from the same 256 windows took it to ~52 (docs/results.md, "Beyond the
+published methods"). The moments add up over tokens, so one forward pass of the dense model gives them for every trial:
+    every prunable linear   T, μ = mean x, mean x²        (act: ‖x_i‖₂ = sqrt(T · mean x_i²); fluct: var x_i)
+    every output projection C = XᵀX / T                    (lsq refit; obs: Σ = C − μμᵀ)
+and, where the search offers the `loss` allocation, the output projections' output Fisher f over the first
+`LOSS_WINDOWS` windows (one forward+backward over those: `statistics.collect_output_fisher`, as `prune` computes it).
+They are saved beside the activation cache (fp32 safetensors, keyed by model, windows and layers) and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adapruner.data.calibration import calibration_samples
+from adapruner.errors import AdaPrunerError
+from adapruner.model.structure import output_projections, prunable_linears
+from adapruner.scoring.importance import LinearStats, needs
+from adapruner.scoring.statistics import LOSS_WINDOWS, InputMoments, collect_input_moments, collect_output_fisher
+from adapruner.staging import staged_file
+
+REFIT_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what the pool's moments give a metric
+
+
+def scored_by_moments(metric: str) -> bool:
+    """Whether `metric` reads input moments alone (act, fluct, obs), so that the refit pool can score it."""
+    return bool(needs(metric)) and needs(metric) <= REFIT_STATS
+
+
+@dataclass
+class RefitPool:
+    """The moments of the module docstring over the windows of `calib` (`seq_len` tokens, drawn with `seed`)."""
+
+    calib: str
+    seq_len: int
+    seed: int
+    tokens: int
+    moments: dict[str, InputMoments]  # by linear name; output projections carry the Gram
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # output projections' output Fisher, if collected
+
+    def moments_of(self, name: str) -> InputMoments:
+        """An output projection's μ and C (what `compensation.compensated` reads)."""
+        return self.moments[name]
+
+    def stats(
+        self, metric: str, device: torch.device, covariance: bool = False, fisher: bool = False
+    ) -> dict[str, LinearStats]:
+        """The `LinearStats` a moment metric reads (act_norm, act_var, act_cov), on `device`; with `covariance` the
+        output projections' Σ whatever the metric (the `error` and `loss` allocations read it), with `fisher` their
+        output Fisher (`loss`)."""
+        if fisher and not self.fisher:
+            raise AdaPrunerError("the refit pool holds no output Fisher: collect it with fisher=True (loss allocation)")
+        required = needs(metric) | ({"act_cov"} if covariance else set())
+        if not scored_by_moments(metric):
+            raise AdaPrunerError(f"metric {metric!r} reads gradients, which the refit pool does not hold")
+        stats = {}
+        for name, m in self.moments.items():
+            entry = LinearStats()
+            if "act_norm" in required:
+                entry.act_norm = (m.square_mean * self.tokens).sqrt().to(device)
+            if "act_var" in required:
+                entry.act_var = m.variance.to(device)
+            if "act_cov" in required and m.gram is not None:
+                entry.act_cov = m.covariance.to(device)
+            if fisher and name in self.fisher:
+                entry.out_fisher = self.fisher[name].to(device)
+            stats[name] = entry
+        return stats
+
+    def save(self, path: Path) -> None:
+        tensors = {}
+        for name, m in self.moments.items():
+            tensors[f"{name}/mean"], tensors[f"{name}/square_mean"] = m.mean, m.square_mean
+            if m.gram is not None:
+                tensors[f"{name}/gram"] = m.gram
+        for name, f in self.fisher.items():
+            tensors[f"{name}/out_fisher"] = f
+        about = {"calib": self.calib, "seq_len": str(self.seq_len), "seed": str(self.seed), "tokens": str(self.tokens)}
+        with staged_file(path) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=about)
+
+    @classmethod
+    def load(cls, path: Path) -> RefitPool:
+        """Read a saved pool; a damaged file is a one-line error naming the fix."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                about = f.metadata() or {}
+            tensors = load_file(str(path))
+            names = sorted({key.rsplit("/", 1)[0] for key in tensors})
+            moments = {
+                n: InputMoments(tensors[f"{n}/mean"], tensors[f"{n}/square_mean"], tensors.get(f"{n}/gram"))
+                for n in names
+            }
+            fisher = {n: tensors[f"{n}/out_fisher"] for n in names if f"{n}/out_fisher" in tensors}
+            return cls(about["calib"], int(about["seq_len"]), int(about["seed"]), int(about["tokens"]), moments, fisher)
+        except (OSError, SafetensorError, KeyError, ValueError) as exc:
+            raise AdaPrunerError(f"refit pool {path} is damaged ({exc}): delete it and run again") from None
+
+
+def refit_key(model_digest: str, calib: str, seq_len: int, seed: int, layers: range, texts: list[str]) -> str:
+    """The file name of a pool: a digest of what determines its content (`texts`: the digests of its pools' text)."""
+    what = [model_digest, calib, seq_len, seed, layers.start, layers.stop, texts]
+    return "refit-" + hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24] + ".safetensors"
+
+
+def collect_refit_pool(
+    model: nn.Module,
+    tokenizer,
+    calib: str,
+    seq_len: int,
+    seed: int,
+    layers: range,
+    progress: bool = True,
+    fisher: bool = False,
+) -> RefitPool:
+    """One forward pass of the dense `model` over the windows of `calib`: the moments of every prunable linear of
+    `layers`, with the Gram of their output projections; with `fisher`, their output Fisher over the first
+    `LOSS_WINDOWS` windows too."""
+    input_ids = calibration_samples(tokenizer, calib, seq_len, seed).input_ids
+    linears = prunable_linears(model, layers)
+    outputs = output_projections(model, layers)
+    moments = collect_input_moments(model, linears | outputs, input_ids, progress=progress, gram_of=outputs)
+    fisher_of = collect_output_fisher(model, outputs, input_ids[:LOSS_WINDOWS], progress) if fisher else {}
+    return RefitPool(calib, seq_len, seed, input_ids.numel(), moments, fisher_of)
+
+
+def load_or_collect(
+    model: nn.Module,
+    tokenizer,
+    windows: tuple[str, int, int],
+    layers: range,
+    path: Path,
+    progress: bool = True,
+    fisher: bool = False,
+) -> RefitPool:
+    """The pool of `windows` = (calib, seq_len, seed) saved at `path` when it is the one asked for (with its output
+    Fisher where `fisher`); else collected and saved there."""
+    if path.is_file():
+        pool = RefitPool.load(path)
+        if (pool.calib, pool.seq_len, pool.seed) == tuple(windows) and (pool.fisher or not fisher):
+            return pool
+    pool = collect_refit_pool(model, tokenizer, *windows, layers, progress, fisher)
+    pool.save(path)
+    return pool

@@ -1,0 +1,258 @@
+"""Calibration statistics of the prunable linears from a forward+backward over the samples.
+
+For samples s with per-sample loss L_s (mean next-token cross-entropy over the window):
+    grad    G = Σ_s ∂L_s/∂W                (the gradient of the loss summed over samples)
+    fisher  F = (1/n) Σ_s (∂L_s/∂W)²       (empirical Fisher diagonal, from per-sample gradients)
+    act     a_i = sqrt(Σ_tokens x_i²)       (input-feature norm over all calibration tokens)
+    output Fisher  f_r = (1/n) Σ_s Σ_{t∈s} (∂L_s/∂y_tr)²   (of a linear's outputs y: the loss's sensitivity to each)
+Samples go through in batches of `batch_size`. G alone is the summed loss's weight gradient. F needs per-sample
+gradients: hooks take each linear's input X and output gradient dY of the batch, and since the samples of a batch
+are independent, sample s's gradient is G_s = dY_sᵀ X_s over its own token rows (no weight gradient is formed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from adapruner.devices import model_device
+from adapruner.model.big_model import execution_device, is_offloaded, reload_offloaded_in_backward
+from adapruner.scoring.importance import LinearStats
+
+LOSS_WINDOWS = 64  # the `loss` allocation's output Fisher reads the first 64 calibration windows (docs/results.md)
+
+
+@dataclass
+class InputMoments:
+    """Moments of a linear's calibration inputs over their T tokens (fp32): μ = mean x (in,), mean x² (in,) and
+    C = XᵀX/T (in × in; lsq only)."""
+
+    mean: torch.Tensor
+    square_mean: torch.Tensor
+    gram: torch.Tensor | None = None
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Per input channel: mean x² − (mean x)², clamped at 0 (FLAP's fluctuation)."""
+        return (self.square_mean - self.mean.square()).clamp_min(0.0)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Σ = C − μμᵀ (needs the Gram)."""
+        return self.gram - torch.outer(self.mean, self.mean)
+
+
+def sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean next-token cross-entropy, shape (batch,); `input_ids` move to the model's device."""
+    input_ids = input_ids.to(model_device(model))
+    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return token_loss.view(targets.shape).mean(1)
+
+
+def collect_stats(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    input_ids: torch.Tensor,
+    need: frozenset[str],
+    progress: bool = True,
+    batch_size: int = 8,
+) -> dict[str, LinearStats]:
+    """`LinearStats` for every linear in `linears`, holding only what `need` names (grad, fisher, act_norm)."""
+    stats = {name: LinearStats() for name in linears}
+    if not need:
+        return stats
+    act_sq = (
+        {name: torch.zeros(lin.in_features, device=execution_device(lin)) for name, lin in linears.items()}
+        if "act_norm" in need
+        else {}
+    )
+    inputs: dict[str, torch.Tensor] = {}
+    seq_len = input_ids.shape[1]
+
+    def per_sample_sums(name: str, dy: torch.Tensor) -> None:
+        entry, x = stats[name], inputs.pop(name)
+        grad = entry.grad if entry.grad is not None else torch.zeros(dy.shape[1], x.shape[1], device=dy.device)
+        fisher = entry.fisher if entry.fisher is not None else torch.zeros_like(grad)
+        for dy_s, x_s in zip(dy.split(seq_len), x.split(seq_len)):
+            g = dy_s.t() @ x_s
+            grad.add_(g)
+            fisher.addcmul_(g, g)
+        entry.grad, entry.fisher = grad, fisher
+
+    from_hooks = "fisher" in need or (
+        "grad" in need and any(is_offloaded(lin) for lin in linears.values())
+    )  # offloaded: no .grad
+    if from_hooks:
+        passes = linear_io(model, linears, inputs.__setitem__, per_sample_sums)
+    else:
+        passes = only_these_require_grad(model, linears.values() if "grad" in need else ())
+    with passes, _input_square_sums(linears, act_sq):
+        for start in tqdm(
+            range(0, input_ids.shape[0], batch_size), desc="calibration", unit="batch", disable=not progress
+        ):
+            batch = input_ids[start : start + batch_size]
+            if not need & {"grad", "fisher"}:
+                with torch.no_grad():
+                    model(input_ids=batch.to(model_device(model)))
+                continue
+            sample_loss(model, batch).sum().backward()
+            if from_hooks:
+                continue
+            for name, linear in linears.items():
+                grad = linear.weight.grad.float()
+                linear.weight.grad = None
+                entry = stats[name]
+                entry.grad = grad.clone() if entry.grad is None else entry.grad.add_(grad)
+    n = input_ids.shape[0]
+    for name, entry in stats.items():
+        if entry.fisher is not None:
+            entry.fisher = entry.fisher.div_(n) if "fisher" in need else None
+        if "grad" not in need:
+            entry.grad = None
+        if name in act_sq:
+            entry.act_norm = act_sq[name].sqrt()
+    return stats
+
+
+def collect_output_fisher(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    input_ids: torch.Tensor,
+    progress: bool = True,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """The output Fisher f (out,) of every listed linear (module docstring): the diagonal of E[(∂L/∂y)(∂L/∂y)ᵀ] that
+    turns an output error δ into the loss increase it costs to second order, ½ Σ_r f_r δ_r² (the `loss` allocation).
+    One forward+backward per batch; no weight gradient is formed."""
+    sums = {name: torch.zeros(linear.out_features, device=execution_device(linear)) for name, linear in linears.items()}
+
+    def on_grad(name: str, dy: torch.Tensor) -> None:
+        sums[name].add_(dy.square().sum(0))
+
+    with linear_io(model, linears, lambda _name, _x: None, on_grad):
+        for start in tqdm(
+            range(0, input_ids.shape[0], batch_size), desc="output fisher", unit="batch", disable=not progress
+        ):
+            sample_loss(model, input_ids[start : start + batch_size]).sum().backward()
+    return {name: total / input_ids.shape[0] for name, total in sums.items()}
+
+
+@contextmanager
+def linear_io(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    on_input: Callable[[str, torch.Tensor], None],
+    on_grad: Callable[[str, torch.Tensor], None],
+):
+    """While active, a forward calls `on_input(name, X)` for each listed linear (X: tokens × in, fp32, detached) and
+    the backward of its loss `on_grad(name, dY)` (dY: tokens × out, fp32). Every parameter is frozen meanwhile:
+    gradients flow from the embeddings' output, and no weight gradient is formed."""
+
+    def forward_hook(name: str):
+        def hook(module, args, output):
+            on_input(name, args[0].detach().float().reshape(-1, module.in_features))
+            output.register_hook(lambda grad: on_grad(name, grad.detach().float().reshape(-1, module.out_features)))
+
+        return hook
+
+    handles = [linear.register_forward_hook(forward_hook(name)) for name, linear in linears.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+    try:
+        with (
+            only_these_require_grad(model, ()),
+            reload_offloaded_in_backward(model),
+        ):  # a spread model's backward reloads weights
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def only_these_require_grad(model: nn.Module, linears):
+    """Turn off gradients of every parameter but the given linears' weights; restore on exit."""
+    before = {p: p.requires_grad for p in model.parameters()}
+    targets = {id(lin.weight) for lin in linears}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in targets)
+        yield
+    finally:
+        for p, flag in before.items():
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+@contextmanager
+def _input_square_sums(linears: dict[str, nn.Linear], sums: dict[str, torch.Tensor]):
+    """While active, add Σ_tokens x_i² of each listed linear's input into `sums[name]`."""
+    handles = []
+    for name in sums:
+
+        def hook(_module, inputs, _output, name=name):
+            x = inputs[0].detach().float()
+            sums[name].add_(x.reshape(-1, x.shape[-1]).square().sum(0))
+
+        handles.append(linears[name].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def collect_input_moments(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    input_ids: torch.Tensor,
+    gram: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+    gram_of: Collection[str] = (),
+) -> dict:
+    """`InputMoments` (mean, mean square, and with `gram` XᵀX/T) of every listed linear's inputs over all tokens of
+    `input_ids`, from forward passes alone; `gram_of` names the linears that get XᵀX/T without `gram`."""
+    with input_moment_sums(linears, linears if gram else gram_of) as moments:
+        for start in tqdm(
+            range(0, input_ids.shape[0], batch_size), desc="input moments", unit="batch", disable=not progress
+        ):
+            model(input_ids=input_ids[start : start + batch_size].to(model_device(model)))
+    return moments
+
+
+@contextmanager
+def input_moment_sums(linears: dict[str, nn.Linear], gram_of: Collection[str] = ()):
+    """While active, hooks add up the inputs of every listed linear (tokens, Σx, Σx², and XᵀX for those named in
+    `gram_of`); on exit the yielded dict holds their `InputMoments`."""
+    sums = {name: [0, 0.0, 0.0, None] for name in linears}  # tokens, Σx, Σx², XᵀX
+
+    def hook(name: str):
+        def record(module, args, _output):
+            x = args[0].detach().float().reshape(-1, module.in_features)
+            entry = sums[name]
+            entry[0] += x.shape[0]
+            entry[1] = entry[1] + x.sum(0)
+            entry[2] = entry[2] + x.square().sum(0)
+            if name in gram_of:
+                entry[3] = x.t() @ x if entry[3] is None else entry[3].addmm_(x.t(), x)
+
+        return record
+
+    moments: dict[str, InputMoments] = {}
+    handles = [linear.register_forward_hook(hook(name)) for name, linear in linears.items()]
+    try:
+        yield moments
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, (n, s, sq, g) in sums.items():
+        moments[name] = InputMoments(s / n, sq / n, None if g is None else g / n)

@@ -1,0 +1,91 @@
+"""The settings of a search (`SearchOptions`): what it searches (the study's set-up, fixed for its life) and how it
+runs (`how` fields, free to change on a resume); the search's record file read back (`search_record`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from adapruner.choosing.spec import PruneSpec
+from adapruner.data.calibration import DEFAULT_SEQ_LEN
+from adapruner.errors import AdaPrunerError
+from adapruner.searching.search import SearchSpace
+
+STUDY_FILE = "study.db"
+
+
+def how(default):
+    """A field that says how a search runs, not what it searches: left out of the study's set-up, so a study
+    resumes with other values of it."""
+    return field(default=default, metadata={"setup": False})
+
+
+@dataclass
+class SearchOptions:
+    """Every setting of a search. Fields made with `how` may change between runs of one study; any other field is
+    part of the study's set-up (`study_setup`), and a run with another value of it is refused."""
+
+    model: str = "smollm2"
+    spec: PruneSpec = field(
+        default_factory=PruneSpec
+    )  # budget, layers, granularity, modules, min-keep, damp; trials choose the rest
+    pools: list[str] = field(default_factory=lambda: ["wiki", "news", "plays"])
+    pool_size: int = 32
+    seq_len: int = DEFAULT_SEQ_LEN
+    metrics: tuple[str, ...] = SearchSpace.metrics
+    aggregations: tuple[str, ...] = SearchSpace.aggregations
+    sample_counts: tuple[int, ...] = SearchSpace.sample_counts
+    blocks_per_pool: int = SearchSpace.blocks_per_pool
+    depth_slope: float = SearchSpace.depth_slope
+    allocations: tuple[str, ...] = SearchSpace.allocations
+    compensations: tuple[str, ...] = SearchSpace.compensations
+    statistics: tuple[str, ...] = SearchSpace.statistics
+    refit_calib: str | None = None  # the refit pool's windows (POOL:N[,POOL:N]); None: trials refit on their subset
+    trials: int = how(40)
+    startup_trials: int | None = how(None)  # TPE's random start-up trials; None: a quarter of `trials` (at least 1)
+    sampler: str = how("tpe")
+    seed: int = 0
+    val_windows: int = 16
+    val_data: str | None = None  # the trials' validation text (a pool spec: file/dataset path); None: wiki's split
+    val_dtype: str = "auto"
+    batch_size: int = how(8)
+    workers: int = how(1)
+    early_stop: bool = False
+    storage: str | None = how(None)
+    study: str = how("adapruner")
+    cache_dir: str | None = how(None)
+    cache_dtype: str = "bfloat16"
+    cache_mem_gb: float = how(8.0)
+    device: str = how("auto")
+    dtype: str = "auto"
+    trust_remote_code: bool = how(False)  # run Python code shipped with the model (off unless asked)
+    device_map: str | None = how(
+        None
+    )  # spread the model with accelerate (`adapruner.model.big_model`): a strategy or a JSON file
+    max_memory: str | None = how(None)  # with device_map: e.g. "0=70GiB,cpu=200GiB"
+    offload_dir: str | None = how(None)  # with device_map: where weights put on disk go
+
+
+def study_setup(options: SearchOptions) -> dict:
+    """The fields that define the study (all but the `how` ones), as the storage returns them (tuples → lists)."""
+    values = asdict(options)
+    return json.loads(json.dumps({f.name: values[f.name] for f in fields(options) if f.metadata.get("setup", True)}))
+
+
+def startup_trials(options: SearchOptions) -> int:
+    """TPE's random start-up trials: as given, else a quarter of the budget (at least one)."""
+    return options.startup_trials if options.startup_trials is not None else max(1, options.trials // 4)
+
+
+def search_record(folder: Path, fix: str) -> dict:
+    """The options a search recorded in `folder/search.json`; a file adapruner did not write is a one-line error
+    ending in `fix`."""
+    record = folder / "search.json"
+    try:
+        options = json.loads(record.read_text(encoding="utf-8"))["options"]
+        if not isinstance(options, dict):
+            raise TypeError
+        return options
+    except (ValueError, KeyError, TypeError):
+        raise AdaPrunerError(f"{record} is not a search record adapruner wrote: {fix}") from None
