@@ -35,6 +35,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -194,7 +195,8 @@ def kept_at_least(units: int, min_keep: float) -> int:
     return max(1, math.ceil(min_keep * units))
 
 
-def _short_of_target(model: nn.Module, target: int, removed: int, min_keep: float):
+def _short_of_target(model: nn.Module, target: int, removed: int, min_keep: float) -> NoReturn:
+    """The one-line error of a budget the `--min-keep` floor leaves out of reach (`removed` is the most it allows)."""
     total = count_params(model)
     raise AdaPrunerError(
         f"--target-params {target / total:.3f} is out of reach with --min-keep {min_keep}: "

@@ -7,6 +7,7 @@ them by `Allocation.counts`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -75,17 +76,17 @@ def allocation(name: str) -> Allocation:
     return _BY_NAME[name]
 
 
-def names_where(test) -> tuple[str, ...]:
+def names_where(test: Callable[[Allocation], bool]) -> tuple[str, ...]:
     """The allocations whose rule passes `test` (for messages and help: e.g. `names_where(lambda a: a.scored)`)."""
     return tuple(rule.name for rule in RULES if test(rule))
 
 
-def any_refit_error(names) -> bool:
+def any_refit_error(names: Iterable[str]) -> bool:
     """Whether one of the allocations `names` costs removals by the refit error (needs the inputs' Gram)."""
     return any(allocation(name).refit_error for name in names)
 
 
-def any_output_fisher(names) -> bool:
+def any_output_fisher(names: Iterable[str]) -> bool:
     """Whether one of the allocations `names` weighs by the output Fisher."""
     return any(allocation(name).output_fisher for name in names)
 
