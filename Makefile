@@ -40,6 +40,7 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable bench/test_bench_kernels.py  # kernel suites, once each
 
 # Resolve the newest releases pyproject.toml allows (torch pinned by torch.pin) into the locks. pip-compile uses
 # pip's resolver, which finds the CPU build of torch on this machine's disk; the lock names torch by its public

@@ -1,1 +1,1 @@
-"""The test suite: a package, so that tests import their helpers as `tests.helpers` / `tests.conftest`."""
+"""The test suite: a package, so that tests import their helpers as `tests.helpers` / `tests.models`."""

@@ -9,7 +9,7 @@ import torch
 
 from adapruner.cli import main
 from adapruner.model.structure import layer_info
-from tests.conftest import tiny_llama, word_level_tokenizer
+from tests.models import tiny_llama, word_level_tokenizer
 
 
 def save_tiny_model(path, seed=0):

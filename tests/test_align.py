@@ -15,8 +15,8 @@ from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import layer_info
 from adapruner.scoring.importance import Importance
 from adapruner.searching.search_options import SearchOptions
-from tests.conftest import tiny_llama
 from tests.helpers import save_tiny_model, write_pool
+from tests.models import tiny_llama
 
 
 def test_a_ratio_removes_whole_blocks():

@@ -25,8 +25,8 @@ from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import layer_info
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
 from adapruner.searching.search import TrialConfig, trial_plan
-from tests.conftest import span, tiny_llama
 from tests.helpers import save_tiny_model, search_args, write_pool
+from tests.models import span, tiny_llama
 
 LAYERS = range(0, 4)
 

@@ -16,7 +16,7 @@ from adapruner.model.models import load_model
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
 from adapruner.searching.search import TrialConfig, trial_plan, trial_updates
 from adapruner.searching.validation import ValidationScorer
-from tests.conftest import span, tiny_llama, word_level_tokenizer
+from tests.models import span, tiny_llama, word_level_tokenizer
 
 # layers 1 and 2 and the head on disk, the rest in host memory (accelerate runs the disk ones on the CPU)
 CPU_AND_DISK = {

@@ -13,6 +13,7 @@ from adapruner.model.structure import prunable_linears
 from adapruner.output.saving import save_pruned
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
 from adapruner.scoring.importance import Importance, LinearStats
+from adapruner.scoring.sources import CalibrationPasses
 from adapruner.scoring.statistics import InputMoments, collect_input_moments
 
 SEQ = 9
@@ -120,6 +121,7 @@ def _member(name, linear):
 def test_lsq_grams_in_passes_under_a_budget_equal_one_pass(gqa_model, monkeypatch):
     """A Gram budget of one o_proj Gram (48² fp32) makes one pass per output linear; the refit is the one-pass refit."""
     import adapruner.cutting.compensation as pruner
+    import adapruner.scoring.sources as sources
 
     model, ids = gqa_model, calibration_ids()
     plan = plan_allocation(model, Importance("l2"), PruneSpec(0.5, layers="0:3"))
@@ -128,11 +130,11 @@ def test_lsq_grams_in_passes_under_a_budget_equal_one_pass(gqa_model, monkeypatc
         list(targets)[i : i + 2] for i in (0, 2, 4)
     ]
     assert len(pruner.gram_chunks(targets, None)) == 1
-    whole = pruner.compensation_passes(model, plan, ids, "lsq", 1.0, gram_bytes=None, progress=False)
+    whole = pruner.refit_updates(model, plan, CalibrationPasses(ids, progress=False), "lsq", 1.0, gram_bytes=None)
     passes = []
-    real = pruner.collect_input_moments
-    monkeypatch.setattr(pruner, "collect_input_moments", lambda *a, **k: passes.append(list(a[1])) or real(*a, **k))
-    split = pruner.compensation_passes(model, plan, ids, "lsq", 1.0, gram_bytes=4 * 48**2, progress=False)
+    real = sources.collect_input_moments
+    monkeypatch.setattr(sources, "collect_input_moments", lambda *a, **k: passes.append(list(a[1])) or real(*a, **k))
+    split = pruner.refit_updates(model, plan, CalibrationPasses(ids, progress=False), "lsq", 1.0, gram_bytes=4 * 48**2)
     assert passes == [[name] for name in targets]  # one linear's Gram per pass
     assert split.keys() == whole.keys()
     for name, (weight, bias) in whole.items():

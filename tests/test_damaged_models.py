@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import tiny_llama, word_level_tokenizer
 from tests.helpers import run_cli, write_pool
+from tests.models import tiny_llama, word_level_tokenizer
 
 WEIGHTS = "model.safetensors"
 

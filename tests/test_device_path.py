@@ -15,8 +15,8 @@ from adapruner.errors import AdaPrunerError
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
 from adapruner.searching.search import TrialConfig, trial_plan
 from adapruner.searching.validation import ValidationScorer
-from tests.conftest import span
 from tests.helpers import masked_logits
+from tests.models import span
 
 SEQ, LAYERS = 11, range(0, 3)
 METRICS = ("l2", "taylor1", "vector", "taylor2", "mix", "act")
@@ -174,7 +174,7 @@ def test_out_of_memory_becomes_a_one_line_error(monkeypatch, capsys, tmp_path):
     def exhausted(*_args, **_kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr("adapruner.commands.prune.load_model", exhausted)
+    monkeypatch.setattr("adapruner.commands.prune.load_placed", exhausted)
     assert (
         main(
             [

@@ -18,8 +18,8 @@ from adapruner.cutting.removal import apply_plan
 from adapruner.output.export import export_gguf
 from adapruner.output.saving import save_pruned
 from adapruner.scoring.importance import Importance
-from tests.conftest import tiny_llama
 from tests.helpers import byte_level_tokenizer, one_error_line
+from tests.models import tiny_llama
 
 gguf = pytest.importorskip("gguf")
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None

@@ -15,8 +15,8 @@ from adapruner.model.models import load_model
 from adapruner.model.structure import attention_group, decoder_layers, layer_info, mlp_group
 from adapruner.output.saving import save_pruned
 from adapruner.scoring.importance import Importance
-from tests.conftest import word_level_tokenizer
 from tests.helpers import FAMILY_TYPES, MOE_TYPES, masked_logits, tiny_family, tiny_search
+from tests.models import word_level_tokenizer
 
 TOKENS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
 NORM_SPANS_HEADS = {t for t, f in FAMILIES.items() if f.head_norms}  # removing a head renormalises the kept ones

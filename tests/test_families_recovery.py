@@ -13,8 +13,8 @@ from adapruner.evaluation.finetune import LoraOptions, finetune, merged
 from adapruner.model.structure import layer_info, mlp_group, projection_names
 from adapruner.output.saving import save_pruned
 from adapruner.scoring.importance import Importance
-from tests.conftest import word_level_tokenizer
 from tests.helpers import tiny_family
+from tests.models import word_level_tokenizer
 
 FAMILIES = ["qwen3", "phi3"]
 TOKENS = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(0))

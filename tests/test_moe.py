@@ -20,8 +20,8 @@ from adapruner.model.structure import layer_info
 from adapruner.output.saving import save_pruned
 from adapruner.scoring.importance import Importance
 from adapruner.searching.search_options import SearchOptions
-from tests.conftest import word_level_tokenizer
 from tests.helpers import MOE_TYPES, byte_level_tokenizer, masked_logits, tiny_family, tiny_search
+from tests.models import word_level_tokenizer
 
 TOKENS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
 EXPERTS, CHANNELS = 4, 24

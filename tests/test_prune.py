@@ -1,13 +1,13 @@
-"""Physical pruning equals masking the removed units in the dense model; ratio semantics and errors."""
+"""Physical pruning equals masking the removed units in the dense model; a kv cut keeps a valid GQA layout; plans
+round-trip (ratio semantics and their errors: tests/test_selection.py)."""
 
 import pytest
 import torch
 
-from adapruner.choosing.allocation import count_params, ratio_counts, removal_count, removed_by
+from adapruner.choosing.allocation import count_params, ratio_counts, removed_by
 from adapruner.choosing.plan import PrunePlan
-from adapruner.choosing.selection import plan_pruning, top_units
+from adapruner.choosing.selection import plan_pruning
 from adapruner.cutting.removal import apply_plan
-from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import layer_info
 from adapruner.scoring.importance import Importance
 from tests.helpers import masked_logits
@@ -40,34 +40,6 @@ def test_gqa_kv_pruning_keeps_a_valid_layout(gqa_model):
     assert info.intermediate == 12
     keep_q, keep_kv = plan.attention[1]
     assert keep_q == [keep_kv[0] * 3 + j for j in range(3)]
-
-
-def test_query_granularity_removes_equally_in_every_kv_group(gqa_model):
-    plan = plan_pruning(gqa_model, Importance("l1"), 0.34, range(0, 1), "query")
-    keep_q, keep_kv = plan.attention[0]
-    assert keep_kv == [0, 1]
-    assert [q // 3 for q in keep_q] == [0, 0, 1, 1]
-
-
-def test_lowest_scores_are_removed():
-    assert top_units(torch.tensor([0.3, 0.1, 0.9, 0.2]), 2) == [0, 2]
-    assert top_units(torch.tensor([1.0, 1.0, 1.0]), 2) == [0, 1]
-    assert removal_count(3, 0.25) == 1 and removal_count(1536, 0.25) == 384
-
-
-def test_ratio_errors(gqa_model):
-    for bad in (0.0, 1.0, -0.1, 1.5):
-        with pytest.raises(AdaPrunerError, match=r"outside \(0, 1\)"):
-            plan_pruning(gqa_model, Importance("l1"), bad, range(0, 1))
-    with pytest.raises(AdaPrunerError, match="would remove all 2 key/value groups"):
-        plan_pruning(gqa_model, Importance("l1"), 0.9, range(0, 1), "kv")
-
-
-def test_too_small_ratio_warns_and_keeps_attention(gqa_model):
-    with pytest.warns(UserWarning, match="removes no attention unit"):
-        plan = plan_pruning(gqa_model, Importance("l1"), 0.1, range(0, 1), "kv")
-    assert plan.attention[0] == ([0, 1, 2, 3, 4, 5], [0, 1])
-    assert len(plan.mlp[0]) == 24 - 2
 
 
 def test_plan_round_trips_and_counts_differing_units():

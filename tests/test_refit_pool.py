@@ -12,7 +12,7 @@ import torch
 
 from adapruner.choosing.selection import plan_allocation
 from adapruner.choosing.spec import PruneSpec
-from adapruner.cutting.compensation import compensation_passes
+from adapruner.cutting.compensation import refit_updates
 from adapruner.cutting.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.data.calibration import calibration_samples
 from adapruner.errors import AdaPrunerError
@@ -20,6 +20,7 @@ from adapruner.model.models import load_model
 from adapruner.model.structure import output_projections
 from adapruner.scoring.importance import Importance
 from adapruner.scoring.refit_pool import RefitPool, collect_refit_pool, load_or_collect, refit_key, scored_by_moments
+from adapruner.scoring.sources import CalibrationPasses
 from adapruner.searching.search import SearchSpace, TrialConfig, suggest, trial_plan, trial_updates
 from tests.helpers import (
     byte_level_tokenizer,
@@ -58,7 +59,7 @@ def test_the_pool_refit_is_the_refit_from_its_windows(pooled):
     plan = plan_allocation(model, Importance("l2"), spec)
     updates = trial_updates(model, None, spec, TrialConfig([], "l2", "sum", compensation="lsq"), plan, pool)
     windows = calibration_samples(tokenizer, calib, 16).input_ids
-    reference = compensation_passes(model, plan, windows, "lsq", 0.3, progress=False)
+    reference = refit_updates(model, plan, CalibrationPasses(windows, progress=False), "lsq", 0.3)
     assert updates.keys() == reference.keys() == output_projections(model, range(4)).keys()
     for name, (weight, bias) in updates.items():
         torch.testing.assert_close(weight, reference[name][0], rtol=1e-4, atol=1e-5)
@@ -162,9 +163,8 @@ def test_subset_trials_refit_on_the_pool_and_prune_does_the_same(tmp_path):
     sequential = replace(best, spec=best.prune_spec.with_(sequential=True).to_dict())
     assert PruneOptions.from_best(sequential).refit_calib is None  # sequential refits each layer on its windows
     assert prune_model(fresh, tokenizer, options, progress=False).plan == plan == best.prune_plan
-    refit = compensation_passes(
-        loaded, plan, calibration_samples(tokenizer, calib, 16).input_ids, "lsq", 0.3, progress=False
-    )
+    windows = calibration_samples(tokenizer, calib, 16).input_ids
+    refit = refit_updates(loaded, plan, CalibrationPasses(windows, progress=False), "lsq", 0.3)
     for name, (weight, bias) in refit.items():
         torch.testing.assert_close(applied.get_submodule(name).weight, weight, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fresh.get_submodule(name).bias, bias, rtol=1e-4, atol=1e-5)

@@ -22,8 +22,8 @@ from adapruner.model.models import load_model
 from adapruner.scoring.cache import ActivationCache, CandidatePool, build_cache, cache_key
 from adapruner.searching.search import pool_blocks, short_names
 from adapruner.searching.study import open_storage
-from tests.conftest import tiny_llama
 from tests.helpers import one_error_line, run_cli, save_tiny_model, search_args, tiny_search, wait_for, write_pool
+from tests.models import tiny_llama
 
 
 @pytest.fixture

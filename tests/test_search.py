@@ -31,8 +31,8 @@ from adapruner.searching.search import (
 )
 from adapruner.searching.study import WorkerSpec, open_storage, open_study, run_worker, run_workers
 from adapruner.searching.validation import ValidationScorer, shared_copy
-from tests.conftest import span
 from tests.helpers import wait_for
+from tests.models import span
 
 SEQ = 11
 LAYERS = range(0, 3)

@@ -4,7 +4,7 @@
 import json
 
 from adapruner.evaluation.speed import SpeedShape, measure_speed, speedups
-from tests.conftest import tiny_llama
+from tests.models import tiny_llama
 
 
 def test_speed_measures_run_the_shapes_they_report():

@@ -9,7 +9,7 @@ tp = pytest.importorskip("torch_pruning")
 from adapruner.integrations.torch_pruning import AdapPrunerImportance  # noqa: E402
 from adapruner.model.structure import layer_info, mlp_group  # noqa: E402
 from adapruner.scoring.importance import Importance  # noqa: E402
-from tests.conftest import tiny_llama  # noqa: E402
+from tests.models import tiny_llama  # noqa: E402
 
 
 def logits(out):

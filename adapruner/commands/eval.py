@@ -15,7 +15,7 @@ from adapruner.data.corpora import read_utf8
 from adapruner.devices import Placement, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluation.evaluate import perplexity
-from adapruner.model.models import cache_root, load_model
+from adapruner.model.models import cache_root, load_placed
 from adapruner.model.structure import check_context
 from adapruner.output.report import REPORT_FORMAT, write_json_atomic
 from adapruner.staging import check_writable
@@ -68,9 +68,7 @@ def evaluate_model(model_name: str, options: EvalOptions, placement: Placement, 
             "pass --report NEW.json"
         )
     started = time.perf_counter()
-    model, tokenizer = load_model(
-        model_name, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
-    )
+    model, tokenizer = load_placed(model_name, placement)
     if options.ppl is not None:
         check_context(model, options.seq_len)
     results: dict[str, dict] = {}

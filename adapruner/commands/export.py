@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
-from adapruner.model.models import load_model
+from adapruner.model.models import load_placed
 from adapruner.output.export import OUTTYPES, export_gguf
 from adapruner.staging import check_writable
 
@@ -23,6 +26,6 @@ def export_model(model_name: str, out: str | Path, outtype: str = "f32", placeme
         raise AdaPrunerError(f"--gguf {out}: name the file *.gguf")
     check_writable(out, "--gguf")
     placement = placement or Placement.of("cpu", "float32")
-    model, tokenizer = load_model(model_name, placement.dtype, "cpu", placement.trust_remote_code)
+    model, tokenizer = load_placed(model_name, replace(placement, device=torch.device("cpu")))  # written from host
     export_gguf(model, tokenizer, out, outtype)
     return {"model": model_name, "gguf": str(out), "outtype": outtype, "bytes": out.stat().st_size}

@@ -10,7 +10,7 @@ from adapruner.data.calibration import DEFAULT_SEQ_LEN, pool_windows
 from adapruner.devices import Placement, dtype_name
 from adapruner.evaluation.evaluate import perplexity
 from adapruner.evaluation.finetune import LoraOptions, finetune, mean_loss, merged
-from adapruner.model.models import load_model
+from adapruner.model.models import load_placed
 from adapruner.model.structure import check_context
 from adapruner.output.report import REPORT_FORMAT
 from adapruner.output.saving import save_adapter, save_pruned
@@ -33,7 +33,7 @@ def finetune_and_save(
     `val_windows` wiki validation windows of `seq_len` tokens, save to the new directory `out`. Returns the report."""
     check_out_dir(out)
     options = replace(options, dtype=dtype_name(placement.dtype))
-    model, tokenizer = load_model(model_name, placement.dtype, placement.device, placement.trust_remote_code)
+    model, tokenizer = load_placed(model_name, placement)
     check_context(model, seq_len)
     check_context(model, options.cutoff, "--cutoff")
     val = pool_windows(tokenizer, "wiki", seq_len, "val")[:val_windows]

@@ -17,7 +17,7 @@ from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluation.evaluate import perplexity
 from adapruner.kernels.dispatch import kernel_backend
-from adapruner.model.models import load_model
+from adapruner.model.models import load_placed
 from adapruner.model.structure import check_context
 from adapruner.output.report import REPORT_FORMAT
 from adapruner.output.saving import save_pruned
@@ -75,9 +75,7 @@ def prune_and_save(
         evaluation = None
 
     started = time.perf_counter()
-    model, tokenizer = load_model(
-        model_name, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
-    )
+    model, tokenizer = load_placed(model_name, placement)
     check_context(model, options.seq_len)
     if evaluation is not None:
         check_context(model, evaluation.seq_len)

@@ -6,7 +6,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from adapruner.evaluation.speed import measure_speed
 from adapruner.evaluation.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
 from adapruner.model.families import text_config
 from adapruner.model.measure import macs
-from adapruner.model.models import cache_root, load_model
+from adapruner.model.models import cache_root, load_placed
 from adapruner.output.report import REPORT_FORMAT, write_json_atomic
 from adapruner.output.saving import layer_sizes, save_pruned
 from adapruner.scoring.refit_pool import RefitPool
@@ -144,9 +144,7 @@ def _run_stages(
     best = run_search(options.search, out / "search", before_writing=mark_unfinished)
     stage_seconds["search"] = time.perf_counter() - started
 
-    dense, tokenizer = load_model(
-        options.search.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
-    )
+    dense, tokenizer = load_placed(options.search.model, placement)
     short = options.search.seq_len  # the search's window length, then the long one
     context = getattr(text_config(dense.config), "max_position_embeddings", options.full_seq_len)
     full = min(options.full_seq_len, context)
@@ -172,7 +170,8 @@ def _run_stages(
     stage_seconds["evaluate"] += time.perf_counter() - started
     history = None
     if options.finetune_steps and (out / "pruned-lora").is_dir():  # recovered before an interruption: reused
-        recovered = load_model(str(out / "pruned-lora"), placement.dtype, placement.device)[0]
+        own = replace(placement, trust_remote_code=False, dispatch=None)  # our own saved model, on one device
+        recovered = load_placed(str(out / "pruned-lora"), own)[0]
         history = json.loads((out / "pruned-lora" / "finetune.json").read_text())
     elif options.finetune_steps:
         started = time.perf_counter()

@@ -18,7 +18,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.fingerprint import model_digest, text_digest
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
 from adapruner.model.big_model import Dispatch
-from adapruner.model.models import cache_root, load_model, load_shapes
+from adapruner.model.models import cache_root, load_placed, load_shapes
 from adapruner.model.structure import check_context, decoder_layers, has_experts, parse_layer_range
 from adapruner.output.report import format_table, write_json_atomic
 from adapruner.scoring.cache import CacheKey, CandidatePool, cache_key, load_or_build, planned_bytes
@@ -195,9 +195,7 @@ def run_search(
     storage_url = options.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
     existing = options.storage is not None or (out / STUDY_FILE).is_file()  # checked before the model loads
     study = open_study(open_storage(storage_url), options.study, setup) if existing else None
-    model, tokenizer = load_model(  # before a new OUT is made: a damaged model leaves nothing behind
-        options.model, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch
-    )
+    model, tokenizer = load_placed(options.model, placement)  # before a new OUT: a damaged model leaves nothing
     if before_writing is not None:
         before_writing()
     if study is None:

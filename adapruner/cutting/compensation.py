@@ -26,7 +26,8 @@ from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.model.big_model import home_device, place_like, weights
 from adapruner.model.structure import decoder_layers, head_channels, layer_info, output_projections
-from adapruner.scoring.statistics import InputMoments, collect_input_moments
+from adapruner.scoring.sources import StatisticsSource
+from adapruner.scoring.statistics import InputMoments
 from adapruner.searching.memory_plan import device_free_bytes
 
 Update = tuple[torch.Tensor, torch.Tensor]  # (kept-column weight, bias) of one output linear
@@ -151,19 +152,18 @@ def output_inputs(model: nn.Module, plan: PrunePlan) -> dict[str, nn.Linear]:
     return {name: linear for name, (linear, _kept) in output_linears(model, plan).items()}
 
 
-def compensation_passes(
+def refit_updates(
     model: nn.Module,
     plan: PrunePlan,
-    input_ids: torch.Tensor,
+    source: StatisticsSource,
     mode: str,
     damp: float,
     gram_bytes: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """The compensated output linears of `plan` from forward passes of the dense `model` over `input_ids`. lsq needs
-    each linear's Gram XᵀX/T (in² fp32): a pass collects as many as fit `gram_bytes` (default: half the memory free
-    where the model's inputs go), solves them and frees them before the next pass — a 70B model's 80 down_proj Grams
-    (3.3 GB each) never sit in memory together. bias needs one pass."""
+) -> dict[str, Update]:
+    """The compensated output linears of `plan` from the input moments `source` gives of the dense `model`'s output
+    projections. lsq needs each linear's Gram XᵀX/T (in² fp32): they are asked for in runs that fit `gram_bytes`
+    (default: half the memory free where the model's inputs go), each run solved and freed before the next — a 70B
+    model's 80 down_proj Grams (3.3 GB each) never sit in memory together. bias needs μ alone."""
     check_compensation(mode)
     targets = output_inputs(model, plan)
     if mode == "none" or not targets:
@@ -171,7 +171,7 @@ def compensation_passes(
     budget = gram_bytes if gram_bytes is not None else device_free_bytes(model_device(model)) // 2
     updates = {}
     for chunk in gram_chunks(targets, budget if mode == "lsq" else None):
-        moments = collect_input_moments(model, chunk, input_ids, mode == "lsq", progress=progress)
+        moments = source.input_moments(model, chunk, mode == "lsq")
         updates |= compensation_updates(model, plan, moments.__getitem__, mode, damp, names=chunk)
     return updates
 

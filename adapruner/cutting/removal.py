@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from contextlib import ExitStack
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from adapruner.choosing.allocation import prices
 from adapruner.choosing.plan import PrunePlan
+from adapruner.cutting.compensation import Update, install
 from adapruner.kernels.dispatch import Backend
 from adapruner.kernels.gather import gather
 from adapruner.model.big_model import place_like, weights
@@ -33,6 +35,13 @@ def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> 
         if cuts:
             _cut(cuts, backend)
         resize_modules(layer_info(model, index))
+
+
+def cut(model: nn.Module, plan: PrunePlan, updates: Mapping[str, Update] | None = None) -> None:
+    """Prune `model` in place by `plan`, then install the refit output linears `updates` (`compensation.refit_updates`)
+    — the one cut every path ends with."""
+    apply_plan(model, plan)
+    install(model, updates or {})
 
 
 def _cut(cuts: list, backend: Backend) -> None:

@@ -27,26 +27,21 @@ from adapruner.choosing.allocation import Counts
 from adapruner.choosing.plan import PrunePlan
 from adapruner.choosing.selection import choosing_scores, plan_from_counts
 from adapruner.choosing.spec import PruneSpec
-from adapruner.cutting.compensation import compensation_updates, install
-from adapruner.cutting.removal import apply_plan
-from adapruner.devices import model_device
+from adapruner.cutting.compensation import refit_updates
+from adapruner.cutting.removal import cut
 from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import attention_group, decoder_layers, layer_info, mlp_group
-from adapruner.scoring.importance import Importance, LinearStats
+from adapruner.scoring.importance import MOMENT_STATS
 from adapruner.scoring.metrics import metric as registered
-from adapruner.scoring.statistics import InputMoments, input_moment_sums
+from adapruner.scoring.sources import LayerInputs
+from adapruner.scoring.statistics import InputMoments, input_moment_sums, layer_inputs
 
-LAYER_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what a layer's own inputs give
 Observer = Callable[[str, InputMoments], None]  # told the moments each output projection was chosen and refit from
-
-
-class _Captured(Exception):
-    """Stops the dense pass once every pruned layer's arguments are recorded."""
 
 
 def check_sequential(spec: PruneSpec) -> None:
     """Sequential pruning reads layer inputs only: a gradient metric is a one-line error."""
-    needed = registered(spec.metric).needs - LAYER_STATS
+    needed = registered(spec.metric).needs - MOMENT_STATS
     if needed:
         raise AdaPrunerError(
             f"--sequential scores each layer from its own inputs; metric {spec.metric!r} needs the whole model's "
@@ -69,7 +64,7 @@ def prune_sequential(
     compensated weights. `observe` is told the moments each output projection was chosen and refit from."""
     check_sequential(spec)
     layers = sorted(counts)
-    hidden, arguments = _layer_arguments(model, input_ids, layers)
+    hidden, arguments = layer_inputs(model, input_ids, layers)
     plan, refit = PrunePlan(), []
     for index in tqdm(layers, desc="sequential", unit="layer", disable=not progress):
         run = _Run(decoder_layers(model)[index], hidden, arguments[index])
@@ -101,30 +96,16 @@ def _prune_part(
     gram = registered(spec.metric).surgeon or spec.compensation == "lsq"
     with input_moment_sums({m.name: m.linear for m in group.members}, (output,) if gram else ()) as moments:
         run.outputs()
-    importance = Importance(spec.metric, spec.aggregation, _stats(moments, run.tokens), seed, spec.obs_damp)
+    statistics = LayerInputs(moments, run.tokens)
     which = {index: (module == "attn", module == "mlp")}
     counts = {index: (n_remove, 0) if module == "attn" else (0, n_remove)}
-    part = plan_from_counts(
-        model, choosing_scores(model, importance, which, counts, spec.granularity), counts, spec.granularity
-    )
+    scores = choosing_scores(model, statistics.importance(model, spec, seed), which, counts, spec.granularity)
+    part = plan_from_counts(model, scores, counts, spec.granularity)
     if observe is not None:
         observe(output, moments[output])
-    updates = compensation_updates(model, part, moments.__getitem__, spec.compensation, spec.damp)
-    apply_plan(model, part)
-    install(model, updates)
+    updates = refit_updates(model, part, statistics, spec.compensation, spec.damp)
+    cut(model, part, updates)
     return part, sorted(updates)
-
-
-def _stats(moments: dict[str, InputMoments], tokens: int) -> dict[str, LinearStats]:
-    """`LinearStats` from input moments over `tokens` tokens: ‖x_i‖₂, the variance and (where a Gram is) Σ."""
-    return {
-        name: LinearStats(
-            act_norm=(m.square_mean * tokens).sqrt(),
-            act_var=m.variance,
-            act_cov=None if m.gram is None else m.covariance,
-        )
-        for name, m in moments.items()
-    }
 
 
 class _Run:
@@ -148,37 +129,3 @@ class _Run:
 def _first(out) -> torch.Tensor:
     """A decoder layer's hidden states (older families return a tuple)."""
     return out[0] if isinstance(out, tuple) else out
-
-
-def _layer_arguments(
-    model: nn.Module, input_ids: torch.Tensor, layers: list[int], batch_size: int = 8
-) -> tuple[list[torch.Tensor], dict[int, list[tuple[tuple, dict]]]]:
-    """The hidden states entering the first of `layers` and each layer's other arguments (positional, keyword), per
-    batch of windows, from one dense pass that stops as the last of them is entered."""
-    hidden: list[torch.Tensor] = []
-    arguments: dict[int, list[tuple[tuple, dict]]] = {index: [] for index in layers}
-    blocks = decoder_layers(model)
-
-    def recorder(index: int):
-        def record(_module, args, kwargs):
-            kwargs = dict(kwargs)
-            states, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-            if index == layers[0]:
-                hidden.append(states.detach())
-            arguments[index].append((rest, kwargs))
-            if index == layers[-1]:
-                raise _Captured
-
-        return record
-
-    handles = [blocks[index].register_forward_pre_hook(recorder(index), with_kwargs=True) for index in layers]
-    try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            try:
-                model(input_ids=input_ids[start : start + batch_size].to(model_device(model)), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hidden, arguments

@@ -6,10 +6,12 @@ tokenised once (no special tokens): addresses do not depend on the seed. A seed 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from adapruner.data.corpora import Split, pool_documents
@@ -94,3 +96,14 @@ def windows_at(tokenizer: PreTrainedTokenizerBase, addresses: list[tuple[str, in
             )
         rows.append(windows[index])
     return Samples(torch.stack(rows), tuple((pool, int(index)) for pool, index in addresses))
+
+
+def window_batches(
+    windows: torch.Tensor, batch_size: int, device: torch.device | str, bar: str | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(k, rows k … k + batch_size − 1 of `windows` on `device`) for k = 0, batch_size, 2·batch_size, …: the one
+    batched pass over windows that statistics, caches, captures and perplexity share; `bar` labels a tqdm bar (None:
+    no bar)."""
+    starts = range(0, windows.shape[0], batch_size)
+    for start in tqdm(starts, desc=bar, unit="batch", disable=bar is None):
+        yield start, windows[start : start + batch_size].to(device)

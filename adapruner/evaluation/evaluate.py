@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from adapruner.data.calibration import window_batches
 from adapruner.devices import model_device
 
 CE_ROWS = 128  # token rows per cross-entropy chunk: a chunk's fp32 logits stay in the CPU's caches (5x faster)
@@ -45,9 +45,8 @@ def perplexity(
         raise ValueError("no evaluation window: the text is shorter than one --seq-len window")
     total_nll, total_tokens = 0.0, 0
     device = model_device(model)
-    starts = range(0, windows.shape[0], batch_size)
-    for step, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
-        batch = windows[start : start + batch_size].to(device)
+    batches = window_batches(windows, batch_size, device, desc if progress else None)
+    for step, (start, batch) in enumerate(batches):
         inputs = (
             {"input_ids": batch}
             if inputs_embeds is None

@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError, first_line
 from adapruner.model.big_model import Dispatch
 from adapruner.model.model_checks import check_config, check_finite, check_shapes, check_tokenizer, weight_headers
@@ -65,6 +66,12 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
     check_finite(model.named_parameters(), path)
     return (model if dispatch is not None else model.to(device)).eval(), tokenizer
+
+
+def load_placed(name_or_path: str, placement: Placement) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_model` as a command's `Placement` says (device, dtype, remote code, device map): every command's one
+    loading call."""
+    return load_model(name_or_path, placement.dtype, placement.device, placement.trust_remote_code, placement.dispatch)
 
 
 def model_path(name_or_path: str) -> str:

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from adapruner.choosing.spec import DEFAULT_OBS_DAMP
-from adapruner.data.calibration import seeded_draw
+from adapruner.data.calibration import seeded_draw, window_batches
 from adapruner.devices import dtype_name, model_device
 from adapruner.errors import AdaPrunerError, first_line
 from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fisher_stats
@@ -342,7 +341,7 @@ def build_cache(
     inputs: dict[str, torch.Tensor] = {}
     L = key.seq_len
     on_host = False
-    starts = range(0, input_ids.shape[0], batch_size)
+    n_batches = math.ceil(input_ids.shape[0] / batch_size)
 
     def keep(name: str, tensor: torch.Tensor) -> None:
         chunks.setdefault(name, []).append(tensor.cpu() if on_host else tensor)
@@ -368,13 +367,14 @@ def build_cache(
             keep(f"dy/{name}", dy.to(store_dtype))
 
     with linear_io(model, linears, on_input, on_grad):
-        for done, start in enumerate(tqdm(starts, desc="cache", unit="batch", disable=not progress), 1):
-            sample_loss(model, input_ids[start : start + batch_size]).sum().backward()
+        bar = "cache" if progress else None
+        for done, (_start, batch) in enumerate(window_batches(input_ids, batch_size, model_device(model), bar), 1):
+            sample_loss(model, batch).sum().backward()
             inputs.clear()
             if not on_host and device_budget_bytes is not None:
                 kept = sum(t.numel() * t.element_size() for parts in chunks.values() for t in parts)
                 if (
-                    kept * len(starts) / done > device_budget_bytes
+                    kept * n_batches / done > device_budget_bytes
                 ):  # the finished cache would not fit: stage it on the host
                     chunks = {name: [t.cpu() for t in parts] for name, parts in chunks.items()}
                     on_host = True

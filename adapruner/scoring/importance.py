@@ -43,6 +43,7 @@ class LinearStats:
 
 
 COLLECTED_STATS = frozenset({"grad", "fisher", "act_norm"})  # what `statistics.collect_stats` gathers
+MOMENT_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what input moments give (`statistics.moment_stats`)
 
 
 def needs(metric: str) -> frozenset[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,19 +24,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adapruner.choosing.allocation_rules import allocation
+from adapruner.choosing.spec import PruneSpec
 from adapruner.data.calibration import calibration_samples
+from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import output_projections, prunable_linears
-from adapruner.scoring.importance import LinearStats, needs
-from adapruner.scoring.statistics import LOSS_WINDOWS, InputMoments, collect_input_moments, collect_output_fisher
+from adapruner.scoring.importance import MOMENT_STATS, Importance, LinearStats, needs
+from adapruner.scoring.statistics import (
+    LOSS_WINDOWS,
+    InputMoments,
+    collect_input_moments,
+    collect_output_fisher,
+    moment_stats,
+)
 from adapruner.staging import staged_file
-
-REFIT_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what the pool's moments give a metric
 
 
 def scored_by_moments(metric: str) -> bool:
     """Whether `metric` reads input moments alone (act, fluct, obs), so that the refit pool can score it."""
-    return bool(needs(metric)) and needs(metric) <= REFIT_STATS
+    return bool(needs(metric)) and needs(metric) <= MOMENT_STATS
 
 
 @dataclass
@@ -49,10 +57,6 @@ class RefitPool:
     moments: dict[str, InputMoments]  # by linear name; output projections carry the Gram
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # output projections' output Fisher, if collected
 
-    def moments_of(self, name: str) -> InputMoments:
-        """An output projection's μ and C (what `compensation.compensated` reads)."""
-        return self.moments[name]
-
     def stats(
         self, metric: str, device: torch.device, covariance: bool = False, fisher: bool = False
     ) -> dict[str, LinearStats]:
@@ -61,22 +65,23 @@ class RefitPool:
         output Fisher (`loss`)."""
         if fisher and not self.fisher:
             raise AdaPrunerError("the refit pool holds no output Fisher: collect it with fisher=True (loss allocation)")
-        required = needs(metric) | ({"act_cov"} if covariance else set())
         if not scored_by_moments(metric):
             raise AdaPrunerError(f"metric {metric!r} reads gradients, which the refit pool does not hold")
-        stats = {}
-        for name, m in self.moments.items():
-            entry = LinearStats()
-            if "act_norm" in required:
-                entry.act_norm = (m.square_mean * self.tokens).sqrt().to(device)
-            if "act_var" in required:
-                entry.act_var = m.variance.to(device)
-            if "act_cov" in required and m.gram is not None:
-                entry.act_cov = m.covariance.to(device)
-            if fisher and name in self.fisher:
-                entry.out_fisher = self.fisher[name].to(device)
-            stats[name] = entry
+        stats = moment_stats(self.moments, self.tokens, needs(metric) | ({"act_cov"} if covariance else set()), device)
+        for name, output_fisher in self.fisher.items() if fisher else ():
+            stats[name].out_fisher = output_fisher.to(device)
         return stats
+
+    def importance(self, model: nn.Module, spec: PruneSpec, seed: int = 0) -> Importance:
+        """`StatisticsSource.importance`: the spec's metric scored from the pool's moments (with the Σ and output
+        Fisher its allocation reads)."""
+        rule = allocation(spec.allocation)
+        stats = self.stats(spec.metric, model_device(model), rule.refit_error, rule.output_fisher)
+        return Importance(spec.metric, spec.aggregation, stats, seed=seed, damp=spec.obs_damp)
+
+    def input_moments(self, model: nn.Module, linears: Mapping[str, nn.Linear], gram: bool) -> dict[str, InputMoments]:
+        """`StatisticsSource.input_moments`: the pool's own (output projections carry their Gram)."""
+        return {name: self.moments[name] for name in linears}
 
     def save(self, path: Path) -> None:
         tensors = {}

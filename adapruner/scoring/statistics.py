@@ -12,18 +12,19 @@ are independent, sample s's gradient is G_s = dY_sᵀ X_s over its own token row
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from adapruner.data.calibration import window_batches
 from adapruner.devices import model_device
 from adapruner.model.big_model import execution_device, is_offloaded, reload_offloaded_in_backward
-from adapruner.scoring.importance import LinearStats
+from adapruner.model.structure import decoder_layers
+from adapruner.scoring.importance import MOMENT_STATS, LinearStats
 
 LOSS_WINDOWS = 64  # the `loss` allocation's output Fisher reads the first 64 calibration windows (docs/results.md)
 
@@ -46,6 +47,46 @@ class InputMoments:
     def covariance(self) -> torch.Tensor:
         """Σ = C − μμᵀ (needs the Gram)."""
         return self.gram - torch.outer(self.mean, self.mean)
+
+
+class _Entered(Exception):
+    """Stops a capture's pass once the last layer it records is entered."""
+
+
+@torch.no_grad()
+def layer_inputs(
+    model: nn.Module, input_ids: torch.Tensor, layers: list[int], batch_size: int = 8
+) -> tuple[list[torch.Tensor], dict[int, list[tuple[tuple, dict]]]]:
+    """The hidden states entering the first of `layers` (sorted), batch by batch, and every listed layer's other
+    arguments (positional, keyword: masks, rotary tables) per batch, from passes of `model` over `input_ids` that stop
+    as the last of them is entered: no layer from there on runs."""
+    hidden: list[torch.Tensor] = []
+    arguments: dict[int, list[tuple[tuple, dict]]] = {index: [] for index in layers}
+    blocks = decoder_layers(model)
+
+    def recorder(index: int):
+        def record(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            states, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+            if index == layers[0]:
+                hidden.append(states.detach())
+            arguments[index].append((rest, kwargs))
+            if index == layers[-1]:
+                raise _Entered
+
+        return record
+
+    handles = [blocks[index].register_forward_pre_hook(recorder(index), with_kwargs=True) for index in layers]
+    try:
+        for _start, batch in window_batches(input_ids, batch_size, model_device(model)):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Entered:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hidden, arguments
 
 
 def sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -95,13 +136,11 @@ def collect_stats(
     else:
         passes = only_these_require_grad(model, linears.values() if "grad" in need else ())
     with passes, _input_square_sums(linears, act_sq):
-        for start in tqdm(
-            range(0, input_ids.shape[0], batch_size), desc="calibration", unit="batch", disable=not progress
-        ):
-            batch = input_ids[start : start + batch_size]
+        bar = "calibration" if progress else None
+        for _start, batch in window_batches(input_ids, batch_size, model_device(model), bar):
             if not need & {"grad", "fisher"}:
                 with torch.no_grad():
-                    model(input_ids=batch.to(model_device(model)))
+                    model(input_ids=batch)
                 continue
             sample_loss(model, batch).sum().backward()
             if from_hooks:
@@ -138,10 +177,9 @@ def collect_output_fisher(
         sums[name].add_(dy.square().sum(0))
 
     with linear_io(model, linears, lambda _name, _x: None, on_grad):
-        for start in tqdm(
-            range(0, input_ids.shape[0], batch_size), desc="output fisher", unit="batch", disable=not progress
-        ):
-            sample_loss(model, input_ids[start : start + batch_size]).sum().backward()
+        bar = "output fisher" if progress else None
+        for _start, batch in window_batches(input_ids, batch_size, model_device(model), bar):
+            sample_loss(model, batch).sum().backward()
     return {name: total / input_ids.shape[0] for name, total in sums.items()}
 
 
@@ -222,11 +260,35 @@ def collect_input_moments(
     """`InputMoments` (mean, mean square, and with `gram` XᵀX/T) of every listed linear's inputs over all tokens of
     `input_ids`, from forward passes alone; `gram_of` names the linears that get XᵀX/T without `gram`."""
     with input_moment_sums(linears, linears if gram else gram_of) as moments:
-        for start in tqdm(
-            range(0, input_ids.shape[0], batch_size), desc="input moments", unit="batch", disable=not progress
-        ):
-            model(input_ids=input_ids[start : start + batch_size].to(model_device(model)))
+        bar = "input moments" if progress else None
+        for _start, batch in window_batches(input_ids, batch_size, model_device(model), bar):
+            model(input_ids=batch)
     return moments
+
+
+def moment_stats(
+    moments: Mapping[str, InputMoments],
+    tokens: int,
+    required: Collection[str] = MOMENT_STATS,
+    device: torch.device | str | None = None,
+) -> dict[str, LinearStats]:
+    """The `LinearStats` that input moments over `tokens` tokens give, holding what `required` names (on `device`;
+    None: where they are): act_norm ‖x_i‖₂ = sqrt(T · mean x_i²), act_var, and act_cov Σ where a Gram is."""
+
+    def placed(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if device is None else tensor.to(device)
+
+    stats = {}
+    for name, m in moments.items():
+        entry = LinearStats()
+        if "act_norm" in required:
+            entry.act_norm = placed((m.square_mean * tokens).sqrt())
+        if "act_var" in required:
+            entry.act_var = placed(m.variance)
+        if "act_cov" in required and m.gram is not None:
+            entry.act_cov = placed(m.covariance)
+        stats[name] = entry
+    return stats
 
 
 @contextmanager

@@ -35,15 +35,14 @@ from adapruner.choosing.spec import (
     check_allocation,
     check_compensation,
 )
-from adapruner.cutting.compensation import compensation_updates
+from adapruner.cutting.compensation import refit_updates
 from adapruner.cutting.removal import plan_removed
-from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
-from adapruner.scoring.cache import ActivationCache, CachedImportance
-from adapruner.scoring.importance import Importance
+from adapruner.scoring.cache import ActivationCache
 from adapruner.scoring.metrics import SEARCHED_METRICS
 from adapruner.scoring.metrics import metric as registered
 from adapruner.scoring.refit_pool import RefitPool, scored_by_moments
+from adapruner.scoring.sources import CacheSubset, StatisticsSource
 from adapruner.searching.validation import ValidationScorer
 
 DEFAULT_SAMPLE_COUNTS = (4, 8, 16, 32)
@@ -174,6 +173,17 @@ def trial_spec(study: PruneSpec, config: TrialConfig) -> PruneSpec:
     )
 
 
+def trial_statistics(
+    cache: ActivationCache, config: TrialConfig, refit: RefitPool | None = None
+) -> tuple[StatisticsSource, StatisticsSource]:
+    """Where a trial's scores and its refit's moments come from: the cache rows of its samples, or the refit pool
+    (scores where the trial chose `refit` statistics; the refit wherever the search has one)."""
+    subset = CacheSubset(cache, torch.tensor(config.samples, dtype=torch.long))
+    if config.statistics == "refit" and refit is None:
+        raise AdaPrunerError("a trial scored on the refit pool needs the search's refit pool (--refit-calib)")
+    return (refit if config.statistics == "refit" else subset), (subset if refit is None else refit)
+
+
 def trial_plan(
     model: nn.Module,
     cache: ActivationCache,
@@ -185,16 +195,8 @@ def trial_plan(
     """What one trial configuration keeps of `model` (the study's spec with the trial's choices), scored from the
     cache rows of its samples, or from the refit pool's moments (the model is only read)."""
     spec = trial_spec(study, config)
-    if config.statistics == "refit":
-        if refit is None:
-            raise AdaPrunerError("a trial scored on the refit pool needs the search's refit pool (--refit-calib)")
-        chosen, device = allocation_rule(spec.allocation), model_device(model)
-        stats = refit.stats(spec.metric, device, covariance=chosen.refit_error, fisher=chosen.output_fisher)
-        importance = Importance(spec.metric, spec.aggregation, stats, seed=seed, damp=spec.obs_damp)
-    else:
-        samples = torch.tensor(config.samples)
-        importance = CachedImportance(cache, spec.metric, spec.aggregation, samples, seed, spec.obs_damp)
-    return plan_allocation(model, importance, spec)
+    scores, _refit = trial_statistics(cache, config, refit)
+    return plan_allocation(model, scores.importance(model, spec, seed), spec)
 
 
 def trial_updates(
@@ -208,13 +210,8 @@ def trial_updates(
     """The compensated output linears of a trial's plan, from the refit pool's moments where the search has one,
     else from the moments of its samples' cached inputs."""
     spec = trial_spec(study, config)
-    if refit is not None:
-        return compensation_updates(model, plan, refit.moments_of, spec.compensation, spec.damp)
-    samples, device = torch.tensor(config.samples), model_device(model)
-    lsq = spec.compensation == "lsq"
-    return compensation_updates(
-        model, plan, lambda name: cache.input_moments(name, samples, device, gram=lsq), spec.compensation, spec.damp
-    )
+    _scores, moments = trial_statistics(cache, config, refit)
+    return refit_updates(model, plan, moments, spec.compensation, spec.damp)
 
 
 class Objective:

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from adapruner.choosing.plan import PrunePlan
-from adapruner.cutting.compensation import install
-from adapruner.cutting.removal import apply_plan
+from adapruner.cutting.removal import cut
 from adapruner.devices import DTYPES, dtype_name, model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluation.evaluate import perplexity
@@ -28,6 +27,7 @@ from adapruner.kernels.dispatch import native_bf16
 from adapruner.model.big_model import is_dispatched, rebind_forward
 from adapruner.model.families import family_of
 from adapruner.model.structure import decoder_layers, layers_owner
+from adapruner.scoring.statistics import layer_inputs
 
 VAL_DTYPES = DTYPES  # the validation forward takes the weight dtypes
 
@@ -44,7 +44,7 @@ def resolve_val_dtype(name: str, device: torch.device) -> str:
 def shared_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A new module tree over the same parameter and buffer tensors (parameters of another dtype are cast once).
 
-    `apply_plan` replaces linears rather than writing into them, so pruning the copy leaves `model` untouched.
+    `cut` replaces linears rather than writing into them, so pruning the copy leaves `model` untouched.
     """
     memo: dict[int, object] = {id(buffer): buffer for buffer in model.buffers()}
     for param in model.parameters():
@@ -65,8 +65,9 @@ def _shallow(module: nn.Module) -> nn.Module:
     return clone
 
 
-def pruned_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
-    """`model` pruned by `plan` as a new model object; `model` is left as it was and shares all it can with the copy."""
+def pruned_copy(model: nn.Module, plan: PrunePlan, updates: dict | None = None) -> nn.Module:
+    """`model` pruned by `plan` (with the refit output linears `updates` installed) as a new model object; `model` is
+    left as it was and shares all it can with the copy."""
     family = family_of(model.config)
     *path, leaf = family.layers.split(".")
     copied = owner = _shallow(model)
@@ -82,7 +83,7 @@ def pruned_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
         if family.experts and hasattr(mlp, family.experts):  # a MoE layer's experts lose channels too
             setattr(mlp, family.experts, _shallow(getattr(mlp, family.experts)))
     setattr(owner, leaf, layers)
-    apply_plan(copied, plan)
+    cut(copied, plan, updates)
     return copied
 
 
@@ -99,10 +100,6 @@ def drop_leading_layers(model: nn.Module, start: int) -> None:
     base.config.num_hidden_layers = len(layers) - start
     if getattr(base.config, "layer_types", None) is not None:
         base.config.layer_types = list(base.config.layer_types)[start:]
-
-
-class _Captured(Exception):
-    """Raised by the prefix hook once it holds the hidden states: layers from `start` on need not run."""
 
 
 class ValidationScorer:
@@ -125,32 +122,15 @@ class ValidationScorer:
         self.windows, self.start, self.batch_size = windows.to(model_device(model)), start, batch_size
         self.prefix = self._hidden_entering_start()
 
-    @torch.no_grad()
     def _hidden_entering_start(self) -> torch.Tensor:
         """(n × seq_len × hidden) inputs of decoder layer `start`, batch by batch as the trials will read them."""
-        captured: list[torch.Tensor] = []
-
-        def hook(_module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _Captured
-
-        handle = decoder_layers(self.base)[self.start].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            for begin in range(0, self.windows.shape[0], self.batch_size):
-                try:
-                    self.base(input_ids=self.windows[begin : begin + self.batch_size], use_cache=False)
-                except _Captured:
-                    pass
-        finally:
-            handle.remove()
-        return torch.cat(captured)
+        hidden, _arguments = layer_inputs(self.base, self.windows, [self.start], self.batch_size)
+        return torch.cat(hidden)
 
     def pruned(self, plan: PrunePlan, updates: dict | None = None) -> nn.Module:
         """The whole pruned model in the validation dtype, sharing every tensor the plan does not cut, with the
         compensated output linears `updates` (see `adapruner.cutting.compensation`) installed."""
-        model = pruned_copy(self.base, plan)
-        install(model, updates or {})
-        return model
+        return pruned_copy(self.base, plan, updates)
 
     def score(
         self, plan: PrunePlan, report: Callable[[int, float], None] | None = None, updates: dict | None = None
