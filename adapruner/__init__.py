@@ -44,7 +44,7 @@ _PUBLIC = {  # name → the module that defines it
     "evaluate_model": "adapruner.commands.eval",
     "RunOptions": "adapruner.commands.run",
     "run_pipeline": "adapruner.commands.run",
-    "collect_stats": "adapruner.scoring.statistics",
+    "collect_stats": "adapruner.scoring.collect",
     "recipe_prune_options": "adapruner.recipes",
     "recipe_search_options": "adapruner.recipes",
 }

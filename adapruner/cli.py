@@ -77,7 +77,7 @@ LAYERS_HELP = (
     "layers to prune as START:STOP or 'all' (recipes paper, llm-pruner and flap keep the first 4/32 and the last "
     "2/32 of the layers whole)"
 )
-RECIPE_HELP = "; ".join(f"{name}: {r.about}" for name, r in RECIPES.items()) + " (flags override it)"
+SEARCHABLE = tuple(name for name, r in RECIPES.items() if r.search is not None)  # the recipes search and run take
 WHY = {  # one line per default of the best recipe: the bench.quality rows it came from (docs/results.md, "Defaults")
     "metric": "with uniform, fluct/256 beat obs/256 at both budgets (51.96 vs 52.41, 42.03 vs 42.20) and costs less",
     "aggregation": "fluct scores one member per unit (the output columns): nothing to aggregate",
@@ -107,42 +107,29 @@ def by_recipe(text: str, field: str, search: bool = False) -> str:
     return f"{text} [default: {shown} from --recipe; {WHY[field]}]".replace("%", "%%")  # argparse formats with %
 
 
+def recipe_help(names: tuple[str, ...]) -> str:
+    """--recipe's help: what each of the recipes `names` is."""
+    return "; ".join(f"{name}: {RECIPES[name].about}" for name in names) + " (flags override it)"
+
+
 def apply_recipe(args: argparse.Namespace) -> None:
-    """Fill every recipe-controlled flag the command line left out (None) from `--recipe`."""
+    """Fill every recipe-controlled flag the command line left out (None) from `--recipe`: a recipe names fields, and
+    the flag of each is the one `SPEC_FLAGS`/`PRUNE_FLAGS` give it (else the flag of the field's own name)."""
     if args.command == "prune":
         values = recipe(args.recipe).prune
-        flags = {
-            "metric": "metric",
-            "agg": "aggregation",
-            "calib": "calib",
-            "attn_granularity": "granularity",
-            "allocation": "allocation",
-            "compensate": "compensation",
-            "damp": "damp",
-            "layers": "layers",
-        }
     elif args.command in ("search", "run"):
-        values = search_recipe(args.recipe)
-        flags = {
-            "attn_granularity": "granularity",
-            "allocations": "allocations",
-            "compensations": "compensations",
-            "damp": "damp",
-            "metrics": "metrics",
-            "statistics": "statistics",
-            "aggregations": "aggregations",
-            "sample_counts": "sample_counts",
-            "layers": "layers",
-        }
+        values = dict(search_recipe(args.recipe))
+        refit_calib = values.pop("refit_calib")
         if not hasattr(args, "refit_calib"):  # not given (`none` gives None)
-            args.refit_calib = values["refit_calib"]
+            args.refit_calib = refit_calib
         elif args.refit_calib is None and args.statistics is None:  # `--refit-calib none`: no pool to score on
             args.statistics = "subset"
     else:
         return
-    for dest, field in flags.items():
-        if getattr(args, dest) is None:
-            value = values[field]
+    dests = {field: dest_of(flag) for flag, field in (SPEC_FLAGS | PRUNE_FLAGS).items()}
+    for field, value in values.items():
+        dest = dests.get(field, field)
+        if getattr(args, dest, ...) is None:
             setattr(args, dest, ",".join(map(str, value)) if isinstance(value, tuple) else value)
 
 
@@ -259,10 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="prune a model and save it (HF-loadable)")
     prune.add_argument("--model", required=True, help="HF model directory, hub id, or 'smollm2' (embedded, offline)")
-    prune.add_argument("--recipe", default=DEFAULT_RECIPE, choices=tuple(RECIPES), help=RECIPE_HELP)
-    budget = prune.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=FRACTION, help=f"{RATIO_HELP} [default {SPEC.ratio}]")
-    budget.add_argument("--target-params", type=FRACTION, help=TARGET_HELP)
+    prune.add_argument("--recipe", default=DEFAULT_RECIPE, choices=tuple(RECIPES), help=recipe_help(tuple(RECIPES)))
+    _add_spec_args(prune, search=False)
     prune.add_argument(
         "--metric", choices=METRIC_NAMES, help=by_recipe("importance metric (docs/metrics.md)", "metric")
     )
@@ -278,14 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--seq-len", type=WINDOW, default=PRUNE.seq_len, help="tokens per calibration and evaluation window"
     )
-    prune.add_argument("--layers", help=by_recipe(LAYERS_HELP, "layers"))
-    prune.add_argument(
-        "--attn-granularity",
-        choices=GRANULARITIES,
-        help=by_recipe("remove whole kv groups, or query heads inside every kv group", "granularity"),
-    )
-    prune.add_argument("--no-attention", action="store_true", help="prune the MLP only")
-    prune.add_argument("--no-mlp", action="store_true", help="prune attention only")
     prune.add_argument("--allocation", choices=ALLOCATIONS, help=by_recipe(ALLOCATION_HELP, "allocation"))
     prune.add_argument(
         "--depth-slope",
@@ -293,14 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=SPEC.depth_slope,
         help="allocation depth: per-layer ratios r·(1 + S·(2p − 1))",
     )
-    prune.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=SPEC.min_keep, help=MIN_KEEP_HELP)
     prune.add_argument("--compensate", choices=COMPENSATIONS, help=by_recipe(COMPENSATE_HELP, "compensation"))
-    prune.add_argument("--damp", type=POSITIVE, help=by_recipe(DAMP_HELP, "damp"))
-    prune.add_argument("--obs-damp", type=POSITIVE, default=SPEC.obs_damp, help=OBS_DAMP_HELP)
-    prune.add_argument("--sequential", action="store_true", help=SEQUENTIAL_HELP)
-    prune.add_argument("--align", type=COUNT, default=SPEC.align, help=ALIGN_HELP)
     prune.add_argument(
-        "--uniform", action="store_true", help="prune every layer alike and save a stock config (no remote code)"
+        "--stock-config",
+        action="store_true",
+        help="prune every layer alike and save a stock config (no remote code; was --uniform)",
     )
     prune.add_argument("--seed", type=NONNEGATIVE, default=PRUNE.seed)
     prune.add_argument("--out", required=True, help="new directory for the pruned model and report.json")
@@ -334,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="directory for the study, best.json and plots (reuse it to resume)"
     )
     search.add_argument(
-        "--plan",
+        "--memory-plan",
         action="store_true",
         help="print the memory plan (model, cache sizes and where they go) and exit; reads no weights",
     )
@@ -488,36 +462,48 @@ def _add_dispatch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-dir", default=None, help=OFFLOAD_HELP)
 
 
+def _add_spec_args(parser: argparse.ArgumentParser, search: bool) -> None:
+    """The `SPEC_FLAGS` prune, search and run share, declared once (`search`: the recipe's search defaults)."""
+    budget = parser.add_mutually_exclusive_group()
+    # a study's spec keeps the default ratio beside --target-params (its set-up, compared on resume); a prune's does not
+    ratio_default = SPEC.ratio if search else None
+    budget.add_argument("--ratio", type=FRACTION, default=ratio_default, help=f"{RATIO_HELP} [default {SPEC.ratio}]")
+    budget.add_argument(
+        "--target-params", type=FRACTION, help=TARGET_HELP + ("; every trial removes the same count" if search else "")
+    )
+    parser.add_argument("--layers", help=by_recipe(LAYERS_HELP, "layers", search))
+    parser.add_argument(
+        "--attn-granularity",
+        choices=GRANULARITIES,
+        help=by_recipe("remove whole kv groups, or query heads inside every kv group", "granularity", search),
+    )
+    parser.add_argument("--no-attention", action="store_true", help="prune the MLP only")
+    parser.add_argument("--no-mlp", action="store_true", help="prune attention only")
+    parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=SPEC.min_keep, help=MIN_KEEP_HELP)
+    parser.add_argument("--damp", type=POSITIVE, help=by_recipe(DAMP_HELP, "damp", search))
+    parser.add_argument("--obs-damp", type=POSITIVE, default=SPEC.obs_damp, help=OBS_DAMP_HELP)
+    sequential_help = "; trials score from the cache as ever, the best one is re-applied layer by layer"
+    parser.add_argument("--sequential", action="store_true", help=SEQUENTIAL_HELP + (sequential_help if search else ""))
+    parser.add_argument("--align", type=COUNT, default=SPEC.align, help=ALIGN_HELP)
+
+
 def _add_search_args(parser: argparse.ArgumentParser) -> None:
-    from adapruner.searching.validation import VAL_DTYPES
+    from adapruner.searching.trial_scorer import VAL_DTYPES
 
     s = SEARCH
     parser.add_argument("--model", default=s.model, help="HF model directory, hub id, or 'smollm2'")
     parser.add_argument(
         "--recipe",
         default=DEFAULT_RECIPE,
-        choices=tuple(n for n, r in RECIPES.items() if r.search is not None),
-        help=RECIPE_HELP,
+        choices=SEARCHABLE,
+        help=recipe_help(SEARCHABLE),
     )
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=FRACTION, default=s.spec.ratio, help=RATIO_HELP)
-    budget.add_argument(
-        "--target-params",
-        type=FRACTION,
-        default=s.spec.target_params,
-        help=TARGET_HELP + "; every trial removes the same count",
-    )
+    _add_spec_args(parser, search=True)
     parser.add_argument(
         "--pools", default=",".join(s.pools), help="candidate text pools, comma-separated (built-in names or paths)"
     )
     parser.add_argument("--pool-size", type=COUNT, default=s.pool_size, help="cached candidate windows per pool")
     parser.add_argument("--seq-len", type=WINDOW, default=s.seq_len)
-    parser.add_argument("--layers", help=by_recipe(LAYERS_HELP, "layers", search=True))
-    parser.add_argument(
-        "--attn-granularity", choices=GRANULARITIES, help=by_recipe("kv groups or query heads", "granularity", True)
-    )
-    parser.add_argument("--no-attention", action="store_true", help="prune the MLP only")
-    parser.add_argument("--no-mlp", action="store_true", help="prune attention only")
     parser.add_argument(
         "--allocations",
         help=by_recipe(f"allocations the search may choose ({', '.join(ALLOCATIONS)})", "allocations", search=True),
@@ -526,15 +512,6 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
         "--compensations",
         help=by_recipe(f"compensations the search may choose ({', '.join(COMPENSATIONS)})", "compensations", True),
     )
-    parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=s.spec.min_keep, help=MIN_KEEP_HELP)
-    parser.add_argument("--damp", type=POSITIVE, help=by_recipe(DAMP_HELP, "damp", search=True))
-    parser.add_argument("--obs-damp", type=POSITIVE, default=s.spec.obs_damp, help=OBS_DAMP_HELP)
-    parser.add_argument(
-        "--sequential",
-        action="store_true",
-        help=SEQUENTIAL_HELP + "; trials score from the cache as ever, the best one is re-applied layer by layer",
-    )
-    parser.add_argument("--align", type=COUNT, default=s.spec.align, help=ALIGN_HELP)
     parser.add_argument("--metrics", help=by_recipe("metrics the search may choose", "metrics", search=True))
     parser.add_argument(
         "--refit-calib",
@@ -640,9 +617,29 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+RENAMED_FLAGS = {  # old spelling → new, accepted until the next release with a one-line note
+    "--plan": "--memory-plan",  # search: the memory plan, not a pruning plan
+    "--uniform": "--stock-config",  # prune: the stock-config save, not the uniform allocation
+}
+
+
+def renamed(argv: list[str]) -> list[str]:
+    """`argv` with every old flag spelling (`RENAMED_FLAGS`) replaced by its new one, each noted on stderr."""
+    new = []
+    for token in argv:
+        old = token.split("=", 1)[0]
+        if old in RENAMED_FLAGS:
+            print(
+                f"note: {old} is now {RENAMED_FLAGS[old]}; the old spelling goes in the next release", file=sys.stderr
+            )
+            token = RENAMED_FLAGS[old] + token[len(old) :]
+        new.append(token)
+    return new
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(renamed(sys.argv[1:] if argv is None else argv))
     except SystemExit as exited:  # a refused flag (one line already printed), or --help
         return exited.code if isinstance(exited.code, int) else 2
     apply_recipe(args)
@@ -687,47 +684,71 @@ def placement_of(args: argparse.Namespace) -> Placement:
     return Placement.of(args.device, args.dtype, args.trust_remote_code, dispatch)
 
 
+SPEC_FLAGS = {  # flag → the PruneSpec field it sets in prune, search and run (declared once: `_add_spec_args`)
+    "--ratio": "ratio",
+    "--target-params": "target_params",
+    "--layers": "layers",
+    "--attn-granularity": "granularity",
+    "--no-attention": "prune_attention",  # a --no-… flag sets its field to False
+    "--no-mlp": "prune_mlp",
+    "--min-keep": "min_keep",
+    "--damp": "damp",
+    "--obs-damp": "obs_damp",
+    "--sequential": "sequential",
+    "--align": "align",
+}
+PRUNE_FLAGS = {  # flag → the field of PruneSpec (a search trial's choices) or PruneOptions it sets in prune alone
+    "--metric": "metric",
+    "--agg": "aggregation",
+    "--allocation": "allocation",
+    "--depth-slope": "depth_slope",
+    "--compensate": "compensation",
+    "--calib": "calib",
+    "--refit-calib": "refit_calib",
+    "--seq-len": "seq_len",
+    "--seed": "seed",
+}
+SPEC_FIELDS = {f.name for f in fields(PruneSpec)}
+
+
+def dest_of(flag: str) -> str:
+    """The argparse attribute a flag's value lands in."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def flag_values(args: argparse.Namespace, table: dict[str, str]) -> dict[str, object]:
+    """{field: value} of every flag of `table` (a --no-… flag gives False where it is given)."""
+    return {
+        field: not getattr(args, dest_of(flag)) if flag.startswith("--no-") else getattr(args, dest_of(flag))
+        for flag, field in table.items()
+    }
+
+
 def spec_of(args: argparse.Namespace, **choices) -> PruneSpec:
-    """The pruning spec the flags shared by prune, search and run give (`choices`: the rest, per command)."""
-    ratio = args.ratio if args.ratio is not None or args.target_params is not None else SPEC.ratio
-    return PruneSpec(
-        ratio=ratio,
-        target_params=args.target_params,
-        layers=args.layers,
-        granularity=args.attn_granularity,
-        prune_attention=not args.no_attention,
-        prune_mlp=not args.no_mlp,
-        min_keep=args.min_keep,
-        damp=args.damp,
-        obs_damp=args.obs_damp,
-        sequential=args.sequential,
-        align=args.align,
-        **choices,
-    )
+    """The pruning spec the `SPEC_FLAGS` give (`choices`: the rest, per command); no --ratio and no --target-params
+    is the spec's default ratio."""
+    values = flag_values(args, SPEC_FLAGS)
+    if values["ratio"] is None and values["target_params"] is None:
+        values["ratio"] = SPEC.ratio
+    return PruneSpec(**values, **choices)
 
 
 def prune_options(args: argparse.Namespace) -> PruneOptions:
-    spec = spec_of(
-        args,
-        metric=args.metric,
-        aggregation=args.agg,
-        allocation=args.allocation,
-        depth_slope=args.depth_slope,
-        compensation=args.compensate,
-    )
+    values = flag_values(args, PRUNE_FLAGS)
+    spec = spec_of(args, **{field: value for field, value in values.items() if field in SPEC_FIELDS})
     if spec.sequential:
         check_sequential(spec)
     if spec.sequential and args.refit_calib:
         raise AdaPrunerError("--sequential refits each layer on the --calib windows: drop --refit-calib")
-    return PruneOptions(spec=spec, calib=args.calib, seq_len=args.seq_len, seed=args.seed, refit_calib=args.refit_calib)
+    return PruneOptions(spec=spec, **{field: value for field, value in values.items() if field not in SPEC_FIELDS})
+
+
+PRUNE_EVAL_FLAGS = {"--seq-len": "seq_len", "--max-eval-windows": "max_windows", "--batch-size": "batch_size"}
 
 
 def prune_eval_options(args: argparse.Namespace) -> EvalOptions | None:
-    return (
-        None
-        if args.no_eval
-        else EvalOptions(seq_len=args.seq_len, max_windows=args.max_eval_windows, batch_size=args.batch_size)
-    )
+    """The before/after perplexity of `prune` (None with --no-eval)."""
+    return None if args.no_eval else EvalOptions(**flag_values(args, PRUNE_EVAL_FLAGS))
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -741,7 +762,7 @@ def run_prune(args: argparse.Namespace) -> int:
         prune_eval_options(args),
         study=args.from_study,
         recompute=args.recompute,
-        uniform=args.uniform,
+        stock_config=args.stock_config,
     )
     if "units_differing_from_study" in report:
         print(f"recomputed plan vs the study's: {report['units_differing_from_study']} units differ")
@@ -788,10 +809,10 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
 
 
 def run_search_command(args: argparse.Namespace) -> int:
-    from adapruner.commands.search import plan_search, resolved, run_search, study_dir
+    from adapruner.commands.search import memory_plan_of, resolved, run_search, study_dir
 
-    if args.plan:
-        plan = plan_search(resolved(search_options(args))[0])
+    if args.memory_plan:
+        plan = memory_plan_of(resolved(search_options(args))[0])
         print(plan.table())
         plan.check(cache_exists=True)
         return 0
@@ -830,18 +851,21 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+RUN_FLAGS = {  # flag → RunOptions field (the search's flags: `SEARCH_FLAGS`)
+    "--finetune-steps": "finetune_steps",
+    "--finetune-data": "finetune_data",
+    "--tasks": "tasks",
+    "--task-limit": "task_limit",
+    "--max-eval-windows": "max_eval_windows",
+    "--full-seq-len": "full_seq_len",
+    "--batch-size": "batch_size",
+    "--speed": "speed",
+}
+
+
 def run_options(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(
-        search=search_options(args),
-        finetune_steps=args.finetune_steps,
-        finetune_data=args.finetune_data,
-        tasks=_names(args.tasks),
-        task_limit=args.task_limit,
-        max_eval_windows=args.max_eval_windows,
-        full_seq_len=args.full_seq_len,
-        batch_size=args.batch_size,
-        speed=args.speed,
-    )
+    values = flag_values(args, RUN_FLAGS)
+    return RunOptions(search=search_options(args), **values | {"tasks": _names(values["tasks"])})
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
@@ -853,20 +877,23 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
     return 0
 
 
+LORA_FLAGS = {  # flag → LoraOptions field
+    "--lora-r": "r",
+    "--lora-alpha": "alpha",
+    "--lora-dropout": "dropout",
+    "--lr": "lr",
+    "--cutoff": "cutoff",
+    "--batch-size": "batch_size",
+    "--steps": "max_steps",
+    "--minutes": "max_minutes",
+    "--eval-every": "eval_every",
+    "--train-on-prompt": "train_on_prompt",
+    "--seed": "seed",
+}
+
+
 def lora_options(args: argparse.Namespace) -> LoraOptions:
-    return LoraOptions(
-        r=args.lora_r,
-        alpha=args.lora_alpha,
-        dropout=args.lora_dropout,
-        lr=args.lr,
-        cutoff=args.cutoff,
-        batch_size=args.batch_size,
-        max_steps=args.steps,
-        max_minutes=args.minutes,
-        eval_every=args.eval_every,
-        train_on_prompt=args.train_on_prompt,
-        seed=args.seed,
-    )
+    return LoraOptions(**flag_values(args, LORA_FLAGS))
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -896,16 +923,20 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_FLAGS = {  # flag → EvalOptions field (--no-ppl: no perplexity)
+    "--ppl": "ppl",
+    "--seq-len": "seq_len",
+    "--max-eval-windows": "max_windows",
+    "--batch-size": "batch_size",
+    "--tasks": "tasks",
+    "--limit": "task_limit",
+    "--speed": "speed",
+}
+
+
 def eval_options(args: argparse.Namespace) -> EvalOptions:
-    return EvalOptions(
-        ppl=None if args.no_ppl else args.ppl,
-        seq_len=args.seq_len,
-        max_windows=args.max_eval_windows,
-        batch_size=args.batch_size,
-        tasks=_names(args.tasks),
-        task_limit=args.limit,
-        speed=args.speed,
-    )
+    values = flag_values(args, EVAL_FLAGS)
+    return EvalOptions(**values | {"ppl": None if args.no_ppl else values["ppl"], "tasks": _names(values["tasks"])})
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -925,7 +956,7 @@ def run_eval(args: argparse.Namespace) -> int:
         for name, values in measured["results"].items()
     ]
     print(f"{args.model}: {measured['params']:,} params, {measured['seconds']:.1f} s")
-    print(format_table(["measure", "value"], rows))
+    print(format_table(["result", "value"], rows))
     if report_path is not None:
         print(f"wrote {report_path}")
     return 0

@@ -27,7 +27,7 @@ from adapruner.model.structure import decoder_layers, default_layer_range
 from adapruner.output.report import format_table
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key, candidate_pool
 from adapruner.searching.search import TrialConfig, trial_plan, trial_updates
-from adapruner.searching.validation import ValidationScorer
+from adapruner.searching.trial_scorer import ValidationScorer
 
 TRIALS = (
     TrialConfig(list(range(8)), "taylor2", "sum"),

@@ -3,7 +3,7 @@
 Trials: every (metric, sample count) pair of the search space's choices (the mix a random sampler, or TPE's
 start-up trials, draws), samples taken round-robin over all blocks. Each trial runs twice:
   cached     importance from the activation cache (`search.trial_plan`), then the validation score;
-  recompute  a forward+backward of the dense model over the trial's samples (`statistics.collect_stats`, what a
+  recompute  a forward+backward of the dense model over the trial's samples (`collect.collect_stats`, what a
              search without the cache runs), importance from those statistics, then the same validation score.
 Both paths share everything else the engine does per trial (plan, pruned copy, validation forward from the
 prefix hidden states, in `--val-dtype`), so the ratio is the cache's own saving. Prints mean seconds per stage,
@@ -32,11 +32,11 @@ from adapruner.kernels.dispatch import kernel_backend, scoring_backend
 from adapruner.model.structure import decoder_layers, default_layer_range, prunable_linears
 from adapruner.output.report import format_table
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
+from adapruner.scoring.collect import collect_stats
 from adapruner.scoring.importance import Importance, needs
 from adapruner.scoring.metrics import SEARCHED_METRICS as DEFAULT_METRICS
-from adapruner.scoring.statistics import collect_stats
 from adapruner.searching.search import DEFAULT_SAMPLE_COUNTS, TrialConfig, pool_blocks, round_robin, trial_plan
-from adapruner.searching.validation import ValidationScorer, resolve_val_dtype
+from adapruner.searching.trial_scorer import ValidationScorer, resolve_val_dtype
 from bench.shapes import SHAPES, bench_windows, load_shape
 from bench.timing import device_name, sync
 

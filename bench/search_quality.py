@@ -30,7 +30,7 @@ from adapruner.evaluation.evaluate import perplexity
 from adapruner.model.models import load_model
 from adapruner.output.report import format_table
 from adapruner.searching.search_options import SearchOptions
-from adapruner.searching.validation import VAL_DTYPES, resolve_val_dtype, shared_copy
+from adapruner.searching.trial_scorer import VAL_DTYPES, resolve_val_dtype, shared_copy
 
 
 def search_val_ppl(model, val, dtype: str) -> float:

@@ -24,7 +24,7 @@ from adapruner.model.structure import decoder_layers, default_layer_range
 from adapruner.output.report import format_table
 from adapruner.scoring.cache import CandidatePool, cache_key, load_or_build
 from adapruner.searching.search import SearchSpace, pool_blocks, suggest, trial_plan
-from adapruner.searching.validation import ValidationScorer
+from adapruner.searching.trial_scorer import ValidationScorer
 
 
 def ranks(values: list[float]) -> torch.Tensor:

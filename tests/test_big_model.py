@@ -15,7 +15,7 @@ from adapruner.model.big_model import Dispatch, is_dispatched, is_offloaded
 from adapruner.model.models import load_model
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
 from adapruner.searching.search import TrialConfig, trial_plan, trial_updates
-from adapruner.searching.validation import ValidationScorer
+from adapruner.searching.trial_scorer import ValidationScorer
 from tests.models import span, tiny_llama, word_level_tokenizer
 
 # layers 1 and 2 and the head on disk, the rest in host memory (accelerate runs the disk ones on the CPU)
@@ -322,7 +322,7 @@ def test_plan_of_a_spread_model_keeps_the_cache_on_the_host(model_dir, tmp_path,
                 "cpu=20KB",
                 "--offload-dir",
                 str(tmp_path / "off"),
-                "--plan",
+                "--memory-plan",
                 "--out",
                 str(tmp_path / "s"),
             ]
@@ -428,7 +428,7 @@ def test_the_backward_reloads_offloaded_weights_instead_of_keeping_them(model_di
     """Autograd keeps a reference to each offloaded weight the forward used (layers 1-2: 7 linears and 2 norms each,
     and the head: 19) and loads it again in the backward, which gives the plain model's input gradient."""
     from adapruner.model.big_model import reload_offloaded_in_backward
-    from adapruner.scoring.statistics import sample_loss
+    from adapruner.scoring.collect import sample_loss
 
     ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(5))
     grads, counts = [], []

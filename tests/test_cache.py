@@ -6,8 +6,8 @@ import torch
 from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import attention_group, input_owner, layer_info, mlp_group, prunable_linears
 from adapruner.scoring.cache import ActivationCache, CachedImportance, CandidatePool, build_cache, cache_key
+from adapruner.scoring.collect import collect_stats
 from adapruner.scoring.importance import Importance, needs
-from adapruner.scoring.statistics import collect_stats
 
 SEQ = 11
 LAYERS = range(1, 3)

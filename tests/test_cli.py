@@ -16,6 +16,7 @@ from adapruner.cli import (
     lora_options,
     prune_eval_options,
     prune_options,
+    renamed,
     run_options,
     search_options,
 )
@@ -29,7 +30,7 @@ from adapruner.model.structure import layer_info
 from adapruner.output.saving import save_pruned
 from adapruner.recipes import recipe_prune_options, recipe_search_options
 from adapruner.searching.search_options import SearchOptions
-from adapruner.searching.validation import VAL_DTYPES, resolve_val_dtype
+from adapruner.searching.trial_scorer import VAL_DTYPES, resolve_val_dtype
 from tests.helpers import one_error_line, run_cli
 
 
@@ -67,7 +68,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, capsys, 
 
 
 def test_uniform_under_the_default_recipe_names_the_flags_to_pass(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "prune", "--model", "smollm2", "--uniform", "--out", str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "prune", "--model", "smollm2", "--stock-config", "--out", str(tmp_path / "out"))
     assert code == 2 and one_error_line(err, "pass --allocation uniform --compensate none (or --recipe paper)")
     assert list(tmp_path.iterdir()) == []
 
@@ -168,7 +169,7 @@ def test_smollm2_uniform_cli_saves_a_stock_model(capsys, tmp_path, smollm2_loade
         "0.25",
         "--metric",
         "l2",
-        "--uniform",
+        "--stock-config",
         "--max-eval-windows",
         "2",
         "--out",
@@ -378,3 +379,15 @@ def test_reports_of_another_version_are_refused(capsys, tmp_path):
     assert (
         code == 2 and "another adapruner version" in err and "rerun the search" in err and not (tmp_path / "p").exists()
     )
+
+
+def test_old_flag_spellings_work_for_one_release_with_a_one_line_note(capsys):
+    argv = renamed(["search", "--plan", "--out", "x", "--study", "plan"])
+    assert argv == ["search", "--memory-plan", "--out", "x", "--study", "plan"]  # a value is left alone
+    assert build_parser().parse_args(argv).memory_plan
+    assert build_parser().parse_args(renamed(["prune", "--model", "m", "--out", "o", "--uniform"])).stock_config
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [
+        "note: --plan is now --memory-plan; the old spelling goes in the next release",
+        "note: --uniform is now --stock-config; the old spelling goes in the next release",
+    ]

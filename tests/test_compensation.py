@@ -12,9 +12,9 @@ from adapruner.cutting.removal import apply_plan
 from adapruner.model.structure import prunable_linears
 from adapruner.output.saving import save_pruned
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
+from adapruner.scoring.collect import InputMoments, collect_input_moments
 from adapruner.scoring.importance import Importance, LinearStats
 from adapruner.scoring.sources import CalibrationPasses
-from adapruner.scoring.statistics import InputMoments, collect_input_moments
 
 SEQ = 9
 

@@ -14,7 +14,7 @@ from adapruner.devices import Placement, device_errors, resolve_device, resolve_
 from adapruner.errors import AdaPrunerError
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
 from adapruner.searching.search import TrialConfig, trial_plan
-from adapruner.searching.validation import ValidationScorer
+from adapruner.searching.trial_scorer import ValidationScorer
 from tests.helpers import masked_logits
 from tests.models import span
 

@@ -15,8 +15,8 @@ from adapruner.errors import AdaPrunerError
 from adapruner.model.models import load_model
 from adapruner.model.structure import layer_info, mlp_group, output_projections
 from adapruner.scoring.cache import CachedImportance, CandidatePool, build_cache, cache_key
+from adapruner.scoring.collect import collect_input_moments
 from adapruner.scoring.importance import Importance, LinearStats
-from adapruner.scoring.statistics import collect_input_moments
 from tests.helpers import tiny_family, tiny_search
 
 

@@ -1,5 +1,5 @@
 """Every supported dense family on a tiny random model: zeroed units are the ones an l2 prune removes and the pruned
-model (in memory, reloaded with its modeling file, or saved `--uniform` and loaded with the stock class) computes
+model (in memory, reloaded with its modeling file, or saved `--stock-config` and loaded with the stock class) computes
 the dense model's logits; with random weights it computes the logits of the dense model with the removed units
 masked; a search runs on it end to end."""
 
@@ -109,7 +109,7 @@ def test_a_uniform_save_loads_with_the_stock_class(model_type, tmp_path):
     plan = plan_pruning(model, Importance("l2"), 0.5, range(0, 4), "kv")
     apply_plan(model, plan)
     pruned = logits(model)
-    save_pruned(model, word_level_tokenizer(), tmp_path / "uniform", uniform=True)
+    save_pruned(model, word_level_tokenizer(), tmp_path / "uniform", stock_config=True)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform").eval()  # no remote code
     assert type(reloaded).__name__ == family_of(model.config).model_class
     assert_same_logits(logits(reloaded), pruned)
@@ -132,7 +132,7 @@ def test_a_trial_scores_what_a_full_forward_of_the_model_gives(model_type):
     forward: the prefix must not be scaled twice)."""
     from adapruner.choosing.plan import PrunePlan
     from adapruner.evaluation.evaluate import perplexity
-    from adapruner.searching.validation import ValidationScorer
+    from adapruner.searching.trial_scorer import ValidationScorer
 
     model = tiny_family(model_type, seed=5)
     windows = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(6))

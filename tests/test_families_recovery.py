@@ -46,11 +46,11 @@ def test_lora_recovers_a_pruned_model_and_its_merge_reloads(model_type, tmp_path
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_torch_pruning_groups_get_adapruner_scores_and_its_pruner_runs(model_type):
     tp = pytest.importorskip("torch_pruning")
-    from adapruner.integrations.torch_pruning import AdapPrunerImportance
+    from adapruner.integrations.torch_pruning import AdaPrunerImportance
 
     model = tiny_family(model_type)
     model.config._attn_implementation, model.config.use_cache = "eager", False  # a graph Torch-Pruning traces fast
-    imp = AdapPrunerImportance("taylor1", group_reduction="sum", normalizer=None)
+    imp = AdaPrunerImportance("taylor1", group_reduction="sum", normalizer=None)
     imp.calibrate(model, TOKENS)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=TOKENS, output_transform=lambda out: out.logits)
     stats = {name: imp.stats[module] for name, module in model.named_modules() if module in imp.stats}

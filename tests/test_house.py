@@ -102,7 +102,9 @@ def test_each_metric_is_named_in_the_registry_alone(metric):
     assert sorted(set(naming) - cited) == ["adapruner.scoring.metrics"], naming
 
 
-ALLOCATION_OTHER_MEANINGS = {"uniform": {"adapruner.cli", "adapruner.commands.prune"}}  # --uniform: the stock save
+ALLOCATION_OTHER_MEANINGS = {  # "--uniform": the old spelling of --stock-config; prune names "--allocation uniform"
+    "uniform": {"adapruner.cli", "adapruner.commands.prune"}
+}
 
 
 @pytest.mark.parametrize("name", ALLOCATIONS)

@@ -48,7 +48,7 @@ def test_remote_code_round_trip(fixture, heads, kv_heads, request, tmp_path, tok
 
 def test_uniform_save_loads_without_remote_code(mha_model, tmp_path, tokenizer, token_batch):
     model = prune(mha_model, range(0, 3))
-    out = save_pruned(model, tokenizer, tmp_path / "uniform", uniform=True)
+    out = save_pruned(model, tokenizer, tmp_path / "uniform", stock_config=True)
     assert not (out / "modeling_pruned.py").exists()
     config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in config and config["num_attention_heads"] == 2 and config["intermediate_size"] == 12
@@ -58,9 +58,16 @@ def test_uniform_save_loads_without_remote_code(mha_model, tmp_path, tokenizer, 
 
 
 def test_uniform_refuses_layers_of_different_sizes(mha_model, tmp_path, tokenizer):
-    with pytest.raises(AdaPrunerError, match="--uniform needs equal sizes"):
-        save_pruned(prune(mha_model, range(1, 2)), tokenizer, tmp_path / "u", uniform=True)
+    with pytest.raises(AdaPrunerError, match="--stock-config needs equal sizes"):
+        save_pruned(prune(mha_model, range(1, 2)), tokenizer, tmp_path / "u", stock_config=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_old_uniform_keyword_still_saves_a_stock_config_with_a_deprecation_warning(mha_model, tmp_path, tokenizer):
+    with pytest.warns(DeprecationWarning, match="stock_config"):
+        out = save_pruned(prune(mha_model, range(0, 3)), tokenizer, tmp_path / "old", uniform=True)
+    assert not (out / "modeling_pruned.py").exists()
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
 
 
 def test_existing_output_is_never_overwritten(mha_model, tmp_path, tokenizer):

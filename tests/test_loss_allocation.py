@@ -13,8 +13,8 @@ from adapruner.cutting.removal import plan_removed
 from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import layer_info, mlp_group, output_projections
 from adapruner.scoring.cache import CachedImportance, CandidatePool, build_cache, cache_key
+from adapruner.scoring.collect import collect_input_moments, collect_output_fisher, sample_loss
 from adapruner.scoring.importance import Importance, LinearStats
-from adapruner.scoring.statistics import collect_input_moments, collect_output_fisher, sample_loss
 from tests.helpers import tiny_family
 
 DAMP = 0.3

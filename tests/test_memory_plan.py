@@ -1,10 +1,10 @@
-"""`search --plan`: the cache size derived from shapes alone is what a built cache holds; nothing is written."""
+"""`search --memory-plan`: the cache size derived from shapes alone is what a built cache holds; nothing is written."""
 
 import torch
 
 from adapruner.choosing.spec import PruneSpec
 from adapruner.cli import main
-from adapruner.commands.search import plan_search
+from adapruner.commands.search import memory_plan_of
 from adapruner.model.models import load_shapes
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key, candidate_pool, planned_bytes
 from adapruner.searching.memory_plan import GIB
@@ -60,14 +60,14 @@ def test_search_plan_prints_and_writes_nothing(tmp_path, capsys):
             "float32",
             "--cache-dir",
             str(tmp_path / "cache"),
-            "--plan",
+            "--memory-plan",
             "--out",
             str(out),
         ]
     )
     printed = capsys.readouterr().out
     assert code == 0 and "activation cache" in printed and not out.exists() and not (tmp_path / "cache").exists()
-    plan = plan_search(
+    plan = memory_plan_of(
         SearchOptions(
             model=str(tmp_path / "model"),
             spec=PruneSpec(layers="all"),

@@ -82,7 +82,7 @@ def test_a_uniform_moe_save_loads_with_the_stock_class(model_type, tmp_path):
     model = tiny_family(model_type, seed=2)
     apply_plan(model, plan_pruning(model, Importance("l2"), 0.5, range(0, 4), "kv"))
     pruned = logits(model)
-    save_pruned(model, word_level_tokenizer(), tmp_path / "uniform", uniform=True)
+    save_pruned(model, word_level_tokenizer(), tmp_path / "uniform", stock_config=True)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform").eval()
     assert type(reloaded).__name__ == family_of(model.config).model_class
     assert experts_of(reloaded, 0).down_proj.shape == (EXPERTS, 32, CHANNELS // 2)

@@ -4,7 +4,7 @@ import json
 
 from adapruner.cli import main
 from adapruner.evaluation.zeroshot import evaluate_tasks
-from adapruner.model.measure import macs
+from adapruner.model.cost import macs
 from adapruner.model.models import cache_root, load_model
 
 

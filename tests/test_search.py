@@ -30,7 +30,7 @@ from adapruner.searching.search import (
     trial_plan,
 )
 from adapruner.searching.study import WorkerSpec, open_storage, open_study, run_worker, run_workers
-from adapruner.searching.validation import ValidationScorer, shared_copy
+from adapruner.searching.trial_scorer import ValidationScorer, shared_copy
 from tests.helpers import wait_for
 from tests.models import span
 

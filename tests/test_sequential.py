@@ -22,8 +22,8 @@ from adapruner.model.structure import (
     output_projections,
     prunable_linears,
 )
+from adapruner.scoring.collect import collect_input_moments, collect_stats
 from adapruner.scoring.importance import Importance
-from adapruner.scoring.statistics import collect_input_moments, collect_stats
 from tests.helpers import byte_level_tokenizer, one_error_line, run_cli, tiny_family, tiny_search
 
 

@@ -6,7 +6,7 @@ import torch
 
 tp = pytest.importorskip("torch_pruning")
 
-from adapruner.integrations.torch_pruning import AdapPrunerImportance  # noqa: E402
+from adapruner.integrations.torch_pruning import AdaPrunerImportance  # noqa: E402
 from adapruner.model.structure import layer_info, mlp_group  # noqa: E402
 from adapruner.scoring.importance import Importance  # noqa: E402
 from tests.models import tiny_llama  # noqa: E402
@@ -20,7 +20,7 @@ def logits(out):
 def test_mlp_group_scores_are_adapruner_s(metric):
     model = tiny_llama(n_heads=4, n_kv=2, layers=2)
     ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(0))
-    imp = AdapPrunerImportance(metric, group_reduction="sum", normalizer=None)
+    imp = AdaPrunerImportance(metric, group_reduction="sum", normalizer=None)
     imp.calibrate(model, ids)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=ids, output_transform=logits)
     stats = {name: imp.stats[module] for name, module in model.named_modules() if module in imp.stats}
@@ -41,7 +41,7 @@ def test_meta_pruner_with_adapruner_importance_prunes_heads_and_channels():
         False,
     )  # a graph Torch-Pruning traces in seconds
     ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(1))
-    imp = AdapPrunerImportance("taylor1", group_reduction="mean", normalizer="mean")
+    imp = AdaPrunerImportance("taylor1", group_reduction="mean", normalizer="mean")
     imp.calibrate(model, ids)
     num_heads = {}
     for layer in model.model.layers:

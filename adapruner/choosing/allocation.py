@@ -26,7 +26,7 @@ Budget mode (`target_params` p): T = ⌈p·N⌉ parameters of the model's N go, 
         reached (same floor and finish as global);
     loss: as error, but each module's error is weighted by the loss's sensitivity to its outputs and not normalised:
         e(k) = Σ_r f_r δ_r² with f_r = mean (∂L/∂y_r)² over the calibration tokens (the output Fisher,
-        `statistics.collect_output_fisher`), twice the loss increase to second order — so units go where the
+        `collect.collect_output_fisher`), twice the loss increase to second order — so units go where the
         *estimated loss* per parameter grows least, across layers whose outputs matter unequally.
 """
 

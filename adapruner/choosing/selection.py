@@ -118,7 +118,7 @@ def allocate(model: nn.Module, importance: Importance, spec: PruneSpec) -> tuple
     if counts is not None:
         return counts, choosing_scores(model, importance, every, counts, granularity)
     target = allocation_target(model, spec, layers)
-    surgeon = importance.spec.surgeon
+    surgeon = importance.definition.surgeon
     rule = allocation(spec.allocation)
     if rule.counts == "ranked":
         scores = score_layers(model, importance, every, granularity)
@@ -165,7 +165,7 @@ def choosing_scores(
     """The scores that choose the units of the modules `which` names once `counts` are known: the metric's unit
     scores (`score_layers`), or for `obs` each module's greedy OBS removal order (the refit between steps,
     `Removal.ranks`) of as many units as `counts` removes, so the plan keeps the rest."""
-    if not importance.spec.surgeon:
+    if not importance.definition.surgeon:
         return score_layers(model, importance, which, granularity)
     ranked = {}
     for index, on in which.items():

@@ -45,7 +45,7 @@ class PruneSpec:
     min_keep: float = DEFAULT_MIN_KEEP  # allocation `global`: the fewest units of a module a layer keeps
     compensation: str = "none"
     damp: float = DEFAULT_DAMP  # lsq: damping toward the trained weights, times the mean input variance
-    same_size: bool = False  # every pruned layer keeps one size (a stock-config save, `--uniform`)
+    same_size: bool = False  # every pruned layer keeps one size (a stock-config save, `--stock-config`)
     align: int = 1  # every pruned layer keeps a multiple of this many MLP channels (of each expert in a MoE layer)
     obs_damp: float = DEFAULT_OBS_DAMP  # obs: the damping its selection assumes, times the mean input variance
     sequential: bool = False  # layer by layer, each from the pruned layers' outputs (`adapruner.cutting.sequential`)

@@ -43,7 +43,7 @@ def prune_and_save(
     evaluation: EvalOptions | None = DEFAULT_EVAL,
     study: str | Path | None = None,
     recompute: bool = False,
-    uniform: bool = False,
+    stock_config: bool = False,
 ) -> dict:
     """Prune `model_name` as `options` say — or apply the plan a search scored (`study`; `recompute` re-derives it
     from statistics recomputed on the trial's windows and counts the units that differ) — and save it to the new
@@ -51,25 +51,26 @@ def prune_and_save(
     evaluation windows before and after (zero-shot tasks run through `eval_job.evaluate_model`). Returns the report."""
     check_out_dir(out)
     spec = options.spec.check()
-    if uniform and spec.layers not in (None, "all"):
-        raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
-    if uniform and (allocation(spec.allocation).scored or spec.compensation != "none" or spec.depth_slope):
+    if stock_config and spec.layers not in (None, "all"):
+        raise AdaPrunerError("--stock-config prunes every layer alike: drop --layers")
+    if stock_config and (allocation(spec.allocation).scored or spec.compensation != "none" or spec.depth_slope):
         raise AdaPrunerError(
-            "--uniform saves one size for every layer without biases: pass --allocation uniform --compensate none "
-            "(or --recipe paper) and no --depth-slope, or drop --uniform"
+            "--stock-config saves one size for every layer without biases: pass --allocation uniform --compensate none "
+            "(or --recipe paper) and no --depth-slope, or drop --stock-config"
         )
     if recompute and study is None:
         raise AdaPrunerError("--recompute re-derives a search's plan: add --from-study DIR")
-    if uniform and study is not None and not recompute:
+    if stock_config and study is not None and not recompute:
         raise AdaPrunerError(
-            "--uniform prunes every layer alike, which the study's plan does not: add --recompute or drop --uniform"
+            "--stock-config prunes every layer alike, which the study's plan does not: "
+            "add --recompute or drop --stock-config"
         )
     best = read_best_trial(study, model_name) if study is not None else None
     if best is not None:
         options = PruneOptions.from_best(best)
     for pool, _count in parse_calib_spec(options.calib) + parse_calib_spec(options.refit_calib or options.calib):
         check_pool(pool)  # the study's windows too: before the model loads
-    if uniform:
+    if stock_config:
         options = replace(options, spec=options.spec.with_(layers="all", same_size=True))
     if evaluation is not None and evaluation.ppl is None:
         evaluation = None
@@ -126,5 +127,5 @@ def prune_and_save(
         **provenance,
         **result.summary(),
     }
-    save_pruned(model, tokenizer, out, uniform=uniform, extra_json={"report.json": report})
+    save_pruned(model, tokenizer, out, stock_config=stock_config, extra_json={"report.json": report})
     return report

@@ -23,8 +23,8 @@ from adapruner.evaluation.evaluate import perplexity
 from adapruner.evaluation.finetune import LoraOptions, finetune, merged
 from adapruner.evaluation.speed import measure_speed
 from adapruner.evaluation.zeroshot import OFFLINE_TASKS, evaluate_tasks, task_manager
+from adapruner.model.cost import macs
 from adapruner.model.families import text_config
-from adapruner.model.measure import macs
 from adapruner.model.models import cache_root, load_placed
 from adapruner.output.report import REPORT_FORMAT, write_json_atomic
 from adapruner.output.saving import layer_sizes, save_pruned

@@ -28,7 +28,7 @@ from adapruner.scoring.refit_pool import load_or_collect, refit_key, scored_by_m
 from adapruner.searching.best_trial import BestTrial
 from adapruner.searching.memory_plan import GIB, MemoryPlan, memory_plan
 from adapruner.searching.search import SearchSpace, config_of, trial_spec
-from adapruner.searching.search_options import STUDY_FILE, SearchOptions, search_record, startup_trials, study_setup
+from adapruner.searching.search_options import STUDY_FILE, SearchOptions, search_record, study_setup
 from adapruner.searching.study import (
     COUNTED,
     WorkerSpec,
@@ -40,7 +40,7 @@ from adapruner.searching.study import (
     shown_options,
     shown_url,
 )
-from adapruner.searching.validation import resolve_val_dtype
+from adapruner.searching.trial_scorer import resolve_val_dtype
 from adapruner.staging import check_writable, staged_file
 
 
@@ -93,7 +93,7 @@ def search_cache_key(options: SearchOptions, model: torch.nn.Module, layers: ran
     )
 
 
-def plan_search(options: SearchOptions) -> MemoryPlan:
+def memory_plan_of(options: SearchOptions) -> MemoryPlan:
     """The memory plan of a search, from the model's shapes alone (no weights read; see
     `adapruner.searching.memory_plan`); the model's depth and context are checked against --layers and --seq-len on the
     way."""
@@ -167,16 +167,7 @@ def run_search(
         raise AdaPrunerError("--workers and --trials must be at least 1")
     if options.startup_trials is not None and not 0 <= options.startup_trials <= options.trials:
         raise AdaPrunerError(f"--startup-trials {options.startup_trials} must lie in [0, --trials {options.trials}]")
-    space = SearchSpace(
-        options.metrics,
-        options.aggregations,
-        options.sample_counts,
-        options.blocks_per_pool,
-        options.depth_slope,
-        options.allocations,
-        options.compensations,
-        options.statistics,
-    )
+    space = options.space
     if "refit" in space.statistics and options.refit_calib is None:
         raise AdaPrunerError("--statistics refit scores trials on the refit pool: pass --refit-calib (e.g. wiki:256)")
     pool_digests = [  # reads every pool, --refit-calib's and --val-data: bad files are refused before the model loads
@@ -187,7 +178,7 @@ def run_search(
     val_digest = text_digest("wiki", "val") if options.val_data is None else text_digest(options.val_data)
     files = study_dir(out, options.study)
     options, placement = resolved(options)
-    plan = plan_search(options)
+    plan = memory_plan_of(options)
     plan.check(cache_exists=True)  # the disk is checked once the cache's file name (its content key) is known
     if progress:
         print(plan.table())
@@ -251,28 +242,9 @@ def run_search(
             "refit_pool": None if refit_path is None else str(refit_path),
         },
     )
-    base = WorkerSpec(
-        model=options.model,
-        cache_path=str(cache_dir / f"{key.digest()}.safetensors"),
-        val_path=str(val_path),
-        storage=storage_url,
-        study=options.study,
-        setup=setup,
-        spec=options.spec.with_(layers=f"{layers.start}:{layers.stop}"),
-        space=asdict(space),
-        n_trials=options.trials,
-        sampler=options.sampler,
-        seed=options.seed,
-        startup_trials=startup_trials(options),
-        val_dtype=options.val_dtype,
-        batch_size=options.batch_size,
-        early_stop=options.early_stop,
-        device=options.device,
-        dtype=options.dtype,
-        trust_remote_code=options.trust_remote_code,
-        threads=max(1, torch.get_num_threads() // options.workers),
-        refit_path=None if refit_path is None else str(refit_path),
-    )
+    paths = {"cache_path": str(cache_dir / f"{key.digest()}.safetensors"), "val_path": str(val_path)}
+    paths["refit_path"] = None if refit_path is None else str(refit_path)
+    base = WorkerSpec.of(options, layers, storage_url, paths)
     remaining = max(0, options.trials - finished(study))
     bar = tqdm(
         total=options.trials,

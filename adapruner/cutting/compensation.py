@@ -26,8 +26,8 @@ from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.model.big_model import home_device, place_like, weights
 from adapruner.model.structure import decoder_layers, head_channels, layer_info, output_projections
+from adapruner.scoring.collect import InputMoments
 from adapruner.scoring.sources import StatisticsSource
-from adapruner.scoring.statistics import InputMoments
 from adapruner.searching.memory_plan import device_free_bytes
 
 Update = tuple[torch.Tensor, torch.Tensor]  # (kept-column weight, bias) of one output linear

@@ -137,7 +137,9 @@ def prune_model(
             samples = windows_at(tokenizer, options.calib_addresses, options.seq_len)
         else:
             samples = calibration_samples(tokenizer, options.calib, options.seq_len, options.seed)
-    statistics = CalibrationPasses(None if samples is None else samples.input_ids, progress, _grams_fit(model, spec))
+    statistics = CalibrationPasses(
+        None if samples is None else samples.input_ids, progress, _grams_fit(model, spec, layers)
+    )
     if spec.sequential:
         counts = scoreless_counts(model, spec, layers) or allocate(model, statistics.importance(model, spec), spec)[0]
         plan, refitted = prune_sequential(model, samples.input_ids, spec, counts, options.seed, progress=progress)
@@ -154,11 +156,10 @@ def prune_model(
     return PruneResult(spec.ratio if spec.target_params is None else None, list(layers), plan, addresses, refitted)
 
 
-def _grams_fit(model: nn.Module, spec: PruneSpec) -> bool:
-    """Whether an lsq refit on the calibration windows keeps its output projections' Grams from the statistics pass:
-    all of them (fp32) fit in half the memory free where the model's inputs go."""
+def _grams_fit(model: nn.Module, spec: PruneSpec, layers: range) -> bool:
+    """Whether an lsq refit on the calibration windows keeps the Grams of `layers`' output projections from the
+    statistics pass: all of them (fp32) fit in half the memory free where the model's inputs go."""
     if spec.compensation != "lsq":
         return False
-    layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
     grams = 4 * sum(linear.in_features**2 for linear in output_projections(model, layers).values())
     return grams <= device_free_bytes(model_device(model)) // 2

@@ -1,6 +1,6 @@
 """adapruner's importance metrics as a Torch-Pruning importance (`pip install 'adapruner[torch-pruning]'`).
 
-    imp = AdapPrunerImportance("taylor2", group_reduction="sum", normalizer=None)
+    imp = AdaPrunerImportance("taylor2", group_reduction="sum", normalizer=None)
     imp.calibrate(model, input_ids)          # metrics that need data: per-linear statistics from calibration windows
     pruner = tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=0.2, ...)
 
@@ -15,6 +15,7 @@ adapruner; `random` is not offered (Torch-Pruning has `RandomImportance`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -36,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 
-class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
+class AdaPrunerImportance(tp.importance.GroupMagnitudeImportance):
     """Torch-Pruning `Importance` over adapruner's metrics (`adapruner.scoring.metrics`, all but `random`)."""
 
     def __init__(
@@ -53,8 +54,8 @@ class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
 
     def calibrate(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = False) -> None:
         """Collect the statistics the metric needs (gradients, Fisher, input norms or moments) for every Linear of
-        `model` but its head, from a forward(+backward) over `input_ids` (see `adapruner.scoring.statistics`)."""
-        from adapruner.scoring.statistics import collect_input_moments, collect_stats
+        `model` but its head, from a forward(+backward) over `input_ids` (see `adapruner.scoring.collect`)."""
+        from adapruner.scoring.collect import collect_input_moments, collect_stats
 
         head = model.get_output_embeddings()
         linears = {
@@ -109,3 +110,11 @@ class AdapPrunerImportance(tp.importance.GroupMagnitudeImportance):
         if not group_imp:
             return None
         return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+
+
+class AdapPrunerImportance(AdaPrunerImportance):
+    """Deprecated for one release: the old spelling of `AdaPrunerImportance`."""
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn("AdapPrunerImportance is now AdaPrunerImportance", DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)

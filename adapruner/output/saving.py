@@ -2,7 +2,7 @@
 
 Layers of different sizes → `config.json` holds per-layer head and channel counts and `auto_map` points to
 `modeling_pruned.py` (copied beside the weights), loadable with `trust_remote_code=True`. Layers of one size
-(`uniform=True`) → a stock config that loads without remote code. Everything is written to a temporary
+(`stock_config=True`) → a stock config that loads without remote code. Everything is written to a temporary
 directory next to `out_dir`, then renamed: a failed save leaves nothing behind.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -44,20 +45,25 @@ def save_pruned(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
-    uniform: bool = False,
+    stock_config: bool = False,
     extra_json: Mapping[str, dict] | None = None,
+    uniform: bool | None = None,
 ) -> Path:
-    """Write the model to `out_dir` (which must not hold anything), with `extra_json` files (name → dict) beside it."""
+    """Write the model to `out_dir` (which must not hold anything), with `extra_json` files (name → dict) beside it.
+    `uniform` is the old spelling of `stock_config`, kept for one release."""
+    if uniform is not None:
+        warnings.warn("save_pruned(uniform=...) is now save_pruned(stock_config=...)", DeprecationWarning, stacklevel=2)
+        stock_config = uniform
     sizes = layer_sizes(model)
-    if uniform and any(len(set(values)) > 1 for values in sizes.values()):
+    if stock_config and any(len(set(values)) > 1 for values in sizes.values()):
         raise AdaPrunerError(
-            "--uniform needs equal sizes in every layer: prune all layers (--layers all) with one ratio"
+            "--stock-config needs equal sizes in every layer: prune all layers (--layers all) with one ratio"
         )
     output_bias = give_output_biases(model)
-    if uniform and output_bias:
+    if stock_config and output_bias:
         raise AdaPrunerError(
-            "--uniform saves a stock config, which has no o_proj/down_proj biases for compensation: "
-            "drop --uniform or --compensate"
+            "--stock-config saves a stock config, which has no o_proj/down_proj biases for compensation: "
+            "drop --stock-config or --compensate"
         )
     with staged_dir(out_dir) as staging:
         model.save_pretrained(staging)
@@ -66,16 +72,18 @@ def save_pruned(
         config = json.loads(config_path.read_text())
         family = family_of(model.config)
         text = config["text_config"] if family.text_config else config  # where the decoder's sizes live
-        if uniform:
+        if stock_config:
             text.update(_uniform_config(sizes, model))
         else:
             config.update(_remote_code_config(family, sizes, output_bias))
             text["head_dim"] = _head_dim(model)
-        if not uniform:
+        if not stock_config:
             shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _write_json_files(staging, extra_json)
-        (staging / "README.md").write_text(model_card(count_params(model), extra_json or {}, remote_code=not uniform))
+        (staging / "README.md").write_text(
+            model_card(count_params(model), extra_json or {}, remote_code=not stock_config)
+        )
     return Path(out_dir)
 
 
@@ -101,8 +109,8 @@ def _uniform_config(sizes: dict[str, list[int]], model: nn.Module) -> dict:
     hidden, heads = text_config(model.config).hidden_size, sizes["num_attention_heads_per_layer"][0]
     if hidden % heads:
         raise AdaPrunerError(
-            f"--uniform: transformers' config wants hidden_size {hidden} divisible by the {heads} heads left: "
-            "drop --uniform (remote-code save) or pick another ratio"
+            f"--stock-config: transformers' config wants hidden_size {hidden} divisible by the {heads} heads left: "
+            "drop --stock-config (remote-code save) or pick another ratio"
         )
     return {
         "num_attention_heads": sizes["num_attention_heads_per_layer"][0],

@@ -33,9 +33,9 @@ from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fis
 from adapruner.kernels.channel_importance import channel_importance
 from adapruner.model.big_model import weights
 from adapruner.model.structure import Member, decoder_layers, input_owner, prunable_linears
+from adapruner.scoring.collect import InputMoments, linear_io, sample_loss
 from adapruner.scoring.importance import Importance
 from adapruner.scoring.metrics import ACTIVATION_METRICS, METRICS
-from adapruner.scoring.statistics import InputMoments, linear_io, sample_loss
 from adapruner.staging import staged_file
 
 CACHE_FORMAT = 2  # bumped whenever what the file holds changes meaning; part of every key
@@ -135,7 +135,7 @@ class ActivationCache:
 
     def output_fisher(self, name: str, samples: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         """The output Fisher of linear `name` over the sample subset, Σ_{s∈S} Σ_{t∈s} dY_t² / |S| (the one
-        `statistics.collect_output_fisher` forms live; dY rows of s hold ∂L_s/∂Y_s)."""
+        `collect.collect_output_fisher` forms live; dY rows of s hold ∂L_s/∂Y_s)."""
         if not self.key.activations:
             raise AdaPrunerError(
                 "the loss allocation needs cached output gradients: rebuild the cache with loss in --allocations"
@@ -301,9 +301,9 @@ class CachedImportance(Importance):
         return self.cache.output_fisher(member.name, self.samples, device)
 
     def channel_scores(self, member: Member) -> torch.Tensor:
-        if self.spec.cached == "weights" or member.weights_only:
+        if self.definition.cached == "weights" or member.weights_only:
             return super().channel_scores(member)
-        if self.spec.columns_only and member.dim == 0:
+        if self.definition.columns_only and member.dim == 0:
             raise AdaPrunerError(f"{self.metric} scores input columns only (the output projections)")
         with weights(member.linear) as linear:
             return self.cache.channel_scores(self.metric, member.name, linear.weight.detach(), member.dim, self.samples)

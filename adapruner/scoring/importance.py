@@ -7,6 +7,7 @@ higher = more important, one entry per unit of the group.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.kernels.channel_importance import channel_importance
 from adapruner.model.big_model import weights
 from adapruner.model.structure import Group, Member
+from adapruner.scoring.metrics import Metric
 from adapruner.scoring.metrics import metric as registered
 from adapruner.scoring.obs import Removal, greedy_removal, inverse_hessian, output_energy, unit_costs
 
@@ -31,7 +33,7 @@ class LinearStats:
     act_var: v_i = mean x_i² − (mean x_i)² over the calibration tokens (in,);
     act_cov: Σ = mean x xᵀ − μμᵀ over the calibration tokens (in × in; the output projections, for `obs`);
     out_fisher: f_r = mean_s Σ_{t∈s} (∂L_s/∂y_tr)² of the outputs (out,; the output projections, for the `loss`
-    allocation, `statistics.collect_output_fisher`).
+    allocation, `collect.collect_output_fisher`).
     """
 
     grad: torch.Tensor | None = None
@@ -42,8 +44,8 @@ class LinearStats:
     out_fisher: torch.Tensor | None = None
 
 
-COLLECTED_STATS = frozenset({"grad", "fisher", "act_norm"})  # what `statistics.collect_stats` gathers
-MOMENT_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what input moments give (`statistics.moment_stats`)
+COLLECTED_STATS = frozenset({"grad", "fisher", "act_norm"})  # what `collect.collect_stats` gathers
+MOMENT_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what input moments give (`collect.moment_stats`)
 
 
 def needs(metric: str) -> frozenset[str]:
@@ -116,10 +118,16 @@ class Importance:
         seed: int = 0,
         damp: float = DEFAULT_OBS_DAMP,
     ):
-        self.spec = registered(metric)
+        self.definition = registered(metric)  # the metric's registry entry
         check_aggregation(aggregation)
         self.metric, self.aggregation, self.stats, self.seed = metric, aggregation, stats or {}, seed
         self.damp = damp
+
+    @property
+    def spec(self) -> Metric:
+        """Deprecated for one release: the metric's registry entry is `definition` ("spec" is a `PruneSpec`)."""
+        warnings.warn("Importance.spec is now Importance.definition", DeprecationWarning, stacklevel=2)
+        return self.definition
 
     def channel_scores(self, member: Member) -> torch.Tensor:
         """Scores of every channel along the member's pruned dimension (subclasses change where data comes from)."""
@@ -127,11 +135,11 @@ class Importance:
             return self._weight_scores(member, linear.weight.detach())
 
     def _weight_scores(self, member: Member, weight: torch.Tensor) -> torch.Tensor:
-        if self.spec.element is None and not self.spec.needs:  # random
+        if self.definition.element is None and not self.definition.needs:  # random
             digest = hashlib.sha256(f"{self.seed}:{member.name}".encode()).digest()
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
             return torch.rand(weight.shape[member.dim], generator=generator).to(weight.device)
-        if member.weights_only and self.spec.needs:
+        if member.weights_only and self.definition.needs:
             raise AdaPrunerError(EXPERTS_BY_WEIGHT.format(metric=self.metric))
         stats = self.stats.get(member.name, LinearStats())
         missing = [n for n in needs(self.metric) if getattr(stats, n) is None]
@@ -145,7 +153,7 @@ class Importance:
 
     def member_scores(self, member: Member) -> torch.Tensor:
         """Unit scores of one member, shape (units,)."""
-        if self.spec.surgeon:
+        if self.definition.surgeon:
             with weights(member.linear) as linear:
                 return unit_costs(linear.weight.detach(), self.inverse_hessian(member), member.block).float()
         return unit_scores(member.channels(self.channel_scores(member)).float(), member.block)
@@ -186,7 +194,7 @@ class Importance:
         is row by row, so the same refit, costed as Σ_r f_r δ_r²: twice the loss increase to second order. The
         removal's `energy` is the (weighted) output's, `obs.output_energy`."""
         member = next(m for m in group.members if m.dim == 1)
-        if priority is None and not self.spec.surgeon:
+        if priority is None and not self.definition.surgeon:
             priority = self(group)
         covariance = self.covariance(member)
         hinv = inverse_hessian(covariance, self.damp)
@@ -199,5 +207,5 @@ class Importance:
         return removal
 
     def __call__(self, group: Group) -> torch.Tensor:
-        members = [m for m in group.members if m.dim == 1] if self.spec.columns_only else group.members
+        members = [m for m in group.members if m.dim == 1] if self.definition.columns_only else group.members
         return aggregate(torch.stack([self.member_scores(m) for m in members]), self.aggregation)

@@ -7,7 +7,7 @@ published methods"). The moments add up over tokens, so one forward pass of the 
     every prunable linear   T, μ = mean x, mean x²        (act: ‖x_i‖₂ = sqrt(T · mean x_i²); fluct: var x_i)
     every output projection C = XᵀX / T                    (lsq refit; obs: Σ = C − μμᵀ)
 and, where the search offers the `loss` allocation, the output projections' output Fisher f over the first
-`LOSS_WINDOWS` windows (one forward+backward over those: `statistics.collect_output_fisher`, as `prune` computes it).
+`LOSS_WINDOWS` windows (one forward+backward over those: `collect.collect_output_fisher`, as `prune` computes it).
 They are saved beside the activation cache (fp32 safetensors, keyed by model, windows and layers) and reused.
 """
 
@@ -30,14 +30,14 @@ from adapruner.data.calibration import calibration_samples
 from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import output_projections, prunable_linears
-from adapruner.scoring.importance import MOMENT_STATS, Importance, LinearStats, needs
-from adapruner.scoring.statistics import (
+from adapruner.scoring.collect import (
     LOSS_WINDOWS,
     InputMoments,
     collect_input_moments,
     collect_output_fisher,
     moment_stats,
 )
+from adapruner.scoring.importance import MOMENT_STATS, Importance, LinearStats, needs
 from adapruner.staging import staged_file
 
 

@@ -30,8 +30,7 @@ from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import decoder_layers, output_projections, parse_layer_range, prunable_linears
 from adapruner.scoring.cache import ActivationCache, CachedImportance
-from adapruner.scoring.importance import COLLECTED_STATS, Importance, LinearStats, needs
-from adapruner.scoring.statistics import (
+from adapruner.scoring.collect import (
     LOSS_WINDOWS,
     InputMoments,
     collect_input_moments,
@@ -39,6 +38,7 @@ from adapruner.scoring.statistics import (
     collect_stats,
     moment_stats,
 )
+from adapruner.scoring.importance import COLLECTED_STATS, Importance, LinearStats, needs
 
 
 class StatisticsSource(Protocol):

@@ -1,4 +1,4 @@
-"""Where a search's memory goes, computed from the model's shapes before anything is loaded (`search --plan`).
+"""Where a search's memory goes, computed from the model's shapes before anything is loaded (`search --memory-plan`).
 
 Order (docs/design.md): model weights on `--device` → the activation cache (its file under `--cache-dir` on disk),
 in the first place that holds it (`cache_placement`):

@@ -43,7 +43,7 @@ from adapruner.scoring.metrics import SEARCHED_METRICS
 from adapruner.scoring.metrics import metric as registered
 from adapruner.scoring.refit_pool import RefitPool, scored_by_moments
 from adapruner.scoring.sources import CacheSubset, StatisticsSource
-from adapruner.searching.validation import ValidationScorer
+from adapruner.searching.trial_scorer import ValidationScorer
 
 DEFAULT_SAMPLE_COUNTS = (4, 8, 16, 32)
 STATISTICS = ("subset", "refit")  # where a moment metric's statistics come from: a sample subset, or the refit pool

@@ -66,6 +66,11 @@ class SearchOptions:
     max_memory: str | None = how(None)  # with device_map: e.g. "0=70GiB,cpu=200GiB"
     offload_dir: str | None = how(None)  # with device_map: where weights put on disk go
 
+    @property
+    def space(self) -> SearchSpace:
+        """What a trial may choose: the space fields of these options (checked)."""
+        return SearchSpace(**{f.name: getattr(self, f.name) for f in fields(SearchSpace)})
+
 
 def study_setup(options: SearchOptions) -> dict:
     """The fields that define the study (all but the `how` ones), as the storage returns them (tuples → lists)."""

@@ -25,7 +25,8 @@ from adapruner.model.structure import decoder_layers, parse_layer_range
 from adapruner.scoring.cache import ActivationCache, DamagedCache
 from adapruner.scoring.refit_pool import RefitPool
 from adapruner.searching.search import WORKER_ATTR, Objective, SearchSpace, worker_name
-from adapruner.searching.validation import ValidationScorer
+from adapruner.searching.search_options import SearchOptions, startup_trials, study_setup
+from adapruner.searching.trial_scorer import ValidationScorer
 from adapruner.staging import interruptible, interrupts_deferred, raise_pending
 
 HEARTBEAT_SECONDS = 5
@@ -248,6 +249,32 @@ class WorkerSpec:
     worker_index: int = 0
     share: int | None = None  # trials this worker runs at most (None: until the study holds n_trials)
     refit_path: str | None = None  # the search's refit pool (`adapruner.scoring.refit_pool`), if it has one
+
+    @classmethod
+    def of(cls, options: SearchOptions, layers: range, storage: str, files: dict[str, str | None]) -> WorkerSpec:
+        """What the workers of a search with `options` run: the study (its set-up, its spec on the resolved `layers`,
+        its space) and how it runs, all from `options`; the storage URL and the files the search wrote (cache_path,
+        val_path, refit_path) as given. Threads are shared out among the workers."""
+        return cls(
+            model=options.model,
+            storage=storage,
+            study=options.study,
+            setup=study_setup(options),
+            spec=options.spec.with_(layers=f"{layers.start}:{layers.stop}"),
+            space=asdict(options.space),
+            n_trials=options.trials,
+            sampler=options.sampler,
+            seed=options.seed,
+            startup_trials=startup_trials(options),
+            val_dtype=options.val_dtype,
+            batch_size=options.batch_size,
+            early_stop=options.early_stop,
+            device=options.device,
+            dtype=options.dtype,
+            trust_remote_code=options.trust_remote_code,
+            threads=max(1, torch.get_num_threads() // options.workers),
+            **files,
+        )
 
 
 def run_worker(

@@ -3,7 +3,7 @@
 import torch
 
 from adapruner.model.structure import prunable_linears
-from adapruner.scoring.statistics import collect_stats, sample_loss
+from adapruner.scoring.collect import collect_stats, sample_loss
 
 
 def per_sample_grads(model, batch, weights):

@@ -27,7 +27,7 @@ from adapruner.kernels.dispatch import native_bf16
 from adapruner.model.big_model import is_dispatched, rebind_forward
 from adapruner.model.families import family_of
 from adapruner.model.structure import decoder_layers, layers_owner
-from adapruner.scoring.statistics import layer_inputs
+from adapruner.scoring.collect import layer_inputs
 
 VAL_DTYPES = DTYPES  # the validation forward takes the weight dtypes
 

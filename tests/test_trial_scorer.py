@@ -9,7 +9,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.evaluation.evaluate import perplexity
 from adapruner.kernels.dispatch import native_bf16
 from adapruner.scoring.importance import Importance
-from adapruner.searching.validation import ValidationScorer, resolve_val_dtype, shared_copy
+from adapruner.searching.trial_scorer import ValidationScorer, resolve_val_dtype, shared_copy
 
 SEQ = 11
 
