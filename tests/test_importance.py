@@ -94,3 +94,10 @@ def test_data_metric_without_stats_names_the_fix():
     group = Group(0, "mlp", (Member("m", torch.nn.Linear(3, 4), 0, 1),), 4)
     with pytest.raises(AdaPrunerError, match="--calib"):
         Importance("taylor1", stats={"m": LinearStats()})(group)
+
+
+def test_the_metric_s_registry_entry_is_definition_and_spec_warns_for_one_release():
+    importance = Importance("taylor2")
+    assert importance.definition.name == "taylor2" and importance.definition.needs == {"fisher"}
+    with pytest.warns(DeprecationWarning, match="Importance.definition"):
+        assert importance.spec is importance.definition

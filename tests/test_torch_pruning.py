@@ -70,3 +70,11 @@ def test_meta_pruner_with_adapruner_importance_prunes_heads_and_channels():
     with torch.no_grad():
         out = model(input_ids=ids).logits
     assert out.shape == (4, 9, 97) and torch.isfinite(out).all() and model.model.embed_tokens.weight.shape == (97, 48)
+
+
+def test_the_old_class_name_works_for_one_release_with_a_deprecation_warning():
+    from adapruner.integrations.torch_pruning import AdapPrunerImportance
+
+    with pytest.warns(DeprecationWarning, match="AdaPrunerImportance"):
+        old = AdapPrunerImportance("l2", group_reduction="sum", normalizer=None)
+    assert isinstance(old, AdaPrunerImportance) and old.metric == "l2"
