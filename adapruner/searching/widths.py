@@ -1,0 +1,136 @@
+"""Per-layer widths as a search space (issue 33, first step): a trial chooses how much of each pruned layer's attention
+and MLP goes under the parameter budget; which units go, and their refit, come from memoized layer variants.
+
+Space: a share w_m ∈ [0, 1] per module m = (layer, attention | MLP), with n_m units of p_m parameters each (MLP
+units: blocks of `align` channels) and a floor of ⌈min_keep · n_m⌉ kept units (at least one). A trial's counts:
+    c_m(s) = min(n_m − floor_m, round(s · w_m · n_m)),   s the least scale (bisection) with Σ_m c_m(s) · p_m ≥ T,
+then MLP blocks are given back one at a time, from the MLP losing the largest fraction, while the removal stays ≥ T:
+every trial ends within one MLP block of the budget T. The shares of given counts, w_m = c_m / n_m, reproduce them at
+s = 1 (how the `loss` allocation's counts enter a study as its first trial).
+Variants: the units come from one importance's scores (computed once), each (layer, module, count)'s lsq refit from
+one statistics source (the refit pool) the first time a trial asks for it; a trial's assembled plan and refit equal a
+fresh prune with the same counts, scores and refit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from adapruner.choosing.allocation import Counts, attention_units, kept_at_least, prices, target_count
+from adapruner.choosing.plan import PrunePlan
+from adapruner.choosing.selection import plan_from_counts, score_layers
+from adapruner.choosing.spec import PruneSpec
+from adapruner.cutting.compensation import Update, refit_updates
+from adapruner.errors import AdaPrunerError
+from adapruner.model.structure import decoder_layers, layer_info, parse_layer_range
+from adapruner.scoring.sources import StatisticsSource
+
+Module = tuple[int, str]  # (layer, "attn" | "mlp")
+
+
+@dataclass(frozen=True)
+class WidthSpace:
+    """The modules a spec prunes, with their units n_m, unit prices p_m, floors and the budget T (module docstring)."""
+
+    units: dict[Module, int]
+    prices: dict[Module, int]
+    floors: dict[Module, int]
+    target: int
+    align: int = 1
+
+    @classmethod
+    def of(cls, model: nn.Module, spec: PruneSpec) -> WidthSpace:
+        """The space of `spec` (a parameter budget: `target_params`) on `model`."""
+        if spec.target_params is None:
+            raise AdaPrunerError("a widths search spreads a parameter budget: pass --target-params")
+        units, unit_prices, floors = {}, {}, {}
+        for index in parse_layer_range(spec.layers, len(decoder_layers(model))):
+            info = layer_info(model, index)
+            attention, channel = prices(info, spec.granularity)
+            modules = {
+                "attn": (spec.prune_attention, attention_units(info, spec.granularity), attention),
+                "mlp": (spec.prune_mlp, info.intermediate // spec.align, channel * spec.align),
+            }
+            for kind, (on, n, price) in modules.items():
+                if on:
+                    units[(index, kind)], unit_prices[(index, kind)] = n, price
+                    floors[(index, kind)] = kept_at_least(n, spec.min_keep)
+        return cls(units, unit_prices, floors, target_count(model, spec.target_params), spec.align)
+
+    def counts(self, shares: Mapping[Module, float]) -> Counts:
+        """The counts of `shares` under the budget (module docstring)."""
+
+        def at(scale: float) -> dict[Module, int]:
+            return {m: min(n - self.floors[m], round(scale * shares[m] * n)) for m, n in self.units.items()}
+
+        def removed(counts: Mapping[Module, int]) -> int:
+            return sum(c * self.prices[m] for m, c in counts.items())
+
+        if removed(at(1e12)) < self.target:  # every module with a share at its floor
+            raise AdaPrunerError(
+                f"these shares cannot remove {self.target:,} parameters above the --min-keep floors: give more "
+                "modules a share or lower --target-params"
+            )
+        low, high = 0.0, 1.0
+        while removed(at(high)) < self.target:
+            low, high = high, high * 2
+        for _ in range(50):
+            middle = (low + high) / 2
+            low, high = (low, middle) if removed(at(middle)) >= self.target else (middle, high)
+        counts = at(high)
+        mlps = [m for m in self.units if m[1] == "mlp"]
+        while mlps:
+            largest = max(mlps, key=lambda m: (counts[m] / self.units[m], m))
+            if counts[largest] == 0 or removed(counts) - self.prices[largest] < self.target:
+                break
+            counts[largest] -= 1
+        layers = sorted({index for index, _kind in self.units})
+        return {i: (counts.get((i, "attn"), 0), counts.get((i, "mlp"), 0) * self.align) for i in layers}
+
+    def shares(self, counts: Counts) -> dict[Module, float]:
+        """w_m = c_m / n_m of given counts (they come back from `counts` at s = 1, up to the budget's last block)."""
+        return {
+            (i, kind): counts[i][0 if kind == "attn" else 1] / (self.align if kind == "mlp" else 1) / n
+            for (i, kind), n in self.units.items()
+        }
+
+
+class LayerVariants:
+    """The units of every pruned module ranked once by `spec`'s metric from `statistics`, and each (layer, module,
+    count)'s refit from `statistics`, computed the first time it is asked for."""
+
+    def __init__(self, model: nn.Module, spec: PruneSpec, statistics: StatisticsSource, seed: int = 0):
+        importance = statistics.importance(model, spec, seed)
+        if importance.definition.surgeon:
+            raise AdaPrunerError(
+                f"a widths search ranks units once; metric {spec.metric} orders them anew for each count: use fluct"
+            )
+        layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
+        which = {index: (spec.prune_attention, spec.prune_mlp) for index in layers}
+        self.model, self.spec, self.statistics = model, spec, statistics
+        self.scores = score_layers(model, importance, which, spec.granularity)
+        self.refits: dict[tuple[int, str, int], dict[str, Update]] = {}
+
+    def plan(self, counts: Counts) -> PrunePlan:
+        """The kept units of `counts`: each module's best-scored ones."""
+        return plan_from_counts(self.model, self.scores, counts, self.spec.granularity)
+
+    def updates(self, counts: Counts) -> dict[str, Update]:
+        """The refit output linears of `counts`, one (layer, module, count) at a time, each solved once."""
+        updates = {}
+        for index, pair in counts.items():
+            for kind, count in zip(("attn", "mlp"), pair):
+                if (index, kind) not in self.scores:
+                    continue
+                if (index, kind, count) not in self.refits:
+                    one = {(index, kind): self.scores[(index, kind)]}
+                    alone = (count, 0) if kind == "attn" else (0, count)
+                    part = plan_from_counts(self.model, one, {index: alone}, self.spec.granularity)
+                    self.refits[(index, kind, count)] = refit_updates(
+                        self.model, part, self.statistics, self.spec.compensation, self.spec.damp
+                    )
+                updates |= self.refits[(index, kind, count)]
+        return updates

@@ -1,0 +1,139 @@
+"""Does a search over per-layer widths beat the `loss` allocation? `python -m bench.width_search` (issue 33, step 1).
+
+SmolLM2-135M with `best`'s choices (fluct scores, lsq refit at damp 0.3, query heads, every layer), all read from the
+256-window wiki refit pool, at each `--targets` fraction of all parameters removed:
+  loss     the `loss` allocation's counts (what `adapruner prune` does with no flag), the study's first trial;
+  searched `--trials` trials of Optuna's `--sampler` over per-module shares (`adapruner.searching.widths`), drawn as
+           w_m = (w_m(loss) + ε) · exp(u_m) with u_m ∈ [−spread, spread] (u = 0: the loss counts), repaired to the
+           budget, scored by perplexity on `--val-windows` wiki validation windows (prefix cached, as search trials).
+Both are then scored on the first `--max-eval-windows` wiki evaluation windows (bench.quality's protocol). Printed:
+evaluation perplexity of each, searched / loss, the validation perplexities, seconds per trial; JSON to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import optuna
+
+from adapruner.choosing.selection import allocate
+from adapruner.cutting.removal import cut
+from adapruner.data.calibration import pool_windows
+from adapruner.evaluation.evaluate import perplexity
+from adapruner.model.models import load_model
+from adapruner.model.structure import decoder_layers
+from adapruner.output.report import format_table
+from adapruner.recipes import recipe_prune_options
+from adapruner.scoring.refit_pool import collect_refit_pool
+from adapruner.searching.trial_scorer import ValidationScorer
+from adapruner.searching.widths import LayerVariants, WidthSpace
+
+EPSILON = 0.02  # the share a module the loss allocation leaves whole starts from
+SAMPLERS = {
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10),
+    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=16),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+}
+
+
+def searched_counts(variants, space, start, scorer, args) -> tuple[dict, list[float], float]:
+    """The best counts of `args.trials` trials (trial 0: `start`), the validation perplexity of each trial, and the
+    seconds per trial."""
+    modules = list(space.units)
+    names = {m: f"u_{m[0]}_{m[1]}" for m in modules}
+    base = space.shares(start)
+    study = optuna.create_study(sampler=SAMPLERS[args.sampler](args.seed))
+    study.enqueue_trial({names[m]: 0.0 for m in modules})
+
+    def objective(trial) -> float:
+        shares = {
+            m: (base[m] + EPSILON) * math.exp(trial.suggest_float(names[m], -args.spread, args.spread)) for m in modules
+        }
+        counts = space.counts(shares)
+        trial.set_user_attr("counts", {str(i): list(c) for i, c in counts.items()})
+        return scorer.score(variants.plan(counts), None, variants.updates(counts))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    study.optimize(objective, n_trials=args.trials, show_progress_bar=True)
+    seconds = (time.perf_counter() - started) / args.trials
+    best = {int(i): tuple(c) for i, c in study.best_trial.user_attrs["counts"].items()}
+    return best, [t.value for t in study.trials], seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="0.2,0.12", help="fractions of all parameters removed")
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--sampler", default="tpe", choices=tuple(SAMPLERS))
+    parser.add_argument("--spread", type=float, default=1.0, help="u_m ∈ [−spread, spread]: shares within e^±spread")
+    parser.add_argument("--val-windows", type=int, default=16)
+    parser.add_argument("--max-eval-windows", type=int, default=200)
+    parser.add_argument("--refit-calib", default="wiki:256")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/width_search.json")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model("smollm2")
+    layers = range(len(decoder_layers(model)))
+    started = time.perf_counter()
+    pool = collect_refit_pool(model, tokenizer, args.refit_calib, 128, args.seed, layers, progress=True, fisher=True)
+    pool_seconds = time.perf_counter() - started
+    val = pool_windows(tokenizer, "wiki", 128, "val")[: args.val_windows]
+    evaluation = pool_windows(tokenizer, "wiki", 128, "eval")[: args.max_eval_windows]
+    scorer = ValidationScorer(model, val, 0, "float32")
+    rows = []
+    for target in (float(t) for t in args.targets.split(",")):
+        spec = recipe_prune_options("best", target_params=target).spec
+        space, variants = WidthSpace.of(model, spec), LayerVariants(model, spec, pool, args.seed)
+        loss = allocate(model, pool.importance(model, spec, args.seed), spec)[0]
+        best, values, seconds = searched_counts(variants, space, loss, scorer, args)
+        measured = {}
+        for name, counts in (("loss", loss), ("searched", best)):
+            pruned = copy.deepcopy(model)
+            cut(pruned, variants.plan(counts), variants.updates(counts))
+            measured[name] = perplexity(pruned, evaluation, desc=name)
+        rows.append(
+            {
+                "target": target,
+                "loss_ppl": measured["loss"],
+                "searched_ppl": measured["searched"],
+                "ratio": measured["searched"] / measured["loss"],
+                "val_ppl_loss": values[0],
+                "val_ppl_best": min(values),
+                "trials": args.trials,
+                "sampler": args.sampler,
+                "spread": args.spread,
+                "seconds_per_trial": seconds,
+                "searched_counts": {str(i): list(c) for i, c in best.items()},
+            }
+        )
+        print(f"{target}: loss {measured['loss']:.2f}, searched {measured['searched']:.2f}")
+    table = [
+        [
+            r["target"],
+            f"{r['loss_ppl']:.2f}",
+            f"{r['searched_ppl']:.2f}",
+            f"{r['ratio']:.3f}",
+            f"{r['val_ppl_loss']:.2f}",
+            f"{r['val_ppl_best']:.2f}",
+            f"{r['seconds_per_trial']:.1f}",
+        ]
+        for r in rows
+    ]
+    headers = ["removed", "eval loss", "eval searched", "searched / loss", "val loss", "val best", "s/trial"]
+    print(format_table(headers, table))
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}"
+    about = {"machine": machine, "refit_pool_seconds": pool_seconds, "eval_windows": int(evaluation.shape[0])}
+    Path(args.out).write_text(json.dumps(about | {"rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out} (refit pool {pool_seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
