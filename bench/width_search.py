@@ -5,7 +5,9 @@ SmolLM2-135M with `best`'s choices (fluct scores, lsq refit at damp 0.3, query h
   loss     the `loss` allocation's counts (what `adapruner prune` does with no flag), the study's first trial;
   searched `--trials` trials of Optuna's `--sampler` over per-module shares (`adapruner.searching.widths`), drawn as
            w_m = (w_m(loss) + ε) · exp(u_m) with u_m ∈ [−spread, spread] (u = 0: the loss counts), repaired to the
-           budget, scored by perplexity on `--val-windows` wiki validation windows (prefix cached, as search trials).
+           budget, scored on `--val-windows` wiki validation windows (prefix cached, as search trials) by
+           `--objective`: perplexity, or the mean KL divergence from the dense model on its top 64 tokens
+           (`adapruner.evaluation.divergence`).
 Both are then scored on the first `--max-eval-windows` wiki evaluation windows (bench.quality's protocol). Printed:
 evaluation perplexity of each, searched / loss, the validation perplexities, seconds per trial; JSON to `--out`.
 """
@@ -57,7 +59,8 @@ def searched_counts(variants, space, start, scorer, args) -> tuple[dict, list[fl
         }
         counts = space.counts(shares)
         trial.set_user_attr("counts", {str(i): list(c) for i, c in counts.items()})
-        return scorer.score(variants.plan(counts), None, variants.updates(counts))
+        plan, updates = variants.plan(counts), variants.updates(counts)
+        return scorer.kl(plan, updates) if args.objective == "kl" else scorer.score(plan, None, updates)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
@@ -72,6 +75,7 @@ def main() -> None:
     parser.add_argument("--targets", default="0.2,0.12", help="fractions of all parameters removed")
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--sampler", default="tpe", choices=tuple(SAMPLERS))
+    parser.add_argument("--objective", default="ppl", choices=("ppl", "kl"), help="what a trial minimises")
     parser.add_argument("--spread", type=float, default=1.0, help="u_m ∈ [−spread, spread]: shares within e^±spread")
     parser.add_argument("--val-windows", type=int, default=16)
     parser.add_argument("--max-eval-windows", type=int, default=200)
@@ -105,10 +109,11 @@ def main() -> None:
                 "loss_ppl": measured["loss"],
                 "searched_ppl": measured["searched"],
                 "ratio": measured["searched"] / measured["loss"],
-                "val_ppl_loss": values[0],
-                "val_ppl_best": min(values),
+                "val_loss": values[0],  # the objective's value (perplexity or KL) on the validation windows
+                "val_best": min(values),
                 "trials": args.trials,
                 "sampler": args.sampler,
+                "objective": args.objective,
                 "spread": args.spread,
                 "seconds_per_trial": seconds,
                 "searched_counts": {str(i): list(c) for i, c in best.items()},
@@ -121,13 +126,14 @@ def main() -> None:
             f"{r['loss_ppl']:.2f}",
             f"{r['searched_ppl']:.2f}",
             f"{r['ratio']:.3f}",
-            f"{r['val_ppl_loss']:.2f}",
-            f"{r['val_ppl_best']:.2f}",
+            f"{r['val_loss']:.4g}",
+            f"{r['val_best']:.4g}",
             f"{r['seconds_per_trial']:.1f}",
         ]
         for r in rows
     ]
-    headers = ["removed", "eval loss", "eval searched", "searched / loss", "val loss", "val best", "s/trial"]
+    headers = ["removed", "eval loss", "eval searched", "searched / loss", f"val {args.objective}: loss", "best"]
+    headers.append("s/trial")
     print(format_table(headers, table))
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}"
     about = {"machine": machine, "refit_pool_seconds": pool_seconds, "eval_windows": int(evaluation.shape[0])}

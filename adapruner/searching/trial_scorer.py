@@ -22,6 +22,7 @@ from adapruner.choosing.plan import PrunePlan
 from adapruner.cutting.removal import cut
 from adapruner.devices import DTYPES, dtype_name, model_device
 from adapruner.errors import AdaPrunerError
+from adapruner.evaluation.divergence import DenseTopK, dense_top_k, mean_kl
 from adapruner.evaluation.evaluate import perplexity
 from adapruner.kernels.dispatch import native_bf16
 from adapruner.model.big_model import is_dispatched, rebind_forward
@@ -121,6 +122,7 @@ class ValidationScorer:
             self.base = shared_copy(model, VAL_DTYPES[dtype]).eval()
         self.windows, self.start, self.batch_size = windows.to(model_device(model)), start, batch_size
         self.prefix = self._hidden_entering_start()
+        self.dense: DenseTopK | None = None  # the base model's top-k distributions, for `kl`
 
     def _hidden_entering_start(self) -> torch.Tensor:
         """(n × seq_len × hidden) inputs of decoder layer `start`, batch by batch as the trials will read them."""
@@ -144,3 +146,13 @@ class ValidationScorer:
         return perplexity(
             model, self.windows, self.batch_size, progress=False, report=report, inputs_embeds=self.prefix
         )
+
+    def kl(self, plan: PrunePlan, updates: dict | None = None) -> float:
+        """Mean KL divergence of the pruned model's next-token distributions from the base model's on the windows,
+        on the base model's top k (`adapruner.evaluation.divergence`, computed on the first call; only layers
+        `start`… of the pruned model run)."""
+        if self.dense is None:
+            self.dense = dense_top_k(self.base, self.windows, batch_size=self.batch_size)
+        model = self.pruned(plan, updates)
+        drop_leading_layers(model, self.start)
+        return mean_kl(model, self.windows, self.dense, self.batch_size, inputs_embeds=self.prefix)
