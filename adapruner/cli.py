@@ -25,6 +25,7 @@ from adapruner.data.calibration import parse_calib_spec
 from adapruner.devices import DEVICE_PATTERN, DTYPE_CHOICES, Placement, device_errors
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluation.finetune import LoraOptions
+from adapruner.interrupts import interrupted_by, terminate_as_exit
 from adapruner.output.export import OUTTYPES
 from adapruner.output.report import format_table
 from adapruner.recipes import DEFAULT_RECIPE, RECIPES, recipe, search_recipe
@@ -32,7 +33,6 @@ from adapruner.scoring.metrics import METRIC_NAMES
 from adapruner.scoring.metrics import metric as registered
 from adapruner.searching.search import STATISTICS
 from adapruner.searching.search_options import SearchOptions
-from adapruner.staging import interrupted_by, terminate_as_exit
 
 RATIO_HELP = (
     "fraction of each pruned layer's attention units and MLP channels to remove (LLM-Pruner's meaning: "

@@ -32,7 +32,7 @@ from adapruner.model.models import load_model
 from adapruner.model.structure import decoder_layers
 from adapruner.output.report import format_table
 from adapruner.recipes import recipe_prune_options
-from adapruner.scoring.refit_pool import collect_refit_pool
+from adapruner.scoring.refit_pool import load_or_collect
 from adapruner.searching.trial_scorer import ValidationScorer
 from adapruner.searching.widths import LayerVariants, WidthSpace
 
@@ -81,13 +81,17 @@ def main() -> None:
     parser.add_argument("--max-eval-windows", type=int, default=200)
     parser.add_argument("--refit-calib", default="wiki:256")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pool-file", default="runs/width-search-pool.safetensors", help="the refit pool, reused when it matches"
+    )
     parser.add_argument("--out", default="bench/results/width_search.json")
     args = parser.parse_args()
 
     model, tokenizer = load_model("smollm2")
     layers = range(len(decoder_layers(model)))
     started = time.perf_counter()
-    pool = collect_refit_pool(model, tokenizer, args.refit_calib, 128, args.seed, layers, progress=True, fisher=True)
+    windows = (args.refit_calib, 128, args.seed)
+    pool = load_or_collect(model, tokenizer, windows, layers, Path(args.pool_file), progress=True, fisher=True)
     pool_seconds = time.perf_counter() - started
     val = pool_windows(tokenizer, "wiki", 128, "val")[: args.val_windows]
     evaluation = pool_windows(tokenizer, "wiki", 128, "eval")[: args.max_eval_windows]
@@ -138,7 +142,7 @@ def main() -> None:
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}"
     about = {"machine": machine, "refit_pool_seconds": pool_seconds, "eval_windows": int(evaluation.shape[0])}
     Path(args.out).write_text(json.dumps(about | {"rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.out} (refit pool {pool_seconds:.0f} s)")
+    print(f"wrote {args.out} (refit pool read or collected in {pool_seconds:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -276,7 +276,7 @@ def test_an_interruption_a_library_turns_into_another_error_is_still_an_interrup
     """optuna's trial bookkeeping catches only Exception: SIGTERM landing inside it surfaces as an UnboundLocalError.
     The CLI still exits 143 with its one line (staging folders are removed on any exception)."""
     import adapruner.cli
-    import adapruner.staging
+    import adapruner.interrupts
 
     def command(_args):
         try:
@@ -287,7 +287,7 @@ def test_an_interruption_a_library_turns_into_another_error_is_still_an_interrup
                 "cannot access local variable 'updated_state'"
             )  # what optuna 5's _run_trial raises then
 
-    monkeypatch.setattr(adapruner.staging, "_received", [])
+    monkeypatch.setattr(adapruner.interrupts, "_received", [])
     monkeypatch.setattr(adapruner.cli, "run_dashboard", command)
     assert main(["dashboard", str(tmp_path)]) == 143
     assert capsys.readouterr().err.strip().startswith("error: interrupted")
@@ -362,30 +362,30 @@ def test_val_data_scores_trials_on_the_users_text(tmp_path):
 def test_deferred_signals_wait_for_the_outermost_block_and_die_with_its_error(monkeypatch):
     """A signal inside nested `interrupts_deferred` blocks is raised on leaving the outermost, at once inside
     `interrupts_raised`; a block that ends in its own error drops it (nothing stale for the next block)."""
-    import adapruner.staging as staging
+    import adapruner.interrupts as interrupts
 
-    monkeypatch.setattr(staging, "_received", [])
+    monkeypatch.setattr(interrupts, "_received", [])
     previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    staging.terminate_as_exit()
+    interrupts.terminate_as_exit()
     try:
         left = []
         with pytest.raises(SystemExit) as stopped:
-            with staging.interrupts_deferred():
-                with staging.interrupts_deferred():
+            with interrupts.interrupts_deferred():
+                with interrupts.interrupts_deferred():
                     os.kill(os.getpid(), signal.SIGTERM)
                     time.sleep(0.01)
                 left.append("inner")  # the inner block did not raise it
         assert stopped.value.code == 143 and left == ["inner"]
-        with pytest.raises(KeyboardInterrupt), staging.interrupts_deferred(), staging.interrupts_raised():
+        with pytest.raises(KeyboardInterrupt), interrupts.interrupts_deferred(), interrupts.interrupts_raised():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler raises before this returns
-        with pytest.raises(ValueError), staging.interrupts_deferred():
+        with pytest.raises(ValueError), interrupts.interrupts_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.01)
             raise ValueError("the block's own error")
-        with staging.interrupts_deferred():
+        with interrupts.interrupts_deferred():
             pass  # nothing left over to raise
-        assert staging._deferred == 0 and staging.interrupted_by() == signal.SIGTERM
+        assert interrupts._deferred == 0 and interrupts.interrupted_by() == signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])

@@ -9,7 +9,8 @@ import optuna
 import pytest
 
 from adapruner.errors import AdaPrunerError
-from adapruner.searching.study import open_storage, shown_url
+from adapruner.searching.storage_urls import shown_url
+from adapruner.searching.study import open_storage
 from tests.helpers import one_error_line, run_cli, save_tiny_model, search_args, write_pool
 
 PASSWORD = "pw-Zq81xK"  # a literal searched for in every output; the test server trusts loopback, so any password works

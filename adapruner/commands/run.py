@@ -31,7 +31,7 @@ from adapruner.output.saving import layer_sizes, save_pruned
 from adapruner.scoring.refit_pool import RefitPool
 from adapruner.searching.best_trial import BestTrial
 from adapruner.searching.search_options import SearchOptions
-from adapruner.searching.study import shown_options
+from adapruner.searching.storage_urls import shown_options
 from adapruner.staging import check_out_dir, staged_file
 
 

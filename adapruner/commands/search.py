@@ -29,6 +29,7 @@ from adapruner.searching.best_trial import BestTrial
 from adapruner.searching.memory_plan import GIB, MemoryPlan, memory_plan
 from adapruner.searching.search import SearchSpace, config_of, trial_spec
 from adapruner.searching.search_options import STUDY_FILE, SearchOptions, search_record, study_setup
+from adapruner.searching.storage_urls import shown_options, shown_url
 from adapruner.searching.study import (
     COUNTED,
     WorkerSpec,
@@ -37,8 +38,6 @@ from adapruner.searching.study import (
     open_study,
     pin_content,
     run_workers,
-    shown_options,
-    shown_url,
 )
 from adapruner.searching.trial_scorer import resolve_val_dtype
 from adapruner.staging import check_writable, staged_file

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from adapruner.errors import AdaPrunerError
 from adapruner.searching.search_options import STUDY_FILE, search_record
-from adapruner.searching.study import MASK, open_storage
+from adapruner.searching.storage_urls import MASK
+from adapruner.searching.study import open_storage
 
 DEFAULT_PORT = 8080
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -21,19 +20,19 @@ from safetensors.torch import load_file
 
 from adapruner.choosing.spec import PruneSpec
 from adapruner.errors import AdaPrunerError, first_line
+from adapruner.interrupts import interruptible, interrupts_deferred, raise_pending
 from adapruner.model.structure import decoder_layers, parse_layer_range
 from adapruner.scoring.cache import ActivationCache, DamagedCache
 from adapruner.scoring.refit_pool import RefitPool
 from adapruner.searching.search import WORKER_ATTR, Objective, SearchSpace, worker_name
 from adapruner.searching.search_options import SearchOptions, startup_trials, study_setup
+from adapruner.searching.storage_urls import MASK, missing_driver, passwords, shown_url
 from adapruner.searching.trial_scorer import ValidationScorer
-from adapruner.staging import interruptible, interrupts_deferred, raise_pending
 
 HEARTBEAT_SECONDS = 5
 GRACE_SECONDS = 20
 MAX_RETRY = 3
 OPEN_ATTEMPTS = 5
-MASK = "***"  # what a password is shown as (SQLAlchemy's rendering)
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
@@ -63,58 +62,6 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_sec
             _refuse(url, exc)
 
 
-PASSWORD_PARAMS = re.compile(r"([?&](?:password|sslpassword)=)([^&#]*)")  # libpq also reads a password from these
-
-
-def shown_url(url: str) -> str:
-    """`url` as it may be printed or written anywhere: the password of its user part (everything between `user:` and
-    the host's `@`, which may itself hold an unescaped `@`) and of its `password=` parameters shown as `***`."""
-    if url.startswith("journal:"):
-        return url
-    userinfo = _userinfo(url)
-    if ":" in userinfo:
-        url = url.replace(f"//{userinfo}@", f"//{userinfo.split(':', 1)[0]}:{MASK}@", 1)
-    return PASSWORD_PARAMS.sub(rf"\1{MASK}", url)
-
-
-def _userinfo(url: str) -> str:
-    """The `user:password` part of `url` (before the last `@` of its network location, as urllib splits it)."""
-    from urllib.parse import urlsplit
-
-    try:
-        return urlsplit(url).netloc.rpartition("@")[0]
-    except ValueError:
-        return ""
-
-
-def shown_options(values: dict) -> dict:
-    """A settings dict (`asdict` of the options) as it may be written: every `storage` URL in it through `shown_url`."""
-    shown = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            value = shown_options(value)
-        elif key == "storage" and isinstance(value, str):
-            value = shown_url(value)
-        shown[key] = value
-    return shown
-
-
-def missing_driver(url: str) -> str | None:
-    """The Python module the database driver of an RDB `url` needs where it is not installed, else None (SQLAlchemy
-    2.1 reads a plain `postgresql://` with psycopg 3, `postgresql+psycopg2://` with psycopg2)."""
-    from sqlalchemy.engine import make_url
-
-    if url.startswith("journal:"):
-        return None
-    try:
-        make_url(url).get_dialect().import_dbapi()
-    except ModuleNotFoundError as exc:
-        return exc.name
-    except Exception:  # not a parseable URL or an unknown dialect: `open_storage` refuses it as it stands
-        pass
-    return None
-
-
 def _storage(url: str, heartbeat_seconds: int, grace_seconds: int):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
@@ -140,24 +87,12 @@ def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
 
 def _refuse(url: str, exc: Exception):
     reason = first_line(exc)
-    for secret in _passwords(url):
+    for secret in passwords(url):
         reason = reason.replace(secret, MASK)
     raise AdaPrunerError(
         f"cannot open storage {shown_url(url)!r} ({reason}): "
         "pass a URL like sqlite:///path/study.db or journal:path/study.log"
     ) from None
-
-
-def _passwords(url: str) -> set[str]:
-    """The passwords of `url` (its user part's, its `password=` parameters') as written and as decoded: an error
-    message may quote either."""
-    from urllib.parse import unquote
-
-    written = [match[1] for match in PASSWORD_PARAMS.findall(url)]
-    userinfo = _userinfo(url)
-    if ":" in userinfo:
-        written.append(userinfo.split(":", 1)[1])
-    return {form for secret in written if secret for form in (secret, unquote(secret))}
 
 
 def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
