@@ -3,11 +3,13 @@ the trial scorer's prefix-cached KL equal to a full forward's."""
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from adapruner.choosing.selection import plan_pruning
 from adapruner.cutting.removal import cut
+from adapruner.errors import AdaPrunerError
 from adapruner.evaluation.divergence import dense_top_k, mean_kl
 from adapruner.scoring.importance import Importance
 from adapruner.searching.trial_scorer import ValidationScorer
@@ -55,3 +57,10 @@ def test_the_trial_scorer_s_kl_from_the_cached_prefix_equals_a_full_forward():
     expected = mean_kl(pruned, WINDOWS, dense_top_k(dense, WINDOWS, batch_size=4))
     assert abs(scorer.kl(plan) - expected) < 1e-5
     assert abs(scorer.kl(type(plan)())) < 1e-6  # the dense structure: KL 0
+
+
+def test_the_kl_refuses_a_plan_that_prunes_a_layer_inside_the_cached_prefix():
+    dense = tiny_llama(6, 2, layers=3)
+    plan = plan_pruning(dense, Importance("l2"), 0.5, range(0, 3), "kv")
+    with pytest.raises(AdaPrunerError, match="before 1"):
+        ValidationScorer(dense, WINDOWS, start=1, batch_size=2).kl(plan)

@@ -103,7 +103,7 @@ def apply_study_plan(
             else windows_at(tokenizer, [tuple(a) for a in best.addresses], best.seq_len)
         )
         statistics = CalibrationPasses(samples.input_ids, progress)
-    updates = refit_updates(model, plan, statistics, spec.compensation, spec.damp) if statistics else {}
+    updates = {} if statistics is None else refit_updates(model, plan, statistics, spec.compensation, spec.damp)
     cut(model, plan, updates)
     give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will
     layers = parse_layer_range(spec.layers, len(decoder_layers(model)))

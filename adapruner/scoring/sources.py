@@ -84,7 +84,8 @@ class CalibrationPasses:
         outputs = output_projections(model, layers, spec.prune_attention, spec.prune_mlp)
         if "act_var" in required or gram:
             self._moments = collect_input_moments(model, outputs, self.input_ids, gram, progress=self.progress)
-        for name, entry in moment_stats(self._moments, 0, {"act_var", "act_cov"} if gram else {"act_var"}).items():
+        fields = {"act_var", "act_cov"} if gram else {"act_var"}
+        for name, entry in moment_stats(self._moments, self.input_ids.numel(), fields).items():
             held = stats.setdefault(name, LinearStats())
             held.act_var, held.act_cov = entry.act_var, entry.act_cov
             if gram:  # Σ is kept once, in the stats; the moments keep μ and mean x²

@@ -139,20 +139,24 @@ class ValidationScorer:
     ) -> float:
         """Validation perplexity of the base model pruned by `plan` (and compensated by `updates`;
         only layers `start`… run)."""
-        if any(index < self.start for index in (*plan.attention, *plan.mlp)):
-            raise AdaPrunerError(f"the plan prunes a layer before {self.start}, whose output the scorer has cached")
-        model = self.pruned(plan, updates)
-        drop_leading_layers(model, self.start)
+        model = self._from_start(plan, updates)
         return perplexity(
             model, self.windows, self.batch_size, progress=False, report=report, inputs_embeds=self.prefix
         )
 
     def kl(self, plan: PrunePlan, updates: dict | None = None) -> float:
         """Mean KL divergence of the pruned model's next-token distributions from the base model's on the windows,
-        on the base model's top k (`adapruner.evaluation.divergence`, computed on the first call; only layers
-        `start`… of the pruned model run)."""
+        on the base model's top k (`adapruner.evaluation.divergence`, computed on the first call; both run layers
+        `start`… on the cached prefix)."""
         if self.dense is None:
-            self.dense = dense_top_k(self.base, self.windows, batch_size=self.batch_size)
+            dense = self._from_start(PrunePlan())
+            self.dense = dense_top_k(dense, self.windows, batch_size=self.batch_size, inputs_embeds=self.prefix)
+        return mean_kl(self._from_start(plan, updates), self.windows, self.dense, self.batch_size, self.prefix)
+
+    def _from_start(self, plan: PrunePlan, updates: dict | None = None) -> nn.Module:
+        """`pruned(plan, updates)` without the layers before `start`: it reads the cached prefix as `inputs_embeds`."""
+        if any(index < self.start for index in (*plan.attention, *plan.mlp)):
+            raise AdaPrunerError(f"the plan prunes a layer before {self.start}, whose output the scorer has cached")
         model = self.pruned(plan, updates)
         drop_leading_layers(model, self.start)
-        return mean_kl(model, self.windows, self.dense, self.batch_size, inputs_embeds=self.prefix)
+        return model
