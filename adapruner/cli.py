@@ -45,7 +45,7 @@ TARGET_HELP = (
 ALLOCATION_HELP = allocation_help_text()
 MIN_KEEP_HELP = (
     f"allocations {', '.join(names_where(lambda a: a.scored))}: each layer keeps at least this fraction of its "
-    "attention units and MLP channels (at least one)"
+    "attention units and MLP channels (at least one; 0 lets a whole attention or MLP block go)"
 )
 COMPENSATE_HELP = (
     "after removal, repair o_proj/down_proj outputs from calibration inputs: bias adds the removed channels' mean "

@@ -4,10 +4,15 @@ SmolLM2-135M with `best`'s choices (fluct scores, lsq refit at damp 0.3, query h
 256-window wiki refit pool, at each `--targets` fraction of all parameters removed:
   loss     the `loss` allocation's counts (what `adapruner prune` does with no flag), the study's first trial;
   searched `--trials` trials of Optuna's `--sampler` over per-module shares (`adapruner.searching.widths`), drawn as
-           w_m = (w_m(loss) + ε) · exp(u_m) with u_m ∈ [−spread, spread] (u = 0: the loss counts), repaired to the
+           w_m = max(0, (w_m(loss) + ε) · exp(u_m) − ε) with u_m ∈ [−spread, spread] (u = 0: the loss counts; before
+           issue 33's second step the − ε was missing, so trial 0 was near them, not them), repaired to the
            budget, scored on `--val-windows` wiki validation windows (prefix cached, as search trials) by
            `--objective`: perplexity, or the mean KL divergence from the dense model on its top 64 tokens
            (`adapruner.evaluation.divergence`).
+  or, with `--sampler evolution`, the (1+λ) evolution of `adapruner.searching.evolution` from the loss counts:
+           `--children` per generation, `--trials` children in all, multi-step selection on `--stages` windows
+           (`--survivors` kept after each stage but the last); its validation values are the parent's on the last
+           stage's windows (the objective's log for perplexity).
 Both are then scored on the first `--max-eval-windows` wiki evaluation windows (bench.quality's protocol). Printed:
 evaluation perplexity of each, searched / loss, the validation perplexities, seconds per trial; JSON to `--out`.
 """
@@ -33,6 +38,7 @@ from adapruner.model.structure import decoder_layers
 from adapruner.output.report import format_table
 from adapruner.recipes import recipe_prune_options
 from adapruner.scoring.refit_pool import load_or_collect
+from adapruner.searching.evolution import Stages, evolve
 from adapruner.searching.trial_scorer import ValidationScorer
 from adapruner.searching.widths import LayerVariants, WidthSpace
 
@@ -55,7 +61,10 @@ def searched_counts(variants, space, start, scorer, args) -> tuple[dict, list[fl
 
     def objective(trial) -> float:
         shares = {
-            m: (base[m] + EPSILON) * math.exp(trial.suggest_float(names[m], -args.spread, args.spread)) for m in modules
+            m: max(
+                0.0, (base[m] + EPSILON) * math.exp(trial.suggest_float(names[m], -args.spread, args.spread)) - EPSILON
+            )
+            for m in modules
         }
         counts = space.counts(shares)
         trial.set_user_attr("counts", {str(i): list(c) for i, c in counts.items()})
@@ -70,16 +79,37 @@ def searched_counts(variants, space, start, scorer, args) -> tuple[dict, list[fl
     return best, [t.value for t in study.trials], seconds
 
 
+def evolved_counts(variants, space, start, val, model, args) -> tuple[dict, list[float], float]:
+    """The (1+λ) evolution's best counts from `start` (`adapruner.searching.evolution`), the parent's score per
+    generation on the last stage's windows, and the seconds per child."""
+    stages = Stages(tuple(int(n) for n in args.stages.split(",")), tuple(int(n) for n in args.survivors.split(",")))
+    scorers = [ValidationScorer(model, val[a:b], 0, "float32") for a, b in stages.chunks]
+
+    def score(counts, chunk):
+        plan, updates = variants.plan(counts), variants.updates(counts)
+        scorer = scorers[chunk]
+        return scorer.kl(plan, updates) if args.objective == "kl" else math.log(scorer.score(plan, None, updates))
+
+    started = time.perf_counter()
+    generations = max(1, args.trials // args.children)
+    result = evolve(space, start, score, stages, generations, args.children, seed=args.seed)
+    return result.best, result.history, (time.perf_counter() - started) / max(1, result.children)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", default="0.2,0.12", help="fractions of all parameters removed")
     parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--sampler", default="tpe", choices=tuple(SAMPLERS))
+    parser.add_argument("--sampler", default="tpe", choices=(*SAMPLERS, "evolution"))
+    parser.add_argument("--children", type=int, default=8, help="evolution: children per generation")
+    parser.add_argument("--stages", default="16,64,128", help="evolution: cumulative validation windows per stage")
+    parser.add_argument("--survivors", default="3,1", help="evolution: children kept after each stage but the last")
     parser.add_argument("--objective", default="ppl", choices=("ppl", "kl"), help="what a trial minimises")
     parser.add_argument("--spread", type=float, default=1.0, help="u_m ∈ [−spread, spread]: shares within e^±spread")
     parser.add_argument("--val-windows", type=int, default=16)
     parser.add_argument("--max-eval-windows", type=int, default=200)
     parser.add_argument("--refit-calib", default="wiki:256")
+    parser.add_argument("--min-keep", type=float, default=None, help="0 lets whole blocks go (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--pool-file", default="runs/width-search-pool.safetensors", help="the refit pool, reused when it matches"
@@ -93,15 +123,20 @@ def main() -> None:
     windows = (args.refit_calib, 128, args.seed)
     pool = load_or_collect(model, tokenizer, windows, layers, Path(args.pool_file), progress=True, fisher=True)
     pool_seconds = time.perf_counter() - started
-    val = pool_windows(tokenizer, "wiki", 128, "val")[: args.val_windows]
+    val_all = pool_windows(tokenizer, "wiki", 128, "val")
+    val = val_all[: args.val_windows]
     evaluation = pool_windows(tokenizer, "wiki", 128, "eval")[: args.max_eval_windows]
     scorer = ValidationScorer(model, val, 0, "float32")
     rows = []
     for target in (float(t) for t in args.targets.split(",")):
         spec = recipe_prune_options("best", target_params=target).spec
+        spec = spec if args.min_keep is None else spec.with_(min_keep=args.min_keep)
         space, variants = WidthSpace.of(model, spec), LayerVariants(model, spec, pool, args.seed)
         loss = allocate(model, pool.importance(model, spec, args.seed), spec)[0]
-        best, values, seconds = searched_counts(variants, space, loss, scorer, args)
+        if args.sampler == "evolution":
+            best, values, seconds = evolved_counts(variants, space, loss, val_all, model, args)
+        else:
+            best, values, seconds = searched_counts(variants, space, loss, scorer, args)
         measured = {}
         for name, counts in (("loss", loss), ("searched", best)):
             pruned = copy.deepcopy(model)
@@ -119,8 +154,15 @@ def main() -> None:
                 "sampler": args.sampler,
                 "objective": args.objective,
                 "spread": args.spread,
+                "stages": [args.stages, args.survivors, args.children] if args.sampler == "evolution" else None,
+                "min_keep": spec.min_keep,
+                "removed_blocks": {
+                    kind: [i for i, c in best.items() if c[k] == space.units[(i, kind)] * (space.align if k else 1)]
+                    for k, kind in enumerate(("attn", "mlp"))
+                },
                 "seconds_per_trial": seconds,
                 "searched_counts": {str(i): list(c) for i, c in best.items()},
+                "loss_counts": {str(i): list(c) for i, c in loss.items()},
             }
         )
         print(f"{target}: loss {measured['loss']:.2f}, searched {measured['searched']:.2f}")

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from adapruner.choosing.selection import plan_pruning
 from adapruner.cutting.removal import cut
 from adapruner.errors import AdaPrunerError
-from adapruner.evaluation.divergence import dense_top_k, mean_kl
+from adapruner.evaluation.divergence import dense_top_k, mean_kl, window_divergences
+from adapruner.evaluation.evaluate import perplexity
 from adapruner.scoring.importance import Importance
 from adapruner.searching.trial_scorer import ValidationScorer
 from tests.models import tiny_llama
@@ -64,3 +65,15 @@ def test_the_kl_refuses_a_plan_that_prunes_a_layer_inside_the_cached_prefix():
     plan = plan_pruning(dense, Importance("l2"), 0.5, range(0, 3), "kv")
     with pytest.raises(AdaPrunerError, match="before 1"):
         ValidationScorer(dense, WINDOWS, start=1, batch_size=2).kl(plan)
+
+
+def test_per_window_divergences_average_to_the_kl_and_give_the_perplexity():
+    dense = tiny_llama(6, 2, layers=3)
+    pruned, _plan = pruned_copy_of(dense)
+    top = dense_top_k(dense, WINDOWS, k=16)
+    kls, nlls = window_divergences(pruned, WINDOWS, top, batch_size=2)
+    assert kls.shape == nlls.shape == (5,)
+    assert abs(kls.mean().item() - mean_kl(pruned, WINDOWS, top, batch_size=5)) < 1e-6
+    for rows in (slice(0, 5), slice(1, 3)):
+        expected = perplexity(pruned, WINDOWS[rows], progress=False)
+        assert abs(nlls[rows].mean().exp().item() - expected) < 1e-5 * expected

@@ -79,7 +79,8 @@ def test_removal_curves_by_hand():
 
 def test_plan_from_counts_keeps_the_best_scored_units_by_hand():
     """6 query heads in 2 kv groups of 3, 24 channels: by kv group the better group stays whole; by query head each
-    group keeps its best two; the MLP keeps all but its lowest-scored channels."""
+    group keeps its best two; the MLP keeps all but its lowest-scored channels; a count of every unit removes the
+    block."""
     model = tiny_llama(6, 2)
     mlp = torch.ones(24)
     mlp[[5, 11, 17]] = 0.0
@@ -89,10 +90,10 @@ def test_plan_from_counts_keeps_the_best_scored_units_by_hand():
     heads = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.8, 0.2])
     by_query = plan_from_counts(model, {(1, "attn"): heads}, {1: (1, 0)}, "query")
     assert by_query.attention[1] == ([0, 2, 3, 4], [0, 1]) and by_query.mlp == {}
-    with pytest.raises(AdaPrunerError, match="would remove all 24 MLP channels of layer 0"):
-        plan_from_counts(model, {(0, "mlp"): mlp}, {0: (0, 24)}, "kv")
-    with pytest.raises(AdaPrunerError, match="would remove every attention unit of layer 0"):
-        plan_from_counts(model, {(0, "attn"): torch.tensor([0.2, 0.7])}, {0: (2, 0)}, "kv")
+    # every unit: the block goes (a query-granularity attention block takes its kv heads along)
+    assert plan_from_counts(model, {(0, "mlp"): mlp}, {0: (0, 24)}, "kv").mlp[0] == []
+    assert plan_from_counts(model, {(0, "attn"): torch.tensor([0.2, 0.7])}, {0: (2, 0)}, "kv").attention[0] == ([], [])
+    assert plan_from_counts(model, {(1, "attn"): heads}, {1: (3, 0)}, "query").attention[1] == ([], [])
 
 
 def test_a_depth_allocation_by_ratio_keeps_the_top_l2_channels_of_each_layer():

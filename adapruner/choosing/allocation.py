@@ -16,9 +16,9 @@ Budget mode (`target_params` p): T = ⌈p·N⌉ parameters of the model's N go, 
         back one at a time while the removal stays ≥ T — within one MLP channel of T (one attention unit with
         --no-mlp, where units are added to the layers losing least);
     global: per layer and module, unit scores s are standardised, z = (s − mean s)/std s; units go in ascending z
-        over all layers and modules until T is reached, each module keeping ⌈min_keep·n⌉ units (at least one); a
-        candidate that would pass T by more than the cheapest unit (an MLP channel) is passed over, so the plan
-        ends within one MLP channel of T.
+        over all layers and modules until T is reached, each module keeping ⌈min_keep·n⌉ units (none at min_keep 0:
+        the block goes); a candidate that would pass T by more than the cheapest unit (an MLP channel) is passed over,
+        so the plan ends within one MLP channel of T.
         With query granularity the k-th candidate of a layer is every kv group's k-th weakest head, at their mean z;
     error: each module's greedy OBS removal (`adapruner.scoring.obs`, in the metric's order) gives its relative output
         error e(k) after the damped refit with k units gone (over the output's energy tr(W H Wᵀ)); units go one at a
@@ -69,12 +69,20 @@ def prices(info: LayerInfo, granularity: AttnGranularity) -> tuple[int, int]:
 
 
 def removed_by(model: nn.Module, counts: Counts, granularity: AttnGranularity) -> int:
-    """Parameters that `counts` remove (from shapes alone)."""
+    """Parameters that `counts` remove (from shapes alone), a removed attention block's kv heads included."""
     total = 0
     for index, (n_attn, n_mlp) in counts.items():
-        attention, channel = prices(layer_info(model, index), granularity)
-        total += n_attn * attention + n_mlp * channel
+        info = layer_info(model, index)
+        attention, channel = prices(info, granularity)
+        whole = n_attn and n_attn == attention_units(info, granularity)
+        total += n_attn * attention + n_mlp * channel + (block_bonus(info, granularity) if whole else 0)
     return total
+
+
+def block_bonus(info: LayerInfo, granularity: AttnGranularity) -> int:
+    """Parameters a removed attention block frees beyond its units' prices: its kv heads at `query` granularity
+    (a query unit keeps them), none at `kv`."""
+    return info.n_kv_heads * unit_params(info)[1] if granularity == "query" else 0
 
 
 def ratio_counts(
@@ -191,8 +199,9 @@ def _aligned(unit_prices: tuple[int, int], align: int) -> tuple[int, int]:
 
 
 def kept_at_least(units: int, min_keep: float) -> int:
-    """The fewest of a module's `units` a layer keeps under a scored allocation: ⌈min_keep · units⌉, at least one."""
-    return max(1, math.ceil(min_keep * units))
+    """The fewest of a module's `units` a layer keeps under a scored allocation: ⌈min_keep · units⌉ (at least one for
+    any min_keep > 0; 0 lets the whole block go — a removed attention or MLP block)."""
+    return math.ceil(min_keep * units)
 
 
 def _short_of_target(model: nn.Module, target: int, removed: int, min_keep: float) -> NoReturn:

@@ -205,8 +205,8 @@ def error_removals(
     scores: Scores | None = None,
 ) -> dict[tuple[int, str], Removal]:
     """Per module of `which`, the greedy OBS removal (in `importance`'s order: its `scores` where at hand) of every
-    unit it may lose: all but ⌈min_keep · n⌉ (at least one; MLP channels in whole blocks of `align`); loss-weighted
-    (`Importance.removal`) under `spec.allocation` `loss`."""
+    unit it may lose: all but ⌈min_keep · n⌉ (every unit at min_keep 0; MLP channels in whole blocks of `align`);
+    loss-weighted (`Importance.removal`) under `spec.allocation` `loss`."""
     removals, loss = {}, allocation(spec.allocation).output_fisher
     for index, (attention, mlp) in which.items():
         info = layer_info(model, index)
@@ -270,16 +270,18 @@ def score_layers(
 def plan_from_counts(
     model: nn.Module, scores: Mapping[tuple[int, str], torch.Tensor], counts: Counts, granularity: AttnGranularity
 ) -> PrunePlan:
-    """Keep the best-scored units of every scored module: all but `counts[layer]` (attention units, MLP channels)."""
+    """Keep the best-scored units of every scored module: all but `counts[layer]` (attention units, MLP channels). A
+    count of every unit removes the block: an attention block keeps no query and no kv heads, an MLP no channels."""
     plan = PrunePlan()
     for index, (n_attn, n_mlp) in counts.items():
         info = layer_info(model, index)
         if (index, "attn") in scores:
             plan.attention[index] = _kept_attention(info, scores[(index, "attn")], n_attn, granularity)
         if (index, "mlp") in scores:
-            if n_mlp >= info.intermediate:
+            if n_mlp >= info.intermediate and info.experts is not None:
                 raise AdaPrunerError(
-                    f"the plan would remove all {info.intermediate} MLP channels of layer {index}: prune less"
+                    f"the plan would remove all {info.intermediate} channels of layer {index}'s experts: prune less "
+                    "(a MoE layer keeps its experts; raise --min-keep above 0)"
                 )
             plan.mlp[index] = _kept_channels(info, scores[(index, "mlp")], n_mlp)
     return plan
@@ -331,8 +333,8 @@ def _kept_attention(
     all_kv, all_q = list(range(info.n_kv_heads)), list(range(info.n_heads))
     if n_remove == 0:
         return all_q, all_kv
-    if n_remove >= attention_units(info, granularity):
-        raise AdaPrunerError(f"the plan would remove every attention unit of layer {info.index}: prune less")
+    if n_remove >= attention_units(info, granularity):  # the block goes, its kv heads with it
+        return [], []
     if granularity == "kv":
         keep_kv = top_units(scores, info.n_kv_heads - n_remove)
         return [h * r + j for h in keep_kv for j in range(r)], keep_kv

@@ -25,7 +25,7 @@ from adapruner.choosing.spec import DEFAULT_DAMP, check_compensation
 from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.model.big_model import home_device, place_like, weights
-from adapruner.model.structure import decoder_layers, head_channels, layer_info, output_projections
+from adapruner.model.structure import decoder_layers, head_channels, layer_info, linear_of, output_projections
 from adapruner.scoring.collect import InputMoments
 from adapruner.scoring.sources import StatisticsSource
 from adapruner.searching.memory_plan import device_free_bytes
@@ -125,9 +125,7 @@ def install(model: nn.Module, updates: dict[str, Update]) -> None:
                 f"{name} is {tuple(old.weight.shape)}, its compensation {tuple(weight.shape)}: apply the plan first"
             )
         dtype, device = old.weight.dtype, home_device(old)
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=True, device="meta")
-        linear.weight = nn.Parameter(weight.to(device, dtype), requires_grad=old.weight.requires_grad)
-        linear.bias = nn.Parameter(bias.to(device, dtype), requires_grad=old.weight.requires_grad)
+        linear = linear_of(weight.to(device, dtype), bias.to(device, dtype), old.weight.requires_grad)
         setattr(owner, leaf, place_like(linear, old))
 
 

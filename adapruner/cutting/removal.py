@@ -15,7 +15,7 @@ from adapruner.cutting.compensation import Update, install
 from adapruner.kernels.dispatch import Backend
 from adapruner.kernels.gather import gather
 from adapruner.model.big_model import place_like, weights
-from adapruner.model.structure import expert_cuts, layer_cuts, layer_info, resize_modules
+from adapruner.model.structure import expert_cuts, layer_cuts, layer_info, linear_of, resize_modules
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan, backend: Backend = "auto") -> None:
@@ -67,20 +67,11 @@ def _module_from(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
     """A linear like `old` owning the gathered `weight` and `bias`; for a norm (1-D weight), a copy of it with
     `weight`."""
     if isinstance(old, nn.Linear):
-        return _linear_from(weight, bias)
+        return linear_of(weight, bias)
     norm = copy.copy(old)
     norm._parameters = dict(old._parameters)
     norm.weight = nn.Parameter(weight, requires_grad=True)
     return norm
-
-
-def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear that owns `weight` (out × in) and `bias` without copying them again."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=True)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=True)
-    return linear
 
 
 def plan_removed(model: nn.Module, plan: PrunePlan) -> int:

@@ -69,7 +69,20 @@ def mean_kl(
     inputs_embeds: torch.Tensor | None = None,
 ) -> float:
     """Mean over all positions of `windows` of KL_t (module docstring) from the dense model's `dense` to `model`."""
-    total, positions = 0.0, 0
+    return float(window_divergences(model, windows, dense, batch_size, inputs_embeds)[0].mean())
+
+
+@torch.no_grad()
+def window_divergences(
+    model: nn.Module,
+    windows: torch.Tensor,
+    dense: DenseTopK,
+    batch_size: int = 8,
+    inputs_embeds: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window, from one forward: the mean of KL_t over its positions and its mean next-token negative
+    log-likelihood −(1/(T−1)) Σ_t log q(x_{t+1} | x_≤t) (the log-perplexity of the window); fp64, on the CPU."""
+    kls, nlls = [], []
     for start, batch in window_batches(windows, batch_size, model_device(model)):
         rows = slice(start, start + batch_size)
         embeds = None if inputs_embeds is None else inputs_embeds[rows].to(batch.device)
@@ -78,6 +91,6 @@ def mean_kl(
         log_q_top = log_q.gather(-1, tokens)
         log_p_tail, log_q_tail = dense.log_tail[rows].to(log_q.device), _log_tail(log_q_top)
         kl = (log_p.exp() * (log_p - log_q_top)).sum(-1) + log_p_tail.exp() * (log_p_tail - log_q_tail)
-        total += kl.sum().item()
-        positions += kl.numel()
-    return total / positions
+        kls.append(kl.double().mean(-1).cpu())
+        nlls.append(-log_q[:, :-1].gather(-1, batch[:, 1:, None]).squeeze(-1).double().mean(-1).cpu())
+    return torch.cat(kls), torch.cat(nlls)

@@ -10,6 +10,7 @@ n_q·head_dim, V rows at (n_q + n_kv)·head_dim).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,7 +88,7 @@ class LayerInfo:
 
     @property
     def heads_per_kv(self) -> int:
-        return self.n_heads // self.n_kv_heads
+        return self.n_heads // self.n_kv_heads if self.n_kv_heads else 0
 
     @property
     def mlp_units(self) -> int:
@@ -369,3 +370,14 @@ def unit_params(info: LayerInfo) -> tuple[int, int, int]:
     gate, up = getattr(info.mlp, mlp["gate"][0]), getattr(info.mlp, mlp["up"][0])
     channel = 3 * hidden + (gate.bias is not None) + (up.bias is not None)
     return q_head, kv_head, channel
+
+
+def linear_of(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool = True) -> nn.Linear:
+    """An nn.Linear that owns `weight` (out × in) and `bias` without copying them (a removed block's: zero-size)."""
+    with warnings.catch_warnings():  # built on the meta device: nothing to initialise
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=requires_grad)
+    return linear

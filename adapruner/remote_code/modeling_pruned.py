@@ -9,6 +9,7 @@ This file imports only torch and transformers so that it works without adapruner
 """
 
 import copy
+import warnings
 
 import torch
 import transformers
@@ -71,7 +72,9 @@ class LayerConfig:
 def fit_layer(attn, mlp, n_heads, n_kv, intermediate, layer_config=False):
     """Set the attributes a layer's forwards read to its sizes: the GQA ratio, the kv head count, the MLP width, and
     for families whose attention reads the head count from the config, a per-layer view of it."""
-    attn.num_key_value_groups = n_heads // n_kv
+    attn.num_key_value_groups = n_heads // n_kv if n_kv else 0
+    if n_heads == 0 and not isinstance(attn, RemovedAttention):
+        attn.__class__ = _removed(type(attn))
     if hasattr(attn, "num_key_value_heads"):
         attn.num_key_value_heads = n_kv
     mlp.intermediate_size = intermediate
@@ -86,6 +89,25 @@ def fit_layer(attn, mlp, n_heads, n_kv, intermediate, layer_config=False):
         attn.config = LayerConfig(shared, num_attention_heads=n_heads, num_key_value_heads=n_kv)
 
 
+class RemovedAttention:
+    """An attention block left with no heads: it adds its output projection's bias to the residual stream (nothing
+    without one), the constant an lsq refit of no kept heads leaves. Mixed into the family's attention class."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.o_proj(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
+
+
+def _removed(attention_class):
+    """`attention_class` with `RemovedAttention`'s forward, made once per class."""
+    if attention_class not in _REMOVED:
+        name = f"Removed{attention_class.__name__}"
+        _REMOVED[attention_class] = type(name, (RemovedAttention, attention_class), {})
+    return _REMOVED[attention_class]
+
+
+_REMOVED = {}
+
+
 def _layers(model, path):
     for part in path.split("."):
         model = getattr(model, part)
@@ -93,7 +115,9 @@ def _layers(model, path):
 
 
 def _linear(old, in_features, out_features, bias):
-    return nn.Linear(in_features, out_features, bias=bias, dtype=old.weight.dtype, device=old.weight.device)
+    with warnings.catch_warnings():  # a removed block's projections hold no weights: nothing to initialise
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+        return nn.Linear(in_features, out_features, bias=bias, dtype=old.weight.dtype, device=old.weight.device)
 
 
 def _norm(old, size):

@@ -2,8 +2,10 @@
 and MLP goes under the parameter budget; which units go, and their refit, come from memoized layer variants.
 
 Space: a share w_m ∈ [0, 1] per module m = (layer, attention | MLP), with n_m units of p_m parameters each (MLP
-units: blocks of `align` channels) and a floor of ⌈min_keep · n_m⌉ kept units (at least one). A trial's counts:
-    c_m(s) = min(n_m − floor_m, round(s · w_m · n_m)),   s the least scale (bisection) with Σ_m c_m(s) · p_m ≥ T,
+units: blocks of `align` channels) and a floor of ⌈min_keep · n_m⌉ kept units (0 at `--min-keep 0`: the block may
+go). A trial's counts:
+    c_m(s) = min(n_m − floor_m, round(s · w_m · n_m)),   s the least scale (bisection) with Σ_m R_m(c_m(s)) ≥ T,
+R_m(c) = c · p_m, plus the kv heads b_m a removed attention block frees at `query` granularity when c = n_m,
 then MLP blocks are given back one at a time, from the MLP losing the largest fraction, while the removal stays ≥ T:
 every trial ends within one MLP block of the budget T. The shares of given counts, w_m = c_m / n_m, reproduce them at
 s = 1 (how the `loss` allocation's counts enter a study as its first trial).
@@ -15,11 +17,11 @@ fresh prune with the same counts, scores and refit.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from adapruner.choosing.allocation import Counts, attention_units, kept_at_least, prices, target_count
+from adapruner.choosing.allocation import Counts, attention_units, block_bonus, kept_at_least, prices, target_count
 from adapruner.choosing.plan import PrunePlan
 from adapruner.choosing.selection import plan_from_counts, score_layers
 from adapruner.choosing.spec import PruneSpec
@@ -33,20 +35,22 @@ Module = tuple[int, str]  # (layer, "attn" | "mlp")
 
 @dataclass(frozen=True)
 class WidthSpace:
-    """The modules a spec prunes, with their units n_m, unit prices p_m, floors and the budget T (module docstring)."""
+    """The modules a spec prunes, with their units n_m, unit prices p_m, floors, the parameters b_m their removal as a
+    whole frees beyond the units' prices, and the budget T (module docstring)."""
 
     units: dict[Module, int]
     prices: dict[Module, int]
     floors: dict[Module, int]
     target: int
     align: int = 1
+    bonus: dict[Module, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module, spec: PruneSpec) -> WidthSpace:
         """The space of `spec` (a parameter budget: `target_params`) on `model`."""
         if spec.target_params is None:
             raise AdaPrunerError("a widths search spreads a parameter budget: pass --target-params")
-        units, unit_prices, floors = {}, {}, {}
+        units, unit_prices, floors, bonus = {}, {}, {}, {}
         for index in parse_layer_range(spec.layers, len(decoder_layers(model))):
             info = layer_info(model, index)
             attention, channel = prices(info, spec.granularity)
@@ -58,7 +62,9 @@ class WidthSpace:
                 if on:
                     units[(index, kind)], unit_prices[(index, kind)] = n, price
                     floors[(index, kind)] = kept_at_least(n, spec.min_keep)
-        return cls(units, unit_prices, floors, target_count(model, spec.target_params), spec.align)
+            if spec.prune_attention:
+                bonus[(index, "attn")] = block_bonus(info, spec.granularity)
+        return cls(units, unit_prices, floors, target_count(model, spec.target_params), spec.align, bonus)
 
     def counts(self, shares: Mapping[Module, float]) -> Counts:
         """The counts of `shares` under the budget (module docstring)."""
@@ -66,9 +72,7 @@ class WidthSpace:
         def at(scale: float) -> dict[Module, int]:
             return {m: min(n - self.floors[m], round(scale * shares[m] * n)) for m, n in self.units.items()}
 
-        def removed(counts: Mapping[Module, int]) -> int:
-            return sum(c * self.prices[m] for m, c in counts.items())
-
+        removed = self.removed
         if removed(at(1e12)) < self.target:  # every module with a share at its floor
             raise AdaPrunerError(
                 f"these shares cannot remove {self.target:,} parameters above the --min-keep floors: give more "
@@ -87,15 +91,24 @@ class WidthSpace:
             if counts[largest] == 0 or removed(counts) - self.prices[largest] < self.target:
                 break
             counts[largest] -= 1
-        layers = sorted({index for index, _kind in self.units})
-        return {i: (counts.get((i, "attn"), 0), counts.get((i, "mlp"), 0) * self.align) for i in layers}
+        return self.layer_counts(counts)
 
     def shares(self, counts: Counts) -> dict[Module, float]:
         """w_m = c_m / n_m of given counts (they come back from `counts` at s = 1, up to the budget's last block)."""
-        return {
-            (i, kind): counts[i][0 if kind == "attn" else 1] / (self.align if kind == "mlp" else 1) / n
-            for (i, kind), n in self.units.items()
-        }
+        return {m: c / self.units[m] for m, c in self.module_counts(counts).items()}
+
+    def removed(self, units: Mapping[Module, int]) -> int:
+        """Parameters that removing `units[m]` units of each module m frees: Σ_m c_m · p_m, plus b_m where c_m = n_m."""
+        return sum(c * self.prices[m] + (self.bonus.get(m, 0) if c == self.units[m] else 0) for m, c in units.items())
+
+    def module_counts(self, counts: Counts) -> dict[Module, int]:
+        """Units removed per module (MLP: blocks of `align` channels) of per-layer `counts`."""
+        return {(i, kind): counts[i][0] if kind == "attn" else counts[i][1] // self.align for i, kind in self.units}
+
+    def layer_counts(self, units: Mapping[Module, int]) -> Counts:
+        """Per-layer (attention units, MLP channels) of units removed per module."""
+        layers = sorted({index for index, _kind in self.units})
+        return {i: (units.get((i, "attn"), 0), units.get((i, "mlp"), 0) * self.align) for i in layers}
 
 
 class LayerVariants:
