@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from adapruner.choosing.plan import PrunePlan
 from adapruner.choosing.selection import plan_allocation
 from adapruner.choosing.spec import PruneSpec
 from adapruner.cli import main
@@ -189,4 +190,42 @@ def test_llama3_rope_scaling_goes_out_as_rope_freqs(tmp_path):
     llm = llama_cpp.Llama(model_path=str(tmp_path / "tiny.gguf"), n_ctx=64, n_batch=64, logits_all=True, verbose=False)
     llm.eval(window[0].tolist())
     got = torch.from_numpy(np.array(llm.scores[:64], dtype=np.float32))
+    assert (got - expected).abs().max() / expected.abs().max() < 1e-3
+
+
+def llama_cpp_logits(path, window: torch.Tensor) -> torch.Tensor:
+    import llama_cpp
+
+    n = window.shape[-1]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n, n_batch=n, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(window[0].tolist())
+    return torch.from_numpy(np.array(llm.scores[:n], dtype=np.float32))
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("biased", [False, True], ids=["no-bias", "refit-bias"])
+def test_removed_blocks_in_llama_cpp_match_transformers(biased, tmp_path):
+    """A tiny Llama whose layer 1 lost its attention, layer 2 its MLP and layers 3 and 4 (the last) both: `deci` with
+    head_count 0 / feed_forward_length 0 and no tensors where llama.cpp's graph skips the block; one zero-valued unit
+    where it would not (a removed block with the refit's bias; an MLP removed below a kept attention or in the last
+    layer). llama.cpp's logits equal transformers'."""
+    model = tiny_llama(4, 2, layers=5)
+    apply_plan(model, PrunePlan({1: ([], []), 3: ([], []), 4: ([], [])}, {2: [], 3: [], 4: []}))
+    if biased:
+        with torch.no_grad():
+            for linear in (model.model.layers[1].self_attn.o_proj, model.model.layers[3].mlp.down_proj):
+                linear.bias = torch.nn.Parameter(torch.randn(linear.out_features) * 0.5)
+    export_gguf(model, byte_level_tokenizer(), tmp_path / "removed.gguf", "f32")
+    reader = gguf.GGUFReader(tmp_path / "removed.gguf")
+    names = {t.name for t in reader.tensors}
+    assert field(reader, "general.architecture") == "deci"
+    heads, channels = field(reader, "deci.attention.head_count"), field(reader, "deci.feed_forward_length")
+    assert (heads[1], channels[2], heads[3], channels[3], channels[4]) == (
+        (1, 1, 0, 1, 1) if biased else (0, 1, 0, 0, 1)
+    )
+    assert ("blk.1.attn_q.weight" in names, "blk.3.ffn_up.weight" in names) == (biased, biased)
+    window = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=window).logits[0].float()
+    got = llama_cpp_logits(tmp_path / "removed.gguf", window)
     assert (got - expected).abs().max() / expected.abs().max() < 1e-3

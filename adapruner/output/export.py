@@ -2,9 +2,14 @@
 
 Layers of one size go out as llama.cpp's `llama` architecture; per-layer widths (or compensation biases) as `deci`,
 whose loader reads `head_count`, `head_count_kv` and `feed_forward_length` as per-layer arrays and takes optional
-`attn_output.bias` / `ffn_down.bias`. q and k rows are permuted from transformers' rotate-half RoPE layout to the
-interleaved pairs llama.cpp rotates: per head, rows (i, i + d/2) become rows (2i, 2i + 1). The tokenizer (byte-level
-BPE vocabulary, merges, special tokens, chat template) goes into the metadata.
+`attn_output.bias` / `ffn_down.bias`. A removed block (issue 33: no heads, or no channels) goes out as `deci`'s
+`head_count = 0` / `feed_forward_length = 0` with no tensors, which its graph skips; where that graph would compute
+something else — the refit left the block a bias (its mean output), which it would not add, or an MLP is removed
+below a kept attention, whose output it would then drop — the block goes out as one head (one channel) whose values
+(up row) are zero, so it adds exactly its bias, or nothing. q and k rows are permuted from transformers'
+rotate-half RoPE layout to the interleaved pairs llama.cpp rotates: per head, rows (i, i + d/2) become rows
+(2i, 2i + 1). The tokenizer (byte-level BPE vocabulary, merges, special tokens, chat template) goes into the
+metadata.
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ def export_gguf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str |
     if outtype not in OUTTYPES:
         raise AdaPrunerError(f"unknown --outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
     config, infos = _checked_layout(model)
-    deci = len({(i.n_heads, i.n_kv_heads, i.intermediate) for i in infos}) > 1 or _has_output_biases(infos)
+    sizes = [_exported_size(info, info is infos[-1]) for info in infos]
+    deci = len(set(sizes)) > 1 or 0 in {n for size in sizes for n in size} or _has_output_biases(infos)
     arch = gguf.MODEL_ARCH.DECI if deci else gguf.MODEL_ARCH.LLAMA
     with staged_file(Path(out)) as staging:
         writer = gguf.GGUFWriter(str(staging), gguf.MODEL_ARCH_NAMES[arch])
-        _write_hparams(writer, config, infos, deci, outtype)
+        _write_hparams(writer, config, infos, sizes, deci, outtype)
         _write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
-        for name, tensor in [*_tensors(model, infos, config), *_rope_factors(config, infos[0].head_dim)]:
+        tensors = [*_tensors(model, infos, sizes, config), *_rope_factors(config, infos[0].head_dim)]
+        for name, tensor in tensors:
             data, qtype = _encoded(tensor, outtype)
             quantized = qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
             writer.add_tensor(name, data, raw_dtype=qtype if quantized else None)
@@ -76,7 +83,7 @@ def _checked_layout(model: nn.Module) -> tuple:
             raise AdaPrunerError("GGUF export: llama.cpp's llama/deci graphs have no q/k/v biases")
         if any(getattr(mlp, n).bias is not None for n in (f.gate, f.up)):
             raise AdaPrunerError("GGUF export: llama.cpp's llama/deci graphs read no gate/up biases")
-        if info.n_heads % info.n_kv_heads:
+        if info.n_heads and info.n_heads % info.n_kv_heads:
             raise AdaPrunerError(
                 f"GGUF export: layer {info.index} has {info.n_heads} heads for {info.n_kv_heads} kv heads"
             )
@@ -89,16 +96,30 @@ def _has_output_biases(infos) -> bool:
     )
 
 
-def _per_layer(values: list[int]) -> int | list[int]:
-    return values[0] if len(set(values)) == 1 else values
+def _carries_bias(linear: nn.Linear) -> bool:
+    return linear.bias is not None and bool(linear.bias.detach().any())
 
 
-def _write_hparams(writer, config, infos, deci: bool, outtype: str) -> None:
+def _exported_size(info, last: bool) -> tuple[int, int, int]:
+    """(heads, kv heads, MLP channels) a layer goes out with: as it is, but a removed block goes out with one
+    zero-valued unit where it carries a bias, and a removed MLP also below a kept attention or in the `last` layer:
+    llama.cpp's deci graph ends a layer at `feed_forward_length` 0 before adding the attention's output, and fails
+    an assertion when the last layer ends so (both measured, llama-cpp-python 0.3.36)."""
+    f = info.family
+    heads, kv_heads = (info.n_heads, info.n_kv_heads)
+    if heads == 0 and _carries_bias(getattr(info.attn, f.o)):
+        heads, kv_heads = 1, 1
+    channels = info.intermediate
+    if channels == 0 and (heads or last or _carries_bias(getattr(info.mlp, f.down))):
+        channels = 1
+    return heads, kv_heads, channels
+
+
+def _write_hparams(writer, config, infos, sizes: list[tuple[int, int, int]], deci: bool, outtype: str) -> None:
     import gguf
 
     head_dim = infos[0].head_dim
-    sizes = [[i.n_heads for i in infos], [i.n_kv_heads for i in infos], [i.intermediate for i in infos]]
-    heads, kv_heads, ffn = (values if deci else values[0] for values in sizes)
+    heads, kv_heads, ffn = (list(values) if deci else values[0] for values in zip(*sizes))
     writer.add_name(getattr(config, "_name_or_path", "") or "adapruner-pruned")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -182,30 +203,43 @@ def _pre_tokenizer(pre: dict) -> str:
     )
 
 
-def _tensors(model: nn.Module, infos, config):
-    """(GGUF name, tensor) of every weight, q/k rows permuted for llama.cpp's RoPE."""
+def _tensors(model: nn.Module, infos, sizes: list[tuple[int, int, int]], config):
+    """(GGUF name, tensor) of every weight, q/k rows permuted for llama.cpp's RoPE; a removed block as `sizes` says
+    (module docstring)."""
     base = model.get_input_embeddings()
     yield "token_embd.weight", base.weight
     yield "output_norm.weight", _final_norm(model).weight
     if not getattr(config, "tie_word_embeddings", False):
         yield "output.weight", model.get_output_embeddings().weight
-    for info in infos:
+    for info, (heads, _kv_heads, channels) in zip(infos, sizes):
         layer, f, b = decoder_layers(model)[info.index], info.family, f"blk.{info.index}"
         q, k, v, o = (getattr(info.attn, name) for name in (f.q, f.k, f.v, f.o))
         gate, up, down = (getattr(info.mlp, name) for name in (f.gate, f.up, f.down))
-        yield f"{b}.attn_norm.weight", layer.input_layernorm.weight
-        yield f"{b}.attn_q.weight", _rope_rows(q.weight, info.n_heads)
-        yield f"{b}.attn_k.weight", _rope_rows(k.weight, info.n_kv_heads)
-        yield f"{b}.attn_v.weight", v.weight
-        yield f"{b}.attn_output.weight", o.weight
-        if o.bias is not None:
-            yield f"{b}.attn_output.bias", o.bias
-        yield f"{b}.ffn_norm.weight", layer.post_attention_layernorm.weight
-        yield f"{b}.ffn_gate.weight", gate.weight
-        yield f"{b}.ffn_up.weight", up.weight
-        yield f"{b}.ffn_down.weight", down.weight
-        if down.bias is not None:
-            yield f"{b}.ffn_down.bias", down.bias
+        if heads:
+            yield f"{b}.attn_norm.weight", layer.input_layernorm.weight
+            if info.n_heads:
+                yield f"{b}.attn_q.weight", _rope_rows(q.weight, info.n_heads)
+                yield f"{b}.attn_k.weight", _rope_rows(k.weight, info.n_kv_heads)
+                yield f"{b}.attn_v.weight", v.weight
+                yield f"{b}.attn_output.weight", o.weight
+            else:  # a removed attention with a bias: one head whose values are 0
+                head = o.weight.new_zeros(info.head_dim, o.out_features)
+                yield from ((f"{b}.attn_{name}.weight", head) for name in ("q", "k", "v"))
+                yield f"{b}.attn_output.weight", head.T
+            if o.bias is not None:
+                yield f"{b}.attn_output.bias", o.bias
+        if channels:
+            yield f"{b}.ffn_norm.weight", layer.post_attention_layernorm.weight
+            if info.intermediate:
+                yield f"{b}.ffn_gate.weight", gate.weight
+                yield f"{b}.ffn_up.weight", up.weight
+                yield f"{b}.ffn_down.weight", down.weight
+            else:  # a removed MLP with a bias: one channel whose up row is 0
+                channel = down.weight.new_zeros(1, down.out_features)
+                yield from ((f"{b}.ffn_{name}.weight", channel) for name in ("gate", "up"))
+                yield f"{b}.ffn_down.weight", channel.T
+            if down.bias is not None:
+                yield f"{b}.ffn_down.bias", down.bias
 
 
 def _rope_factors(config, head_dim: int):
