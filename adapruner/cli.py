@@ -32,7 +32,7 @@ from adapruner.recipes import DEFAULT_RECIPE, RECIPES, recipe, search_recipe
 from adapruner.scoring.metrics import METRIC_NAMES
 from adapruner.scoring.metrics import metric as registered
 from adapruner.searching.search import STATISTICS
-from adapruner.searching.search_options import SearchOptions
+from adapruner.searching.search_options import OBJECTIVES, STRUCTURES, SearchOptions
 
 RATIO_HELP = (
     "fraction of each pruned layer's attention units and MLP channels to remove (LLM-Pruner's meaning: "
@@ -559,7 +559,38 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
         default=s.startup_trials,
         help="TPE's random start-up trials (default: a quarter of --trials, at least 1)",
     )
-    parser.add_argument("--sampler", default=s.sampler, choices=("tpe", "random"))
+    parser.add_argument(
+        "--sampler",
+        default=None,
+        choices=("tpe", "random", "evolution"),
+        help="config search: tpe (default) or random; --structure widths: evolution",
+    )
+    parser.add_argument(
+        "--structure",
+        default=s.structure,
+        choices=STRUCTURES,
+        help="what trials choose: config (metric, samples, allocation) or widths (every layer's attention and MLP "
+        "widths, 0 = the block removed, by an evolution from the loss allocation; needs --target-params)",
+    )
+    parser.add_argument(
+        "--objective",
+        default=s.objective,
+        choices=OBJECTIVES,
+        help="--structure widths: what a structure minimises, KL from the dense model or (log) perplexity",
+    )
+    parser.add_argument(
+        "--children", type=COUNT, default=s.children, help="--structure widths: children per generation"
+    )
+    parser.add_argument(
+        "--stages",
+        default=",".join(map(str, s.stages)),
+        help="--structure widths: cumulative validation windows of the selection stages (the last: all it scores on)",
+    )
+    parser.add_argument(
+        "--survivors",
+        default=",".join(map(str, s.survivors)),
+        help="--structure widths: children kept after each stage but the last",
+    )
     parser.add_argument("--seed", type=NONNEGATIVE, default=s.seed)
     parser.add_argument(
         "--val-windows",
@@ -790,6 +821,8 @@ SEARCH_FLAGS = {  # SearchOptions field → the flag's dest, where they differ o
     "compensations": lambda a: _choices(a.compensations, COMPENSATIONS, "--compensations"),
     "statistics": lambda a: _choices(a.statistics, STATISTICS, "--statistics"),
     "cache_mem_gb": lambda a: a.cache_mem,
+    "stages": lambda a: _int_list(a.stages, "--stages"),
+    "survivors": lambda a: _int_list(a.survivors, "--survivors"),
     "spec": lambda a: spec_of(a),
 }
 
@@ -819,9 +852,16 @@ def run_search_command(args: argparse.Namespace) -> int:
     best = run_search(search_options(args), Path(args.out))
     files = study_dir(Path(args.out), args.study)
     spec = best.prune_spec
-    print(f"best trial {best.trial}: {spec.metric}/{spec.aggregation} on {best.scored_on}, val ppl {best.val_ppl:.3f}")
+    if best.structure == "widths":
+        kl = "" if best.val_kl is None else f"val KL {best.val_kl:.4f}, "
+        found = f"best structure: trial {best.trial} ({spec.metric}, {spec.compensation} refit), {kl}"
+        plots = "history.png, widths.png"
+    else:
+        found = f"best trial {best.trial}: {spec.metric}/{spec.aggregation} on {best.scored_on}, "
+        plots = "history.png"
+    print(f"{found}val ppl {best.val_ppl:.3f}")
     print(
-        f"wrote {files}/best.json, history.png; apply with: adapruner prune --model {args.model} --from-study "
+        f"wrote {files}/best.json, {plots}; apply with: adapruner prune --model {args.model} --from-study "
         f"{files} --out DIR"
     )
     return 0

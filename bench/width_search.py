@@ -9,7 +9,8 @@ SmolLM2-135M with `best`'s choices (fluct scores, lsq refit at damp 0.3, query h
            budget, scored on `--val-windows` wiki validation windows (prefix cached, as search trials) by
            `--objective`: perplexity, or the mean KL divergence from the dense model on its top 64 tokens
            (`adapruner.evaluation.divergence`).
-  or, with `--sampler evolution`, the (1+λ) evolution of `adapruner.searching.evolution` from the loss counts:
+  or, with `--sampler evolution`, the (1+λ) evolution from the loss counts (`adapruner.searching.width_study`,
+           what `adapruner search --structure widths` runs):
            `--children` per generation, `--trials` children in all, multi-step selection on `--stages` windows
            (`--survivors` kept after each stage but the last); its validation values are the parent's on the last
            stage's windows (the objective's log for perplexity).
@@ -38,8 +39,9 @@ from adapruner.model.structure import decoder_layers
 from adapruner.output.report import format_table
 from adapruner.recipes import recipe_prune_options
 from adapruner.scoring.refit_pool import load_or_collect
-from adapruner.searching.evolution import Stages, evolve
+from adapruner.searching.evolution import Stages
 from adapruner.searching.trial_scorer import ValidationScorer
+from adapruner.searching.width_study import WidthSearch, WidthStudy
 from adapruner.searching.widths import LayerVariants, WidthSpace
 
 EPSILON = 0.02  # the share a module the loss allocation leaves whole starts from
@@ -79,20 +81,12 @@ def searched_counts(variants, space, start, scorer, args) -> tuple[dict, list[fl
     return best, [t.value for t in study.trials], seconds
 
 
-def evolved_counts(variants, space, start, val, model, args) -> tuple[dict, list[float], float]:
-    """The (1+λ) evolution's best counts from `start` (`adapruner.searching.evolution`), the parent's score per
-    generation on the last stage's windows, and the seconds per child."""
-    stages = Stages(tuple(int(n) for n in args.stages.split(",")), tuple(int(n) for n in args.survivors.split(",")))
-    scorers = [ValidationScorer(model, val[a:b], 0, "float32") for a, b in stages.chunks]
-
-    def score(counts, chunk):
-        plan, updates = variants.plan(counts), variants.updates(counts)
-        scorer = scorers[chunk]
-        return scorer.kl(plan, updates) if args.objective == "kl" else math.log(scorer.score(plan, None, updates))
-
+def evolved_counts(searched: WidthStudy) -> tuple[dict, list[float], float]:
+    """The (1+λ) evolution's best counts from the loss counts (`adapruner.searching.width_study`, in an in-memory
+    study), the parent's score per generation on the last stage's windows, and the seconds per child."""
+    study = optuna.create_study()
     started = time.perf_counter()
-    generations = max(1, args.trials // args.children)
-    result = evolve(space, start, score, stages, generations, args.children, seed=args.seed)
+    result = searched.run(study)
     return result.best, result.history, (time.perf_counter() - started) / max(1, result.children)
 
 
@@ -131,11 +125,15 @@ def main() -> None:
     for target in (float(t) for t in args.targets.split(",")):
         spec = recipe_prune_options("best", target_params=target).spec
         spec = spec if args.min_keep is None else spec.with_(min_keep=args.min_keep)
-        space, variants = WidthSpace.of(model, spec), LayerVariants(model, spec, pool, args.seed)
-        loss = allocate(model, pool.importance(model, spec, args.seed), spec)[0]
         if args.sampler == "evolution":
-            best, values, seconds = evolved_counts(variants, space, loss, val_all, model, args)
+            stages = Stages(tuple(map(int, args.stages.split(","))), tuple(map(int, args.survivors.split(","))))
+            search = WidthSearch(stages, args.children, args.trials, args.objective, args.seed)
+            searched = WidthStudy(model, spec, pool, val_all, search)
+            space, variants, loss = searched.space, searched.variants, searched.start
+            best, values, seconds = evolved_counts(searched)
         else:
+            space, variants = WidthSpace.of(model, spec), LayerVariants(model, spec, pool, args.seed)
+            loss = allocate(model, pool.importance(model, spec, args.seed), spec)[0]
             best, values, seconds = searched_counts(variants, space, loss, scorer, args)
         measured = {}
         for name, counts in (("loss", loss), ("searched", best)):

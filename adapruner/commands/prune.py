@@ -66,6 +66,8 @@ def prune_and_save(
             "add --recompute or drop --stock-config"
         )
     best = read_best_trial(study, model_name) if study is not None else None
+    if recompute and best is not None and best.structure == "widths":
+        raise AdaPrunerError("a widths search's plan is what it found, not a rule to re-derive: drop --recompute")
     if best is not None:
         options = PruneOptions.from_best(best)
     for pool, _count in parse_calib_spec(options.calib) + parse_calib_spec(options.refit_calib or options.calib):

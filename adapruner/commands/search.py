@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from adapruner.choosing.allocation_rules import any_output_fisher, any_refit_error
 from adapruner.choosing.plan import PrunePlan
+from adapruner.commands.structure_search import check_width_options, run_width_search
 from adapruner.data.calibration import parse_calib_spec, pool_windows, seeded_draw
 from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.errors import AdaPrunerError
@@ -80,7 +81,11 @@ def resolved(options: SearchOptions) -> tuple[SearchOptions, Placement]:
         val_dtype = dtype
     else:
         val_dtype = resolve_val_dtype(options.val_dtype, placement.device)
-    return replace(options, device=str(placement.device), dtype=dtype, val_dtype=val_dtype), placement
+    windows = options.stages[-1] if options.structure == "widths" else options.val_windows  # widths: every stage's
+    return (
+        replace(options, device=str(placement.device), dtype=dtype, val_dtype=val_dtype, val_windows=windows),
+        placement,
+    )
 
 
 def search_cache_key(options: SearchOptions, model: torch.nn.Module, layers: range) -> CacheKey:
@@ -106,7 +111,7 @@ def memory_plan_of(options: SearchOptions) -> MemoryPlan:
     return memory_plan(
         torch.device(options.device),
         model_bytes,
-        planned_bytes(shapes, key),
+        planned_bytes(shapes, key) if options.structure == "config" else 0,  # widths trials read no cache
         cache_folder(options),
         int(options.cache_mem_gb * GIB),
         options.device_map,
@@ -162,6 +167,8 @@ def run_search(
     `before_writing` runs once the model has loaded, before anything is written (`run` marks its folder there)."""
     check_search_out(out)
     options.spec.check()
+    if options.structure == "widths":
+        check_width_options(options)
     if options.workers < 1 or options.trials < 1:
         raise AdaPrunerError("--workers and --trials must be at least 1")
     if options.startup_trials is not None and not 0 <= options.startup_trials <= options.trials:
@@ -203,17 +210,20 @@ def run_search(
         pool_digests=tuple(content["pools"]),
     )
     cache_dir = cache_folder(options)
-    plan.check(cache_exists=(cache_dir / f"{key.digest()}.safetensors").is_file())
-    cache = load_or_build(
-        model,
-        tokenizer,
-        key,
-        cache_dir,
-        int(options.cache_mem_gb * GIB) if plan.cache_on_device else 0,
-        progress=progress,
-        pin=plan.cache_place == "pinned",
-    )
-    if progress:
+    widths = options.structure == "widths"  # trials read the refit pool alone: no activation cache
+    plan.check(cache_exists=widths or (cache_dir / f"{key.digest()}.safetensors").is_file())
+    cache = None
+    if not widths:
+        cache = load_or_build(
+            model,
+            tokenizer,
+            key,
+            cache_dir,
+            int(options.cache_mem_gb * GIB) if plan.cache_on_device else 0,
+            progress=progress,
+            pin=plan.cache_place == "pinned",
+        )
+    if progress and cache is not None:
         where = (
             f"on {cache.device}"
             if cache.device.type != "cpu" or plan.cache_on_device
@@ -226,7 +236,8 @@ def run_search(
         refit_path = cache_dir / refit_key(
             content["model"], options.refit_calib, options.seq_len, options.seed, layers, refit_digests
         )
-        fisher = any_output_fisher(options.allocations) and "refit" in options.statistics  # pool trials weigh by it
+        # pool trials weigh by the output Fisher; a widths search starts from the loss allocation's counts
+        fisher = any_output_fisher(options.allocations) and ("refit" in options.statistics or widths)
         windows = (options.refit_calib, options.seq_len, options.seed)
         refit = load_or_collect(model, tokenizer, windows, layers, refit_path, progress, fisher)
     val_path = files / "val.safetensors"
@@ -237,10 +248,12 @@ def run_search(
             "options": shown_options(asdict(options)),
             "storage": shown_url(options.storage) if options.storage else f"{STUDY_FILE} in {out}",
             "content": content,
-            "cache": str(cache_dir / f"{key.digest()}.safetensors"),
+            "cache": None if widths else str(cache_dir / f"{key.digest()}.safetensors"),
             "refit_pool": None if refit_path is None else str(refit_path),
         },
     )
+    if widths:
+        return run_width_search(options, model, refit, val_path, layers, study, files, progress)
     paths = {"cache_path": str(cache_dir / f"{key.digest()}.safetensors"), "val_path": str(val_path)}
     paths["refit_path"] = None if refit_path is None else str(refit_path)
     base = WorkerSpec.of(options, layers, storage_url, paths)

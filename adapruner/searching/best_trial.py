@@ -14,8 +14,8 @@ from adapruner.errors import AdaPrunerError
 from adapruner.output.report import write_json_atomic
 
 # /2: the scored plan; /3: budget, allocation, compensation; /4: the pruning spec whole; /5: its MLP alignment;
-# /6: the refit pool
-BEST_FORMAT = "adapruner.best/6"
+# /6: the refit pool; /7: the structure searched (a widths search's plan is its result) and the validation KL
+BEST_FORMAT = "adapruner.best/7"
 
 
 @dataclass
@@ -40,6 +40,8 @@ class BestTrial:
     removed_fraction: float  # of all the model's parameters, by the plan (compensation biases not counted)
     refit_calib: str | None = None  # the refit pool's windows (drawn with `seed`, `seq_len` tokens); None: none
     statistics: str = "subset"  # where the units were scored: the `samples`, or the refit pool
+    structure: str = "config"  # config: the plan follows from `spec`; widths: the searched per-layer widths
+    val_kl: float | None = None  # a widths search's mean KL from the dense model on the validation windows
     format: str = field(default=BEST_FORMAT)
 
     @property

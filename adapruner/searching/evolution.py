@@ -10,6 +10,8 @@ Selection: each generation draws λ children of the parent; all are scored on th
 `survivors[0]` go on to the next stage's (cumulative) windows, and so on; the last survivor replaces the parent if it
 scores lower than the parent on the last stage's windows (the parent's scores are kept). A structure's score on a
 stage is the window-weighted mean of its scores on the chunks of windows up to that stage, each chunk scored once.
+Resuming: the draws depend only on the seed and the scores, so a search given the chunk scores of an earlier run
+(`memo`) replays its generations without scoring anything and goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ from adapruner.searching.widths import Module, WidthSpace
 MAX_SWAPS = 3  # a child is its parent after 1 … MAX_SWAPS step moves (EvoPress mutates by a few level switches too)
 Units = dict[Module, int]
 ChunkScore = Callable[[Counts, int], float]  # (counts, chunk index) → mean score over that chunk's windows
+Key = tuple[tuple[Module, int], ...]
+Record = Callable[[int, list[tuple[Units, list[float]]]], None]  # (generation, structures scored anew, their chunks)
+
+
+def key_of(units: Units) -> Key:
+    """A structure's key in the memo of chunk scores."""
+    return tuple(sorted(units.items()))
 
 
 @dataclass(frozen=True)
@@ -118,24 +127,36 @@ def evolve(
     children: int = 8,
     seed: int = 0,
     progress: bool = True,
+    memo: dict[Key, list[float]] | None = None,
+    record: Record | None = None,
 ) -> Evolution:
     """The (1+λ) search from `start` (module docstring): `score(counts, chunk)` is the mean objective on chunk `chunk`
-    of `stages.chunks` (lower is better)."""
+    of `stages.chunks` (lower is better). `memo` (key → chunk scores, filled in place) holds what an earlier run
+    scored; `record(generation, scored)` hears, after the start (generation 0) and after each generation, the
+    structures whose chunk scores grew in it."""
     draw = random.Random(seed)
     sizes = [end - begin for begin, end in stages.chunks]
-    scored: dict[tuple, list[float]] = {}
+    scored = {} if memo is None else memo
+    grown: dict[Key, Units] = {}
 
     def on_stage(units: Units, stage: int) -> float:
-        key = tuple(sorted(units.items()))
+        key = key_of(units)
         chunks = scored.setdefault(key, [])
         while len(chunks) <= stage:
             chunks.append(score(space.layer_counts(units), len(chunks)))
+            grown[key] = units
         return sum(c * n for c, n in zip(chunks[: stage + 1], sizes)) / stages.windows[stage]
+
+    def report(generation: int) -> None:
+        if record is not None and grown:
+            record(generation, [(units, list(scored[key])) for key, units in grown.items()])
+        grown.clear()
 
     parent = space.module_counts(start)
     last = len(stages.windows) - 1
     result = Evolution(start, [on_stage(parent, last)])
-    for _ in tqdm(range(generations), desc="generations", disable=not progress):
+    report(0)
+    for generation in tqdm(range(1, generations + 1), desc="generations", disable=not progress):
         pool = [mutated(space, parent, draw.randint(1, MAX_SWAPS), draw) for _ in range(children)]
         result.children += len(pool)
         for stage, keep in enumerate(stages.survivors):
@@ -144,5 +165,6 @@ def evolve(
         if on_stage(best, last) < on_stage(parent, last):
             parent, result.replaced = best, result.replaced + 1
         result.history.append(on_stage(parent, last))
+        report(generation)
     result.best = space.layer_counts(parent)
     return result

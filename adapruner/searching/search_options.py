@@ -10,9 +10,12 @@ from pathlib import Path
 from adapruner.choosing.spec import PruneSpec
 from adapruner.data.calibration import DEFAULT_SEQ_LEN
 from adapruner.errors import AdaPrunerError
+from adapruner.searching.evolution import Stages
 from adapruner.searching.search import SearchSpace
 
 STUDY_FILE = "study.db"
+STRUCTURES = ("config", "widths")
+OBJECTIVES = ("kl", "ppl")  # a structure's score: mean KL from the dense model, or the log of its perplexity
 
 
 def how(default):
@@ -44,9 +47,14 @@ class SearchOptions:
     refit_calib: str | None = None  # the refit pool's windows (POOL:N[,POOL:N]); None: trials refit on their subset
     trials: int = how(40)
     startup_trials: int | None = how(None)  # TPE's random start-up trials; None: a quarter of `trials` (at least 1)
-    sampler: str = how("tpe")
+    sampler: str | None = how(None)  # config: tpe (default) or random; widths: evolution
     seed: int = 0
-    val_windows: int = 16
+    val_windows: int = 16  # a structure search scores on `stages[-1]` windows instead
+    structure: str = "config"  # config: trials choose metric, samples, allocation; widths: the per-layer widths
+    objective: str = "kl"  # what a structure trial minimises: kl (from the dense model) or ppl (its log)
+    stages: tuple[int, ...] = (16, 64, 128)  # structure search: cumulative validation windows per selection stage
+    survivors: tuple[int, ...] = (3, 1)  # structure search: children kept after each stage but the last
+    children: int = how(8)  # structure search: children per generation
     val_data: str | None = None  # the trials' validation text (a pool spec: file/dataset path); None: wiki's split
     val_dtype: str = "auto"
     batch_size: int = how(8)
@@ -65,6 +73,21 @@ class SearchOptions:
     )  # spread the model with accelerate (`adapruner.model.big_model`): a strategy or a JSON file
     max_memory: str | None = how(None)  # with device_map: e.g. "0=70GiB,cpu=200GiB"
     offload_dir: str | None = how(None)  # with device_map: where weights put on disk go
+
+    def __post_init__(self):
+        if self.structure not in STRUCTURES:
+            raise AdaPrunerError(f"--structure {self.structure}: use {' or '.join(STRUCTURES)}")
+        widths = self.structure == "widths"
+        self.sampler = self.sampler or ("evolution" if widths else "tpe")
+        if widths != (self.sampler == "evolution"):
+            raise AdaPrunerError(
+                f"--sampler {self.sampler} does not search --structure {self.structure}: the evolution searches "
+                "widths, tpe or random search configurations"
+            )
+        if widths:
+            Stages(tuple(self.stages), tuple(self.survivors))  # checked
+            if self.objective not in OBJECTIVES:
+                raise AdaPrunerError(f"--objective {self.objective}: use {' or '.join(OBJECTIVES)}")
 
     @property
     def space(self) -> SearchSpace:

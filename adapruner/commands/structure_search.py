@@ -1,0 +1,180 @@
+"""`adapruner search --structure widths`: the per-layer widths evolution (`adapruner.searching.width_study`) on the
+refit pool, in the search's Optuna study → best.json (the structure's plan), trials.txt, history.png, widths.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import torch
+from safetensors.torch import load_file
+
+from adapruner.choosing.plan import PrunePlan
+from adapruner.choosing.spec import PruneSpec
+from adapruner.errors import AdaPrunerError
+from adapruner.kernels.dispatch import kernel_backend
+from adapruner.output.report import format_table
+from adapruner.scoring.metrics import metric as registered
+from adapruner.scoring.refit_pool import RefitPool
+from adapruner.searching.best_trial import BestTrial
+from adapruner.searching.evolution import Stages
+from adapruner.searching.search_options import SearchOptions
+from adapruner.searching.width_study import COUNTED, WidthSearch, WidthStudy, best_structure, units_of
+
+PREFERRED = {"metrics": "fluct", "aggregations": "sum", "allocations": "loss", "compensations": "lsq"}
+
+
+def width_spec(options: SearchOptions) -> PruneSpec:
+    """The one configuration a widths search ranks, starts and refits with: of each choice the space offers, the
+    measured best fixed one where offered (`PREFERRED`: fluct, sum, the loss allocation, lsq), else the first."""
+    chosen = {
+        name: value if value in getattr(options, name) else getattr(options, name)[0]
+        for name, value in PREFERRED.items()
+    }
+    return options.spec.with_(
+        metric=chosen["metrics"],
+        aggregation=chosen["aggregations"],
+        allocation=chosen["allocations"],
+        compensation=chosen["compensations"],
+    )
+
+
+def check_width_options(options: SearchOptions) -> None:
+    """What a widths search needs, checked before the model loads (one-line errors naming the fix)."""
+    if options.spec.target_params is None:
+        raise AdaPrunerError("--structure widths spreads a parameter budget over the layers: pass --target-params")
+    if options.refit_calib is None:
+        raise AdaPrunerError("--structure widths ranks and refits units on the refit pool: pass --refit-calib wiki:256")
+    if options.workers != 1:
+        raise AdaPrunerError("--structure widths runs its generations one after another: pass --workers 1")
+    if options.spec.sequential or options.early_stop:
+        raise AdaPrunerError(
+            "--structure widths scores every structure from the dense layers' statistics, and its stages stop bad "
+            "ones early: drop --sequential and --early-stop"
+        )
+    metric = width_spec(options).metric
+    if registered(metric).surgeon:
+        raise AdaPrunerError(f"--structure widths ranks units once; {metric} orders them anew per count: use fluct")
+
+
+def run_width_search(
+    options: SearchOptions,
+    model: torch.nn.Module,
+    refit: RefitPool,
+    val_path: Path,
+    layers: range,
+    study: optuna.Study,
+    out: Path,
+    progress: bool = True,
+) -> BestTrial:
+    """Run (or resume) the evolution in `study` and write best.json, trials.txt and the plots into `out`."""
+    spec = width_spec(options).with_(layers=f"{layers.start}:{layers.stop}")
+    search = WidthSearch(
+        Stages(tuple(options.stages), tuple(options.survivors)),
+        options.children,
+        options.trials,
+        options.objective,
+        options.seed,
+    )
+    val = load_file(str(val_path))["windows"]
+    searched = WidthStudy(model, spec, refit, val, search, layers.start, options.val_dtype, options.batch_size)
+    searched.run(study, progress)
+    best = best_structure(study)
+    units = units_of(best.params, searched.space)
+    summary = BestTrial(
+        model=options.model,
+        spec=spec.to_dict(),
+        seq_len=options.seq_len,
+        val_ppl=searched.validation_perplexity(units),
+        trial=best.number,
+        sampler="evolution",
+        seed=options.seed,
+        samples=[],
+        blocks=[],
+        addresses=[],
+        placement={"device": options.device, "dtype": options.dtype, "val_dtype": options.val_dtype},
+        backends={"importance": "refit pool moments", "gather": kernel_backend(torch.device(options.device))},
+        val_windows=options.val_windows,
+        batch_size=options.batch_size,
+        plan=PrunePlan.decode(best.user_attrs["plan"]).to_dict(),
+        removed_fraction=best.user_attrs["removed_fraction"],
+        refit_calib=options.refit_calib,
+        statistics="refit",
+        structure="widths",
+        val_kl=best.value if options.objective == "kl" else None,
+    )
+    summary.write(out / "best.json")
+    table = trials_table(study, searched, options.objective)
+    (out / "trials.txt").write_text(table + "\n")
+    if progress:
+        print(table)
+    _plots(study, searched, units, out)
+    return summary
+
+
+def trials_table(study: optuna.Study, searched: WidthStudy, objective: str) -> str:
+    """The ten best structures scored on every stage, then how many were dropped at each stage."""
+    complete = sorted(
+        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: (t.value, t.number)
+    )
+    space, value = searched.space, "val KL" if objective == "kl" else "val log ppl"
+    rows = []
+    for trial in complete[:10]:
+        units = units_of(trial.params, space)
+        gone = {kind: sum(units[m] == space.units[m] for m in space.units if m[1] == kind) for kind in ("attn", "mlp")}
+        counts = space.layer_counts(units)
+        rows.append(
+            [
+                trial.number,
+                trial.user_attrs["generation"],
+                sum(c[0] for c in counts.values()),
+                sum(c[1] for c in counts.values()),
+                f"{gone['attn']}/{gone['mlp']}",
+                f"{trial.user_attrs['removed_fraction']:.4f}",
+                f"{trial.value:.5g}",
+            ]
+        )
+    headers = ["trial", "generation", "attn units", "mlp channels", "blocks gone (attn/mlp)", "removed", value]
+    trials = study.get_trials(deepcopy=False, states=COUNTED)
+    dropped = {}
+    for trial in trials:
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            at = max(trial.intermediate_values)
+            dropped[at] = dropped.get(at, 0) + 1
+    start = next(t for t in sorted(trials, key=lambda t: t.number) if t.user_attrs["generation"] == 0)
+    stages = ", ".join(f"{n} after {w} windows" for w, n in sorted(dropped.items()))
+    return (
+        format_table(headers, rows)
+        + f"\n{len(trials)} structures: {len(complete)} scored on all {searched.search.stages.windows[-1]} windows"
+        + (f", dropped {stages}" if stages else "")
+        + f"; the loss allocation (trial {start.number}) scored {start.value:.5g}, the best {complete[0].value:.5g}"
+    )
+
+
+def _plots(study: optuna.Study, searched: WidthStudy, best, out: Path) -> None:
+    """history.png (the best value per structure scored) and widths.png (units removed per layer: the loss
+    allocation's and the best structure's)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        vis.plot_optimization_history(study).figure.savefig(out / "history.png", dpi=110, bbox_inches="tight")
+    space = searched.space
+    start = space.module_counts(searched.start)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for axis, kind, what in zip(axes, ("attn", "mlp"), ("attention units", "MLP blocks")):
+        modules = sorted(m for m in space.units if m[1] == kind)
+        layers = [m[0] for m in modules]
+        axis.bar([i - 0.2 for i in layers], [start[m] / space.units[m] for m in modules], 0.4, label="loss allocation")
+        axis.bar([i + 0.2 for i in layers], [best[m] / space.units[m] for m in modules], 0.4, label="searched")
+        axis.set(xlabel="layer", ylabel=f"share of {what} removed", ylim=(0, 1))
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(out / "widths.png", dpi=110)
+    plt.close(figure)

@@ -1,0 +1,169 @@
+"""The structure search as an Optuna study (issue 33): one trial per structure scored, each within the budget; the
+best COMPLETE trial is the evolution's parent, scored on every window; a resumed study replays the evolution from its
+trials without scoring them again and ends where an uninterrupted one ends."""
+
+import copy
+import math
+
+import optuna
+import pytest
+import torch
+
+from adapruner.choosing.allocation import removed_by
+from adapruner.choosing.plan import PrunePlan
+from adapruner.choosing.spec import PruneSpec
+from adapruner.cutting.removal import cut
+from adapruner.evaluation.divergence import dense_top_k, mean_kl
+from adapruner.scoring.sources import CalibrationPasses
+from adapruner.searching.evolution import Stages
+from adapruner.searching.trial_scorer import ValidationScorer
+from adapruner.searching.width_study import WidthSearch, WidthStudy, best_structure, units_of
+from tests.helpers import FAMILY_TYPES, MOE_TYPES, tiny_family
+from tests.models import tiny_llama
+
+SPEC = PruneSpec(None, target_params=0.2, metric="fluct", allocation="loss", compensation="lsq", granularity="query")
+
+
+def width_study(model, trials=8, objective="kl"):
+    ids = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(3))
+    windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(4))
+    search = WidthSearch(Stages((2, 6), (2,)), children=4, trials=trials, objective=objective)
+    return WidthStudy(model, SPEC, CalibrationPasses(ids, progress=False), windows, search, batch_size=4), windows
+
+
+def new_study():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(direction="minimize")
+
+
+def test_each_structure_is_a_trial_within_the_budget_and_the_best_is_the_parent_on_every_window():
+    model = tiny_llama(6, 2, layers=4)
+    searched, windows = width_study(model)
+    study = new_study()
+    result = searched.run(study, progress=False)
+    trials = study.get_trials(deepcopy=False)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # one trial per structure
+    assert trials[0].user_attrs["generation"] == 0 and trials[0].state == optuna.trial.TrialState.COMPLETE
+    for trial in trials:
+        counts = searched.space.layer_counts(units_of(trial.params, searched.space))
+        assert removed_by(model, counts, "query") >= searched.space.target
+        assert PrunePlan.decode(trial.user_attrs["plan"]) == searched.variants.plan(counts)
+        complete = trial.state == optuna.trial.TrialState.COMPLETE
+        assert len(trial.user_attrs["chunks"]) == (2 if complete else 1)
+        assert max(trial.intermediate_values) == (6 if complete else 2)
+    best = best_structure(study)
+    assert searched.space.layer_counts(units_of(best.params, searched.space)) == result.best
+    assert best.value == result.history[-1] < trials[0].value
+    plan, updates = searched.plan_and_updates(units_of(best.params, searched.space))
+    assert math.isclose(ValidationScorer(model, windows, 0, batch_size=4).kl(plan, updates), best.value, rel_tol=1e-5)
+
+
+def test_a_resumed_study_scores_nothing_twice_and_ends_where_an_uninterrupted_one_ends():
+    model = tiny_llama(6, 2, layers=4)
+    whole, _windows = width_study(model, trials=12)
+    uninterrupted = new_study()
+    whole.run(uninterrupted, progress=False)
+
+    first, _windows = width_study(model, trials=4)
+    resumed = new_study()
+    first.run(resumed, progress=False)
+    before = len(resumed.trials)
+    again, _windows = width_study(model, trials=12)
+    calls = []
+    score = again.score
+    again.score = lambda counts, chunk: calls.append(counts) or score(counts, chunk)
+    again.run(resumed, progress=False)
+    assert len(calls) == sum(len(t.user_attrs["chunks"]) for t in resumed.trials[before:])  # only new structures
+    assert [t.params for t in resumed.trials] == [t.params for t in uninterrupted.trials]
+    assert best_structure(resumed).params == best_structure(uninterrupted).params
+
+
+def widths_search(tmp_path, model, **options):
+    """A tiny `search --structure widths` (3 children per generation, 2 generations) on a random pool."""
+    from tests.helpers import tiny_search
+
+    settings = {
+        "structure": "widths",
+        "spec": PruneSpec(None, target_params=0.2, layers="all", granularity="query", damp=0.3),
+        "metrics": ("act", "fluct"),
+        "allocations": ("uniform", "loss"),
+        "compensations": ("lsq",),
+        "statistics": ("refit",),
+        "refit_calib": f"{tmp_path / 'a.txt'}:4",
+        "stages": (2, 4),
+        "survivors": (2,),
+        "children": 3,
+        "trials": 6,
+    }
+    return tiny_search(tmp_path, model, **settings | options)
+
+
+def test_a_widths_search_delivers_the_structure_it_scored(tmp_path):
+    from safetensors.torch import load_file
+
+    from adapruner.cutting.pruning import apply_study_plan
+    from adapruner.evaluation.evaluate import perplexity
+    from adapruner.model.models import load_model
+
+    best = widths_search(tmp_path, tiny_llama(6, 2, layers=4))
+    assert (best.structure, best.sampler, best.statistics) == ("widths", "evolution", "refit")
+    spec = best.prune_spec
+    assert (spec.metric, spec.allocation, spec.compensation) == ("fluct", "loss", "lsq")  # the preferred of each
+    assert {"best.json", "trials.txt", "history.png", "widths.png"} <= {p.name for p in (tmp_path / "s").iterdir()}
+    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    assert best_structure(study).number == best.trial and best.val_kl == best_structure(study).value
+    assert len(study.trials) >= 2
+    assert all(p.name.startswith("refit-") for p in (tmp_path / "cache").iterdir())  # no activation cache built
+    model, tokenizer = load_model(str(tmp_path / "model"))
+    windows = load_file(str(tmp_path / "s" / "val.safetensors"))["windows"]
+    assert windows.shape[0] == 4  # the last stage's
+    dense = dense_top_k(model, windows, batch_size=8)
+    apply_study_plan(model, best, tokenizer, progress=False)
+    assert math.isclose(mean_kl(model, windows, dense, 8), best.val_kl, rel_tol=1e-5)
+    assert math.isclose(perplexity(model, windows, 8, progress=False), best.val_ppl, rel_tol=1e-5)
+    assert abs(best.removed_fraction - 0.2) < 0.02
+
+
+def test_widths_options_are_checked_before_the_model_loads(tmp_path):
+    from adapruner.errors import AdaPrunerError
+    from adapruner.searching.search_options import SearchOptions
+
+    with pytest.raises(AdaPrunerError, match="pass --target-params"):
+        widths_search(tmp_path, tiny_llama(6, 2, layers=4), spec=PruneSpec(0.2))
+    with pytest.raises(AdaPrunerError, match="pass --refit-calib"):
+        widths_search(tmp_path, tiny_llama(6, 2, layers=4), refit_calib=None)
+    with pytest.raises(AdaPrunerError, match="pass --workers 1"):
+        widths_search(tmp_path, tiny_llama(6, 2, layers=4), workers=2)
+    with pytest.raises(AdaPrunerError, match="does not search --structure widths"):
+        SearchOptions(structure="widths", sampler="tpe")
+    with pytest.raises(AdaPrunerError, match="does not search --structure config"):
+        SearchOptions(sampler="evolution")
+    with pytest.raises(AdaPrunerError, match="must grow"):
+        SearchOptions(structure="widths", stages=(64, 16))
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("model_type", [*FAMILY_TYPES, *MOE_TYPES])
+def test_a_three_trial_structure_search_runs_on_every_family(model_type):
+    """Whole blocks may go (min_keep 0); the best structure, cut from a fresh copy, scores what its trial did. MoE
+    experts are scored from their weights alone, so there the search spreads attention heads."""
+    model = tiny_family(model_type)
+    ids = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(3))
+    windows = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(4))
+    search = WidthSearch(Stages((2, 4), (1,)), children=3, trials=3)
+    spec = SPEC.with_(min_keep=0.0, layers="all")
+    if model_type in MOE_TYPES:
+        spec = spec.with_(prune_mlp=False, target_params=0.03)
+    searched = WidthStudy(model, spec, CalibrationPasses(ids, progress=False), windows, search, batch_size=4)
+    study = new_study()
+    searched.run(study, progress=False)
+    assert len(study.trials) >= 2
+    for trial in study.trials:
+        counts = searched.space.layer_counts(units_of(trial.params, searched.space))
+        assert removed_by(model, counts, "query") >= searched.space.target
+    best = best_structure(study)
+    plan, updates = searched.plan_and_updates(units_of(best.params, searched.space))
+    pruned = copy.deepcopy(model)
+    cut(pruned, plan, updates)
+    dense = dense_top_k(model, windows, batch_size=4)
+    assert math.isclose(mean_kl(pruned, windows, dense, 4), best.value, rel_tol=1e-5, abs_tol=1e-8)  # fp32 KL
