@@ -4,6 +4,7 @@ family; an lsq refit of no kept units leaves the block's mean output as a bias; 
 removes a block that contributes nothing."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from adapruner.choosing.selection import allocate, plan_from_counts
 from adapruner.choosing.spec import PruneSpec
 from adapruner.cutting.compensation import refit_updates
 from adapruner.cutting.removal import apply_plan, cut
+from adapruner.errors import AdaPrunerError
+from adapruner.model.families import text_config
 from adapruner.model.structure import decoder_layers, layer_info
 from adapruner.output.saving import save_pruned
 from adapruner.scoring.sources import CalibrationPasses
@@ -108,3 +111,35 @@ def test_a_widths_space_at_min_keep_zero_removes_whole_blocks_within_the_budget(
     before = sum(p.numel() for p in model.parameters())
     apply_plan(model, plan)
     assert before - sum(p.numel() for p in model.parameters()) == removed
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3"])
+def test_a_removed_layers_only_save_loads_with_the_stock_class_and_fewer_layers(model_type, tmp_path):
+    """Layer 1 loses its attention and MLP, the others keep their size: a stock config with 3 layers (gemma2's
+    sliding/global layer types keep their layers'), the logits of the dense model with layer 1 skipped; the model in
+    memory keeps its 4 layers."""
+    model = tiny_family(model_type)
+    skipped = copy.deepcopy(model)
+    skip_blocks(skipped, attention=1, mlp=1)
+    expected = logits(skipped)
+    types = getattr(text_config(model.config), "layer_types", None)
+    apply_plan(model, PrunePlan({1: ([], [])}, {1: []}))
+    save_pruned(model, word_level_tokenizer(), tmp_path / "pruned", stock_config=True)
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and "auto_map" not in config
+    if types is not None:
+        assert config["layer_types"] == [t for i, t in enumerate(types) if i != 1]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert type(reloaded) is type(model) and len(decoder_layers(reloaded)) == 3
+    again = logits(reloaded)
+    assert ((again - expected).abs().max() / expected.abs().max()) < 1e-5
+    assert len(decoder_layers(model)) == 4 and text_config(model.config).num_hidden_layers == 4
+    assert ((logits(model) - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+def test_a_stock_save_refuses_layers_of_other_sizes_beside_removed_ones(tmp_path):
+    model = tiny_llama(4, 2, layers=4)
+    apply_plan(model, PrunePlan({1: ([], []), 2: ([0], [0, 1])}, {1: []}))
+    with pytest.raises(AdaPrunerError, match="equal sizes in every layer it keeps"):
+        save_pruned(model, word_level_tokenizer(), tmp_path / "pruned", stock_config=True)
+    assert not (tmp_path / "pruned").exists()

@@ -2,8 +2,10 @@
 
 Layers of different sizes → `config.json` holds per-layer head and channel counts and `auto_map` points to
 `modeling_pruned.py` (copied beside the weights), loadable with `trust_remote_code=True`. Layers of one size
-(`stock_config=True`) → a stock config that loads without remote code. Everything is written to a temporary
-directory next to `out_dir`, then renamed: a failed save leaves nothing behind.
+(`stock_config=True`) → a stock config that loads without remote code; layers whose attention and MLP were both
+removed (no heads, no channels, no bias: they pass their input through) are left out of it, so a model that lost
+whole layers and kept the others at one size saves as the stock model with fewer layers. Everything is written to a
+temporary directory next to `out_dir`, then renamed: a failed save leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import shutil
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -54,18 +57,21 @@ def save_pruned(
     if uniform is not None:
         warnings.warn("save_pruned(uniform=...) is now save_pruned(stock_config=...)", DeprecationWarning, stacklevel=2)
         stock_config = uniform
-    sizes = layer_sizes(model)
-    if stock_config and any(len(set(values)) > 1 for values in sizes.values()):
-        raise AdaPrunerError(
-            "--stock-config needs equal sizes in every layer: prune all layers (--layers all) with one ratio"
-        )
     output_bias = give_output_biases(model)
     if stock_config and output_bias:
         raise AdaPrunerError(
             "--stock-config saves a stock config, which has no o_proj/down_proj biases for compensation: "
             "drop --stock-config or --compensate"
         )
-    with staged_dir(out_dir) as staging:
+    removed = removed_layers(model) if stock_config else []
+    if removed and len(removed) == len(decoder_layers(model)):
+        raise AdaPrunerError("every decoder layer was removed: lower --target-params")
+    sizes = {key: [v for i, v in enumerate(values) if i not in removed] for key, values in layer_sizes(model).items()}
+    if stock_config and any(len(set(values)) > 1 for values in sizes.values()):
+        raise AdaPrunerError(
+            "--stock-config needs equal sizes in every layer it keeps: prune all layers (--layers all) with one ratio"
+        )
+    with staged_dir(out_dir) as staging, layers_left_out(model, removed):
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
@@ -85,6 +91,38 @@ def save_pruned(
             model_card(count_params(model), extra_json or {}, remote_code=not stock_config)
         )
     return Path(out_dir)
+
+
+def removed_layers(model: nn.Module) -> list[int]:
+    """Decoder layers with no attention heads and no MLP channels left (identities: biases are checked by the
+    caller). Experts have no zero width, so MoE layers are never among them."""
+    infos = [layer_info(model, i) for i in range(len(decoder_layers(model)))]
+    return [i for i, info in enumerate(infos) if info.n_heads == 0 and info.intermediate == 0 and info.experts is None]
+
+
+@contextmanager
+def layers_left_out(model: nn.Module, removed: list[int]):
+    """`model` without decoder layers `removed` (its config's layer count and layer types with it) for the duration
+    of the block; put back as it was afterwards."""
+    if not removed:
+        yield
+        return
+    layers, config = decoder_layers(model), text_config(model.config)
+    original, count, types = list(layers), config.num_hidden_layers, getattr(config, "layer_types", None)
+    try:
+        for index in reversed(removed):
+            del layers[index]
+        config.num_hidden_layers = len(layers)
+        if types is not None:
+            config.layer_types = [t for i, t in enumerate(types) if i not in removed]
+        yield
+    finally:
+        while len(layers):
+            del layers[-1]
+        layers.extend(original)
+        config.num_hidden_layers = count
+        if types is not None:
+            config.layer_types = types
 
 
 def save_adapter(
