@@ -214,6 +214,13 @@ def test_smollm2_taylor1_beats_random(smollm2_loaded):
         (["--allocations", "uniform,magic"], "--allocations: unknown choice 'magic'"),
         (["--compensations", ""], "--compensations: unknown choice ''"),
         (["--no-attention", "--no-mlp"], "leaves nothing to prune"),
+        (["--structure", "widths", "--ratio", "0.2"], "pass --target-params"),
+        (["--structure", "widths", "--target-params", "0.2", "--sampler", "tpe"], "does not search --structure widths"),
+        (["--sampler", "evolution"], "does not search --structure config"),
+        (["--structure", "widths", "--target-params", "0.2", "--stages", "64,16"], "must grow"),
+        (["--structure", "widths", "--target-params", "0.2", "--survivors", "3"], "one survivor count"),
+        (["--structure", "widths", "--target-params", "0.2", "--workers", "2"], "pass --workers 1"),
+        (["--structure", "widths", "--target-params", "0.2", "--refit-calib", "none"], "pass --refit-calib"),
     ],
 )
 def test_search_bad_input(argv, message, capsys, tmp_path):
