@@ -13,7 +13,7 @@ from adapruner.choosing.selection import allocate
 from adapruner.choosing.spec import PruneSpec
 from adapruner.errors import AdaPrunerError
 from adapruner.scoring.sources import CalibrationPasses
-from adapruner.searching.evolution import Stages, evolve, mutated, step_of
+from adapruner.searching.evolution import Schedule, Stages, evolve, mutated, step_of
 from adapruner.searching.trial_scorer import ValidationScorer
 from adapruner.searching.widths import LayerVariants, WidthSpace
 from tests.models import tiny_llama
@@ -62,7 +62,7 @@ def test_selection_keeps_the_parent_unless_a_child_beats_it_and_scores_each_chun
         return float(sum((units[m] - optimum[m]) ** 2 * space.prices[m] for m in space.units))
 
     stages = Stages((4, 12, 20), (3, 1))
-    result = evolve(space, start, score, stages, generations=6, children=5, seed=1, progress=False)
+    result = evolve(space, start, score, stages, Schedule(generations=6, children=5, seed=1), progress=False)
     assert all(b <= a for a, b in zip(result.history, result.history[1:]))
     assert result.history[-1] < result.history[0]
     assert score(result.best, 0) == result.history[-1]
@@ -93,7 +93,7 @@ def test_on_a_tiny_model_the_search_lowers_the_validation_kl_of_the_loss_counts(
     def score(counts, chunk):
         return scorers[chunk].kl(variants.plan(counts), variants.updates(counts))
 
-    result = evolve(space, loss, score, stages, generations=4, children=4, progress=False)
+    result = evolve(space, loss, score, stages, Schedule(generations=4, children=4), progress=False)
     whole = ValidationScorer(model, windows, 0, batch_size=4)
     assert abs(whole.kl(variants.plan(loss), variants.updates(loss)) - result.history[0]) < 1e-6
     found = whole.kl(variants.plan(result.best), variants.updates(result.best))

@@ -72,3 +72,49 @@ def test_run_writes_a_filled_report(tmp_path, capsys, monkeypatch, smollm2_loade
     assert capsys.readouterr().err.startswith("error: argument --tasks: expected one argument")
     assert main(["run", "--tasks", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_run_with_a_structure_search_delivers_the_searched_structure(tmp_path, capsys, smollm2_loaded):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "run",
+            "--model",
+            "smollm2",
+            "--structure",
+            "widths",
+            "--target-params",
+            "0.1",
+            "--refit-calib",
+            "wiki:8",
+            "--stages",
+            "1,2",
+            "--survivors",
+            "1",
+            "--children",
+            "2",
+            "--trials",
+            "2",
+            "--max-eval-windows",
+            "2",
+            "--full-seq-len",
+            "256",
+            "--tasks",
+            "",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    best = json.loads((out / "search" / "best.json").read_text())
+    assert best["structure"] == "widths" and best["val_kl"] > 0
+    report = json.loads((out / "report.json").read_text())
+    dense, pruned = report["rows"]
+    assert abs(1 - pruned["params"] / dense["params"] - 0.1) < 0.002  # the budget, biases aside
+    saved = json.loads((out / "pruned" / "config.json").read_text())
+    plan = best["plan"]
+    heads = [len(plan["attention"][str(i)][0]) if str(i) in plan["attention"] else 9 for i in range(30)]
+    channels = [len(plan["mlp"][str(i)]) if str(i) in plan["mlp"] else 1536 for i in range(30)]
+    assert saved["num_attention_heads_per_layer"] == heads and saved["intermediate_size_per_layer"] == channels

@@ -42,7 +42,8 @@ def test_each_structure_is_a_trial_within_the_budget_and_the_best_is_the_parent_
     study = new_study()
     result = searched.run(study, progress=False)
     trials = study.get_trials(deepcopy=False)
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # one trial per structure
+    # a trial per structure and stage reached: one dropped early may come back later and go further
+    assert len({(tuple(sorted(t.params.items())), len(t.user_attrs["chunks"])) for t in trials}) == len(trials)
     assert trials[0].user_attrs["generation"] == 0 and trials[0].state == optuna.trial.TrialState.COMPLETE
     for trial in trials:
         counts = searched.space.layer_counts(units_of(trial.params, searched.space))
@@ -167,3 +168,33 @@ def test_a_three_trial_structure_search_runs_on_every_family(model_type):
     cut(pruned, plan, updates)
     dense = dense_top_k(model, windows, batch_size=4)
     assert math.isclose(mean_kl(pruned, windows, dense, 4), best.value, rel_tol=1e-5, abs_tol=1e-8)  # fp32 KL
+
+
+def test_studies_and_best_files_of_earlier_versions_still_open(tmp_path):
+    """A config study made before structure searches (no `structure` in its set-up) resumes, and a config search's
+    set-up leaves the structure search's own fields out; a best.json of format /6 reads as a config search's."""
+    import dataclasses
+    import json
+
+    from adapruner.searching.best_trial import BestTrial
+    from adapruner.searching.search_options import WIDTHS_ONLY, SearchOptions, study_setup
+    from adapruner.searching.study import open_study
+
+    setup = study_setup(SearchOptions())
+    assert setup["structure"] == "config" and not set(WIDTHS_ONLY) & set(setup)
+    assert set(WIDTHS_ONLY) <= set(study_setup(SearchOptions(structure="widths")))
+    storage = optuna.storages.InMemoryStorage()
+    open_study(storage, "old", {k: v for k, v in setup.items() if k != "structure"})
+    open_study(storage, "old", setup)  # no refusal
+    fields = {f.name: None for f in dataclasses.fields(BestTrial)} | {"plan": {}, "spec": {}}
+    old = {k: v for k, v in fields.items() if k not in ("structure", "val_kl")} | {"format": "adapruner.best/6"}
+    (tmp_path / "best.json").write_text(json.dumps(old))
+    read = BestTrial.read(tmp_path / "best.json")
+    assert (read.structure, read.val_kl, read.format) == ("config", None, "adapruner.best/7")
+
+
+def test_a_non_finite_score_is_the_worst_not_an_error():
+    model = tiny_llama(6, 2, layers=4)
+    searched, _windows = width_study(model)
+    searched.scorers[0].kl = lambda plan, updates: float("nan")
+    assert searched.score(searched.start, 0) == math.inf

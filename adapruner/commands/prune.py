@@ -60,14 +60,17 @@ def prune_and_save(
         )
     if recompute and study is None:
         raise AdaPrunerError("--recompute re-derives a search's plan: add --from-study DIR")
+    best = read_best_trial(study, model_name) if study is not None else None
+    if best is not None and best.structure == "widths" and (recompute or stock_config):
+        raise AdaPrunerError(
+            "a widths search's plan is what it found (per-layer widths), not a rule to re-derive or one size for "
+            "every layer: drop --recompute and --stock-config"
+        )
     if stock_config and study is not None and not recompute:
         raise AdaPrunerError(
             "--stock-config prunes every layer alike, which the study's plan does not: "
             "add --recompute or drop --stock-config"
         )
-    best = read_best_trial(study, model_name) if study is not None else None
-    if recompute and best is not None and best.structure == "widths":
-        raise AdaPrunerError("a widths search's plan is what it found, not a rule to re-derive: drop --recompute")
     if best is not None:
         options = PruneOptions.from_best(best)
     for pool, _count in parse_calib_spec(options.calib) + parse_calib_spec(options.refit_calib or options.calib):

@@ -127,6 +127,9 @@ def check_unfinished(out: Path, recorded: dict) -> bool:
         earlier = json.loads(marker.read_text())
     except ValueError:
         raise AdaPrunerError(f"{marker} is damaged: remove {out} and run again") from None
+    if isinstance(earlier.get("search"), dict):  # search fields added since that run started hold their defaults
+        defaults = json.loads(json.dumps(asdict(SearchOptions())))
+        earlier["search"] = {**{k: v for k, v in defaults.items() if k not in earlier["search"]}, **earlier["search"]}
     if earlier != recorded:
         changed = sorted(k for k in recorded if earlier.get(k) != recorded[k])
         raise AdaPrunerError(
@@ -236,13 +239,21 @@ def report_markdown(report: dict, rows: list[Row]) -> str:
         if spec["target_params"] is not None
         else f"ratio {spec['ratio']}"
     )
-    lines.append(
-        f"Best configuration: `{spec['metric']}` / `{spec['aggregation']}` on {BestTrial(**best).scored_on}, "
-        f"allocation {spec['allocation']} "
-        f"(slope {spec['depth_slope']:.3f}), compensation {spec['compensation']}, {budget} over layers "
-        f"{spec['layers']}: {100 * best['removed_fraction']:.1f}% of the parameters removed; "
-        f"validation ppl {best['val_ppl']:.3f} (trial {best['trial']})."
-    )
+    removed = f"{100 * best['removed_fraction']:.1f}% of the parameters removed"
+    if best.get("structure") == "widths":
+        kl = "" if best.get("val_kl") is None else f"validation KL {best['val_kl']:.4f}, "
+        lines.append(
+            f"Best structure: per-layer widths searched by the evolution from the {spec['allocation']} allocation, "
+            f"units ranked by `{spec['metric']}` and refit ({spec['compensation']}) on {BestTrial(**best).scored_on}, "
+            f"{budget} over layers {spec['layers']}: {removed}; {kl}ppl {best['val_ppl']:.3f} (trial {best['trial']})."
+        )
+    else:
+        lines.append(
+            f"Best configuration: `{spec['metric']}` / `{spec['aggregation']}` on {BestTrial(**best).scored_on}, "
+            f"allocation {spec['allocation']} "
+            f"(slope {spec['depth_slope']:.3f}), compensation {spec['compensation']}, {budget} over layers "
+            f"{spec['layers']}: {removed}; validation ppl {best['val_ppl']:.3f} (trial {best['trial']})."
+        )
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     dense_avg = rows[0].average
     for row in rows:

@@ -153,7 +153,8 @@ def saved_val_windows(path: Path, tokenizer, options: SearchOptions) -> None:
             windows, what = windows[free], f"--val-data {source}, less the {options.pool_size} windows --pools drew,"
     if windows.shape[0] < count:
         raise AdaPrunerError(
-            f"{what} has {windows.shape[0]} windows of {seq_len} tokens: lower --val-windows to at most "
+            f"{what} has {windows.shape[0]} windows of {seq_len} tokens: lower "
+            f"{'--stages (its last entry)' if options.structure == 'widths' else '--val-windows'} to at most "
             f"{windows.shape[0]}{' (or --pool-size)' if source in options.pools else ''}"
         )
     with staged_file(path) as tmp:

@@ -14,6 +14,7 @@ from adapruner.choosing.spec import PruneSpec
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.dispatch import kernel_backend
 from adapruner.output.report import format_table
+from adapruner.recipes import DEFAULT_RECIPE, recipe
 from adapruner.scoring.metrics import metric as registered
 from adapruner.scoring.refit_pool import RefitPool
 from adapruner.searching.best_trial import BestTrial
@@ -21,15 +22,20 @@ from adapruner.searching.evolution import Stages
 from adapruner.searching.search_options import SearchOptions
 from adapruner.searching.width_study import COUNTED, WidthSearch, WidthStudy, best_structure, units_of
 
-PREFERRED = {"metrics": "fluct", "aggregations": "sum", "allocations": "loss", "compensations": "lsq"}
-
 
 def width_spec(options: SearchOptions) -> PruneSpec:
     """The one configuration a widths search ranks, starts and refits with: of each choice the space offers, the
-    measured best fixed one where offered (`PREFERRED`: fluct, sum, the loss allocation, lsq), else the first."""
+    default recipe's fixed one (`prune`'s: fluct, sum, the loss allocation, lsq) where offered, else the first."""
+    fixed = recipe(DEFAULT_RECIPE).prune
+    preferred = {
+        "metrics": fixed["metric"],
+        "aggregations": fixed["aggregation"],
+        "allocations": fixed["allocation"],
+        "compensations": fixed["compensation"],
+    }
     chosen = {
         name: value if value in getattr(options, name) else getattr(options, name)[0]
-        for name, value in PREFERRED.items()
+        for name, value in preferred.items()
     }
     return options.spec.with_(
         metric=chosen["metrics"],
@@ -54,7 +60,10 @@ def check_width_options(options: SearchOptions) -> None:
         )
     metric = width_spec(options).metric
     if registered(metric).surgeon:
-        raise AdaPrunerError(f"--structure widths ranks units once; {metric} orders them anew per count: use fluct")
+        best = recipe(DEFAULT_RECIPE).prune["metric"]
+        raise AdaPrunerError(
+            f"--structure widths ranks units once; {metric} orders them anew per count: offer --metrics {best}"
+        )
 
 
 def run_width_search(
@@ -145,7 +154,8 @@ def trials_table(study: optuna.Study, searched: WidthStudy, objective: str) -> s
     stages = ", ".join(f"{n} after {w} windows" for w, n in sorted(dropped.items()))
     return (
         format_table(headers, rows)
-        + f"\n{len(trials)} structures: {len(complete)} scored on all {searched.search.stages.windows[-1]} windows"
+        + f"\n{len(trials)} trials, {len({tuple(sorted(t.params.items())) for t in trials})} structures: "
+        + f"{len(complete)} scored on all {searched.search.stages.windows[-1]} windows"
         + (f", dropped {stages}" if stages else "")
         + f"; the loss allocation (trial {start.number}) scored {start.value:.5g}, the best {complete[0].value:.5g}"
     )

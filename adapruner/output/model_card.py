@@ -55,7 +55,9 @@ def model_card(params: int, facts: Mapping[str, dict], remote_code: bool) -> str
         "ratio": spec.get("ratio") if spec.get("target_params") is None else None,
         "target fraction": spec.get("target_params"),
         "metric / aggregation": _pair(spec.get("metric"), spec.get("aggregation")),
-        "allocation": spec.get("allocation"),
+        "allocation": "per-layer widths searched from the loss allocation"
+        if best.get("structure") == "widths"
+        else spec.get("allocation"),
         "compensation": spec.get("compensation"),
         "attention granularity": spec.get("granularity"),
         "pruned layers": f"{source['layers'][0]}..{source['layers'][-1]}"

@@ -108,6 +108,11 @@ def layers_left_out(model: nn.Module, removed: list[int]):
         yield
         return
     layers, config = decoder_layers(model), text_config(model.config)
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) not in (None, 1):
+        raise AdaPrunerError(
+            "this model mixes dense and MoE layers by index (mlp_only_layers, decoder_sparse_step), which leaving "
+            "layers out would shift: drop --stock-config"
+        )
     original, count, types = list(layers), config.num_hidden_layers, getattr(config, "layer_types", None)
     try:
         for index in reversed(removed):

@@ -16,6 +16,8 @@ from adapruner.output.report import write_json_atomic
 # /2: the scored plan; /3: budget, allocation, compensation; /4: the pruning spec whole; /5: its MLP alignment;
 # /6: the refit pool; /7: the structure searched (a widths search's plan is its result) and the validation KL
 BEST_FORMAT = "adapruner.best/7"
+PREVIOUS_FORMAT = "adapruner.best/6"  # read as /7 with the fields /7 added at their defaults (`ADDED_FIELDS`)
+ADDED_FIELDS = {"structure": "config", "val_kl": None}
 
 
 @dataclass
@@ -80,6 +82,8 @@ class BestTrial:
         if not isinstance(data, dict):
             data = {}
         names = {f.name for f in fields(cls)}
+        if data.get("format") == PREVIOUS_FORMAT and set(data) == names - set(ADDED_FIELDS):  # a config search's
+            data = {**data, **ADDED_FIELDS, "format": BEST_FORMAT}
         if data.get("format") != BEST_FORMAT or set(data) != names:
             raise AdaPrunerError(
                 f"{path} was written by another adapruner version (format {data.get('format')!r}, "

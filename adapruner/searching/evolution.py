@@ -57,6 +57,15 @@ class Stages:
         return list(zip((0, *self.windows[:-1]), self.windows))
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how wide the evolution runs: `generations` of `children` each, drawn from `seed`."""
+
+    generations: int
+    children: int = 8
+    seed: int = 0
+
+
 @dataclass
 class Evolution:
     """The search's result: the best units found and, per generation, the parent's score on the last stage."""
@@ -123,9 +132,7 @@ def evolve(
     start: Counts,
     score: ChunkScore,
     stages: Stages,
-    generations: int,
-    children: int = 8,
-    seed: int = 0,
+    schedule: Schedule,
     progress: bool = True,
     memo: dict[Key, list[float]] | None = None,
     record: Record | None = None,
@@ -134,7 +141,7 @@ def evolve(
     of `stages.chunks` (lower is better). `memo` (key → chunk scores, filled in place) holds what an earlier run
     scored; `record(generation, scored)` hears, after the start (generation 0) and after each generation, the
     structures whose chunk scores grew in it."""
-    draw = random.Random(seed)
+    draw = random.Random(schedule.seed)
     sizes = [end - begin for begin, end in stages.chunks]
     scored = {} if memo is None else memo
     grown: dict[Key, Units] = {}
@@ -156,8 +163,8 @@ def evolve(
     last = len(stages.windows) - 1
     result = Evolution(start, [on_stage(parent, last)])
     report(0)
-    for generation in tqdm(range(1, generations + 1), desc="generations", disable=not progress):
-        pool = [mutated(space, parent, draw.randint(1, MAX_SWAPS), draw) for _ in range(children)]
+    for generation in tqdm(range(1, schedule.generations + 1), desc="generations", disable=not progress):
+        pool = [mutated(space, parent, draw.randint(1, MAX_SWAPS), draw) for _ in range(schedule.children)]
         result.children += len(pool)
         for stage, keep in enumerate(stages.survivors):
             pool = sorted(pool, key=lambda units, stage=stage: on_stage(units, stage))[:keep]

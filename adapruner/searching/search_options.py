@@ -15,6 +15,7 @@ from adapruner.searching.search import SearchSpace
 
 STUDY_FILE = "study.db"
 STRUCTURES = ("config", "widths")
+WIDTHS_ONLY = ("objective", "stages", "survivors", "children")  # fields a config search does not read
 OBJECTIVES = ("kl", "ppl")  # a structure's score: mean KL from the dense model, or the log of its perplexity
 
 
@@ -54,7 +55,7 @@ class SearchOptions:
     objective: str = "kl"  # what a structure trial minimises: kl (from the dense model) or ppl (its log)
     stages: tuple[int, ...] = (16, 64, 128)  # structure search: cumulative validation windows per selection stage
     survivors: tuple[int, ...] = (3, 1)  # structure search: children kept after each stage but the last
-    children: int = how(8)  # structure search: children per generation
+    children: int = 8  # structure search: children per generation (the draws follow it: part of the set-up)
     val_data: str | None = None  # the trials' validation text (a pool spec: file/dataset path); None: wiki's split
     val_dtype: str = "auto"
     batch_size: int = how(8)
@@ -96,9 +97,12 @@ class SearchOptions:
 
 
 def study_setup(options: SearchOptions) -> dict:
-    """The fields that define the study (all but the `how` ones), as the storage returns them (tuples → lists)."""
+    """The fields that define the study (all but the `how` ones; a config search's without the structure search's
+    own), as the storage returns them (tuples → lists)."""
     values = asdict(options)
-    return json.loads(json.dumps({f.name: values[f.name] for f in fields(options) if f.metadata.get("setup", True)}))
+    unused = WIDTHS_ONLY if options.structure == "config" else ()
+    setup = {f.name: values[f.name] for f in fields(options) if f.metadata.get("setup", True) and f.name not in unused}
+    return json.loads(json.dumps(setup))
 
 
 def startup_trials(options: SearchOptions) -> int:

@@ -26,7 +26,7 @@ from adapruner.choosing.spec import PruneSpec
 from adapruner.cutting.removal import plan_removed
 from adapruner.errors import AdaPrunerError
 from adapruner.scoring.sources import StatisticsSource
-from adapruner.searching.evolution import Evolution, Key, Stages, Units, evolve, key_of
+from adapruner.searching.evolution import Evolution, Key, Schedule, Stages, Units, evolve, key_of
 from adapruner.searching.search_options import OBJECTIVES
 from adapruner.searching.trial_scorer import ValidationScorer
 from adapruner.searching.widths import LayerVariants, Module, WidthSpace
@@ -117,12 +117,14 @@ class WidthStudy:
         return self.variants.plan(counts), self.variants.updates(counts)
 
     def score(self, counts, chunk: int) -> float:
-        """The objective on stage chunk `chunk`: mean KL, or log perplexity (both averaged over windows)."""
+        """The objective on stage chunk `chunk`: mean KL, or log perplexity (both averaged over windows); a
+        non-finite one (an overflow in a low-precision validation dtype) is +inf, the worst."""
         plan, updates = self.variants.plan(counts), self.variants.updates(counts)
         scorer = self.scorers[chunk]
-        return (
+        value = (
             scorer.kl(plan, updates) if self.search.objective == "kl" else math.log(scorer.score(plan, None, updates))
         )
+        return value if math.isfinite(value) else math.inf
 
     def run(self, study: optuna.Study, progress: bool = True) -> Evolution:
         """Run (or resume) the evolution in `study`, one trial per structure scored (module docstring)."""
@@ -164,9 +166,7 @@ class WidthStudy:
             self.start,
             self.score,
             stages,
-            self.search.generations,
-            self.search.children,
-            self.search.seed,
+            Schedule(self.search.generations, self.search.children, self.search.seed),
             progress,
             memo=recorded_scores(study, self.space),
             record=record,
