@@ -109,7 +109,7 @@ def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSam
         )
     if existing is not None and isinstance(existing.get("spec"), dict):  # spec fields added later hold their defaults
         existing = {**existing, "spec": {**asdict(PruneSpec()), **existing["spec"]}}
-    if existing is not None and "structure" not in existing:  # made before structure searches: a config search
+    if existing is not None and "structure" in setup and "structure" not in existing:  # made before structure searches
         existing = {"structure": "config", **existing}
     if existing is None:
         study.set_user_attr("setup", setup)
