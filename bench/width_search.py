@@ -133,7 +133,7 @@ def main() -> None:
             best, values, seconds = evolved_counts(searched)
         else:
             space, variants = WidthSpace.of(model, spec), LayerVariants(model, spec, pool, args.seed)
-            loss = allocate(model, pool.importance(model, spec, args.seed), spec)[0]
+            loss = allocate(model, variants.importance, spec)[0]
             best, values, seconds = searched_counts(variants, space, loss, scorer, args)
         measured = {}
         for name, counts in (("loss", loss), ("searched", best)):

@@ -18,9 +18,9 @@ from adapruner.recipes import DEFAULT_RECIPE, recipe
 from adapruner.scoring.metrics import metric as registered
 from adapruner.scoring.refit_pool import RefitPool
 from adapruner.searching.best_trial import BestTrial
-from adapruner.searching.evolution import Stages
 from adapruner.searching.search_options import SearchOptions
-from adapruner.searching.width_study import COUNTED, WidthSearch, WidthStudy, best_structure, units_of
+from adapruner.searching.study import COUNTED
+from adapruner.searching.width_study import WidthStudy, best_structure, units_of
 
 
 def width_spec(options: SearchOptions) -> PruneSpec:
@@ -78,13 +78,7 @@ def run_width_search(
 ) -> BestTrial:
     """Run (or resume) the evolution in `study` and write best.json, trials.txt and the plots into `out`."""
     spec = width_spec(options).with_(layers=f"{layers.start}:{layers.stop}")
-    search = WidthSearch(
-        Stages(tuple(options.stages), tuple(options.survivors)),
-        options.children,
-        options.trials,
-        options.objective,
-        options.seed,
-    )
+    search = options.width_search()
     val = load_file(str(val_path))["windows"]
     searched = WidthStudy(model, spec, refit, val, search, layers.start, options.val_dtype, options.batch_size)
     searched.run(study, progress)

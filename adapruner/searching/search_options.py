@@ -4,6 +4,7 @@ runs (`how` fields, free to change on a resume); the search's record file read b
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -17,6 +18,28 @@ STUDY_FILE = "study.db"
 STRUCTURES = ("config", "widths")
 WIDTHS_ONLY = ("objective", "stages", "survivors", "children")  # fields a config search does not read
 OBJECTIVES = ("kl", "ppl")  # a structure's score: mean KL from the dense model, or the log of its perplexity
+
+
+@dataclass(frozen=True)
+class WidthSearch:
+    """How the evolution runs: `trials` children drawn in all, `children` per generation, multi-step selection on
+    `stages`, scored by `objective`."""
+
+    stages: Stages
+    children: int = 8
+    trials: int = 96
+    objective: str = "kl"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise AdaPrunerError(f"--objective {self.objective}: use {' or '.join(OBJECTIVES)}")
+        if self.children < 1 or self.trials < 1:
+            raise AdaPrunerError("--children and --trials must be at least 1")
+
+    @property
+    def generations(self) -> int:
+        return math.ceil(self.trials / self.children)
 
 
 def how(default):
@@ -86,9 +109,12 @@ class SearchOptions:
                 "widths, tpe or random search configurations"
             )
         if widths:
-            Stages(tuple(self.stages), tuple(self.survivors))  # checked
-            if self.objective not in OBJECTIVES:
-                raise AdaPrunerError(f"--objective {self.objective}: use {' or '.join(OBJECTIVES)}")
+            self.width_search()  # checked: stages, survivors, objective, children, trials
+
+    def width_search(self) -> WidthSearch:
+        """How a widths search runs (`WidthSearch`, which checks it)."""
+        stages = Stages(tuple(self.stages), tuple(self.survivors))
+        return WidthSearch(stages, self.children, self.trials, self.objective, self.seed)
 
     @property
     def space(self) -> SearchSpace:

@@ -14,7 +14,7 @@ again.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from functools import cached_property
 
 import optuna
 from torch import nn
@@ -26,34 +26,11 @@ from adapruner.choosing.spec import PruneSpec
 from adapruner.cutting.removal import plan_removed
 from adapruner.errors import AdaPrunerError
 from adapruner.scoring.sources import StatisticsSource
-from adapruner.searching.evolution import Evolution, Key, Schedule, Stages, Units, evolve, key_of
-from adapruner.searching.search_options import OBJECTIVES
+from adapruner.searching.evolution import Evolution, Key, Schedule, Units, evolve, key_of
+from adapruner.searching.search_options import WidthSearch
+from adapruner.searching.study import COUNTED
 from adapruner.searching.trial_scorer import ValidationScorer
 from adapruner.searching.widths import LayerVariants, Module, WidthSpace
-
-COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-
-
-@dataclass(frozen=True)
-class WidthSearch:
-    """How the evolution runs: `trials` children drawn in all, `children` per generation, multi-step selection on
-    `stages`, scored by `objective`."""
-
-    stages: Stages
-    children: int = 8
-    trials: int = 96
-    objective: str = "kl"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise AdaPrunerError(f"--objective {self.objective}: use {' or '.join(OBJECTIVES)}")
-        if self.children < 1 or self.trials < 1:
-            raise AdaPrunerError("--children and --trials must be at least 1")
-
-    @property
-    def generations(self) -> int:
-        return math.ceil(self.trials / self.children)
 
 
 def param_name(module: Module) -> str:
@@ -106,11 +83,11 @@ class WidthStudy:
         self.model, self.spec, self.search = model, spec, search
         self.space = WidthSpace.of(model, spec)
         self.variants = LayerVariants(model, spec, statistics, search.seed)
-        self.start = allocate(model, statistics.importance(model, spec, search.seed), spec)[0]
+        self.start = allocate(model, self.variants.importance, spec)[0]
         self.scorers = [
             ValidationScorer(model, val_windows[a:b], start, val_dtype, batch_size) for a, b in search.stages.chunks
         ]
-        self.whole = ValidationScorer(model, val_windows[: search.stages.windows[-1]], start, val_dtype, batch_size)
+        self._whole_args = (val_windows[: search.stages.windows[-1]], start, val_dtype, batch_size)
 
     def plan_and_updates(self, units: Units) -> tuple[PrunePlan, dict]:
         counts = self.space.layer_counts(units)
@@ -138,7 +115,7 @@ class WidthStudy:
 
         def record(generation: int, structures: list[tuple[Units, list[float]]]) -> None:
             for units, chunks in structures:
-                plan = self.plan_and_updates(units)[0]
+                plan = self.variants.plan(self.space.layer_counts(units))
                 steps = {
                     stages.windows[k]: sum(c * n for c, n in zip(chunks[: k + 1], sizes)) / stages.windows[k]
                     for k in range(len(chunks))
@@ -171,6 +148,12 @@ class WidthStudy:
             memo=recorded_scores(study, self.space),
             record=record,
         )
+
+    @cached_property
+    def whole(self) -> ValidationScorer:
+        """The scorer of all the stages' windows (its prefix computed on first use: only the delivered structure's
+        perplexity reads it)."""
+        return ValidationScorer(self.model, *self._whole_args)
 
     def validation_perplexity(self, units: Units) -> float:
         """Perplexity of a structure on all the stages' windows."""

@@ -112,11 +112,12 @@ class WidthSpace:
 
 
 class LayerVariants:
-    """The units of every pruned module ranked once by `spec`'s metric from `statistics`, and each (layer, module,
-    count)'s refit from `statistics`, computed the first time it is asked for."""
+    """The units of every pruned module ranked once by `spec`'s metric from `statistics` (`importance`, kept for the
+    allocation that starts a search), and each (layer, module, count)'s refit from `statistics`, computed the first
+    time it is asked for."""
 
     def __init__(self, model: nn.Module, spec: PruneSpec, statistics: StatisticsSource, seed: int = 0):
-        importance = statistics.importance(model, spec, seed)
+        self.importance = importance = statistics.importance(model, spec, seed)
         if importance.definition.surgeon:
             raise AdaPrunerError(
                 f"a widths search ranks units once; metric {spec.metric} orders them anew for each count: use fluct"
