@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--from-study",
         default=None,
-        help="apply the plan of the best trial of an `adapruner search` output directory (as scored)",
+        help="apply the plan of the best trial of an `adapruner search` output directory (as scored); with "
+        "--target-params p, the structure a widths search's --front found at p",
     )
     prune.add_argument(
         "--recompute",
@@ -582,6 +583,12 @@ def _add_search_args(parser: argparse.ArgumentParser) -> None:
         "--children", type=COUNT, default=s.children, help="--structure widths: children per generation"
     )
     parser.add_argument(
+        "--front",
+        default=None,
+        help="--structure widths: budgets to search, one evolution each (e.g. 0.2,0.35,0.5) → front.json, front.png; "
+        "best.json (and run) deliver --target-params (default: the last), prune --from-study --target-params p any",
+    )
+    parser.add_argument(
         "--stages",
         default=",".join(map(str, s.stages)),
         help="--structure widths: cumulative validation windows of the selection stages (the last: all it scores on)",
@@ -822,6 +829,7 @@ SEARCH_FLAGS = {  # SearchOptions field → the flag's dest, where they differ o
     "statistics": lambda a: _choices(a.statistics, STATISTICS, "--statistics"),
     "cache_mem_gb": lambda a: a.cache_mem,
     "stages": lambda a: _int_list(a.stages, "--stages"),
+    "front": lambda a: () if a.front is None else _fraction_list(a.front, "--front"),
     "survivors": lambda a: _int_list(a.survivors, "--survivors"),
     "spec": lambda a: spec_of(a),
 }
@@ -874,6 +882,16 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
         raise AdaPrunerError(f"{flag} {text!r}: write comma-separated integers, e.g. 4,8,16") from None
     if not values or min(values) < 1:
         raise AdaPrunerError(f"{flag} {text!r}: counts must be at least 1")
+    return values
+
+
+def _fraction_list(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise AdaPrunerError(f"{flag} {text!r}: write comma-separated fractions, e.g. 0.2,0.35,0.5") from None
+    if not all(0 < v < 1 for v in values):
+        raise AdaPrunerError(f"{flag} {text!r}: every budget must lie in (0, 1)")
     return values
 
 

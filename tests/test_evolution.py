@@ -62,7 +62,7 @@ def test_selection_keeps_the_parent_unless_a_child_beats_it_and_scores_each_chun
         return float(sum((units[m] - optimum[m]) ** 2 * space.prices[m] for m in space.units))
 
     stages = Stages((4, 12, 20), (3, 1))
-    result = evolve(space, start, score, stages, Schedule(generations=6, children=5, seed=1), progress=False)
+    result = evolve(space, start, score, stages, Schedule(generations=6, children=5, seed=1), progress=None)
     assert all(b <= a for a, b in zip(result.history, result.history[1:]))
     assert result.history[-1] < result.history[0]
     assert score(result.best, 0) == result.history[-1]
@@ -82,7 +82,7 @@ def test_stages_are_checked():
 def test_on_a_tiny_model_the_search_lowers_the_validation_kl_of_the_loss_counts():
     model = tiny_llama(6, 2, layers=4)
     ids = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(3))
-    statistics = CalibrationPasses(ids, progress=False)
+    statistics = CalibrationPasses(ids, progress=None)
     space = WidthSpace.of(model, SPEC)
     variants = LayerVariants(model, SPEC, statistics)
     loss = allocate(model, statistics.importance(model, SPEC), SPEC)[0]
@@ -93,7 +93,7 @@ def test_on_a_tiny_model_the_search_lowers_the_validation_kl_of_the_loss_counts(
     def score(counts, chunk):
         return scorers[chunk].kl(variants.plan(counts), variants.updates(counts))
 
-    result = evolve(space, loss, score, stages, Schedule(generations=4, children=4), progress=False)
+    result = evolve(space, loss, score, stages, Schedule(generations=4, children=4), progress=None)
     whole = ValidationScorer(model, windows, 0, batch_size=4)
     assert abs(whole.kl(variants.plan(loss), variants.updates(loss)) - result.history[0]) < 1e-6
     found = whole.kl(variants.plan(result.best), variants.updates(result.best))

@@ -9,7 +9,7 @@ import optuna
 import pytest
 import torch
 
-from adapruner.choosing.allocation import removed_by
+from adapruner.choosing.allocation import count_params, removed_by
 from adapruner.choosing.plan import PrunePlan
 from adapruner.choosing.spec import PruneSpec
 from adapruner.cutting.removal import cut
@@ -24,11 +24,11 @@ from tests.models import tiny_llama
 SPEC = PruneSpec(None, target_params=0.2, metric="fluct", allocation="loss", compensation="lsq", granularity="query")
 
 
-def width_study(model, trials=8, objective="kl"):
+def width_study(model, trials=8, objective="kl", front=(), spec=SPEC):
     ids = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(3))
     windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(4))
-    search = WidthSearch(Stages((2, 6), (2,)), children=4, trials=trials, objective=objective)
-    return WidthStudy(model, SPEC, CalibrationPasses(ids, progress=False), windows, search, batch_size=4), windows
+    search = WidthSearch(Stages((2, 6), (2,)), children=4, trials=trials, objective=objective, front=front)
+    return WidthStudy(model, spec, CalibrationPasses(ids, progress=False), windows, search, batch_size=4), windows
 
 
 def new_study():
@@ -52,7 +52,7 @@ def test_each_structure_is_a_trial_within_the_budget_and_the_best_is_the_parent_
         complete = trial.state == optuna.trial.TrialState.COMPLETE
         assert len(trial.user_attrs["chunks"]) == (2 if complete else 1)
         assert max(trial.intermediate_values) == (6 if complete else 2)
-    best = best_structure(study)
+    best, result = best_structure(study), result[SPEC.target_params]
     assert searched.space.layer_counts(units_of(best.params, searched.space)) == result.best
     assert best.value == result.history[-1] < trials[0].value
     plan, updates = searched.plan_and_updates(units_of(best.params, searched.space))
@@ -198,3 +198,102 @@ def test_a_non_finite_score_is_the_worst_not_an_error():
     searched, _windows = width_study(model)
     searched.scorers[0].kl = lambda plan, updates: float("nan")
     assert searched.score(searched.start, 0) == math.inf
+
+
+def test_a_front_searches_each_budget_as_a_search_of_that_budget_alone():
+    """Each budget's evolution starts from its own loss allocation with the same seed: its trials (structures,
+    scores, order) are those of a study searching that budget alone, and each meets its budget."""
+    model = tiny_llama(6, 2, layers=4)
+    searched, _windows = width_study(model, trials=8, front=(0.1, 0.2))
+    front = new_study()
+    searched.run(front, progress=False)
+    assert {t.user_attrs["budget"] for t in front.trials} == {0.1, 0.2}
+    for budget in (0.1, 0.2):
+        alone, _windows = width_study(model, trials=8, spec=SPEC.with_(target_params=budget))
+        single = new_study()
+        alone.run(single, progress=False)
+        at = [t for t in front.trials if t.user_attrs["budget"] == budget]
+        assert [(t.params, t.value, t.state) for t in at] == [(t.params, t.value, t.state) for t in single.trials]
+        assert best_structure(front, budget).params == best_structure(single).params
+        for trial in at:
+            counts = searched.space_at(budget).layer_counts(units_of(trial.params, searched.space))
+            assert removed_by(model, counts, "query") >= searched.space_at(budget).target
+    assert searched.space_at(0.1).target < searched.space_at(0.2).target
+
+
+def test_a_front_delivers_the_structure_scored_at_each_budget(tmp_path):
+    """front.json holds the best structure of each budget; `prune --from-study DIR --target-params p` delivers the
+    one at p, and its KL and perplexity are what the search scored; another budget is a one-line error."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from adapruner.commands.prune import read_best_trial
+    from adapruner.cutting.pruning import apply_study_plan
+    from adapruner.errors import AdaPrunerError
+    from adapruner.evaluation.evaluate import perplexity
+    from adapruner.model.models import load_model
+    from adapruner.searching.front import read_front
+
+    spec = PruneSpec(None, target_params=None, layers="all", granularity="query", damp=0.3)
+    best = widths_search(tmp_path, tiny_llama(6, 2, layers=4), spec=spec, front=(0.1, 0.2))
+    folder = tmp_path / "s"
+    assert {"front.json", "front.png", "best.json"} <= {p.name for p in folder.iterdir()}
+    assert "the front" in (folder / "trials.txt").read_text()
+    points = read_front(folder / "front.json")
+    assert [p.prune_spec.target_params for p in points] == [0.1, 0.2]
+    assert best.prune_spec.target_params == 0.2 and best == points[1]  # best.json: the last budget by default
+    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{folder / 'study.db'}")
+    windows = load_file(str(folder / "val.safetensors"))["windows"]
+    sizes = []
+    for point in points:
+        budget = point.prune_spec.target_params
+        assert read_best_trial(folder, str(tmp_path / "model"), budget) == point
+        assert (
+            point.trial == best_structure(study, budget).number and point.val_kl == best_structure(study, budget).value
+        )
+        assert abs(point.removed_fraction - budget) < 0.02
+        model, tokenizer = load_model(str(tmp_path / "model"))
+        dense = dense_top_k(model, windows, batch_size=8)
+        apply_study_plan(model, point, tokenizer, progress=False)
+        assert math.isclose(mean_kl(model, windows, dense, 8), point.val_kl, rel_tol=1e-5)
+        assert math.isclose(perplexity(model, windows, 8, progress=False), point.val_ppl, rel_tol=1e-5)
+        sizes.append(count_params(model))
+    with pytest.raises(AdaPrunerError, match="searched --target-params 0.1,0.2, not 0.15: pass one of them"):
+        read_best_trial(folder, str(tmp_path / "model"), 0.15)
+    from adapruner.cli import main
+
+    args = ["prune", "--model", str(tmp_path / "model"), "--from-study", str(folder), "--no-eval", "--device", "cpu"]
+    assert main([*args, "--target-params", "0.1", "--out", str(tmp_path / "p")]) == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["study_val_ppl"] == points[0].val_ppl
+    assert report["params_after"] == sizes[0] > sizes[1]  # the 0.1 point's model, not best.json's
+
+
+def test_front_options_are_checked_before_the_model_loads(tmp_path, capsys):
+    from adapruner.cli import main
+    from adapruner.errors import AdaPrunerError
+    from adapruner.searching.search_options import SearchOptions
+
+    with pytest.raises(AdaPrunerError, match="add --structure widths"):
+        SearchOptions(front=(0.2, 0.3))
+    with pytest.raises(AdaPrunerError, match="pass one of --front's 0.2,0.3"):
+        SearchOptions(structure="widths", spec=PruneSpec(None, target_params=0.25), front=(0.2, 0.3))
+    with pytest.raises(AdaPrunerError, match="list growing budgets"):
+        SearchOptions(structure="widths", front=(0.3, 0.2))
+    assert SearchOptions(structure="widths", front=(0.2, 0.3)).spec.target_params == 0.3
+    for bad, message in (("0.2,x", "comma-separated fractions"), ("0.2,1.5", "must lie in")):
+        args = ["search", "--model", str(tmp_path / "none"), "--structure", "widths", "--front", bad]
+        assert main([*args, "--out", str(tmp_path / "s")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_widths_study_made_before_fronts_resumes(tmp_path):
+    from adapruner.searching.search_options import SearchOptions, study_setup
+    from adapruner.searching.study import open_study
+
+    setup = study_setup(SearchOptions(structure="widths", spec=PruneSpec(None, target_params=0.2)))
+    storage = optuna.storages.InMemoryStorage()
+    open_study(storage, "old", {k: v for k, v in setup.items() if k != "front"})
+    open_study(storage, "old", setup)  # no refusal

@@ -22,17 +22,19 @@ from adapruner.model.structure import check_context
 from adapruner.output.report import REPORT_FORMAT
 from adapruner.output.saving import save_pruned
 from adapruner.searching.best_trial import BestTrial
+from adapruner.searching.front import delivered_at
 from adapruner.staging import check_out_dir
 
 DEFAULT_EVAL = EvalOptions()  # perplexity on the held-out wiki windows before and after
 
 
-def read_best_trial(study_dir: str | Path, model: str) -> BestTrial:
-    """best.json of an `adapruner search` output directory, checked against the model about to be pruned."""
+def read_best_trial(study_dir: str | Path, model: str, budget: float | None = None) -> BestTrial:
+    """best.json of an `adapruner search` output directory — or, given a `budget`, the structure found at it (a
+    widths search's front) — checked against the model about to be pruned."""
     best = BestTrial.read(Path(study_dir) / "best.json")
     if model != best.model:
         raise AdaPrunerError(f"the study searched model {best.model!r}, not {model!r}: pass --model {best.model}")
-    return best
+    return best if budget is None else delivered_at(Path(study_dir), best, budget)
 
 
 def prune_and_save(
@@ -60,7 +62,7 @@ def prune_and_save(
         )
     if recompute and study is None:
         raise AdaPrunerError("--recompute re-derives a search's plan: add --from-study DIR")
-    best = read_best_trial(study, model_name) if study is not None else None
+    best = read_best_trial(study, model_name, spec.target_params) if study is not None else None
     if best is not None and best.structure == "widths" and (recompute or stock_config):
         raise AdaPrunerError(
             "a widths search's plan is what it found (per-layer widths), not a rule to re-derive or one size for "

@@ -3,6 +3,7 @@ refit pool, in the search's Optuna study → best.json (the structure's plan), t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -18,9 +19,9 @@ from adapruner.recipes import DEFAULT_RECIPE, recipe
 from adapruner.scoring.metrics import metric as registered
 from adapruner.scoring.refit_pool import RefitPool
 from adapruner.searching.best_trial import BestTrial
+from adapruner.searching.front import write_front
 from adapruner.searching.search_options import SearchOptions
-from adapruner.searching.study import COUNTED
-from adapruner.searching.width_study import WidthStudy, best_structure, units_of
+from adapruner.searching.width_study import WidthStudy, best_structure, trials_at, units_of
 
 
 def width_spec(options: SearchOptions) -> PruneSpec:
@@ -76,19 +77,39 @@ def run_width_search(
     out: Path,
     progress: bool = True,
 ) -> BestTrial:
-    """Run (or resume) the evolution in `study` and write best.json, trials.txt and the plots into `out`."""
+    """Run (or resume) the evolution in `study` and write best.json (the structure at --target-params), trials.txt
+    and the plots into `out`; a front (--front) adds front.json (the best structure at each budget) and front.png."""
     spec = width_spec(options).with_(layers=f"{layers.start}:{layers.stop}")
     search = options.width_search()
     val = load_file(str(val_path))["windows"]
     searched = WidthStudy(model, spec, refit, val, search, layers.start, options.val_dtype, options.batch_size)
     searched.run(study, progress)
-    best = best_structure(study)
-    units = units_of(best.params, searched.space)
-    summary = BestTrial(
+    points = {budget: found_at(options, searched, study, budget) for budget in searched.budgets}
+    summary = points[spec.target_params]
+    summary.write(out / "best.json")
+    table = trials_table(study, searched, options.objective)
+    front = front_points(study, searched, points) if search.front else []
+    if front:
+        table += "\n\n" + front_table(front, options.objective)
+        write_front(out / "front.json", list(points.values()))
+    (out / "trials.txt").write_text(table + "\n")
+    if progress:
+        print(table)
+    _plots(study, searched, units_of(best_structure(study, spec.target_params).params, searched.space), out)
+    if front:
+        _front_plot(front, options.objective, out / "front.png")
+    return summary
+
+
+def found_at(options: SearchOptions, searched: WidthStudy, study: optuna.Study, budget: float) -> BestTrial:
+    """The best structure the evolution at `budget` found, as a best.json record (its perplexity measured on all
+    the search's windows)."""
+    best = best_structure(study, budget)
+    return BestTrial(
         model=options.model,
-        spec=spec.to_dict(),
+        spec=searched.spec.with_(target_params=budget).to_dict(),
         seq_len=options.seq_len,
-        val_ppl=searched.validation_perplexity(units),
+        val_ppl=searched.validation_perplexity(units_of(best.params, searched.space)),
         trial=best.number,
         sampler="evolution",
         seed=options.seed,
@@ -106,20 +127,13 @@ def run_width_search(
         structure="widths",
         val_kl=best.value if options.objective == "kl" else None,
     )
-    summary.write(out / "best.json")
-    table = trials_table(study, searched, options.objective)
-    (out / "trials.txt").write_text(table + "\n")
-    if progress:
-        print(table)
-    _plots(study, searched, units, out)
-    return summary
 
 
 def trials_table(study: optuna.Study, searched: WidthStudy, objective: str) -> str:
-    """The ten best structures scored on every stage, then how many were dropped at each stage."""
-    complete = sorted(
-        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: (t.value, t.number)
-    )
+    """The ten best structures at the delivered budget scored on every stage, then how many were dropped at each
+    stage."""
+    budget = searched.spec.target_params
+    complete = sorted(trials_at(study, budget, (optuna.trial.TrialState.COMPLETE,)), key=lambda t: (t.value, t.number))
     space, value = searched.space, "val KL" if objective == "kl" else "val log ppl"
     rows = []
     for trial in complete[:10]:
@@ -138,7 +152,7 @@ def trials_table(study: optuna.Study, searched: WidthStudy, objective: str) -> s
             ]
         )
     headers = ["trial", "generation", "attn units", "mlp channels", "blocks gone (attn/mlp)", "removed", value]
-    trials = study.get_trials(deepcopy=False, states=COUNTED)
+    trials = trials_at(study, budget)
     dropped = {}
     for trial in trials:
         if trial.state == optuna.trial.TrialState.PRUNED:
@@ -146,13 +160,95 @@ def trials_table(study: optuna.Study, searched: WidthStudy, objective: str) -> s
             dropped[at] = dropped.get(at, 0) + 1
     start = next(t for t in sorted(trials, key=lambda t: t.number) if t.user_attrs["generation"] == 0)
     stages = ", ".join(f"{n} after {w} windows" for w, n in sorted(dropped.items()))
+    at = f" at {budget:g} removed" if len(searched.budgets) > 1 else ""
     return (
         format_table(headers, rows)
-        + f"\n{len(trials)} trials, {len({tuple(sorted(t.params.items())) for t in trials})} structures: "
+        + f"\n{len(trials)} trials{at}, {len({tuple(sorted(t.params.items())) for t in trials})} structures: "
         + f"{len(complete)} scored on all {searched.search.stages.windows[-1]} windows"
         + (f", dropped {stages}" if stages else "")
         + f"; the loss allocation (trial {start.number}) scored {start.value:.5g}, the best {complete[0].value:.5g}"
     )
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """One budget of a front: the loss allocation's and the searched structure's objective and perplexity."""
+
+    budget: float
+    removed: float  # the searched structure's removed fraction of all parameters
+    trials: int
+    start_value: float
+    best_value: float
+    start_ppl: float
+    best_ppl: float
+
+
+def front_points(study: optuna.Study, searched: WidthStudy, points: dict[float, BestTrial]) -> list[FrontPoint]:
+    """Per budget, the loss allocation (the evolution's generation 0) against the best structure found."""
+    rows = []
+    for budget, best in points.items():
+        start = next(t for t in trials_at(study, budget) if t.user_attrs["generation"] == 0)
+        start_units = searched.space_at(budget).module_counts(searched.start_at(budget))
+        rows.append(
+            FrontPoint(
+                budget,
+                best.removed_fraction,
+                len(trials_at(study, budget)),
+                start.value,
+                best_structure(study, budget).value,
+                searched.validation_perplexity(start_units),
+                best.val_ppl,
+            )
+        )
+    return rows
+
+
+def front_table(points: list[FrontPoint], objective: str) -> str:
+    value = "KL" if objective == "kl" else "log ppl"
+    rows = [
+        [
+            f"{p.budget:g}",
+            f"{p.removed:.4f}",
+            p.trials,
+            f"{p.start_value:.5g}",
+            f"{p.best_value:.5g}",
+            f"{p.start_ppl:.4g}",
+            f"{p.best_ppl:.4g}",
+            f"{100 * (p.best_ppl / p.start_ppl - 1):+.1f}%",
+        ]
+        for p in points
+    ]
+    headers = ["budget", "removed", "trials", f"loss alloc {value}", f"searched {value}", "loss alloc ppl"]
+    return "the front (on the search's validation windows)\n" + format_table(
+        [*headers, "searched ppl", "ppl change"], rows
+    )
+
+
+def _front_plot(points: list[FrontPoint], objective: str, path: Path) -> None:
+    """front.png: objective and perplexity against the removed fraction, loss allocation vs searched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    removed = [p.removed for p in points]
+    value = "mean KL from the dense model" if objective == "kl" else "log perplexity"
+    for axis, (start, best, label) in zip(
+        axes,
+        (
+            ([p.start_value for p in points], [p.best_value for p in points], value),
+            ([p.start_ppl for p in points], [p.best_ppl for p in points], "perplexity"),
+        ),
+    ):
+        axis.plot(removed, start, "o--", label="loss allocation")
+        axis.plot(removed, best, "o-", label="searched widths")
+        axis.set(xlabel="share of parameters removed", ylabel=label)
+    axes[1].set_yscale("log")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _plots(study: optuna.Study, searched: WidthStudy, best, out: Path) -> None:

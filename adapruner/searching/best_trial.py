@@ -79,6 +79,11 @@ class BestTrial:
             raise AdaPrunerError(
                 f"{path}:{exc.lineno}: not valid JSON: pass the --out directory of a finished `adapruner search`"
             ) from None
+        return cls.from_data(data, path)
+
+    @classmethod
+    def from_data(cls, data: object, path: Path) -> BestTrial:
+        """The record `data` read from `path`; another format (an older or newer adapruner) is a one-line error."""
         if not isinstance(data, dict):
             data = {}
         names = {f.name for f in fields(cls)}

@@ -133,14 +133,14 @@ def evolve(
     score: ChunkScore,
     stages: Stages,
     schedule: Schedule,
-    progress: bool = True,
+    progress: str | None = "generations",
     memo: dict[Key, list[float]] | None = None,
     record: Record | None = None,
 ) -> Evolution:
     """The (1+λ) search from `start` (module docstring): `score(counts, chunk)` is the mean objective on chunk `chunk`
     of `stages.chunks` (lower is better). `memo` (key → chunk scores, filled in place) holds what an earlier run
     scored; `record(generation, scored)` hears, after the start (generation 0) and after each generation, the
-    structures whose chunk scores grew in it."""
+    structures whose chunk scores grew in it; `progress` labels the progress bar (None: none)."""
     draw = random.Random(schedule.seed)
     sizes = [end - begin for begin, end in stages.chunks]
     scored = {} if memo is None else memo
@@ -163,7 +163,7 @@ def evolve(
     last = len(stages.windows) - 1
     result = Evolution(start, [on_stage(parent, last)])
     report(0)
-    for generation in tqdm(range(1, schedule.generations + 1), desc="generations", disable=not progress):
+    for generation in tqdm(range(1, schedule.generations + 1), desc=progress, disable=progress is None):
         pool = [mutated(space, parent, draw.randint(1, MAX_SWAPS), draw) for _ in range(schedule.children)]
         result.children += len(pool)
         for stage, keep in enumerate(stages.survivors):

@@ -16,26 +16,30 @@ from adapruner.searching.search import SearchSpace
 
 STUDY_FILE = "study.db"
 STRUCTURES = ("config", "widths")
-WIDTHS_ONLY = ("objective", "stages", "survivors", "children")  # fields a config search does not read
+WIDTHS_ONLY = ("objective", "stages", "survivors", "children", "front")  # fields a config search does not read
 OBJECTIVES = ("kl", "ppl")  # a structure's score: mean KL from the dense model, or the log of its perplexity
 
 
 @dataclass(frozen=True)
 class WidthSearch:
-    """How the evolution runs: `trials` children drawn in all, `children` per generation, multi-step selection on
-    `stages`, scored by `objective`."""
+    """How the evolution runs: `trials` children drawn in all (per budget), `children` per generation, multi-step
+    selection on `stages`, scored by `objective`; one evolution per budget of `front` (ascending; empty: the spec's
+    budget alone)."""
 
     stages: Stages
     children: int = 8
     trials: int = 96
     objective: str = "kl"
     seed: int = 0
+    front: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise AdaPrunerError(f"--objective {self.objective}: use {' or '.join(OBJECTIVES)}")
         if self.children < 1 or self.trials < 1:
             raise AdaPrunerError("--children and --trials must be at least 1")
+        if list(self.front) != sorted(set(self.front)) or not all(0 < b < 1 for b in self.front):
+            raise AdaPrunerError(f"--front {self.front}: list growing budgets in (0, 1), e.g. 0.2,0.35,0.5")
 
     @property
     def generations(self) -> int:
@@ -79,6 +83,7 @@ class SearchOptions:
     stages: tuple[int, ...] = (16, 64, 128)  # structure search: cumulative validation windows per selection stage
     survivors: tuple[int, ...] = (3, 1)  # structure search: children kept after each stage but the last
     children: int = 8  # structure search: children per generation (the draws follow it: part of the set-up)
+    front: tuple[float, ...] = ()  # structure search: the budgets searched (one evolution each); () = --target-params
     val_data: str | None = None  # the trials' validation text (a pool spec: file/dataset path); None: wiki's split
     val_dtype: str = "auto"
     batch_size: int = how(8)
@@ -108,13 +113,22 @@ class SearchOptions:
                 f"--sampler {self.sampler} does not search --structure {self.structure}: the evolution searches "
                 "widths, tpe or random search configurations"
             )
+        if self.front and not widths:
+            raise AdaPrunerError("--front searches per-layer widths at several budgets: add --structure widths")
+        if self.front and self.spec.target_params is None:  # best.json and `run` deliver the largest budget
+            self.spec = self.spec.with_(target_params=self.front[-1])
+        if self.front and self.spec.target_params not in self.front:
+            raise AdaPrunerError(
+                f"--target-params {self.spec.target_params} is the budget best.json delivers: pass one of --front's "
+                f"{','.join(map(str, self.front))}"
+            )
         if widths:
-            self.width_search()  # checked: stages, survivors, objective, children, trials
+            self.width_search()  # checked: stages, survivors, objective, children, trials, front
 
     def width_search(self) -> WidthSearch:
         """How a widths search runs (`WidthSearch`, which checks it)."""
         stages = Stages(tuple(self.stages), tuple(self.survivors))
-        return WidthSearch(stages, self.children, self.trials, self.objective, self.seed)
+        return WidthSearch(stages, self.children, self.trials, self.objective, self.seed, tuple(self.front))
 
     @property
     def space(self) -> SearchSpace:

@@ -111,6 +111,8 @@ def open_study(storage, name: str, setup: dict, sampler: optuna.samplers.BaseSam
         existing = {**existing, "spec": {**asdict(PruneSpec()), **existing["spec"]}}
     if existing is not None and "structure" in setup and "structure" not in existing:  # made before structure searches
         existing = {"structure": "config", **existing}
+    if existing is not None and "front" in setup and "front" not in existing:  # a widths study made before --front
+        existing = {**existing, "front": []}
     if existing is None:
         study.set_user_attr("setup", setup)
     elif existing != setup:

@@ -8,7 +8,9 @@ attributes the chunk scores, the generation and the plan. It is COMPLETE where i
 where selection dropped it earlier. The best COMPLETE trial is the evolution's parent (a child replaces the parent only
 by scoring lower on all the windows), so `best.json` and `prune --from-study` deliver the structure the search
 ended on; a study resumed from its storage replays the evolution from the recorded chunk scores without scoring them
-again.
+again. A front (`WidthSearch.front`) runs one such evolution per budget, in ascending order, each from its budget's
+loss allocation with the same seed (so each equals a search of that budget alone); a trial's `budget` attribute says
+which it belongs to (trials of studies made before fronts hold none: they are of the set-up's one budget).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from functools import cached_property
 import optuna
 from torch import nn
 
-from adapruner.choosing.allocation import count_params
+from adapruner.choosing.allocation import Counts, count_params
 from adapruner.choosing.plan import PrunePlan
 from adapruner.choosing.selection import allocate
 from adapruner.choosing.spec import PruneSpec
@@ -42,10 +44,17 @@ def units_of(params: dict, space: WidthSpace) -> Units:
     return {m: params[param_name(m)] for m in space.units}
 
 
-def recorded_scores(study: optuna.Study, space: WidthSpace) -> dict[Key, list[float]]:
-    """The chunk scores the study's trials hold, per structure (the longest record of each)."""
+def trials_at(study: optuna.Study, budget: float | None, states=COUNTED) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials in `states` of the evolution at `budget` (None: of every budget); a trial with no `budget`
+    attribute (made before fronts) is of the study's one budget."""
+    trials = study.get_trials(deepcopy=False, states=states)
+    return [t for t in trials if budget is None or t.user_attrs.get("budget", budget) == budget]
+
+
+def recorded_scores(study: optuna.Study, space: WidthSpace, budget: float | None = None) -> dict[Key, list[float]]:
+    """The chunk scores the study's trials (at `budget`) hold, per structure (the longest record of each)."""
     memo: dict[Key, list[float]] = {}
-    for trial in study.get_trials(deepcopy=False, states=COUNTED):
+    for trial in trials_at(study, budget):
         key = key_of(units_of(trial.params, space))
         chunks = trial.user_attrs["chunks"]
         if len(chunks) > len(memo.get(key, [])):
@@ -53,17 +62,18 @@ def recorded_scores(study: optuna.Study, space: WidthSpace) -> dict[Key, list[fl
     return memo
 
 
-def best_structure(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """The COMPLETE trial of least value (the earliest of equals): the evolution's parent."""
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+def best_structure(study: optuna.Study, budget: float | None = None) -> optuna.trial.FrozenTrial:
+    """The COMPLETE trial (at `budget`) of least value (the earliest of equals): the evolution's parent."""
+    complete = trials_at(study, budget, (optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise AdaPrunerError(f"study {study.study_name!r} has no structure scored on every stage: run it again")
     return min(complete, key=lambda t: (t.value, t.number))
 
 
 class WidthStudy:
-    """The space, variants, starting counts and stage scorers of one structure search of `model` under `spec` (fluct
-    or another metric that ranks units once; its allocation gives the start), on `val_windows` from layer `start`."""
+    """The variants and stage scorers of one structure search of `model` under `spec` (fluct or another metric that
+    ranks units once; its allocation gives each budget's start), on `val_windows` from layer `start`; `space` and
+    `start` are those of `spec`'s budget (the one best.json delivers), `space_at`/`start_at` any budget's."""
 
     def __init__(
         self,
@@ -81,13 +91,30 @@ class WidthStudy:
                 f"--stages ends at {search.stages.windows[-1]} windows; the validation text has {val_windows.shape[0]}"
             )
         self.model, self.spec, self.search = model, spec, search
-        self.space = WidthSpace.of(model, spec)
+        self.budgets = search.front or (spec.target_params,)
+        if spec.target_params not in self.budgets:
+            raise AdaPrunerError(f"the delivered budget {spec.target_params} is not one of the front's {self.budgets}")
+        self._spaces: dict[float, WidthSpace] = {}
+        self._starts: dict[float, Counts] = {}
+        self.space = self.space_at(spec.target_params)
         self.variants = LayerVariants(model, spec, statistics, search.seed)
-        self.start = allocate(model, self.variants.importance, spec)[0]
+        self.start = self.start_at(spec.target_params)
         self.scorers = [
             ValidationScorer(model, val_windows[a:b], start, val_dtype, batch_size) for a, b in search.stages.chunks
         ]
         self._whole_args = (val_windows[: search.stages.windows[-1]], start, val_dtype, batch_size)
+
+    def space_at(self, budget: float) -> WidthSpace:
+        if budget not in self._spaces:
+            self._spaces[budget] = WidthSpace.of(self.model, self.spec.with_(target_params=budget))
+        return self._spaces[budget]
+
+    def start_at(self, budget: float) -> Counts:
+        """The loss allocation's counts at `budget` (from the variants' ranking)."""
+        if budget not in self._starts:
+            spec = self.spec.with_(target_params=budget)
+            self._starts[budget] = allocate(self.model, self.variants.importance, spec)[0]
+        return self._starts[budget]
 
     def plan_and_updates(self, units: Units) -> tuple[PrunePlan, dict]:
         counts = self.space.layer_counts(units)
@@ -103,19 +130,23 @@ class WidthStudy:
         )
         return value if math.isfinite(value) else math.inf
 
-    def run(self, study: optuna.Study, progress: bool = True) -> Evolution:
-        """Run (or resume) the evolution in `study`, one trial per structure scored (module docstring)."""
-        stages = self.search.stages
+    def run(self, study: optuna.Study, progress: bool = True) -> dict[float, Evolution]:
+        """Run (or resume) the evolution of every budget in `study`, one trial per structure scored (module
+        docstring)."""
+        return {budget: self.run_budget(study, budget, progress) for budget in self.budgets}
+
+    def run_budget(self, study: optuna.Study, budget: float, progress: bool = True) -> Evolution:
+        """Run (or resume) the evolution at `budget` in `study`."""
+        stages, space = self.search.stages, self.space_at(budget)
         sizes = [b - a for a, b in stages.chunks]
         distributions = {
-            param_name(m): optuna.distributions.IntDistribution(0, n - self.space.floors[m])
-            for m, n in self.space.units.items()
+            param_name(m): optuna.distributions.IntDistribution(0, n - space.floors[m]) for m, n in space.units.items()
         }
         total = count_params(self.model)
 
         def record(generation: int, structures: list[tuple[Units, list[float]]]) -> None:
             for units, chunks in structures:
-                plan = self.variants.plan(self.space.layer_counts(units))
+                plan = self.variants.plan(space.layer_counts(units))
                 steps = {
                     stages.windows[k]: sum(c * n for c, n in zip(chunks[: k + 1], sizes)) / stages.windows[k]
                     for k in range(len(chunks))
@@ -130,6 +161,7 @@ class WidthStudy:
                         intermediate_values=steps,
                         user_attrs={
                             "generation": generation,
+                            "budget": budget,
                             "chunks": chunks,
                             "sampled_by": "evolution",
                             "plan": plan.encode(),
@@ -139,13 +171,13 @@ class WidthStudy:
                 )
 
         return evolve(
-            self.space,
-            self.start,
+            space,
+            self.start_at(budget),
             self.score,
             stages,
             Schedule(self.search.generations, self.search.children, self.search.seed),
-            progress,
-            memo=recorded_scores(study, self.space),
+            (f"generations at {budget:g}" if len(self.budgets) > 1 else "generations") if progress else None,
+            memo=recorded_scores(study, space, budget),
             record=record,
         )
 
