@@ -863,7 +863,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     if best.structure == "widths":
         kl = "" if best.val_kl is None else f"val KL {best.val_kl:.4f}, "
         found = f"best structure: trial {best.trial} ({spec.metric}, {spec.compensation} refit), {kl}"
-        plots = "history.png, widths.png"
+        plots = "history.png, widths.png" + (", front.json, front.png" if args.front else "")
     else:
         found = f"best trial {best.trial}: {spec.metric}/{spec.aggregation} on {best.scored_on}, "
         plots = "history.png"
@@ -871,6 +871,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     print(
         f"wrote {files}/best.json, {plots}; apply with: adapruner prune --model {args.model} --from-study "
         f"{files} --out DIR"
+        + (" [--target-params P of the front]" if best.structure == "widths" and args.front else "")
     )
     return 0
 

@@ -86,7 +86,7 @@ def evolved_counts(searched: WidthStudy) -> tuple[dict, list[float], float]:
     study), the parent's score per generation on the last stage's windows, and the seconds per child."""
     study = optuna.create_study()
     started = time.perf_counter()
-    result = searched.run(study)
+    result = searched.run(study)[searched.spec.target_params]
     return result.best, result.history, (time.perf_counter() - started) / max(1, result.children)
 
 
