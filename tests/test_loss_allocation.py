@@ -107,6 +107,33 @@ def test_the_loss_allocation_meets_the_budget_and_spares_what_the_loss_feels(met
     assert layer_1_keeps(spared) >= layer_1_keeps(plan) and layer_1_keeps(spared) != layer_1_keeps(plan)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_the_factorised_curves_are_the_rank_update_curves_and_give_the_same_plans(model_type, monkeypatch):
+    """In a fixed order (fluct's), the loss allocation's removal curves from one factorisation per module equal the
+    step-by-step rank updates' (1e-6 relative), and so do its plans at every budget."""
+    import adapruner.scoring.importance as importance
+    from adapruner.choosing.selection import error_removals, removal_curves, score_layers
+    from adapruner.scoring.obs import ordered_removal_by_updates
+
+    model = tiny_family(model_type)
+    fluct = Importance("fluct", stats=loss_stats(model, tokens_of(6)))
+    every = {index: (True, True) for index in range(4)}
+    spec = PruneSpec(None, 0.2, layers="all", metric="fluct", allocation="loss", granularity="query", min_keep=0.0)
+    scores = score_layers(model, fluct, every, "query")
+
+    def curves_and_plans():
+        curves = removal_curves(error_removals(model, fluct, every, spec, scores))
+        plans = [plan_allocation(model, fluct, spec.with_(target_params=t)) for t in (0.1, 0.2, 0.3, 0.4)]
+        return curves, plans
+
+    factorised, plans = curves_and_plans()
+    monkeypatch.setattr(importance, "ordered_removal", ordered_removal_by_updates)
+    updated, updated_plans = curves_and_plans()
+    assert plans == updated_plans
+    for key, curve in updated.items():
+        torch.testing.assert_close(factorised[key], curve, rtol=1e-6, atol=1e-12)
+
+
 def test_the_cached_loss_plan_is_the_live_one():
     """A search trial's output Fisher from the cached dY rows of its samples is the live one over those windows."""
     model = tiny_family("qwen3")

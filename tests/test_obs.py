@@ -131,3 +131,42 @@ def test_a_slightly_indefinite_covariance_is_projected_onto_the_psd_cone():
     lam = damp * cov.diagonal().mean()
     expected = torch.linalg.inv(nearest + lam * torch.eye(6, dtype=torch.float64))
     torch.testing.assert_close(inverse_hessian(cov, damp), expected)
+
+
+@pytest.mark.parametrize(("block", "units", "removing"), [(1, 12, (7, 3, 1)), (3, 8, (5, 1, 1)), (2, 12, (3, 1, 3))])
+def test_a_fixed_order_is_costed_from_one_factorisation_as_the_rank_updates_cost_it(block, units, removing):
+    """`ordered_removal` (one Cholesky, one product) takes the greedy's steps in a priority's order and costs each as
+    the step-by-step rank updates do (1e-7 relative; batches, blocks and groups), its energy tr(W H Wᵀ)."""
+    from adapruner.scoring.obs import ordered_removal, ordered_removal_by_updates, output_energy
+
+    w, cov, refit_error = layer_case(block, units=units, seed=5)
+    priority = torch.randn(units, generator=torch.Generator().manual_seed(9)).double()
+    updated = ordered_removal_by_updates(w, cov, DAMP, block, removing, priority)
+    factorised = ordered_removal(w, cov, DAMP, block, removing, priority)
+    assert factorised.steps == updated.steps
+    torch.testing.assert_close(
+        torch.tensor(factorised.costs, dtype=torch.float64),
+        torch.tensor(updated.costs, dtype=torch.float64),
+        rtol=1e-7,
+        atol=0,
+    )
+    assert factorised.energy == pytest.approx(output_energy(w, cov, DAMP), rel=1e-7)
+    removed = [u for step in factorised.steps for u in step]
+    assert sum(factorised.costs) == pytest.approx(refit_error(removed), rel=1e-7)
+
+
+def test_an_indefinite_covariance_is_projected_before_the_factorisation():
+    from adapruner.scoring.obs import ordered_removal
+
+    w, cov, _refit_error = layer_case(1, units=6, seed=2)
+    values, vectors = torch.linalg.eigh(cov)
+    indefinite = (vectors * values.clone().index_fill_(0, torch.tensor([0]), -5.0)) @ vectors.t()
+    priority = torch.arange(6).double()
+    updated = greedy_removal(w, inverse_hessian(indefinite, DAMP), 1, 4, priority=priority)
+    factorised = ordered_removal(w, indefinite, DAMP, 1, (4, 1, 1), priority)
+    torch.testing.assert_close(
+        torch.tensor(factorised.costs, dtype=torch.float64),
+        torch.tensor(updated.costs, dtype=torch.float64),
+        rtol=1e-7,
+        atol=0,
+    )

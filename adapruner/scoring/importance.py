@@ -21,7 +21,14 @@ from adapruner.model.big_model import weights
 from adapruner.model.structure import Group, Member
 from adapruner.scoring.metrics import Metric
 from adapruner.scoring.metrics import metric as registered
-from adapruner.scoring.obs import Removal, greedy_removal, inverse_hessian, output_energy, unit_costs
+from adapruner.scoring.obs import (
+    Removal,
+    greedy_removal,
+    inverse_hessian,
+    ordered_removal,
+    output_energy,
+    unit_costs,
+)
 
 
 @dataclass
@@ -197,12 +204,16 @@ class Importance:
         if priority is None and not self.definition.surgeon:
             priority = self(group)
         covariance = self.covariance(member)
-        hinv = inverse_hessian(covariance, self.damp)
         with weights(member.linear) as linear:
             weight = linear.weight.detach()
             if loss_weighted:
                 weight = weight * self.output_fisher(member).to(weight.device).sqrt()[:, None]
-            removal = greedy_removal(weight, hinv, member.block, n_remove, batch, groups, priority)
+            if priority is not None:  # a fixed order: one factorisation costs every step (`obs.ordered_removal`)
+                removing = (n_remove, batch, groups)
+                return ordered_removal(weight, covariance, self.damp, member.block, removing, priority)
+            removal = greedy_removal(
+                weight, inverse_hessian(covariance, self.damp), member.block, n_remove, batch, groups
+            )
             removal.energy = output_energy(weight, covariance, self.damp)
         return removal
 

@@ -11,6 +11,12 @@ come in groups: query heads inside kv groups), then update
     W ← W − W_B [(H⁻¹)_BB]⁻¹ (H⁻¹)_B:        H⁻¹ ← H⁻¹ − (H⁻¹)_:B [(H⁻¹)_BB]⁻¹ (H⁻¹)_B:
 so the next step scores the units as they are after the refit; the step costs add up to cost(all removed).
 Arithmetic in fp64 (H⁻¹ loses precision in fp32 as units go).
+
+Where another metric fixes the order (`priority`), the costs need no rank updates (`ordered_removal`): with the
+columns permuted into removal order (kept ones last), P H Pᵀ = Ũ Ũᵀ with Ũ upper triangular (the Cholesky factor of
+the reversed matrix, reversed), so P H⁻¹ Pᵀ = Uᵀ U with U = Ũ⁻¹ — the factor GPTQ's updates walk — and the refit
+errors E = W Pᵀ U⁻¹ = W Pᵀ Ũ give every step's cost as ‖E_B‖²_F of its columns (and tr(W H Wᵀ) = ‖E‖²_F): one
+Cholesky and one product per module instead of a rank update per step.
 """
 
 from __future__ import annotations
@@ -74,6 +80,21 @@ def inverse_hessian(covariance: torch.Tensor, damp: float) -> torch.Tensor:
     return (vectors / (values.clamp_min(0) + lam)) @ vectors.t()
 
 
+def cholesky_of_hessian(covariance: torch.Tensor, damp: float, order: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of H = Σ + λI (fp64) with rows and columns taken in `order`; Σ projected onto the
+    PSD cone first where Cholesky fails (as `inverse_hessian` does)."""
+    cov = covariance.double()
+    lam = damping(cov, damp)
+    hessian = cov[order[:, None], order]
+    hessian.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    if int(info) == 0:
+        return factor
+    values, vectors = torch.linalg.eigh((cov + cov.t()) / 2)
+    projected = (vectors * (values.clamp_min(0) + lam)) @ vectors.t()
+    return torch.linalg.cholesky(((projected + projected.t()) / 2)[order[:, None], order])
+
+
 def unit_costs(weight: torch.Tensor, hinv: torch.Tensor, block: int, alive: torch.Tensor | None = None) -> torch.Tensor:
     """cost({u}) = tr(W_u [(H⁻¹)_uu]⁻¹ W_uᵀ) of every unit u (`block` columns each) alone; +inf where not `alive`."""
     w = weight.double()
@@ -109,14 +130,8 @@ def greedy_removal(
     left = n_remove
     while left > 0:
         scores = unit_costs(w, h, block, alive) if priority is None else _masked(priority, alive)
-        if groups > 1:
-            chosen = (
-                scores.view(groups, -1).argmin(1) + torch.arange(groups, device=w.device) * (n // groups)
-            ).tolist()
-            left -= 1
-        else:
-            chosen = scores.topk(min(batch, left), largest=False).indices.tolist()
-            left -= len(chosen)
+        chosen = _step(scores, groups, batch, left)
+        left -= 1 if groups > 1 else len(chosen)
         columns = torch.tensor([u * block + k for u in chosen for k in range(block)], device=w.device)
         h_bb = h[columns][:, columns]
         update = torch.linalg.solve(h_bb, h[columns])  # [(H⁻¹)_BB]⁻¹ (H⁻¹)_B:
@@ -126,6 +141,66 @@ def greedy_removal(
         h -= h[:, columns] @ update
         alive[chosen] = False
     return removal
+
+
+def ordered_removal(
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    damp: float,
+    block: int,
+    removing: tuple[int, int, int],
+    priority: torch.Tensor,
+) -> Removal:
+    """`greedy_removal` in the fixed order of `priority` (lower goes first), `removing` = (n_remove, batch, groups)
+    as there: the same steps, each costed from one factorisation (module docstring); its `energy` is tr(W H Wᵀ)."""
+    n_remove, batch, groups = removing
+    n = weight.shape[1] // block
+    if n_remove * (groups if groups > 1 else 1) > n:
+        raise AdaPrunerError(f"cannot remove {n_remove} of {n} units")
+    alive = torch.ones(n, dtype=torch.bool, device=weight.device)
+    removal = Removal([], [], n)
+    left = n_remove
+    while left > 0:
+        chosen = _step(_masked(priority, alive), groups, batch, left)
+        left -= 1 if groups > 1 else len(chosen)
+        removal.steps.append(chosen)
+        alive[chosen] = False
+    units = [u for step in removal.steps for u in step] + alive.nonzero().flatten().tolist()  # kept ones last
+    order = (
+        torch.tensor(units, device=weight.device)[:, None] * block + torch.arange(block, device=weight.device)
+    ).flatten()
+    reversed_order = order.flip(0)
+    factor = cholesky_of_hessian(covariance, damp, reversed_order).flip(0, 1)  # Ũ: P H Pᵀ = Ũ Ũᵀ
+    errors = weight.detach().double()[:, order] @ factor  # E = W Pᵀ Ũ
+    column_costs = errors.square().sum(0).view(n, block).sum(1)  # per unit, in removal order
+    costs = torch.split(column_costs[: sum(len(step) for step in removal.steps)], [len(s) for s in removal.steps])
+    removal.costs = [float(c.sum()) for c in costs]
+    removal.energy = float(column_costs.sum())
+    return removal
+
+
+def ordered_removal_by_updates(
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    damp: float,
+    block: int,
+    removing: tuple[int, int, int],
+    priority: torch.Tensor,
+) -> Removal:
+    """`ordered_removal`'s reference (tests, `bench.curve_cost`): the same steps costed by `greedy_removal`'s rank
+    updates of W and H⁻¹, the energy by `output_energy`."""
+    n_remove, batch, groups = removing
+    removal = greedy_removal(weight, inverse_hessian(covariance, damp), block, n_remove, batch, groups, priority)
+    removal.energy = output_energy(weight, covariance, damp)
+    return removal
+
+
+def _step(scores: torch.Tensor, groups: int, batch: int, left: int) -> list[int]:
+    """The units a greedy step removes: the lowest-scored of each of `groups` equal runs, or the `batch` lowest."""
+    if groups > 1:
+        n = scores.numel()
+        return (scores.view(groups, -1).argmin(1) + torch.arange(groups, device=scores.device) * (n // groups)).tolist()
+    return scores.topk(min(batch, left), largest=False).indices.tolist()
 
 
 def _masked(priority: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
