@@ -52,6 +52,22 @@ def test_a_plan_scored_on_the_pool_is_a_fresh_prune_on_its_windows(pooled, metri
     assert scored == fresh.plan and scored.mlp[0] != list(range(len(scored.mlp[0])))
 
 
+def test_the_pool_forms_each_covariance_when_it_is_read_not_all_at_once(pooled):
+    """Streamed Σ (issue 34): the pool's importance holds no Σ; reading one output projection's forms it from its Gram
+    on the projection's device, equal to the Σ of its input moments (the plans above equal fresh prunes)."""
+    from adapruner.model.structure import layer_info, mlp_group
+
+    model, tokenizer, calib = pooled
+    pool = collect_refit_pool(model, tokenizer, calib, 16, 0, range(4), progress=False, fisher=True)
+    spec = PruneSpec(0.4, layers="all", metric="fluct", allocation="loss")
+    importance = pool.importance(model, spec)
+    assert all(stats.act_cov is None for stats in importance.stats.values())
+    down = next(m for m in mlp_group(layer_info(model, 2)).members if m.dim == 1)
+    formed = importance.covariance(down)
+    assert formed.device == down.linear.weight.device
+    torch.testing.assert_close(formed, pool.moments[down.name].covariance, rtol=0, atol=0)
+
+
 def test_the_pool_refit_is_the_refit_from_its_windows(pooled):
     model, tokenizer, calib = pooled
     pool = collect_refit_pool(model, tokenizer, calib, 16, 0, range(4), progress=False)

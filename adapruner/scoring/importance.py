@@ -10,6 +10,7 @@ import hashlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,10 +18,13 @@ from adapruner.choosing.allocation_rules import any_refit_error, names_where
 from adapruner.choosing.spec import DEFAULT_OBS_DAMP, check_aggregation
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.channel_importance import channel_importance
-from adapruner.model.big_model import weights
+from adapruner.model.big_model import execution_device, weights
 from adapruner.model.structure import Group, Member
 from adapruner.scoring.metrics import Metric
 from adapruner.scoring.metrics import metric as registered
+
+if TYPE_CHECKING:
+    from adapruner.scoring.collect import InputMoments
 from adapruner.scoring.obs import (
     Removal,
     greedy_removal,
@@ -124,11 +128,13 @@ class Importance:
         stats: Mapping[str, LinearStats] | None = None,
         seed: int = 0,
         damp: float = DEFAULT_OBS_DAMP,
+        grams: Mapping[str, InputMoments] | None = None,
     ):
         self.definition = registered(metric)  # the metric's registry entry
         check_aggregation(aggregation)
         self.metric, self.aggregation, self.stats, self.seed = metric, aggregation, stats or {}, seed
         self.damp = damp
+        self.grams = grams or {}  # where a member's Σ is formed when it is read, if `stats` holds none (streamed)
 
     @property
     def spec(self) -> Metric:
@@ -166,11 +172,16 @@ class Importance:
         return unit_scores(member.channels(self.channel_scores(member)).float(), member.block)
 
     def covariance(self, member: Member) -> torch.Tensor:
-        """Σ of the member's calibration inputs (an output projection's), from the live statistics."""
+        """Σ of the member's calibration inputs (an output projection's), from the live statistics — or formed now
+        from its input moments in `grams` (C − μμᵀ, on the member's device: one module's Σ there at a time)."""
         stats = self.stats.get(member.name, LinearStats())
-        if stats.act_cov is None:
-            raise AdaPrunerError(f"{self.metric} needs the input covariance of {member.name}: pass calibration data")
-        return stats.act_cov
+        if stats.act_cov is not None:
+            return stats.act_cov
+        if member.name in self.grams:
+            moments, device = self.grams[member.name], execution_device(member.linear)
+            mean = moments.mean.to(device)
+            return moments.gram.to(device) - torch.outer(mean, mean)
+        raise AdaPrunerError(f"{self.metric} needs the input covariance of {member.name}: pass calibration data")
 
     def inverse_hessian(self, member: Member) -> torch.Tensor:
         """(Σ + λI)⁻¹ of the member's inputs (`obs.inverse_hessian`; not kept: a 7B model's would fill a GPU)."""

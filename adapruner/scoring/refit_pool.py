@@ -57,27 +57,25 @@ class RefitPool:
     moments: dict[str, InputMoments]  # by linear name; output projections carry the Gram
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # output projections' output Fisher, if collected
 
-    def stats(
-        self, metric: str, device: torch.device, covariance: bool = False, fisher: bool = False
-    ) -> dict[str, LinearStats]:
-        """The `LinearStats` a moment metric reads (act_norm, act_var, act_cov), on `device`; with `covariance` the
-        output projections' Σ whatever the metric (the `error` and `loss` allocations read it), with `fisher` their
-        output Fisher (`loss`)."""
+    def stats(self, metric: str, device: torch.device, fisher: bool = False) -> dict[str, LinearStats]:
+        """The `LinearStats` a moment metric reads per channel (act_norm, act_var), on `device`; with `fisher` the
+        output projections' output Fisher (`loss`). Σ is not among them: `importance` forms it per module on use."""
         if fisher and not self.fisher:
             raise AdaPrunerError("the refit pool holds no output Fisher: collect it with fisher=True (loss allocation)")
         if not scored_by_moments(metric):
             raise AdaPrunerError(f"metric {metric!r} reads gradients, which the refit pool does not hold")
-        stats = moment_stats(self.moments, self.tokens, needs(metric) | ({"act_cov"} if covariance else set()), device)
+        stats = moment_stats(self.moments, self.tokens, needs(metric) - {"act_cov"}, device)
         for name, output_fisher in self.fisher.items() if fisher else ():
             stats[name].out_fisher = output_fisher.to(device)
         return stats
 
     def importance(self, model: nn.Module, spec: PruneSpec, seed: int = 0) -> Importance:
-        """`StatisticsSource.importance`: the spec's metric scored from the pool's moments (with the Σ and output
-        Fisher its allocation reads)."""
-        rule = allocation(spec.allocation)
-        stats = self.stats(spec.metric, model_device(model), rule.refit_error, rule.output_fisher)
-        return Importance(spec.metric, spec.aggregation, stats, seed=seed, damp=spec.obs_damp)
+        """`StatisticsSource.importance`: the spec's metric scored from the pool's moments, with the output Fisher its
+        allocation reads; an output projection's Σ (obs, the error and loss allocations) is formed from its Gram
+        when it is read, on its device, one module at a time — the Grams stay where the pool is."""
+        stats = self.stats(spec.metric, model_device(model), allocation(spec.allocation).output_fisher)
+        grams = {name: m for name, m in self.moments.items() if m.gram is not None}
+        return Importance(spec.metric, spec.aggregation, stats, seed=seed, damp=spec.obs_damp, grams=grams)
 
     def input_moments(self, model: nn.Module, linears: Mapping[str, nn.Linear], gram: bool) -> dict[str, InputMoments]:
         """`StatisticsSource.input_moments`: the pool's own (output projections carry their Gram)."""
