@@ -12,8 +12,8 @@ from adapruner.cutting.removal import apply_plan
 from adapruner.model.structure import prunable_linears
 from adapruner.output.saving import save_pruned
 from adapruner.scoring.cache import CandidatePool, build_cache, cache_key
-from adapruner.scoring.collect import InputMoments, collect_input_moments
-from adapruner.scoring.importance import Importance, LinearStats
+from adapruner.scoring.collect import collect_input_moments
+from adapruner.scoring.importance import Importance, InputMoments, LinearStats
 from adapruner.scoring.sources import CalibrationPasses
 
 SEQ = 9

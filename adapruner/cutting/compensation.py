@@ -26,7 +26,7 @@ from adapruner.devices import model_device
 from adapruner.errors import AdaPrunerError
 from adapruner.model.big_model import home_device, place_like, weights
 from adapruner.model.structure import decoder_layers, head_channels, layer_info, linear_of, output_projections
-from adapruner.scoring.collect import InputMoments
+from adapruner.scoring.importance import InputMoments
 from adapruner.scoring.sources import StatisticsSource
 from adapruner.searching.memory_plan import device_free_bytes
 

@@ -31,8 +31,8 @@ from adapruner.cutting.compensation import refit_updates
 from adapruner.cutting.removal import cut
 from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import attention_group, decoder_layers, layer_info, mlp_group
-from adapruner.scoring.collect import InputMoments, input_moment_sums, layer_inputs
-from adapruner.scoring.importance import MOMENT_STATS
+from adapruner.scoring.collect import input_moment_sums, layer_inputs
+from adapruner.scoring.importance import MOMENT_STATS, InputMoments
 from adapruner.scoring.metrics import metric as registered
 from adapruner.scoring.sources import LayerInputs
 

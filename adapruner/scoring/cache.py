@@ -33,8 +33,8 @@ from adapruner.kernels.cached_gradient import cached_grad_importance, sample_fis
 from adapruner.kernels.channel_importance import channel_importance
 from adapruner.model.big_model import weights
 from adapruner.model.structure import Member, decoder_layers, input_owner, prunable_linears
-from adapruner.scoring.collect import InputMoments, linear_io, sample_loss
-from adapruner.scoring.importance import Importance
+from adapruner.scoring.collect import linear_io, sample_loss
+from adapruner.scoring.importance import Importance, InputMoments
 from adapruner.scoring.metrics import ACTIVATION_METRICS, METRICS
 from adapruner.staging import staged_file
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,29 +23,9 @@ from adapruner.data.calibration import window_batches
 from adapruner.devices import model_device
 from adapruner.model.big_model import execution_device, is_offloaded, reload_offloaded_in_backward
 from adapruner.model.structure import decoder_layers
-from adapruner.scoring.importance import MOMENT_STATS, LinearStats
+from adapruner.scoring.importance import MOMENT_STATS, InputMoments, LinearStats
 
 LOSS_WINDOWS = 64  # the `loss` allocation's output Fisher reads the first 64 calibration windows (docs/results.md)
-
-
-@dataclass
-class InputMoments:
-    """Moments of a linear's calibration inputs over their T tokens (fp32): μ = mean x (in,), mean x² (in,) and
-    C = XᵀX/T (in × in; lsq only)."""
-
-    mean: torch.Tensor
-    square_mean: torch.Tensor
-    gram: torch.Tensor | None = None
-
-    @property
-    def variance(self) -> torch.Tensor:
-        """Per input channel: mean x² − (mean x)², clamped at 0 (FLAP's fluctuation)."""
-        return (self.square_mean - self.mean.square()).clamp_min(0.0)
-
-    @property
-    def covariance(self) -> torch.Tensor:
-        """Σ = C − μμᵀ (needs the Gram)."""
-        return self.gram - torch.outer(self.mean, self.mean)
 
 
 class _Entered(Exception):

@@ -10,7 +10,6 @@ import hashlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,9 +21,6 @@ from adapruner.model.big_model import execution_device, weights
 from adapruner.model.structure import Group, Member
 from adapruner.scoring.metrics import Metric
 from adapruner.scoring.metrics import metric as registered
-
-if TYPE_CHECKING:
-    from adapruner.scoring.collect import InputMoments
 from adapruner.scoring.obs import (
     Removal,
     greedy_removal,
@@ -56,6 +52,28 @@ class LinearStats:
 
 
 COLLECTED_STATS = frozenset({"grad", "fisher", "act_norm"})  # what `collect.collect_stats` gathers
+
+
+@dataclass
+class InputMoments:
+    """Moments of a linear's calibration inputs over their T tokens (fp32): μ = mean x (in,), mean x² (in,) and
+    C = XᵀX/T (in × in; lsq only)."""
+
+    mean: torch.Tensor
+    square_mean: torch.Tensor
+    gram: torch.Tensor | None = None
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Per input channel: mean x² − (mean x)², clamped at 0 (FLAP's fluctuation)."""
+        return (self.square_mean - self.mean.square()).clamp_min(0.0)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Σ = C − μμᵀ (needs the Gram)."""
+        return self.gram - torch.outer(self.mean, self.mean)
+
+
 MOMENT_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what input moments give (`collect.moment_stats`)
 
 
