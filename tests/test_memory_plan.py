@@ -60,6 +60,8 @@ def test_search_plan_prints_and_writes_nothing(tmp_path, capsys):
             "float32",
             "--cache-dir",
             str(tmp_path / "cache"),
+            "--refit-calib",
+            "wiki:4",
             "--memory-plan",
             "--out",
             str(out),
@@ -67,6 +69,7 @@ def test_search_plan_prints_and_writes_nothing(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert code == 0 and "activation cache" in printed and not out.exists() and not (tmp_path / "cache").exists()
+    assert "refit pool" in printed
     plan = memory_plan_of(
         SearchOptions(
             model=str(tmp_path / "model"),
@@ -130,3 +133,49 @@ def test_a_spread_model_s_bytes_leave_less_host_memory_to_pin():
     assert (
         cache_placement("cuda", 150 * gib, 30 * gib, 16 * gib, 80 * gib, 200 * gib) == "pinned"
     )  # a model on its GPU takes no host memory
+
+
+def test_planned_refit_pool_bytes_are_the_collected_pool_s(tmp_path):
+    from adapruner.scoring.refit_pool import collect_refit_pool, refit_pool_bytes
+    from tests.helpers import byte_level_tokenizer, tiny_family, write_pool
+
+    write_pool(tmp_path / "a.txt", seed=1)
+    model = tiny_family("qwen3")
+    for fisher in (False, True):
+        pool = collect_refit_pool(
+            model, byte_level_tokenizer(), f"{tmp_path / 'a.txt'}:4", 16, 0, range(1, 4), False, fisher
+        )
+        tensors = [t for m in pool.moments.values() for t in (m.mean, m.square_mean, m.gram) if t is not None]
+        held = sum(t.numel() * t.element_size() for t in [*tensors, *pool.fisher.values()])
+        assert refit_pool_bytes(model, range(1, 4), fisher) == held
+        assert pool.to("cpu").moments.keys() == pool.moments.keys()
+
+
+def test_the_refit_pool_stays_on_the_device_only_beside_room_for_the_trials():
+    """An 8B shape's pool (≈ 26 GiB fp32) stays beside its bf16 weights on an 80 GB device; a 70B shape's (≈ 266 GiB)
+    goes to host memory, one Gram on the device at a time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapruner.scoring.refit_pool import refit_pool_bytes
+    from adapruner.searching.memory_plan import refit_placement
+
+    def shape(hidden, intermediate, layers, heads):
+        config = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        )
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        weights = sum(p.numel() for p in model.parameters()) * 2  # bf16
+        return weights, refit_pool_bytes(model, range(layers), fisher=True)
+
+    device = 80 * 10**9
+    weights, pool = shape(4096, 14336, 32, 32)
+    assert 25 * GIB < pool < 27 * GIB and refit_placement(weights, pool, device) == "device"
+    assert refit_placement(weights, pool, device, device_map="auto") == "host"
+    weights, pool = shape(8192, 28672, 80, 64)
+    assert 260 * GIB < pool < 270 * GIB and refit_placement(weights, pool, device) == "host"

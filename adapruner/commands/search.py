@@ -25,7 +25,7 @@ from adapruner.output.report import format_table, write_json_atomic
 from adapruner.scoring.cache import CacheKey, CandidatePool, cache_key, load_or_build, planned_bytes
 from adapruner.scoring.importance import check_expert_metrics
 from adapruner.scoring.metrics import ACTIVATION_METRICS
-from adapruner.scoring.refit_pool import load_or_collect, refit_key, scored_by_moments
+from adapruner.scoring.refit_pool import load_or_collect, refit_key, refit_pool_bytes, scored_by_moments
 from adapruner.searching.best_trial import BestTrial
 from adapruner.searching.memory_plan import GIB, MemoryPlan, memory_plan
 from adapruner.searching.search import SearchSpace, config_of, trial_spec
@@ -108,6 +108,9 @@ def memory_plan_of(options: SearchOptions) -> MemoryPlan:
     check_expert_metrics(options.metrics, options.spec.prune_mlp, moe, options.allocations, options.spec.sequential)
     key = search_cache_key(options, shapes, layers)
     model_bytes = sum(p.numel() * p.element_size() for p in shapes.parameters())
+    refit_bytes = 0
+    if options.refit_calib is not None:
+        refit_bytes = refit_pool_bytes(shapes, layers, refit_fisher(options))
     return memory_plan(
         torch.device(options.device),
         model_bytes,
@@ -115,7 +118,14 @@ def memory_plan_of(options: SearchOptions) -> MemoryPlan:
         cache_folder(options),
         int(options.cache_mem_gb * GIB),
         options.device_map,
+        refit_bytes,
     )
+
+
+def refit_fisher(options: SearchOptions) -> bool:
+    """Whether the refit pool collects the output Fisher: pool trials weigh by it under `loss`; a widths search
+    starts from the loss allocation's counts."""
+    return any_output_fisher(options.allocations) and ("refit" in options.statistics or options.structure == "widths")
 
 
 def check_search_out(out: Path) -> None:
@@ -237,10 +247,9 @@ def run_search(
         refit_path = cache_dir / refit_key(
             content["model"], options.refit_calib, options.seq_len, options.seed, layers, refit_digests
         )
-        # pool trials weigh by the output Fisher; a widths search starts from the loss allocation's counts
-        fisher = any_output_fisher(options.allocations) and ("refit" in options.statistics or widths)
         windows = (options.refit_calib, options.seq_len, options.seed)
-        refit = load_or_collect(model, tokenizer, windows, layers, refit_path, progress, fisher)
+        refit = load_or_collect(model, tokenizer, windows, layers, refit_path, progress, refit_fisher(options))
+        refit = refit.to(options.device if plan.refit_place == "device" else "cpu")  # the memory plan's place
     val_path = files / "val.safetensors"
     saved_val_windows(val_path, tokenizer, options)
     write_json_atomic(

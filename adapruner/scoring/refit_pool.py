@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,12 +32,11 @@ from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import output_projections, prunable_linears
 from adapruner.scoring.collect import (
     LOSS_WINDOWS,
-    InputMoments,
     collect_input_moments,
     collect_output_fisher,
     moment_stats,
 )
-from adapruner.scoring.importance import MOMENT_STATS, Importance, LinearStats, needs
+from adapruner.scoring.importance import MOMENT_STATS, Importance, InputMoments, LinearStats, needs
 from adapruner.staging import staged_file
 
 
@@ -77,6 +76,17 @@ class RefitPool:
         grams = {name: m for name, m in self.moments.items() if m.gram is not None}
         return Importance(spec.metric, spec.aggregation, stats, seed=seed, damp=spec.obs_damp, grams=grams)
 
+    def to(self, device: torch.device | str) -> RefitPool:
+        """The pool with its moments and output Fisher on `device` (where the memory plan keeps it)."""
+        moments = {
+            name: InputMoments(
+                m.mean.to(device), m.square_mean.to(device), None if m.gram is None else m.gram.to(device)
+            )
+            for name, m in self.moments.items()
+        }
+        fisher = {name: f.to(device) for name, f in self.fisher.items()}
+        return replace(self, moments=moments, fisher=fisher)
+
     def input_moments(self, model: nn.Module, linears: Mapping[str, nn.Linear], gram: bool) -> dict[str, InputMoments]:
         """`StatisticsSource.input_moments`: the pool's own (output projections carry their Gram)."""
         return {name: self.moments[name] for name in linears}
@@ -111,6 +121,17 @@ class RefitPool:
             return cls(about["calib"], int(about["seq_len"]), int(about["seed"]), int(about["tokens"]), moments, fisher)
         except (OSError, SafetensorError, KeyError, ValueError) as exc:
             raise AdaPrunerError(f"refit pool {path} is damaged ({exc}): delete it and run again") from None
+
+
+def refit_pool_bytes(model: nn.Module, layers: range, fisher: bool = False) -> int:
+    """The bytes a pool over `layers` of `model` holds (its shapes suffice: a meta model will do), as
+    `collect_refit_pool` makes it: fp32 μ and mean x² of every prunable linear's input, the Gram of every output
+    projection's, and with `fisher` their output Fisher."""
+    linears, outputs = prunable_linears(model, layers), output_projections(model, layers)
+    vectors = sum(2 * linear.in_features for linear in (linears | outputs).values())
+    grams = sum(linear.in_features**2 for linear in outputs.values())
+    out_fisher = sum(linear.out_features for linear in outputs.values()) if fisher else 0
+    return 4 * (vectors + grams + out_fisher)
 
 
 def refit_key(model_digest: str, calib: str, seq_len: int, seed: int, layers: range, texts: list[str]) -> str:

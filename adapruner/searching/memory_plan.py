@@ -10,8 +10,11 @@ in the first place that holds it (`cache_placement`):
              the previous linear;
     mapped   memory-mapped from its file (pages read on first touch, shared by the workers of one machine), rows
              gathered and copied over per linear
-→ working buffers. The cache's size is exact: the tensors `build_cache`
-stores for these shapes, pools and metrics (X and dY only when taylor1/mix or lsq compensation are in the space).
+→ the refit pool (`--refit-calib`: fp32 input moments of the pruned linears and the Gram of every output projection,
+collected on the device) kept on the device where it fits beside the model and a device-held cache, else in host
+memory, from where each output projection's Gram goes to the device when its module is read (`refit_placement`)
+→ working buffers. The cache's and the pool's sizes are exact: the tensors `build_cache` and `collect_refit_pool`
+store for these shapes, pools and metrics (X and dY only when taylor1/mix or lsq compensation are in the space).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class MemoryPlan:
     host_available_bytes: int
     disk_free_bytes: int
     device_map: str | None = None  # the model is spread by accelerate (GPUs, then host memory, then disk)
+    refit_bytes: int = 0  # the refit pool (0: none)
+    refit_place: str = "device"  # device | host (`refit_placement`)
 
     @property
     def cache_on_device(self) -> bool:
@@ -65,10 +70,19 @@ class MemoryPlan:
                 f"{self.cache_bytes / GIB:.3f} GiB",
                 f"under {self.cache_dir} (reused when one of the same key is there)",
             ],
+            *([["refit pool", f"{self.refit_bytes / GIB:.3f} GiB", self.refit_where]] if self.refit_bytes else []),
             [f"free on {self.device}", f"{self.device_free_bytes / GIB:.3f} GiB", "now"],
             ["host memory available", f"{self.host_available_bytes / GIB:.3f} GiB", "now"],
             ["disk free under --cache-dir", f"{self.disk_free_bytes / GIB:.3f} GiB", "now"],
         ]
+
+    @property
+    def refit_where(self) -> str:
+        if self.refit_place == "device":
+            return f"on {self.device} (collected there, kept for every trial)"
+        return (
+            f"collected on {self.device}, then in host memory: one output projection's Gram on {self.device} at a time"
+        )
 
     def table(self) -> str:
         from adapruner.output.report import format_table
@@ -119,9 +133,11 @@ def memory_plan(
     cache_dir: Path,
     cache_mem_bytes: int,
     device_map: str | None = None,
+    refit_bytes: int = 0,
 ) -> MemoryPlan:
     """The plan, made before the model loads, for a model of `model_bytes` on `device` (or spread from it by
-    `device_map`, which fills the devices: the cache then stays in host memory) and a cache of `cache_bytes`."""
+    `device_map`, which fills the devices: the cache then stays in host memory), a cache of `cache_bytes` and a refit
+    pool of `refit_bytes`."""
     folder = cache_dir.expanduser().absolute()
     while not folder.exists():
         folder = folder.parent
@@ -137,7 +153,18 @@ def memory_plan(
         host,
         shutil.disk_usage(folder).free,
         device_map,
+        refit_bytes,
+        refit_placement(model_bytes + (cache_bytes if place == "device" else 0), refit_bytes, free, device_map),
     )
+
+
+def refit_placement(held_bytes: int, refit_bytes: int, device_free: int, device_map: str | None = None) -> str:
+    """`device` where the pool fits beside what the device already holds (`held_bytes`: the model, a device-held
+    cache) within half of what is left — the other half is the trials' working set — else `host`. A model spread by
+    --device-map fills its devices: its pool goes to host memory."""
+    if device_map is None and refit_bytes <= (device_free - held_bytes) // 2:
+        return "device"
+    return "host"
 
 
 def cache_placement(
