@@ -142,9 +142,8 @@ def test_planned_refit_pool_bytes_are_the_collected_pool_s(tmp_path):
     write_pool(tmp_path / "a.txt", seed=1)
     model = tiny_family("qwen3")
     for fisher in (False, True):
-        pool = collect_refit_pool(
-            model, byte_level_tokenizer(), f"{tmp_path / 'a.txt'}:4", 16, 0, range(1, 4), False, fisher
-        )
+        windows = (f"{tmp_path / 'a.txt'}:4", 16, 0)
+        pool = collect_refit_pool(model, byte_level_tokenizer(), windows, range(1, 4), False, fisher, fisher)
         tensors = [t for m in pool.moments.values() for t in (m.mean, m.square_mean, m.gram) if t is not None]
         held = sum(t.numel() * t.element_size() for t in [*tensors, *pool.fisher.values()])
         assert refit_pool_bytes(model, range(1, 4), fisher) == held

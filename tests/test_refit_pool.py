@@ -44,7 +44,7 @@ def pooled(tmp_path):
 @pytest.mark.parametrize("metric", ["act", "fluct", "obs"])
 def test_a_plan_scored_on_the_pool_is_a_fresh_prune_on_its_windows(pooled, metric, allocation):
     model, tokenizer, calib = pooled
-    pool = collect_refit_pool(model, tokenizer, calib, 16, 0, range(4), progress=False, fisher=allocation == "loss")
+    pool = collect_refit_pool(model, tokenizer, (calib, 16, 0), range(4), progress=False, fisher=allocation == "loss")
     spec = PruneSpec(0.4, layers="all", granularity="query", metric=metric, allocation=allocation)
     config = TrialConfig([], metric, "sum", allocation=allocation, statistics="refit")
     scored = trial_plan(model, None, spec, config, refit=pool)
@@ -58,7 +58,7 @@ def test_the_pool_forms_each_covariance_when_it_is_read_not_all_at_once(pooled):
     from adapruner.model.structure import layer_info, mlp_group
 
     model, tokenizer, calib = pooled
-    pool = collect_refit_pool(model, tokenizer, calib, 16, 0, range(4), progress=False, fisher=True)
+    pool = collect_refit_pool(model, tokenizer, (calib, 16, 0), range(4), progress=False, fisher=True)
     spec = PruneSpec(0.4, layers="all", metric="fluct", allocation="loss")
     importance = pool.importance(model, spec)
     assert all(stats.act_cov is None for stats in importance.stats.values())
@@ -68,9 +68,31 @@ def test_the_pool_forms_each_covariance_when_it_is_read_not_all_at_once(pooled):
     torch.testing.assert_close(formed, pool.moments[down.name].covariance, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "phi3"])
+def test_layer_by_layer_moments_are_the_whole_model_s(model_type):
+    """The pool is collected one decoder layer at a time, each layer's moments moved to host memory when done: the
+    same moments (1e-5) as hooks over whole-model passes, for every prunable linear, with the output projections'
+    Grams."""
+    from adapruner.model.structure import prunable_linears
+    from adapruner.scoring.collect import collect_input_moments, collect_layer_moments
+
+    model = tiny_family(model_type)
+    ids = torch.randint(0, 97, (5, 16), generator=torch.Generator().manual_seed(7))
+    layered = collect_layer_moments(model, ids, range(1, 4), "cpu", progress=False)
+    outputs = output_projections(model, range(1, 4))
+    whole = collect_input_moments(model, prunable_linears(model, range(1, 4)) | outputs, ids, False, 2, False, outputs)
+    assert layered.keys() == whole.keys()
+    for name, m in whole.items():
+        torch.testing.assert_close(layered[name].mean, m.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layered[name].square_mean, m.square_mean, rtol=1e-5, atol=1e-6)
+        assert (m.gram is None) == (name not in outputs)
+        if m.gram is not None:
+            torch.testing.assert_close(layered[name].gram, m.gram, rtol=1e-5, atol=1e-6)
+
+
 def test_the_pool_refit_is_the_refit_from_its_windows(pooled):
     model, tokenizer, calib = pooled
-    pool = collect_refit_pool(model, tokenizer, calib, 16, 0, range(4), progress=False)
+    pool = collect_refit_pool(model, tokenizer, (calib, 16, 0), range(4), progress=False)
     spec = PruneSpec(0.5, layers="all", metric="l2", compensation="lsq", damp=0.3)
     plan = plan_allocation(model, Importance("l2"), spec)
     updates = trial_updates(model, None, spec, TrialConfig([], "l2", "sum", compensation="lsq"), plan, pool)

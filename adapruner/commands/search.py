@@ -248,8 +248,9 @@ def run_search(
             content["model"], options.refit_calib, options.seq_len, options.seed, layers, refit_digests
         )
         windows = (options.refit_calib, options.seq_len, options.seed)
-        refit = load_or_collect(model, tokenizer, windows, layers, refit_path, progress, refit_fisher(options))
-        refit = refit.to(options.device if plan.refit_place == "device" else "cpu")  # the memory plan's place
+        host = plan.refit_place == "host"  # the memory plan's place: collected layer by layer into host memory
+        refit = load_or_collect(model, tokenizer, windows, layers, refit_path, progress, refit_fisher(options), host)
+        refit = refit.to("cpu" if host else options.device)
     val_path = files / "val.safetensors"
     saved_val_windows(val_path, tokenizer, options)
     write_json_atomic(

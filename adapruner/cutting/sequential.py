@@ -16,7 +16,6 @@ model for it); only the choice of units and the refit see the pruned inputs. Mem
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -31,7 +30,7 @@ from adapruner.cutting.compensation import refit_updates
 from adapruner.cutting.removal import cut
 from adapruner.errors import AdaPrunerError
 from adapruner.model.structure import attention_group, decoder_layers, layer_info, mlp_group
-from adapruner.scoring.collect import input_moment_sums, layer_inputs
+from adapruner.scoring.collect import LayerRun, input_moment_sums, layer_inputs
 from adapruner.scoring.importance import MOMENT_STATS, InputMoments
 from adapruner.scoring.metrics import metric as registered
 from adapruner.scoring.sources import LayerInputs
@@ -67,7 +66,7 @@ def prune_sequential(
     hidden, arguments = layer_inputs(model, input_ids, layers)
     plan, refit = PrunePlan(), []
     for index in tqdm(layers, desc="sequential", unit="layer", disable=not progress):
-        run = _Run(decoder_layers(model)[index], hidden, arguments[index])
+        run = LayerRun(decoder_layers(model)[index], hidden, arguments[index])
         for slot, (module, on) in enumerate((("attn", spec.prune_attention), ("mlp", spec.prune_mlp))):
             if on:
                 where = (index, module, counts[index][slot])
@@ -83,7 +82,7 @@ def _prune_part(
     model: nn.Module,
     where: tuple[int, str, int],
     spec: PruneSpec,
-    run: _Run,
+    run: LayerRun,
     seed: int,
     observe: Observer | None,
 ) -> tuple[PrunePlan, list[str]]:
@@ -106,26 +105,3 @@ def _prune_part(
     updates = refit_updates(model, part, statistics, spec.compensation, spec.damp)
     cut(model, part, updates)
     return part, sorted(updates)
-
-
-class _Run:
-    """One decoder layer over the recorded batches of hidden states with their keyword arguments."""
-
-    def __init__(self, layer: nn.Module, hidden: list[torch.Tensor], arguments: list[tuple[tuple, dict]]):
-        self.layer, self.hidden, self.arguments = layer, hidden, arguments
-
-    @property
-    def tokens(self) -> int:
-        """Tokens of all batches."""
-        return sum(math.prod(states.shape[:-1]) for states in self.hidden)
-
-    def outputs(self) -> list[torch.Tensor]:
-        """The layer's outputs, batch by batch (hooks on its modules see every batch)."""
-        return [
-            _first(self.layer(states, *args, **kwargs)) for states, (args, kwargs) in zip(self.hidden, self.arguments)
-        ]
-
-
-def _first(out) -> torch.Tensor:
-    """A decoder layer's hidden states (older families return a tuple)."""
-    return out[0] if isinstance(out, tuple) else out

@@ -12,17 +12,19 @@ are independent, sample s's gradient is G_s = dY_sᵀ X_s over its own token row
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Mapping
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from adapruner.data.calibration import window_batches
 from adapruner.devices import model_device
 from adapruner.model.big_model import execution_device, is_offloaded, reload_offloaded_in_backward
-from adapruner.model.structure import decoder_layers
+from adapruner.model.structure import decoder_layers, output_projections, prunable_linears
 from adapruner.scoring.importance import MOMENT_STATS, InputMoments, LinearStats
 
 LOSS_WINDOWS = 64  # the `loss` allocation's output Fisher reads the first 64 calibration windows (docs/results.md)
@@ -66,6 +68,50 @@ def layer_inputs(
         for handle in handles:
             handle.remove()
     return hidden, arguments
+
+
+class LayerRun:
+    """One decoder layer over the recorded batches of hidden states with their other arguments (`layer_inputs`)."""
+
+    def __init__(self, layer: nn.Module, hidden: list[torch.Tensor], arguments: list[tuple[tuple, dict]]):
+        self.layer, self.hidden, self.arguments = layer, hidden, arguments
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of all batches."""
+        return sum(math.prod(states.shape[:-1]) for states in self.hidden)
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The layer's outputs, batch by batch (hooks on its modules see every batch)."""
+        return [
+            _first(self.layer(states, *args, **kwargs)) for states, (args, kwargs) in zip(self.hidden, self.arguments)
+        ]
+
+
+def _first(out) -> torch.Tensor:
+    """A decoder layer's hidden states (older families return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def collect_layer_moments(
+    model: nn.Module, input_ids: torch.Tensor, layers: range, store: torch.device | str = "cpu", progress: bool = True
+) -> dict[str, InputMoments]:
+    """`InputMoments` of every prunable linear of `layers`, with XᵀX/T for their output projections (the refit pool's),
+    one decoder layer at a time: the windows' hidden states go through each layer in turn and a layer's moments move
+    to `store` as soon as it is done, so the device holds one layer's Grams, not every layer's. The same sums as
+    `collect_input_moments` over the whole model's passes."""
+    hidden, arguments = layer_inputs(model, input_ids, list(layers))
+    blocks, moments = decoder_layers(model), {}
+    for index in tqdm(layers, desc="input moments", unit="layer", disable=not progress):
+        outputs = output_projections(model, [index])
+        run = LayerRun(blocks[index], hidden, arguments[index])
+        with input_moment_sums(prunable_linears(model, [index]) | outputs, outputs) as sums:
+            hidden = run.outputs()
+        for name, m in sums.items():
+            gram = None if m.gram is None else m.gram.to(store)
+            moments[name] = InputMoments(m.mean.to(store), m.square_mean.to(store), gram)
+    return moments
 
 
 def sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from adapruner.model.structure import output_projections, prunable_linears
 from adapruner.scoring.collect import (
     LOSS_WINDOWS,
     collect_input_moments,
+    collect_layer_moments,
     collect_output_fisher,
     moment_stats,
 )
@@ -143,20 +144,26 @@ def refit_key(model_digest: str, calib: str, seq_len: int, seed: int, layers: ra
 def collect_refit_pool(
     model: nn.Module,
     tokenizer,
-    calib: str,
-    seq_len: int,
-    seed: int,
+    windows: tuple[str, int, int],
     layers: range,
     progress: bool = True,
     fisher: bool = False,
+    by_layer: bool = False,
 ) -> RefitPool:
-    """One forward pass of the dense `model` over the windows of `calib`: the moments of every prunable linear of
-    `layers`, with the Gram of their output projections; with `fisher`, their output Fisher over the first
-    `LOSS_WINDOWS` windows too."""
+    """The moments of every prunable linear of `layers` over the `windows` = (calib, seq_len, seed), with the Gram of
+    their output projections: from whole-model passes (every layer's sums on the device at once), or with `by_layer`
+    one decoder layer at a time into host memory (`collect_layer_moments`: one layer's Grams on the device; the
+    memory plan asks for it where the pool does not fit there). With `fisher`, the output projections' output Fisher
+    over the first `LOSS_WINDOWS` windows too."""
+    calib, seq_len, seed = windows
     input_ids = calibration_samples(tokenizer, calib, seq_len, seed).input_ids
-    linears = prunable_linears(model, layers)
     outputs = output_projections(model, layers)
-    moments = collect_input_moments(model, linears | outputs, input_ids, progress=progress, gram_of=outputs)
+    if by_layer:
+        moments = collect_layer_moments(model, input_ids, layers, "cpu", progress)
+    else:
+        moments = collect_input_moments(
+            model, prunable_linears(model, layers) | outputs, input_ids, False, 8, progress, outputs
+        )
     fisher_of = collect_output_fisher(model, outputs, input_ids[:LOSS_WINDOWS], progress) if fisher else {}
     return RefitPool(calib, seq_len, seed, input_ids.numel(), moments, fisher_of)
 
@@ -169,13 +176,14 @@ def load_or_collect(
     path: Path,
     progress: bool = True,
     fisher: bool = False,
+    by_layer: bool = False,
 ) -> RefitPool:
     """The pool of `windows` = (calib, seq_len, seed) saved at `path` when it is the one asked for (with its output
-    Fisher where `fisher`); else collected and saved there."""
+    Fisher where `fisher`); else collected (`by_layer`: one decoder layer at a time) and saved there."""
     if path.is_file():
         pool = RefitPool.load(path)
         if (pool.calib, pool.seq_len, pool.seed) == tuple(windows) and (pool.fisher or not fisher):
             return pool
-    pool = collect_refit_pool(model, tokenizer, *windows, layers, progress, fisher)
+    pool = collect_refit_pool(model, tokenizer, windows, layers, progress, fisher, by_layer)
     pool.save(path)
     return pool

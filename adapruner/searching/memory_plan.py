@@ -10,9 +10,10 @@ in the first place that holds it (`cache_placement`):
              the previous linear;
     mapped   memory-mapped from its file (pages read on first touch, shared by the workers of one machine), rows
              gathered and copied over per linear
-→ the refit pool (`--refit-calib`: fp32 input moments of the pruned linears and the Gram of every output projection,
-collected on the device) kept on the device where it fits beside the model and a device-held cache, else in host
-memory, from where each output projection's Gram goes to the device when its module is read (`refit_placement`)
+→ the refit pool (`--refit-calib`: fp32 input moments of the pruned linears and the Gram of every output projection)
+collected and kept on the device where it fits beside the model and a device-held cache, else collected one decoder
+layer at a time into host memory, from where each output projection's Gram goes to the device when its module is read
+(`refit_placement`)
 → working buffers. The cache's and the pool's sizes are exact: the tensors `build_cache` and `collect_refit_pool`
 store for these shapes, pools and metrics (X and dY only when taylor1/mix or lsq compensation are in the space).
 """
@@ -80,9 +81,7 @@ class MemoryPlan:
     def refit_where(self) -> str:
         if self.refit_place == "device":
             return f"on {self.device} (collected there, kept for every trial)"
-        return (
-            f"collected on {self.device}, then in host memory: one output projection's Gram on {self.device} at a time"
-        )
+        return f"host memory, collected layer by layer: one layer's Grams on {self.device} at a time"
 
     def table(self) -> str:
         from adapruner.output.report import format_table
