@@ -332,19 +332,39 @@ def build_cache(
 ) -> ActivationCache:
     """One forward+backward per batch of the pool with hooks on every prunable linear of `key.layers`.
 
-    The tensors stay where the model runs while the whole cache, projected from the batches so far, fits
-    `device_budget_bytes` (None: no limit); past it, they are staged in host memory."""
+    The first batch's tensors tell each stored tensor's rows per window: then every one is allocated whole — where the
+    model runs if the whole cache, projected from that batch, fits `device_budget_bytes` (None: no limit), else in host
+    memory — and each batch writes its rows in place (no list of parts concatenated at the end: the cache is held
+    once)."""
     layers = range(*key.layers)
     linears = prunable_linears(model, layers)
     store_dtype = getattr(torch, key.dtype)
-    chunks: dict[str, list[torch.Tensor]] = {}
+    first: dict[str, torch.Tensor] = {}  # the first batch's tensors, until the stores are allocated
+    stores: dict[str, torch.Tensor] = {}
+    filled: dict[str, int] = {}
     inputs: dict[str, torch.Tensor] = {}
     L = key.seq_len
-    on_host = False
-    n_batches = math.ceil(input_ids.shape[0] / batch_size)
+    windows, n_batches = input_ids.shape[0], math.ceil(input_ids.shape[0] / batch_size)
 
     def keep(name: str, tensor: torch.Tensor) -> None:
-        chunks.setdefault(name, []).append(tensor.cpu() if on_host else tensor)
+        if not stores:
+            first[name] = tensor
+            return
+        start = filled[name]
+        stores[name][start : start + tensor.shape[0]].copy_(tensor)
+        filled[name] = start + tensor.shape[0]
+
+    def allocate(batch_windows: int) -> None:
+        """The stores, sized from the first batch (`batch_windows` windows), holding its rows."""
+        kept = sum(t.numel() * t.element_size() for t in first.values())
+        on_host = device_budget_bytes is not None and kept * n_batches > device_budget_bytes
+        for name, tensor in first.items():
+            rows = tensor.shape[0] // batch_windows * windows
+            device = "cpu" if on_host else tensor.device
+            stores[name] = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+            stores[name][: tensor.shape[0]].copy_(tensor)
+            filled[name] = tensor.shape[0]
+        first.clear()
 
     def on_input(name: str, x: torch.Tensor) -> None:
         if input_owner(name) == name:
@@ -368,17 +388,12 @@ def build_cache(
 
     with linear_io(model, linears, on_input, on_grad):
         bar = "cache" if progress else None
-        for done, (_start, batch) in enumerate(window_batches(input_ids, batch_size, model_device(model), bar), 1):
+        for _start, batch in window_batches(input_ids, batch_size, model_device(model), bar):
             sample_loss(model, batch).sum().backward()
             inputs.clear()
-            if not on_host and device_budget_bytes is not None:
-                kept = sum(t.numel() * t.element_size() for parts in chunks.values() for t in parts)
-                if (
-                    kept * n_batches / done > device_budget_bytes
-                ):  # the finished cache would not fit: stage it on the host
-                    chunks = {name: [t.cpu() for t in parts] for name, parts in chunks.items()}
-                    on_host = True
-    tensors = {name: torch.cat(parts) for name, parts in chunks.items()}
+            if not stores:
+                allocate(batch.shape[0])
+    tensors = stores
     return ActivationCache(key, tensors, addresses)
 
 
