@@ -393,8 +393,7 @@ def build_cache(
             inputs.clear()
             if not stores:
                 allocate(batch.shape[0])
-    tensors = stores
-    return ActivationCache(key, tensors, addresses)
+    return ActivationCache(key, stores, addresses)
 
 
 @dataclass(frozen=True)

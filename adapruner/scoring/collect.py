@@ -108,9 +108,7 @@ def collect_layer_moments(
         run = LayerRun(blocks[index], hidden, arguments[index])
         with input_moment_sums(prunable_linears(model, [index]) | outputs, outputs) as sums:
             hidden = run.outputs()
-        for name, m in sums.items():
-            gram = None if m.gram is None else m.gram.to(store)
-            moments[name] = InputMoments(m.mean.to(store), m.square_mean.to(store), gram)
+        moments.update({name: m.to(store) for name, m in sums.items()})
     return moments
 
 

@@ -73,6 +73,12 @@ class InputMoments:
         """Σ = C − μμᵀ (needs the Gram)."""
         return self.gram - torch.outer(self.mean, self.mean)
 
+    def to(self, device: torch.device | str) -> InputMoments:
+        """These moments on `device`."""
+        return InputMoments(
+            self.mean.to(device), self.square_mean.to(device), None if self.gram is None else self.gram.to(device)
+        )
+
 
 MOMENT_STATS = frozenset({"act_norm", "act_var", "act_cov"})  # what input moments give (`collect.moment_stats`)
 
@@ -196,9 +202,7 @@ class Importance:
         if stats.act_cov is not None:
             return stats.act_cov
         if member.name in self.grams:
-            moments, device = self.grams[member.name], execution_device(member.linear)
-            mean = moments.mean.to(device)
-            return moments.gram.to(device) - torch.outer(mean, mean)
+            return self.grams[member.name].to(execution_device(member.linear)).covariance
         raise AdaPrunerError(f"{self.metric} needs the input covariance of {member.name}: pass calibration data")
 
     def inverse_hessian(self, member: Member) -> torch.Tensor:

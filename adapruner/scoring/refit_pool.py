@@ -79,12 +79,7 @@ class RefitPool:
 
     def to(self, device: torch.device | str) -> RefitPool:
         """The pool with its moments and output Fisher on `device` (where the memory plan keeps it)."""
-        moments = {
-            name: InputMoments(
-                m.mean.to(device), m.square_mean.to(device), None if m.gram is None else m.gram.to(device)
-            )
-            for name, m in self.moments.items()
-        }
+        moments = {name: m.to(device) for name, m in self.moments.items()}
         fisher = {name: f.to(device) for name, f in self.fisher.items()}
         return replace(self, moments=moments, fisher=fisher)
 
