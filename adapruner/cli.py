@@ -300,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
             "report the units that differ"
         ),
     )
+    prune.add_argument(
+        "--memory-plan",
+        action="store_true",
+        help="print what pruning holds beside the weights, phase by phase, and its peak; then exit (reads no weights)",
+    )
     _add_placement_args(prune)
     _add_dispatch_args(prune)
 
@@ -790,8 +795,11 @@ def prune_eval_options(args: argparse.Namespace) -> EvalOptions | None:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from adapruner.commands.prune import prune_and_save
+    from adapruner.commands.prune import prune_and_save, prune_memory_plan_of
 
+    if args.memory_plan:
+        print(prune_memory_plan_of(args.model, prune_options(args), placement_of(args), args.from_study).table())
+        return 0
     report = prune_and_save(
         args.model,
         prune_options(args),

@@ -22,9 +22,11 @@ RANDOM_SHAPES = {
 SHAPES = ("smollm2", *RANDOM_SHAPES)  # smollm2: the real embedded model and real text pools
 
 
-def random_llama(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A LlamaForCausalLM of `shape` with HF's random initialisation, built directly on `device` in `dtype`."""
-    hidden, layers, heads, kv_heads, intermediate, vocab = RANDOM_SHAPES[shape]
+def random_llama(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0, vocab: int | None = None):
+    """A LlamaForCausalLM of `shape` with HF's random initialisation, built directly on `device` in `dtype` (with a
+    `vocab`ulary of that size instead of the shape's: another tokenizer's)."""
+    hidden, layers, heads, kv_heads, intermediate, shape_vocab = RANDOM_SHAPES[shape]
+    vocab = vocab or shape_vocab
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,

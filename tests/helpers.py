@@ -159,6 +159,27 @@ MOE_KWARGS = {  # 4 experts of 24 channels, 2 per token
     },
 }
 MOE_TYPES = tuple(MOE_KWARGS)
+DERIVED_KWARGS = {  # families without an entry in FAMILIES (their layout derived from their modules), issue 35
+    "ministral": {},
+    "ministral3": {},
+    "ernie4_5": {"use_bias": True},
+    "helium": {"attention_bias": True},
+    "gemma": {},
+    "seed_oss": {},
+    "glm": {"pad_token_id": 0},
+    "stablelm": {"use_qkv_bias": True},
+    "cohere2": {},
+    "exaone4": {},
+    "hunyuan_v1_dense": {"attention_bias": True},
+    "arcee": {"mlp_bias": True},
+    "nemotron": {},
+    "olmo3": {},
+}
+DERIVED_MOE_KWARGS = {
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+}
 
 
 def tiny_family(model_type: str, seed: int = 0):
@@ -189,7 +210,8 @@ def tiny_family(model_type: str, seed: int = 0):
             eoi_token_index=95,
         )
     else:
-        config = AutoConfig.for_model(model_type, **TINY_BASE, **{**FAMILY_KWARGS, **MOE_KWARGS}[model_type])
+        every = {**FAMILY_KWARGS, **MOE_KWARGS, **DERIVED_KWARGS, **DERIVED_MOE_KWARGS}
+        config = AutoConfig.for_model(model_type, **TINY_BASE, **every[model_type])
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():

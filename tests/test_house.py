@@ -117,7 +117,12 @@ def test_each_allocation_is_named_in_the_registry_alone(name):
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
-FAMILY_LAYER = {"adapruner.model.families", "adapruner.model.structure"}
+FAMILY_LAYER = {
+    "adapruner.model.families",
+    "adapruner.model.family",
+    "adapruner.model.derived",
+    "adapruner.model.structure",
+}
 
 
 def test_projections_are_named_in_the_family_layer_alone():

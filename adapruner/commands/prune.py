@@ -10,14 +10,17 @@ from pathlib import Path
 from adapruner.choosing.allocation import count_params
 from adapruner.choosing.allocation_rules import allocation
 from adapruner.commands.eval import EvalOptions, eval_windows
+from adapruner.cutting.layout_check import check_derived_layout
 from adapruner.cutting.pruning import PruneOptions, apply_study_plan, prune_model
+from adapruner.cutting.working_set import PruneMemoryPlan, prune_memory_plan
 from adapruner.data.calibration import parse_calib_spec
 from adapruner.data.corpora import check_pool
 from adapruner.devices import Placement
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluation.evaluate import perplexity
 from adapruner.kernels.dispatch import kernel_backend
-from adapruner.model.models import load_placed
+from adapruner.model.families import check_attention_pruning
+from adapruner.model.models import load_placed, load_shapes, weights_file_bytes
 from adapruner.model.structure import check_context
 from adapruner.output.report import REPORT_FORMAT
 from adapruner.output.saving import save_pruned
@@ -35,6 +38,19 @@ def read_best_trial(study_dir: str | Path, model: str, budget: float | None = No
     if model != best.model:
         raise AdaPrunerError(f"the study searched model {best.model!r}, not {model!r}: pass --model {best.model}")
     return best if budget is None else delivered_at(Path(study_dir), best, budget)
+
+
+def prune_memory_plan_of(
+    model_name: str, options: PruneOptions, placement: Placement, study: str | Path | None = None
+) -> PruneMemoryPlan:
+    """What `prune_and_save` with these arguments holds beside the weights (`adapruner.cutting.working_set`), from
+    the model's config alone; a study's best trial is planned as the recipe it was scored with."""
+    if study is not None:
+        options = PruneOptions.from_best(read_best_trial(study, model_name, options.spec.target_params))
+    shapes = load_shapes(model_name, placement.dtype, placement.trust_remote_code)
+    check_context(shapes, options.seq_len)
+    model_bytes = sum(p.numel() * p.element_size() for p in shapes.parameters())
+    return prune_memory_plan(shapes, options, str(placement.device), weights_file_bytes(model_name) or model_bytes)
 
 
 def prune_and_save(
@@ -82,8 +98,11 @@ def prune_and_save(
     if evaluation is not None and evaluation.ppl is None:
         evaluation = None
 
+    shapes = load_shapes(model_name, placement.dtype, placement.trust_remote_code)
+    check_attention_pruning(shapes.config, options.spec.prune_attention)
     started = time.perf_counter()
     model, tokenizer = load_placed(model_name, placement)
+    check_derived_layout(model)
     check_context(model, options.seq_len)
     if evaluation is not None:
         check_context(model, evaluation.seq_len)

@@ -13,12 +13,14 @@ from tqdm.auto import tqdm
 from adapruner.choosing.allocation_rules import any_output_fisher, any_refit_error
 from adapruner.choosing.plan import PrunePlan
 from adapruner.commands.structure_search import check_width_options, run_width_search
+from adapruner.cutting.layout_check import check_derived_layout
 from adapruner.data.calibration import parse_calib_spec, pool_windows, seeded_draw
 from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.errors import AdaPrunerError
 from adapruner.fingerprint import model_digest, text_digest
 from adapruner.kernels.dispatch import kernel_backend, scoring_backend
 from adapruner.model.big_model import Dispatch
+from adapruner.model.families import check_attention_pruning
 from adapruner.model.models import cache_root, load_placed, load_shapes
 from adapruner.model.structure import check_context, decoder_layers, has_experts, parse_layer_range
 from adapruner.output.report import format_table, write_json_atomic
@@ -103,6 +105,7 @@ def memory_plan_of(options: SearchOptions) -> MemoryPlan:
     way."""
     shapes = load_shapes(options.model, DTYPES[options.dtype], options.trust_remote_code)
     check_context(shapes, options.seq_len)
+    check_attention_pruning(shapes.config, options.spec.prune_attention)
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(shapes)))
     moe = has_experts(shapes, layers)
     check_expert_metrics(options.metrics, options.spec.prune_mlp, moe, options.allocations, options.spec.sequential)
@@ -204,6 +207,7 @@ def run_search(
     existing = options.storage is not None or (out / STUDY_FILE).is_file()  # checked before the model loads
     study = open_study(open_storage(storage_url), options.study, setup) if existing else None
     model, tokenizer = load_placed(options.model, placement)  # before a new OUT: a damaged model leaves nothing
+    check_derived_layout(model)
     if before_writing is not None:
         before_writing()
     if study is None:

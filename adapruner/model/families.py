@@ -19,57 +19,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+import weakref
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 from adapruner.errors import AdaPrunerError
+from adapruner.model.derived import derive_family
+from adapruner.model.family import Family
 
 REMOTE_CODE = Path(__file__).parents[1] / "remote_code" / "modeling_pruned.py"
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where one transformers family keeps its prunable parts.
-
-    `config_class` / `model_class`: transformers' class names; `layers`: the dotted path from the model to the decoder
-    layers; `text_config`: the sizes live in `config.text_config` (multimodal Gemma-3); `qkv` / `gate_up`: the fused
-    projection's name where the family fuses them (then `q, k, v` / `gate, up` are unused); `head_norms`: norms of
-    the attention whose weights span all heads and are cut with them (`q_norm`, `k_norm`); `layer_config`: the
-    attention forward reads the head count from the config (Phi-3), so each pruned layer gets a view of the config
-    with its own count; `experts`: the MLP's submodule holding every expert's weights as 3-D parameters
-    (`gate_up_proj` [E, 2I, H] with gate rows first, `down_proj` [E, H, I]), `expert_size` the config key of I."""
-
-    model_type: str
-    config_class: str
-    model_class: str
-    layers: str = "model.layers"
-    text_config: bool = False
-    attention: str = "self_attn"
-    mlp: str = "mlp"
-    q: str = "q_proj"
-    k: str = "k_proj"
-    v: str = "v_proj"
-    o: str = "o_proj"
-    gate: str = "gate_proj"
-    up: str = "up_proj"
-    down: str = "down_proj"
-    qkv: str | None = None
-    gate_up: str | None = None
-    head_norms: tuple[str, str] | None = None
-    layer_config: bool = False
-    experts: str | None = None
-    expert_size: str = "intermediate_size"
-
-    @property
-    def attention_inputs(self) -> tuple[str, ...]:
-        """The linears that read the attention block's input (one when fused)."""
-        return (self.qkv,) if self.qkv else (self.q, self.k, self.v)
-
-    @property
-    def mlp_inputs(self) -> tuple[str, ...]:
-        """The linears that read the MLP block's input (one when fused)."""
-        return (self.gate_up,) if self.gate_up else (self.gate, self.up)
 
 
 FAMILIES: dict[str, Family] = {
@@ -107,12 +67,8 @@ def model_type_of(config) -> str:
 
 
 def check_supported(config) -> None:
-    """Raise a one-line error for architectures whose layout we do not know."""
-    model_type = model_type_of(config)
-    if model_type not in FAMILIES:
-        raise AdaPrunerError(
-            f"unsupported architecture {model_type!r}: adapruner prunes {', '.join(SUPPORTED_TYPES)} decoders"
-        )
+    """Raise a one-line error for architectures whose layout we neither declare nor derive (`family_of`)."""
+    family_of(config)
 
 
 @functools.cache
@@ -130,6 +86,46 @@ def text_config(config):
 
 
 def family_of(config) -> Family:
-    """The `Family` of a model's config; an unknown one is a one-line error listing the supported families."""
-    check_supported(config)
-    return FAMILIES[model_type_of(config)]
+    """The `Family` of a model's config: declared (`FAMILIES`), or derived once per `model_type` from the structure of
+    the model the config describes (built on the meta device: no weights; `adapruner.model.derived`), or a one-line
+    refusal naming the reason."""
+    model_type = model_type_of(config)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    layout = getattr(config, "adapruner_layout", None)  # a pruned model of a derived family carries its layout
+    if layout is not None:
+        return Family(**{**layout, "head_norms": tuple(layout["head_norms"]) if layout["head_norms"] else None})
+    held = _DERIVED_FOR.get(id(config))
+    if held is not None and held[0]() is config:
+        return held[1]
+    text = config.to_json_string(use_diff=False)  # a layout can hang on a flag (StableLM's qk_layernorm)
+    if text not in DERIVED:
+        DERIVED[text] = derive_family(_meta_model(config, model_type))
+    _DERIVED_FOR[id(config)] = (weakref.ref(config), DERIVED[text])
+    return DERIVED[text]
+
+
+def check_attention_pruning(config, prune_attention: bool) -> None:
+    """Refuse attention pruning in one line where the family's layout makes it inexact (`Family.attention_refusal`)."""
+    refusal = family_of(config).attention_refusal
+    if prune_attention and refusal:
+        raise AdaPrunerError(refusal)
+
+
+DERIVED: dict[str, Family] = {}  # a config's JSON → the family derived from its structure, this process
+_DERIVED_FOR: dict[int, tuple[weakref.ref, Family]] = {}  # id(config) → (the config, its family): no JSON per call
+
+
+def _meta_model(config, model_type: str):
+    """The causal LM `config` describes, on the meta device; a config transformers has no causal LM for is refused."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as exc:
+        raise AdaPrunerError(
+            f"unsupported architecture {model_type!r}: transformers has no causal LM class for it "
+            f"({str(exc).splitlines()[0][:120]}); adapruner declares {', '.join(SUPPORTED_TYPES)} and derives others "
+            "from their structure"
+        ) from None

@@ -86,6 +86,13 @@ def model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def weights_file_bytes(name_or_path: str) -> int:
+    """The bytes of a local model directory's safetensors weights (0: not a local directory, or none there)."""
+    directory = Path(model_path(name_or_path))
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    return sum(file.stat().st_size for file in files)
+
+
 def load_shapes(
     name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> PreTrainedModel:
@@ -148,13 +155,14 @@ def _load_errors(path: str, action: str):
 def _own_pruned_classes(config: dict):
     """(config class, model class) from this package's modeling code for a directory `save_pruned` wrote, else None."""
     from adapruner.model.families import FAMILIES, shipped_modeling
+    from adapruner.model.family import Family
 
-    base = config.get("base_model_type")
-    if config.get("model_type") != f"pruned_{base}" or base not in FAMILIES:
+    base, layout = config.get("base_model_type"), config.get("adapruner_layout")
+    if config.get("model_type") != f"pruned_{base}" or (base not in FAMILIES and layout is None):
         return None
-    family = FAMILIES[base]
+    names = FAMILIES[base] if base in FAMILIES else Family(base, layout["config_class"], layout["model_class"])
     module = shipped_modeling()
-    return getattr(module, f"Pruned{family.config_class}"), getattr(module, f"Pruned{family.model_class}")
+    return getattr(module, f"Pruned{names.config_class}"), getattr(module, f"Pruned{names.model_class}")
 
 
 def _is_missing_local_dir(path: str) -> bool:

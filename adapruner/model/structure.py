@@ -11,6 +11,7 @@ n_q·head_dim, V rows at (n_q + n_kv)·head_dim).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -205,12 +206,15 @@ def _attention_slots(info: LayerInfo) -> dict[str, tuple[str, int, int]]:
 
 
 def _mlp_slots(info: LayerInfo) -> dict[str, tuple[str, int, int]]:
-    """Role (gate, up, down) → (linear name, pruned dim, channel offset) in the layer's MLP module."""
+    """Role (gate, up, down; up and down for an MLP without a gate) → (linear name, pruned dim, channel offset) in the
+    layer's MLP module."""
     f = info.family
     if f.gate_up:
         rows = {"gate": (f.gate_up, 0, 0), "up": (f.gate_up, 0, info.intermediate)}
-    else:
+    elif f.gate:
         rows = {"gate": (f.gate, 0, 0), "up": (f.up, 0, 0)}
+    else:  # an MLP of up and down alone
+        rows = {"up": (f.up, 0, 0)}
     return {**rows, "down": (f.down, 1, 0)}
 
 
@@ -297,10 +301,12 @@ def projection_names(model: nn.Module) -> tuple[str, ...]:
     return (*f.attention_inputs, f.o, *f.mlp_inputs, f.down)
 
 
-def input_owner(name: str) -> str:
-    """The linear whose input `name` reads: k/v read q's, up reads gate's (a fused projection reads its own)."""
+def input_owner(name: str, present: Collection[str] | None = None) -> str:
+    """The linear whose input `name` reads: k/v read q's, up reads gate's (a fused projection reads its own) — where
+    that linear is among the `present` ones (None: assumed; an MLP without a gate: up reads its own)."""
     prefix, _, leaf = name.rpartition(".")
-    return f"{prefix}.{SHARED_INPUT.get(leaf, leaf)}"
+    owner = f"{prefix}.{SHARED_INPUT.get(leaf, leaf)}"
+    return owner if present is None or owner in present else name
 
 
 def head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
@@ -356,7 +362,7 @@ def resize_modules(info: LayerInfo) -> None:
 
 def unit_params(info: LayerInfo) -> tuple[int, int, int]:
     """Parameters of one query head (its q rows with bias, its o columns), one kv head (k and v rows with biases)
-    and one MLP channel (gate and up rows with biases, the down column)."""
+    and one MLP channel (gate and up rows with biases — up alone without a gate — and the down column)."""
     hd, slots = info.head_dim, _attention_slots(info)
     q = getattr(info.attn, slots["q"][0])
     k = getattr(info.attn, slots["k"][0])
@@ -367,8 +373,8 @@ def unit_params(info: LayerInfo) -> tuple[int, int, int]:
     if info.experts is not None:  # one unit: a channel of every expert
         return q_head, kv_head, 3 * hidden * info.n_experts
     mlp = _mlp_slots(info)
-    gate, up = getattr(info.mlp, mlp["gate"][0]), getattr(info.mlp, mlp["up"][0])
-    channel = 3 * hidden + (gate.bias is not None) + (up.bias is not None)
+    inputs = [getattr(info.mlp, mlp[role][0]) for role in ("gate", "up") if role in mlp]  # no gate: up alone
+    channel = (len(inputs) + 1) * hidden + sum(linear.bias is not None for linear in inputs)
     return q_head, kv_head, channel
 
 

@@ -15,6 +15,7 @@ import shutil
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from torch import nn
@@ -86,11 +87,30 @@ def save_pruned(
         if not stock_config:
             shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if stock_config:
+            _check_stock_shapes(model, staging, family)
         _write_json_files(staging, extra_json)
         (staging / "README.md").write_text(
             model_card(count_params(model), extra_json or {}, remote_code=not stock_config)
         )
     return Path(out_dir)
+
+
+def _check_stock_shapes(model: nn.Module, staging: Path, family: Family) -> None:
+    """The stock class built from the saved config holds the pruned model's shapes (StableLM and Helium build o_proj
+    from hidden_size, not the head count): else one line, nothing written."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        stock = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(staging))
+    ours = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    for name, tensor in stock.state_dict().items():
+        if name in ours and tuple(tensor.shape) != ours[name]:
+            raise AdaPrunerError(
+                f"--stock-config: {family.model_type}'s stock class builds {name} as {tuple(tensor.shape)}, not the "
+                f"pruned {ours[name]}: drop --stock-config (the saved modeling file reloads every size)"
+            )
 
 
 def removed_layers(model: nn.Module) -> list[int]:
@@ -179,6 +199,7 @@ def _remote_code_config(family: Family, sizes: dict[str, list[int]], output_bias
     config_class, model_class = f"Pruned{family.config_class}", f"Pruned{family.model_class}"
     return {
         **sizes,
+        **({"adapruner_layout": asdict(family)} if family.derived else {}),  # the modeling file has no row for it
         "output_bias": output_bias,
         "model_type": f"pruned_{family.model_type}",
         "base_model_type": family.model_type,

@@ -2,10 +2,12 @@
 
 The config adds `num_attention_heads_per_layer`, `num_key_value_heads_per_layer` and `intermediate_size_per_layer`
 (and `head_dim`); the model builds the stock architecture of its family (`base_model_type`), then gives each layer's
-projections those sizes. `output_bias: true` gives every attention and MLP output projection a bias (compensation
-after pruning writes them). Load with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
-This file imports only torch and transformers so that it works without adapruner installed; adapruner reads its
-`fit_layer` too, so an in-memory pruned model and a reloaded one run the same way.
+projections those sizes. A family outside the table below (read from the model's structure by adapruner) carries its
+layout in the config (`adapruner_layout`: the layer path and the attention's and MLP's module names, fusions,
+norms). `output_bias: true` gives every attention and MLP output projection a bias (compensation after pruning
+writes them). Load with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. This file imports only
+torch and transformers so that it works without adapruner installed; adapruner reads its `fit_layer` too, so an
+in-memory pruned model and a reloaded one run the same way.
 """
 
 import copy
@@ -77,6 +79,8 @@ def fit_layer(attn, mlp, n_heads, n_kv, intermediate, layer_config=False):
         attn.__class__ = _removed(type(attn))
     if hasattr(attn, "num_key_value_heads"):
         attn.num_key_value_heads = n_kv
+    if hasattr(attn, "num_heads"):  # attentions that reshape by their own head count (StableLM)
+        attn.num_heads = n_heads
     mlp.intermediate_size = intermediate
     experts = getattr(mlp, "experts", None)
     if experts is not None:  # MoE: every expert keeps `intermediate` channels
@@ -127,17 +131,35 @@ def _norm(old, size):
     return norm
 
 
+def _layout(config, family):
+    """The family's layout: its row of the table, or the `adapruner_layout` a derived family's config carries."""
+    if family in FAMILIES:
+        _, _, path, qkv, gate_up, head_norms, layer_config = FAMILIES[family]
+        return {
+            "layers": path,
+            "attention": "self_attn",
+            "mlp": "mlp",
+            "gate": "gate_proj",
+            "qkv": qkv,
+            "gate_up": gate_up,
+            "head_norms": head_norms,
+            "layer_config": layer_config,
+        }
+    return dict(config.adapruner_layout)
+
+
 def _resize_layers(model, config, family):
     """Replace every layer's projections (and norms spanning its heads) with ones of that layer's sizes."""
-    _, _, path, qkv, gate_up, head_norms, layer_config = FAMILIES[family]
+    layout = _layout(config, family)
+    qkv, gate_up, head_norms = layout["qkv"], layout["gate_up"], layout["head_norms"]
     text = config.get_text_config()
     head_dim, hidden = text.head_dim, text.hidden_size
     output_bias = getattr(config, "output_bias", False)
     sizes = zip(
         config.num_attention_heads_per_layer, config.num_key_value_heads_per_layer, config.intermediate_size_per_layer
     )
-    for layer, (n_heads, n_kv, inter) in zip(_layers(model, path), sizes):
-        attn, mlp = layer.self_attn, layer.mlp
+    for layer, (n_heads, n_kv, inter) in zip(_layers(model, layout["layers"]), sizes):
+        attn, mlp = getattr(layer, layout["attention"]), getattr(layer, layout["mlp"])
         q_rows, kv_rows = n_heads * head_dim, n_kv * head_dim
         if qkv:
             old = getattr(attn, qkv)
@@ -158,13 +180,13 @@ def _resize_layers(model, config, family):
         elif gate_up:
             old = getattr(mlp, gate_up)
             setattr(mlp, gate_up, _linear(old, hidden, 2 * inter, old.bias is not None))
-        else:
-            for name in ("gate_proj", "up_proj"):
+        else:  # gate and up, or up alone (an MLP without a gate)
+            for name in ("gate_proj", "up_proj") if layout["gate"] else ("up_proj",):
                 old = getattr(mlp, name)
                 setattr(mlp, name, _linear(old, hidden, inter, old.bias is not None))
         if experts is None:
             mlp.down_proj = _linear(mlp.down_proj, inter, hidden, mlp.down_proj.bias is not None or output_bias)
-        fit_layer(attn, mlp, n_heads, n_kv, inter, layer_config)
+        fit_layer(attn, mlp, n_heads, n_kv, inter, layout["layer_config"])
 
 
 def _pruned_config(base, model_type, base_type):
@@ -177,6 +199,7 @@ def _pruned_config(base, model_type, base_type):
         **kwargs,
     ):
         kwargs.pop("base_model_type", None)
+        layout = kwargs.pop("adapruner_layout", None)
         base.__init__(self, **kwargs)
         text = self.get_text_config()
         layers = text.num_hidden_layers
@@ -186,6 +209,8 @@ def _pruned_config(base, model_type, base_type):
         self.intermediate_size_per_layer = list(intermediate_size_per_layer or [width] * layers)
         self.base_model_type = base_type
         self.output_bias = output_bias
+        if layout is not None:
+            self.adapruner_layout = layout
         if getattr(text, "head_dim", None) is None:
             text.head_dim = text.hidden_size // text.num_attention_heads
 
@@ -202,13 +227,26 @@ def _pruned_model(base, config_class, family):
 
 
 def _pruned_classes(family):
-    """(config class, model class) of a pruned model of `family`, made once."""
-    if family not in _MADE:
+    """(config class, model class) of a pruned model of a family of the table."""
+    config_name, model_name = FAMILIES[family][:2]
+    return _pruned_config_class(family, config_name), _pruned_model_class(family, model_name)
+
+
+def _pruned_config_class(family, config_name):
+    """The pruned config class of `family` over transformers' `config_name`, made once."""
+    if family not in _CONFIGS:
         _share_checkpoint_conversion(family)
-        config_name, model_name = FAMILIES[family][:2]
-        config_class = _pruned_config(getattr(transformers, config_name), f"pruned_{family}", family)
-        _MADE[family] = config_class, _pruned_model(getattr(transformers, model_name), config_class, family)
-    return _MADE[family]
+        _CONFIGS[family] = _pruned_config(getattr(transformers, config_name), f"pruned_{family}", family)
+    return _CONFIGS[family]
+
+
+def _pruned_model_class(family, model_name):
+    """The pruned model class of `family` over transformers' `model_name`, made once."""
+    if family not in _MODELS:
+        base = getattr(transformers, model_name)
+        config_class = _pruned_config_class(family, base.config_class.__name__)
+        _MODELS[family] = _pruned_model(base, config_class, family)
+    return _MODELS[family]
 
 
 def _share_checkpoint_conversion(family):
@@ -226,13 +264,19 @@ def _share_checkpoint_conversion(family):
         register_checkpoint_conversion_mapping(f"pruned_{family}", mapping, overwrite=True)
 
 
-_MADE = {}
+_CONFIGS, _MODELS = {}, {}
 _BY_NAME = {f"Pruned{names[k]}": (family, k) for family, names in FAMILIES.items() for k in (0, 1)}
 
 
 def __getattr__(name):
-    """`PrunedLlamaConfig`, `PrunedLlamaForCausalLM`, … made on first use (transformers' `auto_map` asks by name)."""
+    """`PrunedLlamaConfig`, `PrunedLlamaForCausalLM`, … made on first use (transformers' `auto_map` asks by name); a
+    derived family's from the transformers class it names (`PrunedHeliumConfig` → `HeliumConfig`)."""
     if name in _BY_NAME:
         family, k = _BY_NAME[name]
         return _pruned_classes(family)[k]
+    base = getattr(transformers, name[len("Pruned") :], None) if name.startswith("Pruned") else None
+    if isinstance(base, type) and issubclass(base, transformers.PretrainedConfig):
+        return _pruned_config_class(base.model_type, base.__name__)
+    if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
+        return _pruned_model_class(base.config_class.model_type, base.__name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

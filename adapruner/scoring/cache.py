@@ -93,7 +93,7 @@ class ActivationCache:
         if source == "sample_fisher":  # taylor2: ½ Σ_s f_s / |S|
             return 0.5 * self._sample_sum(f"fisher_{side}/{name}", samples, weight.device) / samples.numel()
         if source == "input_squares":  # act: ‖x_i‖₂ from Σ x²
-            act_norm = self._sample_sum(f"act/{input_owner(name)}", samples, weight.device).sqrt()
+            act_norm = self._sample_sum(f"act/{self.owner(name)}", samples, weight.device).sqrt()
             return channel_importance(metric, weight, dim, act_norm=act_norm)
         if source == "input_moments":  # fluct: the inputs' variance
             act_var = self.input_moments(name, samples, weight.device).variance
@@ -104,7 +104,7 @@ class ActivationCache:
                     f"metric {metric!r} needs cached activations: "
                     f"rebuild the cache with {'/'.join(sorted(ACTIVATION_METRICS))} in --metrics"
                 )
-            x, dy = self.tensors[f"x/{input_owner(name)}"], self.tensors[f"dy/{name}"]
+            x, dy = self.tensors[f"x/{self.owner(name)}"], self.tensors[f"dy/{name}"]
             rows = self.token_rows(samples).to(x.device)
             if (
                 x.device != weight.device
@@ -114,12 +114,17 @@ class ActivationCache:
             return cached_grad_importance(metric, weight, x, dy, rows, self.key.seq_len)[dim]
         raise AdaPrunerError(f"metric {metric!r} does not read the cache")
 
+    def owner(self, name: str) -> str:
+        """The linear whose inputs the cache holds for `name` (`structure.input_owner`: k/v read q's, up gate's)."""
+        owner = input_owner(name)
+        return owner if f"xsum/{owner}" in self.tensors else name
+
     def input_moments(
         self, name: str, samples: torch.Tensor, device: torch.device | str, gram: bool = False
     ) -> InputMoments:
         """Moments of linear `name`'s inputs over the token rows of the sample subset (see the module docstring)."""
         tokens = samples.numel() * self.key.seq_len
-        owner = input_owner(name)
+        owner = self.owner(name)
         mean = self._sample_sum(f"xsum/{owner}", samples, device) / tokens
         square_mean = self._sample_sum(f"act/{owner}", samples, device) / tokens
         if not gram:
@@ -248,7 +253,8 @@ def expected_tensors(model: nn.Module, key: CacheKey) -> dict[str, tuple[tuple[i
     meta device will do)."""
     n, L, store = key.pool_size * len(key.pools), key.seq_len, getattr(torch, key.dtype)
     expected = {}
-    for name, linear in prunable_linears(model, range(*key.layers)).items():
+    linears = prunable_linears(model, range(*key.layers))
+    for name, linear in linears.items():
         out_features, in_features = linear.weight.shape
         for stat, width in (
             ("vec_rows", out_features),
@@ -257,11 +263,11 @@ def expected_tensors(model: nn.Module, key: CacheKey) -> dict[str, tuple[tuple[i
             ("fisher_cols", in_features),
         ):
             expected[f"{stat}/{name}"] = ((n, width), torch.float32)
-        if input_owner(name) == name:
+        if input_owner(name, linears) == name:
             expected[f"act/{name}"] = expected[f"xsum/{name}"] = ((n, in_features), torch.float32)
         if key.activations:
             expected[f"dy/{name}"] = ((n * L, out_features), store)
-            if input_owner(name) == name:
+            if input_owner(name, linears) == name:
                 expected[f"x/{name}"] = ((n * L, in_features), store)
     return expected
 
@@ -367,7 +373,7 @@ def build_cache(
         first.clear()
 
     def on_input(name: str, x: torch.Tensor) -> None:
-        if input_owner(name) == name:
+        if input_owner(name, linears) == name:
             inputs[name] = x
             keep(f"act/{name}", x.square().view(-1, L, x.shape[1]).sum(1))
             keep(f"xsum/{name}", x.view(-1, L, x.shape[1]).sum(1))
@@ -375,7 +381,7 @@ def build_cache(
                 keep(f"x/{name}", x.to(store_dtype))
 
     def on_grad(name: str, dy: torch.Tensor) -> None:
-        x = inputs[input_owner(name)]
+        x = inputs[input_owner(name, linears)]
         with weights(linears[name]) as linear:  # an offloaded weight is loaded again for its backward
             w = linear.weight.detach().float()
         keep(f"vec_rows/{name}", (dy * (x @ w.t())).view(-1, L, dy.shape[1]).sum(1))

@@ -1,0 +1,128 @@
+"""What `prune` holds beside the model's weights, from the model's shapes alone (`prune --memory-plan`).
+
+`prune` runs in phases, each freeing what it made before the next (`prune_model`): load → statistics (forward passes
+over the calibration windows; a forward+backward for gradient metrics and the `loss` allocation's output Fisher) →
+allocation (the `error`/`loss` curves, one output projection at a time) → refit (the Grams of the refit windows,
+then one solve per output projection) → cut → save (safetensors writes each tensor from where it is). Its peak is
+the weights plus the largest phase (`peak_bytes`).
+Each phase's bytes, for weights of `e` bytes, batches of B windows of S tokens (T = B·S), hidden h, MLP width m,
+query width q, kv width k, query heads H and vocabulary V:
+  load        the weights file mapped while the parameters are filled (its pages count as resident);
+  statistics  fp32 input moments 8·in of every output projection (+ its Gram 4·in² for `obs`, `error`/`loss` and
+              an lsq refit on these windows), fp32 gradient statistics 4·out·in per prunable linear for each of grad
+              and fisher the metric reads, and one batch's activations: a forward holds one layer's
+              T·(2h + q + 2k + 3m)·e and the fp32 logits twice, 8·T·V; a backward holds every layer's saved
+              tensors T·(4h + 3q + 3k + 5m + 2·H·S)·e (norms' inputs and outputs, q/k/v before and after the
+              rotation, the attention's output and probabilities, the MLP's four products) and the logits three
+              times, 12·T·V;
+  allocation  the error curves of the largest output projection (fp64: H, its Cholesky, out × in products);
+  refit       the Grams of every output projection 4·in² (+ moments), and the refit weights, at most 4·out·in each;
+  cut         the largest linear copied (a save writes the tensors where they are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from adapruner.choosing.allocation_rules import allocation
+from adapruner.cutting.pruning import PruneOptions
+from adapruner.model.structure import (
+    decoder_layers,
+    layer_info,
+    output_projections,
+    parse_layer_range,
+    prunable_linears,
+)
+from adapruner.output.report import format_table
+from adapruner.scoring.importance import needs
+from adapruner.searching.memory_plan import GIB
+
+CALIBRATION_BATCH = 8  # windows per pass (`collect_stats`, `collect_input_moments`, `collect_output_fisher`)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of `prune` and the bytes it holds beside the weights."""
+
+    name: str
+    bytes: int
+    what: str
+
+
+@dataclass(frozen=True)
+class PruneMemoryPlan:
+    """The weights' bytes and every phase's working set, for the model and device given."""
+
+    device: str
+    model_bytes: int
+    phases: tuple[Phase, ...]
+
+    @property
+    def peak_bytes(self) -> int:
+        """The weights plus the largest phase: phases do not overlap."""
+        return self.model_bytes + max(phase.bytes for phase in self.phases)
+
+    def table(self) -> str:
+        rows = [["model weights", f"{self.model_bytes / GIB:.3f} GiB", f"on {self.device}"]]
+        rows += [[phase.name, f"{phase.bytes / GIB:.3f} GiB", phase.what] for phase in self.phases]
+        rows.append(["peak", f"{self.peak_bytes / GIB:.3f} GiB", "the weights + the largest phase"])
+        return format_table(["prune memory plan", "size", "what"], rows)
+
+
+def prune_memory_plan(model: nn.Module, options: PruneOptions, device: str, file_bytes: int) -> PruneMemoryPlan:
+    """The plan of `prune_model(model, …, options)` for `model`'s shapes (a meta model will do) on `device`; the
+    weights file is `file_bytes` long."""
+    spec = options.spec
+    layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
+    linears = prunable_linears(model, layers)
+    outputs = output_projections(model, layers, spec.prune_attention, spec.prune_mlp)
+    required, rule = needs(spec.metric), allocation(spec.allocation)
+    element = next(model.parameters()).element_size()
+    moments = 8 * sum(linear.in_features for linear in outputs.values())
+    grams = 4 * sum(linear.in_features**2 for linear in outputs.values())
+    gradients = len({"grad", "fisher"} & required) * 4 * weight_count(linears)
+    backward = bool({"grad", "fisher"} & required) or rule.output_fisher
+    refit_apart = options.refit_calib is not None and spec.compensation != "none"  # its own windows, its own pass
+    gram_in_statistics = "act_cov" in required or rule.refit_error or (spec.compensation == "lsq" and not refit_apart)
+    passes = activation_bytes(model, CALIBRATION_BATCH, options.seq_len, element, backward)
+    phases = [
+        Phase("load", file_bytes, "the weights file, mapped while the parameters are filled"),
+        Phase(
+            "statistics",
+            moments + (grams if gram_in_statistics else 0) + gradients + passes,
+            f"input moments{' and Grams' if gram_in_statistics else ''}{', gradient statistics' if gradients else ''}"
+            f", one batch's activations ({'forward+backward' if backward else 'forward'})",
+        ),
+    ]
+    if rule.refit_error:
+        largest = max(outputs.values(), key=lambda lin: lin.in_features * (lin.in_features + lin.out_features))
+        n, out = largest.in_features, largest.out_features
+        phases.append(Phase("allocation", grams + 8 * (2 * n * n + out * n), "the Grams and one module's fp64 curves"))
+    if spec.compensation != "none":
+        refit = 4 * weight_count(outputs)
+        pass_bytes = activation_bytes(model, CALIBRATION_BATCH, options.seq_len, element, False) if refit_apart else 0
+        phases.append(
+            Phase("refit", moments + grams + refit + pass_bytes, "the Grams and the refit weights (fp32, at most)")
+        )
+    largest_linear = max(lin.out_features * lin.in_features for lin in linears.values())
+    phases.append(Phase("cut", largest_linear * max(element, 4), "one linear copied"))
+    return PruneMemoryPlan(device, sum(p.numel() * p.element_size() for p in model.parameters()), tuple(phases))
+
+
+def weight_count(linears: dict[str, nn.Linear]) -> int:
+    """Σ out·in over `linears`."""
+    return sum(linear.out_features * linear.in_features for linear in linears.values())
+
+
+def activation_bytes(model: nn.Module, windows: int, seq_len: int, element: int, backward: bool) -> int:
+    """What one pass over `windows` windows of `seq_len` tokens holds at its peak (the module docstring's forms)."""
+    info = layer_info(model, 0)
+    hidden, heads = model.config.get_text_config().hidden_size, info.n_heads
+    query, kv, width = heads * info.head_dim, info.n_kv_heads * info.head_dim, info.intermediate
+    tokens, vocab = windows * seq_len, model.get_output_embeddings().out_features
+    if backward:
+        per_layer = tokens * (4 * hidden + 3 * query + 3 * kv + 5 * width + 2 * heads * seq_len) * element
+        return len(decoder_layers(model)) * per_layer + 12 * tokens * vocab
+    return tokens * (2 * hidden + query + 2 * kv + 3 * width) * element + 8 * tokens * vocab

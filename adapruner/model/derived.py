@@ -1,0 +1,166 @@
+"""Families read from a model's structure: a decoder whose `model_type` has no entry in `FAMILIES` is pruned by a
+`Family` derived from its modules, or refused in one line that names the reason.
+
+`derive_family(model)` looks, in the model (a meta model built from the config will do), for
+  the decoder layers   the `nn.ModuleList` of `num_hidden_layers` modules nearest the root;
+  the attention        a layer's `self_attn` / `attention` / `attn` (else its child whose class ends in `Attention`),
+                       with separate `q_proj`, `k_proj`, `v_proj` or a fused `qkv_proj`, and `o_proj`, and a
+                       `head_dim`; q/k norms over `head_dim` are shared by every head and stay; norms spanning all
+                       heads (`head_norms`, cut with them) or a list of per-head norms make head removal inexact or
+                       unsupported, so attention pruning is refused for them (`attention_refusal`: MLP pruning stays);
+  the MLP              `mlp` / `block_sparse_moe` / `feed_forward` with `gate_proj`, `up_proj`, `down_proj`, a fused
+                       `gate_up_proj` and `down_proj`, `up_proj` and `down_proj` alone (no gate), or MoE `experts`
+                       holding 3-D `gate_up_proj` / `down_proj` weights.
+Refused with the reason: multi-latent attention (a compressed kv projection shared by all heads), hybrid state-space
+layers, attention without per-head q/k/v/o projections, an MLP without gate/up/down projections.
+
+`check_layout(model)` verifies a derived family on the model itself before any work (`adapruner.model.self_check`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from adapruner.errors import AdaPrunerError
+from adapruner.model.family import Family
+
+ATTENTION_NAMES = ("self_attn", "attention", "attn")
+MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
+MLA_NAMES = ("q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+STATE_SPACE = re.compile(r"Mamba|SSM|Mixer|GatedDeltaNet|LinearAttention")  # in a layer's module class names
+STATE_SPACE_KINDS = ("mamba", "ssm", "linear_attention", "conv")  # in the config's `layer_types`
+
+
+def derive_family(model: nn.Module) -> Family:
+    """The `Family` of `model`'s structure (the module docstring), or a one-line refusal naming the reason."""
+    model_type = model.config.model_type
+    text = model.config.get_text_config()
+    layers_path, layers = _decoder_layers(model, text.num_hidden_layers, model_type)
+    layer = layers[0]
+    _refuse_state_space(layer, text, model_type)
+    attention_name, attention = _attention(layer, model_type)
+    qkv = _attention_projections(attention, model_type)
+    head_norms, refusal = _head_norms(attention, model_type)
+    mlp_name, mlp = _mlp(layer, model_type)
+    experts = getattr(mlp, "experts", None)
+    moe = experts is not None and all(
+        isinstance(getattr(experts, name, None), nn.Parameter) and getattr(experts, name).dim() == 3
+        for name in ("gate_up_proj", "down_proj")
+    )
+    gate, gate_up = _mlp_projections(mlp, model_type) if not moe else ("gate_proj", None)
+    return Family(
+        model_type,
+        type(model.config).__name__,
+        type(model).__name__,
+        layers=layers_path,
+        text_config=text is not model.config,
+        attention=attention_name,
+        mlp=mlp_name,
+        gate=gate,
+        qkv=qkv,
+        gate_up=gate_up,
+        head_norms=head_norms,
+        experts="experts" if moe else None,
+        expert_size="moe_intermediate_size"
+        if moe and getattr(text, "moe_intermediate_size", None)
+        else ("intermediate_size"),
+        derived=True,
+        attention_refusal=refusal,
+    )
+
+
+def _decoder_layers(model: nn.Module, count: int, model_type: str) -> tuple[str, nn.ModuleList]:
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == count and count > 0
+    ]
+    if not found:
+        raise _refused(model_type, f"no list of its {count} decoder layers in the model")
+    return min(found, key=lambda item: item[0].count("."))
+
+
+def _refuse_state_space(layer: nn.Module, text, model_type: str) -> None:
+    kinds = {str(kind).lower() for kind in getattr(text, "layer_types", None) or ()}
+    classes = " ".join(type(module).__name__ for module in layer.modules())
+    if kinds & set(STATE_SPACE_KINDS) or STATE_SPACE.search(classes):
+        raise _refused(
+            model_type, "hybrid state-space (or linear-attention) layers have no heads and channels of the kind pruned"
+        )
+
+
+def _attention(layer: nn.Module, model_type: str) -> tuple[str, nn.Module]:
+    for name in ATTENTION_NAMES:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return name, getattr(layer, name)
+    for name, child in layer.named_children():
+        if type(child).__name__.endswith("Attention"):
+            return name, child
+    raise _refused(model_type, "its decoder layer has no attention module adapruner can find")
+
+
+def _attention_projections(attention: nn.Module, model_type: str) -> str | None:
+    """None for separate q/k/v projections, `qkv_proj` for a fused one."""
+    if any(hasattr(attention, name) for name in MLA_NAMES):
+        raise _refused(
+            model_type, "multi-latent attention (its heads share a compressed key/value projection) is not separable"
+        )
+    linear = lambda name: isinstance(getattr(attention, name, None), nn.Linear)  # noqa: E731
+    if not linear("o_proj") or not (all(map(linear, ("q_proj", "k_proj", "v_proj"))) or linear("qkv_proj")):
+        names = ", ".join(name for name, child in attention.named_children() if isinstance(child, nn.Linear))
+        raise _refused(model_type, f"its attention has no per-head q/k/v/o projections ({names or 'no linears'})")
+    if not isinstance(getattr(attention, "head_dim", None), int):
+        raise _refused(model_type, "its attention states no head_dim")
+    return None if linear("q_proj") else "qkv_proj"
+
+
+def _head_norms(attention: nn.Module, model_type: str) -> tuple[tuple[str, str] | None, str | None]:
+    """(norms spanning all heads, cut with them; why attention pruning is refused, or None)."""
+    spanning = []
+    for name, child in attention.named_children():
+        if "norm" not in name.lower():
+            continue
+        if isinstance(child, nn.ModuleList) or any(isinstance(c, nn.ModuleList) for c in child.children()):
+            return None, (
+                f"{model_type}'s attention keeps one {name} per head (a list), which a cut does not slice: "
+                "pass --no-attention (MLP pruning is exact)"
+            )
+        weight = getattr(child, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.shape[-1] != attention.head_dim:
+            spanning.append(name)
+    if not spanning:
+        return None, None
+    if len(spanning) != 2:
+        return None, f"{model_type}'s attention norm {spanning[0]} spans its heads: pass --no-attention"
+    return tuple(spanning), (
+        f"{model_type}'s {' and '.join(spanning)} span all heads, so removing a head renormalises the kept ones "
+        "(not the same as zeroing it): pass --no-attention (MLP pruning is exact)"
+    )
+
+
+def _mlp(layer: nn.Module, model_type: str) -> tuple[str, nn.Module]:
+    for name in MLP_NAMES:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return name, getattr(layer, name)
+    raise _refused(model_type, "its decoder layer has no MLP module adapruner can find")
+
+
+def _mlp_projections(mlp: nn.Module, model_type: str) -> tuple[str | None, str | None]:
+    """(gate name or None: no gate, fused gate_up name or None)."""
+    linear = lambda name: isinstance(getattr(mlp, name, None), nn.Linear)  # noqa: E731
+    if linear("down_proj"):
+        if linear("gate_proj") and linear("up_proj"):
+            return "gate_proj", None
+        if linear("gate_up_proj"):
+            return "gate_proj", "gate_up_proj"
+        if linear("up_proj"):
+            return None, None
+    names = ", ".join(name for name, child in mlp.named_children() if isinstance(child, nn.Linear))
+    raise _refused(model_type, f"its MLP has no gate/up/down projections ({names or 'no linears'})")
+
+
+def _refused(model_type: str, reason: str) -> AdaPrunerError:
+    return AdaPrunerError(f"unsupported architecture {model_type!r}: {reason}, so adapruner cannot prune it")
