@@ -798,7 +798,10 @@ def run_prune(args: argparse.Namespace) -> int:
     from adapruner.commands.prune import prune_and_save, prune_memory_plan_of
 
     if args.memory_plan:
-        print(prune_memory_plan_of(args.model, prune_options(args), placement_of(args), args.from_study).table())
+        plan = prune_memory_plan_of(
+            args.model, prune_options(args), placement_of(args), args.from_study, args.stock_config
+        )
+        print(plan.table())
         return 0
     report = prune_and_save(
         args.model,

@@ -82,3 +82,25 @@ def test_empty_subset_is_refused(gqa_model, pool):
     member = mlp_group(layer_info(gqa_model, 1)).members[0]
     with pytest.raises(AdaPrunerError, match="subset is empty"):
         CachedImportance(cache, "vector", "sum", torch.tensor([], dtype=torch.long)).channel_scores(member)
+
+
+def test_cached_vector_importance_of_linears_with_biases(pool):
+    """Qwen2's q/k/v carry biases (random here): the cache takes X·Wᵀ from the forward's output less the bias
+    (vec_rows), and the vector scores still equal fresh gradients'."""
+    from tests.helpers import tiny_family
+
+    qwen2_model = tiny_family("qwen2")
+    cache = make_cache(qwen2_model, pool)
+    samples = torch.tensor([1, 4])
+    linears = prunable_linears(qwen2_model, LAYERS)
+    stats = collect_stats(qwen2_model, linears, pool[samples], needs("vector"), progress=False)
+    fresh, cached = Importance("vector", "sum", stats), CachedImportance(cache, "vector", "sum", samples)
+    checked = 0
+    for group in groups(qwen2_model):
+        for member in group.members:
+            expected = fresh.channel_scores(member)
+            torch.testing.assert_close(
+                cached.channel_scores(member), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()
+            )
+            checked += member.dim == 0 and member.linear.bias is not None
+    assert checked > 0

@@ -92,6 +92,9 @@ def test_per_head_norm_lists_refuse_attention_pruning():
         ("deepseek_v3", {"q_lora_rank": 16, "kv_lora_rank": 8}, "multi-latent attention"),
         ("jamba", {}, "hybrid state-space"),
         ("gpt2", {}, "no per-head q/k/v/o projections"),
+        ("gpt_oss", {}, r"experts are stored as gate_up \(128, 2880, 5760\).*with biases"),
+        ("llama4_text", {"num_hidden_layers": 2}, r"experts are stored as .*not \[E, 2I, H\]"),
+        ("glm4_moe", {"num_hidden_layers": 2, "first_k_dense_replace": 1}, "layer 1 is built unlike layer 0"),
     ],
 )
 def test_layouts_that_cannot_be_pruned_are_refused_with_the_reason(model_type, extra, reason):

@@ -41,12 +41,18 @@ def read_best_trial(study_dir: str | Path, model: str, budget: float | None = No
 
 
 def prune_memory_plan_of(
-    model_name: str, options: PruneOptions, placement: Placement, study: str | Path | None = None
+    model_name: str,
+    options: PruneOptions,
+    placement: Placement,
+    study: str | Path | None = None,
+    stock_config: bool = False,
 ) -> PruneMemoryPlan:
     """What `prune_and_save` with these arguments holds beside the weights (`adapruner.cutting.working_set`), from
     the model's config alone; a study's best trial is planned as the recipe it was scored with."""
     if study is not None:
         options = PruneOptions.from_best(read_best_trial(study, model_name, options.spec.target_params))
+    if stock_config:  # every layer pruned alike
+        options = replace(options, spec=options.spec.with_(layers="all", same_size=True))
     shapes = load_shapes(model_name, placement.dtype, placement.trust_remote_code)
     check_context(shapes, options.seq_len)
     model_bytes = sum(p.numel() * p.element_size() for p in shapes.parameters())

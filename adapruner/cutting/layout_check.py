@@ -4,9 +4,9 @@ On copies of the first decoder layer, run on its real inputs (a forward of 2 ran
 the layer is entered):
   MLP      a dense MLP computes what the family says: down(act(gate x) ⊙ up x) — of the fused gate_up's halves, or
            down(act(up x)) without a gate — on random inputs, against the module's own forward;
-  a cut    removing one attention unit (kv group 0, or query head 0 under MHA) and one MLP channel (channel 0 of
-           every expert) gives the layer's outputs of the copy whose removed units are zeroed (their output-projection
-           columns); a family whose attention pruning is refused
+  a cut    removing one attention unit (kv group 0, or query head 0 with a single kv head) and one MLP channel
+           (channel 0 of every expert) gives the layer's contribution (its output less its input) of the copy whose
+           removed units are zeroed (their output-projection columns); a family whose attention pruning is refused
            (`Family.attention_refusal`) is checked on its MLP alone. Relative max difference < 1e-4 in fp32, < 3e-2
            in half precision (sums run in another order once cut; a wrong layout differs by O(1)).
 A layout that fails is one `AdaPrunerError` naming the part that did not match: never a silently wrong model.
@@ -23,6 +23,7 @@ from transformers.activations import ACT2FN
 from adapruner.choosing.plan import PrunePlan
 from adapruner.cutting.removal import cut
 from adapruner.errors import AdaPrunerError
+from adapruner.model.big_model import is_dispatched
 from adapruner.model.families import family_of, text_config
 from adapruner.model.structure import EXPERT_WEIGHTS, LayerInfo, decoder_layers, layer_info
 from adapruner.scoring.collect import LayerRun, layer_inputs
@@ -32,8 +33,9 @@ HALF_TOLERANCE = 3e-2  # bf16/fp16 layers sum in another order once cut; a wrong
 
 
 def check_derived_layout(model: nn.Module) -> None:
-    """`check_layout` where the model's family was derived from its structure (declared ones are tested)."""
-    if family_of(model.config).derived:
+    """`check_layout` where the model's family was derived from its structure (declared ones are tested) and its
+    weights are in memory (a model spread by --device-map is not checked: its offloaded layers hold no weights)."""
+    if family_of(model.config).derived and not is_dispatched(model):
         check_layout(model)
 
 
@@ -42,23 +44,23 @@ def check_layout(model: nn.Module, seed: int = 0) -> None:
     """Raise a one-line error where the family's view of `model` does not match its forward (module docstring)."""
     info = layer_info(model, 0)
     family = info.family
-    if info.experts is None:
+    if info.experts is None and info.intermediate:
         _check_mlp_formula(model, info, seed)
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(seed))
     hidden, arguments = layer_inputs(model, ids, [0], batch_size=2)
-    attention = family.attention_refusal is None and (info.n_kv_heads > 1 or info.n_heads > 1)
+    attention = family.attention_refusal is None and info.n_heads > 1
     zeroed, plan = _zeroed_copy(model, info, attention), _plan(info, attention)
-    cut_copy = _cut_copy(model, plan)
     expected = LayerRun(zeroed, hidden, arguments[0]).outputs()
     try:
-        found = LayerRun(cut_copy, hidden, arguments[0]).outputs()
-    except (RuntimeError, ValueError) as exc:
+        found = LayerRun(_cut_copy(model, plan), hidden, arguments[0]).outputs()
+    except (RuntimeError, ValueError, IndexError) as exc:
         raise AdaPrunerError(
             f"{family.model_type}: the layer cut by its derived layout does not run ({str(exc).splitlines()[0][:100]})"
             ": this layout needs a declared family"
         ) from None
-    difference = max(_relative(f, e) for f, e in zip(found, expected))
+    # the layer's own contribution (its output less the residual input), where a wrong cut shows in full
+    difference = max(_relative(f - h, e - h) for f, e, h in zip(found, expected, hidden))
     if difference > _tolerance(model):
         part = "attention heads and MLP channels" if attention else "MLP channels"
         raise AdaPrunerError(
@@ -92,12 +94,13 @@ def _plan(info: LayerInfo, attention: bool) -> PrunePlan:
     """Layer 0 without kv group 0 (or query head 0) and without MLP channel 0 of every expert."""
     plan = PrunePlan()
     if attention:
-        if info.n_kv_heads > 1:
+        if info.n_kv_heads > 1:  # GQA/MHA: a whole kv group; MQA (one kv head): query head 0
             per = info.heads_per_kv
             plan.attention[0] = (list(range(per, info.n_heads)), list(range(1, info.n_kv_heads)))
         else:
             plan.attention[0] = (list(range(1, info.n_heads)), list(range(info.n_kv_heads)))
-    plan.mlp[0] = [u for u in range(info.mlp_units) if u % info.intermediate != 0]
+    if info.intermediate > 1:
+        plan.mlp[0] = [u for u in range(info.mlp_units) if u % info.intermediate != 0]
     return plan
 
 
@@ -109,6 +112,8 @@ def _zeroed_copy(model: nn.Module, info: LayerInfo, attention: bool) -> nn.Modul
         heads = info.heads_per_kv if info.n_kv_heads > 1 else 1
         getattr(getattr(layer, family.attention), family.o).weight[:, : heads * info.head_dim] = 0
     mlp = getattr(layer, family.mlp)
+    if info.intermediate <= 1:
+        return layer
     if info.experts is None:
         getattr(mlp, family.down).weight[:, 0] = 0
     else:

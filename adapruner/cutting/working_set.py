@@ -1,10 +1,10 @@
 """What `prune` holds beside the model's weights, from the model's shapes alone (`prune --memory-plan`).
 
-`prune` runs in phases, each freeing what it made before the next (`prune_model`): load → statistics (forward passes
-over the calibration windows; a forward+backward for gradient metrics and the `loss` allocation's output Fisher) →
-allocation (the `error`/`loss` curves, one output projection at a time) → refit (the Grams of the refit windows,
-then one solve per output projection) → cut → save (safetensors writes each tensor from where it is). Its peak is
-the weights plus the largest phase (`peak_bytes`).
+`prune` (not `--sequential`, whose layer-by-layer passes are not modelled) runs in phases, each freeing what it made
+before the next (`prune_model`): load → statistics (forward passes over the calibration windows; a forward+backward
+for gradient metrics and the `loss` allocation's output Fisher) → allocation (the `error`/`loss` curves, one output
+projection at a time) → refit (the Grams of the refit windows, then one solve per output projection) → cut → save
+(safetensors writes each tensor from where it is). Its peak is the weights plus the largest phase (`peak_bytes`).
 Each phase's bytes, for weights of `e` bytes, batches of B windows of S tokens (T = B·S), hidden h, MLP width m,
 query width q, kv width k, query heads H and vocabulary V:
   load        the weights file mapped while the parameters are filled (its pages count as resident);
@@ -15,7 +15,8 @@ query width q, kv width k, query heads H and vocabulary V:
               tensors T·(4h + 3q + 3k + 5m + 2·H·S)·e (norms' inputs and outputs, q/k/v before and after the
               rotation, the attention's output and probabilities, the MLP's four products) and the logits three
               times, 12·T·V;
-  allocation  the error curves of the largest output projection (fp64: H, its Cholesky, out × in products);
+  allocation  the statistics still held and the error curves of the largest output projection (fp64: H, its
+              Cholesky, out × in products);
   refit       the Grams of every output projection 4·in² (+ moments), and the refit weights, at most 4·out·in each;
   cut         the largest linear copied (a save writes the tensors where they are).
 """
@@ -99,7 +100,8 @@ def prune_memory_plan(model: nn.Module, options: PruneOptions, device: str, file
     if rule.refit_error:
         largest = max(outputs.values(), key=lambda lin: lin.in_features * (lin.in_features + lin.out_features))
         n, out = largest.in_features, largest.out_features
-        phases.append(Phase("allocation", grams + 8 * (2 * n * n + out * n), "the Grams and one module's fp64 curves"))
+        curves = 8 * (2 * n * n + out * n)
+        phases.append(Phase("allocation", grams + gradients + curves, "the statistics and one module's fp64 curves"))
     if spec.compensation != "none":
         refit = 4 * weight_count(outputs)
         pass_bytes = activation_bytes(model, CALIBRATION_BATCH, options.seq_len, element, False) if refit_apart else 0

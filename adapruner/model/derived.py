@@ -14,7 +14,7 @@
 Refused with the reason: multi-latent attention (a compressed kv projection shared by all heads), hybrid state-space
 layers, attention without per-head q/k/v/o projections, an MLP without gate/up/down projections.
 
-`check_layout(model)` verifies a derived family on the model itself before any work (`adapruner.model.self_check`).
+`adapruner.cutting.layout_check` verifies a derived family on the model itself before any work.
 """
 
 from __future__ import annotations
@@ -35,22 +35,16 @@ STATE_SPACE_KINDS = ("mamba", "ssm", "linear_attention", "conv")  # in the confi
 
 
 def derive_family(model: nn.Module) -> Family:
-    """The `Family` of `model`'s structure (the module docstring), or a one-line refusal naming the reason."""
+    """The `Family` of `model`'s structure (the module docstring), or a one-line refusal naming the reason. Every
+    layer must read alike: a model that mixes dense and MoE layers, or layer kinds, is refused."""
     model_type = model.config.model_type
     text = model.config.get_text_config()
     layers_path, layers = _decoder_layers(model, text.num_hidden_layers, model_type)
-    layer = layers[0]
-    _refuse_state_space(layer, text, model_type)
-    attention_name, attention = _attention(layer, model_type)
-    qkv = _attention_projections(attention, model_type)
-    head_norms, refusal = _head_norms(attention, model_type)
-    mlp_name, mlp = _mlp(layer, model_type)
-    experts = getattr(mlp, "experts", None)
-    moe = experts is not None and all(
-        isinstance(getattr(experts, name, None), nn.Parameter) and getattr(experts, name).dim() == 3
-        for name in ("gate_up_proj", "down_proj")
-    )
-    gate, gate_up = _mlp_projections(mlp, model_type) if not moe else ("gate_proj", None)
+    views = [_layer_view(layer, text, model_type) for layer in layers]
+    for index, view in enumerate(views):
+        if view != views[0]:
+            raise _refused(model_type, f"its layer {index} is built unlike layer 0 (dense and MoE layers mixed?)")
+    attention_name, qkv, head_norms, refusal, mlp_name, gate, gate_up, moe = views[0]
     return Family(
         model_type,
         type(model.config).__name__,
@@ -70,6 +64,40 @@ def derive_family(model: nn.Module) -> Family:
         derived=True,
         attention_refusal=refusal,
     )
+
+
+def _layer_view(layer: nn.Module, text, model_type: str) -> tuple:
+    """What one decoder layer's structure gives: (attention name, fused qkv, spanning norms, attention refusal, MLP
+    name, gate, fused gate_up, MoE)."""
+    _refuse_state_space(layer, text, model_type)
+    attention_name, attention = _attention(layer, model_type)
+    qkv = _attention_projections(attention, model_type)
+    head_norms, refusal = _head_norms(attention, model_type)
+    mlp_name, mlp = _mlp(layer, model_type)
+    moe = _has_experts(mlp, text.hidden_size, model_type)
+    gate, gate_up = _mlp_projections(mlp, model_type) if not moe else ("gate_proj", None)
+    return attention_name, qkv, head_norms, refusal, mlp_name, gate, gate_up, moe
+
+
+def _has_experts(mlp: nn.Module, hidden: int, model_type: str) -> bool:
+    """Whether the MLP keeps its experts as transformers 5 does: `experts.gate_up_proj` [E, 2I, H] (gate rows first)
+    and `experts.down_proj` [E, H, I], no expert biases; other 3-D layouts are refused."""
+    experts = getattr(mlp, "experts", None)
+    if experts is None or isinstance(experts, nn.ModuleList):
+        return False
+    gate_up, down = (getattr(experts, name, None) for name in ("gate_up_proj", "down_proj"))
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+        return False
+    n, width = gate_up.shape[0], down.shape[-1] if down.dim() == 3 else -1
+    laid_out = gate_up.dim() == 3 and gate_up.shape[1:] == (2 * width, hidden) and down.shape == (n, hidden, width)
+    biased = any(isinstance(p, nn.Parameter) and "bias" in name for name, p in experts.named_parameters())
+    if not laid_out or biased:
+        raise _refused(
+            model_type,
+            f"its experts are stored as gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)}"
+            f"{' with biases' if biased else ''}, not [E, 2I, H] and [E, H, I]",
+        )
+    return True
 
 
 def _decoder_layers(model: nn.Module, count: int, model_type: str) -> tuple[str, nn.ModuleList]:
@@ -129,7 +157,7 @@ def _head_norms(attention: nn.Module, model_type: str) -> tuple[tuple[str, str] 
                 "pass --no-attention (MLP pruning is exact)"
             )
         weight = getattr(child, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.shape[-1] != attention.head_dim:
+        if isinstance(weight, torch.Tensor) and weight.numel() != attention.head_dim:
             spanning.append(name)
     if not spanning:
         return None, None

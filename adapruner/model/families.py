@@ -17,6 +17,7 @@ the router, the expert count and Qwen2-MoE's shared expert stay whole.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import weakref
@@ -59,6 +60,7 @@ FAMILIES: dict[str, Family] = {
     )
 }
 SUPPORTED_TYPES = tuple(FAMILIES)
+FAMILY_FIELDS = {field.name for field in dataclasses.fields(Family)}
 
 
 def model_type_of(config) -> str:
@@ -86,22 +88,24 @@ def text_config(config):
 
 
 def family_of(config) -> Family:
-    """The `Family` of a model's config: declared (`FAMILIES`), or derived once per `model_type` from the structure of
-    the model the config describes (built on the meta device: no weights; `adapruner.model.derived`), or a one-line
-    refusal naming the reason."""
+    """The `Family` of a model's config: declared (`FAMILIES`), carried by a pruned model's config
+    (`adapruner_layout`), or derived once per distinct config from the structure of the model it describes (built on
+    the meta device: no weights; `adapruner.model.derived`), or a one-line refusal naming the reason."""
     model_type = model_type_of(config)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     layout = getattr(config, "adapruner_layout", None)  # a pruned model of a derived family carries its layout
     if layout is not None:
-        return Family(**{**layout, "head_norms": tuple(layout["head_norms"]) if layout["head_norms"] else None})
+        known = {name: value for name, value in layout.items() if name in FAMILY_FIELDS}  # a newer version's extras
+        return Family(**{**known, "head_norms": tuple(known["head_norms"]) if known.get("head_norms") else None})
     held = _DERIVED_FOR.get(id(config))
     if held is not None and held[0]() is config:
         return held[1]
     text = config.to_json_string(use_diff=False)  # a layout can hang on a flag (StableLM's qk_layernorm)
     if text not in DERIVED:
         DERIVED[text] = derive_family(_meta_model(config, model_type))
-    _DERIVED_FOR[id(config)] = (weakref.ref(config), DERIVED[text])
+    key = id(config)
+    _DERIVED_FOR[key] = (weakref.ref(config, lambda _dead: _DERIVED_FOR.pop(key, None)), DERIVED[text])
     return DERIVED[text]
 
 
@@ -120,10 +124,11 @@ def _meta_model(config, model_type: str):
     """The causal LM `config` describes, on the meta device; a config transformers has no causal LM for is refused."""
     from transformers import AutoModelForCausalLM
 
+    remote = type(config).__module__.startswith("transformers_modules")  # its code was trusted to read the config
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError) as exc:
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+    except Exception as exc:  # any failure to build it is the same refusal
         raise AdaPrunerError(
             f"unsupported architecture {model_type!r}: transformers has no causal LM class for it "
             f"({str(exc).splitlines()[0][:120]}); adapruner declares {', '.join(SUPPORTED_TYPES)} and derives others "

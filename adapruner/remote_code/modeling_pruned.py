@@ -242,11 +242,11 @@ def _pruned_config_class(family, config_name):
 
 def _pruned_model_class(family, model_name):
     """The pruned model class of `family` over transformers' `model_name`, made once."""
-    if family not in _MODELS:
+    if (family, model_name) not in _MODELS:
         base = getattr(transformers, model_name)
         config_class = _pruned_config_class(family, base.config_class.__name__)
-        _MODELS[family] = _pruned_model(base, config_class, family)
-    return _MODELS[family]
+        _MODELS[family, model_name] = _pruned_model(base, config_class, family)
+    return _MODELS[family, model_name]
 
 
 def _share_checkpoint_conversion(family):
@@ -274,7 +274,10 @@ def __getattr__(name):
     if name in _BY_NAME:
         family, k = _BY_NAME[name]
         return _pruned_classes(family)[k]
-    base = getattr(transformers, name[len("Pruned") :], None) if name.startswith("Pruned") else None
+    try:  # transformers' lazy module may fail to import a class whose backend is missing
+        base = getattr(transformers, name[len("Pruned") :], None) if name.startswith("Pruned") else None
+    except Exception:
+        base = None
     if isinstance(base, type) and issubclass(base, transformers.PretrainedConfig):
         return _pruned_config_class(base.model_type, base.__name__)
     if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):

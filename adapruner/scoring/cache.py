@@ -349,6 +349,7 @@ def build_cache(
     stores: dict[str, torch.Tensor] = {}
     filled: dict[str, int] = {}
     inputs: dict[str, torch.Tensor] = {}
+    products: dict[str, torch.Tensor] = {}  # each linear's X·Wᵀ + b of the batch, until its backward
     L = key.seq_len
     windows, n_batches = input_ids.shape[0], math.ceil(input_ids.shape[0] / batch_size)
 
@@ -384,7 +385,9 @@ def build_cache(
         x = inputs[input_owner(name, linears)]
         with weights(linears[name]) as linear:  # an offloaded weight is loaded again for its backward
             w = linear.weight.detach().float()
-        keep(f"vec_rows/{name}", (dy * (x @ w.t())).view(-1, L, dy.shape[1]).sum(1))
+            bias = None if linear.bias is None else linear.bias.detach().float()
+        product = products.pop(name) if bias is None else products.pop(name) - bias  # X·Wᵀ, kept from the forward
+        keep(f"vec_rows/{name}", (dy * product).view(-1, L, dy.shape[1]).sum(1))
         keep(f"vec_cols/{name}", (x * (dy @ w)).view(-1, L, x.shape[1]).sum(1))
         fisher_rows, fisher_cols = sample_fisher_stats(w, x, dy, L)
         keep(f"fisher_rows/{name}", fisher_rows)
@@ -392,7 +395,7 @@ def build_cache(
         if key.activations:
             keep(f"dy/{name}", dy.to(store_dtype))
 
-    with linear_io(model, linears, on_input, on_grad):
+    with linear_io(model, linears, on_input, on_grad, products.__setitem__):
         bar = "cache" if progress else None
         for _start, batch in window_batches(input_ids, batch_size, model_device(model), bar):
             sample_loss(model, batch).sum().backward()

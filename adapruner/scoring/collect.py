@@ -212,14 +212,18 @@ def linear_io(
     linears: dict[str, nn.Linear],
     on_input: Callable[[str, torch.Tensor], None],
     on_grad: Callable[[str, torch.Tensor], None],
+    on_output: Callable[[str, torch.Tensor], None] | None = None,
 ):
-    """While active, a forward calls `on_input(name, X)` for each listed linear (X: tokens × in, fp32, detached) and
-    the backward of its loss `on_grad(name, dY)` (dY: tokens × out, fp32). Every parameter is frozen meanwhile:
-    gradients flow from the embeddings' output, and no weight gradient is formed."""
+    """While active, a forward calls `on_input(name, X)` for each listed linear (X: tokens × in, fp32, detached),
+    with `on_output` also `on_output(name, Y)` (its output X·Wᵀ + b, tokens × out, fp32, detached), and the backward
+    of its loss `on_grad(name, dY)` (dY: tokens × out, fp32). Every parameter is frozen meanwhile: gradients flow from
+    the embeddings' output, and no weight gradient is formed."""
 
     def forward_hook(name: str):
         def hook(module, args, output):
             on_input(name, args[0].detach().float().reshape(-1, module.in_features))
+            if on_output is not None:
+                on_output(name, output.detach().float().reshape(-1, module.out_features))
             output.register_hook(lambda grad: on_grad(name, grad.detach().float().reshape(-1, module.out_features)))
 
         return hook
