@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from adapruner.choosing.selection import plan_from_counts, plan_pruning, score_layers
+from adapruner.choosing.selection import plan_pruning
 from adapruner.cutting.layout_check import check_layout
 from adapruner.cutting.removal import apply_plan
 from adapruner.errors import AdaPrunerError
@@ -18,7 +18,7 @@ from adapruner.output.saving import save_pruned
 from adapruner.scoring.importance import Importance
 from tests.helpers import DERIVED_KWARGS, DERIVED_MOE_KWARGS, TINY_BASE, masked_logits, tiny_family
 from tests.models import word_level_tokenizer
-from tests.test_families import assert_same_logits, logits, zero_units
+from tests.test_families import assert_l2_removes_zeroed_units, assert_same_logits, logits
 
 SPANNING_NORMS = {"olmo3", "olmoe"}  # q_norm/k_norm over all heads: attention pruning refused
 
@@ -38,23 +38,7 @@ def test_a_derived_family_passes_its_self_check(model_type):
 
 @pytest.mark.parametrize("model_type", DERIVED_KWARGS)
 def test_zeroed_units_are_what_l2_removes_and_the_pruned_model_reloads(model_type, tmp_path):
-    model = tiny_family(model_type)
-    heads = model_type not in SPANNING_NORMS
-    zero_units(model, 1, kv_groups=[1] if heads else [], channels=[2, 5, 11])
-    dense = logits(model)
-    scores = score_layers(model, Importance("l2"), {1: (heads, True)}, "kv")
-    plan = plan_from_counts(model, scores, {1: (int(heads), 3)}, "kv")
-    if heads:
-        assert plan.attention[1] == ([0, 1], [0])
-    assert plan.mlp[1] == [c for c in range(24) if c not in (2, 5, 11)]
-    apply_plan(model, plan)
-    assert_same_logits(logits(model), dense)
-    save_pruned(model, word_level_tokenizer(), tmp_path / "pruned")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=True).eval()
-    assert type(reloaded).__name__ == f"Pruned{type(model).__name__}"
-    assert_same_logits(logits(reloaded), dense)
-    ours, _ = load_model(str(tmp_path / "pruned"))
-    assert_same_logits(logits(ours), dense)
+    assert_l2_removes_zeroed_units(tiny_family(model_type), model_type not in SPANNING_NORMS, tmp_path)
 
 
 @pytest.mark.parametrize("model_type", [*DERIVED_KWARGS, *DERIVED_MOE_KWARGS])

@@ -51,8 +51,13 @@ def test_the_family_layer_covers_the_test_zoo():
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
 def test_zeroed_units_are_what_l2_removes_and_the_pruned_model_is_the_dense_one(model_type, tmp_path):
-    model = tiny_family(model_type)
-    exact_heads = model_type not in NORM_SPANS_HEADS
+    assert_l2_removes_zeroed_units(tiny_family(model_type), model_type not in NORM_SPANS_HEADS, tmp_path)
+
+
+def assert_l2_removes_zeroed_units(model, exact_heads: bool, tmp_path) -> None:
+    """Zero kv group 1 (where heads cut exactly) and MLP channels 2, 5, 11 of layer 1: an l2 plan removes exactly
+    those, and the pruned model — in memory, reloaded with its modeling file (transformers' and adapruner's copy) —
+    computes the dense logits."""
     zero_units(model, 1, kv_groups=[1] if exact_heads else [], channels=[2, 5, 11])
     dense = logits(model)
     scores = score_layers(model, Importance("l2"), {1: (exact_heads, True)}, "kv")

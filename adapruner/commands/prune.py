@@ -55,8 +55,7 @@ def prune_memory_plan_of(
         options = replace(options, spec=options.spec.with_(layers="all", same_size=True))
     shapes = load_shapes(model_name, placement.dtype, placement.trust_remote_code)
     check_context(shapes, options.seq_len)
-    model_bytes = sum(p.numel() * p.element_size() for p in shapes.parameters())
-    return prune_memory_plan(shapes, options, str(placement.device), weights_file_bytes(model_name) or model_bytes)
+    return prune_memory_plan(shapes, options, str(placement.device), weights_file_bytes(model_name) or None)
 
 
 def prune_and_save(

@@ -72,15 +72,18 @@ class PruneMemoryPlan:
         return format_table(["prune memory plan", "size", "what"], rows)
 
 
-def prune_memory_plan(model: nn.Module, options: PruneOptions, device: str, file_bytes: int) -> PruneMemoryPlan:
+def prune_memory_plan(
+    model: nn.Module, options: PruneOptions, device: str, file_bytes: int | None = None
+) -> PruneMemoryPlan:
     """The plan of `prune_model(model, …, options)` for `model`'s shapes (a meta model will do) on `device`; the
-    weights file is `file_bytes` long."""
+    weights file is `file_bytes` long (None: as long as the weights)."""
     spec = options.spec
     layers = parse_layer_range(spec.layers, len(decoder_layers(model)))
     linears = prunable_linears(model, layers)
     outputs = output_projections(model, layers, spec.prune_attention, spec.prune_mlp)
     required, rule = needs(spec.metric), allocation(spec.allocation)
     element = next(model.parameters()).element_size()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     moments = 8 * sum(linear.in_features for linear in outputs.values())
     grams = 4 * sum(linear.in_features**2 for linear in outputs.values())
     gradients = len({"grad", "fisher"} & required) * 4 * weight_count(linears)
@@ -89,7 +92,7 @@ def prune_memory_plan(model: nn.Module, options: PruneOptions, device: str, file
     gram_in_statistics = "act_cov" in required or rule.refit_error or (spec.compensation == "lsq" and not refit_apart)
     passes = activation_bytes(model, CALIBRATION_BATCH, options.seq_len, element, backward)
     phases = [
-        Phase("load", file_bytes, "the weights file, mapped while the parameters are filled"),
+        Phase("load", file_bytes or model_bytes, "the weights file, mapped while the parameters are filled"),
         Phase(
             "statistics",
             moments + (grams if gram_in_statistics else 0) + gradients + passes,
@@ -110,7 +113,7 @@ def prune_memory_plan(model: nn.Module, options: PruneOptions, device: str, file
         )
     largest_linear = max(lin.out_features * lin.in_features for lin in linears.values())
     phases.append(Phase("cut", largest_linear * max(element, 4), "one linear copied"))
-    return PruneMemoryPlan(device, sum(p.numel() * p.element_size() for p in model.parameters()), tuple(phases))
+    return PruneMemoryPlan(device, model_bytes, tuple(phases))
 
 
 def weight_count(linears: dict[str, nn.Linear]) -> int:

@@ -32,6 +32,7 @@ MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
 MLA_NAMES = ("q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 STATE_SPACE = re.compile(r"Mamba|SSM|Mixer|GatedDeltaNet|LinearAttention")  # in a layer's module class names
 STATE_SPACE_KINDS = ("mamba", "ssm", "linear_attention", "conv")  # in the config's `layer_types`
+STATE_SPACE_REASON = "hybrid state-space (or linear-attention) layers have no heads and channels of the kind pruned"
 
 
 def derive_family(model: nn.Module) -> Family:
@@ -40,6 +41,9 @@ def derive_family(model: nn.Module) -> Family:
     model_type = model.config.model_type
     text = model.config.get_text_config()
     layers_path, layers = _decoder_layers(model, text.num_hidden_layers, model_type)
+    kinds = {str(kind).lower() for kind in getattr(text, "layer_types", None) or ()}
+    if kinds & set(STATE_SPACE_KINDS):
+        raise _refused(model_type, STATE_SPACE_REASON)
     views = [_layer_view(layer, text, model_type) for layer in layers]
     for index, view in enumerate(views):
         if view != views[0]:
@@ -69,7 +73,8 @@ def derive_family(model: nn.Module) -> Family:
 def _layer_view(layer: nn.Module, text, model_type: str) -> tuple:
     """What one decoder layer's structure gives: (attention name, fused qkv, spanning norms, attention refusal, MLP
     name, gate, fused gate_up, MoE)."""
-    _refuse_state_space(layer, text, model_type)
+    if STATE_SPACE.search(" ".join(type(module).__name__ for module in layer.modules())):
+        raise _refused(model_type, STATE_SPACE_REASON)
     attention_name, attention = _attention(layer, model_type)
     qkv = _attention_projections(attention, model_type)
     head_norms, refusal = _head_norms(attention, model_type)
@@ -109,15 +114,6 @@ def _decoder_layers(model: nn.Module, count: int, model_type: str) -> tuple[str,
     if not found:
         raise _refused(model_type, f"no list of its {count} decoder layers in the model")
     return min(found, key=lambda item: item[0].count("."))
-
-
-def _refuse_state_space(layer: nn.Module, text, model_type: str) -> None:
-    kinds = {str(kind).lower() for kind in getattr(text, "layer_types", None) or ()}
-    classes = " ".join(type(module).__name__ for module in layer.modules())
-    if kinds & set(STATE_SPACE_KINDS) or STATE_SPACE.search(classes):
-        raise _refused(
-            model_type, "hybrid state-space (or linear-attention) layers have no heads and channels of the kind pruned"
-        )
 
 
 def _attention(layer: nn.Module, model_type: str) -> tuple[str, nn.Module]:

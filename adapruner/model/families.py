@@ -94,19 +94,21 @@ def family_of(config) -> Family:
     model_type = model_type_of(config)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    layout = getattr(config, "adapruner_layout", None)  # a pruned model of a derived family carries its layout
-    if layout is not None:
-        known = {name: value for name, value in layout.items() if name in FAMILY_FIELDS}  # a newer version's extras
-        return Family(**{**known, "head_norms": tuple(known["head_norms"]) if known.get("head_norms") else None})
     held = _DERIVED_FOR.get(id(config))
     if held is not None and held[0]() is config:
         return held[1]
-    text = config.to_json_string(use_diff=False)  # a layout can hang on a flag (StableLM's qk_layernorm)
-    if text not in DERIVED:
-        DERIVED[text] = derive_family(_meta_model(config, model_type))
+    layout = getattr(config, "adapruner_layout", None)  # a pruned model of a derived family carries its layout
+    if layout is not None:
+        known = {name: value for name, value in layout.items() if name in FAMILY_FIELDS}  # a newer version's extras
+        family = Family(**{**known, "head_norms": tuple(known["head_norms"]) if known.get("head_norms") else None})
+    else:
+        text = config.to_json_string(use_diff=False)  # a layout can hang on a flag (StableLM's qk_layernorm)
+        if text not in DERIVED:
+            DERIVED[text] = derive_family(_meta_model(config, model_type))
+        family = DERIVED[text]
     key = id(config)
-    _DERIVED_FOR[key] = (weakref.ref(config, lambda _dead: _DERIVED_FOR.pop(key, None)), DERIVED[text])
-    return DERIVED[text]
+    _DERIVED_FOR[key] = (weakref.ref(config, lambda _dead: _DERIVED_FOR.pop(key, None)), family)
+    return family
 
 
 def check_attention_pruning(config, prune_attention: bool) -> None:
@@ -117,7 +119,7 @@ def check_attention_pruning(config, prune_attention: bool) -> None:
 
 
 DERIVED: dict[str, Family] = {}  # a config's JSON → the family derived from its structure, this process
-_DERIVED_FOR: dict[int, tuple[weakref.ref, Family]] = {}  # id(config) → (the config, its family): no JSON per call
+_DERIVED_FOR: dict[int, tuple[weakref.ref, Family]] = {}  # id(config) → (the config, its family), carried or derived
 
 
 def _meta_model(config, model_type: str):

@@ -155,14 +155,16 @@ def _load_errors(path: str, action: str):
 def _own_pruned_classes(config: dict):
     """(config class, model class) from this package's modeling code for a directory `save_pruned` wrote, else None."""
     from adapruner.model.families import FAMILIES, shipped_modeling
-    from adapruner.model.family import Family
 
     base, layout = config.get("base_model_type"), config.get("adapruner_layout")
     if config.get("model_type") != f"pruned_{base}" or (base not in FAMILIES and layout is None):
         return None
-    names = FAMILIES[base] if base in FAMILIES else Family(base, layout["config_class"], layout["model_class"])
+    names = FAMILIES[base] if base in FAMILIES else None
+    config_class, model_class = (
+        (names.config_class, names.model_class) if names else (layout["config_class"], layout["model_class"])
+    )
     module = shipped_modeling()
-    return getattr(module, f"Pruned{names.config_class}"), getattr(module, f"Pruned{names.model_class}")
+    return getattr(module, f"Pruned{config_class}"), getattr(module, f"Pruned{model_class}")
 
 
 def _is_missing_local_dir(path: str) -> bool:
