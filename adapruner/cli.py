@@ -57,6 +57,10 @@ SEQUENTIAL_HELP = (
     "prune layer by layer, each layer's statistics from the outputs of the pruned and refit layers before it "
     "(metrics obs, act, fluct and the weight metrics)"
 )
+INEXACT_HEADS_HELP = (
+    "prune the heads of a family whose q/k norms span all heads (OLMo-2, OLMo-3, OLMoE): the kept heads are then "
+    "renormalised, so a removed head is not the same as a zeroed one (refused without this flag)"
+)
 ALIGN_HELP = (
     "keep every pruned layer's MLP width a multiple of N channels (of each expert in a MoE layer): hardware-friendly "
     "matmul shapes; budgets are met within one block of N"
@@ -485,6 +489,7 @@ def _add_spec_args(parser: argparse.ArgumentParser, search: bool) -> None:
     )
     parser.add_argument("--no-attention", action="store_true", help="prune the MLP only")
     parser.add_argument("--no-mlp", action="store_true", help="prune attention only")
+    parser.add_argument("--inexact-heads", action="store_true", help=INEXACT_HEADS_HELP)
     parser.add_argument("--min-keep", type=within(0, 1, closed_low=True), default=SPEC.min_keep, help=MIN_KEEP_HELP)
     parser.add_argument("--damp", type=POSITIVE, help=by_recipe(DAMP_HELP, "damp", search))
     parser.add_argument("--obs-damp", type=POSITIVE, default=SPEC.obs_damp, help=OBS_DAMP_HELP)
@@ -734,6 +739,7 @@ SPEC_FLAGS = {  # flag → the PruneSpec field it sets in prune, search and run 
     "--attn-granularity": "granularity",
     "--no-attention": "prune_attention",  # a --no-… flag sets its field to False
     "--no-mlp": "prune_mlp",
+    "--inexact-heads": "inexact_heads",
     "--min-keep": "min_keep",
     "--damp": "damp",
     "--obs-damp": "obs_damp",

@@ -3,6 +3,8 @@ before any work, and pruned like a declared family's — zeroed units are what `
 memory, reloaded with the shipped modeling file) computes the dense logits; what cannot be derived or pruned exactly
 is refused in one line."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -11,6 +13,7 @@ from adapruner.choosing.selection import plan_pruning
 from adapruner.cutting.layout_check import check_layout
 from adapruner.cutting.removal import apply_plan
 from adapruner.errors import AdaPrunerError
+from adapruner.model.derived import derive_family
 from adapruner.model.families import FAMILIES, check_attention_pruning, family_of
 from adapruner.model.models import load_model
 from adapruner.model.structure import layer_info
@@ -18,9 +21,14 @@ from adapruner.output.saving import save_pruned
 from adapruner.scoring.importance import Importance
 from tests.helpers import DERIVED_KWARGS, DERIVED_MOE_KWARGS, TINY_BASE, masked_logits, tiny_family
 from tests.models import word_level_tokenizer
-from tests.test_families import assert_l2_removes_zeroed_units, assert_same_logits, logits
+from tests.test_families import (
+    assert_l2_removes_zeroed_units,
+    assert_same_logits,
+    assert_spanning_norms_are_cut_with_the_heads,
+    logits,
+)
 
-SPANNING_NORMS = {"olmo3", "olmoe"}  # q_norm/k_norm over all heads: attention pruning refused
+SPANNING_NORMS = {"olmo3", "olmoe"}  # q_norm/k_norm over all heads: heads pruned only with --inexact-heads
 
 
 def test_the_derived_families_have_no_entry():
@@ -32,8 +40,26 @@ def test_a_derived_family_passes_its_self_check(model_type):
     model = tiny_family(model_type)
     family = family_of(model.config)
     assert family.derived and family.model_class == type(model).__name__
-    assert (family.attention_refusal is not None) == (model_type in SPANNING_NORMS)
+    assert family.attention_refusal is None and (family.head_norms is not None) == (model_type in SPANNING_NORMS)
     check_layout(model)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_declared_family_is_derived_as_declared(model_type):
+    """The derivation reads every declared family's layout as the table states it — fused projections, spanning
+    norms, experts, Phi-3's head count read from the config (a per-layer view) — and each passes its self-check."""
+    model = tiny_family(model_type)
+    assert derive_family(model) == replace(FAMILIES[model_type], derived=True)
+    check_layout(model)
+
+
+def test_a_modified_declared_family_is_caught_by_its_self_check():
+    model = tiny_family("llama")
+    for layer in model.model.layers:  # a modeling file whose MLP reads up_proj as its gate
+        mlp = layer.mlp
+        mlp.forward = lambda x, mlp=mlp: mlp.down_proj(mlp.act_fn(mlp.up_proj(x)) * mlp.gate_proj(x))
+    with pytest.raises(AdaPrunerError, match="llama: its MLP does not compute .* does not match its declared family"):
+        check_layout(model)
 
 
 @pytest.mark.parametrize("model_type", DERIVED_KWARGS)
@@ -57,11 +83,32 @@ def test_a_derived_pruned_model_is_the_dense_one_masked(model_type, tmp_path):
     assert_same_logits(logits(reloaded), expected)
 
 
-def test_norms_spanning_the_heads_refuse_attention_pruning():
-    config = tiny_family("olmo3").config
-    with pytest.raises(AdaPrunerError, match="span all heads.*--no-attention"):
+@pytest.mark.parametrize("model_type", ["olmo2", "olmo3", "olmoe"])
+def test_norms_spanning_the_heads_prune_heads_only_when_asked(model_type):
+    """Declared (OLMo-2) and derived alike: refused with both ways out named, allowed with --inexact-heads."""
+    config = tiny_family(model_type).config
+    with pytest.raises(AdaPrunerError, match="span all heads.*--no-attention.*--inexact-heads"):
         check_attention_pruning(config, prune_attention=True)
     check_attention_pruning(config, prune_attention=False)
+    check_attention_pruning(config, prune_attention=True, inexact_heads=True)
+
+
+@pytest.mark.parametrize("model_type", sorted(SPANNING_NORMS))
+def test_derived_spanning_norms_are_cut_with_the_heads(model_type, tmp_path):
+    assert_spanning_norms_are_cut_with_the_heads(tiny_family(model_type), tmp_path)
+
+
+def test_a_family_with_spanning_norms_is_refused_heads_at_the_command_line(tmp_path, capsys):
+    """Before any weight is read: one line, exit 2, nothing written."""
+    from adapruner.cli import main
+
+    tiny_family("olmo2").save_pretrained(tmp_path / "model")
+    word_level_tokenizer().save_pretrained(tmp_path / "model")
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(tmp_path / "model"), "--seq-len", "16", "--out", str(out), "--no-eval"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert error[-1].startswith("error: olmo2's q_norm and k_norm span all heads") and "--inexact-heads" in error[-1]
 
 
 def test_per_head_norm_lists_refuse_attention_pruning():

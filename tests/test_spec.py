@@ -93,6 +93,7 @@ def test_every_field_round_trips_through_a_dict_and_json():
         align=8,
         obs_damp=0.05,
         sequential=True,
+        inexact_heads=True,
     )
     data = spec.to_dict()
     assert set(data) == {f.name for f in fields(PruneSpec)}

@@ -49,6 +49,7 @@ class PruneSpec:
     align: int = 1  # every pruned layer keeps a multiple of this many MLP channels (of each expert in a MoE layer)
     obs_damp: float = DEFAULT_OBS_DAMP  # obs: the damping its selection assumes, times the mean input variance
     sequential: bool = False  # layer by layer, each from the pruned layers' outputs (`adapruner.cutting.sequential`)
+    inexact_heads: bool = False  # prune heads whose q/k norms span all heads (`families.check_attention_pruning`)
 
     def check(self) -> PruneSpec:
         """Every field in range, or a one-line error naming the flag; returns self."""

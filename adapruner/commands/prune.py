@@ -10,7 +10,7 @@ from pathlib import Path
 from adapruner.choosing.allocation import count_params
 from adapruner.choosing.allocation_rules import allocation
 from adapruner.commands.eval import EvalOptions, eval_windows
-from adapruner.cutting.layout_check import check_derived_layout
+from adapruner.cutting.layout_check import check_family_layout
 from adapruner.cutting.pruning import PruneOptions, apply_study_plan, prune_model
 from adapruner.cutting.working_set import PruneMemoryPlan, prune_memory_plan
 from adapruner.data.calibration import parse_calib_spec
@@ -104,10 +104,10 @@ def prune_and_save(
         evaluation = None
 
     shapes = load_shapes(model_name, placement.dtype, placement.trust_remote_code)
-    check_attention_pruning(shapes.config, options.spec.prune_attention)
+    check_attention_pruning(shapes.config, options.spec.prune_attention, options.spec.inexact_heads)
     started = time.perf_counter()
     model, tokenizer = load_placed(model_name, placement)
-    check_derived_layout(model)
+    check_family_layout(model)
     check_context(model, options.seq_len)
     if evaluation is not None:
         check_context(model, evaluation.seq_len)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from adapruner.choosing.allocation_rules import any_output_fisher, any_refit_error
 from adapruner.choosing.plan import PrunePlan
 from adapruner.commands.structure_search import check_width_options, run_width_search
-from adapruner.cutting.layout_check import check_derived_layout
+from adapruner.cutting.layout_check import check_family_layout
 from adapruner.data.calibration import parse_calib_spec, pool_windows, seeded_draw
 from adapruner.devices import DTYPES, Placement, dtype_name
 from adapruner.errors import AdaPrunerError
@@ -105,7 +105,7 @@ def memory_plan_of(options: SearchOptions) -> MemoryPlan:
     way."""
     shapes = load_shapes(options.model, DTYPES[options.dtype], options.trust_remote_code)
     check_context(shapes, options.seq_len)
-    check_attention_pruning(shapes.config, options.spec.prune_attention)
+    check_attention_pruning(shapes.config, options.spec.prune_attention, options.spec.inexact_heads)
     layers = parse_layer_range(options.spec.layers, len(decoder_layers(shapes)))
     moe = has_experts(shapes, layers)
     check_expert_metrics(options.metrics, options.spec.prune_mlp, moe, options.allocations, options.spec.sequential)
@@ -207,7 +207,7 @@ def run_search(
     existing = options.storage is not None or (out / STUDY_FILE).is_file()  # checked before the model loads
     study = open_study(open_storage(storage_url), options.study, setup) if existing else None
     model, tokenizer = load_placed(options.model, placement)  # before a new OUT: a damaged model leaves nothing
-    check_derived_layout(model)
+    check_family_layout(model)
     if before_writing is not None:
         before_writing()
     if study is None:

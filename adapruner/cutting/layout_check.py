@@ -6,8 +6,9 @@ the layer is entered):
            down(act(up x)) without a gate — on random inputs, against the module's own forward;
   a cut    removing one attention unit (kv group 0, or query head 0 with a single kv head) and one MLP channel
            (channel 0 of every expert) gives the layer's contribution (its output less its input) of the copy whose
-           removed units are zeroed (their output-projection columns); a family whose attention pruning is refused
-           (`Family.attention_refusal`) is checked on its MLP alone. Relative max difference < 1e-4 in fp32, < 3e-2
+           removed units are zeroed (their output-projection columns); a family whose heads cannot be cut
+           (`Family.attention_refusal`) or are renormalised once cut (`Family.head_norms`: not exact by design) is
+           checked on its MLP alone. Relative max difference < 1e-4 in fp32, < 3e-2
            in half precision (sums run in another order once cut; a wrong layout differs by O(1)).
 A layout that fails is one `AdaPrunerError` naming the part that did not match: never a silently wrong model.
 """
@@ -24,7 +25,8 @@ from adapruner.choosing.plan import PrunePlan
 from adapruner.cutting.removal import cut
 from adapruner.errors import AdaPrunerError
 from adapruner.model.big_model import is_dispatched
-from adapruner.model.families import family_of, text_config
+from adapruner.model.families import text_config
+from adapruner.model.family import Family
 from adapruner.model.structure import EXPERT_WEIGHTS, LayerInfo, decoder_layers, layer_info
 from adapruner.scoring.collect import LayerRun, layer_inputs
 
@@ -32,10 +34,11 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}  # relative; half precisi
 HALF_TOLERANCE = 3e-2  # bf16/fp16 layers sum in another order once cut; a wrong layout differs by O(1)
 
 
-def check_derived_layout(model: nn.Module) -> None:
-    """`check_layout` where the model's family was derived from its structure (declared ones are tested) and its
-    weights are in memory (a model spread by --device-map is not checked: its offloaded layers hold no weights)."""
-    if family_of(model.config).derived and not is_dispatched(model):
+def check_family_layout(model: nn.Module) -> None:
+    """`check_layout` on every model whose weights are in memory, declared family or derived (a model spread by
+    --device-map is not checked: its offloaded layers hold no weights). It costs two copies of one layer and a
+    forward of 16 tokens."""
+    if not is_dispatched(model):
         check_layout(model)
 
 
@@ -49,23 +52,23 @@ def check_layout(model: nn.Module, seed: int = 0) -> None:
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(seed))
     hidden, arguments = layer_inputs(model, ids, [0], batch_size=2)
-    attention = family.attention_refusal is None and info.n_heads > 1
+    attention = family.attention_refusal is None and family.head_norms is None and info.n_heads > 1
     zeroed, plan = _zeroed_copy(model, info, attention), _plan(info, attention)
     expected = LayerRun(zeroed, hidden, arguments[0]).outputs()
     try:
         found = LayerRun(_cut_copy(model, plan), hidden, arguments[0]).outputs()
     except (RuntimeError, ValueError, IndexError) as exc:
         raise AdaPrunerError(
-            f"{family.model_type}: the layer cut by its derived layout does not run ({str(exc).splitlines()[0][:100]})"
-            ": this layout needs a declared family"
+            f"{family.model_type}: the layer cut by its layout does not run ({str(exc).splitlines()[0][:100]}): "
+            + _remedy(family)
         ) from None
     # the layer's own contribution (its output less the residual input), where a wrong cut shows in full
     difference = max(_relative(f - h, e - h) for f, e, h in zip(found, expected, hidden))
     if difference > _tolerance(model):
         part = "attention heads and MLP channels" if attention else "MLP channels"
         raise AdaPrunerError(
-            f"{family.model_type}: removing {part} by its derived layout does not match zeroing them (relative "
-            f"difference {difference:.1e}): this layout needs a declared family"
+            f"{family.model_type}: removing {part} by its layout does not match zeroing them (relative "
+            f"difference {difference:.1e}): {_remedy(family)}"
         )
 
 
@@ -85,8 +88,9 @@ def _check_mlp_formula(model: nn.Module, info: LayerInfo, seed: int) -> None:
     if difference > _tolerance(model):
         formula = {True: "down(act(gate x)·up x)", False: "down(act(up x))"}[bool(family.gate or family.gate_up)]
         raise AdaPrunerError(
-            f"{family.model_type}: its MLP does not compute {formula} from the projections its derived layout names "
-            f"(relative difference {difference:.1e}): this layout needs a declared family"
+            f"{family.model_type}: its MLP does not compute {formula} from the projections its layout "
+            "names "
+            f"(relative difference {difference:.1e}): {_remedy(family)}"
         )
 
 
@@ -131,6 +135,13 @@ def _cut_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
         return layers[0]
     finally:
         layers[0] = original
+
+
+def _remedy(family: Family) -> str:
+    """What to do about a layout that failed its check: a derived one needs declaring; a declared one was modified."""
+    if family.derived:
+        return "this layout needs a declared family"
+    return "the model does not match its declared family (a modified modeling file?); report it with the model"
 
 
 def _tolerance(model: nn.Module) -> float:

@@ -6,8 +6,10 @@
   the attention        a layer's `self_attn` / `attention` / `attn` (else its child whose class ends in `Attention`),
                        with separate `q_proj`, `k_proj`, `v_proj` or a fused `qkv_proj`, and `o_proj`, and a
                        `head_dim`; q/k norms over `head_dim` are shared by every head and stay; norms spanning all
-                       heads (`head_norms`, cut with them) or a list of per-head norms make head removal inexact or
-                       unsupported, so attention pruning is refused for them (`attention_refusal`: MLP pruning stays);
+                       heads (`head_norms`) are cut with them, which renormalises the kept heads (inexact: heads are
+                       pruned only when asked, `check_attention_pruning`); a list of per-head norms is not sliced, so
+                       attention pruning is refused for it (`attention_refusal`: MLP pruning stays); an attention
+                       forward that reads the head count from the config gets a per-layer view (`layer_config`);
   the MLP              `mlp` / `block_sparse_moe` / `feed_forward` with `gate_proj`, `up_proj`, `down_proj`, a fused
                        `gate_up_proj` and `down_proj`, `up_proj` and `down_proj` alone (no gate), or MoE `experts`
                        holding 3-D `gate_up_proj` / `down_proj` weights.
@@ -19,6 +21,7 @@ layers, attention without per-head q/k/v/o projections, an MLP without gate/up/d
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -32,6 +35,7 @@ MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
 MLA_NAMES = ("q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 STATE_SPACE = re.compile(r"Mamba|SSM|Mixer|GatedDeltaNet|LinearAttention")  # in a layer's module class names
 STATE_SPACE_KINDS = ("mamba", "ssm", "linear_attention", "conv")  # in the config's `layer_types`
+HEAD_COUNT_READ = re.compile(r"config\.num_(attention|key_value)_heads")  # in an attention forward's source
 STATE_SPACE_REASON = "hybrid state-space (or linear-attention) layers have no heads and channels of the kind pruned"
 
 
@@ -48,7 +52,7 @@ def derive_family(model: nn.Module) -> Family:
     for index, view in enumerate(views):
         if view != views[0]:
             raise _refused(model_type, f"its layer {index} is built unlike layer 0 (dense and MoE layers mixed?)")
-    attention_name, qkv, head_norms, refusal, mlp_name, gate, gate_up, moe = views[0]
+    attention_name, qkv, head_norms, refusal, layer_config, mlp_name, gate, gate_up, moe = views[0]
     return Family(
         model_type,
         type(model.config).__name__,
@@ -61,6 +65,7 @@ def derive_family(model: nn.Module) -> Family:
         qkv=qkv,
         gate_up=gate_up,
         head_norms=head_norms,
+        layer_config=layer_config,
         experts="experts" if moe else None,
         expert_size="moe_intermediate_size"
         if moe and getattr(text, "moe_intermediate_size", None)
@@ -71,8 +76,8 @@ def derive_family(model: nn.Module) -> Family:
 
 
 def _layer_view(layer: nn.Module, text, model_type: str) -> tuple:
-    """What one decoder layer's structure gives: (attention name, fused qkv, spanning norms, attention refusal, MLP
-    name, gate, fused gate_up, MoE)."""
+    """What one decoder layer's structure gives: (attention name, fused qkv, spanning norms, attention refusal, head
+    count read from the config, MLP name, gate, fused gate_up, MoE)."""
     if STATE_SPACE.search(" ".join(type(module).__name__ for module in layer.modules())):
         raise _refused(model_type, STATE_SPACE_REASON)
     attention_name, attention = _attention(layer, model_type)
@@ -81,7 +86,18 @@ def _layer_view(layer: nn.Module, text, model_type: str) -> tuple:
     mlp_name, mlp = _mlp(layer, model_type)
     moe = _has_experts(mlp, text.hidden_size, model_type)
     gate, gate_up = _mlp_projections(mlp, model_type) if not moe else ("gate_proj", None)
-    return attention_name, qkv, head_norms, refusal, mlp_name, gate, gate_up, moe
+    return attention_name, qkv, head_norms, refusal, _reads_head_count(attention), mlp_name, gate, gate_up, moe
+
+
+def _reads_head_count(attention: nn.Module) -> bool:
+    """Whether the attention's forward reads the head count from the config (Phi-3 reshapes by
+    `config.num_attention_heads`), so each pruned layer needs its own view of it; where the source cannot be read,
+    the view is given (it is right either way)."""
+    try:
+        source = inspect.getsource(type(attention).forward)
+    except (OSError, TypeError):
+        return True
+    return HEAD_COUNT_READ.search(source) is not None
 
 
 def _has_experts(mlp: nn.Module, hidden: int, model_type: str) -> bool:
@@ -142,7 +158,7 @@ def _attention_projections(attention: nn.Module, model_type: str) -> str | None:
 
 
 def _head_norms(attention: nn.Module, model_type: str) -> tuple[tuple[str, str] | None, str | None]:
-    """(norms spanning all heads, cut with them; why attention pruning is refused, or None)."""
+    """(q and k norms spanning all heads, cut with them; why attention pruning cannot be done, or None)."""
     spanning = []
     for name, child in attention.named_children():
         if "norm" not in name.lower():
@@ -159,10 +175,7 @@ def _head_norms(attention: nn.Module, model_type: str) -> tuple[tuple[str, str] 
         return None, None
     if len(spanning) != 2:
         return None, f"{model_type}'s attention norm {spanning[0]} spans its heads: pass --no-attention"
-    return tuple(spanning), (
-        f"{model_type}'s {' and '.join(spanning)} span all heads, so removing a head renormalises the kept ones "
-        "(not the same as zeroing it): pass --no-attention (MLP pruning is exact)"
-    )
+    return tuple(spanning), None  # cut with the heads: inexact, pruned when asked (`check_attention_pruning`)
 
 
 def _mlp(layer: nn.Module, model_type: str) -> tuple[str, nn.Module]:

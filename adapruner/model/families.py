@@ -7,8 +7,9 @@ model's modeling file (`remote_code/modeling_pruned.py`, which runs without adap
 rebuilding each family's layers at their pruned sizes.
 
 Norms that ride with the heads: `q_norm`/`k_norm` over `head_dim` (Qwen3, Gemma-3) are shared by all heads and stay
-as they are; OLMo-2's span all heads (`head_norms="sliced"`) and lose the removed heads' entries — its RMS is then
-taken over the kept heads only, so removing an OLMo-2 head is not the same as zeroing it.
+as they are; OLMo-2's span all heads (`head_norms`) and lose the removed heads' entries — its RMS is then
+taken over the kept heads only, so removing an OLMo-2 head is not the same as zeroing it: its heads are pruned only
+when asked (`check_attention_pruning`, --inexact-heads).
 
 MoE families (Mixtral, Qwen3-MoE, Qwen2-MoE) keep their experts as 3-D parameters: MLP channels are cut inside every
 expert, each expert keeping its own channels and every expert of a layer the same number (the tensors stay 3-D);
@@ -111,11 +112,21 @@ def family_of(config) -> Family:
     return family
 
 
-def check_attention_pruning(config, prune_attention: bool) -> None:
-    """Refuse attention pruning in one line where the family's layout makes it inexact (`Family.attention_refusal`)."""
-    refusal = family_of(config).attention_refusal
-    if prune_attention and refusal:
-        raise AdaPrunerError(refusal)
+def check_attention_pruning(config, prune_attention: bool, inexact_heads: bool = False) -> None:
+    """Refuse attention pruning in one line where the family's layout cannot cut heads (`Family.attention_refusal`),
+    or where its q/k norms span all heads (OLMo-2, OLMo-3, OLMoE: removing a head renormalises the kept ones, so it
+    is not the same as zeroing it) unless `inexact_heads` (--inexact-heads) asks for it."""
+    if not prune_attention:
+        return
+    family = family_of(config)
+    if family.attention_refusal:
+        raise AdaPrunerError(family.attention_refusal)
+    if family.head_norms and not inexact_heads:
+        raise AdaPrunerError(
+            f"{family.model_type}'s {' and '.join(family.head_norms)} span all heads, so removing a head renormalises "
+            "the kept ones (not the same as zeroing it): pass --no-attention (MLP pruning is exact), or "
+            "--inexact-heads to prune heads anyway"
+        )
 
 
 DERIVED: dict[str, Family] = {}  # a config's JSON → the family derived from its structure, this process

@@ -13,10 +13,11 @@ class Family:
     `config_class` / `model_class`: transformers' class names; `layers`: the dotted path from the model to the decoder
     layers; `text_config`: the sizes live in `config.text_config` (multimodal Gemma-3); `qkv` / `gate_up`: the fused
     projection's name where the family fuses them (then `q, k, v` / `gate, up` are unused); `head_norms`: norms of
-    the attention whose weights span all heads and are cut with them (`q_norm`, `k_norm`); `layer_config`: the
-    attention forward reads the head count from the config (Phi-3), so each pruned layer gets a view of the config
-    with its own count; `experts`: the MLP's submodule holding every expert's weights as 3-D parameters
-    (`gate_up_proj` [E, 2I, H] with gate rows first, `down_proj` [E, H, I]), `expert_size` the config key of I."""
+    the attention whose weights span all heads and are cut with them (`q_norm`, `k_norm`; the kept heads are then
+    renormalised, so heads are pruned only when asked); `layer_config`: the attention forward reads the head count
+    from the config (Phi-3), so each pruned layer gets a view of the config with its own count; `experts`: the MLP's
+    submodule holding every expert's weights as 3-D parameters (`gate_up_proj` [E, 2I, H] with gate rows first,
+    `down_proj` [E, H, I]), `expert_size` the config key of I."""
 
     model_type: str
     config_class: str
@@ -39,7 +40,7 @@ class Family:
     experts: str | None = None
     expert_size: str = "intermediate_size"
     derived: bool = False  # read from the model's structure (`adapruner.model.derived`), not declared
-    attention_refusal: str | None = None  # why removing heads is not exact for this layout (None: it is)
+    attention_refusal: str | None = None  # why heads cannot be cut in this layout (None: they can)
 
     @property
     def attention_inputs(self) -> tuple[str, ...]:
