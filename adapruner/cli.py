@@ -21,12 +21,13 @@ from adapruner.commands.finetune import VAL_WINDOWS
 from adapruner.commands.run import RunOptions
 from adapruner.cutting.pruning import PruneOptions
 from adapruner.cutting.sequential import check_sequential
-from adapruner.data.calibration import parse_calib_spec
+from adapruner.data.calibration import DEFAULT_SEQ_LEN, parse_calib_spec
 from adapruner.devices import DEVICE_PATTERN, DTYPE_CHOICES, Placement, device_errors
 from adapruner.errors import AdaPrunerError
 from adapruner.evaluation.finetune import LoraOptions
 from adapruner.interrupts import interrupted_by, terminate_as_exit
 from adapruner.output.export import OUTTYPES
+from adapruner.output.quantize import QUANT_TYPES
 from adapruner.output.report import format_table
 from adapruner.recipes import DEFAULT_RECIPE, RECIPES, recipe, search_recipe
 from adapruner.scoring.metrics import METRIC_NAMES
@@ -412,8 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--gguf", required=True, help="the new .gguf file (per-layer widths go out as llama.cpp's deci)"
     )
     export.add_argument(
-        "--outtype", default="f32", choices=OUTTYPES, help="tensor type of the 2-D weights (norms stay f32)"
+        "--outtype",
+        default="f32",
+        choices=(*OUTTYPES, *QUANT_TYPES),
+        help="tensor type of the 2-D weights (norms stay f32); q4_k_m, q5_k_m, q6_k, … quantize with llama.cpp's "
+        "own quantizer (llama-cpp-python) and report the tensors whose widths fall back from K-quants",
     )
+    export.add_argument(
+        "--imatrix",
+        default=None,
+        help="with a quantized --outtype: weigh the rounding by the mean squared inputs of these calibration windows "
+        "(POOL:N[,POOL:N], e.g. wiki:32), as llama.cpp's imatrix does",
+    )
+    export.add_argument("--seq-len", type=WINDOW, default=DEFAULT_SEQ_LEN, help="tokens per --imatrix window")
     export.add_argument(
         "--trust-remote-code", action="store_true", help="run Python code shipped with the model (its modeling_*.py)"
     )
@@ -1042,8 +1054,11 @@ def run_export(args: argparse.Namespace) -> int:
     from adapruner.commands.export import export_model
 
     placement = Placement.of("cpu", "float32", args.trust_remote_code)
-    written = export_model(args.model, args.gguf, args.outtype, placement)
+    written = export_model(args.model, args.gguf, args.outtype, placement, args.imatrix, args.seq_len)
     print(f"wrote {written['gguf']} ({written['bytes'] / 2**20:.1f} MiB, {written['outtype']})")
+    if written["fallback_summary"]:
+        print(written["fallback_summary"])
+    print(f"wrote {written['modelfile']}: ollama create NAME -f {written['modelfile']}")
     return 0
 
 

@@ -182,10 +182,10 @@ DERIVED_MOE_KWARGS = {
 }
 
 
-def tiny_family(model_type: str, seed: int = 0):
+def tiny_family(model_type: str, seed: int = 0, **config_overrides):
     """A random 4-layer GQA model of `model_type` (4 query / 2 kv heads of 8, hidden 32, 24 MLP channels), with
     random biases and norm weights so that a wrong slice of either shows in the logits; `gemma3` is the multimodal
-    checkpoint whose language model holds the layers."""
+    checkpoint whose language model holds the layers; `config_overrides` replace config values (not for `gemma3`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -211,7 +211,7 @@ def tiny_family(model_type: str, seed: int = 0):
         )
     else:
         every = {**FAMILY_KWARGS, **MOE_KWARGS, **DERIVED_KWARGS, **DERIVED_MOE_KWARGS}
-        config = AutoConfig.for_model(model_type, **TINY_BASE, **every[model_type])
+        config = AutoConfig.for_model(model_type, **TINY_BASE, **every[model_type] | config_overrides)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
