@@ -352,12 +352,19 @@ def k_quant_model(channels: list[int]):
 
 @needs_llama_cpp
 @pytest.mark.parametrize(
-    ("channels", "outtype"), [([300, 512], "q4_k_m"), ([256, 512], "q4_k_m"), ([300, 512], "q6_k")]
+    ("channels", "outtype"),
+    [
+        ([300, 512], "q4_k_m"),
+        ([256, 512], "q4_k_m"),
+        ([300, 512], "q6_k"),
+        ([288, 512], "q6_k"),
+        ([288, 512], "q5_k_m"),
+    ],
 )
 def test_quantized_exports_run_and_report_the_widths_that_fell_back(channels, outtype, tmp_path):
     """llama.cpp's quantizer writes the file; the tensors reported as fallen back are exactly the 2-D ones whose rows
-    are not whole 256-value super-blocks (here layer 0's ffn_down at 300 channels; none at 256, as --align 256 would
-    keep it); the file loads and computes nearly transformers' logits."""
+    are not whole 256-value super-blocks (here layer 0's ffn_down at 300 channels, to F16, or 288, to Q8_0 or Q5_1;
+    none at 256, as --align 256 would keep it); the file loads and computes nearly transformers' logits."""
     from adapruner.output.quantize import SUPER_BLOCK
 
     model = k_quant_model(channels)

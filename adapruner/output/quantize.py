@@ -84,16 +84,17 @@ def _imatrix_entries(imatrix: dict[str, np.ndarray]) -> tuple:
 
 
 def fallbacks(path: Path) -> list[Fallback]:
-    """The 2-D tensors of the GGUF file `path` that are neither a K-quant nor Q8_0 (llama.cpp keeps some tensors at
-    Q8_0 by design), with their row widths."""
+    """The 2-D tensors of the GGUF file `path` that llama.cpp did not give a K-quant, with their row widths: any other
+    type, or Q8_0 on rows that are not whole super-blocks (llama.cpp keeps some whole-block tensors at Q8_0 by
+    design, and Q6_K falls back to Q8_0)."""
     import gguf
 
     reader = gguf.GGUFReader(path)
     found = []
     for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
-        if len(tensor.shape) == 2 and not kind.endswith("_K") and kind != "Q8_0":
-            found.append(Fallback(tensor.name, int(tensor.shape[0]), kind))
+        kind, width = tensor.tensor_type.name, int(tensor.shape[0])
+        if len(tensor.shape) == 2 and not kind.endswith("_K") and (kind != "Q8_0" or width % SUPER_BLOCK):
+            found.append(Fallback(tensor.name, width, kind))
     return found
 
 
