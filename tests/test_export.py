@@ -469,3 +469,15 @@ def test_an_importance_matrix_without_quantization_is_one_line(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and one_error_line(err, "--imatrix weighs llama.cpp's quantizer"), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_family_without_a_llama_cpp_architecture_is_one_line_and_nothing_written(tmp_path, capsys):
+    """A derived family (Ministral) reaches llama.cpp through no table entry: one line naming the families written."""
+    tiny_family("ministral").save_pretrained(tmp_path / "model")
+    byte_level_tokenizer().save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    code = main(["export", str(tmp_path / "model"), "--gguf", str(tmp_path / "m.gguf")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert code == 2 and last.startswith("error: GGUF export writes llama, mistral, qwen2"), last
+    assert "ministral needs a llama.cpp architecture" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
