@@ -2,18 +2,20 @@
 
 SmolLM2-135M with `best`'s choices (fluct order, loss-weighted OBS costs, query heads, every layer), statistics from
 the 256-window wiki refit pool (bench.width_search's, reused). The greedy removal curves of every module, in one run:
-  factorised    what the allocation runs: one Cholesky of the permuted H and one product per module
-                (`obs.ordered_removal`);
-  rank updates  the same steps costed by a rank update of W and H⁻¹ per step (`obs.ordered_removal_by_updates`,
-                what it ran before).
-Printed: seconds of each and their ratio, the largest relative difference between the curves, and whether the
-allocation's counts are the same at each `--targets` budget; the seconds of a whole loss allocation (curves and
-counts) at the first target. Writes bench/results/curve_cost.json.
+  factorised          what the allocation runs: one Cholesky of the permuted H and one product per module
+                      (`obs.ordered_removal`), in fp32 (`obs.CURVE_DTYPE`);
+  factorised (fp64)   the same in fp64 (what it ran before fp32);
+  rank updates        the same steps costed by a rank update of W and H⁻¹ per step, fp64
+                      (`obs.ordered_removal_by_updates`, what it ran first).
+Printed: seconds of each, the rank updates' over the fp32 factorisation's, each path's largest relative difference
+from the rank updates' curves, and whether its allocation's counts are theirs at each `--targets` budget; the seconds
+of a whole loss allocation (curves and counts, mean of the targets). Writes bench/results/curve_cost.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -31,7 +33,11 @@ from adapruner.scoring.obs import ordered_removal, ordered_removal_by_updates
 from adapruner.scoring.refit_pool import load_or_collect
 from bench.timing import device_name
 
-PATHS = {"factorised": ordered_removal, "rank updates": ordered_removal_by_updates}
+PATHS = {
+    "factorised": ordered_removal,
+    "factorised (fp64)": functools.partial(ordered_removal, dtype=torch.float64),
+    "rank updates": ordered_removal_by_updates,
+}
 
 
 def main() -> None:
@@ -64,16 +70,30 @@ def main() -> None:
         allocation_seconds = (time.perf_counter() - started) / len(targets)
         measured[name] = {"seconds": seconds, "curves": curves, "counts": counts, "allocation": allocation_seconds}
     importance_module.ordered_removal = ordered_removal
-    fast, slow = measured["factorised"], measured["rank updates"]
-    difference = max(
-        float(((fast["curves"][k] - c).abs() / c.abs().clamp_min(1e-300)).max()) for k, c in slow["curves"].items()
+    slow = measured["rank updates"]
+    difference = {
+        name: max(
+            float(((m["curves"][k] - c).abs() / c.abs().clamp_min(1e-300)).max()) for k, c in slow["curves"].items()
+        )
+        for name, m in measured.items()
+    }
+    same = {name: [a == b for a, b in zip(m["counts"], slow["counts"])] for name, m in measured.items()}
+    rows = [
+        [name, f"{m['seconds']:.2f}", f"{m['allocation']:.2f}", f"{difference[name]:.1e}", str(all(same[name]))]
+        for name, m in measured.items()
+    ]
+    headers = [
+        "curves of 60 modules",
+        "seconds",
+        "loss allocation (s, mean of targets)",
+        "vs rank updates",
+        "same counts",
+    ]
+    print(format_table(headers, rows))
+    ratio = slow["seconds"] / measured["factorised"]["seconds"]
+    print(
+        f"curves, factorised (fp32) vs rank updates: {ratio:.1f}x; same counts at {args.targets}: {same['factorised']}"
     )
-    same = [a == b for a, b in zip(fast["counts"], slow["counts"])]
-    rows = [[name, f"{m['seconds']:.2f}", f"{m['allocation']:.2f}"] for name, m in measured.items()]
-    print(format_table(["curves of 60 modules", "seconds", "loss allocation (s, mean of targets)"], rows))
-    ratio = slow["seconds"] / fast["seconds"]
-    print(f"curves, factorised vs rank updates: {ratio:.1f}x; largest relative curve difference {difference:.2e}")
-    print(f"same counts at {', '.join(f'{t:g}' for t in targets)}: {same}")
     result = {
         "machine": device_name(torch.device("cpu")),
         "threads": torch.get_num_threads(),

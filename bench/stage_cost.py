@@ -8,19 +8,20 @@ search's window counts; on the tinyllama-1b shape (random weights, seeded random
                     prunable linear its hooks form dY·W and every window's gradient dYₛᵀXₛ (X·Wᵀ is the forward's
                     own output, kept): two GEMMs of the forward's size more;
   refit pool        one forward over the refit windows, the output projections' Grams summed (2·in²·T);
-  output Fisher     one forward+backward over its first 64 windows;
+  output Fisher     over its first 64 windows, a forward recording each layer's input, then layer by layer from the
+                    top a forward again and its backward (`collect.layer_gradients`): two forwards and a backward;
   trial (uniform)   act scores, the uniform counts, the lsq refit (a solve per output projection), the validation
                     forward of the pruned model over 16 windows;
   trial (loss)      fluct scores, the loss allocation's curves (per output projection a Cholesky, n³/3, and one
-                    product, 2·out·n², in fp64), then as above;
+                    product, 2·out·n², in fp32), then as above;
   prune + save      the loss trial's plan cut from a copy and saved.
-Model: FLOPs / this machine's GEMM rate in the stage's dtype; bytes / its copy bandwidth (the model read and written
-twice) plus its sustained file write rate (all measured in the run, `rates`). A forward
-over T tokens costs 2·(linear weights)·T + 2·hidden·vocab·T + 4·T·S·hidden per layer (attention over windows of S
-tokens), a backward twice that. Printed per stage: measured and modelled seconds, their ratio, and the peak RSS
-growth over the RSS before the stage (heap freed earlier is reused). Then the same model projected to the
-Llama-3.1-8B and -70B shapes on one H100 (989 TFLOP/s bf16, 67 TFLOP/s fp32 and fp64, 3.35 TB/s at `--efficiency` of
-peak; 2 GB/s to disk): a 30-trial search of distinct trials (a third `loss`), and the default space's distinct
+Model: FLOPs / this machine's GEMM rate in the stage's dtype; bytes / its copy rate into fresh memory (the model
+read and written twice, page faults included) plus its sustained file write rate (all measured in the run, `rates`).
+A forward over T tokens costs 2·(linear weights)·T + 2·hidden·vocab·T + 4·T·S·hidden per layer (attention over
+windows of S tokens), a backward twice that. Printed per stage: measured and modelled seconds, their ratio, and the
+peak RSS growth over the RSS before the stage (heap freed earlier is reused). Then the same model projected to the
+Llama-3.1-8B and -70B shapes on one H100 (989 TFLOP/s bf16 and 67 TFLOP/s fp32 at `--efficiency` of peak, 3.35 TB/s;
+2 GB/s to disk): a 30-trial search of distinct trials (a third `loss`), and the default space's distinct
 configurations (`distinct_trials`: what a default search of any length runs). Writes
 bench/results/stage_cost.json.
 """
@@ -59,7 +60,9 @@ from bench.timing import device_name
 
 SEQ_LEN = 128
 DISK_PROBE_BYTES = 2**30
-H100 = {"bf16": 989e12, "fp32": 67e12, "fp64": 67e12, "bandwidth": 3.35e12, "disk": 2e9}  # disk: an NVMe SSD
+# fresh: HBM bandwidth (torch's caching allocator hands out device memory already mapped); disk: an NVMe SSD
+H100 = {"bf16": 989e12, "fp32": 67e12, "fresh": 3.35e12, "disk": 2e9}
+FLOP_RATES = ("bf16", "fp32")  # the rates `--efficiency` scales
 PROJECTED = {"llama-3.1-8b": (4096, 32, 32, 8, 14336, 128256), "llama-3.1-70b": (8192, 80, 64, 8, 28672, 128256)}
 
 
@@ -136,8 +139,8 @@ def shape_of(model) -> Shape:
 def stage_work(
     shape: Shape, element: int, windows: Windows = SEARCH_WINDOWS, removed: float = 0.2
 ) -> dict[str, dict[str, float]]:
-    """Work per stage by where it runs: FLOPs in the model's dtype ("model"), in fp32 (the hooks' and solves' own
-    arithmetic), in fp64 (the loss curves); bytes moved in memory ("memory") and written to a file ("file"), for
+    """Work per stage by where it runs: FLOPs in the model's dtype ("model"), in fp32 (the hooks', solves' and loss
+    curves' own arithmetic); bytes copied into fresh memory ("fresh") and written to a file ("file"), for
     weights of `element` bytes."""
     grams = sum(2 * n * n for _out, n in shape.outputs()) * windows.refit * SEQ_LEN
     kept = 1 - removed
@@ -149,11 +152,11 @@ def stage_work(
     return {
         "activation cache": {"model": 3 * shape.forward(windows.pool), "fp32": 2 * shape.linear_forward(windows.pool)},
         "refit pool": {"model": shape.forward(windows.refit), "fp32": grams},
-        "output Fisher": {"model": 3 * shape.forward(windows.fisher)},
+        "output Fisher": {"model": 4 * shape.forward(windows.fisher)},
         "trial (uniform)": trial,
-        "trial (loss)": trial | {"fp64": curves},
-        "prune + save": {  # the dense model copied, the pruned one cut from it, its file written
-            "memory": 2 * shape.model_bytes(element) + 2 * shape.model_bytes(element, kept),
+        "trial (loss)": trial | {"fp32": solves + curves},
+        "prune + save": {  # the dense model copied, the pruned one cut from it (both into fresh memory), its file
+            "fresh": 2 * shape.model_bytes(element) + 2 * shape.model_bytes(element, kept),
             "file": shape.model_bytes(element, kept),
         },
     }
@@ -172,26 +175,25 @@ def distinct_trials(recipe_name: str = "best") -> tuple[int, int]:
 
 
 def rates() -> dict[str, float]:
-    """This machine's GEMM FLOP/s in fp32 and fp64 (1024 × 1536 @ 1536², the best of 5 rounds), its copy bandwidth and
-    its sustained file write rate ("disk": 1 GiB written and synced; a small write only fills the page cache), in
-    bytes/s, measured now (before and after the stages: the higher of the two)."""
+    """This machine's GEMM FLOP/s in fp32 (1024 × 1536 @ 1536², the best of 5 rounds), its copy rate into a fresh
+    allocation ("fresh": each 128 MiB copy into a new tensor, whose pages fault in on first touch, as a model copy's
+    and a cut's do) and its sustained file write rate ("disk": 1 GiB written and synced; a small write only fills
+    the page cache), in bytes/s, measured now (before and after the stages: the higher of the two)."""
     measured = {}
-    for name, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
-        a, b = torch.randn(1024, 1536, dtype=dtype), torch.randn(1536, 1536, dtype=dtype)
-        a @ b
-        best = float("inf")
-        for _ in range(5):  # the best of 5 rounds: this machine is shared and noisy
-            started = time.perf_counter()
-            for _ in range(10):
-                a @ b
-            best = min(best, time.perf_counter() - started)
-        measured[name] = 10 * 2 * 1024 * 1536 * 1536 / best
-    data, target = torch.randn(32 * 2**20), torch.empty(32 * 2**20)
-    target.copy_(data)
+    a, b = torch.randn(1024, 1536), torch.randn(1536, 1536)
+    a @ b
+    best = float("inf")
+    for _ in range(5):  # the best of 5 rounds: this machine is shared and noisy
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = min(best, time.perf_counter() - started)
+    measured["fp32"] = 10 * 2 * 1024 * 1536 * 1536 / best
+    data = torch.randn(32 * 2**20)
     started = time.perf_counter()
     for _ in range(5):
-        target.copy_(data)
-    measured["bandwidth"] = 5 * 2 * data.numel() * 4 / (time.perf_counter() - started)
+        torch.empty_like(data).copy_(data)  # 128 MiB: above malloc's mmap threshold, so new pages every time
+    measured["fresh"] = 5 * 2 * data.numel() * 4 / (time.perf_counter() - started)
     payload = data.numpy().tobytes()
     with tempfile.NamedTemporaryFile() as file:  # 1 GiB, synced: the sustained rate a model-sized save meets
         started = time.perf_counter()
@@ -204,9 +206,9 @@ def rates() -> dict[str, float]:
 
 
 def modelled(work: dict[str, float], rate: dict[str, float], model_dtype: str) -> float:
-    """Seconds of `work` (`stage_work`) at `rate`s: FLOPs in the model's dtype at `rate[model_dtype]`, bytes moved in
-    memory at the copy bandwidth, bytes written to a file at the disk rate."""
-    kinds = {"model": model_dtype, "memory": "bandwidth", "file": "disk"}
+    """Seconds of `work` (`stage_work`) at `rate`s: FLOPs in the model's dtype at `rate[model_dtype]`, bytes copied
+    into fresh memory at the fresh-copy rate, bytes written to a file at the disk rate."""
+    kinds = {"model": model_dtype, "file": "disk"}
     return sum(amount / rate[kinds.get(kind, kind)] for kind, amount in work.items())
 
 
@@ -298,6 +300,8 @@ def main() -> None:
     if args.remodel:
         run = json.loads(out.read_text())
         rate = run["rates"]
+        if "fresh" not in rate:
+            raise SystemExit(f"{out} predates the fresh-copy rate: run it again without --remodel")
         shape = shape_of(load_shapes("smollm2")) if args.shape == "smollm2" else Shape(*RANDOM_SHAPES[args.shape])
         measured = {name: (stage["seconds"], stage["peak_rss_gib"]) for name, stage in run["stages"].items()}
     else:
@@ -318,7 +322,7 @@ def main() -> None:
     projections = {}
     for name, dims in PROJECTED.items():
         big = Shape(*dims)
-        h100 = {k: v * (args.efficiency if k not in ("bandwidth", "disk") else 1) for k, v in H100.items()}
+        h100 = {k: v * (args.efficiency if k in FLOP_RATES else 1) for k, v in H100.items()}
         seconds = {stage: modelled(units, h100, "bf16") for stage, units in stage_work(big, 2).items()}
         once = sum(seconds[s] for s in ("activation cache", "refit pool", "output Fisher"))
         search = once + 20 * seconds["trial (uniform)"] + 10 * seconds["trial (loss)"]

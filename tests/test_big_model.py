@@ -482,3 +482,22 @@ def test_a_tied_model_offloaded_whole_counts_and_digests_as_the_plain_one(tmp_pa
         torch.testing.assert_close(spread_model(input_ids=torch.tensor([[1, 2, 3]])).logits, expected)
     assert count_params(spread_model) == count_params(plain) == sum(p.numel() for p in plain.parameters())
     assert model_digest(spread_model, tokenizer) == model_digest(plain, tokenizer)
+
+
+def test_the_layer_by_layer_output_fisher_of_a_spread_model_is_the_plain_one(model_dir, tmp_path):
+    """`collect_output_fisher` runs each layer twice (a recording forward, then with autograd): on a model whose
+    layers 1-2 and head sit on disk it gives the plain model's output Fisher."""
+    from adapruner.model.structure import output_projections
+    from adapruner.scoring.collect import collect_output_fisher
+
+    ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(6))
+    plain, spread_model = load_model(str(model_dir))[0], spread(model_dir, tmp_path)
+    assert is_offloaded(dict(spread_model.named_modules())["model.layers.1.self_attn.o_proj"])
+    fishers = [
+        collect_output_fisher(model, output_projections(model, range(4)), ids, progress=False, batch_size=2)
+        for model in (plain, spread_model)
+    ]
+    assert fishers[0].keys() == fishers[1].keys() and len(fishers[0]) == 8
+    for name, fisher in fishers[0].items():
+        assert fisher.abs().sum() > 0
+        torch.testing.assert_close(fishers[1][name], fisher, rtol=1e-5, atol=1e-9)

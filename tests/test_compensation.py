@@ -58,6 +58,25 @@ def test_lsq_with_vanishing_damping_is_least_squares_with_an_intercept(device):
     torch.testing.assert_close(w_damped, w[:, kept], atol=2e-3, rtol=0)
 
 
+def test_lsq_solves_a_covariance_that_cancellation_made_indefinite(device):
+    """Σ = C − μμᵀ formed in fp32 can come out indefinite where the inputs' spread is below fp32's resolution of
+    their mean: the damped Σ_KK then has no Cholesky factor, and the refit is the general solve's (its formula)."""
+    _x, w, b = layer_inputs(device)
+    mean = torch.full((12,), 2.0, device=device)
+    spread = torch.diag(torch.linspace(-1.0, 1.0, 12, device=device))  # an indefinite Σ, as cancellation leaves it
+    moments = InputMoments(mean, mean.square(), spread + torch.outer(mean, mean))
+    kept = torch.tensor([0, 1, 2, 9, 10, 11], device=device)
+    w_kept, b_new = compensated(w, b, kept, moments, "lsq", damp=0.3)
+    cov = moments.covariance
+    damped = cov[kept][:, kept] + 0.3 * cov[kept][:, kept].diagonal().mean() * torch.eye(6, device=device)
+    assert torch.linalg.cholesky_ex(damped).info != 0
+    expected = torch.linalg.solve(
+        damped, (w @ cov[:, kept] + 0.3 * cov[kept][:, kept].diagonal().mean() * w[:, kept]).t()
+    ).t()
+    torch.testing.assert_close(w_kept, expected)
+    torch.testing.assert_close(b_new, b + w @ mean - expected @ mean[kept])
+
+
 def test_lsq_beats_bias_beats_nothing_on_the_calibration_tokens(device):
     x, w, b = layer_inputs(device, seed=3)
     kept = torch.tensor([0, 1, 5, 6, 7, 10], device=device)

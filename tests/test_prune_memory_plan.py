@@ -46,10 +46,12 @@ def test_activation_bytes_by_hand():
     model = tiny_llama(n_kv=2)
     hidden, query, kv, width, heads, layers, vocab, tokens = 48, 32, 16, 24, 4, 3, 97, 128
     forward = tokens * (2 * hidden + query + 2 * kv + 3 * width) * 4 + 8 * tokens * vocab
-    backward = layers * tokens * (4 * hidden + 3 * query + 3 * kv + 5 * width + 2 * heads * 16) * 4
-    backward += 12 * tokens * vocab
-    assert activation_bytes(model, 8, 16, 4, backward=False) == forward
-    assert activation_bytes(model, 8, 16, 4, backward=True) == backward
+    saved = tokens * (4 * hidden + 3 * query + 3 * kv + 5 * width + 2 * heads * 16) * 4  # one layer's, for autograd
+    whole = layers * saved + 12 * tokens * vocab
+    layered = layers * tokens * hidden * 4 + saved + 12 * tokens * vocab  # every layer's input, one layer's tensors
+    assert activation_bytes(model, 8, 16, 4, backward=None) == forward
+    assert activation_bytes(model, 8, 16, 4, backward="whole") == whole
+    assert activation_bytes(model, 8, 16, 4, backward="layered") == layered
 
 
 def test_prune_memory_plan_prints_and_writes_nothing(tmp_path, capsys):

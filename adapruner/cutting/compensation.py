@@ -67,13 +67,22 @@ def compensated(
     lam = damp * cov_kk.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
     eye = torch.eye(kept.numel(), device=w.device)
     rhs = w @ cov[:, kept] + lam * w[:, kept]  # out × K
+    w_kept = _solve_symmetric(cov_kk + lam * eye, rhs.t(), damp).t()  # symmetric: (A⁻¹ rhsᵀ)ᵀ = rhs A⁻¹
+    return w_kept, b + w @ mu - w_kept @ mu[kept]
+
+
+def _solve_symmetric(matrix: torch.Tensor, rhs: torch.Tensor, damp: float) -> torch.Tensor:
+    """matrix⁻¹ rhs for the damped Σ_KK: by Cholesky (half an LU's work); by LU where Σ, formed as C − μμᵀ in fp32,
+    lost its positive definiteness to cancellation (inputs whose spread is below fp32's resolution of their mean)."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
     try:
-        w_kept = torch.linalg.solve(cov_kk + lam * eye, rhs.t()).t()  # Σ_KK symmetric: (A⁻¹ rhsᵀ)ᵀ = rhs A⁻¹
+        return torch.linalg.solve(matrix, rhs)
     except torch.linalg.LinAlgError:
         raise AdaPrunerError(
             f"the damped input covariance is singular at --damp {damp}: raise --damp or use more calibration windows"
         ) from None
-    return w_kept, b + w @ mu - w_kept @ mu[kept]
 
 
 def output_linears(model: nn.Module, plan: PrunePlan) -> dict[str, tuple[nn.Linear, torch.Tensor]]:

@@ -11,10 +11,11 @@ query width q, kv width k, query heads H and vocabulary V:
   statistics  fp32 input moments 8·in of every output projection (+ its Gram 4·in² for `obs`, `error`/`loss` and
               an lsq refit on these windows), fp32 gradient statistics 4·out·in per prunable linear for each of grad
               and fisher the metric reads, and one batch's activations: a forward holds one layer's
-              T·(2h + q + 2k + 3m)·e and the fp32 logits twice, 8·T·V; a backward holds every layer's saved
-              tensors T·(4h + 3q + 3k + 5m + 2·H·S)·e (norms' inputs and outputs, q/k/v before and after the
-              rotation, the attention's output and probabilities, the MLP's four products) and the logits three
-              times, 12·T·V;
+              T·(2h + q + 2k + 3m)·e and the fp32 logits twice, 8·T·V; a gradient metric's backward holds every
+              layer's saved tensors T·(4h + 3q + 3k + 5m + 2·H·S)·e (norms' inputs and outputs, q/k/v before and
+              after the rotation, the attention's output and probabilities, the MLP's four products) and the logits
+              three times, 12·T·V; the `loss` allocation's output Fisher goes down one layer at a time
+              (`collect.layer_gradients`): every layer's input T·h·e, one layer's saved tensors and the logits;
   allocation  the statistics still held and the error curves of the largest output projection (fp64: H, its
               Cholesky, out × in products);
   refit       the Grams of every output projection 4·in² (+ moments), and the refit weights, at most 4·out·in each;
@@ -40,6 +41,7 @@ from adapruner.output.report import format_table
 from adapruner.scoring.importance import needs
 from adapruner.searching.memory_plan import GIB
 
+PASS_KINDS = {None: "forward", "whole": "forward+backward", "layered": "forward+backward, one layer at a time"}
 CALIBRATION_BATCH = 8  # windows per pass (`collect_stats`, `collect_input_moments`, `collect_output_fisher`)
 
 
@@ -87,7 +89,7 @@ def prune_memory_plan(
     moments = 8 * sum(linear.in_features for linear in outputs.values())
     grams = 4 * sum(linear.in_features**2 for linear in outputs.values())
     gradients = len({"grad", "fisher"} & required) * 4 * weight_count(linears)
-    backward = bool({"grad", "fisher"} & required) or rule.output_fisher
+    backward = "whole" if {"grad", "fisher"} & required else "layered" if rule.output_fisher else None
     refit_apart = options.refit_calib is not None and spec.compensation != "none"  # its own windows, its own pass
     gram_in_statistics = "act_cov" in required or rule.refit_error or (spec.compensation == "lsq" and not refit_apart)
     passes = activation_bytes(model, CALIBRATION_BATCH, options.seq_len, element, backward)
@@ -97,7 +99,7 @@ def prune_memory_plan(
             "statistics",
             moments + (grams if gram_in_statistics else 0) + gradients + passes,
             f"input moments{' and Grams' if gram_in_statistics else ''}{', gradient statistics' if gradients else ''}"
-            f", one batch's activations ({'forward+backward' if backward else 'forward'})",
+            f", one batch's activations ({PASS_KINDS[backward]})",
         ),
     ]
     if rule.refit_error:
@@ -107,7 +109,7 @@ def prune_memory_plan(
         phases.append(Phase("allocation", grams + gradients + curves, "the statistics and one module's fp64 curves"))
     if spec.compensation != "none":
         refit = 4 * weight_count(outputs)
-        pass_bytes = activation_bytes(model, CALIBRATION_BATCH, options.seq_len, element, False) if refit_apart else 0
+        pass_bytes = activation_bytes(model, CALIBRATION_BATCH, options.seq_len, element, None) if refit_apart else 0
         phases.append(
             Phase("refit", moments + grams + refit + pass_bytes, "the Grams and the refit weights (fp32, at most)")
         )
@@ -121,13 +123,17 @@ def weight_count(linears: dict[str, nn.Linear]) -> int:
     return sum(linear.out_features * linear.in_features for linear in linears.values())
 
 
-def activation_bytes(model: nn.Module, windows: int, seq_len: int, element: int, backward: bool) -> int:
-    """What one pass over `windows` windows of `seq_len` tokens holds at its peak (the module docstring's forms)."""
+def activation_bytes(model: nn.Module, windows: int, seq_len: int, element: int, backward: str | None) -> int:
+    """What one pass over `windows` windows of `seq_len` tokens holds at its peak (the module docstring's forms):
+    a forward (`backward` None), or a forward+backward through every layer at once ("whole") or one layer at a time
+    ("layered")."""
     info = layer_info(model, 0)
     hidden, heads = model.config.get_text_config().hidden_size, info.n_heads
     query, kv, width = heads * info.head_dim, info.n_kv_heads * info.head_dim, info.intermediate
     tokens, vocab = windows * seq_len, model.get_output_embeddings().out_features
-    if backward:
-        per_layer = tokens * (4 * hidden + 3 * query + 3 * kv + 5 * width + 2 * heads * seq_len) * element
+    per_layer = tokens * (4 * hidden + 3 * query + 3 * kv + 5 * width + 2 * heads * seq_len) * element
+    if backward == "whole":
         return len(decoder_layers(model)) * per_layer + 12 * tokens * vocab
+    if backward == "layered":
+        return len(decoder_layers(model)) * tokens * hidden * element + per_layer + 12 * tokens * vocab
     return tokens * (2 * hidden + query + 2 * kv + 3 * width) * element + 8 * tokens * vocab

@@ -115,7 +115,7 @@ def collect_layer_moments(
 def sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-sample mean next-token cross-entropy, shape (batch,); `input_ids` move to the model's device."""
     input_ids = input_ids.to(model_device(model))
-    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
     targets = input_ids[:, 1:]
     token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return token_loss.view(targets.shape).mean(1)
@@ -193,17 +193,88 @@ def collect_output_fisher(
 ) -> dict[str, torch.Tensor]:
     """The output Fisher f (out,) of every listed linear (module docstring): the diagonal of E[(∂L/∂y)(∂L/∂y)ᵀ] that
     turns an output error δ into the loss increase it costs to second order, ½ Σ_r f_r δ_r² (the `loss` allocation).
-    One forward+backward per batch; no weight gradient is formed."""
+    The backward goes one decoder layer at a time (`layer_gradients`), so a batch holds one layer's activations and
+    every layer's input, not every layer's activations; no weight gradient is formed."""
     sums = {name: torch.zeros(linear.out_features, device=execution_device(linear)) for name, linear in linears.items()}
 
-    def on_grad(name: str, dy: torch.Tensor) -> None:
-        sums[name].add_(dy.square().sum(0))
+    def on_output(name: str, out_features: int):
+        def add(grad: torch.Tensor) -> None:
+            sums[name].add_(grad.detach().float().reshape(-1, out_features).square().sum(0))
 
-    with linear_io(model, linears, lambda _name, _x: None, on_grad):
-        bar = "output fisher" if progress else None
-        for _start, batch in window_batches(input_ids, batch_size, model_device(model), bar):
-            sample_loss(model, batch).sum().backward()
+        def hook(_module, _args, output):
+            if output.requires_grad:  # the layer's run with autograd, not the recording forward
+                output.register_hook(add)
+
+        return hook
+
+    handles = [linear.register_forward_hook(on_output(name, linear.out_features)) for name, linear in linears.items()]
+    try:
+        with only_these_require_grad(model, ()), reload_offloaded_in_backward(model):
+            bar = "output fisher" if progress else None
+            for _start, batch in window_batches(input_ids, batch_size, model_device(model), bar):
+                layer_gradients(model, batch, lowest_layer(model, linears.values()))
+    finally:
+        for handle in handles:
+            handle.remove()
     return {name: total / input_ids.shape[0] for name, total in sums.items()}
+
+
+def lowest_layer(model: nn.Module, modules: Collection[nn.Module]) -> int:
+    """The index of the first decoder layer holding one of `modules`."""
+    wanted = {id(module) for module in modules}
+    return next(i for i, block in enumerate(decoder_layers(model)) if any(id(m) in wanted for m in block.modules()))
+
+
+def layer_gradients(model: nn.Module, input_ids: torch.Tensor, down_to: int = 0) -> None:
+    """The backward of Σ_s L_s (`sample_loss`) over `input_ids`, one decoder layer at a time, down to layer
+    `down_to`: a forward without autograd in the layers records each layer's input (the head after the last layer
+    runs with it), the head's backward gives ∂L/∂h at the last layer's output, and each layer, run again from its
+    recorded input, passes ∂L/∂h to the one before (gradient checkpointing at layer boundaries). Hooks on the layers'
+    modules see one forward without and one with autograd per layer; no parameter's gradient is touched."""
+    blocks = decoder_layers(model)
+    last = len(blocks) - 1
+    recorded: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
+    head_input: list[torch.Tensor] = []
+
+    def enter(index: int):
+        def record(_module, args, kwargs):
+            torch.set_grad_enabled(False)
+            kwargs = dict(kwargs)
+            states, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+            if index >= down_to:
+                recorded[index] = (states.detach(), rest, kwargs)
+
+        return record
+
+    def leave(index: int):
+        def done(_module, _args, _kwargs, output):
+            torch.set_grad_enabled(True)
+            if index == last:  # the head's input: a leaf whose gradient starts the walk down
+                head_input.append(_first(output).detach().requires_grad_())
+                return _with_first(output, head_input[0])
+            return None
+
+        return done
+
+    handles = [block.register_forward_pre_hook(enter(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    handles += [block.register_forward_hook(leave(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        with torch.enable_grad():
+            loss = sample_loss(model, input_ids).sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    (grad,) = torch.autograd.grad(loss, head_input)
+    with torch.enable_grad():
+        for index in range(last, down_to - 1, -1):
+            states, args, kwargs = recorded.pop(index)
+            states.requires_grad_()
+            (grad,) = torch.autograd.grad(_first(blocks[index](states, *args, **kwargs)), states, grad)
+
+
+def _with_first(output, first: torch.Tensor):
+    """A decoder layer's output with its hidden states replaced by `first`."""
+    return (first, *output[1:]) if isinstance(output, tuple) else first
 
 
 @contextmanager

@@ -16,7 +16,8 @@ Where another metric fixes the order (`priority`), the costs need no rank update
 columns permuted into removal order (kept ones last), P H Pᵀ = Ũ Ũᵀ with Ũ upper triangular (the Cholesky factor of
 the reversed matrix, reversed), so P H⁻¹ Pᵀ = Uᵀ U with U = Ũ⁻¹ — the factor GPTQ's updates walk — and the refit
 errors E = W Pᵀ U⁻¹ = W Pᵀ Ũ give every step's cost as ‖E_B‖²_F of its columns (and tr(W H Wᵀ) = ‖E‖²_F): one
-Cholesky and one product per module instead of a rank update per step.
+Cholesky and one product per module instead of a rank update per step, in fp32 (`CURVE_DTYPE`: the damped H is well
+conditioned — SmolLM2's curves agree with fp64's within 2e-7 relative, docs/results.md — at twice the speed).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from adapruner.errors import AdaPrunerError
 
+CURVE_DTYPE = torch.float32  # `ordered_removal`'s factorisation and product
 GREEDY_STEPS = 128  # a module's units go in steps of n/128 (SlimGPT's batched greedy; 1 at ≤ 255 units)
 
 
@@ -80,19 +82,21 @@ def inverse_hessian(covariance: torch.Tensor, damp: float) -> torch.Tensor:
     return (vectors / (values.clamp_min(0) + lam)) @ vectors.t()
 
 
-def cholesky_of_hessian(covariance: torch.Tensor, damp: float, order: torch.Tensor) -> torch.Tensor:
-    """The lower Cholesky factor of H = Σ + λI (fp64) with rows and columns taken in `order`; Σ projected onto the
-    PSD cone first where Cholesky fails (as `inverse_hessian` does)."""
-    cov = covariance.double()
-    lam = damping(cov, damp)
-    hessian = cov[order[:, None], order]
-    hessian.diagonal().add_(lam)
+def cholesky_of_hessian(
+    covariance: torch.Tensor, damp: float, order: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """The lower Cholesky factor of H = Σ + λI (in `dtype`) with rows and columns taken in `order`; Σ projected onto
+    the PSD cone first (in fp64) where Cholesky fails (as `inverse_hessian` does)."""
+    lam = damping(covariance, damp)
+    hessian = covariance.to(dtype).index_select(0, order).index_select(1, order)
+    hessian.diagonal().add_(lam.to(dtype))
     factor, info = torch.linalg.cholesky_ex(hessian)
     if int(info) == 0:
         return factor
+    cov = covariance.double()
     values, vectors = torch.linalg.eigh((cov + cov.t()) / 2)
     projected = (vectors * (values.clamp_min(0) + lam)) @ vectors.t()
-    return torch.linalg.cholesky(((projected + projected.t()) / 2)[order[:, None], order])
+    return torch.linalg.cholesky(((projected + projected.t()) / 2)[order[:, None], order].to(dtype))
 
 
 def unit_costs(weight: torch.Tensor, hinv: torch.Tensor, block: int, alive: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,16 +154,18 @@ def ordered_removal(
     block: int,
     removing: tuple[int, int, int],
     priority: torch.Tensor,
+    dtype: torch.dtype = CURVE_DTYPE,
 ) -> Removal:
     """`greedy_removal` in the fixed order of `priority` (lower goes first), `removing` = (n_remove, batch, groups)
-    as there: the same steps, each costed from one factorisation (module docstring); its `energy` is tr(W H Wᵀ)."""
+    as there: the same steps, each costed from one factorisation in `dtype` (module docstring), the costs summed in
+    fp64; its `energy` is tr(W H Wᵀ)."""
     n_remove, batch, groups = removing
     n = weight.shape[1] // block
     if n_remove * (groups if groups > 1 else 1) > n:
         raise AdaPrunerError(f"cannot remove {n_remove} of {n} units")
     alive = torch.ones(n, dtype=torch.bool, device=weight.device)
     removal = Removal([], [], n)
-    left = n_remove
+    left, priority = n_remove, priority.double().to(weight.device)
     while left > 0:
         chosen = _step(_masked(priority, alive), groups, batch, left)
         left -= 1 if groups > 1 else len(chosen)
@@ -170,9 +176,9 @@ def ordered_removal(
         torch.tensor(units, device=weight.device)[:, None] * block + torch.arange(block, device=weight.device)
     ).flatten()
     reversed_order = order.flip(0)
-    factor = cholesky_of_hessian(covariance, damp, reversed_order).flip(0, 1)  # Ũ: P H Pᵀ = Ũ Ũᵀ
-    errors = weight.detach().double()[:, order] @ factor  # E = W Pᵀ Ũ
-    column_costs = errors.square().sum(0).view(n, block).sum(1)  # per unit, in removal order
+    factor = cholesky_of_hessian(covariance, damp, reversed_order, dtype).flip(0, 1)  # Ũ: P H Pᵀ = Ũ Ũᵀ
+    errors = weight.detach().to(dtype).index_select(1, order) @ factor  # E = W Pᵀ Ũ
+    column_costs = errors.square().sum(0).double().view(n, block).sum(1)  # per unit, in removal order
     costs = torch.split(column_costs[: sum(len(step) for step in removal.steps)], [len(s) for s in removal.steps])
     removal.costs = [float(c.sum()) for c in costs]
     removal.energy = float(column_costs.sum())
@@ -204,4 +210,4 @@ def _step(scores: torch.Tensor, groups: int, batch: int, left: int) -> list[int]
 
 
 def _masked(priority: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    return priority.double().to(alive.device).masked_fill(~alive, float("inf"))
+    return priority.to(alive.device, torch.float64).masked_fill(~alive, float("inf"))
