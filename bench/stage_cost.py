@@ -144,8 +144,8 @@ def stage_work(
     weights of `element` bytes."""
     grams = sum(2 * n * n for _out, n in shape.outputs()) * windows.refit * SEQ_LEN
     kept = 1 - removed
-    solves = sum(
-        2 * out * n * kept * n + 2 / 3 * (kept * n) ** 3 + 2 * (kept * n) ** 2 * out for out, n in shape.outputs()
+    solves = sum(  # W_R Σ_RK, the Cholesky of Σ_KK + λI, two triangular solves (`compensation.compensated`)
+        2 * out * removed * n * kept * n + (kept * n) ** 3 / 3 + 2 * (kept * n) ** 2 * out for out, n in shape.outputs()
     )
     curves = sum(n**3 / 3 + 2 * out * n * n for out, n in shape.outputs())
     trial = {"model": shape.forward(windows.val, kept), "fp32": solves}

@@ -176,3 +176,12 @@ def test_an_indefinite_covariance_is_projected_before_the_factorisation():
             rtol=rtol,
             atol=0,
         )
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 37])
+def test_the_blocked_upper_product_is_the_product(n):
+    from adapruner.scoring.obs import upper_product
+
+    g = torch.Generator().manual_seed(n)
+    matrix, upper = torch.randn(7, n, generator=g), torch.randn(n, n, generator=g).triu()
+    torch.testing.assert_close(upper_product(matrix, upper), matrix @ upper)

@@ -249,10 +249,11 @@ def error_counts(
         price[(index, "attn")], price[(index, "mlp")] = attention, channel
     counts = {key: 0 for key in curves}
     finest = min((price[key] for key in curves), default=0)
+    values = {key: curve.tolist() for key, curve in curves.items()}  # Python floats: the loop below runs per unit
 
     def next_cost(key: tuple[int, str]) -> float:
-        k, curve = counts[key], curves[key]
-        return (float(curve[k + 1] - curve[k]) / price[key], key[0], key[1]) if k + 1 < len(curve) else None
+        k, curve = counts[key], values[key]
+        return ((curve[k + 1] - curve[k]) / price[key], key[0], key[1]) if k + 1 < len(curve) else None
 
     removed = 0
     heap = [(cost, key) for key in curves if (cost := next_cost(key)) is not None]

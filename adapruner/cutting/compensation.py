@@ -3,7 +3,8 @@
 For a linear y = W x + b whose input channels R are removed and K kept, with calibration inputs X (T × in),
 mean μ = mean_t x_t, Gram C = XᵀX / T and covariance Σ = C − μμᵀ:
     bias  b' = b + W[:, R] μ_R                     the removed channels' mean contribution (exact in expectation)
-    lsq   W'_K = (W Σ[:, K] + λ W[:, K]) (Σ[K, K] + λ I)⁻¹,   λ = damp · mean diag Σ[K, K]
+    lsq   W'_K = (W Σ[:, K] + λ W[:, K]) (Σ[K, K] + λ I)⁻¹ = W[:, K] + W[:, R] Σ[R, K] (Σ[K, K] + λ I)⁻¹,
+          λ = damp · mean diag Σ[K, K]
           b'   = b + W μ − W'_K μ_K
           the minimiser of mean_t ‖(W x_t + b) − (W'_K x_t,K + b')‖² + λ ‖W'_K − W[:, K]‖²: the kept columns
           reproduce the dense output as well as an affine map of x_K can, damped toward the trained weights
@@ -47,11 +48,11 @@ def compensated(
     b = torch.zeros(w.shape[0], device=w.device) if bias is None else bias.detach().float()
     mu = moments.mean.to(w.device).float()
     kept = kept.to(w.device)
+    removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    removed[kept] = False
     if mode == "none":
         return w[:, kept], b
     if mode == "bias":
-        removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-        removed[kept] = False
         return w[:, kept], b + w[:, removed] @ mu[removed]
     if moments.gram is None:
         raise AdaPrunerError(
@@ -65,9 +66,10 @@ def compensated(
     cov = moments.covariance.to(w.device).float()
     cov_kk = cov[kept][:, kept]
     lam = damp * cov_kk.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
-    eye = torch.eye(kept.numel(), device=w.device)
-    rhs = w @ cov[:, kept] + lam * w[:, kept]  # out × K
-    w_kept = _solve_symmetric(cov_kk + lam * eye, rhs.t(), damp).t()  # symmetric: (A⁻¹ rhsᵀ)ᵀ = rhs A⁻¹
+    damped = cov_kk + lam * torch.eye(kept.numel(), device=w.device)  # A = Σ_KK + λI
+    # (W Σ_:K + λ W_K) A⁻¹ = (W_K A + W_R Σ_RK) A⁻¹ = W_K + W_R Σ_RK A⁻¹: only the removed columns' product is formed
+    moved = w[:, removed] @ cov[removed][:, kept]  # out × K
+    w_kept = w[:, kept] + _solve_symmetric(damped, moved.t(), damp).t()  # A symmetric: (A⁻¹ Mᵀ)ᵀ = M A⁻¹
     return w_kept, b + w @ mu - w_kept @ mu[kept]
 
 
