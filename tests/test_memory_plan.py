@@ -178,3 +178,35 @@ def test_the_refit_pool_stays_on_the_device_only_beside_room_for_the_trials():
     assert refit_placement(weights, pool, device, device_map="auto") == "host"
     weights, pool = shape(8192, 28672, 80, 64)
     assert 260 * GIB < pool < 270 * GIB and refit_placement(weights, pool, device) == "host"
+
+
+def test_a_widths_search_plans_its_layer_variants_in_host_memory(tmp_path, capsys):
+    """`--structure widths` plans no activation cache and a layer-variant store of at least two structures' worth
+    (every output projection's fp32 refit at its dense width, with its bias), the bound its search is given."""
+    from adapruner.searching.memory_plan import variant_store_bytes
+    from adapruner.searching.widths import structure_bytes
+
+    save_tiny_model(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--structure", "widths", "--target-params", "0.2"]
+    code = main(
+        ["search", *common, "--refit-calib", "wiki:4", "--seq-len", "16", "--memory-plan"]
+        + ["--out", str(tmp_path / "s")]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "layer variants" in printed and not (tmp_path / "s").exists()
+    shapes = load_shapes(str(tmp_path / "model"))
+    one = structure_bytes(shapes, range(len(shapes.model.layers)))
+    hidden, heads, width, layers = 48, 32, 24, len(shapes.model.layers)  # o_proj 32 → 48, down_proj 24 → 48
+    assert one == layers * 4 * ((heads + 1) * hidden + (width + 1) * hidden)
+    options = SearchOptions(
+        model=str(tmp_path / "model"),
+        spec=PruneSpec(target_params=0.2, layers="all"),
+        structure="widths",
+        refit_calib="wiki:4",
+        seq_len=16,
+        device="cpu",
+        dtype="float32",
+    )
+    plan = memory_plan_of(options)
+    assert plan.cache_bytes == 0 and plan.variants_bytes == variant_store_bytes(one, plan.host_available_bytes)
+    assert plan.variants_bytes >= 2 * one

@@ -13,6 +13,7 @@ from adapruner.choosing.spec import PruneSpec
 from adapruner.cutting.compensation import refit_updates
 from adapruner.cutting.removal import cut
 from adapruner.errors import AdaPrunerError
+from adapruner.model.structure import output_projections
 from adapruner.scoring.sources import CalibrationPasses
 from adapruner.searching.widths import LayerVariants, WidthSpace
 from tests.models import tiny_llama
@@ -71,6 +72,42 @@ def test_assembled_variants_equal_a_fresh_prune_with_the_same_counts():
         with torch.no_grad():
             torch.testing.assert_close(assembled(tokens).logits, fresh(tokens).logits, rtol=1e-5, atol=1e-5)
     assert len(variants.refits) <= 3 * len(space.units)  # each (layer, module, count) solved once
+
+
+def test_a_bounded_variant_store_drops_the_least_recently_used_and_solves_them_again_alike():
+    """`variant_store_bytes` allows at least two structures' worth; under a bound of one, the store stays within it
+    after every trial, keeps the structure just assembled, and a dropped variant comes back equal to the unbounded
+    store's."""
+    from adapruner.searching.memory_plan import variant_store_bytes
+    from adapruner.searching.widths import structure_bytes
+
+    model, ids = tiny_llama(6, 2, layers=4), calibration()
+    statistics = CalibrationPasses(ids, progress=False)
+    space = WidthSpace.of(model, SPEC)
+    one = structure_bytes(model, range(4))
+    assert variant_store_bytes(one, host_available=0) == 2 * one
+    assert variant_store_bytes(one, host_available=400 * one) == 100 * one
+    bound = one
+    assert bound == sum(
+        4 * (lin.in_features + 1) * lin.out_features for lin in output_projections(model, range(4)).values()
+    )
+    bounded, unbounded = (
+        LayerVariants(model, SPEC, statistics, store_bytes=bound),
+        LayerVariants(model, SPEC, statistics),
+    )
+    structures = [
+        space.counts({m: random.Random(seed).random() + 0.01 * k for k, m in enumerate(space.units)})
+        for seed in range(6)
+    ]
+    for counts in [*structures, *structures]:  # the second round asks again for variants the bound dropped
+        got, expected = bounded.updates(counts), unbounded.updates(counts)
+        assert bounded.held_bytes <= bound and bounded.held_bytes == sum(
+            t.numel() * 4 for update in bounded.refits.values() for pair in update.values() for t in pair
+        )
+        assert got.keys() == expected.keys()
+        for name, (weight, bias) in got.items():
+            assert torch.equal(weight, expected[name][0]) and torch.equal(bias, expected[name][1])
+    assert len(bounded.refits) < len(unbounded.refits)  # something was dropped
 
 
 def test_a_greedy_metric_is_refused():

@@ -43,6 +43,7 @@ from adapruner.searching.study import (
     run_workers,
 )
 from adapruner.searching.trial_scorer import resolve_val_dtype
+from adapruner.searching.widths import structure_bytes
 from adapruner.staging import check_writable, staged_file
 
 
@@ -114,14 +115,16 @@ def memory_plan_of(options: SearchOptions) -> MemoryPlan:
     refit_bytes = 0
     if options.refit_calib is not None:
         refit_bytes = refit_pool_bytes(shapes, layers, refit_fisher(options))
+    widths = options.structure == "widths"  # its trials read no cache; they assemble layer variants
     return memory_plan(
         torch.device(options.device),
         model_bytes,
-        planned_bytes(shapes, key) if options.structure == "config" else 0,  # widths trials read no cache
+        0 if widths else planned_bytes(shapes, key),
         cache_folder(options),
         int(options.cache_mem_gb * GIB),
         options.device_map,
         refit_bytes,
+        structure_bytes(shapes, layers) if widths else 0,
     )
 
 
@@ -268,7 +271,7 @@ def run_search(
         },
     )
     if widths:
-        return run_width_search(options, model, refit, val_path, layers, study, files, progress)
+        return run_width_search(options, model, refit, val_path, study, files, progress, plan.variants_bytes)
     paths = {"cache_path": str(cache_dir / f"{key.digest()}.safetensors"), "val_path": str(val_path)}
     paths["refit_path"] = None if refit_path is None else str(refit_path)
     base = WorkerSpec.of(options, layers, storage_url, paths)

@@ -14,6 +14,7 @@ from adapruner.choosing.plan import PrunePlan
 from adapruner.choosing.spec import PruneSpec
 from adapruner.errors import AdaPrunerError
 from adapruner.kernels.dispatch import kernel_backend
+from adapruner.model.structure import decoder_layers, parse_layer_range
 from adapruner.output.report import format_table
 from adapruner.recipes import DEFAULT_RECIPE, recipe
 from adapruner.scoring.metrics import metric as registered
@@ -72,17 +73,19 @@ def run_width_search(
     model: torch.nn.Module,
     refit: RefitPool,
     val_path: Path,
-    layers: range,
     study: optuna.Study,
     out: Path,
     progress: bool = True,
+    variants_bytes: int | None = None,
 ) -> BestTrial:
     """Run (or resume) the evolution in `study` and write best.json (the structure at --target-params), trials.txt
-    and the plots into `out`; a front (--front) adds front.json (the best structure at each budget) and front.png."""
+    and the plots into `out`; a front (--front) adds front.json (the best structure at each budget) and front.png.
+    The layer variants are held in at most `variants_bytes` (the memory plan's bound; None: no bound)."""
+    layers = parse_layer_range(options.spec.layers, len(decoder_layers(model)))
     spec = width_spec(options).with_(layers=f"{layers.start}:{layers.stop}")
     search = options.width_search()
     val = load_file(str(val_path))["windows"]
-    searched = WidthStudy(model, spec, refit, val, search, layers.start, options.val_dtype, options.batch_size)
+    searched = WidthStudy(model, spec, refit, val, search, options.val_dtype, options.batch_size, variants_bytes)
     searched.run(study, progress)
     points = {budget: found_at(options, searched, study, budget) for budget in searched.budgets}
     summary = points[spec.target_params]

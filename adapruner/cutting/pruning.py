@@ -149,6 +149,7 @@ def prune_model(
             refit_windows = calibration_samples(tokenizer, options.refit_calib, options.seq_len, options.seed)
             statistics = CalibrationPasses(refit_windows.input_ids, progress)
         updates = refit_updates(model, plan, statistics, spec.compensation, spec.damp)
+        del statistics  # its Grams are not needed by the cut, whose gather holds every new weight at once
         cut(model, plan, updates)
         refitted = sorted(updates)
     give_output_biases(model)  # every o_proj/down_proj then has a bias, as the saved model will

@@ -19,7 +19,9 @@ query width q, kv width k, query heads H and vocabulary V:
   allocation  the statistics still held and the error curves of the largest output projection (fp64: H, its
               Cholesky, out × in products);
   refit       the Grams of every output projection 4·in² (+ moments), and the refit weights, at most 4·out·in each;
-  cut         the largest linear copied (a save writes the tensors where they are).
+  cut         the refit weights and every cut linear's kept rows and columns, gathered at once (≈ the prunable
+              linears' bytes less the removed parameters'; the statistics are released first; a save writes the
+              tensors where they are).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from adapruner.choosing.allocation import target_count
 from adapruner.choosing.allocation_rules import allocation
 from adapruner.cutting.pruning import PruneOptions
 from adapruner.model.structure import (
@@ -113,8 +116,10 @@ def prune_memory_plan(
         phases.append(
             Phase("refit", moments + grams + refit + pass_bytes, "the Grams and the refit weights (fp32, at most)")
         )
-    largest_linear = max(lin.out_features * lin.in_features for lin in linears.values())
-    phases.append(Phase("cut", largest_linear * max(element, 4), "one linear copied"))
+    removed = target_count(model, spec.target_params) if spec.target_params is not None else 0
+    kept = (weight_count(linears) - removed) * element if removed else weight_count(linears) * element
+    refit = 4 * weight_count(outputs) if spec.compensation != "none" else 0
+    phases.append(Phase("cut", refit + kept, "the refit weights and the cut linears' new weights, gathered at once"))
     return PruneMemoryPlan(device, model_bytes, tuple(phases))
 
 

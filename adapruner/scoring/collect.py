@@ -360,7 +360,7 @@ def collect_input_moments(
     with input_moment_sums(linears, linears if gram else gram_of) as moments:
         bar = "input moments" if progress else None
         for _start, batch in window_batches(input_ids, batch_size, model_device(model), bar):
-            model(input_ids=batch)
+            model(input_ids=batch, use_cache=False)
     return moments
 
 
@@ -414,5 +414,5 @@ def input_moment_sums(linears: dict[str, nn.Linear], gram_of: Collection[str] = 
     finally:
         for handle in handles:
             handle.remove()
-    for name, (n, s, sq, g) in sums.items():
-        moments[name] = InputMoments(s / n, sq / n, None if g is None else g / n)
+    for name, (n, s, sq, g) in sums.items():  # in place: a second copy of every Gram would double the pass's peak
+        moments[name] = InputMoments(s / n, sq / n, None if g is None else g.div_(n))

@@ -14,6 +14,8 @@ in the first place that holds it (`cache_placement`):
 collected and kept on the device where it fits beside the model and a device-held cache, else collected one decoder
 layer at a time into host memory, from where each output projection's Gram goes to the device when its module is read
 (`refit_placement`)
+→ a widths search's layer variants (`--structure widths`: no activation cache) in host memory, up to
+`variant_store_bytes`, least recently used dropped beyond it
 → working buffers. The cache's and the pool's sizes are exact: the tensors `build_cache` and `collect_refit_pool`
 store for these shapes, pools and metrics (X and dY only when taylor1/mix or lsq compensation are in the space).
 """
@@ -30,6 +32,8 @@ import torch
 from adapruner.errors import AdaPrunerError
 
 GIB = 2**30
+VARIANT_HOST_SHARE = 0.25  # the share of available host memory a widths search's variants may hold
+VARIANTS_WHERE = "host memory at most: each structure's refits, least recently used dropped beyond it (solved again)"
 
 
 @dataclass
@@ -47,6 +51,7 @@ class MemoryPlan:
     device_map: str | None = None  # the model is spread by accelerate (GPUs, then host memory, then disk)
     refit_bytes: int = 0  # the refit pool (0: none)
     refit_place: str = "device"  # device | host (`refit_placement`)
+    variants_bytes: int = 0  # a widths search's variant store bound in host memory (0: no widths search)
 
     @property
     def cache_on_device(self) -> bool:
@@ -72,6 +77,11 @@ class MemoryPlan:
                 f"under {self.cache_dir} (reused when one of the same key is there)",
             ],
             *([["refit pool", f"{self.refit_bytes / GIB:.3f} GiB", self.refit_where]] if self.refit_bytes else []),
+            *(
+                [["layer variants", f"{self.variants_bytes / GIB:.3f} GiB", VARIANTS_WHERE]]
+                if self.variants_bytes
+                else []
+            ),
             [f"free on {self.device}", f"{self.device_free_bytes / GIB:.3f} GiB", "now"],
             ["host memory available", f"{self.host_available_bytes / GIB:.3f} GiB", "now"],
             ["disk free under --cache-dir", f"{self.disk_free_bytes / GIB:.3f} GiB", "now"],
@@ -133,10 +143,11 @@ def memory_plan(
     cache_mem_bytes: int,
     device_map: str | None = None,
     refit_bytes: int = 0,
+    structure_bytes: int = 0,
 ) -> MemoryPlan:
     """The plan, made before the model loads, for a model of `model_bytes` on `device` (or spread from it by
-    `device_map`, which fills the devices: the cache then stays in host memory), a cache of `cache_bytes` and a refit
-    pool of `refit_bytes`."""
+    `device_map`, which fills the devices: the cache then stays in host memory), a cache of `cache_bytes`, a refit
+    pool of `refit_bytes` and, for a widths search, variants of at most `structure_bytes` per structure."""
     folder = cache_dir.expanduser().absolute()
     while not folder.exists():
         folder = folder.parent
@@ -154,7 +165,14 @@ def memory_plan(
         device_map,
         refit_bytes,
         refit_placement(model_bytes + (cache_bytes if place == "device" else 0), refit_bytes, free, device_map),
+        variant_store_bytes(structure_bytes, host) if structure_bytes else 0,
     )
+
+
+def variant_store_bytes(one_structure: int, host_available: int) -> int:
+    """The variants' bound in host memory: `VARIANT_HOST_SHARE` of what is available, and at least two structures'
+    worth (the parent's and a child's)."""
+    return max(2 * one_structure, int(VARIANT_HOST_SHARE * host_available))
 
 
 def refit_placement(held_bytes: int, refit_bytes: int, device_free: int, device_map: str | None = None) -> str:

@@ -27,6 +27,7 @@ from adapruner.choosing.selection import allocate
 from adapruner.choosing.spec import PruneSpec
 from adapruner.cutting.removal import plan_removed
 from adapruner.errors import AdaPrunerError
+from adapruner.model.structure import decoder_layers, parse_layer_range
 from adapruner.scoring.sources import StatisticsSource
 from adapruner.searching.evolution import Evolution, Key, Schedule, Units, evolve, key_of
 from adapruner.searching.search_options import WidthSearch
@@ -72,8 +73,9 @@ def best_structure(study: optuna.Study, budget: float | None = None) -> optuna.t
 
 class WidthStudy:
     """The variants and stage scorers of one structure search of `model` under `spec` (fluct or another metric that
-    ranks units once; its allocation gives each budget's start), on `val_windows` from layer `start`; `space` and
-    `start` are those of `spec`'s budget (the one best.json delivers), `space_at`/`start_at` any budget's."""
+    ranks units once; its allocation gives each budget's start), on `val_windows` from its first pruned layer; `space`
+    and `start` are those of `spec`'s budget (the one best.json delivers), `space_at`/`start_at` any budget's; the
+    layer variants are held in at most `variants_bytes` (None: no bound)."""
 
     def __init__(
         self,
@@ -82,9 +84,9 @@ class WidthStudy:
         statistics: StatisticsSource,
         val_windows,
         search: WidthSearch,
-        start: int = 0,
         val_dtype: str = "float32",
         batch_size: int = 8,
+        variants_bytes: int | None = None,
     ):
         if val_windows.shape[0] < search.stages.windows[-1]:
             raise AdaPrunerError(
@@ -97,12 +99,13 @@ class WidthStudy:
         self._spaces: dict[float, WidthSpace] = {}
         self._starts: dict[float, Counts] = {}
         self.space = self.space_at(spec.target_params)
-        self.variants = LayerVariants(model, spec, statistics, search.seed)
+        self.variants = LayerVariants(model, spec, statistics, search.seed, variants_bytes)
         self.start = self.start_at(spec.target_params)
+        first = parse_layer_range(spec.layers, len(decoder_layers(model))).start  # layers before it: a cached prefix
         self.scorers = [
-            ValidationScorer(model, val_windows[a:b], start, val_dtype, batch_size) for a, b in search.stages.chunks
+            ValidationScorer(model, val_windows[a:b], first, val_dtype, batch_size) for a, b in search.stages.chunks
         ]
-        self._whole_args = (val_windows[: search.stages.windows[-1]], start, val_dtype, batch_size)
+        self._whole_args = (val_windows[: search.stages.windows[-1]], first, val_dtype, batch_size)
 
     def space_at(self, budget: float) -> WidthSpace:
         if budget not in self._spaces:

@@ -10,12 +10,14 @@ then MLP blocks are given back one at a time, from the MLP losing the largest fr
 every trial ends within one MLP block of the budget T. The shares of given counts, w_m = c_m / n_m, reproduce them at
 s = 1 (how the `loss` allocation's counts enter a study as its first trial).
 Variants: the units come from one importance's scores (computed once), each (layer, module, count)'s lsq refit from
-one statistics source (the refit pool) the first time a trial asks for it; a trial's assembled plan and refit equal a
-fresh prune with the same counts, scores and refit.
+one statistics source (the refit pool) the first time a trial asks for it, kept in host memory up to the memory
+plan's bound (`memory_plan.variant_store_bytes`; the least recently used beyond it are dropped and solved again when
+asked); a trial's assembled plan and refit equal a fresh prune with the same counts, scores and refit.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,7 +29,7 @@ from adapruner.choosing.selection import plan_from_counts, score_layers
 from adapruner.choosing.spec import PruneSpec
 from adapruner.cutting.compensation import Update, refit_updates
 from adapruner.errors import AdaPrunerError
-from adapruner.model.structure import decoder_layers, layer_info, parse_layer_range
+from adapruner.model.structure import decoder_layers, layer_info, output_projections, parse_layer_range
 from adapruner.scoring.sources import StatisticsSource
 
 Module = tuple[int, str]  # (layer, "attn" | "mlp")
@@ -111,13 +113,29 @@ class WidthSpace:
         return {i: (units.get((i, "attn"), 0), units.get((i, "mlp"), 0) * self.align) for i in layers}
 
 
+def structure_bytes(model: nn.Module, layers: range) -> int:
+    """At most what one structure's refit output linears hold in fp32 (every output projection of `layers` at its
+    dense width, with its bias): the variants a trial assembles (a meta model will do)."""
+    return sum(
+        4 * (linear.in_features + 1) * linear.out_features for linear in output_projections(model, layers).values()
+    )
+
+
 class LayerVariants:
     """The units of every pruned module ranked once by `spec`'s metric from `statistics` (`importance`, kept for the
     allocation that starts a search), and each (layer, module, count)'s refit from `statistics`, computed the first
-    time it is asked for and kept in host memory (an 8B shape's MLP variant is 235 MB in fp32: the device holds only
-    the variants of the structure being scored, copied over by its cut)."""
+    time it is asked for and kept in host memory up to `store_bytes` (None: no bound), least recently used dropped
+    first (an 8B shape's MLP variant is 235 MB in fp32: the device holds only the variants of the structure being
+    scored, copied over by its cut)."""
 
-    def __init__(self, model: nn.Module, spec: PruneSpec, statistics: StatisticsSource, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: PruneSpec,
+        statistics: StatisticsSource,
+        seed: int = 0,
+        store_bytes: int | None = None,
+    ):
         self.importance = importance = statistics.importance(model, spec, seed)
         if importance.definition.surgeon:
             raise AdaPrunerError(
@@ -127,26 +145,46 @@ class LayerVariants:
         which = {index: (spec.prune_attention, spec.prune_mlp) for index in layers}
         self.model, self.spec, self.statistics = model, spec, statistics
         self.scores = score_layers(model, importance, which, spec.granularity)
-        self.refits: dict[tuple[int, str, int], dict[str, Update]] = {}
+        self.refits: OrderedDict[tuple[int, str, int], dict[str, Update]] = OrderedDict()
+        self.store_bytes, self.held_bytes = store_bytes, 0
 
     def plan(self, counts: Counts) -> PrunePlan:
         """The kept units of `counts`: each module's best-scored ones."""
         return plan_from_counts(self.model, self.scores, counts, self.spec.granularity)
 
     def updates(self, counts: Counts) -> dict[str, Update]:
-        """The refit output linears of `counts`, one (layer, module, count) at a time, each solved once."""
-        updates = {}
+        """The refit output linears of `counts`, one (layer, module, count) at a time, each solved when not held."""
+        updates, wanted = {}, set()
         for index, pair in counts.items():
             for kind, count in zip(("attn", "mlp"), pair):
                 if (index, kind) not in self.scores:
                     continue
-                if (index, kind, count) not in self.refits:
+                key = (index, kind, count)
+                wanted.add(key)
+                if key in self.refits:
+                    self.refits.move_to_end(key)
+                else:
                     one = {(index, kind): self.scores[(index, kind)]}
                     alone = (count, 0) if kind == "attn" else (0, count)
                     part = plan_from_counts(self.model, one, {index: alone}, self.spec.granularity)
                     solved = refit_updates(self.model, part, self.statistics, self.spec.compensation, self.spec.damp)
-                    self.refits[(index, kind, count)] = {  # kept in host memory; a trial's cut copies its own over
+                    self.refits[key] = {  # kept in host memory; a trial's cut copies its own over
                         name: tuple(t.to("cpu") for t in update) for name, update in solved.items()
                     }
-                updates |= self.refits[(index, kind, count)]
+                    self.held_bytes += _nbytes(self.refits[key])
+                updates |= self.refits[key]
+        self._drop_beyond_bound(wanted)
         return updates
+
+    def _drop_beyond_bound(self, wanted: set[tuple[int, str, int]]) -> None:
+        """Drop the least recently used variants, none of `wanted`, until the store is within its bound."""
+        if self.store_bytes is None:
+            return
+        for key in [key for key in self.refits if key not in wanted]:
+            if self.held_bytes <= self.store_bytes:
+                return
+            self.held_bytes -= _nbytes(self.refits.pop(key))
+
+
+def _nbytes(updates: dict[str, Update]) -> int:
+    return sum(t.numel() * t.element_size() for update in updates.values() for t in update)
