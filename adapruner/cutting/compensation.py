@@ -48,10 +48,10 @@ def compensated(
     b = torch.zeros(w.shape[0], device=w.device) if bias is None else bias.detach().float()
     mu = moments.mean.to(w.device).float()
     kept = kept.to(w.device)
-    removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-    removed[kept] = False
     if mode == "none":
         return w[:, kept], b
+    removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    removed[kept] = False
     if mode == "bias":
         return w[:, kept], b + w[:, removed] @ mu[removed]
     if moments.gram is None:

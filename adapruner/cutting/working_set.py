@@ -16,8 +16,8 @@ query width q, kv width k, query heads H and vocabulary V:
               after the rotation, the attention's output and probabilities, the MLP's four products) and the logits
               three times, 12·T·V; the `loss` allocation's output Fisher goes down one layer at a time
               (`collect.layer_gradients`): every layer's input T·h·e, one layer's saved tensors and the logits;
-  allocation  the statistics still held and the error curves of the largest output projection (fp64: H, its
-              Cholesky, out × in products);
+  allocation  the statistics still held and the error curves of the largest output projection (H, its Cholesky,
+              out × in products; priced in fp64, what `obs`'s rank updates use — a fixed order runs in fp32);
   refit       the Grams of every output projection 4·in² (+ moments), and the refit weights, at most 4·out·in each;
   cut         the refit weights and every cut linear's kept rows and columns, gathered at once (≈ the prunable
               linears' bytes less the removed parameters'; the statistics are released first; a save writes the

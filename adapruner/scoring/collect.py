@@ -207,12 +207,13 @@ def collect_output_fisher(
 
         return hook
 
+    down_to = lowest_layer(model, linears.values())
     handles = [linear.register_forward_hook(on_output(name, linear.out_features)) for name, linear in linears.items()]
     try:
         with only_these_require_grad(model, ()), reload_offloaded_in_backward(model):
             bar = "output fisher" if progress else None
             for _start, batch in window_batches(input_ids, batch_size, model_device(model), bar):
-                layer_gradients(model, batch, lowest_layer(model, linears.values()))
+                layer_gradients(model, batch, down_to)
     finally:
         for handle in handles:
             handle.remove()

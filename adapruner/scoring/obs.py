@@ -17,7 +17,8 @@ columns permuted into removal order (kept ones last), P H Pᵀ = Ũ Ũᵀ with �
 the reversed matrix, reversed), so P H⁻¹ Pᵀ = Uᵀ U with U = Ũ⁻¹ — the factor GPTQ's updates walk — and the refit
 errors E = W Pᵀ U⁻¹ = W Pᵀ Ũ give every step's cost as ‖E_B‖²_F of its columns (and tr(W H Wᵀ) = ‖E‖²_F): one
 Cholesky and one product per module instead of a rank update per step, in fp32 (`CURVE_DTYPE`: the damped H is well
-conditioned — SmolLM2's curves agree with fp64's within 2e-7 relative, docs/results.md — at twice the speed).
+conditioned — SmolLM2's curves agree with the fp64 rank updates' within 4e-7 relative, docs/results.md — at twice
+the speed of fp64).
 """
 
 from __future__ import annotations
